@@ -1,0 +1,153 @@
+"""One mapping table between transformers' state-dict names and capjax's param layout, both ways.
+
+HF Linear weights are [out, in]; capjax kernels are [in, ...out] with head axes split out
+(see `capjax.model` for the layout and shape legend).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import numpy as np
+
+from capjax.config import ModelConfig
+
+# (HF name with {i} for the layer, capjax path, HF -> capjax, capjax -> HF), per-layer entries
+# map one layer's slice of the stacked [L, ...] array.
+Rule = tuple[str, tuple[str, ...], Callable, Callable]
+
+
+def _rules(c: ModelConfig) -> list[Rule]:
+    E, F, H, K, D = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    ident = (lambda w: w, lambda a: a)
+    rules: list[Rule] = [
+        ("model.embed_tokens.weight", ("embed_tokens", "embedding"), *ident),
+        ("model.norm.weight", ("norm", "scale"), *ident),
+        ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), *ident),
+        ("model.layers.{i}.post_attention_layernorm.weight",
+         ("layers", "post_attention_layernorm", "scale"), *ident),
+        ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj", "kernel"),
+         lambda w: w.T.reshape(E, H, D), lambda a: a.reshape(E, H * D).T),
+        ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj", "kernel"),
+         lambda w: w.T.reshape(E, K, D), lambda a: a.reshape(E, K * D).T),
+        ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj", "kernel"),
+         lambda w: w.T.reshape(E, K, D), lambda a: a.reshape(E, K * D).T),
+        ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"),
+         lambda w: w.T.reshape(H, D, E), lambda a: a.reshape(H * D, E).T),
+        ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"),
+         lambda w: w.T, lambda a: a.T),
+        ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"),
+         lambda w: w.T, lambda a: a.T),
+        ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"),
+         lambda w: w.T, lambda a: a.T),
+    ]
+    if c.qkv_bias:
+        for name, n in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
+            rules.append((f"model.layers.{{i}}.self_attn.{name}.bias", ("layers", "self_attn", name, "bias"),
+                          lambda w, n=n: w.reshape(n, D), lambda a: a.reshape(-1)))
+    if not c.tie_word_embeddings:
+        rules.append(("lm_head.weight", ("lm_head", "kernel"), lambda w: w.T, lambda a: a.T))
+    return rules
+
+
+def hf_keys(config: ModelConfig) -> set[str]:
+    """Every HF state-dict key the config implies (what save_pretrained writes)."""
+    keys = set()
+    for name, *_ in _rules(config):
+        keys.update(name.format(i=i) for i in range(config.num_layers)) if "{i}" in name else keys.add(name)
+    return keys
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], names: set[str],
+                        dtype: np.dtype) -> dict:
+    """Builds the params tree by pulling HF-named tensors one at a time.
+
+    get(name) returns one tensor as numpy; each stacked [L, ...] array is allocated once in the
+    target dtype and filled layer by layer, so peak memory is about one copy of the weights.
+    """
+    import jax.numpy as jnp
+
+    params: dict = {}
+    needed = hf_keys(config)
+    missing = sorted(needed - names)
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors the config requires, e.g. {missing[:3]} "
+                         f"({len(missing)} missing): is the config from this checkpoint?")
+    for name, path, to_cj, _ in _rules(config):
+        if "{i}" in name:
+            stacked = None
+            for i in range(config.num_layers):
+                a = to_cj(get(name.format(i=i)))
+                if stacked is None:
+                    stacked = np.empty((config.num_layers, *a.shape), dtype)
+                stacked[i] = a
+            _set(params, path, jnp.asarray(stacked))
+            del stacked
+        else:
+            _set(params, path, jnp.asarray(to_cj(get(name)).astype(dtype)))
+    return params
+
+
+def iter_hf_tensors(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, numpy tensor) pairs, one at a time, for writing safetensors."""
+    for name, path, _, to_hf in _rules(config):
+        a = _get(params, path)
+        if "{i}" in name:
+            for i in range(config.num_layers):
+                yield name.format(i=i), np.ascontiguousarray(to_hf(np.asarray(a[i])))
+        else:
+            yield name, np.ascontiguousarray(to_hf(np.asarray(a)))
+
+
+# ---------------------------------------------------------------------------- GGUF names
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
+    return None
+
+
+def unpermute_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation (pairwise RoPE order -> transformers' half-split).
+
+    llama.cpp's converter stores rows of head h as (d/2, 2) interleaved; transformers expects (2, d/2).
+    Works for weights [n_heads * D, E] and biases [n_heads * D].
+    """
+    rest = w.shape[1:]
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,105 @@
+"""Prompt and answer templates shared by calibration and evaluation.
+
+A record (see ``sources``) becomes a pair ``(prompt_text, answer_text)``. The model is
+scored on the answer (chain of thought, then the final answer), conditioned on the
+prompt; evaluation generates from the very same ``build_prompt`` text.
+
+Answer text (``A``)::
+
+    gsm8k, synthetic : "{reasoning}\\nThe answer is {answer}."
+    strategyqa       : "{reasoning}\\nThe answer is {yes|no}."
+    arc_challenge    : "The answer is {label}."     (ARC ships no chain of thought)
+
+Question body (``Q``): the record's question; for ARC the stem followed by one line
+per choice, ``"{label}. {text}"``, with the labels as given (A-E or 1-4).
+
+Prompt, chat mode (default when the tokenizer has a ``chat_template``)::
+
+    tokenizer.apply_chat_template(
+        [{"role": "user", "content": INSTRUCTION[task] + "\\n\\n" + Q}],
+        tokenize=False, add_generation_prompt=True)
+
+    and the answer text is ``A`` (it directly follows the generation prompt).
+
+Prompt, plain mode (no chat template, or ``chat=False``)::
+
+    "Question: {Q}\\nAnswer:"      and the answer text is " " + A
+
+Instructions::
+
+    gsm8k, synthetic : "Solve the problem step by step and end with 'The answer is N.'"
+    strategyqa       : "Answer the yes/no question. Reason step by step and end with
+                        'The answer is yes.' or 'The answer is no.'"
+    arc_challenge    : "Choose the correct option. End with 'The answer is X.' where X
+                        is the label of the option."
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INSTRUCTIONS: dict[str, str] = {
+    "gsm8k": "Solve the problem step by step and end with 'The answer is N.'",
+    "synthetic": "Solve the problem step by step and end with 'The answer is N.'",
+    "strategyqa": (
+        "Answer the yes/no question. Reason step by step and end with "
+        "'The answer is yes.' or 'The answer is no.'"
+    ),
+    "arc_challenge": (
+        "Choose the correct option. End with 'The answer is X.' where X is the label "
+        "of the option."
+    ),
+}
+TEMPLATE_TASKS: tuple[str, ...] = tuple(INSTRUCTIONS)
+
+
+def _check_task(task: str) -> None:
+    if task not in INSTRUCTIONS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TEMPLATE_TASKS)}")
+
+
+def use_chat(tokenizer: Any, chat: bool | None = None) -> bool:
+    """Whether prompts are built with the chat template: ``chat`` if given, else whether
+    the tokenizer has one."""
+    if chat is not None:
+        return chat
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def question_text(record: dict, task: str) -> str:
+    """The question body: the question, plus lettered choices for ARC."""
+    _check_task(task)
+    if task == "arc_challenge":
+        lines = [record["question"]] + [f"{label}. {text}" for label, text in record["choices"]]
+        return "\n".join(lines)
+    return record["question"]
+
+
+def answer_body(record: dict, task: str) -> str:
+    """The answer text without the plain-mode leading space."""
+    _check_task(task)
+    if task == "arc_challenge":
+        return f"The answer is {record['answer_label']}."
+    final = f"The answer is {record['answer']}."
+    return f"{record['reasoning']}\n{final}" if record["reasoning"] else final
+
+
+def build_prompt(record: dict, task: str, tokenizer: Any, chat: bool | None = None) -> str:
+    """The prompt text (chat template or ``"Question: ...\\nAnswer:"``), as used for both
+    calibration and generation at evaluation."""
+    body = question_text(record, task)
+    if use_chat(tokenizer, chat):
+        content = f"{INSTRUCTIONS[task]}\n\n{body}"
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    return f"Question: {body}\nAnswer:"
+
+
+def format_example(
+    record: dict, task: str, tokenizer: Any, chat: bool | None = None
+) -> tuple[str, str]:
+    """``(prompt_text, answer_text)`` for one record; see the module docstring."""
+    prompt = build_prompt(record, task, tokenizer, chat)
+    answer = answer_body(record, task)
+    return prompt, answer if use_chat(tokenizer, chat) else " " + answer

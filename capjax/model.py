@@ -1,0 +1,309 @@
+"""A Llama-family decoder in flax.linen with a per-head mask, layers stacked and scanned.
+
+Legend: B batch, T query time, S key time (= T without a cache), L layers, H query heads,
+K kv heads, G = H // K query heads per kv head, D head dim, E hidden, F MLP width, V vocab.
+
+Parameters are a plain nested dict (HF names, layers stacked on axis 0, head axes explicit):
+
+    embed_tokens/embedding                    [V, E]
+    layers/input_layernorm/scale              [L, E]
+    layers/self_attn/q_proj/kernel (, bias)   [L, E, H, D] ([L, H, D], Qwen2)
+    layers/self_attn/k_proj/kernel (, bias)   [L, E, K, D] ([L, K, D])
+    layers/self_attn/v_proj/kernel (, bias)   [L, E, K, D] ([L, K, D])
+    layers/self_attn/o_proj/kernel            [L, H, D, E]
+    layers/post_attention_layernorm/scale     [L, E]
+    layers/mlp/gate_proj/kernel               [L, E, F]
+    layers/mlp/up_proj/kernel                 [L, E, F]
+    layers/mlp/down_proj/kernel               [L, F, E]
+    norm/scale                                [E]
+    lm_head/kernel                            [E, V]   (absent when embeddings are tied)
+
+Query head h reads kv head h // G (transformers' repeat_kv order); K/V are never repeated:
+queries are viewed as [B, T, K, G, D]. The head mask multiplies each head's attention output
+after attention and before o_proj, exactly where CAP ablates a head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from capjax.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+_INIT = nn.initializers.normal(0.02)
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm as transformers computes it: statistics in float32, scale in the input dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions: Array, dtype: Any) -> tuple[Array, Array]:
+    """cos, sin [B, T, D] for integer positions [B, T] (half-split layout, as transformers)."""
+    inv_freq = jnp.asarray(config.inv_freq(), dtype=jnp.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, N, D] rotated by position; cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_mask_bool(q_slots: Array, k_slots: Array, key_valid: Array, window: int | None) -> Array:
+    """Allowed attention [B, T, S]: causal in slot order, real keys only, optional sliding window."""
+    allowed = (k_slots[None, :] <= q_slots[:, None])[None] & (key_valid[:, None, :] > 0)
+    if window is not None:
+        allowed &= (q_slots[:, None] - k_slots[None, :] < window)[None]
+    return allowed
+
+
+class Proj(nn.Module):
+    """A head-structured linear map: y = einsum(eq, x, kernel) (+ bias). Sows its input when
+    the "intermediates" collection is mutable (Wanda / SparseGPT statistics)."""
+
+    kernel_shape: tuple[int, ...]
+    eq: str
+    bias_shape: tuple[int, ...] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        self.sow("intermediates", "input", x)
+        kernel = self.param("kernel", _INIT, self.kernel_shape)
+        y = jnp.einsum(self.eq, x, kernel.astype(self.dtype))
+        if self.bias_shape is not None:
+            y = y + self.param("bias", nn.initializers.zeros, self.bias_shape).astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.param("scale", nn.initializers.ones, (x.shape[-1],)), self.eps)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None):
+        """x [B, T, E], head_mask [H], mask [B, T, S] -> ([B, T, E], cache).
+
+        cache: {"k", "v": [B, S, K, D]}; the T new keys are written at slot cache_index.
+        """
+        c = self.config
+        E, H, K, D, G = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.group_size
+        bias = (lambda *s: s) if c.qkv_bias else (lambda *s: None)
+        q = Proj((E, H, D), "bte,ehd->bthd", bias(H, D), self.dtype, name="q_proj")(x)
+        k = Proj((E, K, D), "bte,ekd->btkd", bias(K, D), self.dtype, name="k_proj")(x)
+        v = Proj((E, K, D), "bte,ekd->btkd", bias(K, D), self.dtype, name="v_proj")(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+            cache = {"k": k, "v": v}
+        B, T = x.shape[:2]
+        q = q.reshape(B, T, K, G, D)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype)) * (D ** -0.5)
+        logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(B, T, H, D)
+        out = out * head_mask.astype(self.dtype)[None, None, :, None]
+        y = Proj((H, D, E), "bthd,hde->bte", None, self.dtype, name="o_proj")(out)
+        return y, cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        E, F = self.config.hidden_size, self.config.intermediate_size
+        gate = Proj((E, F), "bte,ef->btf", None, self.dtype, name="gate_proj")(x)
+        up = Proj((E, F), "bte,ef->btf", None, self.dtype, name="up_proj")(x)
+        return Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block. Applied alone with one layer's params slice (see `layer_params`)."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None):
+        eps = self.config.rms_norm_eps
+        h, cache = Attention(self.config, self.dtype, name="self_attn")(
+            RMSNorm(eps, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index)
+        x = x + h
+        x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
+        return x, cache
+
+
+class Decoder(nn.Module):
+    """Causal LM: `apply({"params": p}, tokens, head_mask=None, attention_mask=None) -> logits [B, T, V]`.
+
+    tokens [B, T] int; head_mask [L, H] float (None = all ones, bit-identical to no mask);
+    attention_mask [B, T] (1 = real token; right or left padding), or [B, S] over cache slots
+    when `cache` is given. With `cache` ({"k", "v": [L, B, S, K, D], "index": int32 scalar}),
+    returns (logits, new_cache). Logits are float32.
+    """
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT)
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=c.num_layers,
+        )(c, self.dtype)
+        self.norm = RMSNorm(c.rms_norm_eps)
+        if not c.tie_word_embeddings:
+            self.lm_head = Proj((c.hidden_size, c.vocab_size), "bte,ev->btv", None, self.dtype)
+
+    def embed(self, tokens: Array) -> Array:
+        """tokens [B, T] -> hidden [B, T, E] in the compute dtype."""
+        return self.embed_tokens(tokens).astype(self.dtype)
+
+    def unembed(self, hidden: Array) -> Array:
+        """Final norm and LM head: hidden [..., E] -> float32 logits [..., V]."""
+        x = self.norm(hidden)
+        if self.config.tie_word_embeddings:
+            logits = x @ self.embed_tokens.embedding.astype(self.dtype).T
+        else:
+            squeeze = x.ndim == 2
+            logits = self.lm_head(x[None] if squeeze else x)
+            logits = logits[0] if squeeze else logits
+        return logits.astype(jnp.float32)
+
+    def hidden_states(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None):
+        """The decoder stack without the LM head: (hidden [B, T, E], cache)."""
+        c = self.config
+        B, T = tokens.shape
+        if head_mask is None:
+            head_mask = jnp.ones((c.num_layers, c.num_heads), self.dtype)
+        elif head_mask.shape != (c.num_layers, c.num_heads):
+            raise ValueError(
+                f"head_mask has shape {tuple(head_mask.shape)}, expected [L, H] = "
+                f"[{c.num_layers}, {c.num_heads}] (vmap over a leading axis for batches of masks)")
+        index = cache["index"] if cache is not None else 0
+        q_slots = index + jnp.arange(T)
+        if cache is None:
+            key_valid = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask
+            k_slots = q_slots
+        else:
+            S = cache["k"].shape[2]
+            key_valid = jnp.ones((B, S), jnp.int32) if attention_mask is None else attention_mask
+            k_slots = jnp.arange(S)
+        if positions is None:
+            if attention_mask is None:
+                positions = jnp.broadcast_to(q_slots, (B, T))
+            else:
+                # Position = number of real tokens before this one: right and left padding alike.
+                pos_all = jnp.cumsum(key_valid, axis=-1) - 1
+                positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(pos_all, index, T, axis=1), 0)
+        cos, sin = rope_tables(c, positions, self.dtype)
+        mask = attention_mask_bool(q_slots, k_slots, key_valid, c.sliding_window)
+        x = self.embed(tokens)
+        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        x, kv = self.layers(x, head_mask, cos, sin, mask, kv, index)
+        new_cache = None if cache is None else {**kv, "index": index + T}
+        return x, new_cache
+
+    def __call__(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None):
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, T] integers, got shape {tuple(tokens.shape)}")
+        x, new_cache = self.hidden_states(tokens, head_mask, attention_mask, positions, cache)
+        logits = self.unembed(x)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict[str, Array]:
+    """An empty KV cache: k, v [L, B, S, K, D] zeros and index 0."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+def layer_params(params: Params, layer: int | Array) -> Params:
+    """One layer's params (the slice `DecoderLayer` expects) from the stacked tree."""
+    return jax.tree.map(lambda a: a[layer], params["layers"])
+
+
+def init_params(config: ModelConfig, seed: int = 0, dtype: Any = jnp.float32) -> Params:
+    """Random params (normal 0.02, norms 1) with the layout above; shapes only need the config."""
+    model = Decoder(config)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.int32))["params"]
+    return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The params tree as ShapeDtypeStructs, without allocating anything."""
+    model = Decoder(config)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """'float32' / 'bfloat16' / jnp dtypes -> a numpy dtype (bfloat16 via ml_dtypes)."""
+    return np.dtype(jnp.dtype(dtype))
+
+
+# ---------------------------------------------------------------------------- layer by layer
+# Sequential algorithms (prefix reuse, Wanda, SparseGPT) walk the stack one layer at a time.
+
+def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask: Array | None = None):
+    """(embeddings [B, T, E], ctx) where ctx = (cos, sin, mask) is what every layer needs."""
+    B, T = tokens.shape
+    if attention_mask is None:
+        key_valid = jnp.ones((B, T), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    else:
+        key_valid = jnp.asarray(attention_mask)
+        positions = jnp.maximum(jnp.cumsum(key_valid, axis=-1) - 1, 0)
+    cos, sin = rope_tables(model.config, positions, model.dtype)
+    slots = jnp.arange(T)
+    mask = attention_mask_bool(slots, slots, key_valid, model.config.sliding_window)
+    x = model.apply({"params": params}, tokens, method=Decoder.embed)
+    return x, (cos, sin, mask)
+
+
+def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,
+                capture: bool = False):
+    """Runs one decoder layer: x [B, T, E] -> x [B, T, E]. With capture, also returns the input of
+    every projection: {"self_attn": {"q_proj": [B, T, E], ..., "o_proj": [B, T, H, D]},
+    "mlp": {"gate_proj": [B, T, E], "up_proj": [B, T, E], "down_proj": [B, T, F]}}."""
+    c = model.config
+    if head_mask_l is None:
+        head_mask_l = jnp.ones((c.num_heads,), model.dtype)
+    layer = DecoderLayer(c, model.dtype)
+    if not capture:
+        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx)[0]
+    (x, _), state = layer.apply({"params": layer_p}, x, head_mask_l, *ctx, mutable=["intermediates"])
+    inputs = {group: {name: v["input"][0] for name, v in mods.items()}
+              for group, mods in state["intermediates"].items()}
+    return x, inputs
+
+
+def unembed(model: Decoder, params: Params, hidden: Array) -> Array:
+    """Final norm + LM head on hidden states [..., E] -> float32 logits [..., V]."""
+    return model.apply({"params": params}, hidden, method=Decoder.unembed)
