@@ -9,6 +9,9 @@ splits, so the two never share a problem:
     arc_challenge   train                        test
     synthetic       "calib"                      "eval"  (disjoint by construction)
 
+(ARC's official splits repeat a handful of question stems between train and test,
+always with different choices, so the questions as shown to the model stay distinct.)
+
 Shape legend: N examples, T time (= ``seq_len``).
 """
 
