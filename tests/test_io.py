@@ -1,0 +1,119 @@
+"""Loading and saving: round trips through transformers, key sets, shards, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import capjax
+from capjax.config import ModelConfig, UnsupportedConfigError
+from capjax.convert import hf_keys
+from conftest import make_hf_model, needs_smollm2
+
+
+@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
+                                                  ("qwen2", {"tie_word_embeddings": False}),
+                                                  ("mistral", {"sliding_window": 4})])
+def test_save_reload_roundtrip(tmp_path, model_type, overrides):
+    hf = make_hf_model(tmp_path / "src", model_type, **overrides)
+    model, params = capjax.load_pretrained(tmp_path / "src")
+    capjax.save_pretrained(model, params, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded) is type(hf)
+    # Key sets: what we wrote == what transformers' model holds (tied lm_head excluded by both).
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="flax") as f:
+        written = set(f.keys())
+    expected = set(hf.state_dict().keys()) - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set())
+    assert written == expected == hf_keys(model.config)
+    tokens = torch.tensor(np.random.RandomState(0).randint(0, 101, (2, 7)))
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(tokens).logits.numpy(), hf(tokens).logits.numpy(), atol=1e-6)
+    again, params2 = capjax.load_pretrained(tmp_path / "out")
+    assert again.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    make_hf_model(tmp_path / "src")
+    model, params = capjax.load_pretrained(tmp_path / "src")
+    capjax.save_pretrained(model, params, tmp_path / "out", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    _, params2 = capjax.load_pretrained(tmp_path / "out")
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    tokens = np.random.RandomState(0).randint(0, 101, (1, 5))
+    with torch.no_grad():
+        ref = reloaded(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params2}, jnp.asarray(tokens))), ref, atol=1e-4)
+
+
+def test_bfloat16_save_keeps_dtype(tmp_path):
+    make_hf_model(tmp_path / "src")
+    model, params = capjax.load_pretrained(tmp_path / "src", dtype="bfloat16")
+    capjax.save_pretrained(model, params, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        capjax.load_pretrained(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        capjax.load_pretrained(tmp_path)
+
+
+def test_folder_without_weights(tmp_path):
+    transformers.LlamaConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors weights"):
+        capjax.load_pretrained(tmp_path)
+
+
+def test_unsupported_model_type(tmp_path):
+    transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedConfigError, match="unsupported model_type 'gpt2'"):
+        capjax.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("mlp_bias", True, "mlp_bias=True"),
+    ("attention_bias", True, "attention_bias=True"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_type='yarn'"),
+])
+def test_unhandled_config_field(field, value, match):
+    cfg = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, **{field: value})
+    with pytest.raises(UnsupportedConfigError, match=match):
+        ModelConfig.from_hf(cfg)
+
+
+def test_qwen2_sliding_window_refused():
+    cfg = transformers.Qwen2Config(hidden_size=32, num_attention_heads=4, use_sliding_window=True)
+    with pytest.raises(UnsupportedConfigError, match="use_sliding_window"):
+        ModelConfig.from_hf(cfg)
+
+
+def test_unknown_dtype(tmp_path):
+    make_hf_model(tmp_path)
+    with pytest.raises(ValueError, match="dtype 'float16' not supported"):
+        capjax.load_pretrained(tmp_path, dtype="float16")
+
+
+@needs_smollm2
+def test_smollm2_config_and_tokenizer(smollm2):
+    model, params, tokenizer, _ = smollm2
+    c = model.config
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size) == (30, 9, 3, 64, 576)
+    assert c.tie_word_embeddings and "lm_head" not in params
+    assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (30, 576, 3, 64)
+    assert tokenizer.chat_template
