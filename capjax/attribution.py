@@ -1,0 +1,389 @@
+"""CAP head attribution: the loss increase when one attention head is ablated.
+
+Legend: N mask vectors, B calibration examples, T time, P answer positions per example,
+L layers, H query heads, K subsets, E hidden, V vocab.
+
+Loss: token-level cross-entropy = total NLL of the answer tokens / their count. `loss_mask[b, t]`
+marks token t as an answer token; it is predicted from position t - 1.
+
+Two exact paths, equal to 1e-5 in float32 (tests prove it):
+- `head_ablation_losses`: any batch of masks [N, L, H], one jitted `vmap` over masks in chunks.
+- `score_heads(method="ablation")`: every single-head ablation, with prefix reuse (the layers
+  below the ablated layer are computed once and shared by its H ablations) and logits only at
+  answer positions. One compiled call scans over layers; with `checkpoint_dir`, the same compiled
+  function runs a few layers per call and saves each finished group with orbax, so a killed
+  run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capjax.model import Decoder, apply_layer, layer_context, layer_params, unembed
+
+Array = jax.Array
+AGGREGATES = ("median", "mean", "paired")
+METHODS = ("ablation", "gradient")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadScores:
+    """delta [L, H]: estimated loss increase when the head is ablated (higher = more important).
+    masked [K, L, H]: loss with that head ablated, per subset. baseline [K]: intact loss per subset."""
+
+    delta: np.ndarray
+    masked: np.ndarray
+    baseline: np.ndarray
+    aggregate: str = "median"
+    method: str = "ablation"
+
+    def save(self, path: str | Path, **settings: Any) -> None:
+        np.savez(path, delta=self.delta, masked=self.masked, baseline=self.baseline,
+                 settings=json.dumps({"aggregate": self.aggregate, "method": self.method, **settings}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadScores":
+        with np.load(path) as f:
+            settings = json.loads(str(f["settings"])) if "settings" in f else {}
+            return cls(f["delta"], f["masked"], f["baseline"], settings.get("aggregate", "median"),
+                       settings.get("method", "ablation"))
+
+
+def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = "median") -> np.ndarray:
+    """delta [L, H] from masked [K, L, H] and baseline [K].
+
+    median: median_k masked[k] - mean_k baseline[k] (the paper); mean: mean_k masked - mean_k baseline;
+    paired: median_k (masked[k] - baseline[k]), which cancels between-subset difficulty.
+    """
+    if aggregate == "median":
+        return np.median(masked, axis=0) - baseline.mean()
+    if aggregate == "mean":
+        return masked.mean(axis=0) - baseline.mean()
+    if aggregate == "paired":
+        return np.median(masked - baseline[:, None, None], axis=0)
+    raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
+
+
+# ---------------------------------------------------------------------------- answer positions
+@dataclasses.dataclass(frozen=True)
+class AnswerPositions:
+    """Where the loss is read: pos [B, P] (predicting position t - 1), target [B, P], weight [B, P]."""
+
+    pos: np.ndarray
+    target: np.ndarray
+    weight: np.ndarray
+
+    @property
+    def count(self) -> np.ndarray:
+        return self.weight.sum(axis=1)  # [B]
+
+
+def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray) -> AnswerPositions:
+    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"empty calibration set: tokens must be [N, T] with N >= 1, got shape {tokens.shape}; "
+                         "build one with capjax.data.build_calibration(task, tokenizer, n=128)")
+    if loss_mask.shape != tokens.shape:
+        raise ValueError(f"loss_mask shape {loss_mask.shape} != tokens shape {tokens.shape}")
+    sel = loss_mask > 0
+    sel[:, 0] = False  # the first token has no prediction
+    P = max(int(sel.sum(axis=1).max()), 1)
+    B = tokens.shape[0]
+    pos = np.zeros((B, P), np.int32)
+    target = np.zeros((B, P), np.int32)
+    weight = np.zeros((B, P), np.float32)
+    for b in range(B):
+        t = np.nonzero(sel[b])[0]
+        pos[b, :len(t)] = t - 1
+        target[b, :len(t)] = tokens[b, t]
+        weight[b, :len(t)] = 1.0
+    return AnswerPositions(pos, target, weight)
+
+
+def _answer_nll(model: Decoder, params, hidden: Array, ans: tuple[Array, Array, Array]) -> Array:
+    """Summed NLL of the answer tokens per example [B] from hidden states [B, T, E]."""
+    pos, target, weight = ans
+    h = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # [B, P, E]
+    logp = jax.nn.log_softmax(unembed(model, params, h), axis=-1)  # float32 [B, P, V]
+    nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * weight, axis=1)
+
+
+def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, ans) -> Array:
+    """The obvious path: full logits [B, T, V], then the same per-example NLL sums [B]."""
+    logits = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask)
+    pos, target, weight = ans
+    logp = jax.nn.log_softmax(jnp.take_along_axis(logits, pos[..., None], axis=1), axis=-1)
+    return jnp.sum(-jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0] * weight, axis=1)
+
+
+# ---------------------------------------------------------------------------- chunk size
+def default_chunk_size(config, batch: int, seq_len: int, budget_bytes: float = 2 << 30,
+                       dtype_bytes: int = 4) -> int:
+    """Ablations evaluated at once so that their activations fit in `budget_bytes`.
+
+    Per ablation, the live activations of one layer are about
+    B * T * (4 E + 2 F + H * T) values (residual, q/k/v/out, MLP hidden, attention probabilities)
+    in the compute dtype, plus B * T * H * T float32 attention logits.
+    """
+    E, F, H = config.hidden_size, config.intermediate_size, config.num_heads
+    per = batch * seq_len * ((4 * E + 2 * F + H * seq_len) * dtype_bytes + H * seq_len * 4)
+    return int(max(1, min(config.num_heads * config.num_layers, budget_bytes // per)))
+
+
+# ---------------------------------------------------------------------------- general primitive
+@partial(jax.jit, static_argnames=("model", "chunk_size", "answer_only"))
+def _masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_size, answer_only=True):
+    def one(mask):
+        if not answer_only:
+            return _full_logits_nll(model, params, tokens, attention_mask, mask, ans)
+        hidden, _ = model.apply({"params": params}, tokens, head_mask=mask, attention_mask=attention_mask,
+                                method=Decoder.hidden_states)
+        return _answer_nll(model, params, hidden, ans)
+
+    return jax.lax.map(one, masks, batch_size=chunk_size)  # [N, B]
+
+
+def _check_calibration(model, tokens, loss_mask, attention_mask):
+    ans = answer_positions(tokens, loss_mask)
+    if ans.count.sum() == 0:
+        raise ValueError("the calibration batch has no answer tokens (loss_mask is all zero after position 0): "
+                         "check the data builder or seq_len (answers may have been truncated away)")
+    if attention_mask is None:
+        attention_mask = np.ones(np.shape(tokens), np.int32)
+    return ans, jnp.asarray(tokens, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
+
+
+def _ans_arrays(ans: AnswerPositions):
+    return (jnp.asarray(ans.pos), jnp.asarray(ans.target), jnp.asarray(ans.weight))
+
+
+def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
+                         chunk_size: int | None = None, answer_only: bool = True) -> np.ndarray:
+    """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H].
+
+    One jitted function: `vmap` over masks, `lax.map` over chunks of `chunk_size` masks (default
+    from `default_chunk_size`), logits only at answer positions unless `answer_only=False`.
+    """
+    c = model.config
+    masks = jnp.asarray(masks, model.dtype)
+    if masks.ndim != 3 or masks.shape[1:] != (c.num_layers, c.num_heads):
+        raise ValueError(f"masks must be [N, L, H] = [N, {c.num_layers}, {c.num_heads}], got {tuple(masks.shape)}")
+    ans, tokens, attention_mask = _check_calibration(model, tokens, loss_mask, attention_mask)
+    chunk = chunk_size or default_chunk_size(c, *tokens.shape)
+    nll = _masked_nll(model, params, tokens, attention_mask, _ans_arrays(ans), masks, chunk, answer_only)
+    losses = np.asarray(nll).sum(axis=1) / ans.count.sum()
+    _check_finite(losses, "head_ablation_losses")
+    return losses
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(x)):
+        raise FloatingPointError(
+            f"{what}: non-finite loss ({int((~np.isfinite(x)).sum())} of {x.size} values are NaN/inf). "
+            "Check the params (NaN weights?), use float32 instead of bfloat16, or shorten seq_len.")
+
+
+# ---------------------------------------------------------------------------- prefix reuse
+@partial(jax.jit, static_argnames=("model", "num_layers", "chunk_size", "progress"))
+def _single_head_nll(model, params, tokens, attention_mask, ans, start, num_layers, chunk_size, progress=False):
+    """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1.
+
+    The intact prefix up to `start` is run once; then a scan over the layers carries the intact
+    hidden state, and for each layer its H ablations share that prefix.
+    """
+    c = model.config
+    L, H = c.num_layers, c.num_heads
+    x, ctx = layer_context(model, params, tokens, attention_mask)
+    ones = jnp.ones((H,), model.dtype)
+
+    def intact(i, x):
+        return apply_layer(model, layer_params(params, i), x, ctx, ones)
+
+    x = jax.lax.fori_loop(0, start, intact, x)
+
+    def ablate_layer(x, l):
+        lp = layer_params(params, l)
+
+        def one(head_mask_l):
+            y = apply_layer(model, lp, x, ctx, head_mask_l)
+            y = jax.lax.fori_loop(l + 1, L, intact, y)
+            return _answer_nll(model, params, y, ans)
+
+        single = 1.0 - jnp.eye(H, dtype=model.dtype)  # row h: head h ablated
+        nll = jax.lax.map(one, single, batch_size=chunk_size)  # [H, B]
+        if progress:
+            jax.debug.callback(_progress_tick, l)
+        return apply_layer(model, lp, x, ctx, ones), nll
+
+    _, nll = jax.lax.scan(ablate_layer, x, start + jnp.arange(num_layers))
+    return nll
+
+
+_PROGRESS: dict[str, Any] = {}
+
+
+def _progress_tick(layer) -> None:
+    bar = _PROGRESS.get("bar")
+    if bar is not None:
+        bar.update(1)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _intact_nll(model, params, tokens, attention_mask, ans):
+    hidden, _ = model.apply({"params": params}, tokens, attention_mask=attention_mask, method=Decoder.hidden_states)
+    return _answer_nll(model, params, hidden, ans)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _mask_gradient(model, params, tokens, attention_mask, ans, subset_onehot, subset_count):
+    """d loss_k / d head_mask at all ones, per subset k: [K, L, H]."""
+    c = model.config
+
+    def losses(head_mask):
+        hidden, _ = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask,
+                                method=Decoder.hidden_states)
+        per_example = _answer_nll(model, params, hidden, ans)
+        return subset_onehot @ per_example / subset_count
+
+    return jax.jacrev(losses)(jnp.ones((c.num_layers, c.num_heads), jnp.float32))
+
+
+def _subsets(B: int, K: int) -> list[np.ndarray]:
+    if K < 1:
+        raise ValueError(f"subsets must be >= 1, got {K}")
+    if K > B:
+        raise ValueError(f"subsets={K} is larger than the calibration set ({B} examples): "
+                         "use fewer subsets or more examples")
+    return np.array_split(np.arange(B), K)
+
+
+def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str:
+    h = hashlib.sha256()
+    h.update(repr((model.config, str(model.dtype), extra)).encode())
+    for a in (tokens, loss_mask, attention_mask):
+        h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
+    for leaf in jax.tree.leaves(params):  # cheap: a few statistics per leaf, not the bytes
+        h.update(np.asarray(jnp.stack([jnp.sum(leaf.astype(jnp.float32)),
+                                       jnp.sum(jnp.abs(leaf.astype(jnp.float32)))])).tobytes())
+    return h.hexdigest()[:16]
+
+
+def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, aggregate: str = "median",
+                method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
+                checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
+                progress: bool = True) -> HeadScores:
+    """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
+
+    Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
+    own token-level loss. method="ablation" is exact (prefix reuse, answer-only logits);
+    method="gradient" is the first-order estimate masked[k] = baseline[k] - dL_k/dmask (Michel et
+    al. 2019), one backward pass. With `checkpoint_dir`, finished layer groups are saved (orbax) and
+    a rerun with the same arguments resumes from them.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
+    c = model.config
+    ans, tokens_j, am_j = _check_calibration(model, tokens, loss_mask, attention_mask)
+    B = tokens_j.shape[0]
+    groups = _subsets(B, subsets)
+    onehot = np.zeros((len(groups), B), np.float32)
+    for k, g in enumerate(groups):
+        onehot[k, g] = 1.0
+    subset_count = onehot @ ans.count
+    if np.any(subset_count == 0):
+        k = int(np.argmin(subset_count))
+        raise ValueError(f"subset {k} (examples {groups[k][0]}..{groups[k][-1]}) has no answer tokens: "
+                         "shuffle the calibration set or use fewer subsets")
+    ans_j = _ans_arrays(ans)
+    baseline = onehot @ np.asarray(_intact_nll(model, params, tokens_j, am_j, ans_j)) / subset_count
+    _check_finite(baseline, "intact calibration loss")
+
+    if method == "gradient":
+        grad = np.asarray(_mask_gradient(model, params, tokens_j, am_j, ans_j, jnp.asarray(onehot),
+                                         jnp.asarray(subset_count)))
+        masked = baseline[:, None, None] - grad
+    else:
+        nll = _ablation_nll(model, params, tokens_j, am_j, ans_j, chunk_size, checkpoint_dir, layers_per_call,
+                            progress, fingerprint_args=(tokens, loss_mask, np.asarray(am_j)))  # [L, H, B]
+        masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
+    _check_finite(masked, "masked calibration loss")
+    return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
+
+
+def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
+    """Contiguous (start, size) groups of equal size (a divisor of L, so one compile serves all)."""
+    size = max(d for d in range(1, L + 1) if L % d == 0 and d <= max(1, per_call))
+    return [(s, size) for s in range(0, L, size)]
+
+
+def _ablation_nll(model, params, tokens, attention_mask, ans, chunk_size, checkpoint_dir, layers_per_call,
+                  progress, fingerprint_args) -> np.ndarray:
+    c = model.config
+    L, H = c.num_layers, c.num_heads
+    chunk = min(chunk_size or default_chunk_size(c, *tokens.shape), H)
+    if layers_per_call is None:
+        layers_per_call = L if checkpoint_dir is None else max(1, math.ceil(L / 8))
+    groups = _layer_groups(L, layers_per_call)
+    store = None
+    if checkpoint_dir is not None:
+        fp = _fingerprint(model, params, *fingerprint_args, (chunk, len(groups)))
+        store = _GroupStore(Path(checkpoint_dir), fp)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=L, desc=f"scoring {L * H} heads", unit="layer")
+    out = np.zeros((L, H, tokens.shape[0]), np.float64)
+    try:
+        _PROGRESS["bar"] = bar
+        for start, size in groups:
+            done = store.load(start) if store else None
+            if done is None:
+                done = np.asarray(_single_head_nll(model, params, tokens, attention_mask, ans, start, size,
+                                                   chunk, progress=bar is not None))
+                if store:
+                    store.save(start, done)
+            elif bar is not None:
+                bar.update(size)
+            out[start:start + size] = done
+    finally:
+        _PROGRESS.pop("bar", None)
+        if bar is not None:
+            bar.close()
+    return out
+
+
+class _GroupStore:
+    """Orbax checkpoints of finished layer groups under dir/<fingerprint>/layers_<start>."""
+
+    def __init__(self, root: Path, fingerprint: str):
+        import orbax.checkpoint as ocp
+
+        self.dir = (root / fingerprint).absolute()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = ocp.PyTreeCheckpointer()
+
+    def _path(self, start: int) -> Path:
+        return self.dir / f"layers_{start:04d}"
+
+    def load(self, start: int) -> np.ndarray | None:
+        path = self._path(start)
+        if not path.exists():
+            return None
+        return np.asarray(self.ckpt.restore(path)["nll"])
+
+    def save(self, start: int, nll: np.ndarray) -> None:
+        self.ckpt.save(self._path(start), {"nll": np.asarray(nll)}, force=True)
