@@ -1,0 +1,192 @@
+"""Head attribution against independent oracles: a Python loop of forwards, and PyTorch with o_proj hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import capjax
+from capjax import attribution
+from capjax.attribution import aggregate_scores, head_ablation_losses, score_heads
+from conftest import make_hf_model, o_proj_mask_hooks
+
+B, T = 7, 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    hf = make_hf_model(folder, "llama", num_hidden_layers=3)
+    model, params = capjax.load_pretrained(folder)
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, 101, (B, T))
+    attention_mask = np.ones((B, T), np.int32)
+    loss_mask = np.zeros((B, T), np.float32)
+    for b in range(B):  # prompts of different lengths, answers to the end, some right padding
+        length = T - (b % 3)
+        attention_mask[b, length:] = 0
+        loss_mask[b, 4 + b % 4:length] = 1
+    return hf, model, params, tokens, loss_mask, attention_mask
+
+
+def torch_subset_losses(hf, tokens, loss_mask, attention_mask, subsets, head_mask=None):
+    """Token-level CE per subset with the transformers model (optionally with a head mask via hooks)."""
+    handles = o_proj_mask_hooks(hf, head_mask) if head_mask is not None else []
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(attention_mask)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    logp = torch.log_softmax(logits[:, :-1].double(), -1).numpy()
+    nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0] * loss_mask[:, 1:]
+    return np.array([nll[g].sum() / loss_mask[g, 1:].sum() for g in np.array_split(np.arange(len(tokens)), subsets)])
+
+
+def single_head_masks(L, H):
+    masks = np.ones((L * H, L, H), np.float32)
+    for i in range(L * H):
+        masks[i].reshape(-1)[i] = 0.0
+    return masks
+
+
+def test_vmapped_losses_equal_python_loop(tiny):
+    _, model, params, tokens, loss_mask, am = tiny
+    rng = np.random.RandomState(3)
+    masks = np.concatenate([single_head_masks(3, 4), rng.rand(5, 3, 4).astype(np.float32)])
+    losses = head_ablation_losses(model, params, tokens, loss_mask, masks, am, chunk_size=4)
+    for mask, loss in zip(masks, losses):
+        logits = np.asarray(model.apply({"params": params}, tokens, head_mask=mask, attention_mask=am),
+                            np.float64)
+        logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+        expected = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+        assert loss == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("aggregate", ["median", "mean", "paired"])
+def test_score_heads_equals_pytorch_reference(tiny, aggregate):
+    hf, model, params, tokens, loss_mask, am = tiny
+    K = 3
+    scores = score_heads(model, params, tokens, loss_mask, subsets=K, aggregate=aggregate, attention_mask=am,
+                         progress=False)
+    baseline = torch_subset_losses(hf, tokens, loss_mask, am, K)
+    masked = np.stack([torch_subset_losses(hf, tokens, loss_mask, am, K, m)
+                       for m in single_head_masks(3, 4)], axis=1).reshape(K, 3, 4)
+    np.testing.assert_allclose(scores.baseline, baseline, atol=1e-5)
+    np.testing.assert_allclose(scores.masked, masked, atol=1e-5)
+    if aggregate == "median":
+        expected = np.median(masked, 0) - baseline.mean()
+    elif aggregate == "mean":
+        expected = masked.mean(0) - baseline.mean()
+    else:
+        expected = np.median(masked - baseline[:, None, None], 0)
+    np.testing.assert_allclose(scores.delta, expected, atol=1e-5)
+    assert scores.delta.shape == (3, 4) and scores.masked.shape == (K, 3, 4) and scores.baseline.shape == (K,)
+
+
+def test_aggregates_by_hand():
+    masked = np.array([[[1.0]], [[5.0]], [[2.0]]])
+    baseline = np.array([0.5, 4.0, 1.5])
+    assert aggregate_scores(masked, baseline, "median")[0, 0] == pytest.approx(2.0 - 2.0)
+    assert aggregate_scores(masked, baseline, "mean")[0, 0] == pytest.approx(8 / 3 - 2.0)
+    assert aggregate_scores(masked, baseline, "paired")[0, 0] == pytest.approx(0.5)
+
+
+def test_prefix_reuse_and_answer_only_equal_naive_path(tiny):
+    _, model, params, tokens, loss_mask, am = tiny
+    masks = single_head_masks(3, 4)
+    naive = head_ablation_losses(model, params, tokens, loss_mask, masks, am, answer_only=False, chunk_size=12)
+    answer_only = head_ablation_losses(model, params, tokens, loss_mask, masks, am, answer_only=True, chunk_size=5)
+    prefix = score_heads(model, params, tokens, loss_mask, subsets=1, attention_mask=am, progress=False)
+    np.testing.assert_allclose(answer_only, naive, atol=1e-5)
+    np.testing.assert_allclose(prefix.masked[0].reshape(-1), naive, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4])
+def test_chunk_size_does_not_change_scores(tiny, chunk_size):
+    _, model, params, tokens, loss_mask, am = tiny
+    ref = score_heads(model, params, tokens, loss_mask, attention_mask=am, chunk_size=4, progress=False)
+    got = score_heads(model, params, tokens, loss_mask, attention_mask=am, chunk_size=chunk_size, progress=False)
+    np.testing.assert_allclose(got.masked, ref.masked, atol=1e-6)
+
+
+def test_gradient_method_equals_torch_autograd(tiny):
+    hf, model, params, tokens, loss_mask, am = tiny
+    K = 2
+    scores = score_heads(model, params, tokens, loss_mask, subsets=K, method="gradient", attention_mask=am)
+    D = hf.config.hidden_size // hf.config.num_attention_heads
+    mask = torch.ones(3, 4, dtype=torch.float32, requires_grad=True)
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda mod, args, l=l: (args[0] * mask[l].repeat_interleave(D),))
+        for l, layer in enumerate(hf.model.layers)]
+    logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits
+    for h in handles:
+        h.remove()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    nll = -logp.gather(-1, torch.tensor(tokens[:, 1:, None]))[..., 0] * torch.tensor(loss_mask[:, 1:])
+    for k, g in enumerate(np.array_split(np.arange(B), K)):
+        loss = nll[g].sum() / loss_mask[g, 1:].sum()
+        (grad,) = torch.autograd.grad(loss, mask, retain_graph=True)
+        np.testing.assert_allclose(scores.baseline[k] - scores.masked[k], grad.numpy(), atol=1e-5)
+
+
+def test_resume_after_interruption(tiny, tmp_path, monkeypatch):
+    _, model, params, tokens, loss_mask, am = tiny
+    full = score_heads(model, params, tokens, loss_mask, attention_mask=am, progress=False)
+    real = attribution._single_head_nll
+    calls = []
+
+    def dies_on_second_group(*args, **kwargs):
+        calls.append(args[5])  # start layer
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "_single_head_nll", dies_on_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        score_heads(model, params, tokens, loss_mask, attention_mask=am, checkpoint_dir=tmp_path,
+                    layers_per_call=1, progress=False)
+    calls.clear()
+    monkeypatch.setattr(attribution, "_single_head_nll", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    resumed = score_heads(model, params, tokens, loss_mask, attention_mask=am, checkpoint_dir=tmp_path,
+                          layers_per_call=1, progress=False)
+    assert calls == [1, 2]  # layer group 0 came from the checkpoint
+    np.testing.assert_array_equal(resumed.masked, full.masked)
+    np.testing.assert_array_equal(resumed.delta, full.delta)
+    # Different calibration data must not reuse those checkpoints.
+    calls.clear()
+    score_heads(model, params, tokens[::-1].copy(), loss_mask[::-1].copy(), attention_mask=am[::-1].copy(),
+                checkpoint_dir=tmp_path, layers_per_call=1, progress=False)
+    assert calls == [0, 1, 2]
+
+
+def test_head_scores_save_load(tiny, tmp_path):
+    _, model, params, tokens, loss_mask, am = tiny
+    s = score_heads(model, params, tokens, loss_mask, attention_mask=am, aggregate="paired", progress=False)
+    s.save(tmp_path / "s.npz", n=B)
+    r = attribution.HeadScores.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(r.delta, s.delta)
+    assert r.aggregate == "paired"
+
+
+def test_bad_inputs(tiny):
+    _, model, params, tokens, loss_mask, am = tiny
+    with pytest.raises(ValueError, match="empty calibration set"):
+        score_heads(model, params, tokens[:0], loss_mask[:0])
+    with pytest.raises(ValueError, match="subsets=9 is larger than the calibration set"):
+        score_heads(model, params, tokens, loss_mask, subsets=9, attention_mask=am)
+    no_answer_first = loss_mask.copy()
+    no_answer_first[:3] = 0
+    with pytest.raises(ValueError, match="subset 0 .* has no answer tokens"):
+        score_heads(model, params, tokens, no_answer_first, subsets=3, attention_mask=am)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        score_heads(model, params, tokens, np.zeros_like(loss_mask), attention_mask=am)
+    with pytest.raises(ValueError, match=r"masks must be \[N, L, H\] = \[N, 3, 4\]"):
+        head_ablation_losses(model, params, tokens, loss_mask, np.ones((2, 4, 3)), am)
+    with pytest.raises(ValueError, match="unknown aggregate"):
+        score_heads(model, params, tokens, loss_mask, aggregate="max")
+    nan_params = dict(params, norm={"scale": params["norm"]["scale"] * np.nan})
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        score_heads(model, nan_params, tokens, loss_mask, attention_mask=am, progress=False)
