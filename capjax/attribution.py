@@ -1,6 +1,6 @@
 """CAP head attribution: the loss increase when one attention head is ablated.
 
-Legend: N mask vectors, B calibration examples, T time, P answer positions per example,
+Legend: N mask vectors, B calibration examples, T time, A answer tokens in the batch,
 L layers, H query heads, K subsets, E hidden, V vocab.
 
 Loss: token-level cross-entropy = total NLL of the answer tokens / their count. `loss_mask[b, t]`
@@ -77,15 +77,14 @@ def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = 
 # ---------------------------------------------------------------------------- answer positions
 @dataclasses.dataclass(frozen=True)
 class AnswerPositions:
-    """Where the loss is read: pos [B, P] (predicting position t - 1), target [B, P], weight [B, P]."""
+    """Where the loss is read, flattened over the batch (no padding, so the LM head costs exactly
+    one row per answer token): flat_pos [A] indexes hidden [B * T] (position t - 1 predicts token t),
+    target [A], example [A] (its row b); count [B] answer tokens per example. A answer tokens."""
 
-    pos: np.ndarray
+    flat_pos: np.ndarray
     target: np.ndarray
-    weight: np.ndarray
-
-    @property
-    def count(self) -> np.ndarray:
-        return self.weight.sum(axis=1)  # [B]
+    example: np.ndarray
+    count: np.ndarray
 
 
 def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray) -> AnswerPositions:
@@ -97,34 +96,30 @@ def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray) -> AnswerPositio
         raise ValueError(f"loss_mask shape {loss_mask.shape} != tokens shape {tokens.shape}")
     sel = loss_mask > 0
     sel[:, 0] = False  # the first token has no prediction
-    P = max(int(sel.sum(axis=1).max()), 1)
-    B = tokens.shape[0]
-    pos = np.zeros((B, P), np.int32)
-    target = np.zeros((B, P), np.int32)
-    weight = np.zeros((B, P), np.float32)
-    for b in range(B):
-        t = np.nonzero(sel[b])[0]
-        pos[b, :len(t)] = t - 1
-        target[b, :len(t)] = tokens[b, t]
-        weight[b, :len(t)] = 1.0
-    return AnswerPositions(pos, target, weight)
+    b, t = np.nonzero(sel)
+    T = tokens.shape[1]
+    return AnswerPositions((b * T + t - 1).astype(np.int32), tokens[b, t].astype(np.int32), b.astype(np.int32),
+                           sel.sum(axis=1).astype(np.float64))
 
 
 def _answer_nll(model: Decoder, params, hidden: Array, ans: tuple[Array, Array, Array]) -> Array:
     """Summed NLL of the answer tokens per example [B] from hidden states [B, T, E]."""
-    pos, target, weight = ans
-    h = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # [B, P, E]
-    logp = jax.nn.log_softmax(unembed(model, params, h), axis=-1)  # float32 [B, P, V]
-    nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * weight, axis=1)
+    flat_pos, target, example = ans
+    B, T, E = hidden.shape
+    h = hidden.reshape(B * T, E)[flat_pos]  # [A, E]
+    logp = jax.nn.log_softmax(unembed(model, params, h), axis=-1)  # float32 [A, V]
+    nll = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+    return jax.ops.segment_sum(nll, example, num_segments=B)
 
 
 def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, ans) -> Array:
     """The obvious path: full logits [B, T, V], then the same per-example NLL sums [B]."""
     logits = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask)
-    pos, target, weight = ans
-    logp = jax.nn.log_softmax(jnp.take_along_axis(logits, pos[..., None], axis=1), axis=-1)
-    return jnp.sum(-jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0] * weight, axis=1)
+    B, T, V = logits.shape
+    flat_pos, target, example = ans
+    logp = jax.nn.log_softmax(logits, axis=-1).reshape(B * T, V)[flat_pos]
+    nll = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+    return jax.ops.segment_sum(nll, example, num_segments=B)
 
 
 # ---------------------------------------------------------------------------- chunk size
@@ -165,7 +160,7 @@ def _check_calibration(model, tokens, loss_mask, attention_mask):
 
 
 def _ans_arrays(ans: AnswerPositions):
-    return (jnp.asarray(ans.pos), jnp.asarray(ans.target), jnp.asarray(ans.weight))
+    return (jnp.asarray(ans.flat_pos), jnp.asarray(ans.target), jnp.asarray(ans.example))
 
 
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,

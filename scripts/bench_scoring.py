@@ -64,13 +64,13 @@ def matmul_peak_gflops(n=1024, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def scoring_flops(cfg, B, T, P):
+def scoring_flops(cfg, B, T, A):
     """Matmul FLOPs of the prefix-reuse schedule (2 * params touched * tokens)."""
     E, F, H, K, D, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.num_layers, cfg.vocab_size)
     layer = 2 * B * T * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + 4 * B * T * T * H * D
     layer_passes = sum(H * (L - l) + 1 for l in range(L))  # ablated + suffix layers, plus the intact carry
-    head = 2 * B * P * E * V
+    head = 2 * A * E * V
     return layer_passes * layer + (L * H + 1) * head
 
 
@@ -112,8 +112,8 @@ def main():
     ref_delta, ref_masked = torch_scores(hf, calib.tokens, calib.loss_mask, calib.attention_mask, args.subsets)
     t_torch = time.perf_counter() - t0
 
-    P = answer_positions(calib.tokens, calib.loss_mask).pos.shape[1]
-    flops = scoring_flops(cfg, args.n, args.seq_len, P)
+    A = len(answer_positions(calib.tokens, calib.loss_mask).target)
+    flops = scoring_flops(cfg, args.n, args.seq_len, A)
     peak = matmul_peak_gflops()
     print(f"capjax  (compile included): {t_first:8.1f} s")
     print(f"capjax  (compile excluded): {t_warm:8.1f} s")
