@@ -1,0 +1,166 @@
+"""Greedy decoding with the KV cache: one prefill call, then a jitted `lax.while_loop`.
+
+Legend: B batch, P prompt bucket (left-padded prompt length), N max_new_tokens,
+S = P + N cache slots, V vocab.
+
+Prompts are left-padded to a bucketed length so a whole evaluation compiles once per
+(B, P, N). Every row's attention mask covers all S slots from the start: the prompt's
+real tokens, then ones for the N slots the decode steps will fill. Causal masking hides
+slots not written yet, and positions (cumsum of the mask) come out right for each row.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capjax.config import ModelConfig
+from capjax.model import Decoder, init_cache
+
+Params = dict[str, Any]
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The padded prompt length for a longest prompt of n tokens: the next power of two
+    (at least `minimum`), so prompts of similar length share one compiled program."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids: tuple[int, ...],
+              pad_id: int):
+    """The jitted prefill + decode loop for one model architecture and decode setting.
+
+    Keyed by hashable values (not the Module), so equal models share the compile cache;
+    jax.jit adds its own cache over the (B, P) shapes.
+    """
+    model = Decoder(config, dtype=jnp.dtype(dtype_name))
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def is_eos(tok):
+        return jnp.any(tok[:, None] == eos[None, :], axis=-1)
+
+    @jax.jit
+    def run(params: Params, tokens: jax.Array, prompt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """tokens, prompt_mask [B, P] (left-padded) -> (new tokens [B, N], n_steps)."""
+        B, P = tokens.shape
+        N = max_new_tokens
+        valid = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((B, N), jnp.int32)], axis=1)
+        cache = init_cache(config, B, P + N, model.dtype)
+        logits, cache = model.apply({"params": params}, tokens, attention_mask=valid, cache=cache)
+        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first)
+
+        def cond(state):
+            step, _, _, _, done = state
+            return (step < N) & ~jnp.all(done)
+
+        def body(state):
+            step, cur, cache, out, done = state
+            logits, cache = model.apply({"params": params}, cur[:, None], attention_mask=valid, cache=cache)
+            nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+            nxt = jnp.where(done, pad_id, nxt)
+            out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], step, axis=1)
+            return step + 1, nxt, cache, out, done | is_eos(nxt)
+
+        state = (jnp.int32(1), first, cache, out, is_eos(first))
+        step, _, _, out, _ = jax.lax.while_loop(cond, body, state)
+        return out, step
+
+    return run
+
+
+def _truncate(row: Sequence[int], eos: set[int], stop: Sequence[str] | None, tokenizer: Any) -> list[int]:
+    """New tokens up to (excluding) the first EOS, then cut after the token that completes
+    the first stop string, if any."""
+    toks = []
+    for t in row:
+        if t in eos:
+            break
+        toks.append(int(t))
+    if not stop:
+        return toks
+    if not any(s in tokenizer.decode(toks) for s in stop):
+        return toks
+    # Shortest prefix whose text holds a stop string: binary search, as a prefix's text
+    # grows with the prefix (up to partial UTF-8 characters, fixed up below).
+    lo, hi = 1, len(toks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in tokenizer.decode(toks[:mid]) for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    while lo < len(toks) and not any(s in tokenizer.decode(toks[:lo]) for s in stop):
+        lo += 1
+    return toks[:lo]
+
+
+def generate(
+    model: Decoder,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    eos_ids: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (each a non-empty list), in input order.
+
+    Returns per prompt the new tokens up to and excluding the first EOS (`eos_ids`, else
+    `model.config.eos_ids`). With `stop` strings (needs `tokenizer`), the tokens are cut
+    after the token whose decoding first completes a stop string, as transformers'
+    `stop_strings` does: the stop string's text is included, so callers that want the
+    text before it cut the decoded string at `text.find(stop)`. Stop strings are checked
+    on the host after decoding, so they do not shorten the decode loop; EOS does.
+
+    Batches of `batch_size` rows (the last one padded with copies of a prompt) are
+    left-padded to `bucket_length`, so one (B, P, N) shape compiles once. Any params with
+    the model's layout work unchanged (pruned weights included).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the generated tokens")
+    prompts = [list(map(int, p)) for p in prompts]
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if not prompts:
+        return []
+    config = model.config
+    eos = tuple(int(e) for e in (config.eos_ids if eos_ids is None else eos_ids))
+    if pad_id is None:
+        pad_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    run = _compiled(config, jnp.dtype(model.dtype).name, int(max_new_tokens), eos, int(pad_id))
+    B = max(1, min(batch_size, len(prompts)))
+    limit = config.max_position_embeddings
+
+    outputs: list[list[int]] = []
+    starts = range(0, len(prompts), B)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", unit="batch")
+    for start in starts:
+        chunk = prompts[start:start + B]
+        P = bucket_length(max(len(p) for p in chunk))
+        if max(len(p) for p in chunk) + max_new_tokens > limit:
+            raise ValueError(f"prompt of {max(len(p) for p in chunk)} tokens + {max_new_tokens} new tokens "
+                             f"exceeds max_position_embeddings={limit}")
+        tokens = np.full((B, P), pad_id, np.int32)
+        mask = np.zeros((B, P), np.int32)
+        for i in range(B):
+            p = chunk[i] if i < len(chunk) else chunk[0]
+            tokens[i, P - len(p):] = p
+            mask[i, P - len(p):] = 1
+        out, _ = run(params, jnp.asarray(tokens), jnp.asarray(mask))
+        out = np.asarray(out)
+        outputs.extend(_truncate(out[i].tolist(), set(eos), stop, tokenizer) for i in range(len(chunk)))
+    return outputs

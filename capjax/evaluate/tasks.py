@@ -1,0 +1,283 @@
+"""Task runners: WikiText-2 perplexity, GSM8K, StrategyQA, ARC-Challenge, synthetic arithmetic.
+
+Generation tasks build prompts with `capjax.data.build_prompt` (the chat template for
+instruct tokenizers, else "Question: ...\\nAnswer:") from `capjax.data.eval_records`, the
+held-out splits that calibration never touches, and decode greedily with `generate`.
+Prompts are tokenized as calibration does: with the tokenizer's special tokens in plain
+mode, without in chat mode (the template text holds them).
+
+Metrics per task:
+
+    wikitext2          ppl, nll, n_tokens, n_windows, seq_len   (--limit caps windows)
+    gsm8k              exact_match_strict, exact_match_flexible  (lm-eval extraction)
+    strategyqa         accuracy (yes_no), n_unparsed
+    arc_challenge      acc, acc_norm: multiple-choice log-likelihood as lm-eval's
+                       arc_challenge (context "Question: {stem}\\nAnswer:", continuation
+                       " {choice}", no chat template, no special tokens; acc_norm divides the
+                       summed log-prob by len(choice text), as lm-eval does)
+    arc_challenge_cot  accuracy of the letter extracted from generated CoT, n_unparsed
+    synthetic          accuracy_strict, accuracy_flexible, answer_loss (mean CE over the
+                       reference answer tokens given the prompt, teacher-forced)
+
+Every generation task also reports n and mean_new_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from capjax.evaluate.extract import choice_letter, gsm8k_flexible, gsm8k_strict, normalize_number, yes_no
+from capjax.evaluate.generate import generate
+from capjax.evaluate.perplexity import continuation_logprobs, wikitext2_perplexity
+
+TASKS: tuple[str, ...] = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic")
+# lm-eval's gsm8k `until` list; with chat models EOS (<|im_end|>) usually ends first.
+STOP: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
+_DATA_TASK = {"arc_challenge_cot": "arc_challenge"}
+
+
+def _records(task: str, limit: int | None, seed: int, data_dir: Any) -> list[dict]:
+    """Evaluation records: the whole held-out split, or `limit` of them in seeded order."""
+    from capjax.data import eval_records
+
+    name = _DATA_TASK.get(task, task)
+    if name == "synthetic" or limit is None:
+        return eval_records(name, n=limit, seed=seed, data_dir=data_dir)
+    full = eval_records(name, n=None, seed=seed, data_dir=data_dir)
+    return full if limit >= len(full) else eval_records(name, n=limit, seed=seed, data_dir=data_dir)
+
+
+def _prompt_ids(records: list[dict], task: str, tokenizer: Any, chat: bool | None) -> list[list[int]]:
+    from capjax.data import build_prompt, use_chat
+
+    texts = [build_prompt(r, task, tokenizer, chat) for r in records]
+    return tokenizer(texts, add_special_tokens=not use_chat(tokenizer, chat))["input_ids"]
+
+
+def _cut(text: str) -> str:
+    """The text before the first stop string."""
+    ends = [i for i in (text.find(s) for s in STOP) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _generate_texts(model, params, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                    batch_size: int, progress: bool) -> tuple[list[str], list[int]]:
+    """Decoded completions (cut before any stop string) and their token counts, in input
+    order. Prompts are batched longest first so batches share a length bucket."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    new = generate(model, params, [prompts[i] for i in order], max_new_tokens, stop=list(STOP),
+                   tokenizer=tokenizer, batch_size=batch_size, progress=progress)
+    texts: list[str] = [""] * len(prompts)
+    counts: list[int] = [0] * len(prompts)
+    for i, toks in zip(order, new):
+        texts[i] = _cut(tokenizer.decode(toks, skip_special_tokens=False))
+        counts[i] = len(toks)
+    return texts, counts
+
+
+def _generation_task(task: str, records, model, params, tokenizer, score: Callable[[str, dict], dict],
+                     max_new_tokens, batch_size, chat, progress):
+    """Runs generation over records; score(text, record) -> per-example dict of floats."""
+    template = _DATA_TASK.get(task, task)
+    prompts = _prompt_ids(records, template, tokenizer, chat)
+    texts, counts = _generate_texts(model, params, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    rows = [score(t, r) for t, r in zip(texts, records)]
+    # "n_*" flags are counted, the other per-example values averaged; "_*" are samples only.
+    metrics: dict[str, Any] = {k: int(sum(row[k] for row in rows)) if k.startswith("n_")
+                               else float(np.mean([row[k] for row in rows]))
+                               for k in rows[0] if not k.startswith("_")}
+    metrics["n"] = len(records)
+    metrics["mean_new_tokens"] = float(np.mean(counts))
+    samples = [{"id": r.get("id"), "target": r.get("answer_label", r["answer"]), "output": t, **row}
+               for t, r, row in zip(texts, records, rows)]
+    return metrics, samples
+
+
+def _score_gsm8k(text: str, record: dict) -> dict:
+    target = normalize_number(record["answer"])
+    strict, flexible = gsm8k_strict(text), gsm8k_flexible(text)
+    return {"exact_match_strict": float(strict == target), "exact_match_flexible": float(flexible == target),
+            "_strict": strict, "_flexible": flexible}
+
+
+def _score_strategyqa(text: str, record: dict) -> dict:
+    pred = yes_no(text)
+    return {"accuracy": float(pred == record["answer"]), "n_unparsed": float(pred is None), "_pred": pred}
+
+
+def _score_arc_cot(text: str, record: dict) -> dict:
+    pred = choice_letter(text, [lab for lab, _ in record["choices"]])
+    return {"accuracy": float(pred == record["answer_label"]), "n_unparsed": float(pred is None), "_pred": pred}
+
+
+def _score_synthetic(text: str, record: dict) -> dict:
+    target = normalize_number(record["answer"])
+    strict, flexible = gsm8k_strict(text), gsm8k_flexible(text)
+    return {"accuracy_strict": float(strict == target), "accuracy_flexible": float(flexible == target),
+            "_strict": strict, "_flexible": flexible}
+
+
+def arc_loglikelihood(model, params, tokenizer, records: list[dict], batch_size: int = 8,
+                      progress: bool = False) -> tuple[dict, list[dict]]:
+    """ARC multiple choice by log-likelihood, as lm-evaluation-harness' arc_challenge.
+
+    Each choice is scored as the sum of log p(" {text}" | "Question: {stem}\\nAnswer:");
+    the continuation's tokens are those of the whole string after the context's tokens
+    (lm-eval's `_encode_pair`). acc = argmax of the sums, acc_norm = argmax of the sums
+    divided by len(text). Ties go to the first choice (numpy argmax, as lm-eval).
+    Returns ({"acc", "acc_norm", "n"}, per-item samples).
+    """
+    requests, owners = [], []
+    for i, r in enumerate(records):
+        context = f"Question: {r['question']}\nAnswer:"
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        for label, text in r["choices"]:
+            whole = tokenizer(context + " " + text, add_special_tokens=False)["input_ids"]
+            requests.append((ctx, whole[len(ctx):]))
+            owners.append((i, label, text))
+    scores = continuation_logprobs(model, params, requests, batch_size=batch_size, progress=progress)
+    acc, acc_norm, samples = [], [], []
+    start = 0
+    for i, r in enumerate(records):
+        k = len(r["choices"])
+        ll = np.array([s[0] for s in scores[start:start + k]])
+        lengths = np.array([float(len(text)) for _, text in r["choices"]])
+        labels = [lab for lab, _ in r["choices"]]
+        pred, pred_norm = labels[int(np.argmax(ll))], labels[int(np.argmax(ll / lengths))]
+        acc.append(float(pred == r["answer_label"]))
+        acc_norm.append(float(pred_norm == r["answer_label"]))
+        samples.append({"id": r.get("id"), "target": r["answer_label"], "loglikelihoods": ll.tolist(),
+                        "pred": pred, "pred_norm": pred_norm})
+        start += k
+    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(records)}, samples
+
+
+def answer_loss(model, params, tokenizer, records: list[dict], task: str = "synthetic", chat: bool | None = None,
+                batch_size: int = 8, progress: bool = False) -> float:
+    """Mean cross-entropy (nats per token) of the reference answers given their prompts,
+    teacher-forced, with the calibration tokenization (`capjax.data.format_example`)."""
+    from capjax.data import format_example, use_chat
+
+    pairs = [format_example(r, task, tokenizer, chat) for r in records]
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=not use_chat(tokenizer, chat))["input_ids"]
+    answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    scores = continuation_logprobs(model, params, list(zip(prompts, answers)), batch_size=batch_size,
+                                   progress=progress)
+    return -sum(s[0] for s in scores) / sum(s[1] for s in scores)
+
+
+def evaluate(
+    model,
+    params,
+    tokenizer,
+    tasks: Sequence[str],
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    chat: bool | None = None,
+    seq_len: int = 2048,
+    model_name: str | None = None,
+    log_samples: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Runs `tasks` (see TASKS) and returns {"settings": {...}, "results": {task: metrics}}
+    (plus "samples": {task: [per-example dicts]} with log_samples).
+
+    `limit` caps examples per task (a seeded random subset; WikiText-2: windows of
+    `seq_len`). Raises ValueError for unknown tasks or an empty evaluation, and the
+    FileNotFoundError of capjax.data when benchmark files are missing.
+    """
+    from capjax.data import use_chat
+
+    tasks = [t.strip() for t in tasks if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASKS)}")
+    if not tasks:
+        raise ValueError(f"no tasks given; known tasks: {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} leaves nothing to evaluate (use limit >= 1, or none for all)")
+    results: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    for task in tasks:
+        if task == "wikitext2":
+            results[task] = wikitext2_perplexity(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
+                                                 limit_windows=limit, progress=progress)
+            continue
+        records = _records(task, limit, seed, data_dir)
+        if not records:
+            raise ValueError(f"no {task} examples to evaluate (limit={limit})")
+        if task == "arc_challenge":
+            results[task], samples[task] = arc_loglikelihood(model, params, tokenizer, records, batch_size, progress)
+            continue
+        score = {"gsm8k": _score_gsm8k, "strategyqa": _score_strategyqa, "arc_challenge_cot": _score_arc_cot,
+                 "synthetic": _score_synthetic}[task]
+        results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, score,
+                                                        max_new_tokens, batch_size, chat, progress)
+        if task == "synthetic":
+            results[task]["answer_loss"] = answer_loss(model, params, tokenizer, records, "synthetic", chat,
+                                                       batch_size, progress)
+    out = {
+        "settings": {
+            "model": model_name or model.config.model_type,
+            "tasks": tasks,
+            "limit": limit,
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "chat": use_chat(tokenizer, chat),
+            "seq_len": seq_len,
+            "dtype": str(np.dtype(model.dtype)) if model.dtype is not None else None,
+            "n_examples": {t: int(m.get("n", m.get("n_windows", 0))) for t, m in results.items()},
+        },
+        "results": results,
+    }
+    if log_samples:
+        out["samples"] = {t: [{k.lstrip("_"): v for k, v in s.items()} for s in rows] for t, rows in samples.items()}
+    return out
+
+
+def write_results(results: dict, path: str | os.PathLike) -> Path:
+    """Writes the results dict as indented JSON (creating parent folders); returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    return p
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table: one row per (task, metric), with the example count."""
+    rows = [("task", "metric", "value", "n")]
+    for task, metrics in results["results"].items():
+        n = metrics.get("n", metrics.get("n_windows", ""))
+        for name, value in metrics.items():
+            if name in ("n", "n_windows"):
+                continue
+            if isinstance(value, float):
+                shown = f"{value:.4f}" if math.isfinite(value) else str(value)
+            else:
+                shown = str(value)
+            rows.append((task, name, shown, str(n)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    s = results.get("settings", {})
+    head = ", ".join(f"{k}={s[k]}" for k in ("model", "limit", "seed", "max_new_tokens", "chat") if k in s)
+    return (head + "\n" if head else "") + "\n".join(lines)
