@@ -12,6 +12,7 @@ A config (every key optional except `model`; see configs/*.yaml):
     pruning:     {methods: [cap, wanda], sparsities: [0.1, 0.2, 0.5], nm: null, options: {cap: {kv_rule: mean}}}
     evaluation:  {tasks: [wikitext2, gsm8k], limit: null, max_new_tokens: 256, batch_size: 8,
                   ppl_seq_len: 2048, skip_missing_data: false}
+                  # limit: examples per task (WikiText-2: windows), or {task: limit}
 """
 
 from __future__ import annotations
@@ -133,5 +134,10 @@ def validate(cfg: dict) -> None:
         except ValueError as err:
             raise ConfigError(f"pruning.nm: {err}") from err
     _check_list(e["tasks"], EVAL_TASKS, "evaluation.tasks")
-    if e["limit"] is not None and (not isinstance(e["limit"], int) or e["limit"] < 1):
-        raise ConfigError(f"evaluation.limit must be a positive integer or null, got {e['limit']!r}")
+    limits = e["limit"].items() if isinstance(e["limit"], dict) else [("", e["limit"])]
+    for task, limit in limits:
+        if task and task not in EVAL_TASKS:
+            raise ConfigError(f"evaluation.limit names unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ConfigError(f"evaluation.limit must be a positive integer, null, or a mapping task -> "
+                              f"limit (WikiText-2: windows), got {e['limit']!r}")

@@ -152,7 +152,8 @@ class Experiment:
                 results[task] = json.loads(path.read_text())
                 self.events.append(f"reused evals/{name}/{task}")
                 continue
-            r = evaluate(self.model, params, self.tokenizer, [task], data_dir=self.cfg["data_dir"], limit=e["limit"],
+            limit = e["limit"].get(task) if isinstance(e["limit"], dict) else e["limit"]
+            r = evaluate(self.model, params, self.tokenizer, [task], data_dir=self.cfg["data_dir"], limit=limit,
                          seed=self.cfg["seed"], max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"],
                          chat=self.cfg["calibration"]["chat"], seq_len=e["ppl_seq_len"],
                          model_name=str(self.cfg["model"]))
