@@ -58,7 +58,9 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path, tiny_with_tokenizer, capsys):
     assert names == ["dense", "cap_synthetic_s0.20", "cap_synthetic_s0.50", "wanda_synthetic_s0.20",
                      "wanda_synthetic_s0.50", "magnitude_s0.20", "magnitude_s0.50"]
     for r in results["runs"][1:]:
-        assert abs(r["achieved_sparsity"] - r["sparsity"]) < 1e-3
+        # CAP's global threshold is exact; Wanda/magnitude prune int(in * s) per row/matrix of width 32..48.
+        tol = 1e-4 if r["method"] == "cap" else 1 / 32
+        assert abs(r["achieved_sparsity"] - r["sparsity"]) <= tol, r["name"]
     # Every number of report.md's table equals results.json (to the 4 decimals it prints).
     report = (out / "report.md").read_text()
     table = [l for l in report.splitlines() if l.startswith("| ") and not l.startswith("| method")]
