@@ -72,3 +72,15 @@ def smollm2():
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
     return model, params, tokenizer, hf
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory, smollm2):
+    """A tiny random Llama with SmolLM2's tokenizer (and vocabulary), saved as an HF folder."""
+    _, _, tokenizer, _ = smollm2
+    folder = tmp_path_factory.mktemp("tiny_tok")
+    make_hf_model(folder, "llama", vocab_size=len(tokenizer), max_position_embeddings=256,
+                  tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.save_pretrained(folder)
+    return folder

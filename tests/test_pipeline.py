@@ -14,18 +14,6 @@ from capjax.experiment import ConfigError, load_config
 from conftest import HAS_DATA, DATA_DIR, make_hf_model, needs_smollm2
 
 
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory, smollm2):
-    """A tiny random Llama with SmolLM2's tokenizer (and vocabulary), saved as an HF folder."""
-    _, _, tokenizer, _ = smollm2
-    folder = tmp_path_factory.mktemp("tiny_tok")
-    make_hf_model(folder, "llama", vocab_size=len(tokenizer), max_position_embeddings=256,
-                  tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _config(tmp_path, model, **over):
     cfg = {
         "model": str(model), "out": str(tmp_path / "out"), "seed": 0,

@@ -1,0 +1,36 @@
+"""`capjax score` writes the same scores as the library call, with its settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import capjax
+from capjax.cli import main
+from capjax.data import build_calibration
+from conftest import needs_smollm2
+
+
+@needs_smollm2
+def test_score_cli_matches_library(tmp_path, tiny_with_tokenizer, capsys):
+    out = tmp_path / "scores.npz"
+    argv = ["score", "--model", str(tiny_with_tokenizer), "--calib", "synthetic", "--n", "6", "--seq-len", "128",
+            "--subsets", "3", "--aggregate", "paired", "--out", str(out), "--plot", str(tmp_path / "heat.png")]
+    assert main(argv) == 0
+    assert "scored 8 heads" in capsys.readouterr().out
+    saved = np.load(out)
+    settings = json.loads(str(saved["settings"]))
+    assert settings["aggregate"] == "paired" and settings["n"] == 6 and settings["calib"] == "synthetic"
+    model, params = capjax.load_pretrained(tiny_with_tokenizer)
+    calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=6, seq_len=128, seed=0)
+    ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 3, "paired",
+                             attention_mask=calib.attention_mask, progress=False)
+    np.testing.assert_allclose(saved["delta"], ref.delta, atol=1e-6)
+    np.testing.assert_allclose(saved["masked"], ref.masked, atol=1e-6)
+    assert (tmp_path / "heat.png").stat().st_size > 1000
+
+
+def test_score_cli_bad_model_path(tmp_path, capsys):
+    assert main(["score", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "s.npz")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
