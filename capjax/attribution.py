@@ -13,6 +13,10 @@ Two exact paths, equal to 1e-5 in float32 (tests prove it):
   answer positions. One compiled call scans over layers; with `checkpoint_dir`, the same compiled
   function runs a few layers per call and saves each finished group with orbax, so a killed
   run resumes where it stopped.
+
+With `mesh` (see `capjax.sharding`), params are sharded by `sharding.DEFAULT_RULES` and each
+step's batch of masks is split over the "data" axis: d devices evaluate d times as many
+ablations per step; `chunk_size` is then per device.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax import sharding
+from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import Decoder, apply_layer, layer_context, layer_params, unembed
 
 Array = jax.Array
@@ -123,22 +129,17 @@ def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, 
 
 
 # ---------------------------------------------------------------------------- chunk size
-def default_chunk_size(config, batch: int, seq_len: int, budget_bytes: float = 2 << 30,
-                       dtype_bytes: int = 4) -> int:
-    """Ablations evaluated at once so that their activations fit in `budget_bytes`.
-
-    Per ablation, the live activations of one layer are about
-    B * T * (4 E + 2 F + H * T) values (residual, q/k/v/out, MLP hidden, attention probabilities)
-    in the compute dtype, plus B * T * H * T float32 attention logits.
-    """
-    E, F, H = config.hidden_size, config.intermediate_size, config.num_heads
-    per = batch * seq_len * ((4 * E + 2 * F + H * seq_len) * dtype_bytes + H * seq_len * 4)
-    return int(max(1, min(config.num_heads * config.num_layers, budget_bytes // per)))
+def default_chunk_size(config, batch: int, seq_len: int, dtype: Any = jnp.float32,
+                       budget_bytes: float | None = None, answer_tokens: int | None = None) -> int:
+    """Ablations evaluated at once (per device) so that their activations fit in the free device
+    memory, or `budget_bytes`: `capjax.memory.chunk_size_for_memory` (formula there). Callers
+    run it under `run_with_oom_fallback`, which halves it after an out-of-memory error."""
+    return chunk_size_for_memory(config, batch, seq_len, dtype, budget_bytes, answer_tokens)
 
 
 # ---------------------------------------------------------------------------- general primitive
-@partial(jax.jit, static_argnames=("model", "chunk_size", "answer_only"))
-def _masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_size, answer_only=True):
+@partial(jax.jit, static_argnames=("model", "chunk_size", "answer_only", "mesh"))
+def _masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_size, answer_only=True, mesh=None):
     def one(mask):
         if not answer_only:
             return _full_logits_nll(model, params, tokens, attention_mask, mask, ans)
@@ -146,6 +147,8 @@ def _masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_size, a
                                 method=Decoder.hidden_states)
         return _answer_nll(model, params, hidden, ans)
 
+    if mesh is not None:
+        return sharding.sharded_map(one, masks, chunk_size, mesh)
     return jax.lax.map(one, masks, batch_size=chunk_size)  # [N, B]
 
 
@@ -164,20 +167,30 @@ def _ans_arrays(ans: AnswerPositions):
 
 
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
-                         chunk_size: int | None = None, answer_only: bool = True) -> np.ndarray:
+                         chunk_size: int | None = None, answer_only: bool = True, mesh=None) -> np.ndarray:
     """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H].
 
     One jitted function: `vmap` over masks, `lax.map` over chunks of `chunk_size` masks (default
-    from `default_chunk_size`), logits only at answer positions unless `answer_only=False`.
+    from `default_chunk_size`, halved on out-of-memory errors), logits only at answer positions
+    unless `answer_only=False`. With `mesh`, params are sharded by the default rules and the
+    masks (padded to a multiple of the "data" axis) are split over "data".
     """
     c = model.config
     masks = jnp.asarray(masks, model.dtype)
     if masks.ndim != 3 or masks.shape[1:] != (c.num_layers, c.num_heads):
         raise ValueError(f"masks must be [N, L, H] = [N, {c.num_layers}, {c.num_heads}], got {tuple(masks.shape)}")
     ans, tokens, attention_mask = _check_calibration(model, tokens, loss_mask, attention_mask)
-    chunk = chunk_size or default_chunk_size(c, *tokens.shape)
-    nll = _masked_nll(model, params, tokens, attention_mask, _ans_arrays(ans), masks, chunk, answer_only)
-    losses = np.asarray(nll).sum(axis=1) / ans.count.sum()
+    chunk = chunk_size or default_chunk_size(c, *tokens.shape, model.dtype,
+                                             answer_tokens=None if not answer_only else len(ans.target))
+    n = masks.shape[0]
+    if mesh is not None:
+        params = sharding.shard_params(params, mesh)
+        masks, _ = sharding.pad_to_multiple(masks, sharding.axis_size(mesh, sharding.DATA))
+        masks = jax.device_put(masks, sharding.batch_sharding(mesh, masks.shape))
+    ans_j = _ans_arrays(ans)
+    nll = run_with_oom_fallback(lambda ch: np.asarray(_masked_nll(
+        model, params, tokens, attention_mask, ans_j, masks, ch, answer_only, mesh=mesh)), chunk)
+    losses = nll[:n].sum(axis=1) / ans.count.sum()
     _check_finite(losses, "head_ablation_losses")
     return losses
 
@@ -190,12 +203,14 @@ def _check_finite(x: np.ndarray, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------- prefix reuse
-@partial(jax.jit, static_argnames=("model", "num_layers", "chunk_size", "progress"))
-def _single_head_nll(model, params, tokens, attention_mask, ans, start, num_layers, chunk_size, progress=False):
+@partial(jax.jit, static_argnames=("model", "num_layers", "chunk_size", "progress", "mesh"))
+def _single_head_nll(model, params, tokens, attention_mask, ans, start, num_layers, chunk_size, progress=False,
+                     mesh=None):
     """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1.
 
     The intact prefix up to `start` is run once; then a scan over the layers carries the intact
-    hidden state, and for each layer its H ablations share that prefix.
+    hidden state, and for each layer its H ablations share that prefix. With `mesh`, the hidden
+    states are kept replicated per ablation and the H ablations split over "data".
     """
     c = model.config
     L, H = c.num_layers, c.num_heads
@@ -203,7 +218,7 @@ def _single_head_nll(model, params, tokens, attention_mask, ans, start, num_laye
     ones = jnp.ones((H,), model.dtype)
 
     def intact(i, x):
-        return apply_layer(model, layer_params(params, i), x, ctx, ones)
+        return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones), mesh)
 
     x = jax.lax.fori_loop(0, start, intact, x)
 
@@ -216,7 +231,10 @@ def _single_head_nll(model, params, tokens, attention_mask, ans, start, num_laye
             return _answer_nll(model, params, y, ans)
 
         single = 1.0 - jnp.eye(H, dtype=model.dtype)  # row h: head h ablated
-        nll = jax.lax.map(one, single, batch_size=chunk_size)  # [H, B]
+        if mesh is not None:
+            nll = sharding.sharded_map(one, single, chunk_size, mesh)
+        else:
+            nll = jax.lax.map(one, single, batch_size=chunk_size)  # [H, B]
         if progress:
             jax.debug.callback(_progress_tick, l)
         return apply_layer(model, lp, x, ctx, ones), nll
@@ -277,14 +295,16 @@ def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str
 def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, aggregate: str = "median",
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
-                progress: bool = True) -> HeadScores:
+                progress: bool = True, mesh=None) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
 
     Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
     own token-level loss. method="ablation" is exact (prefix reuse, answer-only logits);
     method="gradient" is the first-order estimate masked[k] = baseline[k] - dL_k/dmask (Michel et
     al. 2019), one backward pass. With `checkpoint_dir`, finished layer groups are saved (orbax) and
-    a rerun with the same arguments resumes from them.
+    a rerun with the same arguments resumes from them. With `mesh`, params are sharded by
+    `capjax.sharding.DEFAULT_RULES` and each layer's H single-head ablations are split over
+    the mesh's "data" axis (`chunk_size` per device).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
@@ -303,6 +323,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         raise ValueError(f"subset {k} (examples {groups[k][0]}..{groups[k][-1]}) has no answer tokens: "
                          "shuffle the calibration set or use fewer subsets")
     ans_j = _ans_arrays(ans)
+    if mesh is not None:
+        params = sharding.shard_params(params, mesh)
     baseline = onehot @ np.asarray(_intact_nll(model, params, tokens_j, am_j, ans_j)) / subset_count
     _check_finite(baseline, "intact calibration loss")
 
@@ -312,7 +334,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         masked = baseline[:, None, None] - grad
     else:
         nll = _ablation_nll(model, params, tokens_j, am_j, ans_j, chunk_size, checkpoint_dir, layers_per_call,
-                            progress, fingerprint_args=(tokens, loss_mask, np.asarray(am_j)))  # [L, H, B]
+                            progress, fingerprint_args=(tokens, loss_mask, np.asarray(am_j)),
+                            mesh=mesh)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
@@ -325,16 +348,20 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
 
 
 def _ablation_nll(model, params, tokens, attention_mask, ans, chunk_size, checkpoint_dir, layers_per_call,
-                  progress, fingerprint_args) -> np.ndarray:
+                  progress, fingerprint_args, mesh=None) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads
-    chunk = min(chunk_size or default_chunk_size(c, *tokens.shape), H)
+    per_device = H if mesh is None else -(-H // sharding.axis_size(mesh, sharding.DATA))
+    chunk = min(chunk_size or default_chunk_size(c, *tokens.shape, model.dtype, answer_tokens=ans[0].shape[0]),
+                per_device)
     if layers_per_call is None:
         layers_per_call = L if checkpoint_dir is None else max(1, math.ceil(L / 8))
     groups = _layer_groups(L, layers_per_call)
     store = None
     if checkpoint_dir is not None:
-        fp = _fingerprint(model, params, *fingerprint_args, (chunk, len(groups)))
+        # The requested chunk, not the memory-derived one, so that a resume does not depend on free memory.
+        requested = min(chunk_size, H) if chunk_size else None
+        fp = _fingerprint(model, params, *fingerprint_args, (requested, len(groups)))
         store = _GroupStore(Path(checkpoint_dir), fp)
     bar = None
     if progress:
@@ -342,13 +369,19 @@ def _ablation_nll(model, params, tokens, attention_mask, ans, chunk_size, checkp
 
         bar = tqdm(total=L, desc=f"scoring {L * H} heads", unit="layer")
     out = np.zeros((L, H, tokens.shape[0]), np.float64)
+    state = {"chunk": chunk}
     try:
         _PROGRESS["bar"] = bar
         for start, size in groups:
             done = store.load(start) if store else None
             if done is None:
-                done = np.asarray(_single_head_nll(model, params, tokens, attention_mask, ans, start, size,
-                                                   chunk, progress=bar is not None))
+                def run(ch, start=start, size=size):
+                    state["chunk"] = ch  # keep a chunk reduced after an out-of-memory error
+                    if bar is not None:  # a failed attempt may have ticked some layers
+                        bar.n = start
+                    return np.asarray(_single_head_nll(model, params, tokens, attention_mask, ans, start, size,
+                                                       ch, progress=bar is not None, mesh=mesh))
+                done = run_with_oom_fallback(run, state["chunk"])
                 if store:
                     store.save(start, done)
             elif bar is not None:

@@ -59,6 +59,7 @@ class Job:
     tokens: Array | None
     attention_mask: Array | None
     options: dict[str, Any]
+    mesh: Any = None  # a jax Mesh: calibration chunks are split over its "data" axis
 
     @property
     def num_kv_heads(self) -> int:
@@ -204,6 +205,10 @@ def _sequential(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Ke
     x, ctx = layer_context(model, params, jnp.asarray(tokens), jnp.asarray(am))
     chunk = lambda a: a.reshape(-1, bs, *a.shape[1:])  # noqa: E731
     xs, ctxs, ws = chunk(x), jax.tree.map(chunk, ctx), chunk(jnp.asarray(am, jnp.float32))
+    if job.mesh is not None:
+        from capjax.sharding import shard_batch
+
+        xs, ctxs, ws = shard_batch((xs, ctxs, ws), job.mesh, axis=1)
     n_tokens = float(am.sum())
     new_layers, prune_layers = [], []
     for l in range(model.config.num_layers):

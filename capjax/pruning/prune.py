@@ -68,6 +68,15 @@ def apply_masks(params: Params, masks: Params) -> Params:
                         masks, params, is_leaf=lambda x: x is None)
 
 
+def _placed(tree: Params, mesh: Any) -> Params:
+    """`tree` (params, or masks with None leaves) sharded by the default rules; as is without a mesh."""
+    if mesh is None:
+        return tree
+    from capjax.sharding import shard_params
+
+    return shard_params(tree, mesh)
+
+
 @jax.jit
 def _nan_counts(kernels):
     return {p: jnp.sum(jnp.isnan(w), dtype=jnp.int32) for p, w in kernels.items()}
@@ -81,7 +90,7 @@ def _finalize(kernels, new, pruned):
 
 
 def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scores: Any = None,
-          calib: Any = None, nm: Any = None, **method_options: Any) -> tuple[Params, Params]:
+          calib: Any = None, nm: Any = None, mesh: Any = None, **method_options: Any) -> tuple[Params, Params]:
     """Prunes the seven projection kernels of every layer. Returns (pruned_params, masks).
 
     method: one of `METHODS` (cap, cap_wanda, cap_heads, wanda, sparsegpt, magnitude, random).
@@ -91,6 +100,9 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     calib: CalibrationBatch-like (`.tokens`, `.attention_mask` [N, T]) or a dict with those keys;
         required by wanda, cap_wanda, sparsegpt.
     nm: (N, M) or "N:M" semi-structured sparsity (not for cap_heads).
+    mesh: a jax Mesh (`capjax.sharding.make_mesh`): params are sharded by
+        `capjax.sharding.DEFAULT_RULES`, calibration chunks split over "data", and the pruned
+        params and the masks come back with the params' shardings.
     method_options: cap: kv_rule ("mean" | "max"), scope ("global" | "layer"); cap_wanda: kv_rule;
         magnitude: scope ("matrix" | "global"); random: seed; sparsegpt: blocksize, percdamp;
         wanda / cap_wanda / sparsegpt: batch_size (calibration sequences per forward pass).
@@ -104,6 +116,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     spec = METHODS[method]
     options = _check_options(method, method_options)
     config = model.config
+    params = _placed(params, mesh)
     kernels = get_kernels(params)
     bad = [p for p, n in _nan_counts(kernels).items() if int(n)]
     if bad:
@@ -128,12 +141,12 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
         tokens, am = _calib_arrays(calib)
     if sparsity == 0.0 and nm is None:  # reference rules would still prune one weight per group
         masks = {p: jnp.ones(k.shape, bool) for p, k in kernels.items()}
-        return params, _rebuild(params, masks, lambda _: None)
+        return params, _placed(_rebuild(params, masks, lambda _: None), mesh)
     job = Job(model, params, kernels, sparsity, nm, importance, delta,
-              tokens, am, options)
+              tokens, am, options, mesh)
     new, pruned = spec.fn(job)
     out, keep = _finalize(kernels, new, pruned)
-    return _rebuild(params, out, lambda a: a), _rebuild(params, keep, lambda _: None)
+    return _placed(_rebuild(params, out, lambda a: a), mesh), _placed(_rebuild(params, keep, lambda _: None), mesh)
 
 
 # ---------------------------------------------------------------------------- report

@@ -124,7 +124,10 @@ def at_most_kth(scores: Array, k: int | Array) -> Array:
 # ---------------------------------------------------------------------------- over a pytree
 @jax.jit
 def _count_le(scores: Any, t: Array) -> list[Array]:
-    return [jnp.sum(order_key(_rows(s)) <= t, axis=1, dtype=jnp.int32) for s in jax.tree.leaves(scores)]
+    # Reduces over the trailing axes in place (no reshape), so a sharded leaf is counted shard by
+    # shard and only the [rows] partial counts are combined: no weight is gathered.
+    return [jnp.sum(order_key(s) <= t, axis=tuple(range(1, s.ndim)), dtype=jnp.int32) if s.ndim > 1
+            else jnp.sum(order_key(s) <= t, dtype=jnp.int32)[None] for s in jax.tree.leaves(scores)]
 
 
 @jax.jit

@@ -1,0 +1,114 @@
+"""How many ablations to evaluate at once, and an out-of-memory fallback.
+
+Legend: B calibration sequences, T tokens per sequence (S = T keys), A answer tokens, E hidden,
+F MLP width, H query heads, K kv heads, D head dim, V vocab, c the compute dtype's bytes.
+
+Per ablation (one vmapped mask), layers run one at a time under `lax.scan`, so the live
+activations are one layer's or the LM head's, whichever is larger:
+
+    layer   = B T [ c (4 E + 2 (H + K) D + 3 F) + (4 + 4 + c) H S ]
+              residual in/out, normed input and o_proj output (4 E); q, k, v, attention
+              output (2 (H + K) D); gate, up and silu(gate) * up (3 F); float32 attention
+              logits, float32 softmax and its cast (H S each)
+    lm_head = A V (4 + 4)            float32 logits and log-softmax of the answer tokens
+    per_ablation = max(layer, lm_head)
+
+    chunk = clamp(floor(budget / per_ablation), 1, max_chunk)
+
+The budget is what the device has free *after* the params were placed on it, so params are
+not counted (they are already in `bytes_in_use`): on accelerators 75% of
+memory_stats()["bytes_limit"] - ["bytes_in_use"] (the rest is XLA's scratch and fragmentation
+headroom); on CPU (memory_stats() is None) half of psutil's available RAM, capped at
+`HOST_BUDGET` since the host is shared; `DEFAULT_BUDGET` when neither is known.
+
+Example: Llama-3-8B (E 4096, F 14336, H 32, K 8, D 128, V 128256) in bfloat16, B 128, T 256,
+A = B T / 4: layer = 7.3 GB, lm_head = 8.4 GB per ablation; one 141 GB H200 holding the 16 GB of
+params has ~94 GB of budget -> chunk 11; an 80 GB H100 -> chunk 5.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Callable, TypeVar
+
+import jax
+import jax.numpy as jnp
+
+R = TypeVar("R")
+DEFAULT_BUDGET = 2 << 30
+HOST_BUDGET = 4 << 30
+ACCELERATOR_FRACTION = 0.75
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OOM when allocating|failed to allocate", re.IGNORECASE)
+
+
+def available_bytes(device: Any = None) -> int:
+    """The activation budget of `device` (default the first local one), per the module docstring."""
+    device = device or jax.local_devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return max(0, int(ACCELERATOR_FRACTION * free))
+    try:
+        import psutil
+
+        return int(min(psutil.virtual_memory().available // 2, HOST_BUDGET))
+    except ImportError:
+        return DEFAULT_BUDGET
+
+
+def ablation_bytes(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float32,
+                   answer_tokens: int | None = None) -> int:
+    """Live activation bytes of one ablation (formula in the module docstring).
+
+    answer_tokens: A, the tokens the LM head runs on (default B * T, an upper bound).
+    """
+    c = jnp.dtype(dtype).itemsize
+    E, F, H, K, D, V = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
+                        config.head_dim, config.vocab_size)
+    A = batch * seq_len if answer_tokens is None else answer_tokens
+    layer = batch * seq_len * (c * (4 * E + 2 * (H + K) * D + 3 * F) + (8 + c) * H * seq_len)
+    lm_head = A * V * 8
+    return int(max(layer, lm_head))
+
+
+def chunk_size_for_memory(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float32,
+                          budget_bytes: float | None = None, answer_tokens: int | None = None,
+                          max_chunk: int | None = None) -> int:
+    """Ablations per device per step so that their activations fit in `budget_bytes`
+    (default `available_bytes()`); at least 1, at most `max_chunk` (default L * H)."""
+    budget = available_bytes() if budget_bytes is None else budget_bytes
+    per = ablation_bytes(config, batch, seq_len, dtype, answer_tokens)
+    cap = config.num_layers * config.num_heads if max_chunk is None else max_chunk
+    return int(max(1, min(cap, budget // per)))
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether `error` is an out-of-memory error from XLA (or Python's MemoryError)."""
+    return isinstance(error, MemoryError) or (isinstance(error, Exception) and bool(_OOM.search(str(error))))
+
+
+def run_with_oom_fallback(fn: Callable[[int], R], chunk: int) -> R:
+    """fn(chunk), retried with chunk // 2 after each out-of-memory error, down to chunk 1.
+
+    `fn` must block until its result is computed (e.g. return numpy arrays): JAX dispatch is
+    asynchronous and an allocation failure surfaces only when the result is read.
+    Other errors, and an OOM at chunk 1, propagate.
+    """
+    chunk = max(1, int(chunk))
+    while True:
+        try:
+            return fn(chunk)
+        except Exception as e:  # noqa: BLE001 - filtered by is_oom
+            if chunk <= 1 or not is_oom(e):
+                raise
+            warnings.warn(f"out of memory at chunk={chunk}; retrying with {chunk // 2}", RuntimeWarning,
+                          stacklevel=2)
+            chunk //= 2
+
+
+__all__ = ["ablation_bytes", "available_bytes", "chunk_size_for_memory", "is_oom", "run_with_oom_fallback"]

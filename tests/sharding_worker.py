@@ -1,0 +1,271 @@
+"""Sharded checks on 8 fake CPU devices, run by tests/test_sharding.py in a subprocess.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py OUT.json
+
+The flag must be set before JAX initialises, hence a separate process. Each check is a function
+`check_*` that raises on failure; OUT.json maps check name -> "ok" or the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from capjax import sharding  # noqa: E402
+from capjax.attribution import head_ablation_losses, score_heads  # noqa: E402
+from capjax.config import ModelConfig  # noqa: E402
+from capjax.model import Decoder, init_params  # noqa: E402
+from capjax.pruning import global_threshold, prune, weight_scores  # noqa: E402
+from capjax.pruning.importance import get_kernels, importance_from_scores  # noqa: E402
+from capjax.pruning.threshold import _count_le  # noqa: E402
+
+L, E, F, H, K, D, V = 3, 32, 48, 4, 2, 8, 101  # V = 101 is divisible by nothing: its dims stay whole
+CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
+MODEL = Decoder(CONFIG)
+MESHES = {"data4_model2": {"data": 4, "model": 2}, "data8": {"data": -1}}
+B, T = 6, 12
+
+
+def _params():
+    params = init_params(CONFIG, seed=0)
+    rng = np.random.default_rng(0)
+    # Non-trivial biases and norms, so that a wrongly sharded leaf would change the numbers.
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: a + jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype)
+        if sharding._path_name(p).endswith(("bias", "scale")) else a, params)
+
+
+PARAMS = _params()
+RNG = np.random.default_rng(1)
+TOKENS = RNG.integers(0, V, (B, T)).astype(np.int32)
+AM = np.ones((B, T), np.int32)
+AM[1, 9:] = 0
+AM[4, 7:] = 0
+LOSS = np.zeros((B, T), np.float32)
+for b in range(B):
+    LOSS[b, 4 + b % 3:AM[b].sum()] = 1
+MASKS = (RNG.random((10, L, H)) > 0.4).astype(np.float32)  # N = 10: padding needed on 4 and 8 devices
+
+
+def mesh(name):
+    return sharding.make_mesh(MESHES[name])
+
+
+def leaf(tree, path):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def check_devices():
+    assert jax.device_count() == 8, jax.devices()
+
+
+def check_make_mesh():
+    m = sharding.make_mesh({"data": -1, "model": 2})
+    assert dict(m.shape) == {"data": 4, "model": 2}, m.shape
+    assert dict(sharding.make_mesh().shape) == {"data": 8}
+    assert dict(sharding.make_mesh({"data": 2, "model": 2}).shape) == {"data": 2, "model": 2}
+    for bad, msg in [({"data": 3}, "does not divide"), ({"data": -1, "model": 3}, "does not divide"),
+                     ({"data": -1, "model": -1}, "only one axis"), ({"data": 0}, "positive")]:
+        try:
+            sharding.make_mesh(bad)
+        except ValueError as e:
+            assert msg in str(e), (bad, e)
+        else:
+            raise AssertionError(f"no ValueError for {bad}")
+
+
+def check_param_specs_and_shard_shapes():
+    expect = {  # path: (spec on data=4 x model=2, shard shape there, spec on data=8, shard shape there)
+        "layers/self_attn/q_proj/kernel": (P(None, "data", "model"), (L, 8, 2, D), P(None, "data"), (L, 4, H, D)),
+        "layers/self_attn/k_proj/kernel": (P(None, "data", "model"), (L, 8, 1, D), P(None, "data"), (L, 4, K, D)),
+        "layers/self_attn/q_proj/bias": (P(None, "model"), (L, 2, D), P(), (L, H, D)),
+        "layers/self_attn/o_proj/kernel": (P(None, "model", None, "data"), (L, 2, D, 8), P(None, None, None, "data"),
+                                           (L, H, D, 4)),
+        "layers/mlp/gate_proj/kernel": (P(None, "data", "model"), (L, 8, 24), P(None, "data"), (L, 4, F)),
+        "layers/mlp/down_proj/kernel": (P(None, "model", "data"), (L, 24, 8), P(None, None, "data"), (L, F, 4)),
+        "embed_tokens/embedding": (P(None, "data"), (V, 8), P(None, "data"), (V, 4)),   # V = 101: not split
+        "lm_head/kernel": (P("data"), (8, V), P("data"), (4, V)),
+        "layers/input_layernorm/scale": (P(), (L, E), P(), (L, E)),
+        "norm/scale": (P(), (E,), P(), (E,)),
+    }
+    for i, name in enumerate(MESHES):
+        sharded = sharding.shard_params(PARAMS, mesh(name))
+        for path, e in expect.items():
+            a = leaf(sharded, path)
+            spec, shape = e[2 * i], e[2 * i + 1]
+            assert a.sharding.spec == spec, (name, path, a.sharding.spec, spec)
+            shapes = {s.data.shape for s in a.addressable_shards}
+            assert shapes == {shape}, (name, path, shapes, shape)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(leaf(PARAMS, path)))
+
+
+def check_fit_spec_fallback():
+    m = mesh("data4_model2")
+    assert sharding.fit_spec(P("data", "model"), (6, 4), m) == P(None, "model")  # 6 % 4 != 0
+    assert sharding.fit_spec(P("data", "absent"), (8, 4), m) == P("data")
+    # a stacked rule also serves one layer's slice (Wanda / SparseGPT layer params)
+    assert sharding.spec_for("self_attn/q_proj/kernel", (E, H, D), m) == P("data", "model")
+
+
+def _reference():
+    return head_ablation_losses(MODEL, PARAMS, TOKENS, LOSS, MASKS, AM, chunk_size=3)
+
+
+REF = {}
+
+
+def check_head_ablation_losses_sharded():
+    ref = REF.setdefault("losses", _reference())
+    for name, chunk in (("data4_model2", 3), ("data8", 1)):
+        got = head_ablation_losses(MODEL, PARAMS, TOKENS, LOSS, MASKS, AM, chunk_size=chunk, mesh=mesh(name))
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"{name} chunk={chunk}")
+
+
+def check_score_heads_sharded():
+    ref = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, progress=False)
+    REF["scores"] = ref
+    for name, chunk in (("data4_model2", None), ("data8", 1)):
+        got = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=chunk,
+                          progress=False, mesh=mesh(name))
+        for f in ("delta", "masked", "baseline"):
+            np.testing.assert_allclose(getattr(got, f), getattr(ref, f), atol=1e-5, err_msg=f"{name} {f}")
+
+
+def check_gradient_scores_sharded():
+    ref = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=2, method="gradient", attention_mask=AM, progress=False)
+    got = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=2, method="gradient", attention_mask=AM, progress=False,
+                      mesh=mesh("data4_model2"))
+    np.testing.assert_allclose(got.masked, ref.masked, atol=1e-5)
+
+
+def check_ablations_are_split_over_data():
+    """The per-device program of the sharded primitive does ~1/8 of the single-device FLOPs."""
+    from capjax.attribution import _ans_arrays, _masked_nll, answer_positions
+
+    masks = jnp.ones((16, L, H), jnp.float32)
+    args = (jnp.asarray(TOKENS), jnp.asarray(AM), _ans_arrays(answer_positions(TOKENS, LOSS)))
+
+    def flops(m, chunk):  # one step (a while loop's body is counted once): 16 masks at once
+        p = PARAMS if m is None else sharding.shard_params(PARAMS, m)
+        x = masks if m is None else jax.device_put(masks, sharding.batch_sharding(m, masks.shape))
+        compiled = _masked_nll.lower(MODEL, p, args[0], args[1], args[2], x, chunk, True, mesh=m).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"])
+
+    single, split = flops(None, 16), flops(mesh("data8"), 2)
+    assert split < single / 4, (single, split)
+    print(f"  flops per device: single {single:.3g}, data=8 {split:.3g}")
+
+
+def _scores_and_delta():
+    return REF.get("scores") or score_heads(MODEL, PARAMS, TOKENS, LOSS, attention_mask=AM, progress=False)
+
+
+def check_prune_sharded_masks_identical():
+    scores = _scores_and_delta()
+    calib = {"tokens": TOKENS, "attention_mask": AM}
+    both = tuple(MESHES)
+    cases = [("cap", dict(head_scores=scores), both), ("cap", dict(head_scores=scores, nm="2:4"), ("data8",)),
+             ("wanda", dict(calib=calib, batch_size=4), both),
+             ("wanda", dict(calib=calib, nm="2:4", batch_size=4), ("data4_model2",))]
+    for method, kw, names in cases:
+        sparsity = 0.5
+        ref_p, ref_m = prune(MODEL, PARAMS, method, sparsity, **kw)
+        for name in names:
+            m = mesh(name)
+            got_p, got_m = prune(MODEL, PARAMS, method, sparsity, mesh=m, **kw)
+            assert jax.tree.structure(got_m, is_leaf=lambda x: x is None) == \
+                jax.tree.structure(ref_m, is_leaf=lambda x: x is None)
+            for path in ("layers/self_attn/q_proj/kernel", "layers/self_attn/o_proj/kernel",
+                         "layers/mlp/down_proj/kernel"):
+                gm, rm = leaf(got_m, path), leaf(ref_m, path)
+                want = sharding.spec_for(path, gm.shape, m)
+                assert gm.sharding.spec == want and leaf(got_p, path).sharding.spec == want, (method, name, path)
+            for gm, rm in zip(jax.tree.leaves(got_m), jax.tree.leaves(ref_m)):
+                np.testing.assert_array_equal(np.asarray(gm), np.asarray(rm), err_msg=f"{method} {kw} {name}")
+            for gp, rp in zip(jax.tree.leaves(got_p), jax.tree.leaves(ref_p)):
+                np.testing.assert_array_equal(np.asarray(gp), np.asarray(rp))
+    masks = prune(MODEL, PARAMS, "cap", 0.3, head_scores=scores, mesh=mesh("data4_model2"))[1]
+    assert leaf(masks, "norm") is None or leaf(masks, "norm/scale") is None
+
+
+def check_sequential_stats_on_sharded_params():
+    """Wanda's input norms and SparseGPT's Hessians of one layer, sharded params and batch."""
+    from capjax.model import layer_context
+    from capjax.pruning.methods import _layer_slice, _layer_stats
+
+    m = sharding.make_mesh({"data": 2, "model": 2})  # 4 of the 8 devices; chunks of 2 split over "data"
+    x, ctx = layer_context(MODEL, PARAMS, jnp.asarray(TOKENS), jnp.asarray(AM))
+    chunk = lambda a: a.reshape(-1, 2, *a.shape[1:])  # noqa: E731  [C=3, 2, ...]: chunks of 2 sequences
+    data = (chunk(x), jax.tree.map(chunk, ctx), chunk(jnp.asarray(AM, jnp.float32)))
+    sdata = sharding.shard_batch(data, m, axis=1)
+    assert sdata[0].sharding.spec == P(None, "data"), sdata[0].sharding.spec
+    for kind in ("norm", "hessian"):
+        ref = _layer_stats(MODEL, kind, _layer_slice(PARAMS, 1), *data)
+        got = _layer_stats(MODEL, kind, _layer_slice(sharding.shard_params(PARAMS, m), 1), *data)
+        got2 = _layer_stats(MODEL, kind, _layer_slice(sharding.shard_params(PARAMS, m), 1), *sdata)
+        for p in ref:
+            np.testing.assert_allclose(np.asarray(got[p]), np.asarray(ref[p]), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(got2[p]), np.asarray(ref[p]), rtol=1e-5, atol=1e-5)
+
+
+def check_threshold_count_on_sharded_scores():
+    m = mesh("data4_model2")
+    sp = sharding.shard_params(PARAMS, m)
+    imp = importance_from_scores(_scores_and_delta(), (L, H))
+    ref_scores = weight_scores(PARAMS, imp, "mean")
+    scores = weight_scores(sp, imp, "mean")
+    q = scores["layers/self_attn/q_proj/kernel"]
+    assert q.sharding.spec == P(None, "data", "model"), q.sharding.spec  # scores inherit the weights' layout
+    assert global_threshold(scores, 0.4) == global_threshold(ref_scores, 0.4)
+    hlo = _count_le.lower(scores, jnp.int32(0)).compile().as_text()
+    assert "all-gather" not in hlo, "counting gathers a sharded score array"
+    counts = _count_le(scores, jnp.int32(0))
+    ref = _count_le(ref_scores, jnp.int32(0))
+    for a, b in zip(counts, ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def check_init_params_sharded():
+    m = mesh("data4_model2")
+    p = sharding.init_params_sharded(CONFIG, m, jnp.bfloat16)
+    q = leaf(p, "layers/self_attn/q_proj/kernel")
+    assert q.dtype == jnp.bfloat16 and q.sharding.spec == P(None, "data", "model")
+    assert jax.tree.structure(p) == jax.tree.structure(PARAMS)
+    assert float(jnp.std(q.astype(jnp.float32))) < 0.05
+    assert bool(jnp.all(leaf(p, "norm/scale") == 1))
+
+
+def main() -> None:
+    checks = {k: v for k, v in globals().items() if k.startswith("check_")}
+    wanted = sys.argv[2:] or list(checks)
+    out = {}
+    for name in wanted:
+        t = time.perf_counter()
+        try:
+            checks[name]()
+            out[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the test
+            out[name] = traceback.format_exc()
+        print(f"{name} {'ok' if out[name] == 'ok' else 'FAILED'} {time.perf_counter() - t:.1f}s", flush=True)
+    with open(sys.argv[1], "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()
