@@ -171,7 +171,7 @@ def sharded_map(f: Callable, xs: jax.Array, batch_size: int, mesh: Mesh, axis: s
     n = xs.shape[0]
     d = axis_size(mesh, axis)
     steps = max(1, -(-n // (d * max(1, batch_size))))
-    c = -(-n // (d * steps))
+    c = max(1, -(-n // (d * steps)))
     xs, _ = pad_to_multiple(xs, d * c * steps)
     xs = xs.reshape(steps, d * c, *xs.shape[1:])
     name = axis if axis in mesh.axis_names else None
