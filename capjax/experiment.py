@@ -7,6 +7,7 @@ A config (every key optional except `model`; see configs/*.yaml):
     data_dir: null                    # gsm8k/, strategyqa/, arc_challenge/, wikitext2/ (or $CAPJAX_DATA)
     out: results/NAME                 # results folder (checkpoints live there too)
     seed: 0
+    mesh: null                        # e.g. {data: -1, model: 2}: shard params, split ablations (docs/scale_out.md)
     calibration: {tasks: [synthetic], n: 128, seq_len: 256, subsets: 3, aggregate: median,
                   method: ablation, chunk_size: null, chat: null}
     pruning:     {methods: [cap, wanda], sparsities: [0.1, 0.2, 0.5], nm: null, options: {cap: {kv_rule: mean}}}
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "data_dir": None,
     "out": None,
     "seed": 0,
+    "mesh": None,
     "calibration": {"tasks": ["synthetic"], "n": 128, "seq_len": 256, "subsets": 3, "aggregate": "median",
                     "method": "ablation", "chunk_size": None, "chat": None},
     "pruning": {"methods": ["cap", "wanda"], "sparsities": [0.1, 0.2, 0.5], "nm": None, "options": {}},
@@ -51,7 +53,7 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
         if key not in base:
             raise ConfigError(f"unknown config key {where + key!r}; known keys at this level: "
                               f"{', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and key != "options":
+        if isinstance(base[key], dict) and key not in ("options", "mesh"):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where + key!r} must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, f"{where}{key}.")
@@ -105,6 +107,9 @@ def _check_list(values: Any, known: tuple[str, ...], what: str) -> None:
 def validate(cfg: dict) -> None:
     if not cfg["model"]:
         raise ConfigError("config needs `model` (an HF folder, .gguf file, hub id or 'smollm2-135m-instruct')")
+    if cfg["mesh"] is not None and (not isinstance(cfg["mesh"], dict) or
+                                    not all(isinstance(v, int) for v in cfg["mesh"].values())):
+        raise ConfigError(f"mesh must map axis names to sizes (one may be -1), got {cfg['mesh']!r}")
     if cfg["dtype"] not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
     c, p, e = cfg["calibration"], cfg["pruning"], cfg["evaluation"]

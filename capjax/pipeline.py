@@ -74,6 +74,11 @@ class Experiment:
         self.model = self.params = self.tokenizer = None
         self.calibs: dict[str, Any] = {}
         self.events: list[str] = []  # "computed scores/synthetic", "reused evals/dense/..." (observable reuse)
+        self.mesh = None
+        if cfg["mesh"]:
+            from capjax.sharding import make_mesh
+
+            self.mesh = make_mesh(cfg["mesh"])
 
     # ------------------------------------------------------------------ inputs
     def load(self) -> None:
@@ -113,7 +118,8 @@ class Experiment:
         t0 = time.perf_counter()
         s = score_heads(self.model, self.params, calib.tokens, calib.loss_mask, subsets=c["subsets"],
                         aggregate=c["aggregate"], method=c["method"], attention_mask=calib.attention_mask,
-                        chunk_size=c["chunk_size"], checkpoint_dir=self.out / "checkpoints" / f"scores_{task}")
+                        chunk_size=c["chunk_size"], checkpoint_dir=self.out / "checkpoints" / f"scores_{task}",
+                        mesh=self.mesh)
         seconds = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
         s.save(path, calib=task, n=c["n"], seq_len=c["seq_len"], seed=self.cfg["seed"], seconds=seconds)
@@ -136,7 +142,7 @@ class Experiment:
         if run["method"] == "random":
             options.setdefault("seed", self.cfg["seed"])
         pruned, masks = prune(self.model, self.params, run["method"], run["sparsity"], head_scores=head_scores,
-                              calib=calib, nm=run["nm"], **options)
+                              calib=calib, nm=run["nm"], mesh=self.mesh, **options)
         _save_masks(ckpt, masks)
         self.events.append(f"computed masks/{run['name']}")
         return pruned, masks
