@@ -111,3 +111,15 @@ def test_shipped_configs_are_valid(name):
     assert path.read_text().startswith("#") and "capjax run configs/" in path.read_text().splitlines()[1] + \
         path.read_text().splitlines()[2]
     load_config(path)
+
+
+def test_config_vocabulary_matches_the_library():
+    """experiment.py spells the names out (validating a config imports no jax); they must not drift."""
+    from capjax import experiment
+    from capjax.data import TASKS as DATA_TASKS
+    from capjax.evaluate.tasks import TASKS
+    from capjax.pruning.methods import METHODS
+
+    assert experiment.PRUNE_METHODS == tuple(METHODS)
+    assert experiment.EVAL_TASKS == tuple(TASKS)
+    assert set(experiment.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-CALIB_TASKS = ("synthetic", "gsm8k", "strategyqa", "arc_challenge")
+from capjax.experiment import CALIB_TASKS
 
 
 def add_model_args(p) -> None:

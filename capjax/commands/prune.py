@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-CALIB_TASKS = ("gsm8k", "strategyqa", "arc_challenge", "synthetic")
-# = capjax.pruning.METHODS, spelled out so that building the CLI parser does not import jax
-METHOD_NAMES = ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt", "magnitude", "random")
+# capjax.experiment imports no jax, so building the CLI parser stays fast.
+from capjax.experiment import CALIB_TASKS, PRUNE_METHODS as METHOD_NAMES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
