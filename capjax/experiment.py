@@ -26,6 +26,7 @@ import yaml
 
 CALIB_TASKS = ("synthetic", "gsm8k", "strategyqa", "arc_challenge")
 EVAL_TASKS = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic")
+SECTIONS = ("calibration", "pruning", "evaluation")  # nested mappings; other values are replaced whole
 PRUNE_METHODS = ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt", "magnitude", "random")
 
 DEFAULTS: dict[str, Any] = {
@@ -53,7 +54,7 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
         if key not in base:
             raise ConfigError(f"unknown config key {where + key!r}; known keys at this level: "
                               f"{', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and key not in ("options", "mesh"):
+        if not where and key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where + key!r} must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, f"{where}{key}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,13 @@ def test_overrides_and_missing_config(tmp_path):
     path = _config(tmp_path, "m")
     cfg = load_config(path, ["calibration.n=9", "pruning.methods=[cap_heads]", "seed=3"])
     assert cfg["calibration"]["n"] == 9 and cfg["pruning"]["methods"] == ["cap_heads"] and cfg["seed"] == 3
+    # A mapping-valued setting (per-task limits) can be replaced by a scalar, and back.
+    demo = Path(__file__).resolve().parents[1] / "configs" / "smollm2_demo.yaml"
+    assert isinstance(load_config(demo)["evaluation"]["limit"], dict)
+    assert load_config(demo, ["evaluation.limit=4"])["evaluation"]["limit"] == 4
+    assert load_config(path, {"evaluation": {"limit": {"synthetic": 2}}})["evaluation"]["limit"] == {"synthetic": 2}
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path, ["evaluation=3"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(path, ["calibration.n"])
     with pytest.raises(ConfigError, match="config file .* not found"):
