@@ -65,7 +65,7 @@ def main() -> None:
                                          calib.attention_mask) - base
     print("whole-layer attention ablation, loss increase per layer:")
     print(" ".join(f"{k}:{d:+.3f}" for k, d in enumerate(deltas)))
-    print("layers whose attention matters most:", list(np.argsort(-deltas)[:5]))
+    print("layers whose attention matters most:", np.argsort(-deltas)[:5].tolist())
 
 
 if __name__ == "__main__":
