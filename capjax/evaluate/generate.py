@@ -30,6 +30,18 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def batches(items: Sequence, batch_size: int, desc: str, progress: bool = False):
+    """Consecutive slices of at most batch_size items, with a progress bar when asked."""
+    B = max(1, min(batch_size, len(items)))
+    starts = range(0, len(items), B)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for start in starts:
+        yield items[start:start + B]
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids: tuple[int, ...],
               pad_id: int):
@@ -143,13 +155,7 @@ def generate(
     limit = config.max_position_embeddings
 
     outputs: list[list[int]] = []
-    starts = range(0, len(prompts), B)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="generate", unit="batch")
-    for start in starts:
-        chunk = prompts[start:start + B]
+    for chunk in batches(prompts, B, "generate", progress):
         P = bucket_length(max(len(p) for p in chunk))
         if max(len(p) for p in chunk) + max_new_tokens > limit:
             raise ValueError(f"prompt of {max(len(p) for p in chunk)} tokens + {max_new_tokens} new tokens "

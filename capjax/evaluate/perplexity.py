@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.config import ModelConfig
-from capjax.evaluate.generate import bucket_length
+from capjax.evaluate.generate import batches, bucket_length
 from capjax.model import Decoder
 
 Params = dict[str, Any]
@@ -149,32 +149,25 @@ def continuation_logprobs(
     Rows are right-padded to a bucketed length (`bucket_length`) and batched in input
     order; each batch compiles once per (B, bucket).
     """
-    seqs = [list(c) + list(x) for c, x in requests]
+    seqs = [(list(c) + list(x), len(c)) for c, x in requests]  # (sequence, context length)
     if any(len(x) == 0 for _, x in requests) or any(len(c) == 0 for c, _ in requests):
         raise ValueError("context and continuation both need at least one token")
     limit = model.config.max_position_embeddings
     B = max(1, min(batch_size, len(seqs)))
     out: list[tuple[float, int, bool]] = []
-    starts = range(0, len(seqs), B)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="loglikelihood", unit="batch")
-    for start in starts:
-        chunk = seqs[start:start + B]
-        T = bucket_length(max(len(s) for s in chunk))
-        if max(len(s) for s in chunk) > limit:
-            raise ValueError(f"a sequence of {max(len(s) for s in chunk)} tokens exceeds "
-                             f"max_position_embeddings={limit}")
+    for chunk in batches(seqs, B, "loglikelihood", progress):
+        longest = max(len(s) for s, _ in chunk)
+        T = bucket_length(longest)
+        if longest > limit:
+            raise ValueError(f"a sequence of {longest} tokens exceeds max_position_embeddings={limit}")
         tokens = np.zeros((B, T), np.int32)
         mask = np.zeros((B, T), np.int32)
         for i in range(B):
-            s = chunk[i] if i < len(chunk) else chunk[0]
+            s = chunk[i][0] if i < len(chunk) else chunk[0][0]
             tokens[i, : len(s)] = s
             mask[i, : len(s)] = 1
         lp, greedy = token_logprobs(model, params, tokens, mask)
-        for i, s in enumerate(chunk):
-            n_ctx = len(requests[start + i][0])
+        for i, (s, n_ctx) in enumerate(chunk):
             out.append((float(lp[i, n_ctx:len(s)].astype(np.float64).sum()), len(s) - n_ctx,
                         bool(greedy[i, n_ctx:len(s)].all())))
     return out
