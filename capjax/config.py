@@ -92,9 +92,7 @@ class ModelConfig:
             refuse("hidden_act", act, "capjax implements SwiGLU with silu only")
         if c.get("mlp_bias"):
             refuse("mlp_bias", True, "MLP biases are not implemented")
-        if c.get("pretraining_tp", 1) not in (1, None):
-            # transformers itself ignores it at inference in v5, but older checkpoints relied on it.
-            pass
+        # pretraining_tp only split matmuls in old transformers; it never changed the result.
         if model_type == "qwen2":
             qkv_bias = True
             if c.get("attention_bias") is False:
