@@ -244,28 +244,20 @@ def write_outputs(out: Path, results: dict) -> None:
     (out / "report.md").write_text("\n".join(md) + "\n")
 
 
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}.{k}" if prefix else k)
-    elif tree is not None:
-        yield prefix, tree
-
-
 def _save_masks(path: Path, masks) -> None:
     import orbax.checkpoint as ocp
 
-    ocp.PyTreeCheckpointer().save(path.absolute(), {k: np.asarray(v) for k, v in _flatten(masks)}, force=True)
+    from capjax.pruning.prune import flat_masks
+
+    # orbax keys are path segments on disk: "/" inside a key would nest folders.
+    flat = {k.replace("/", "."): np.asarray(v) for k, v in flat_masks(masks).items()}
+    ocp.PyTreeCheckpointer().save(path.absolute(), flat, force=True)
 
 
 def _restore_masks(path: Path, params):
     import orbax.checkpoint as ocp
 
+    from capjax.pruning.prune import masks_from_flat
+
     flat = ocp.PyTreeCheckpointer().restore(path.absolute())
-    return {k: _restore_masks_tree(v, flat, k) for k, v in params.items()}
-
-
-def _restore_masks_tree(node, flat, prefix):
-    if isinstance(node, dict):
-        return {k: _restore_masks_tree(v, flat, f"{prefix}.{k}") for k, v in node.items()}
-    return None if prefix not in flat else np.asarray(flat[prefix]).astype(bool)
+    return masks_from_flat(params, {k.replace(".", "/"): v for k, v in flat.items()})

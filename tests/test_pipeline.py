@@ -131,3 +131,21 @@ def test_config_vocabulary_matches_the_library():
     assert experiment.PRUNE_METHODS == tuple(METHODS)
     assert experiment.EVAL_TASKS == tuple(TASKS)
     assert set(experiment.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic"}
+
+
+def test_mask_checkpoint_round_trip(tmp_path):
+    """The orbax mask checkpoint a killed run resumes from gives back the same masks tree."""
+    import jax
+
+    import capjax
+    from capjax.pipeline import _restore_masks, _save_masks
+
+    make_hf_model(tmp_path / "m")
+    model, params = capjax.load_pretrained(tmp_path / "m")
+    _, masks = capjax.prune(model, params, "magnitude", 0.3)
+    _save_masks(tmp_path / "ckpt", masks)
+    restored = _restore_masks(tmp_path / "ckpt", params)
+    assert jax.tree.structure(restored, is_leaf=lambda x: x is None) == \
+        jax.tree.structure(masks, is_leaf=lambda x: x is None)
+    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -48,6 +48,7 @@ def _load_delta(path: str) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     import capjax
     from capjax.pruning import prune, sparsity_report
+    from capjax.pruning.prune import flat_masks
     from capjax.pruning.methods import METHODS
 
     spec = METHODS[args.method]
@@ -84,16 +85,8 @@ def run(args: argparse.Namespace) -> int:
     pruned, masks = prune(model, params, args.method, sparsity, head_scores=delta, calib=calib,
                           nm=args.nm, **options)
     out = capjax.save_pretrained(model, pruned, args.out, tokenizer)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(m)
-            for path, m in _flatten(masks)}
+    flat = {path: np.asarray(m) for path, m in flat_masks(masks).items()}
     np.savez_compressed(Path(out) / "masks.npz", **flat)
     print(sparsity_report(pruned).table())
     print(f"wrote {out} (masks.npz: {len(flat)} masks)")
     return 0
-
-
-def _flatten(masks):
-    import jax
-
-    leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
-    return [(path, m) for path, m in leaves if m is not None]

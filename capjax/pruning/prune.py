@@ -62,6 +62,16 @@ def _rebuild(params: Params, leaves: dict[str, Any], default: Any) -> Params:
     return walk(params, "")
 
 
+def flat_masks(masks: Params) -> dict[str, Any]:
+    """{"layers/self_attn/q_proj/kernel": bool array, ...}: the seven prunable masks by path."""
+    return {p: get_path(masks, p) for p in PRUNABLE}
+
+
+def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:
+    """Inverse of `flat_masks`: a masks tree shaped like params (None at non-prunable leaves)."""
+    return _rebuild(params, {p: np.asarray(flat[p]).astype(bool) for p in PRUNABLE}, lambda _: None)
+
+
 def apply_masks(params: Params, masks: Params) -> Params:
     """params * masks leafwise; leaves whose mask is None are returned unchanged."""
     return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
