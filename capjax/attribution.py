@@ -35,7 +35,7 @@ import numpy as np
 
 from capjax import sharding
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
-from capjax.model import Decoder, apply_layer, layer_context, layer_params, unembed
+from capjax.model import Decoder, apply_layer, layer_context, layer_params, token_nll
 
 Array = jax.Array
 AGGREGATES = ("median", "mean", "paired")
@@ -110,12 +110,14 @@ def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray) -> AnswerPositio
 
 def _answer_nll(model: Decoder, params, hidden: Array, ans: tuple[Array, Array, Array]) -> Array:
     """Summed NLL of the answer tokens per example [B] from hidden states [B, T, E]."""
-    flat_pos, target, example = ans
     B, T, E = hidden.shape
-    h = hidden.reshape(B * T, E)[flat_pos]  # [A, E]
-    logp = jax.nn.log_softmax(unembed(model, params, h), axis=-1)  # float32 [A, V]
-    nll = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
-    return jax.ops.segment_sum(nll, example, num_segments=B)
+    return _rows_nll(model, params, hidden.reshape(B * T, E)[ans[0]], ans, B)
+
+
+def _rows_nll(model: Decoder, params, h: Array, ans: tuple[Array, Array, Array], batch: int) -> Array:
+    """Summed NLL per example [B] from the final hidden states at the answer positions h [A, E]."""
+    _, target, example = ans
+    return jax.ops.segment_sum(token_nll(model, params, h, target), example, num_segments=batch)
 
 
 def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, ans) -> Array:
@@ -209,26 +211,34 @@ def _single_head_nll(model, params, tokens, attention_mask, ans, start, num_laye
     """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1.
 
     The intact prefix up to `start` is run once; then a scan over the layers carries the intact
-    hidden state, and for each layer its H ablations share that prefix. With `mesh`, the hidden
-    states are kept replicated per ablation and the H ablations split over "data".
+    hidden state, and for each layer its H ablations share that prefix. The last layer runs
+    o_proj and the MLP only at the answer positions, the only ones the loss reads. With `mesh`,
+    the hidden states are kept replicated per ablation and the H ablations split over "data".
     """
     c = model.config
     L, H = c.num_layers, c.num_heads
+    B = tokens.shape[0]
     x, ctx = layer_context(model, params, tokens, attention_mask)
     ones = jnp.ones((H,), model.dtype)
 
     def intact(i, x):
         return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones), mesh)
 
+    def last_layer_nll(y, head_mask_l):
+        h = apply_layer(model, layer_params(params, L - 1), y, ctx, head_mask_l, rows=ans[0])  # [A, E]
+        return _rows_nll(model, params, h, ans, B)
+
     x = jax.lax.fori_loop(0, start, intact, x)
 
     def ablate_layer(x, l):
         lp = layer_params(params, l)
 
-        def one(head_mask_l):
+        def below_last(head_mask_l):
             y = apply_layer(model, lp, x, ctx, head_mask_l)
-            y = jax.lax.fori_loop(l + 1, L, intact, y)
-            return _answer_nll(model, params, y, ans)
+            return last_layer_nll(jax.lax.fori_loop(l + 1, L - 1, intact, y), ones)
+
+        def one(head_mask_l):
+            return jax.lax.cond(l < L - 1, below_last, partial(last_layer_nll, x), head_mask_l)
 
         single = 1.0 - jnp.eye(H, dtype=model.dtype)  # row h: head h ablated
         if mesh is not None:

