@@ -155,12 +155,21 @@ def _masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_size, a
 
 
 def _check_calibration(model, tokens, loss_mask, attention_mask):
+    """(answer positions, tokens, attention_mask), cut after the last answer token of the batch:
+    later positions cannot change the loss of a causal model, so computing them (padding,
+    end-of-turn tokens) would be wasted work."""
     ans = answer_positions(tokens, loss_mask)
     if ans.count.sum() == 0:
         raise ValueError("the calibration batch has no answer tokens (loss_mask is all zero after position 0): "
                          "check the data builder or seq_len (answers may have been truncated away)")
+    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     if attention_mask is None:
-        attention_mask = np.ones(np.shape(tokens), np.int32)
+        attention_mask = np.ones(tokens.shape, np.int32)
+    attention_mask = np.asarray(attention_mask)
+    end = int((ans.flat_pos % tokens.shape[1]).max()) + 2  # last predicting position + its target
+    if end < tokens.shape[1]:
+        tokens, loss_mask, attention_mask = tokens[:, :end], loss_mask[:, :end], attention_mask[:, :end]
+        ans = answer_positions(tokens, loss_mask)
     return ans, jnp.asarray(tokens, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
 
 

@@ -65,13 +65,16 @@ def matmul_peak_gflops(n=1024, reps=10):
 
 
 def scoring_flops(cfg, B, T, A):
-    """Matmul FLOPs of the prefix-reuse schedule (2 * params touched * tokens)."""
+    """Matmul FLOPs of capjax's schedule (2 * params touched * tokens, plus attention scores):
+    the intact forward, the intact carry through every layer, each ablation's suffix, and the
+    last layer's o_proj and MLP only at the A answer positions; the LM head at answer positions."""
     E, F, H, K, D, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.num_layers, cfg.vocab_size)
-    layer = 2 * B * T * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + 4 * B * T * T * H * D
-    layer_passes = sum(H * (L - l) + 1 for l in range(L))  # ablated + suffix layers, plus the intact carry
+    full = 2 * B * T * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + 4 * B * T * T * H * D
+    last = 2 * B * T * (E * H * D + 2 * E * K * D) + 4 * B * T * T * H * D + 2 * A * (E * H * D + 3 * E * F)
+    full_passes = L + L + sum(H * (L - 1 - l) for l in range(L))  # intact forward, intact carry, suffixes
     head = 2 * A * E * V
-    return layer_passes * layer + (L * H + 1) * head
+    return full_passes * full + L * H * last + (L * H + 1) * head
 
 
 def main():

@@ -104,6 +104,24 @@ def test_prefix_reuse_and_answer_only_equal_naive_path(tiny):
     np.testing.assert_allclose(prefix.masked[0].reshape(-1), naive, atol=1e-5)
 
 
+def test_positions_after_the_last_answer_token_are_cut_exactly(tiny):
+    hf, model, params, tokens, loss_mask, am = tiny
+    extra = 6  # two real tokens after every answer (an end-of-turn), then padding
+    rng = np.random.RandomState(5)
+    tokens_x = np.concatenate([tokens, rng.randint(0, 101, (B, extra))], axis=1)
+    am_x = np.concatenate([am, np.zeros((B, extra), np.int32)], axis=1)
+    for b in range(B):
+        am_x[b, am[b].sum():am[b].sum() + 2] = 1
+    loss_x = np.concatenate([loss_mask, np.zeros((B, extra), np.float32)], axis=1)
+    _, cut_tokens, _ = attribution._check_calibration(model, tokens_x, loss_x, am_x)
+    assert cut_tokens.shape == (B, T)  # the last answer token is at T - 1
+    scores = score_heads(model, params, tokens_x, loss_x, subsets=3, attention_mask=am_x, progress=False)
+    masked = np.stack([torch_subset_losses(hf, tokens_x, loss_x, am_x, 3, m)
+                       for m in single_head_masks(3, 4)], axis=1).reshape(3, 3, 4)
+    np.testing.assert_allclose(scores.baseline, torch_subset_losses(hf, tokens_x, loss_x, am_x, 3), atol=1e-5)
+    np.testing.assert_allclose(scores.masked, masked, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 4])
 def test_chunk_size_does_not_change_scores(tiny, chunk_size):
     _, model, params, tokens, loss_mask, am = tiny
