@@ -10,7 +10,8 @@ Two exact paths, equal to 1e-5 in float32 (tests prove it):
 - `head_ablation_losses`: any batch of masks [N, L, H], one jitted `vmap` over masks in chunks.
 - `score_heads(method="ablation")`: every single-head ablation, with prefix reuse (the layers
   below the ablated layer are computed once and shared by its H ablations) and logits only at
-  answer positions. One compiled call scans over layers; with `checkpoint_dir`, the same compiled
+  answer positions, on the calibration examples packed into rows (`capjax.packing`: no padding,
+  nothing after an example's last answer token). One compiled call scans over layers; with `checkpoint_dir`, the same compiled
   function runs a few layers per call and saves each finished group with orbax, so a killed
   run resumes where it stopped.
 
@@ -36,6 +37,7 @@ import numpy as np
 from capjax import sharding
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import Decoder, apply_layer, layer_context, layer_params, token_nll
+from capjax.packing import PackedBatch, pack_examples
 
 Array = jax.Array
 AGGREGATES = ("median", "mean", "paired")
@@ -93,7 +95,11 @@ class AnswerPositions:
     count: np.ndarray
 
 
-def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray) -> AnswerPositions:
+def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None,
+                     segment_ids: np.ndarray | None = None, num_examples: int | None = None) -> AnswerPositions:
+    """The answer tokens of a batch [B, T]: loss_mask > 0, not the first column, and predicted from a
+    real token. With `segment_ids` (packed rows, `capjax.packing`), example = segment id - 1 (of
+    `num_examples`) and the predicting token must belong to the same example."""
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"empty calibration set: tokens must be [N, T] with N >= 1, got shape {tokens.shape}; "
@@ -102,10 +108,21 @@ def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray) -> AnswerPositio
         raise ValueError(f"loss_mask shape {loss_mask.shape} != tokens shape {tokens.shape}")
     sel = loss_mask > 0
     sel[:, 0] = False  # the first token has no prediction
+    if attention_mask is not None:
+        real = np.asarray(attention_mask) > 0
+        sel[:, 1:] &= real[:, 1:] & real[:, :-1]
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        sel[:, 1:] &= (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
     b, t = np.nonzero(sel)
     T = tokens.shape[1]
-    return AnswerPositions((b * T + t - 1).astype(np.int32), tokens[b, t].astype(np.int32), b.astype(np.int32),
-                           sel.sum(axis=1).astype(np.float64))
+    if segment_ids is None:
+        example, count = b, sel.sum(axis=1)
+    else:
+        example = seg[b, t] - 1
+        count = np.bincount(example, minlength=num_examples or int(seg.max()))
+    return AnswerPositions((b * T + t - 1).astype(np.int32), tokens[b, t].astype(np.int32),
+                           example.astype(np.int32), count.astype(np.float64))
 
 
 def _answer_nll(model: Decoder, params, hidden: Array, ans: tuple[Array, Array, Array]) -> Array:
@@ -158,18 +175,18 @@ def _check_calibration(model, tokens, loss_mask, attention_mask):
     """(answer positions, tokens, attention_mask), cut after the last answer token of the batch:
     later positions cannot change the loss of a causal model, so computing them (padding,
     end-of-turn tokens) would be wasted work."""
-    ans = answer_positions(tokens, loss_mask)
-    if ans.count.sum() == 0:
-        raise ValueError("the calibration batch has no answer tokens (loss_mask is all zero after position 0): "
-                         "check the data builder or seq_len (answers may have been truncated away)")
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     if attention_mask is None:
         attention_mask = np.ones(tokens.shape, np.int32)
     attention_mask = np.asarray(attention_mask)
+    ans = answer_positions(tokens, loss_mask, attention_mask)
+    if ans.count.sum() == 0:
+        raise ValueError("the calibration batch has no answer tokens (loss_mask is all zero after position 0): "
+                         "check the data builder or seq_len (answers may have been truncated away)")
     end = int((ans.flat_pos % tokens.shape[1]).max()) + 2  # last predicting position + its target
     if end < tokens.shape[1]:
         tokens, loss_mask, attention_mask = tokens[:, :end], loss_mask[:, :end], attention_mask[:, :end]
-        ans = answer_positions(tokens, loss_mask)
+        ans = answer_positions(tokens, loss_mask, attention_mask)
     return ans, jnp.asarray(tokens, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
 
 
@@ -214,10 +231,13 @@ def _check_finite(x: np.ndarray, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------- prefix reuse
-@partial(jax.jit, static_argnames=("model", "num_layers", "chunk_size", "progress", "mesh"))
-def _single_head_nll(model, params, tokens, attention_mask, ans, start, num_layers, chunk_size, progress=False,
+@partial(jax.jit, static_argnames=("model", "num_examples", "num_layers", "chunk_size", "progress", "mesh"))
+def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers, chunk_size, progress=False,
                      mesh=None):
     """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1.
+
+    packed: (tokens, segment_ids, positions) [P, S] from `capjax.packing.pack_examples`; ans: the
+    answer positions in that layout, for B = num_examples examples.
 
     The intact prefix up to `start` is run once; then a scan over the layers carries the intact
     hidden state, and for each layer its H ablations share that prefix. The last layer runs
@@ -226,8 +246,9 @@ def _single_head_nll(model, params, tokens, attention_mask, ans, start, num_laye
     """
     c = model.config
     L, H = c.num_layers, c.num_heads
-    B = tokens.shape[0]
-    x, ctx = layer_context(model, params, tokens, attention_mask)
+    B = num_examples
+    tokens, segment_ids, positions = packed
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids)
     ones = jnp.ones((H,), model.dtype)
 
     def intact(i, x):
@@ -352,12 +373,32 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                                          jnp.asarray(subset_count)))
         masked = baseline[:, None, None] - grad
     else:
-        nll = _ablation_nll(model, params, tokens_j, am_j, ans_j, chunk_size, checkpoint_dir, layers_per_call,
-                            progress, fingerprint_args=(tokens, loss_mask, np.asarray(am_j)),
-                            mesh=mesh)  # [L, H, B]
+        packed = pack_examples(tokens, loss_mask, attention_mask)
+        nll = _ablation_nll(model, params, packed, chunk_size, checkpoint_dir, layers_per_call, progress,
+                            fingerprint_args=(tokens, loss_mask, np.asarray(am_j)), mesh=mesh)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
+
+
+def scoring_flops(config, rows: int, seq_len: int, answer_tokens: int, layers: range | None = None,
+                  baseline: bool = True) -> float:
+    """Matmul FLOPs of exact scoring as `score_heads` schedules it, on a packed batch [rows, seq_len]
+    with A = answer_tokens: the intact prefix below the first scored layer; per scored layer l its
+    intact carry and H ablations of (L - 1 - l) full layers, the last layer (o_proj and MLP at the A
+    answer rows only) and the LM head on A rows; plus, with `baseline`, the intact forward.
+    Attention is counted dense (4 N S H D per layer on N = rows * seq_len tokens)."""
+    c = config
+    E, F, H, K, D, L, V = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                           c.num_layers, c.vocab_size)
+    layers = range(L) if layers is None else layers
+    N, A = rows * seq_len, answer_tokens
+    attention = 4 * N * seq_len * H * D
+    full = 2 * N * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + attention
+    last = 2 * N * (E * H * D + 2 * E * K * D) + attention + 2 * A * (E * H * D + 3 * E * F)
+    head = 2 * A * E * V
+    total = layers.start * full + sum(full + H * ((L - 1 - l) * full + last + head) for l in layers)
+    return total + (L * full + head if baseline else 0)
 
 
 def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
@@ -366,13 +407,17 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
     return [(s, size) for s in range(0, L, size)]
 
 
-def _ablation_nll(model, params, tokens, attention_mask, ans, chunk_size, checkpoint_dir, layers_per_call,
-                  progress, fingerprint_args, mesh=None) -> np.ndarray:
+def _ablation_nll(model, params, packed: PackedBatch, chunk_size, checkpoint_dir, layers_per_call, progress,
+                  fingerprint_args, mesh=None) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads
+    B = packed.num_examples
+    ans = _ans_arrays(answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
+                                       num_examples=B))
+    rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions))
     per_device = H if mesh is None else -(-H // sharding.axis_size(mesh, sharding.DATA))
-    chunk = min(chunk_size or default_chunk_size(c, *tokens.shape, model.dtype, answer_tokens=ans[0].shape[0]),
-                per_device)
+    chunk = min(chunk_size or default_chunk_size(c, *packed.tokens.shape, model.dtype,
+                                                 answer_tokens=ans[0].shape[0]), per_device)
     if layers_per_call is None:
         layers_per_call = L if checkpoint_dir is None else max(1, math.ceil(L / 8))
     groups = _layer_groups(L, layers_per_call)
@@ -387,7 +432,7 @@ def _ablation_nll(model, params, tokens, attention_mask, ans, chunk_size, checkp
         from tqdm.auto import tqdm
 
         bar = tqdm(total=L, desc=f"scoring {L * H} heads", unit="layer")
-    out = np.zeros((L, H, tokens.shape[0]), np.float64)
+    out = np.zeros((L, H, B), np.float64)
     state = {"chunk": chunk}
     try:
         _PROGRESS["bar"] = bar
@@ -398,8 +443,8 @@ def _ablation_nll(model, params, tokens, attention_mask, ans, chunk_size, checkp
                     state["chunk"] = ch  # keep a chunk reduced after an out-of-memory error
                     if bar is not None:  # a failed attempt may have ticked some layers
                         bar.n = start
-                    return np.asarray(_single_head_nll(model, params, tokens, attention_mask, ans, start, size,
-                                                       ch, progress=bar is not None, mesh=mesh))
+                    return np.asarray(_single_head_nll(model, params, rows, ans, B, start, size, ch,
+                                                       progress=bar is not None, mesh=mesh))
                 done = run_with_oom_fallback(run, state["chunk"])
                 if store:
                     store.save(start, done)

@@ -278,18 +278,30 @@ def numpy_dtype(dtype: Any) -> np.dtype:
 # ---------------------------------------------------------------------------- layer by layer
 # Sequential algorithms (prefix reuse, Wanda, SparseGPT) walk the stack one layer at a time.
 
-def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask: Array | None = None):
-    """(embeddings [B, T, E], ctx) where ctx = (cos, sin, mask) is what every layer needs."""
+def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask: Array | None = None,
+                  positions: Array | None = None, segment_ids: Array | None = None):
+    """(embeddings [B, T, E], ctx) where ctx = (cos, sin, mask) is what every layer needs.
+
+    segment_ids [B, T] (0 = padding) packs several sequences into one row: a token attends only
+    to earlier tokens of its own segment; pass their `positions` [B, T] (restarting at 0 in each
+    segment) with them. See `capjax.packing`.
+    """
     B, T = tokens.shape
-    if attention_mask is None:
+    if segment_ids is not None:
+        key_valid = jnp.asarray(segment_ids)
+        if positions is None:
+            raise ValueError("segment_ids need their positions (see capjax.packing.pack_examples)")
+    elif attention_mask is None:
         key_valid = jnp.ones((B, T), jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     else:
         key_valid = jnp.asarray(attention_mask)
-        positions = jnp.maximum(jnp.cumsum(key_valid, axis=-1) - 1, 0)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(key_valid > 0, axis=-1) - 1, 0)
     cos, sin = rope_tables(model.config, positions, model.dtype)
     slots = jnp.arange(T)
     mask = attention_mask_bool(slots, slots, key_valid, model.config.sliding_window)
+    if segment_ids is not None:
+        mask &= key_valid[:, :, None] == key_valid[:, None, :]
     x = model.apply({"params": params}, tokens, method=Decoder.embed)
     return x, (cos, sin, mask)
 

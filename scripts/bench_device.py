@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax import sharding
-from capjax.attribution import _ans_arrays, _intact_nll, _single_head_nll, answer_positions, default_chunk_size
+from capjax.attribution import (_ans_arrays, _intact_nll, _single_head_nll, answer_positions, default_chunk_size,
+                                scoring_flops)
 from capjax.config import ModelConfig
 from capjax.memory import run_with_oom_fallback
 from capjax.model import Decoder
@@ -67,20 +68,6 @@ def peak_tflops(device, n: int) -> tuple[float, str]:
         out = f(a)
     out.block_until_ready()
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12, f"measured {n}x{n} bf16 matmul ({device.device_kind})"
-
-
-def layer_flops(c: ModelConfig, B: int, T: int) -> float:
-    """Matmul FLOPs of one decoder layer on B x T tokens (projections + attention scores/values)."""
-    E, F, H, K, D = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    return 2 * B * T * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + 4 * B * T * T * H * D
-
-
-def ablation_flops(c: ModelConfig, B: int, T: int, A: int, layers: range) -> float:
-    """FLOPs of scoring the heads of `layers` with prefix reuse (intact prefix below the first,
-    H ablations x the layers from l to the top, the intact carry, the LM head on A tokens)."""
-    L, H = c.num_layers, c.num_heads
-    passes = layers.start + sum(H * (L - l) + 1 for l in layers)
-    return passes * layer_flops(c, B, T) + len(layers) * H * 2 * A * c.hidden_size * c.vocab_size
 
 
 def memory_note(device) -> str:
@@ -148,7 +135,7 @@ def main() -> None:
 
     per_device = -(-H // sharding.axis_size(mesh, sharding.DATA))
     chunk = min(a.chunk or default_chunk_size(c, B, T, jnp.bfloat16, answer_tokens=A), per_device)
-    total_flops = ablation_flops(c, B, T, A, range(L))
+    total_flops = scoring_flops(c, B, T, A, baseline=False)
     log(f"scoring {L * H} heads: chunk {chunk} ablations per device per step; "
         f"{total_flops:.3g} FLOP with prefix reuse")
 
@@ -164,14 +151,16 @@ def main() -> None:
     if not a.full:
         n = max(1, min(a.sample_layers, L))
         layers = range(0, n)
-        sample_flops = ablation_flops(c, B, T, A, layers)
+        sample_flops = scoring_flops(c, B, T, A, layers, baseline=False)
         state = {}
 
         def run(ch):
             state["chunk"] = ch
-            f = _single_head_nll.lower(model, params, tok_j, am_j, ans_j, 0, n, ch, mesh=mesh).compile()
+            # All rows are full, so packing is the identity: segment ids = attention mask.
+            rows = (tok_j, am_j, jnp.broadcast_to(jnp.arange(T), (B, T)))
+            f = _single_head_nll.lower(model, params, rows, ans_j, B, 0, n, ch, mesh=mesh).compile()
             t0 = time.perf_counter()
-            out = np.asarray(f(params, tok_j, am_j, ans_j, 0))
+            out = np.asarray(f(params, rows, ans_j, 0))
             return out, time.perf_counter() - t0
 
         t = time.perf_counter()

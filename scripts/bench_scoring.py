@@ -19,9 +19,10 @@ import torch
 import transformers
 
 import capjax
-from capjax.attribution import answer_positions, score_heads
+from capjax.attribution import answer_positions, score_heads, scoring_flops
 from capjax.data import build_calibration
 from capjax.io import smollm2_gguf_path
+from capjax.packing import pack_examples
 
 
 def torch_scores(hf, tokens, loss_mask, attention_mask, subsets):
@@ -64,19 +65,6 @@ def matmul_peak_gflops(n=1024, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def scoring_flops(cfg, B, T, A):
-    """Matmul FLOPs of capjax's schedule (2 * params touched * tokens, plus attention scores):
-    the intact forward, the intact carry through every layer, each ablation's suffix, and the
-    last layer's o_proj and MLP only at the A answer positions; the LM head at answer positions."""
-    E, F, H, K, D, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.num_layers, cfg.vocab_size)
-    full = 2 * B * T * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + 4 * B * T * T * H * D
-    last = 2 * B * T * (E * H * D + 2 * E * K * D) + 4 * B * T * T * H * D + 2 * A * (E * H * D + 3 * E * F)
-    full_passes = L + L + sum(H * (L - 1 - l) for l in range(L))  # intact forward, intact carry, suffixes
-    head = 2 * A * E * V
-    return full_passes * full + L * H * last + (L * H + 1) * head
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=12)
@@ -115,8 +103,9 @@ def main():
     ref_delta, ref_masked = torch_scores(hf, calib.tokens, calib.loss_mask, calib.attention_mask, args.subsets)
     t_torch = time.perf_counter() - t0
 
-    A = len(answer_positions(calib.tokens, calib.loss_mask).target)
-    flops = scoring_flops(cfg, args.n, args.seq_len, A)
+    packed = pack_examples(calib.tokens, calib.loss_mask, calib.attention_mask)
+    A = len(answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids).target)
+    flops = scoring_flops(cfg, *packed.tokens.shape, A)
     peak = matmul_peak_gflops()
     print(f"capjax  (compile included): {t_first:8.1f} s")
     print(f"capjax  (compile excluded): {t_warm:8.1f} s")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import capjax
-from capjax import attribution
+from capjax import attribution, packing
 from capjax.attribution import aggregate_scores, head_ablation_losses, score_heads
 from conftest import make_hf_model, o_proj_mask_hooks
 
@@ -208,3 +208,47 @@ def test_bad_inputs(tiny):
     nan_params = dict(params, norm={"scale": params["norm"]["scale"] * np.nan})
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         score_heads(model, nan_params, tokens, loss_mask, attention_mask=am, progress=False)
+
+
+def _short_examples(rng, B=7, T=24):
+    """Examples of 6..12 real tokens in rows of 24 (right padding): two or three fit in one row."""
+    tokens = rng.randint(0, 101, (B, T))
+    am = np.zeros((B, T), np.int32)
+    loss = np.zeros((B, T), np.float32)
+    for b in range(B):
+        n = 6 + (b * 5) % 7
+        am[b, :n] = 1
+        loss[b, 3:n - (b % 2)] = 1  # some examples end with a non-answer token
+    return tokens, loss, am
+
+
+def test_pack_examples_keeps_every_answer_token_in_its_segment():
+    tokens, loss, am = _short_examples(np.random.RandomState(1))
+    packed = packing.pack_examples(tokens, loss, am)
+    assert packed.tokens.shape[0] < len(tokens)  # something was packed
+    for b in range(len(tokens)):
+        last = np.flatnonzero(loss[b]).max()
+        where = np.argwhere(packed.segment_ids == b + 1)
+        assert len(np.unique(where[:, 0])) == 1  # one row, contiguous, in order
+        r, cols = where[0, 0], where[:, 1]
+        np.testing.assert_array_equal(cols, np.arange(cols[0], cols[0] + last + 1))
+        np.testing.assert_array_equal(packed.tokens[r, cols], tokens[b, :last + 1])
+        np.testing.assert_array_equal(packed.positions[r, cols], np.arange(last + 1))
+        np.testing.assert_array_equal(packed.loss_mask[r, cols[1:]], loss[b, 1:last + 1])
+    plain = attribution.answer_positions(tokens, loss, am)
+    packed_ans = attribution.answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
+                                              num_examples=len(tokens))
+    np.testing.assert_array_equal(packed_ans.count, plain.count)
+    np.testing.assert_array_equal(np.sort(packed_ans.target), np.sort(plain.target))
+
+
+@pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("mistral", {"sliding_window": 4})])
+def test_packed_scoring_equals_pytorch_on_padded_rows(tmp_path, model_type, overrides):
+    hf = make_hf_model(tmp_path, model_type, num_hidden_layers=2, **overrides)
+    model, params = capjax.load_pretrained(tmp_path)
+    tokens, loss, am = _short_examples(np.random.RandomState(2))
+    scores = score_heads(model, params, tokens, loss, subsets=3, attention_mask=am, progress=False)
+    masked = np.stack([torch_subset_losses(hf, tokens, loss, am, 3, m)
+                       for m in single_head_masks(2, 4)], axis=1).reshape(3, 2, 4)
+    np.testing.assert_allclose(scores.masked, masked, atol=1e-5)
+    np.testing.assert_allclose(scores.baseline, torch_subset_losses(hf, tokens, loss, am, 3), atol=1e-5)
