@@ -37,7 +37,7 @@ import numpy as np
 from capjax import sharding
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import Decoder, apply_layer, layer_context, layer_params, token_nll
-from capjax.packing import PackedBatch, pack_examples
+from capjax.packing import PackedBatch, one_per_row, pack_examples
 
 Array = jax.Array
 AGGREGATES = ("median", "mean", "paired")
@@ -335,7 +335,7 @@ def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str
 def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, aggregate: str = "median",
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
-                progress: bool = True, mesh=None) -> HeadScores:
+                progress: bool = True, mesh=None, pack: bool = True) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
 
     Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
@@ -344,7 +344,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     al. 2019), one backward pass. With `checkpoint_dir`, finished layer groups are saved (orbax) and
     a rerun with the same arguments resumes from them. With `mesh`, params are sharded by
     `capjax.sharding.DEFAULT_RULES` and each layer's H single-head ablations are split over
-    the mesh's "data" axis (`chunk_size` per device).
+    the mesh's "data" axis (`chunk_size` per device). With `pack` (default), the ablations run on
+    the examples packed into rows (`capjax.packing`); pack=False keeps one example per row.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
@@ -373,7 +374,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                                          jnp.asarray(subset_count)))
         masked = baseline[:, None, None] - grad
     else:
-        packed = pack_examples(tokens, loss_mask, attention_mask)
+        layout = pack_examples if pack else one_per_row
+        packed = layout(np.asarray(tokens_j), np.asarray(loss_mask)[:, :tokens_j.shape[1]], np.asarray(am_j))
         nll = _ablation_nll(model, params, packed, chunk_size, checkpoint_dir, layers_per_call, progress,
                             fingerprint_args=(tokens, loss_mask, np.asarray(am_j)), mesh=mesh)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
@@ -425,7 +427,8 @@ def _ablation_nll(model, params, packed: PackedBatch, chunk_size, checkpoint_dir
     if checkpoint_dir is not None:
         # The requested chunk, not the memory-derived one, so that a resume does not depend on free memory.
         requested = min(chunk_size, H) if chunk_size else None
-        fp = _fingerprint(model, params, *fingerprint_args, (requested, len(groups)))
+        layout = hashlib.sha256(packed.segment_ids.tobytes()).hexdigest()
+        fp = _fingerprint(model, params, *fingerprint_args, (requested, len(groups), layout))
         store = _GroupStore(Path(checkpoint_dir), fp)
     bar = None
     if progress:

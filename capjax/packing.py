@@ -79,3 +79,15 @@ def pack_examples(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.
             out["loss_mask"][r, at + 1:at + n] = loss_mask[b, keep[1:]] > 0
             at += n
     return PackedBatch(**out, num_examples=tokens.shape[0])
+
+
+def one_per_row(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None
+                ) -> PackedBatch:
+    """The same layout as the padded batch (example b alone in row b), for comparison with packing."""
+    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
+    attention_mask = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    real = attention_mask > 0
+    segment_ids = (real * (np.arange(len(tokens)) + 1)[:, None]).astype(np.int32)
+    positions = np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
+    return PackedBatch(tokens.astype(np.int32), segment_ids, positions, loss_mask.astype(np.float32),
+                       num_examples=len(tokens))

@@ -242,12 +242,13 @@ def test_pack_examples_keeps_every_answer_token_in_its_segment():
     np.testing.assert_array_equal(np.sort(packed_ans.target), np.sort(plain.target))
 
 
-@pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("mistral", {"sliding_window": 4})])
-def test_packed_scoring_equals_pytorch_on_padded_rows(tmp_path, model_type, overrides):
+@pytest.mark.parametrize("model_type, overrides, pack", [("llama", {}, True), ("llama", {}, False),
+                                                         ("mistral", {"sliding_window": 4}, True)])
+def test_packed_scoring_equals_pytorch_on_padded_rows(tmp_path, model_type, overrides, pack):
     hf = make_hf_model(tmp_path, model_type, num_hidden_layers=2, **overrides)
     model, params = capjax.load_pretrained(tmp_path)
     tokens, loss, am = _short_examples(np.random.RandomState(2))
-    scores = score_heads(model, params, tokens, loss, subsets=3, attention_mask=am, progress=False)
+    scores = score_heads(model, params, tokens, loss, subsets=3, attention_mask=am, progress=False, pack=pack)
     masked = np.stack([torch_subset_losses(hf, tokens, loss, am, 3, m)
                        for m in single_head_masks(2, 4)], axis=1).reshape(3, 2, 4)
     np.testing.assert_allclose(scores.masked, masked, atol=1e-5)
