@@ -336,8 +336,8 @@ def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, voca
     """-log p(target) [R] from final hidden states [R, E] (before the final norm) and targets [R].
 
     Equal to -log_softmax(unembed(hidden))[target] without building the [R, V] logits: an online
-    logsumexp over vocabulary chunks of `vocab_chunk` columns (each chunk's logits stay in cache,
-    about 1.5x faster than the full log-softmax on CPU). Logits are float32, as in `unembed`.
+    logsumexp over vocabulary chunks of `vocab_chunk` columns, whose logits stay in cache. Logits
+    are float32, as in `unembed`.
     """
     c = model.config
     x = rms_norm(hidden, params["norm"]["scale"], c.rms_norm_eps)
