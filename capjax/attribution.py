@@ -9,11 +9,11 @@ marks token t as an answer token; it is predicted from position t - 1.
 Two exact paths, equal to 1e-5 in float32 (tests prove it):
 - `head_ablation_losses`: any batch of masks [N, L, H], one jitted `vmap` over masks in chunks.
 - `score_heads(method="ablation")`: every single-head ablation, with prefix reuse (the layers
-  below the ablated layer are computed once and shared by its H ablations) and logits only at
-  answer positions, on the calibration examples packed into rows (`capjax.packing`: no padding,
-  nothing after an example's last answer token). One compiled call scans over layers; with `checkpoint_dir`, the same compiled
-  function runs a few layers per call and saves each finished group with orbax, so a killed
-  run resumes where it stopped.
+  below the ablated layer are computed once and shared by its H ablations), the last layer and
+  the logits only at answer positions, and the calibration examples packed into rows
+  (`capjax.packing`: little padding, nothing after an example's last answer token). One compiled
+  call scans over layers; with `checkpoint_dir`, the same compiled function runs a few layers
+  per call and saves each finished group with orbax, so a killed run resumes where it stopped.
 
 With `mesh` (see `capjax.sharding`), params are sharded by `sharding.DEFAULT_RULES` and each
 step's batch of masks is split over the "data" axis: d devices evaluate d times as many

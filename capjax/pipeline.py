@@ -225,7 +225,8 @@ def write_outputs(out: Path, results: dict) -> None:
     report.plot_metric_curves(rows, out / "figures" / "metrics_vs_sparsity.png")
     figures = sorted(p.name for p in (out / "figures").glob("head_scores_*.png")) + ["metrics_vs_sparsity.png"]
     for s in sorted({r["sparsity"] for r in rows if r["method"] != "dense"}):
-        per_layer = {r["name"]: r["per_layer_sparsity"] for r in rows if r["sparsity"] == s and r.get("per_layer_sparsity")}
+        per_layer = {r["name"]: r["per_layer_sparsity"] for r in rows
+                     if r["sparsity"] == s and r.get("per_layer_sparsity")}
         if per_layer:
             name = f"layer_sparsity_s{s:.2f}.png"
             report.plot_layer_sparsity(per_layer, out / "figures" / name, title=f"per-layer sparsity at {s:.0%}")
