@@ -125,16 +125,13 @@ def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: 
                            example.astype(np.int32), count.astype(np.float64))
 
 
-def _answer_nll(model: Decoder, params, hidden: Array, ans: tuple[Array, Array, Array]) -> Array:
-    """Summed NLL of the answer tokens per example [B] from hidden states [B, T, E]."""
-    B, T, E = hidden.shape
-    return _rows_nll(model, params, hidden.reshape(B * T, E)[ans[0]], ans, B)
-
-
-def _rows_nll(model: Decoder, params, h: Array, ans: tuple[Array, Array, Array], batch: int) -> Array:
-    """Summed NLL per example [B] from the final hidden states at the answer positions h [A, E]."""
+def _last_layer_nll(model: Decoder, params, x: Array, ctx, head_mask_l: Array, ans, num_examples: int) -> Array:
+    """Summed NLL per example [B] from the last layer's input x [P, S, E]: the last layer's o_proj
+    and MLP, and the LM head, run only at the A answer positions."""
+    L = model.config.num_layers
+    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=ans[0])  # [A, E]
     _, target, example = ans
-    return jax.ops.segment_sum(token_nll(model, params, h, target), example, num_segments=batch)
+    return jax.ops.segment_sum(token_nll(model, params, h, target), example, num_segments=num_examples)
 
 
 def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, ans) -> Array:
@@ -157,18 +154,33 @@ def default_chunk_size(config, batch: int, seq_len: int, dtype: Any = jnp.float3
 
 
 # ---------------------------------------------------------------------------- general primitive
-@partial(jax.jit, static_argnames=("model", "chunk_size", "answer_only", "mesh"))
-def _masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_size, answer_only=True, mesh=None):
-    def one(mask):
-        if not answer_only:
-            return _full_logits_nll(model, params, tokens, attention_mask, mask, ans)
-        hidden, _ = model.apply({"params": params}, tokens, head_mask=mask, attention_mask=attention_mask,
-                                method=Decoder.hidden_states)
-        return _answer_nll(model, params, hidden, ans)
+def _packed_nll(model: Decoder, params, rows, ans, num_examples: int, head_mask: Array) -> Array:
+    """Summed NLL per example [B] under head_mask [L, H], on packed rows (tokens, segment_ids,
+    positions) [P, S]; the last layer and the LM head run only at the answer positions."""
+    L = model.config.num_layers
+    tokens, segment_ids, positions = rows
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids)
+    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, head_mask[l]), x)
+    return _last_layer_nll(model, params, x, ctx, head_mask[L - 1], ans, num_examples)
 
+
+def _map_masks(one, masks, chunk_size, mesh):
     if mesh is not None:
         return sharding.sharded_map(one, masks, chunk_size, mesh)
-    return jax.lax.map(one, masks, batch_size=chunk_size)  # [N, B]
+    return jax.lax.map(one, masks, batch_size=chunk_size)
+
+
+@partial(jax.jit, static_argnames=("model", "num_examples", "chunk_size", "mesh"))
+def _masked_nll(model, params, rows, ans, num_examples, masks, chunk_size, mesh=None):
+    """Per-example NLL sums [N, B] under each of masks [N, L, H]."""
+    return _map_masks(partial(_packed_nll, model, params, rows, ans, num_examples), masks, chunk_size, mesh)
+
+
+@partial(jax.jit, static_argnames=("model", "chunk_size", "mesh"))
+def _naive_masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_size, mesh=None):
+    """The same from full [B, T, V] logits of the unpacked batch: the reference for the fast path."""
+    return _map_masks(lambda m: _full_logits_nll(model, params, tokens, attention_mask, m, ans), masks, chunk_size,
+                      mesh)
 
 
 def _check_calibration(model, tokens, loss_mask, attention_mask):
@@ -194,30 +206,63 @@ def _ans_arrays(ans: AnswerPositions):
     return (jnp.asarray(ans.flat_pos), jnp.asarray(ans.target), jnp.asarray(ans.example))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A checked calibration batch: `ans` and `tokens`/`attention_mask` [B, T'] (cut after the last
+    answer token); `packed` with its device arrays `rows` and answer positions `packed_ans`."""
+
+    ans: AnswerPositions
+    tokens: Array
+    attention_mask: Array
+    packed: PackedBatch
+    rows: tuple[Array, Array, Array]
+    packed_ans: tuple[Array, Array, Array]
+
+
+def _prepare(model, tokens, loss_mask, attention_mask, pack: bool = True) -> _Prepared:
+    ans, tokens_j, am_j = _check_calibration(model, tokens, loss_mask, attention_mask)
+    layout = pack_examples if pack else one_per_row
+    packed = layout(np.asarray(tokens_j), np.asarray(loss_mask)[:, :tokens_j.shape[1]], np.asarray(am_j))
+    packed_ans = answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
+                                  num_examples=packed.num_examples)
+    rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions))
+    return _Prepared(ans, tokens_j, am_j, packed, rows, _ans_arrays(packed_ans))
+
+
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
                          chunk_size: int | None = None, answer_only: bool = True, mesh=None) -> np.ndarray:
     """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H].
 
     One jitted function: `vmap` over masks, `lax.map` over chunks of `chunk_size` masks (default
     from `default_chunk_size`, halved on out-of-memory errors), logits only at answer positions
-    unless `answer_only=False`. With `mesh`, params are sharded by the default rules and the
-    masks (padded to a multiple of the "data" axis) are split over "data".
+    (and the last layer too) on the examples packed into rows (`capjax.packing`); answer_only=False
+    computes full logits on the padded batch instead (the slow reference). With `mesh`, params
+    are sharded by the default rules and the masks (padded to a multiple of the "data" axis) are
+    split over "data".
     """
     c = model.config
     masks = jnp.asarray(masks, model.dtype)
     if masks.ndim != 3 or masks.shape[1:] != (c.num_layers, c.num_heads):
         raise ValueError(f"masks must be [N, L, H] = [N, {c.num_layers}, {c.num_heads}], got {tuple(masks.shape)}")
-    ans, tokens, attention_mask = _check_calibration(model, tokens, loss_mask, attention_mask)
-    chunk = chunk_size or default_chunk_size(c, *tokens.shape, model.dtype,
+    prep = _prepare(model, tokens, loss_mask, attention_mask)
+    ans = prep.ans
+    shape = prep.packed.tokens.shape if answer_only else prep.tokens.shape
+    chunk = chunk_size or default_chunk_size(c, *shape, model.dtype,
                                              answer_tokens=None if not answer_only else len(ans.target))
     n = masks.shape[0]
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
         masks, _ = sharding.pad_to_multiple(masks, sharding.axis_size(mesh, sharding.DATA))
         masks = jax.device_put(masks, sharding.batch_sharding(mesh, masks.shape))
-    ans_j = _ans_arrays(ans)
-    nll = run_with_oom_fallback(lambda ch: np.asarray(_masked_nll(
-        model, params, tokens, attention_mask, ans_j, masks, ch, answer_only, mesh=mesh)), chunk)
+    if answer_only:
+        def run(ch):
+            return np.asarray(_masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
+                                          masks, ch, mesh=mesh))
+    else:
+        def run(ch):
+            return np.asarray(_naive_masked_nll(model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans),
+                                                masks, ch, mesh=mesh))
+    nll = run_with_oom_fallback(run, chunk)
     losses = nll[:n].sum(axis=1) / ans.count.sum()
     _check_finite(losses, "head_ablation_losses")
     return losses
@@ -255,8 +300,7 @@ def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers
         return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones), mesh)
 
     def last_layer_nll(y, head_mask_l):
-        h = apply_layer(model, layer_params(params, L - 1), y, ctx, head_mask_l, rows=ans[0])  # [A, E]
-        return _rows_nll(model, params, h, ans, B)
+        return _last_layer_nll(model, params, y, ctx, head_mask_l, ans, B)
 
     x = jax.lax.fori_loop(0, start, intact, x)
 
@@ -292,21 +336,19 @@ def _progress_tick(layer) -> None:
         bar.update(1)
 
 
-@partial(jax.jit, static_argnames=("model",))
-def _intact_nll(model, params, tokens, attention_mask, ans):
-    hidden, _ = model.apply({"params": params}, tokens, attention_mask=attention_mask, method=Decoder.hidden_states)
-    return _answer_nll(model, params, hidden, ans)
+@partial(jax.jit, static_argnames=("model", "num_examples"))
+def _intact_nll(model, params, rows, ans, num_examples):
+    c = model.config
+    return _packed_nll(model, params, rows, ans, num_examples, jnp.ones((c.num_layers, c.num_heads), model.dtype))
 
 
-@partial(jax.jit, static_argnames=("model",))
-def _mask_gradient(model, params, tokens, attention_mask, ans, subset_onehot, subset_count):
+@partial(jax.jit, static_argnames=("model", "num_examples"))
+def _mask_gradient(model, params, rows, ans, num_examples, subset_onehot, subset_count):
     """d loss_k / d head_mask at all ones, per subset k: [K, L, H]."""
     c = model.config
 
     def losses(head_mask):
-        hidden, _ = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask,
-                                method=Decoder.hidden_states)
-        per_example = _answer_nll(model, params, hidden, ans)
+        per_example = _packed_nll(model, params, rows, ans, num_examples, head_mask.astype(model.dtype))
         return subset_onehot @ per_example / subset_count
 
     return jax.jacrev(losses)(jnp.ones((c.num_layers, c.num_heads), jnp.float32))
@@ -352,8 +394,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     if aggregate not in AGGREGATES:
         raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
     c = model.config
-    ans, tokens_j, am_j = _check_calibration(model, tokens, loss_mask, attention_mask)
-    B = tokens_j.shape[0]
+    prep = _prepare(model, tokens, loss_mask, attention_mask, pack)
+    ans, B = prep.ans, prep.packed.num_examples
     groups = _subsets(B, subsets)
     onehot = np.zeros((len(groups), B), np.float32)
     for k, g in enumerate(groups):
@@ -363,21 +405,19 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         k = int(np.argmin(subset_count))
         raise ValueError(f"subset {k} (examples {groups[k][0]}..{groups[k][-1]}) has no answer tokens: "
                          "shuffle the calibration set or use fewer subsets")
-    ans_j = _ans_arrays(ans)
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
-    baseline = onehot @ np.asarray(_intact_nll(model, params, tokens_j, am_j, ans_j)) / subset_count
+    baseline = onehot @ np.asarray(_intact_nll(model, params, prep.rows, prep.packed_ans, B)) / subset_count
     _check_finite(baseline, "intact calibration loss")
 
     if method == "gradient":
-        grad = np.asarray(_mask_gradient(model, params, tokens_j, am_j, ans_j, jnp.asarray(onehot),
+        grad = np.asarray(_mask_gradient(model, params, prep.rows, prep.packed_ans, B, jnp.asarray(onehot),
                                          jnp.asarray(subset_count)))
         masked = baseline[:, None, None] - grad
     else:
-        layout = pack_examples if pack else one_per_row
-        packed = layout(np.asarray(tokens_j), np.asarray(loss_mask)[:, :tokens_j.shape[1]], np.asarray(am_j))
-        nll = _ablation_nll(model, params, packed, chunk_size, checkpoint_dir, layers_per_call, progress,
-                            fingerprint_args=(tokens, loss_mask, np.asarray(am_j)), mesh=mesh)  # [L, H, B]
+        nll = _ablation_nll(model, params, prep, chunk_size, checkpoint_dir, layers_per_call, progress,
+                            fingerprint_args=(tokens, loss_mask, np.asarray(prep.attention_mask)),
+                            mesh=mesh)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
@@ -409,14 +449,12 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
     return [(s, size) for s in range(0, L, size)]
 
 
-def _ablation_nll(model, params, packed: PackedBatch, chunk_size, checkpoint_dir, layers_per_call, progress,
+def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, layers_per_call, progress,
                   fingerprint_args, mesh=None) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads
+    packed, rows, ans = prep.packed, prep.rows, prep.packed_ans
     B = packed.num_examples
-    ans = _ans_arrays(answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
-                                       num_examples=B))
-    rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions))
     per_device = H if mesh is None else -(-H // sharding.axis_size(mesh, sharding.DATA))
     chunk = min(chunk_size or default_chunk_size(c, *packed.tokens.shape, model.dtype,
                                                  answer_tokens=ans[0].shape[0]), per_device)

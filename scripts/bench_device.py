@@ -123,13 +123,14 @@ def main() -> None:
     ans = answer_positions(tokens, loss_mask)
     A = len(ans.target)
     ans_j = _ans_arrays(ans)
-    tok_j, am_j = jnp.asarray(tokens), jnp.asarray(am)
+    # All rows are full, so packing is the identity: segment ids = attention mask.
+    rows = (jnp.asarray(tokens), jnp.asarray(am), jnp.broadcast_to(jnp.arange(T), (B, T)))
 
     t = time.perf_counter()
-    base = np.asarray(_intact_nll(model, params, tok_j, am_j, ans_j))
+    base = np.asarray(_intact_nll(model, params, rows, ans_j, B))
     t1 = time.perf_counter() - t
     t = time.perf_counter()
-    np.asarray(_intact_nll(model, params, tok_j, am_j, ans_j))
+    np.asarray(_intact_nll(model, params, rows, ans_j, B))
     t2 = time.perf_counter() - t
     log(f"intact loss {base.sum() / A:.4f}: {t1:.1f} s with compile, {t2:.2f} s without")
 
@@ -156,8 +157,6 @@ def main() -> None:
 
         def run(ch):
             state["chunk"] = ch
-            # All rows are full, so packing is the identity: segment ids = attention mask.
-            rows = (tok_j, am_j, jnp.broadcast_to(jnp.arange(T), (B, T)))
             f = _single_head_nll.lower(model, params, rows, ans_j, B, 0, n, ch, mesh=mesh).compile()
             t0 = time.perf_counter()
             out = np.asarray(f(params, rows, ans_j, 0))

@@ -154,15 +154,16 @@ def check_gradient_scores_sharded():
 
 def check_ablations_are_split_over_data():
     """The per-device program of the sharded primitive does ~1/8 of the single-device FLOPs."""
-    from capjax.attribution import _ans_arrays, _masked_nll, answer_positions
+    from capjax.attribution import _masked_nll, _prepare
 
     masks = jnp.ones((16, L, H), jnp.float32)
-    args = (jnp.asarray(TOKENS), jnp.asarray(AM), _ans_arrays(answer_positions(TOKENS, LOSS)))
+    prep = _prepare(MODEL, TOKENS, LOSS, AM)
 
     def flops(m, chunk):  # one step (a while loop's body is counted once): 16 masks at once
         p = PARAMS if m is None else sharding.shard_params(PARAMS, m)
         x = masks if m is None else jax.device_put(masks, sharding.batch_sharding(m, masks.shape))
-        compiled = _masked_nll.lower(MODEL, p, args[0], args[1], args[2], x, chunk, True, mesh=m).compile()
+        compiled = _masked_nll.lower(MODEL, p, prep.rows, prep.packed_ans, prep.packed.num_examples, x, chunk,
+                                     mesh=m).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return float(cost["flops"])

@@ -51,8 +51,17 @@ def single_head_masks(L, H):
     return masks
 
 
-def test_vmapped_losses_equal_python_loop(tiny):
-    _, model, params, tokens, loss_mask, am = tiny
+def _data(tiny, which):
+    """The fixture's batch (one example per row), or short examples that pack two or three per row."""
+    hf, model, params, tokens, loss_mask, am = tiny
+    if which == "packed":
+        tokens, loss_mask, am = _short_examples(np.random.RandomState(2))
+    return hf, model, params, tokens, loss_mask, am
+
+
+@pytest.mark.parametrize("which", ["fixture", "packed"])
+def test_vmapped_losses_equal_python_loop(tiny, which):
+    _, model, params, tokens, loss_mask, am = _data(tiny, which)
     rng = np.random.RandomState(3)
     masks = np.concatenate([single_head_masks(3, 4), rng.rand(5, 3, 4).astype(np.float32)])
     losses = head_ablation_losses(model, params, tokens, loss_mask, masks, am, chunk_size=4)
@@ -130,8 +139,9 @@ def test_chunk_size_does_not_change_scores(tiny, chunk_size):
     np.testing.assert_allclose(got.masked, ref.masked, atol=1e-6)
 
 
-def test_gradient_method_equals_torch_autograd(tiny):
-    hf, model, params, tokens, loss_mask, am = tiny
+@pytest.mark.parametrize("which", ["fixture", "packed"])
+def test_gradient_method_equals_torch_autograd(tiny, which):
+    hf, model, params, tokens, loss_mask, am = _data(tiny, which)
     K = 2
     scores = score_heads(model, params, tokens, loss_mask, subsets=K, method="gradient", attention_mask=am)
     D = hf.config.hidden_size // hf.config.num_attention_heads
