@@ -308,10 +308,11 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
 
 def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,
                 capture: bool = False, rows: Array | None = None):
-    """Runs one decoder layer: x [B, T, E] -> x [B, T, E]; with rows [R] (flat indices into B * T),
-    only those positions' outputs -> [R, E] (the last layer when only some positions are read).
-    With capture, also returns the input of
-    every projection: {"self_attn": {"q_proj": [B, T, E], ..., "o_proj": [B, T, H, D]},
+    """Runs one decoder layer: x [B, T, E] -> x [B, T, E].
+
+    With rows [R] (flat indices into B * T), only those positions' outputs -> [R, E] (the last
+    layer, when the loss reads only some positions). With capture, also returns the input of every
+    projection: {"self_attn": {"q_proj": [B, T, E], ..., "o_proj": [B, T, H, D]},
     "mlp": {"gate_proj": [B, T, E], "up_proj": [B, T, E], "down_proj": [B, T, F]}}."""
     c = model.config
     if head_mask_l is None:
