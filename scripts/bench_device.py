@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax import sharding
-from capjax.attribution import (_ans_arrays, _intact_nll, _single_head_nll, answer_positions, default_chunk_size,
-                                scoring_flops)
+from capjax.attribution import _intact_nll, _prepare, _single_head_nll, default_chunk_size, scoring_flops
 from capjax.config import ModelConfig
 from capjax.memory import run_with_oom_fallback
 from capjax.model import Decoder
@@ -120,11 +119,9 @@ def main() -> None:
     loss_mask = np.zeros((B, T), np.float32)
     loss_mask[:, T - T // 4:] = 1
     am = np.ones((B, T), np.int32)
-    ans = answer_positions(tokens, loss_mask)
-    A = len(ans.target)
-    ans_j = _ans_arrays(ans)
-    # All rows are full, so packing is the identity: segment ids = attention mask.
-    rows = (jnp.asarray(tokens), jnp.asarray(am), jnp.broadcast_to(jnp.arange(T), (B, T)))
+    prep = _prepare(model, tokens, loss_mask, am)  # every row is full: packing keeps B x T
+    rows, ans_j = prep.rows, prep.packed_ans
+    A = len(ans_j[1])
 
     t = time.perf_counter()
     base = np.asarray(_intact_nll(model, params, rows, ans_j, B))

@@ -19,10 +19,9 @@ import torch
 import transformers
 
 import capjax
-from capjax.attribution import answer_positions, score_heads, scoring_flops
+from capjax.attribution import _prepare, score_heads, scoring_flops
 from capjax.data import build_calibration
 from capjax.io import smollm2_gguf_path
-from capjax.packing import pack_examples
 
 
 def torch_scores(hf, tokens, loss_mask, attention_mask, subsets):
@@ -103,9 +102,8 @@ def main():
     ref_delta, ref_masked = torch_scores(hf, calib.tokens, calib.loss_mask, calib.attention_mask, args.subsets)
     t_torch = time.perf_counter() - t0
 
-    packed = pack_examples(calib.tokens, calib.loss_mask, calib.attention_mask)
-    A = len(answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids).target)
-    flops = scoring_flops(cfg, *packed.tokens.shape, A)
+    prep = _prepare(model, calib.tokens, calib.loss_mask, calib.attention_mask)
+    flops = scoring_flops(cfg, *prep.packed.tokens.shape, len(prep.packed_ans[1]))
     peak = matmul_peak_gflops()
     print(f"capjax  (compile included): {t_first:8.1f} s")
     print(f"capjax  (compile excluded): {t_warm:8.1f} s")
