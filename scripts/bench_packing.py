@@ -1,6 +1,6 @@
 """Exact head scoring with and without sequence packing, side by side on the same calibration set.
 
-    python scripts/bench_packing.py [--task arc_challenge] [--n 6] [--seq-len 256] [--subsets 3]
+    python scripts/bench_packing.py [--calib arc_challenge] [--n 6] [--seq-len 256] [--subsets 3]
 
 Real calibration sets have examples of different lengths, so a padded [N, T] batch is partly
 padding. score_heads(pack=True) (the default) packs the examples into rows (capjax.packing);
@@ -16,28 +16,24 @@ import time
 import jax
 import numpy as np
 
-import capjax
 from capjax.attribution import score_heads
-from capjax.data import build_calibration
+from capjax.commands.common import add_calibration_args, add_model_args, load_calibration, load_model
 from capjax.packing import pack_examples
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--task", default="arc_challenge", help="calibration set (real tasks need --data-dir/CAPJAX_DATA)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--n", type=int, default=6)
-    p.add_argument("--seq-len", type=int, default=256)
+    add_model_args(p)
+    add_calibration_args(p)
     p.add_argument("--subsets", type=int, default=3)
+    p.set_defaults(calib="arc_challenge", n=6)
     args = p.parse_args()
 
-    model, params = capjax.load_pretrained(args.model)
-    tokenizer = capjax.load_tokenizer(args.model)
-    calib = build_calibration(args.task, tokenizer, n=args.n, seq_len=args.seq_len, seed=0, data_dir=args.data_dir)
+    model, params, tokenizer = load_model(args)
+    calib = load_calibration(args, tokenizer)
     packed = pack_examples(calib.tokens, calib.loss_mask, calib.attention_mask)
     c = model.config
-    print(f"{args.model}: {c.num_layers * c.num_heads} heads; calibration {args.task} N={args.n} T={args.seq_len} "
+    print(f"{args.model}: {c.num_layers * c.num_heads} heads; calibration {args.calib} N={args.n} T={args.seq_len} "
           f"K={args.subsets}; jax {jax.__version__} on {jax.devices()[0].platform}")
     print(f"padded batch {calib.tokens.shape[0]} x {calib.tokens.shape[1]} ({calib.attention_mask.mean():.0%} real "
           f"tokens); packed {packed.tokens.shape[0]} x {packed.tokens.shape[1]} "
