@@ -36,7 +36,7 @@ import numpy as np
 
 from capjax import sharding
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
-from capjax.model import Decoder, apply_layer, layer_context, layer_params, token_nll
+from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
 from capjax.packing import PackedBatch, one_per_row, pack_examples
 
 Array = jax.Array
@@ -146,11 +146,14 @@ def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, 
 
 # ---------------------------------------------------------------------------- chunk size
 def default_chunk_size(config, batch: int, seq_len: int, dtype: Any = jnp.float32,
-                       budget_bytes: float | None = None, answer_tokens: int | None = None) -> int:
+                       budget_bytes: float | None = None, answer_tokens: int | None = None,
+                       vocab_chunk: int | None = VOCAB_CHUNK) -> int:
     """Ablations evaluated at once (per device) so that their activations fit in the free device
-    memory, or `budget_bytes`: `capjax.memory.chunk_size_for_memory` (formula there). Callers
+    memory, or `budget_bytes`: `capjax.memory.chunk_size_for_memory` (formula there). The default
+    `vocab_chunk` is the fast paths' (`token_nll`); None counts full [A, V] logits. Callers
     run it under `run_with_oom_fallback`, which halves it after an out-of-memory error."""
-    return chunk_size_for_memory(config, batch, seq_len, dtype, budget_bytes, answer_tokens)
+    return chunk_size_for_memory(config, batch, seq_len, dtype, budget_bytes, answer_tokens,
+                                 vocab_chunk=vocab_chunk)
 
 
 # ---------------------------------------------------------------------------- general primitive
@@ -247,8 +250,8 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
     prep = _prepare(model, tokens, loss_mask, attention_mask)
     ans = prep.ans
     shape = prep.packed.tokens.shape if answer_only else prep.tokens.shape
-    chunk = chunk_size or default_chunk_size(c, *shape, model.dtype,
-                                             answer_tokens=None if not answer_only else len(ans.target))
+    chunk = chunk_size or (default_chunk_size(c, *shape, model.dtype, answer_tokens=len(ans.target)) if answer_only
+                           else default_chunk_size(c, *shape, model.dtype, vocab_chunk=None))
     n = masks.shape[0]
     if mesh is not None:
         params = sharding.shard_params(params, mesh)

@@ -10,7 +10,10 @@ activations are one layer's or the LM head's, whichever is larger:
               residual in/out, normed input and o_proj output (4 E); q, k, v, attention
               output (2 (H + K) D); gate, up and silu(gate) * up (3 F); float32 attention
               logits, float32 softmax and its cast (H S each)
-    lm_head = A V (4 + 4)            float32 logits and log-softmax of the answer tokens
+    lm_head = A V' (4 + 4)           float32 logits and their exp at the A answer tokens, where
+                                     V' = V for full logits (the answer_only=False reference) and
+                                     V' = min(V, vocab_chunk) for the fast paths, whose
+                                     `capjax.model.token_nll` holds one vocabulary chunk at a time
     per_ablation = max(layer, lm_head)
 
     chunk = clamp(floor(budget / per_ablation), 1, max_chunk)
@@ -22,8 +25,9 @@ headroom); on CPU (memory_stats() is None) half of psutil's available RAM, cappe
 `HOST_BUDGET` since the host is shared; `DEFAULT_BUDGET` when neither is known.
 
 Example: Llama-3-8B (E 4096, F 14336, H 32, K 8, D 128, V 128256) in bfloat16, B 128, T 256,
-A = B T / 4: layer = 7.3 GB, lm_head = 8.4 GB per ablation; one 141 GB H200 holding the 16 GB of
-params has ~94 GB of budget -> chunk 11; an 80 GB H100 -> chunk 5.
+A = B T / 4, vocab chunk 4096: layer = 7.3 GB, lm_head = 0.27 GB (8.4 GB with full logits) per
+ablation; one 141 GB H200 holding the 16 GB of params has ~94 GB of budget -> chunk 12; an 80 GB
+H100 -> chunk 6.
 """
 
 from __future__ import annotations
@@ -62,27 +66,28 @@ def available_bytes(device: Any = None) -> int:
 
 
 def ablation_bytes(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float32,
-                   answer_tokens: int | None = None) -> int:
+                   answer_tokens: int | None = None, vocab_chunk: int | None = None) -> int:
     """Live activation bytes of one ablation (formula in the module docstring).
 
     answer_tokens: A, the tokens the LM head runs on (default B * T, an upper bound).
+    vocab_chunk: the LM head's vocabulary chunk (default None: full [A, V] logits).
     """
     c = jnp.dtype(dtype).itemsize
     E, F, H, K, D, V = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
                         config.head_dim, config.vocab_size)
     A = batch * seq_len if answer_tokens is None else answer_tokens
     layer = batch * seq_len * (c * (4 * E + 2 * (H + K) * D + 3 * F) + (8 + c) * H * seq_len)
-    lm_head = A * V * 8
+    lm_head = A * (V if vocab_chunk is None else min(V, vocab_chunk)) * 8
     return int(max(layer, lm_head))
 
 
 def chunk_size_for_memory(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float32,
                           budget_bytes: float | None = None, answer_tokens: int | None = None,
-                          max_chunk: int | None = None) -> int:
+                          max_chunk: int | None = None, vocab_chunk: int | None = None) -> int:
     """Ablations per device per step so that their activations fit in `budget_bytes`
     (default `available_bytes()`); at least 1, at most `max_chunk` (default L * H)."""
     budget = available_bytes() if budget_bytes is None else budget_bytes
-    per = ablation_bytes(config, batch, seq_len, dtype, answer_tokens)
+    per = ablation_bytes(config, batch, seq_len, dtype, answer_tokens, vocab_chunk)
     cap = config.num_layers * config.num_heads if max_chunk is None else max_chunk
     return int(max(1, min(cap, budget // per)))
 

@@ -328,12 +328,15 @@ def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Arr
     return x, inputs
 
 
+VOCAB_CHUNK = 4096  # token_nll's vocabulary chunk; capjax.memory counts [A, VOCAB_CHUNK] logits
+
+
 def unembed(model: Decoder, params: Params, hidden: Array) -> Array:
     """Final norm + LM head on hidden states [..., E] -> float32 logits [..., V]."""
     return model.apply({"params": params}, hidden, method=Decoder.unembed)
 
 
-def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, vocab_chunk: int = 4096) -> Array:
+def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, vocab_chunk: int = VOCAB_CHUNK) -> Array:
     """-log p(target) [R] from final hidden states [R, E] (before the final norm) and targets [R].
 
     Equal to -log_softmax(unembed(hidden))[target] without building the [R, V] logits: an online
@@ -348,20 +351,20 @@ def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, voca
     V, R = c.vocab_size, hidden.shape[0]
     C = min(vocab_chunk, V)
     n = -(-V // C)
-    if n * C != V:  # zero columns, masked to -inf below
-        w = jnp.pad(w, ((0, n * C - V), (0, 0)) if tied else ((0, 0), (0, n * C - V)))
 
     def step(i, carry):
         m, s, t = carry
-        start = i * C
+        # The last chunk is clamped to end at V (no padded copy of the LM head); columns before
+        # i * C were counted by the previous chunk and are masked out.
+        start = jnp.minimum(i * C, V - C)
         wc = jax.lax.dynamic_slice_in_dim(w, start, C, axis=0 if tied else 1)
         z = (x @ (wc.T if tied else wc)).astype(jnp.float32)  # [R, C]
-        z = jnp.where(start + jnp.arange(C) < V, z, -jnp.inf)
+        z = jnp.where(start + jnp.arange(C) >= i * C, z, -jnp.inf)
         m_new = jnp.maximum(m, z.max(axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=-1)
-        local = target - start
+        local = target - i * C
         hit = (local >= 0) & (local < C)
-        t = t + jnp.where(hit, jnp.take_along_axis(z, jnp.clip(local, 0, C - 1)[:, None], axis=-1)[:, 0], 0.0)
+        t = t + jnp.where(hit, jnp.take_along_axis(z, jnp.clip(target - start, 0, C - 1)[:, None], axis=-1)[:, 0], 0.0)
         return m_new, s, t
 
     init = (jnp.full((R,), -jnp.inf, jnp.float32), jnp.zeros((R,), jnp.float32), jnp.zeros((R,), jnp.float32))

@@ -69,10 +69,48 @@ def test_ablation_bytes_formula():
     layer = B * T * (2 * (4 * 4096 + 2 * 40 * 128 + 3 * 14336) + 10 * 32 * T)
     assert ablation_bytes(c, B, T, jnp.bfloat16, answer_tokens=0) == layer
     assert ablation_bytes(c, B, T, jnp.bfloat16, answer_tokens=B * T // 4) == B * T // 4 * 128256 * 8
+    # the fast paths hold one 4096-column vocabulary chunk of logits: the layer term dominates again
+    assert ablation_bytes(c, B, T, jnp.bfloat16, answer_tokens=0, vocab_chunk=4096) == layer
+    assert ablation_bytes(c, B, T, jnp.bfloat16, answer_tokens=B * T // 4, vocab_chunk=10**6) == B * T // 4 * 128256 * 8
+    assert ablation_bytes(c, B, T, jnp.bfloat16, answer_tokens=B * T // 4, vocab_chunk=4096) == layer
     # 16 GB of bf16 params on a 141 GB accelerator leave room for several ablations at once
     params = 2 * c.num_params()
     assert chunk_size_for_memory(c, B, T, jnp.bfloat16, 0.75 * (141e9 - params), B * T // 4) >= 4
     assert chunk_size_for_memory(c, B, T, jnp.bfloat16, 0.75 * (80e9 - params), B * T // 4) >= 2
+    assert chunk_size_for_memory(c, B, T, jnp.bfloat16, 0.75 * (141e9 - params), B * T // 4, vocab_chunk=4096) == 12
+
+
+@pytest.mark.parametrize("vocab,seq_len,answer_from", [(20000, 32, 16),   # LM head term dominates
+                                                       (300, 128, 100)])  # layer term dominates
+def test_formula_bounds_compiled_scoring_memory(vocab, seq_len, answer_from):
+    """XLA's own buffer assignment for the fast scoring path (float32, CPU) is the oracle: its
+    temporary bytes stay within chunk * ablation_bytes (+10% and a small fixed part), and each
+    extra ablation costs at least half of what the formula says (it is not a loose bound)."""
+    import jax
+    import numpy as np
+
+    from capjax import attribution
+    from capjax.model import VOCAB_CHUNK, Decoder
+
+    c = ModelConfig("llama", vocab, 64, 176, 3, 8, 2, 8)
+    model = Decoder(c)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    tokens = np.random.default_rng(0).integers(0, vocab, (4, seq_len))
+    loss_mask = np.zeros(tokens.shape, np.int32)
+    loss_mask[:, answer_from:] = 1
+    prep = attribution._prepare(model, tokens, loss_mask, None)
+    per = ablation_bytes(c, *prep.packed.tokens.shape, jnp.float32, prep.packed_ans[0].shape[0], VOCAB_CHUNK)
+    masks = jnp.ones((4, c.num_layers, c.num_heads))
+
+    def temp_bytes(chunk):
+        lowered = attribution._masked_nll.lower(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
+                                                masks, chunk)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    temp = {chunk: temp_bytes(chunk) for chunk in (1, 4)}
+    for chunk, used in temp.items():
+        assert used <= 1.1 * chunk * per + (256 << 10), (chunk, used, per)
+    assert temp[4] - temp[1] >= 0.5 * 3 * per, (temp, per)
 
 
 def test_default_budget_is_positive():
