@@ -25,7 +25,7 @@ headroom); on CPU (memory_stats() is None) half of psutil's available RAM, cappe
 `HOST_BUDGET` since the host is shared; `DEFAULT_BUDGET` when neither is known.
 
 Example: Llama-3-8B (E 4096, F 14336, H 32, K 8, D 128, V 128256) in bfloat16, B 128, T 256,
-A = B T / 4, vocab chunk 4096: layer = 7.3 GB, lm_head = 0.27 GB (8.4 GB with full logits) per
+A = B T / 4, vocab chunk 4096: layer = 7.2 GB, lm_head = 0.27 GB (8.4 GB with full logits) per
 ablation; one 141 GB H200 holding the 16 GB of params has ~94 GB of budget -> chunk 12; an 80 GB
 H100 -> chunk 6.
 """
