@@ -25,12 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from capjax.memory import InsufficientMemoryError
     from capjax.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()  # multi-host runs set CAPJAX_DISTRIBUTED=1 (docs/scale_out.md)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, InsufficientMemoryError) as e:  # bad input: one clear line, no traceback
         print(f"capjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ import numpy as np
 from capjax.config import ModelConfig
 from capjax.convert import (gguf_to_hf_name, iter_hf_tensors, params_from_tensors,
                             unpermute_llama_cpp)
+from capjax.memory import check_params_fit
 from capjax.model import Decoder, numpy_dtype
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -86,13 +87,16 @@ def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32") -> 
     """Loads (model, params) from an HF folder, a .gguf file, 'smollm2-135m-instruct' or a hub id.
 
     `model` is a `Decoder` (`model.config` is the ModelConfig, `model.dtype` the compute dtype);
-    params are a nested dict in `dtype` ("float32" or "bfloat16").
+    params are a nested dict in `dtype` ("float32" or "bfloat16"). Raises
+    `capjax.memory.InsufficientMemoryError` before reading any tensor when they would not fit
+    (`capjax.memory.check_params_fit`).
     """
     jdtype = _dtype(dtype)
     kind, where = _resolve(source)
     if kind == "hub":
         where = _download(str(where))
     config = load_config(where)
+    check_params_fit(config, jdtype)  # before reading any tensor: a clear error instead of an OOM kill
     np_dtype = numpy_dtype(jdtype)
     if kind == "gguf":
         params = _load_gguf_params(config, Path(where), np_dtype)

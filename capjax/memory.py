@@ -32,6 +32,7 @@ H100 -> chunk 6.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from typing import Any, Callable, TypeVar
@@ -63,6 +64,66 @@ def available_bytes(device: Any = None) -> int:
         return int(min(psutil.virtual_memory().available // 2, HOST_BUDGET))
     except ImportError:
         return DEFAULT_BUDGET
+
+
+class InsufficientMemoryError(MemoryError):
+    """The params would not fit where they are loaded; raised before anything is read."""
+
+
+def host_available_bytes() -> int | None:
+    """psutil's available host RAM, or None when psutil is missing."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def params_bytes(config: Any, dtype: Any) -> tuple[int, int]:
+    """(total, largest leaf) bytes of the params tree in `dtype`, from its shapes alone."""
+    from capjax.model import param_shapes
+
+    sizes = [int(leaf.size) * jnp.dtype(dtype).itemsize for leaf in jax.tree.leaves(param_shapes(config))]
+    return sum(sizes), max(sizes)
+
+
+def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: int | None = None) -> None:
+    """Raises InsufficientMemoryError when the params of `config` in `dtype` cannot be loaded.
+
+    The loader stages one stacked [L, ...] leaf in host RAM, then places it on `device` (default
+    the first local one). On CPU, host and device are the same memory: params + largest leaf must
+    fit in the available RAM. On an accelerator, the params must fit in its free memory and the
+    largest leaf in host RAM. `host_bytes` overrides psutil's figure (for tests);
+    CAPJAX_SKIP_MEMORY_CHECK=1 skips the check.
+    """
+    if os.environ.get("CAPJAX_SKIP_MEMORY_CHECK") == "1":
+        return
+    device = device or jax.local_devices()[0]
+    total, largest = params_bytes(config, dtype)
+    host = host_available_bytes() if host_bytes is None else host_bytes
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    checks = []
+    if stats and "bytes_limit" in stats:
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        checks.append((total, free, f"{device.platform} device {device.id}", "its params"))
+        if host is not None:
+            checks.append((largest, host, "host RAM", "its largest stacked tensor (staged on the host)"))
+    elif host is not None:
+        checks.append((total + largest, host, "host RAM",
+                       "its params plus the largest stacked tensor (staged while loading)"))
+    name = jnp.dtype(dtype).name
+    for need, free, where, what in checks:
+        if need > free:
+            hint = ("load it in bfloat16 (`--dtype bfloat16`, or `dtype: bfloat16` in a config), which halves it, "
+                    if name != "bfloat16" else "")
+            raise InsufficientMemoryError(
+                f"not enough memory to load this model: {what} need {need / 2**30:.2f} GiB in {name} "
+                f"({total / jnp.dtype(dtype).itemsize / 1e6:,.0f} M params), but {where} has "
+                f"{free / 2**30:.2f} GiB free. Fix: {hint}free memory, or use a machine with more; "
+                "CAPJAX_SKIP_MEMORY_CHECK=1 skips this check")
 
 
 def ablation_bytes(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float32,
@@ -116,4 +177,5 @@ def run_with_oom_fallback(fn: Callable[[int], R], chunk: int) -> R:
             chunk //= 2
 
 
-__all__ = ["ablation_bytes", "available_bytes", "chunk_size_for_memory", "is_oom", "run_with_oom_fallback"]
+__all__ = ["InsufficientMemoryError", "ablation_bytes", "available_bytes", "check_params_fit", "chunk_size_for_memory",
+           "host_available_bytes", "is_oom", "params_bytes", "run_with_oom_fallback"]

@@ -34,3 +34,13 @@ def test_score_cli_matches_library(tmp_path, tiny_with_tokenizer, capsys):
 def test_score_cli_bad_model_path(tmp_path, capsys):
     assert main(["score", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "s.npz")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_score_cli_too_little_memory(tmp_path, capsys, monkeypatch, tiny_with_tokenizer):
+    from capjax import memory
+
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 1000)
+    assert main(["score", "--model", str(tiny_with_tokenizer), "--out", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "capjax score: error: not enough memory to load this model" in err and "host RAM has 0.00 GiB" in err
+    assert not (tmp_path / "s.npz").exists()

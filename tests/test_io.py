@@ -117,3 +117,67 @@ def test_smollm2_config_and_tokenizer(smollm2):
     assert c.tie_word_embeddings and "lm_head" not in params
     assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (30, 576, 3, 64)
     assert tokenizer.chat_template
+
+
+# ---------------------------------------------------------------------------- too little memory
+@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
+                                                  ("qwen2", {"tie_word_embeddings": False})])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_params_bytes_match_the_loaded_tree(tmp_path, model_type, overrides, dtype):
+    """The pre-flight estimate, from shapes alone, equals what loading really allocates."""
+    from capjax.memory import params_bytes
+
+    make_hf_model(tmp_path, model_type, **overrides)
+    model, params = capjax.load_pretrained(tmp_path, dtype=dtype)
+    sizes = [leaf.nbytes for leaf in jax.tree.leaves(params)]
+    assert params_bytes(model.config, model.dtype) == (sum(sizes), max(sizes))
+
+
+def test_too_little_host_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    from capjax import memory
+
+    make_hf_model(tmp_path)
+    config = capjax.load_config(tmp_path)
+    f32, f32_leaf = memory.params_bytes(config, jnp.float32)
+    bf16, bf16_leaf = memory.params_bytes(config, jnp.bfloat16)
+    read = []
+    monkeypatch.setattr(capjax.io, "params_from_tensors", lambda *a: read.append(a) or {})
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: bf16 + bf16_leaf)  # enough for bf16 only
+    with pytest.raises(memory.InsufficientMemoryError) as err:
+        capjax.load_pretrained(tmp_path)
+    assert read == []  # refused before reading any tensor
+    message = str(err.value)
+    assert f"need {(f32 + f32_leaf) / 2**30:.2f} GiB in float32" in message
+    assert "host RAM has" in message and "bfloat16" in message and "CAPJAX_SKIP_MEMORY_CHECK=1" in message
+    capjax.load_pretrained(tmp_path, dtype="bfloat16")  # the suggested fix works
+    assert len(read) == 1
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: bf16 + bf16_leaf - 1)
+    with pytest.raises(memory.InsufficientMemoryError, match="bfloat16 .*but host RAM has"):
+        capjax.load_pretrained(tmp_path, dtype="bfloat16")
+    monkeypatch.setenv("CAPJAX_SKIP_MEMORY_CHECK", "1")
+    capjax.load_pretrained(tmp_path, dtype="bfloat16")
+    assert len(read) == 2
+
+
+class _FakeAccelerator:
+    platform, id = "gpu", 0
+
+    def __init__(self, limit, in_use):
+        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_too_little_accelerator_memory():
+    from capjax.config import ModelConfig
+    from capjax.memory import InsufficientMemoryError, check_params_fit, params_bytes
+
+    c = ModelConfig("llama", 128256, 4096, 14336, 32, 32, 8, 128)  # Llama-3-8B shapes
+    total, largest = params_bytes(c, jnp.bfloat16)
+    assert total == 2 * c.num_params()
+    check_params_fit(c, jnp.bfloat16, _FakeAccelerator(total + 1000, 1000), host_bytes=largest)
+    with pytest.raises(InsufficientMemoryError, match=r"its params need 14\.96 GiB in bfloat16 .*gpu device 0"):
+        check_params_fit(c, jnp.bfloat16, _FakeAccelerator(total + 1000, 1001), host_bytes=largest)
+    with pytest.raises(InsufficientMemoryError, match="largest stacked tensor .*host RAM"):
+        check_params_fit(c, jnp.bfloat16, _FakeAccelerator(80 << 30, 0), host_bytes=largest - 1)
