@@ -1,4 +1,5 @@
-"""How many ablations to evaluate at once, and an out-of-memory fallback.
+"""Memory: whether a model's params fit before loading them, how many ablations to evaluate at
+once, and an out-of-memory fallback.
 
 Legend: B calibration sequences, T tokens per sequence (S = T keys), A answer tokens, E hidden,
 F MLP width, H query heads, K kv heads, D head dim, V vocab, c the compute dtype's bytes.
@@ -47,29 +48,6 @@ ACCELERATOR_FRACTION = 0.75
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OOM when allocating|failed to allocate", re.IGNORECASE)
 
 
-def available_bytes(device: Any = None) -> int:
-    """The activation budget of `device` (default the first local one), per the module docstring."""
-    device = device or jax.local_devices()[0]
-    stats = None
-    try:
-        stats = device.memory_stats()
-    except Exception:  # some backends raise instead of returning None
-        stats = None
-    if stats and "bytes_limit" in stats:
-        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-        return max(0, int(ACCELERATOR_FRACTION * free))
-    try:
-        import psutil
-
-        return int(min(psutil.virtual_memory().available // 2, HOST_BUDGET))
-    except ImportError:
-        return DEFAULT_BUDGET
-
-
-class InsufficientMemoryError(MemoryError):
-    """The params would not fit where they are loaded; raised before anything is read."""
-
-
 def host_available_bytes() -> int | None:
     """psutil's available host RAM, or None when psutil is missing."""
     try:
@@ -77,6 +55,30 @@ def host_available_bytes() -> int | None:
     except ImportError:
         return None
     return int(psutil.virtual_memory().available)
+
+
+def device_free_bytes(device: Any) -> int | None:
+    """bytes_limit - bytes_in_use of an accelerator; None where memory_stats() has no limit (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return None
+
+
+def available_bytes(device: Any = None) -> int:
+    """The activation budget of `device` (default the first local one), per the module docstring."""
+    free = device_free_bytes(device or jax.local_devices()[0])
+    if free is not None:
+        return max(0, int(ACCELERATOR_FRACTION * free))
+    host = host_available_bytes()
+    return DEFAULT_BUDGET if host is None else int(min(host // 2, HOST_BUDGET))
+
+
+class InsufficientMemoryError(MemoryError):
+    """The params would not fit where they are loaded; raised before anything is read."""
 
 
 def params_bytes(config: Any, dtype: Any) -> tuple[int, int]:
@@ -101,13 +103,9 @@ def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: in
     device = device or jax.local_devices()[0]
     total, largest = params_bytes(config, dtype)
     host = host_available_bytes() if host_bytes is None else host_bytes
-    try:
-        stats = device.memory_stats()
-    except Exception:  # some backends raise instead of returning None
-        stats = None
+    free = device_free_bytes(device)
     checks = []
-    if stats and "bytes_limit" in stats:
-        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if free is not None:
         checks.append((total, free, f"{device.platform} device {device.id}", "its params"))
         if host is not None:
             checks.append((largest, host, "host RAM", "its largest stacked tensor (staged on the host)"))
@@ -115,14 +113,14 @@ def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: in
         checks.append((total + largest, host, "host RAM",
                        "its params plus the largest stacked tensor (staged while loading)"))
     name = jnp.dtype(dtype).name
-    for need, free, where, what in checks:
-        if need > free:
+    for need, have, where, what in checks:
+        if need > have:
             hint = ("load it in bfloat16 (`--dtype bfloat16`, or `dtype: bfloat16` in a config), which halves it, "
                     if name != "bfloat16" else "")
             raise InsufficientMemoryError(
                 f"not enough memory to load this model: {what} need {need / 2**30:.2f} GiB in {name} "
                 f"({total / jnp.dtype(dtype).itemsize / 1e6:,.0f} M params), but {where} has "
-                f"{free / 2**30:.2f} GiB free. Fix: {hint}free memory, or use a machine with more; "
+                f"{have / 2**30:.2f} GiB free. Fix: {hint}free memory, or use a machine with more; "
                 "CAPJAX_SKIP_MEMORY_CHECK=1 skips this check")
 
 
@@ -178,4 +176,4 @@ def run_with_oom_fallback(fn: Callable[[int], R], chunk: int) -> R:
 
 
 __all__ = ["InsufficientMemoryError", "ablation_bytes", "available_bytes", "check_params_fit", "chunk_size_for_memory",
-           "host_available_bytes", "is_oom", "params_bytes", "run_with_oom_fallback"]
+           "device_free_bytes", "host_available_bytes", "is_oom", "params_bytes", "run_with_oom_fallback"]
