@@ -187,9 +187,9 @@ def _naive_masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_s
 
 
 def _check_calibration(model, tokens, loss_mask, attention_mask):
-    """(answer positions, tokens, attention_mask), cut after the last answer token of the batch:
-    later positions cannot change the loss of a causal model, so computing them (padding,
-    end-of-turn tokens) would be wasted work."""
+    """(answer positions, tokens, loss_mask, attention_mask) as numpy, cut after the last answer
+    token of the batch: later positions cannot change the loss of a causal model, so computing them
+    (padding, end-of-turn tokens) would be wasted work."""
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     if attention_mask is None:
         attention_mask = np.ones(tokens.shape, np.int32)
@@ -202,7 +202,7 @@ def _check_calibration(model, tokens, loss_mask, attention_mask):
     if end < tokens.shape[1]:
         tokens, loss_mask, attention_mask = tokens[:, :end], loss_mask[:, :end], attention_mask[:, :end]
         ans = answer_positions(tokens, loss_mask, attention_mask)
-    return ans, jnp.asarray(tokens, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
+    return ans, tokens.astype(np.int32), loss_mask, attention_mask.astype(np.int32)
 
 
 def _ans_arrays(ans: AnswerPositions):
@@ -211,25 +211,24 @@ def _ans_arrays(ans: AnswerPositions):
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
-    """A checked calibration batch: `ans` and `tokens`/`attention_mask` [B, T'] (cut after the last
-    answer token); `packed` with its device arrays `rows` and answer positions `packed_ans`."""
+    """A checked calibration batch: `ans` and `tokens`/`attention_mask` [B, T'] (numpy, cut after the
+    last answer token); `packed` with its device arrays `rows` and answer positions `packed_ans`."""
 
     ans: AnswerPositions
-    tokens: Array
-    attention_mask: Array
+    tokens: np.ndarray
+    attention_mask: np.ndarray
     packed: PackedBatch
     rows: tuple[Array, Array, Array]
     packed_ans: tuple[Array, Array, Array]
 
 
 def _prepare(model, tokens, loss_mask, attention_mask, pack: bool = True) -> _Prepared:
-    ans, tokens_j, am_j = _check_calibration(model, tokens, loss_mask, attention_mask)
-    layout = pack_examples if pack else one_per_row
-    packed = layout(np.asarray(tokens_j), np.asarray(loss_mask)[:, :tokens_j.shape[1]], np.asarray(am_j))
+    ans, tokens, loss_mask, attention_mask = _check_calibration(model, tokens, loss_mask, attention_mask)
+    packed = (pack_examples if pack else one_per_row)(tokens, loss_mask, attention_mask)
     packed_ans = answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
                                   num_examples=packed.num_examples)
     rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions))
-    return _Prepared(ans, tokens_j, am_j, packed, rows, _ans_arrays(packed_ans))
+    return _Prepared(ans, tokens, attention_mask, packed, rows, _ans_arrays(packed_ans))
 
 
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
@@ -419,7 +418,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         masked = baseline[:, None, None] - grad
     else:
         nll = _ablation_nll(model, params, prep, chunk_size, checkpoint_dir, layers_per_call, progress,
-                            fingerprint_args=(tokens, loss_mask, np.asarray(prep.attention_mask)),
+                            fingerprint_args=(tokens, loss_mask, prep.attention_mask),
                             mesh=mesh)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")

@@ -41,6 +41,8 @@ from typing import Any, Callable, TypeVar
 import jax
 import jax.numpy as jnp
 
+from capjax.model import param_shapes
+
 R = TypeVar("R")
 DEFAULT_BUDGET = 2 << 30
 HOST_BUDGET = 4 << 30
@@ -83,8 +85,6 @@ class InsufficientMemoryError(MemoryError):
 
 def params_bytes(config: Any, dtype: Any) -> tuple[int, int]:
     """(total, largest leaf) bytes of the params tree in `dtype`, from its shapes alone."""
-    from capjax.model import param_shapes
-
     sizes = [int(leaf.size) * jnp.dtype(dtype).itemsize for leaf in jax.tree.leaves(param_shapes(config))]
     return sum(sizes), max(sizes)
 

@@ -122,7 +122,7 @@ def test_positions_after_the_last_answer_token_are_cut_exactly(tiny):
     for b in range(B):
         am_x[b, am[b].sum():am[b].sum() + 2] = 1
     loss_x = np.concatenate([loss_mask, np.zeros((B, extra), np.float32)], axis=1)
-    _, cut_tokens, _ = attribution._check_calibration(model, tokens_x, loss_x, am_x)
+    _, cut_tokens, _, _ = attribution._check_calibration(model, tokens_x, loss_x, am_x)
     assert cut_tokens.shape == (B, T)  # the last answer token is at T - 1
     scores = score_heads(model, params, tokens_x, loss_x, subsets=3, attention_mask=am_x, progress=False)
     masked = np.stack([torch_subset_losses(hf, tokens_x, loss_x, am_x, 3, m)
