@@ -11,7 +11,8 @@ Two exact paths, equal to 1e-5 in float32 (tests prove it):
 - `score_heads(method="ablation")`: every single-head ablation, with prefix reuse (the layers
   below the ablated layer are computed once and shared by its H ablations), the last layer and
   the logits only at answer positions, and the calibration examples packed into rows
-  (`capjax.packing`: little padding, nothing after an example's last answer token). One compiled
+  (`capjax.packing`: little padding, nothing after an example's last answer token, and the tokens
+  every example starts with, such as a chat template's system prompt, computed once). One compiled
   call scans over layers; with `checkpoint_dir`, the same compiled function runs a few layers
   per call and saves each finished group with orbax, so a killed run resumes where it stopped.
 
@@ -159,10 +160,12 @@ def default_chunk_size(config, batch: int, seq_len: int, dtype: Any = jnp.float3
 # ---------------------------------------------------------------------------- general primitive
 def _packed_nll(model: Decoder, params, rows, ans, num_examples: int, head_mask: Array) -> Array:
     """Summed NLL per example [B] under head_mask [L, H], on packed rows (tokens, segment_ids,
-    positions) [P, S]; the last layer and the LM head run only at the answer positions."""
+    positions) [P, S] and the shared prefix's tokens [Pf] (its shape is what counts); the last
+    layer and the LM head run only at the answer positions."""
     L = model.config.num_layers
-    tokens, segment_ids, positions = rows
-    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids)
+    tokens, segment_ids, positions, prefix = rows
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
+                           prefix_len=prefix.shape[0])
     x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, head_mask[l]), x)
     return _last_layer_nll(model, params, x, ctx, head_mask[L - 1], ans, num_examples)
 
@@ -212,22 +215,30 @@ def _ans_arrays(ans: AnswerPositions):
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
     """A checked calibration batch: `ans` and `tokens`/`attention_mask` [B, T'] (numpy, cut after the
-    last answer token); `packed` with its device arrays `rows` and answer positions `packed_ans`."""
+    last answer token); `packed` with its device arrays `rows` (tokens, segment_ids, positions,
+    prefix) and answer positions `packed_ans`."""
 
     ans: AnswerPositions
     tokens: np.ndarray
     attention_mask: np.ndarray
     packed: PackedBatch
-    rows: tuple[Array, Array, Array]
+    rows: tuple[Array, Array, Array, Array]
     packed_ans: tuple[Array, Array, Array]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, keys per row) for the memory formula: the rows attend to Pf + S keys."""
+        P, S = self.packed.tokens.shape
+        return P, S + len(self.packed.prefix)
 
-def _prepare(model, tokens, loss_mask, attention_mask, pack: bool = True) -> _Prepared:
+
+def _prepare(model, tokens, loss_mask, attention_mask, pack: bool = True, share_prefix: bool = True) -> _Prepared:
     ans, tokens, loss_mask, attention_mask = _check_calibration(model, tokens, loss_mask, attention_mask)
-    packed = (pack_examples if pack else one_per_row)(tokens, loss_mask, attention_mask)
+    packed = (pack_examples(tokens, loss_mask, attention_mask, share_prefix=share_prefix) if pack
+              else one_per_row(tokens, loss_mask, attention_mask))
     packed_ans = answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
                                   num_examples=packed.num_examples)
-    rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions))
+    rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions, packed.prefix))
     return _Prepared(ans, tokens, attention_mask, packed, rows, _ans_arrays(packed_ans))
 
 
@@ -248,7 +259,7 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
         raise ValueError(f"masks must be [N, L, H] = [N, {c.num_layers}, {c.num_heads}], got {tuple(masks.shape)}")
     prep = _prepare(model, tokens, loss_mask, attention_mask)
     ans = prep.ans
-    shape = prep.packed.tokens.shape if answer_only else prep.tokens.shape
+    shape = prep.shape if answer_only else prep.tokens.shape
     chunk = chunk_size or (default_chunk_size(c, *shape, model.dtype, answer_tokens=len(ans.target)) if answer_only
                            else default_chunk_size(c, *shape, model.dtype, vocab_chunk=None))
     n = masks.shape[0]
@@ -283,19 +294,21 @@ def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers
                      mesh=None):
     """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1.
 
-    packed: (tokens, segment_ids, positions) [P, S] from `capjax.packing.pack_examples`; ans: the
-    answer positions in that layout, for B = num_examples examples.
+    packed: (tokens, segment_ids, positions) [P, S] and the shared prefix's tokens [Pf] from
+    `capjax.packing.pack_examples`; ans: the answer positions in that layout, for B = num_examples
+    examples.
 
-    The intact prefix up to `start` is run once; then a scan over the layers carries the intact
-    hidden state, and for each layer its H ablations share that prefix. The last layer runs
+    The intact layers below `start` run once; then a scan over the layers carries the intact
+    hidden state, and for each layer its H ablations share it. The last layer runs
     o_proj and the MLP only at the answer positions, the only ones the loss reads. With `mesh`,
     the hidden states are kept replicated per ablation and the H ablations split over "data".
     """
     c = model.config
     L, H = c.num_layers, c.num_heads
     B = num_examples
-    tokens, segment_ids, positions = packed
-    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids)
+    tokens, segment_ids, positions, prefix = packed
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
+                           prefix_len=prefix.shape[0])
     ones = jnp.ones((H,), model.dtype)
 
     def intact(i, x):
@@ -379,7 +392,7 @@ def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str
 def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, aggregate: str = "median",
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
-                progress: bool = True, mesh=None, pack: bool = True) -> HeadScores:
+                progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
 
     Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
@@ -389,14 +402,16 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     a rerun with the same arguments resumes from them. With `mesh`, params are sharded by
     `capjax.sharding.DEFAULT_RULES` and each layer's H single-head ablations are split over
     the mesh's "data" axis (`chunk_size` per device). With `pack` (default), the ablations run on
-    the examples packed into rows (`capjax.packing`); pack=False keeps one example per row.
+    the examples packed into rows (`capjax.packing`); pack=False keeps one example per row. With
+    `share_prefix` (and `pack`), the tokens all examples start with (a chat template's system
+    prompt) run once per ablation, not once per example (`capjax.packing`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
     c = model.config
-    prep = _prepare(model, tokens, loss_mask, attention_mask, pack)
+    prep = _prepare(model, tokens, loss_mask, attention_mask, pack, share_prefix)
     ans, B = prep.ans, prep.packed.num_examples
     groups = _subsets(B, subsets)
     onehot = np.zeros((len(groups), B), np.float32)
@@ -426,18 +441,19 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
 
 
 def scoring_flops(config, rows: int, seq_len: int, answer_tokens: int, layers: range | None = None,
-                  baseline: bool = True) -> float:
+                  baseline: bool = True, prefix: int = 0) -> float:
     """Matmul FLOPs of exact scoring as `score_heads` schedules it, on a packed batch [rows, seq_len]
-    with A = answer_tokens: the intact prefix below the first scored layer; per scored layer l its
-    intact carry and H ablations of (L - 1 - l) full layers, the last layer (o_proj and MLP at the A
-    answer rows only) and the LM head on A rows; plus, with `baseline`, the intact forward.
-    Attention is counted dense (4 N S H D per layer on N = rows * seq_len tokens)."""
+    (the shared prefix's row included) with A = answer_tokens and Pf = `prefix` shared tokens: the
+    intact layers below the first scored layer; per scored layer l its intact carry and H ablations
+    of (L - 1 - l) full layers, the last layer (o_proj and MLP at the A answer rows only) and the LM
+    head on A rows; plus, with `baseline`, the intact forward. Attention is counted dense
+    (4 N (Pf + S) H D per layer on N = rows * seq_len tokens)."""
     c = config
     E, F, H, K, D, L, V = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
                            c.num_layers, c.vocab_size)
     layers = range(L) if layers is None else layers
     N, A = rows * seq_len, answer_tokens
-    attention = 4 * N * seq_len * H * D
+    attention = 4 * N * (prefix + seq_len) * H * D
     full = 2 * N * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + attention
     last = 2 * N * (E * H * D + 2 * E * K * D) + attention + 2 * A * (E * H * D + 3 * E * F)
     head = 2 * A * E * V
@@ -458,7 +474,7 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
     packed, rows, ans = prep.packed, prep.rows, prep.packed_ans
     B = packed.num_examples
     per_device = H if mesh is None else -(-H // sharding.axis_size(mesh, sharding.DATA))
-    chunk = min(chunk_size or default_chunk_size(c, *packed.tokens.shape, model.dtype,
+    chunk = min(chunk_size or default_chunk_size(c, *prep.shape, model.dtype,
                                                  answer_tokens=ans[0].shape[0]), per_device)
     if layers_per_call is None:
         layers_per_call = L if checkpoint_dir is None else max(1, math.ceil(L / 8))

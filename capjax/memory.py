@@ -23,7 +23,10 @@ The budget is what the device has free *after* the params were placed on it, so 
 not counted (they are already in `bytes_in_use`): on accelerators 75% of
 memory_stats()["bytes_limit"] - ["bytes_in_use"] (the rest is XLA's scratch and fragmentation
 headroom); on CPU (memory_stats() is None) half of psutil's available RAM, capped at
-`HOST_BUDGET` since the host is shared; `DEFAULT_BUDGET` when neither is known.
+`HOST_BUDGET` since the host is shared; `DEFAULT_BUDGET` when neither is known. On CPU the
+default chunk is further capped at `CPU_CHUNK_BYTES` of activations: a CPU has nothing to gain
+from a wider vmap (the weights are already reused across all B T tokens), and a chunk that spills
+out of the last-level cache runs slower (`scripts/bench_chunk.py`).
 
 Example: Llama-3-8B (E 4096, F 14336, H 32, K 8, D 128, V 128256) in bfloat16, B 128, T 256,
 A = B T / 4, vocab chunk 4096: layer = 7.2 GB, lm_head = 0.27 GB (8.4 GB with full logits) per
@@ -47,6 +50,7 @@ R = TypeVar("R")
 DEFAULT_BUDGET = 2 << 30
 HOST_BUDGET = 4 << 30
 ACCELERATOR_FRACTION = 0.75
+CPU_CHUNK_BYTES = 64 << 20
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OOM when allocating|failed to allocate", re.IGNORECASE)
 
 
@@ -143,9 +147,14 @@ def ablation_bytes(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float
 def chunk_size_for_memory(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float32,
                           budget_bytes: float | None = None, answer_tokens: int | None = None,
                           max_chunk: int | None = None, vocab_chunk: int | None = None) -> int:
-    """Ablations per device per step so that their activations fit in `budget_bytes`
-    (default `available_bytes()`); at least 1, at most `max_chunk` (default L * H)."""
-    budget = available_bytes() if budget_bytes is None else budget_bytes
+    """Ablations per device per step so that their activations fit in `budget_bytes` (default
+    `available_bytes()`, at most `CPU_CHUNK_BYTES` on CPU); at least 1, at most `max_chunk`
+    (default L * H)."""
+    budget = budget_bytes
+    if budget is None:
+        budget = available_bytes()
+        if jax.local_devices()[0].platform == "cpu":
+            budget = min(budget, CPU_CHUNK_BYTES)
     per = ablation_bytes(config, batch, seq_len, dtype, answer_tokens, vocab_chunk)
     cap = config.num_layers * config.num_heads if max_chunk is None else max_chunk
     return int(max(1, min(cap, budget // per)))

@@ -105,6 +105,8 @@ class Attention(nn.Module):
         """x [B, T, E], head_mask [H], mask [B, T, S] -> ([B, T, E], cache).
 
         cache: {"k", "v": [B, S, K, D]}; the T new keys are written at slot cache_index.
+        Without a cache, S = Pf + T > T means a shared prefix (`capjax.packing`): every row's keys
+        are row 0's first Pf keys, then its own T.
         rows [R] (flat indices into B * T): only those query positions go through o_proj -> [1, R, E].
         """
         c = self.config
@@ -119,6 +121,9 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
             cache = {"k": k, "v": v}
         B, T = x.shape[:2]
+        Pf = mask.shape[-1] - T if cache is None else 0
+        if Pf > 0:
+            k, v = (jnp.concatenate([jnp.broadcast_to(a[:1, :Pf], (B, Pf, K, D)), a], axis=1) for a in (k, v))
         q = q.reshape(B, T, K, G, D)
         logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype)) * (D ** -0.5)
         logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
@@ -279,12 +284,16 @@ def numpy_dtype(dtype: Any) -> np.dtype:
 # Sequential algorithms (prefix reuse, Wanda, SparseGPT) walk the stack one layer at a time.
 
 def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask: Array | None = None,
-                  positions: Array | None = None, segment_ids: Array | None = None):
+                  positions: Array | None = None, segment_ids: Array | None = None, prefix_len: int = 0):
     """(embeddings [B, T, E], ctx) where ctx = (cos, sin, mask) is what every layer needs.
 
     segment_ids [B, T] (0 = padding) packs several sequences into one row: a token attends only
     to earlier tokens of its own segment; pass their `positions` [B, T] (restarting at 0 in each
     segment) with them. See `capjax.packing`.
+
+    prefix_len Pf > 0 (with segment_ids): row 0 starts with Pf tokens of segment -1 that precede
+    every segment (a shared prefix, computed once); the others' positions start at Pf. The mask is
+    then [B, T, Pf + T]: keys are those Pf prefix tokens, then the row's own T.
     """
     B, T = tokens.shape
     if segment_ids is not None:
@@ -298,11 +307,24 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
     if positions is None:
         positions = jnp.maximum(jnp.cumsum(key_valid > 0, axis=-1) - 1, 0)
     cos, sin = rope_tables(model.config, positions, model.dtype)
-    slots = jnp.arange(T)
-    mask = attention_mask_bool(slots, slots, key_valid, model.config.sliding_window)
-    if segment_ids is not None:
-        mask &= key_valid[:, :, None] == key_valid[:, None, :]
+    window = model.config.sliding_window
     x = model.apply({"params": params}, tokens, method=Decoder.embed)
+    if not prefix_len:
+        slots = jnp.arange(T)
+        mask = attention_mask_bool(slots, slots, key_valid, window)
+        if segment_ids is not None:
+            mask &= key_valid[:, :, None] == key_valid[:, None, :]
+        return x, (cos, sin, mask)
+    if segment_ids is None:
+        raise ValueError("a shared prefix needs segment_ids and positions (see capjax.packing.pack_examples)")
+    seg, pos = key_valid[:, :, None], positions[:, :, None]
+    slots = jnp.arange(T)
+    own = (key_valid[:, None, :] == seg) & (seg != 0) & (slots[None, None, :] <= slots[None, :, None])
+    shared = jnp.broadcast_to(seg > 0, (B, T, prefix_len))  # every example token sees the whole prefix
+    mask = jnp.concatenate([shared, own], axis=-1)
+    if window is not None:
+        key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix_len), (B, prefix_len)), positions], axis=1)
+        mask &= pos - key_pos[:, None, :] < window
     return x, (cos, sin, mask)
 
 

@@ -4,8 +4,10 @@
 
 Real calibration sets have examples of different lengths, so a padded [N, T] batch is partly
 padding. score_heads(pack=True) (the default) packs the examples into rows (capjax.packing);
-pack=False keeps one example per row, cut after the batch's last answer token. Prints the
-layouts, both wall times (compile included), their ratio and the largest score difference.
+pack=False keeps one example per row, cut after the batch's last answer token. Both run with
+share_prefix=False, so that packing alone is measured (bench_scoring.py measures prefix sharing).
+Prints the layouts, both wall times (compile included), their ratio and the largest score
+difference.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main():
 
     model, params, tokenizer = load_model(args)
     calib = load_calibration(args, tokenizer)
-    packed = pack_examples(calib.tokens, calib.loss_mask, calib.attention_mask)
+    packed = pack_examples(calib.tokens, calib.loss_mask, calib.attention_mask, share_prefix=False)
     c = model.config
     print(f"{args.model}: {c.num_layers * c.num_heads} heads; calibration {args.calib} N={args.n} T={args.seq_len} "
           f"K={args.subsets}; jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -43,7 +45,8 @@ def main():
     for pack in (False, True):
         t = time.perf_counter()
         scores[pack] = score_heads(model, params, calib.tokens, calib.loss_mask, args.subsets,
-                                   attention_mask=calib.attention_mask, progress=False, pack=pack)
+                                   attention_mask=calib.attention_mask, progress=False, pack=pack,
+                                   share_prefix=False)
         times[pack] = time.perf_counter() - t
     print(f"one example per row: {times[False]:8.1f} s")
     print(f"packed             : {times[True]:8.1f} s")

@@ -4,7 +4,9 @@
 
 Both score the same calibration tokens (K subsets, median - mean). Prints wall times (with and
 without compilation), their ratio, the largest score difference, and capjax's achieved GFLOP/s
-against a float32 matmul peak measured in the same run.
+against a float32 matmul peak measured in the same run. When the examples share a prefix (the chat
+template's system prompt; not with --plain), capjax also runs once with share_prefix=False, so the
+share of the speed-up that comes from computing that prefix once is measured in the same run.
 """
 
 from __future__ import annotations
@@ -103,8 +105,20 @@ def main():
     t_torch = time.perf_counter() - t0
 
     prep = _prepare(model, calib.tokens, calib.loss_mask, calib.attention_mask)
-    flops = scoring_flops(cfg, *prep.packed.tokens.shape, len(prep.packed_ans[1]))
+    P, S = prep.packed.tokens.shape
+    Pf, A = len(prep.packed.prefix), len(prep.packed_ans[1])
+    flops = scoring_flops(cfg, P, S, A, prefix=Pf)
+    t_alone = None
+    if Pf:
+        t0 = time.perf_counter()
+        s3 = score_heads(model, params, calib.tokens, calib.loss_mask, args.subsets,
+                         attention_mask=calib.attention_mask, progress=False, share_prefix=False)
+        t_alone = time.perf_counter() - t0
+        alone = _prepare(model, calib.tokens, calib.loss_mask, calib.attention_mask, share_prefix=False)
+        flops_alone = scoring_flops(cfg, *alone.packed.tokens.shape, A)
     peak = matmul_peak_gflops()
+    print(f"layout                    : {P} packed rows x {S} columns, shared prefix {Pf} tokens, "
+          f"{A} answer tokens")
     print(f"capjax  (compile included): {t_first:8.1f} s")
     print(f"capjax  (compile excluded): {t_warm:8.1f} s")
     print(f"pytorch hook loop         : {t_torch:8.1f} s")
@@ -112,6 +126,10 @@ def main():
           f"{t_torch / t_warm:.2f}x (compile excluded)")
     print(f"max |delta diff|          : {np.abs(s2.delta - ref_delta).max():.2e}")
     print(f"max |masked diff|         : {np.abs(s2.masked - ref_masked).max():.2e}")
+    if t_alone is not None:
+        print(f"capjax, prefix not shared : {t_alone:8.1f} s (compile included): {t_torch / t_alone:.2f}x; "
+              f"max |delta diff| to shared {np.abs(s3.delta - s2.delta).max():.2e}")
+        print(f"matmul work               : {flops / 1e12:.1f} TFLOP shared, {flops_alone / 1e12:.1f} TFLOP not")
     print(f"capjax achieved           : {flops / t_warm / 1e9:8.1f} GFLOP/s vs {peak:.1f} GFLOP/s "
           f"float32 matmul peak measured here ({100 * flops / t_warm / 1e9 / peak:.0f}%)")
 

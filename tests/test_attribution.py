@@ -52,14 +52,28 @@ def single_head_masks(L, H):
 
 
 def _data(tiny, which):
-    """The fixture's batch (one example per row), or short examples that pack two or three per row."""
+    """The fixture's batch (one example per row), short examples that pack two or three per row, or
+    short examples with a shared prefix."""
     hf, model, params, tokens, loss_mask, am = tiny
     if which == "packed":
         tokens, loss_mask, am = _short_examples(np.random.RandomState(2))
+    elif which == "prefix":
+        tokens, loss_mask, am = _prefixed_examples(np.random.RandomState(2))
+        assert len(packing.pack_examples(tokens, loss_mask, am).prefix) == 9
+    elif which == "beside_prefix":  # short suffixes fill row 0 after the prefix
+        rng = np.random.RandomState(7)
+        tokens = np.concatenate([np.tile(rng.randint(0, 101, 10), (3, 1)), rng.randint(0, 101, (3, 20))], axis=1)
+        am = np.ones(tokens.shape, np.int32)
+        am[1, 15:], am[2, 14:] = 0, 0
+        loss_mask = np.zeros(tokens.shape, np.float32)
+        loss_mask[0, 12:], loss_mask[1, 12:15], loss_mask[2, 11:14] = 1, 1, 1
+        packed = packing.pack_examples(tokens, loss_mask, am)
+        np.testing.assert_array_equal(packed.segment_ids[0], [-1] * 10 + [2] * 5 + [3] * 4 + [0])
+        assert packed.tokens.shape == (2, 20)
     return hf, model, params, tokens, loss_mask, am
 
 
-@pytest.mark.parametrize("which", ["fixture", "packed"])
+@pytest.mark.parametrize("which", ["fixture", "packed", "prefix", "beside_prefix"])
 def test_vmapped_losses_equal_python_loop(tiny, which):
     _, model, params, tokens, loss_mask, am = _data(tiny, which)
     rng = np.random.RandomState(3)
@@ -139,7 +153,7 @@ def test_chunk_size_does_not_change_scores(tiny, chunk_size):
     np.testing.assert_allclose(got.masked, ref.masked, atol=1e-6)
 
 
-@pytest.mark.parametrize("which", ["fixture", "packed"])
+@pytest.mark.parametrize("which", ["fixture", "packed", "prefix"])
 def test_gradient_method_equals_torch_autograd(tiny, which):
     hf, model, params, tokens, loss_mask, am = _data(tiny, which)
     K = 2
@@ -232,6 +246,19 @@ def _short_examples(rng, B=7, T=24):
     return tokens, loss, am
 
 
+def _prefixed_examples(rng, B=7, T=26, Pf=9):
+    """Short examples that all start with the same Pf tokens (a chat template's system prompt),
+    answers after it, right padding and one left-padded row."""
+    tokens, loss, am = _short_examples(rng, B, T - Pf)
+    tokens = np.concatenate([np.broadcast_to(rng.randint(0, 101, Pf), (B, Pf)), tokens], axis=1)
+    loss = np.concatenate([np.zeros((B, Pf), np.float32), loss], axis=1)
+    am = np.concatenate([np.ones((B, Pf), np.int32), am], axis=1)
+    n = am[0].sum()  # left-pad row 0
+    for a in (tokens, loss, am):
+        a[0] = np.roll(a[0], T - n)
+    return tokens, loss, am
+
+
 def test_pack_examples_keeps_every_answer_token_in_its_segment():
     tokens, loss, am = _short_examples(np.random.RandomState(1))
     packed = packing.pack_examples(tokens, loss, am)
@@ -252,14 +279,57 @@ def test_pack_examples_keeps_every_answer_token_in_its_segment():
     np.testing.assert_array_equal(np.sort(packed_ans.target), np.sort(plain.target))
 
 
-@pytest.mark.parametrize("model_type, overrides, pack", [("llama", {}, True), ("llama", {}, False),
-                                                         ("mistral", {"sliding_window": 4}, True)])
-def test_packed_scoring_equals_pytorch_on_padded_rows(tmp_path, model_type, overrides, pack):
+@pytest.mark.parametrize("model_type, overrides, pack, examples", [
+    ("llama", {}, True, _short_examples), ("llama", {}, False, _short_examples),
+    ("mistral", {"sliding_window": 4}, True, _short_examples),
+    ("llama", {}, True, _prefixed_examples), ("mistral", {"sliding_window": 4}, True, _prefixed_examples),
+    ("qwen2", {}, True, _prefixed_examples)])
+def test_packed_scoring_equals_pytorch_on_padded_rows(tmp_path, model_type, overrides, pack, examples):
     hf = make_hf_model(tmp_path, model_type, num_hidden_layers=2, **overrides)
     model, params = capjax.load_pretrained(tmp_path)
-    tokens, loss, am = _short_examples(np.random.RandomState(2))
+    tokens, loss, am = examples(np.random.RandomState(2))
+    if examples is _prefixed_examples:
+        assert len(packing.pack_examples(tokens, loss, am).prefix) == 9  # window 4 < the prefix
     scores = score_heads(model, params, tokens, loss, subsets=3, attention_mask=am, progress=False, pack=pack)
     masked = np.stack([torch_subset_losses(hf, tokens, loss, am, 3, m)
                        for m in single_head_masks(2, 4)], axis=1).reshape(3, 2, 4)
     np.testing.assert_allclose(scores.masked, masked, atol=1e-5)
     np.testing.assert_allclose(scores.baseline, torch_subset_losses(hf, tokens, loss, am, 3), atol=1e-5)
+
+
+def test_pack_examples_stores_the_shared_prefix_once():
+    rng = np.random.RandomState(4)
+    tokens, loss, am = _prefixed_examples(rng)
+    packed = packing.pack_examples(tokens, loss, am)
+    kept = packing.kept_tokens(am, loss)
+    np.testing.assert_array_equal(packed.prefix, tokens[1, :9])
+    np.testing.assert_array_equal(packed.segment_ids[0], [-1] * 9 + [0] * (packed.tokens.shape[1] - 9))
+    np.testing.assert_array_equal(packed.positions[0, :9], np.arange(9))
+    for b in range(len(tokens)):  # each segment is the example after the prefix, at positions 9...
+        where = np.argwhere(packed.segment_ids == b + 1)
+        r, cols = where[0, 0], where[:, 1]
+        np.testing.assert_array_equal(np.concatenate([packed.prefix, packed.tokens[r, cols]]), tokens[b, kept[b]])
+        np.testing.assert_array_equal(packed.positions[r, cols], 9 + np.arange(len(cols)))
+    plain = attribution.answer_positions(tokens, loss, am)
+    packed_ans = attribution.answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
+                                              num_examples=len(tokens))
+    np.testing.assert_array_equal(packed_ans.count, plain.count)  # no answer token lost to the prefix
+
+    early = loss.copy()
+    early[3, kept[3][5]] = 1  # an answer token at index 5 -> its predictor (4) must stay in the rows
+    assert len(packing.pack_examples(tokens, early, am).prefix) == 4
+    assert len(packing.pack_examples(tokens, loss, am, share_prefix=False).prefix) == 0
+    for rest, shared in ((30, 3), (100, 0)):  # 3 x 3 tokens saved: 6.8% of 132, 2.2% of 412
+        toks = np.concatenate([np.tile([5, 6, 7], (4, 1)), rng.randint(0, 101, (4, rest))], axis=1)
+        ans = np.zeros(toks.shape, np.float32)
+        ans[:, -5:] = 1
+        assert packing.MIN_PREFIX_SAVING == 0.05
+        assert len(packing.pack_examples(toks, ans).prefix) == shared
+
+def test_shared_prefix_scores_equal_unshared(tiny):
+    _, model, params, *_ = tiny
+    tokens, loss, am = _prefixed_examples(np.random.RandomState(6))
+    shared = score_heads(model, params, tokens, loss, attention_mask=am, progress=False)
+    alone = score_heads(model, params, tokens, loss, attention_mask=am, progress=False, share_prefix=False)
+    np.testing.assert_allclose(shared.masked, alone.masked, atol=1e-5)
+    np.testing.assert_allclose(shared.baseline, alone.baseline, atol=1e-5)

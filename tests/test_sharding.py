@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import pytest
 
 from capjax.config import ModelConfig
+from capjax import memory
 from capjax.memory import ablation_bytes, chunk_size_for_memory, is_oom, run_with_oom_fallback
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
@@ -115,6 +116,14 @@ def test_formula_bounds_compiled_scoring_memory(vocab, seq_len, answer_from):
 
 def test_default_budget_is_positive():
     assert chunk_size_for_memory(TINY[0], 4, 16) >= 1  # CPU: memory_stats() is None -> psutil / default
+
+
+def test_cpu_default_chunk_stays_near_the_cache():
+    smollm2 = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64)
+    per = ablation_bytes(smollm2, 6, 96, vocab_chunk=4096)  # ~24 MiB, the plain GSM8K benchmark
+    assert 8 << 20 < per < memory.CPU_CHUNK_BYTES
+    assert chunk_size_for_memory(smollm2, 6, 96, vocab_chunk=4096) == memory.CPU_CHUNK_BYTES // per
+    assert chunk_size_for_memory(smollm2, 6, 96, budget_bytes=1 << 30, vocab_chunk=4096) == (1 << 30) // per
 
 
 class FakeOOM(RuntimeError):
