@@ -229,7 +229,7 @@ class _Prepared:
     def shape(self) -> tuple[int, int]:
         """(rows, keys per row) for the memory formula: the rows attend to Pf + S keys."""
         P, S = self.packed.tokens.shape
-        return P, S + len(self.packed.prefix)
+        return P, S + self.packed.prefix_len
 
 
 def _prepare(model, tokens, loss_mask, attention_mask, pack: bool = True, share_prefix: bool = True) -> _Prepared:

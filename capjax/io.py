@@ -93,7 +93,8 @@ def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32") -> 
     """
     jdtype = _dtype(dtype)
     kind, where = _resolve(source)
-    if kind == "hub":
+    if kind == "hub":  # the config alone first, so that a model that cannot fit is refused before its download
+        check_params_fit(load_config(_download(str(where), ["config.json"])), jdtype)
         where = _download(str(where))
     config = load_config(where)
     check_params_fit(config, jdtype)  # before reading any tensor: a clear error instead of an OOM kill
@@ -105,11 +106,13 @@ def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32") -> 
     return Decoder(config, dtype=jdtype), params
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
+    """The local snapshot folder of a hub repo (default: config, tokenizer and safetensors files)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+        patterns = allow_patterns or ["*.json", "*.safetensors", "tokenizer*"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing repo: say what to do instead
         raise FileNotFoundError(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "

@@ -82,8 +82,8 @@ def pack_examples(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.
                   share_prefix: bool = True) -> PackedBatch:
     """Packs a padded batch [B, T] into [P, S] rows (first-fit decreasing, S = longest kept suffix).
 
-    With `share_prefix`, the tokens all examples start with go to `prefix` once when that removes at
-    least MIN_PREFIX_SAVING of the kept tokens (module docstring). An answer token at the start of
+    With `share_prefix`, the tokens all examples start with are stored once, at the start of row 0,
+    when that removes at least MIN_PREFIX_SAVING of the kept tokens (module docstring). An answer token at the start of
     its segment (predicted from padding) is dropped, as in `capjax.attribution.answer_positions`.
     """
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)

@@ -26,6 +26,7 @@ from capjax import sharding  # noqa: E402
 from capjax.attribution import head_ablation_losses, score_heads  # noqa: E402
 from capjax.config import ModelConfig  # noqa: E402
 from capjax.model import Decoder, init_params  # noqa: E402
+from capjax.packing import pack_examples  # noqa: E402
 from capjax.pruning import global_threshold, prune, weight_scores  # noqa: E402
 from capjax.pruning.importance import get_kernels, importance_from_scores  # noqa: E402
 from capjax.pruning.threshold import _count_le  # noqa: E402
@@ -143,6 +144,17 @@ def check_score_heads_sharded():
                           progress=False, mesh=mesh(name))
         for f in ("delta", "masked", "baseline"):
             np.testing.assert_allclose(getattr(got, f), getattr(ref, f), atol=1e-5, err_msg=f"{name} {f}")
+
+
+def check_shared_prefix_sharded():
+    tokens = TOKENS.copy()
+    tokens[:, :3] = tokens[0, :3]  # a 3-token prefix shared by every example, computed once
+    assert pack_examples(tokens, LOSS, AM).prefix_len == 3
+    ref = score_heads(MODEL, PARAMS, tokens, LOSS, subsets=3, attention_mask=AM, progress=False, share_prefix=False)
+    got = score_heads(MODEL, PARAMS, tokens, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
+                      mesh=mesh("data4_model2"))
+    for f in ("delta", "masked", "baseline"):
+        np.testing.assert_allclose(getattr(got, f), getattr(ref, f), atol=1e-5, err_msg=f)
 
 
 def check_gradient_scores_sharded():

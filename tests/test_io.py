@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -157,6 +158,39 @@ def test_too_little_host_memory_is_refused_before_loading(tmp_path, monkeypatch)
     monkeypatch.setenv("CAPJAX_SKIP_MEMORY_CHECK", "1")
     capjax.load_pretrained(tmp_path, dtype="bfloat16")
     assert len(read) == 2
+
+
+def test_hub_model_too_big_is_refused_before_its_weights_download(tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    from capjax import memory
+
+    repo = tmp_path / "repo"  # what the hub would serve
+    make_hf_model(repo)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None):  # copies the matching files, like the hub cache
+        calls.append(list(allow_patterns))
+        snap = tmp_path / "cache" / repo_id.replace("/", "--")
+        snap.mkdir(parents=True, exist_ok=True)
+        for f in repo.iterdir():
+            if any(Path(f.name).match(pat) for pat in allow_patterns):
+                shutil.copy(f, snap / f.name)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    config = capjax.load_config(repo)
+    total, largest = memory.params_bytes(config, jnp.float32)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: total + largest - 1)
+    with pytest.raises(memory.InsufficientMemoryError):
+        capjax.load_pretrained("some-org/some-model")
+    assert calls == [["config.json"]]  # the weights were never requested
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: total + largest)
+    model, params = capjax.load_pretrained("some-org/some-model")
+    assert calls[1:] == [["config.json"], ["*.json", "*.safetensors", "tokenizer*"]]
+    assert model.config == config and params["embed_tokens"]["embedding"].shape == (101, 32)
 
 
 class _FakeAccelerator:
