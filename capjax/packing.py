@@ -83,8 +83,9 @@ def pack_examples(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.
     """Packs a padded batch [B, T] into [P, S] rows (first-fit decreasing, S = longest kept suffix).
 
     With `share_prefix`, the tokens all examples start with are stored once, at the start of row 0,
-    when that removes at least MIN_PREFIX_SAVING of the kept tokens (module docstring). An answer token at the start of
-    its segment (predicted from padding) is dropped, as in `capjax.attribution.answer_positions`.
+    when that removes at least MIN_PREFIX_SAVING of the kept tokens (module docstring). An answer
+    token at the start of its segment (predicted from padding) is dropped, as in
+    `capjax.attribution.answer_positions`.
     """
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     attention_mask = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
