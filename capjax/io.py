@@ -93,11 +93,11 @@ def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32") -> 
     """
     jdtype = _dtype(dtype)
     kind, where = _resolve(source)
-    if kind == "hub":  # the config alone first, so that a model that cannot fit is refused before its download
-        check_params_fit(load_config(_download(str(where), ["config.json"])), jdtype)
-        where = _download(str(where))
-    config = load_config(where)
+    # Hub: the config alone first, so that a model that cannot fit is refused before its download.
+    config = load_config(_download(str(where), ["config.json"]) if kind == "hub" else where)
     check_params_fit(config, jdtype)  # before reading any tensor: a clear error instead of an OOM kill
+    if kind == "hub":
+        where = _download(str(where))
     np_dtype = numpy_dtype(jdtype)
     if kind == "gguf":
         params = _load_gguf_params(config, Path(where), np_dtype)
