@@ -37,6 +37,8 @@ import numpy as np
 
 from capjax import sharding
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
+from capjax.errors import NonFiniteError
+from capjax.stats import head_interval
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
 from capjax.packing import PackedBatch, one_per_row, pack_examples
 
@@ -48,24 +50,68 @@ METHODS = ("ablation", "gradient")
 @dataclasses.dataclass(frozen=True)
 class HeadScores:
     """delta [L, H]: estimated loss increase when the head is ablated (higher = more important).
-    masked [K, L, H]: loss with that head ablated, per subset. baseline [K]: intact loss per subset."""
+    masked [K, L, H]: loss with that head ablated, per subset. baseline [K]: intact loss per subset.
+
+    Exact ablation also keeps what the estimators are computed from, per calibration example:
+    example_masked [L, H, N] (answer NLL summed over the example's answer tokens, head ablated),
+    example_baseline [N] (the same, intact) and answer_count [N] (answer tokens). interval
+    [2, L, H] is a bootstrap interval of each head's loss increase over examples (see
+    `capjax.stats.head_interval`), when asked for."""
 
     delta: np.ndarray
     masked: np.ndarray
     baseline: np.ndarray
     aggregate: str = "median"
     method: str = "ablation"
+    example_masked: np.ndarray | None = None
+    example_baseline: np.ndarray | None = None
+    answer_count: np.ndarray | None = None
+    interval: np.ndarray | None = None
 
-    def save(self, path: str | Path, **settings: Any) -> None:
-        np.savez(path, delta=self.delta, masked=self.masked, baseline=self.baseline,
-                 settings=json.dumps({"aggregate": self.aggregate, "method": self.method, **settings}))
+    OPTIONAL = ("example_masked", "example_baseline", "answer_count", "interval")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array, by field name (the optional ones only where present)."""
+        out = {"delta": self.delta, "masked": self.masked, "baseline": self.baseline}
+        out.update({k: getattr(self, k) for k in self.OPTIONAL if getattr(self, k) is not None})
+        return out
+
+    def save(self, path: str | Path, **settings: Any) -> Path:
+        """Writes an .npz (".npz" appended when missing, as numpy does); returns the real path."""
+        from capjax.experiment.store import atomic_write
+
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
+        payload = {**self.arrays(), "settings": np.asarray(json.dumps(
+            {"aggregate": self.aggregate, "method": self.method, **settings}))}
+        return atomic_write(path, lambda f: np.savez(f, **payload))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "HeadScores":
+        settings = json.loads(str(arrays["settings"])) if "settings" in arrays else {}
+        return cls(arrays["delta"], arrays["masked"], arrays["baseline"], settings.get("aggregate", "median"),
+                   settings.get("method", "ablation"), **{k: arrays.get(k) for k in cls.OPTIONAL})
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":
-        with np.load(path) as f:
-            settings = json.loads(str(f["settings"])) if "settings" in f else {}
-            return cls(f["delta"], f["masked"], f["baseline"], settings.get("aggregate", "median"),
-                       settings.get("method", "ablation"))
+        """Reads a scores .npz; an unreadable file is an ArtifactError naming it."""
+        from capjax.experiment.store import read_npz
+
+        return cls.from_arrays(read_npz(path, required=("delta", "masked", "baseline")))
+
+    def with_aggregate(self, aggregate: str) -> "HeadScores":
+        """The same losses aggregated another way (no forward pass)."""
+        return dataclasses.replace(self, delta=aggregate_scores(self.masked, self.baseline, aggregate),
+                                   aggregate=aggregate)
+
+    def with_interval(self, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "HeadScores":
+        """A bootstrap interval [2, L, H] over calibration examples (exact ablation only)."""
+        if self.example_masked is None:
+            raise ValueError(f"no per-example losses to bootstrap (method={self.method!r}; "
+                             "intervals need method='ablation')")
+        return dataclasses.replace(self, interval=head_interval(self.example_masked, self.example_baseline,
+                                                                self.answer_count, resamples, seed, level))
 
 
 def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = "median") -> np.ndarray:
@@ -283,7 +329,7 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
 
 def _check_finite(x: np.ndarray, what: str) -> None:
     if not np.all(np.isfinite(x)):
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"{what}: non-finite loss ({int((~np.isfinite(x)).sum())} of {x.size} values are NaN/inf). "
             "Check the params (NaN weights?), use float32 instead of bfloat16, or shorten seq_len.")
 
@@ -392,7 +438,8 @@ def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str
 def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, aggregate: str = "median",
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
-                progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True) -> HeadScores:
+                progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True,
+                bootstrap: int = 0) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
 
     Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
@@ -404,7 +451,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     the mesh's "data" axis (`chunk_size` per device). With `pack` (default), the ablations run on
     the examples packed into rows (`capjax.packing`); pack=False keeps one example per row. With
     `share_prefix` (and `pack`), the tokens all examples start with (a chat template's system
-    prompt) run once per ablation, not once per example (`capjax.packing`).
+    prompt) run once per ablation, not once per example (`capjax.packing`). With `bootstrap`
+    resamples (exact ablation only), `interval` [2, L, H] holds each head's 95% bootstrap
+    interval over calibration examples, from the per-example losses the pass already has.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
@@ -424,7 +473,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                          "shuffle the calibration set or use fewer subsets")
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
-    baseline = onehot @ np.asarray(_intact_nll(model, params, prep.rows, prep.packed_ans, B)) / subset_count
+    intact = np.asarray(_intact_nll(model, params, prep.rows, prep.packed_ans, B))  # [N]
+    baseline = onehot @ intact / subset_count
     _check_finite(baseline, "intact calibration loss")
 
     if method == "gradient":
@@ -437,7 +487,11 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                             mesh=mesh)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
-    return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
+    if method == "gradient":
+        return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
+    scores = HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method,
+                        np.asarray(nll, np.float64), intact.astype(np.float64), np.asarray(ans.count, np.float64))
+    return scores.with_interval(bootstrap) if bootstrap else scores
 
 
 def scoring_flops(config, rows: int, seq_len: int, answer_tokens: int, layers: range | None = None,
@@ -497,6 +551,8 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
         _PROGRESS["bar"] = bar
         for start, size in groups:
             done = store.load(start) if store else None
+            if done is not None and (done.shape != (size, H, B) or not np.all(np.isfinite(done))):
+                done = None  # a damaged or foreign group: recompute it
             if done is None:
                 def run(ch, start=start, size=size):
                     state["chunk"] = ch  # keep a chunk reduced after an out-of-memory error
@@ -534,7 +590,14 @@ class _GroupStore:
         path = self._path(start)
         if not path.exists():
             return None
-        return np.asarray(self.ckpt.restore(path)["nll"])
+        try:
+            nll = np.asarray(self.ckpt.restore(path)["nll"])
+        except Exception as e:  # orbax raises many types for a damaged folder; all mean "redo this group"
+            from capjax.experiment.store import warn
+
+            warn(f"{path} is unreadable ({type(e).__name__}); recomputing layers from {start}")
+            return None
+        return nll
 
     def save(self, start: int, nll: np.ndarray) -> None:
         self.ckpt.save(self._path(start), {"nll": np.asarray(nll)}, force=True)

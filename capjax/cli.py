@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = ("score", "prune", "eval", "run", "demo")
@@ -23,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text += f": {e.filename}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from capjax.memory import InsufficientMemoryError
@@ -31,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     maybe_initialize_distributed()  # multi-host runs set CAPJAX_DISTRIBUTED=1 (docs/scale_out.md)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, InsufficientMemoryError) as e:  # bad input: one clear line, no traceback
-        print(f"capjax {args.command}: error: {e}", file=sys.stderr)
+    # Bad input (files, paths, numbers, non-finite weights or results): one clear line, exit 2.
+    # Anything else is a bug and keeps its traceback; CAPJAX_DEBUG=1 shows it for these too.
+    except (ValueError, OSError, InsufficientMemoryError) as e:
+        if os.environ.get("CAPJAX_DEBUG") == "1":
+            raise
+        print(f"capjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from capjax.config import ModelConfig
 from capjax.convert import (gguf_to_hf_name, iter_hf_tensors, params_from_tensors,
                             unpermute_llama_cpp)
+from capjax.errors import ArtifactError
 from capjax.memory import check_params_fit
 from capjax.model import Decoder, numpy_dtype
 
@@ -72,6 +73,21 @@ def _dtype(dtype: Any) -> Any:
     return dtype
 
 
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
+    """Where a model source points: ("gguf", file) | ("folder", dir) | ("hub", repo id)."""
+    return _resolve(source)
+
+
+def model_files(source: str | os.PathLike) -> list[Path]:
+    """The local files a loaded model was read from (the GGUF file, or every file of the HF
+    folder or hub snapshot: config, weights, tokenizer), for fingerprints of what produced a result."""
+    kind, where = _resolve(source)
+    if kind == "gguf":
+        return [Path(where)]
+    folder = _download(str(where)) if kind == "hub" else Path(where)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != "masks.npz")
+
+
 def load_config(source: str | os.PathLike) -> ModelConfig:
     kind, where = _resolve(source)
     if kind == "gguf":
@@ -119,12 +135,29 @@ def _download(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
             "Download it elsewhere and pass the local folder, or use 'smollm2-135m-instruct'.") from e
 
 
+def _unreadable(path: Path, e: Exception) -> ArtifactError:
+    return ArtifactError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "re-download or re-export the model")
+
+
+def _safe_open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="flax")
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from e
+
+
 def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError
 
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise _unreadable(index, e) from e
     else:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -132,15 +165,18 @@ def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype)
                                     "(capjax reads safetensors; convert .bin files with transformers first)")
         weight_map = {}
         for f in files:
-            with safe_open(f, framework="flax") as h:
+            with _safe_open(f) as h:
                 weight_map.update({k: f.name for k in h.keys()})
     handles: dict[str, Any] = {}
 
     def get(name: str) -> np.ndarray:
         fname = weight_map[name]
         if fname not in handles:
-            handles[fname] = safe_open(folder / fname, framework="flax")
-        return np.asarray(handles[fname].get_tensor(name)).astype(dtype)
+            handles[fname] = _safe_open(folder / fname)
+        try:
+            return np.asarray(handles[fname].get_tensor(name)).astype(dtype)
+        except (SafetensorError, OSError) as e:
+            raise _unreadable(folder / fname, e) from e
 
     return params_from_tensors(config, get, set(weight_map), dtype)
 

@@ -1,6 +1,8 @@
 """Reports of a run: the Table-1-shaped markdown table and the figures people look at.
 
-A run's rows are dicts {"name", "method", "calib", "sparsity", "metrics": {"task/metric": value}}.
+A run's rows are dicts {"name", "method", "calib", "sparsity", "metrics": {"task/metric": value}},
+optionally with "achieved_sparsity", "intervals" {"task/metric": {"stderr", "low", "high"}} and
+"vs_dense" {"task/metric": {"significant"}} (see capjax.experiment.outputs).
 """
 
 from __future__ import annotations
@@ -28,18 +30,27 @@ def metric_names(rows: Sequence[dict]) -> list[str]:
 
 
 def markdown_table(rows: Sequence[dict], relative_to: dict | None = None) -> str:
-    """task metrics as columns; one row per (method, calib, sparsity); relative change vs `relative_to`."""
+    """task metrics as columns; one row per (method, calib, sparsity); relative change vs `relative_to`.
+
+    The sparsity column is the achieved sparsity when the rows have it. A metric with an interval
+    shows "value ± stderr"; a change against `relative_to` whose paired interval contains zero
+    is marked "n.s." (not distinguishable from noise)."""
     names = metric_names(rows)
     head = ["method", "calib", "sparsity", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], r.get("calib") or "-", f"{r['sparsity']:.2f}"]
+        cells = [r["method"], r.get("calib") or "-", f"{r.get('achieved_sparsity', r['sparsity']):.2f}"]
         for k in names:
             v = r["metrics"].get(k)
             cell = _fmt(v)
+            se = r.get("intervals", {}).get(k, {}).get("stderr")
+            if v is not None and se is not None:
+                cell += f" ± {se:.3g}"
             base = (relative_to or {}).get("metrics", {}).get(k)
             if r is not relative_to and v is not None and base not in (None, 0):
-                cell += f" ({100 * (v - base) / abs(base):+.1f}%)"
+                diff = r.get("vs_dense", {}).get(k)
+                noise = ", n.s." if diff is not None and not diff["significant"] else ""
+                cell += f" ({100 * (v - base) / abs(base):+.1f}%{noise})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -54,8 +65,10 @@ def _plt():
     return plt
 
 
-def plot_head_scores(delta: np.ndarray, path: str | Path, title: str = "CAP head scores") -> Path:
-    """Heatmap of delta [L, H]: layers down, heads across (the paper's Figure 2)."""
+def plot_head_scores(delta: np.ndarray, path: str | Path, title: str = "CAP head scores",
+                     interval: np.ndarray | None = None) -> Path:
+    """Heatmap of delta [L, H]: layers down, heads across (the paper's Figure 2). With a bootstrap
+    interval [2, L, H], a dot marks each head whose interval excludes zero (distinguishable)."""
     plt = _plt()
     L, H = delta.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * H + 2), max(3, 0.22 * L + 1.5)))
@@ -64,6 +77,11 @@ def plot_head_scores(delta: np.ndarray, path: str | Path, title: str = "CAP head
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(H))
+    if interval is not None:
+        ls, hs = np.nonzero((interval[0] > 0) | (interval[1] < 0))
+        ax.scatter(hs, ls, s=6, c="k", marker="o", label="95% interval excludes 0")
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.7)
+        title += f"\n{len(ls)} of {L * H} heads distinguishable from zero"
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="loss increase when ablated")
     fig.tight_layout()

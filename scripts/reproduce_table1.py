@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from capjax.experiment import load_config
-from capjax.pipeline import Experiment
+from capjax.experiment import Experiment, load_run_config
 from capjax.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ def main() -> None:
         overrides = {"model": model, "data_dir": args.data_dir, "out": f"{args.out}/{name}"}
         if args.limit:
             overrides["evaluation"] = {"limit": args.limit}
-        cfg = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
+        cfg = load_run_config(ROOT / "configs" / f"{name}.yaml", overrides)
         results = Experiment(cfg).run()
         tables.append(f"## {model}\n\n" + markdown_table(results["runs"], relative_to=results["runs"][0]))
     text = "\n\n".join(tables)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import types
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -506,15 +505,20 @@ def test_bad_inputs(tiny, calib, delta):
         prune(m, p, "cap_heads", 0.5, head_scores=delta, nm=(2, 4))
     nan_params = jax.tree.map(lambda a: a, p)
     nan_params["layers"]["mlp"]["up_proj"]["kernel"] = p["layers"]["mlp"]["up_proj"]["kernel"].at[1, 2, 3].set(jnp.nan)
-    with pytest.raises(ValueError, match="NaN weights in layers/mlp/up_proj/kernel"):
+    with pytest.raises(ValueError, match="NaN or Inf weights in layers/mlp/up_proj/kernel"):
         prune(m, nan_params, "magnitude", 0.5)
     with pytest.raises(ValueError, match="divisible by 8"):
         prune(m, jax.tree.map(lambda a: a, p) | {"layers": {**p["layers"], "mlp": {
             **p["layers"]["mlp"], "down_proj": {"kernel": jnp.ones((L, 44, E))}}}}, "magnitude", 0.5, nm=(4, 8))
 
 
-def test_nm_sparsity_mismatch_warns(tiny):
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
+def test_nm_sparsity_mismatch_is_refused(tiny):
+    with pytest.raises(ValueError, match="N:M 2:4 sets the sparsity to 0.5; pass sparsity=0"):
         prune(tiny.model, tiny.params, "magnitude", 0.3, nm=(2, 4))
-    assert any("ignored" in str(x.message) for x in w)
+    inf_params = jax.tree.map(lambda a: a, tiny.params)
+    inf_params["layers"]["self_attn"]["o_proj"]["kernel"] = \
+        tiny.params["layers"]["self_attn"]["o_proj"]["kernel"].at[0, 0, 0, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match="NaN or Inf weights in layers/self_attn/o_proj/kernel"):
+        prune(tiny.model, inf_params, "magnitude", 0.5)
+    with pytest.raises(ValueError, match="option batch_size=0: expected a positive int"):
+        prune(tiny.model, tiny.params, "wanda", 0.5, calib={"tokens": np.ones((1, 4), np.int32)}, batch_size=0)

@@ -1,23 +1,80 @@
-"""Arguments shared by the subcommands: which model, which calibration set."""
+"""Arguments shared by the subcommands: which model, which calibration set. Their defaults are
+the run config's (capjax.experiment.config), so a flag and a config key never disagree."""
 
 from __future__ import annotations
 
-from capjax.experiment import CALIB_TASKS
+import argparse
+from pathlib import Path
+
+from capjax.experiment.config import CALIB_TASKS, DTYPES, CalibrationConfig, RunConfig
+
+_CALIB = CalibrationConfig()
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def add_model_args(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="HF folder, .gguf file, hub id, or 'smollm2-135m-instruct'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default=RunConfig.dtype, choices=DTYPES)
 
 
 def add_calibration_args(p) -> None:
-    p.add_argument("--calib", default="synthetic", choices=CALIB_TASKS, help="calibration set")
+    p.add_argument("--calib", default=_CALIB.tasks[0], choices=CALIB_TASKS, help="calibration set")
     p.add_argument("--data-dir", default=None, help="folder with gsm8k/, strategyqa/, arc_challenge/ "
                    "(default: $CAPJAX_DATA)")
-    p.add_argument("--n", type=int, default=128, help="calibration examples")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per example (pad or truncate)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=_CALIB.n, help="calibration examples")
+    p.add_argument("--seq-len", type=positive_int, default=_CALIB.seq_len, help="tokens per example (pad or truncate)")
+    p.add_argument("--seed", type=non_negative_int, default=RunConfig.seed)
+
+
+def output_file(path: str, suffix: str) -> Path:
+    """The file an --out flag names, with `suffix` added when missing; its folder is created and
+    proven writable now, before any compute, so a result is never lost at the end."""
+    from capjax.experiment.config import check_writable_dir
+
+    p = Path(path)
+    if p.suffix != suffix:
+        p = p.with_name(p.name + suffix)
+    if p.is_dir():
+        raise ValueError(f"--out {p} is a folder: name a {suffix} file")
+    check_writable_dir(p.parent, "--out folder")
+    return p
+
+
+def check_calibration_data(task: str, data_dir: str | None) -> None:
+    """The calibration set's data file exists (before the model loads), or a one-line error."""
+    from capjax.data.sources import FILES, resolve_data_dir
+
+    if task not in FILES:
+        return
+    root = resolve_data_dir(data_dir)
+    rel = FILES[task]["train"]
+    if root is None or not (root / rel).is_file():
+        import importlib.util
+
+        if data_dir is None and importlib.util.find_spec("datasets") is not None:
+            return  # capjax.data downloads it with `datasets`
+        raise FileNotFoundError(f"--calib {task} needs {rel} under --data-dir (looked in "
+                                f"{root if root is not None else '$CAPJAX_DATA and ../shared/data'}); pass --data-dir DIR")
 
 
 def load_model(args):

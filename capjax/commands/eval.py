@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from capjax.commands.common import non_negative_int, output_file, positive_int
+from capjax.experiment.config import EvaluationConfig
+
+_EVAL = EvaluationConfig()
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from capjax.evaluate.tasks import TASKS
@@ -15,11 +20,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="wikitext2,gsm8k,strategyqa,arc_challenge",
                    help=f"comma-separated, from: {','.join(TASKS)} (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CAPJAX_DATA or ../shared/data)")
-    p.add_argument("--limit", type=int, default=None, help="examples per task (WikiText-2: windows)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=2048, help="WikiText-2 window length (default: %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=None, help="examples per task (WikiText-2: windows)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the --limit subset")
+    p.add_argument("--max-new-tokens", type=positive_int, default=_EVAL.max_new_tokens)
+    p.add_argument("--batch-size", type=positive_int, default=_EVAL.batch_size)
+    p.add_argument("--seq-len", type=positive_int, default=_EVAL.ppl_seq_len,
+                   help="WikiText-2 window length (default: %(default)s)")
+    p.add_argument("--bootstrap", type=non_negative_int, default=_EVAL.bootstrap,
+                   help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
@@ -32,6 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
+    from capjax import stats
+    from capjax.errors import NonFiniteError
     from capjax.evaluate.tasks import TASKS, evaluate, format_table, write_results
     from capjax.io import load_pretrained, load_tokenizer
 
@@ -39,12 +51,20 @@ def run(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:  # before the (slow) model load
         raise ValueError(f"unknown or no task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+    out = output_file(args.out, ".json")
     model, params = load_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     results = evaluate(model, params, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, seed=args.seed,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat,
                        seq_len=args.seq_len, model_name=str(args.model), log_samples=args.log_samples)
+    bad = [f"{t}/{k}={v}" for t, m in results["results"].items() for k, v in m.items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"{args.model}: non-finite result(s) {', '.join(bad)} (NaN/Inf weights or "
+                             "overflow: check the checkpoint, or use --dtype float32); nothing written")
+    results["intervals"] = {t: {m: stats.estimate(v, args.bootstrap, args.seed).to_dict() for m, v in ex.items()}
+                            for t, ex in results["examples"].items()}
     print(format_table(results))
-    path = write_results(results, args.out)
+    path = write_results(results, out)
     print(f"wrote {path}")
     return 0

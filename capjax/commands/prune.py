@@ -8,25 +8,25 @@ from pathlib import Path
 
 import numpy as np
 
-# capjax.experiment imports no jax, so building the CLI parser stays fast.
-from capjax.experiment import CALIB_TASKS, PRUNE_METHODS as METHOD_NAMES
+from capjax.commands.common import check_calibration_data, non_negative_int, positive_int
+from capjax.experiment.config import CALIB_TASKS, ConfigError, parse_nm_text, prune_method_names
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("prune", help="prune a model (CAP, Wanda, SparseGPT, magnitude, random)",
                               description=__doc__)
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id or smollm2-135m-instruct")
-    p.add_argument("--method", default="cap", choices=METHOD_NAMES)
+    p.add_argument("--method", default="cap", choices=prune_method_names())
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of prunable weights removed (cap_heads: of heads); default 0.2, "
                         "or N/M with --nm")
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
     p.add_argument("--scores", default=None, help="scores.npz with key 'delta' [L, H] (cap methods)")
     p.add_argument("--calib", default=None, choices=CALIB_TASKS, help="calibration task (wanda, sparsegpt, cap_wanda)")
-    p.add_argument("--n", type=int, default=128, help="calibration examples")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--n", type=positive_int, default=128, help="calibration examples")
+    p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling (and random pruning) seed")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="calibration sampling (and random pruning) seed")
     p.add_argument("--kv-rule", default=None, choices=("mean", "max"), help="cap / cap_wanda kv head rule")
     p.add_argument("--scope", default=None, help="cap: global | layer; magnitude: matrix | global")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -36,13 +36,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_delta(path: str) -> np.ndarray:
-    f = Path(path)
-    if not f.exists():
-        raise FileNotFoundError(f"scores file not found: {f}")
-    with np.load(f) as z:
-        if "delta" not in z:
-            raise ValueError(f"{f} has no 'delta' array (keys: {', '.join(z.files)})")
-        return np.asarray(z["delta"])
+    from capjax.experiment.store import read_npz
+
+    delta = np.asarray(read_npz(path, required=("delta",))["delta"])
+    if delta.ndim != 2 or not np.all(np.isfinite(delta)):
+        raise ValueError(f"{path}: 'delta' must be a finite [L, H] array, got shape {list(delta.shape)}"
+                         f"{'' if np.all(np.isfinite(delta)) else ' with NaN/Inf'}")
+    return delta
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +52,17 @@ def run(args: argparse.Namespace) -> int:
     from capjax.pruning.methods import METHODS
 
     spec = METHODS[args.method]
+    from capjax.experiment.config import check_writable_dir
+
+    check_writable_dir(Path(args.out), "--out")  # before any compute
+    try:
+        nm = parse_nm_text(args.nm, "--nm")
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    if nm is not None and args.sparsity is not None:
+        n, m = (int(x) for x in nm.split(":"))
+        if abs(args.sparsity - n / m) > 1e-9:
+            raise ValueError(f"--nm {nm} fixes the sparsity at {n / m:g}; drop --sparsity {args.sparsity:g}")
     if spec.needs_scores and args.scores is None:
         raise ValueError(f"--method {args.method} needs --scores scores.npz (key 'delta' [L, H])")
     if spec.needs_calib and args.calib is None:
@@ -63,7 +74,12 @@ def run(args: argparse.Namespace) -> int:
         options["scope"] = args.scope
     if args.method == "random":
         options["seed"] = args.seed
+    from capjax.pruning.prune import check_options
+
+    check_options(args.method, options)
     delta = _load_delta(args.scores) if spec.needs_scores else None
+    if spec.needs_calib:
+        check_calibration_data(args.calib, args.data_dir)
 
     model, params = capjax.load_pretrained(args.model, dtype=args.dtype)
     try:
@@ -80,13 +96,16 @@ def run(args: argparse.Namespace) -> int:
         calib = build_calibration(args.calib, tokenizer, n=args.n, seq_len=args.seq_len, seed=args.seed,
                                   data_dir=args.data_dir)
     sparsity = args.sparsity
-    if sparsity is None:
-        sparsity = 0.2 if args.nm is None else 0.0  # with N:M the pattern sets the sparsity
+    if sparsity is None or nm is not None:
+        sparsity = 0.2 if nm is None else 0.0  # with N:M the pattern sets the sparsity
     pruned, masks = prune(model, params, args.method, sparsity, head_scores=delta, calib=calib,
-                          nm=args.nm, **options)
+                          nm=nm, **options)
     out = capjax.save_pretrained(model, pruned, args.out, tokenizer)
     flat = {path: np.asarray(m) for path, m in flat_masks(masks).items()}
     np.savez_compressed(Path(out) / "masks.npz", **flat)
     print(sparsity_report(pruned).table())
+    if args.method == "cap_heads":
+        kept = np.asarray(flat["layers/self_attn/o_proj/kernel"]).any(axis=(2, 3))  # [L, H]
+        print(f"cap_heads removed {int((~kept).sum())} of {kept.size} heads")
     print(f"wrote {out} (masks.npz: {len(flat)} masks)")
     return 0

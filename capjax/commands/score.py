@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from capjax.commands.common import add_calibration_args, add_model_args, load_calibration, load_model
+from capjax.commands.common import (add_calibration_args, add_model_args, check_calibration_data, load_calibration,
+                                   load_model, non_negative_int, output_file, positive_int)
+from capjax.experiment.config import AGGREGATES, SCORING_METHODS, CalibrationConfig
+
+_CALIB = CalibrationConfig()
 
 
 def add_parser(subparsers) -> None:
@@ -13,10 +17,13 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     add_calibration_args(p)
-    p.add_argument("--subsets", type=int, default=3, help="K disjoint calibration subsets")
-    p.add_argument("--aggregate", default="median", choices=["median", "mean", "paired"])
-    p.add_argument("--method", default="ablation", choices=["ablation", "gradient"])
-    p.add_argument("--chunk-size", type=int, default=None, help="ablations evaluated at once (default: from memory)")
+    p.add_argument("--subsets", type=positive_int, default=_CALIB.subsets, help="K disjoint calibration subsets")
+    p.add_argument("--aggregate", default=_CALIB.aggregate, choices=AGGREGATES)
+    p.add_argument("--method", default=_CALIB.method, choices=SCORING_METHODS)
+    p.add_argument("--chunk-size", type=positive_int, default=None,
+                   help="ablations evaluated at once (default: from memory)")
+    p.add_argument("--bootstrap", type=non_negative_int, default=_CALIB.bootstrap,
+                   help="bootstrap resamples for each head's 95%% interval (exact ablation; 0: none)")
     p.add_argument("--checkpoint-dir", default=None, help="save finished layer groups here; a rerun resumes")
     p.add_argument("--plot", default=None, help="also write a head-score heatmap (png)")
     p.add_argument("--out", required=True, help="scores .npz (delta [L,H], masked [K,L,H], baseline [K])")
@@ -24,6 +31,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    # Where the result goes and what it needs are checked before the model loads.
+    out = output_file(args.out, ".npz")
+    plot = output_file(args.plot, ".png") if args.plot else None
+    if args.subsets > args.n:
+        raise ValueError(f"--subsets {args.subsets} exceeds --n {args.n}")
+    check_calibration_data(args.calib, args.data_dir)
+
     from capjax.attribution import score_heads
 
     model, params, tokenizer = load_model(args)
@@ -31,16 +45,21 @@ def run(args) -> int:
     t0 = time.perf_counter()
     scores = score_heads(model, params, calib.tokens, calib.loss_mask, subsets=args.subsets,
                          aggregate=args.aggregate, method=args.method, attention_mask=calib.attention_mask,
-                         chunk_size=args.chunk_size, checkpoint_dir=args.checkpoint_dir)
+                         chunk_size=args.chunk_size, checkpoint_dir=args.checkpoint_dir,
+                         bootstrap=args.bootstrap if args.method == "ablation" else 0)
     seconds = time.perf_counter() - t0
-    scores.save(args.out, model=str(args.model), calib=args.calib, n=args.n, seq_len=args.seq_len,
-                seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated), seconds=seconds)
+    out = scores.save(out, model=str(args.model), calib=args.calib, n=args.n, seq_len=args.seq_len,
+                      seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated), seconds=seconds)
     L, H = scores.delta.shape
     print(f"scored {L * H} heads in {seconds:.1f} s; baseline loss per subset "
-          f"{', '.join(f'{b:.4f}' for b in scores.baseline)}; wrote {args.out}")
-    if args.plot:
+          f"{', '.join(f'{b:.4f}' for b in scores.baseline)}; wrote {out}")
+    if scores.interval is not None:
+        distinct = int(((scores.interval[0] > 0) | (scores.interval[1] < 0)).sum())
+        print(f"{distinct} of {L * H} heads have a 95% bootstrap interval that excludes zero")
+    if plot:
         from capjax.report import plot_head_scores
 
-        plot_head_scores(scores.delta, args.plot, title=f"CAP head scores ({args.calib}, {args.aggregate})")
-        print(f"heatmap: {args.plot}")
+        plot_head_scores(scores.delta, plot, title=f"CAP head scores ({args.calib}, {args.aggregate})",
+                         interval=scores.interval)
+        print(f"heatmap: {plot}")
     return 0

@@ -82,7 +82,8 @@ def perplexity(
     The stream is cut into non-overlapping windows of `seq_len` tokens (capped at
     `max_position_embeddings`; the remainder is dropped; at most `limit_windows`), each
     scored on its own; ppl = exp(mean NLL over all predicted tokens, T - 1 per window).
-    Returns {"ppl", "nll" (mean, nats), "n_tokens" (predicted tokens), "n_windows", "seq_len"}.
+    Returns {"ppl", "nll" (mean, nats), "n_tokens" (predicted tokens), "n_windows", "seq_len",
+    "window_nll" (summed NLL of each window, [n_windows], for intervals)}.
     """
     ids = np.asarray(token_ids, np.int32).reshape(-1)
     T = min(int(seq_len), model.config.max_position_embeddings)
@@ -94,7 +95,7 @@ def perplexity(
                          f"limit_windows={limit_windows} (need at least one full window of >= 2 tokens)")
     windows = ids[: n_windows * T].reshape(n_windows, T)
     B = max(1, min(batch_size, n_windows))
-    total = 0.0
+    window_nll: list[float] = []
     starts = range(0, n_windows, B)
     if progress:
         from tqdm.auto import tqdm
@@ -106,10 +107,11 @@ def perplexity(
         if n < B:  # keep one compiled shape; the padding rows are dropped
             batch = np.concatenate([batch, np.repeat(batch[:1], B - n, axis=0)])
         lp, _ = token_logprobs(model, params, batch)
-        total -= float(lp[:n, 1:].astype(np.float64).sum())
+        window_nll += (-lp[:n, 1:].astype(np.float64).sum(axis=1)).tolist()
     n_tokens = n_windows * (T - 1)
-    nll = total / n_tokens
-    return {"ppl": math.exp(nll), "nll": nll, "n_tokens": n_tokens, "n_windows": n_windows, "seq_len": T}
+    nll = float(np.sum(window_nll)) / n_tokens
+    return {"ppl": math.exp(nll), "nll": nll, "n_tokens": n_tokens, "n_windows": n_windows, "seq_len": T,
+            "window_nll": window_nll}
 
 
 def wikitext2_perplexity(

@@ -24,7 +24,6 @@ Every generation task also reports n and mean_new_tokens.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -159,9 +158,10 @@ def arc_loglikelihood(model, params, tokenizer, records: list[dict], batch_size:
 
 
 def answer_loss(model, params, tokenizer, records: list[dict], task: str = "synthetic", chat: bool | None = None,
-                batch_size: int = 8, progress: bool = False) -> float:
+                batch_size: int = 8, progress: bool = False, per_example: bool = False):
     """Mean cross-entropy (nats per token) of the reference answers given their prompts,
-    teacher-forced, with the calibration tokenization (`capjax.data.format_example`)."""
+    teacher-forced, with the calibration tokenization (`capjax.data.format_example`).
+    With per_example, (loss, [(answer NLL, answer tokens) per record])."""
     from capjax.data import format_example, use_chat
 
     pairs = [format_example(r, task, tokenizer, chat) for r in records]
@@ -169,7 +169,23 @@ def answer_loss(model, params, tokenizer, records: list[dict], task: str = "synt
     answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
     scores = continuation_logprobs(model, params, list(zip(prompts, answers)), batch_size=batch_size,
                                    progress=progress)
-    return -sum(s[0] for s in scores) / sum(s[1] for s in scores)
+    loss = -sum(s[0] for s in scores) / sum(s[1] for s in scores)
+    return (loss, [(-float(s[0]), int(s[1])) for s in scores]) if per_example else loss
+
+
+def _proportion(values: Sequence[float]) -> dict:
+    return {"kind": "proportion", "num": [float(v) for v in values], "den": [1.0] * len(values),
+            "transform": "identity"}
+
+
+def _examples(task: str, metrics: dict, samples: list[dict]) -> dict[str, dict]:
+    """Per-example values of the headline metrics ({"num", "den", "transform", "kind"}, see
+    capjax.stats): every number the report shows can be given an interval from these."""
+    if task == "arc_challenge":
+        return {"acc": _proportion([float(s["pred"] == s["target"]) for s in samples]),
+                "acc_norm": _proportion([float(s["pred_norm"] == s["target"]) for s in samples])}
+    keys = [k for k in metrics if k in samples[0] and not k.startswith("n_") and k not in ("n", "mean_new_tokens")]
+    return {k: _proportion([s[k] for s in samples]) for k in keys}
 
 
 def evaluate(
@@ -188,8 +204,11 @@ def evaluate(
     log_samples: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Runs `tasks` (see TASKS) and returns {"settings": {...}, "results": {task: metrics}}
-    (plus "samples": {task: [per-example dicts]} with log_samples).
+    """Runs `tasks` (see TASKS) and returns {"settings": {...}, "results": {task: metrics},
+    "examples": {task: {metric: per-example values}}} (plus "samples": {task: [per-example
+    dicts]} with log_samples). "examples" holds, per headline metric, {"num": [N], "den": [N],
+    "transform", "kind"}: the metric is transform(sum num / sum den) (capjax.stats gives its
+    interval); WikiText-2's examples are its windows.
 
     `limit` caps examples per task (a seeded random subset; WikiText-2: windows of
     `seq_len`). Raises ValueError for unknown tasks or an empty evaluation, and the
@@ -207,24 +226,33 @@ def evaluate(
         raise ValueError(f"limit={limit} leaves nothing to evaluate (use limit >= 1, or none for all)")
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
+    examples: dict[str, dict] = {}
     for task in tasks:
         if task == "wikitext2":
             results[task] = wikitext2_perplexity(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
                                                  limit_windows=limit, progress=progress)
+            windows = results[task].pop("window_nll")
+            tokens = [float(results[task]["seq_len"] - 1)] * len(windows)
+            examples[task] = {"ppl": {"kind": "ratio", "num": windows, "den": tokens, "transform": "exp"},
+                              "nll": {"kind": "ratio", "num": windows, "den": tokens, "transform": "identity"}}
             continue
         records = _records(task, limit, seed, data_dir)
         if not records:
             raise ValueError(f"no {task} examples to evaluate (limit={limit})")
         if task == "arc_challenge":
             results[task], samples[task] = arc_loglikelihood(model, params, tokenizer, records, batch_size, progress)
+            examples[task] = _examples(task, results[task], samples[task])
             continue
         score = {"gsm8k": _score_gsm8k, "strategyqa": _score_strategyqa, "arc_challenge_cot": _score_arc_cot,
                  "synthetic": _score_synthetic}[task]
         results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, score,
                                                         max_new_tokens, batch_size, chat, progress)
+        examples[task] = _examples(task, results[task], samples[task])
         if task == "synthetic":
-            results[task]["answer_loss"] = answer_loss(model, params, tokenizer, records, "synthetic", chat,
-                                                       batch_size, progress)
+            results[task]["answer_loss"], pairs = answer_loss(model, params, tokenizer, records, "synthetic", chat,
+                                                              batch_size, progress, per_example=True)
+            examples[task]["answer_loss"] = {"kind": "ratio", "num": [a for a, _ in pairs],
+                                             "den": [float(b) for _, b in pairs], "transform": "identity"}
     out = {
         "settings": {
             "model": model_name or model.config.model_type,
@@ -239,6 +267,7 @@ def evaluate(
             "n_examples": {t: int(m.get("n", m.get("n_windows", 0))) for t, m in results.items()},
         },
         "results": results,
+        "examples": examples,
     }
     if log_samples:
         out["samples"] = {t: [{k.lstrip("_"): v for k, v in s.items()} for s in rows] for t, rows in samples.items()}
@@ -246,24 +275,16 @@ def evaluate(
 
 
 def write_results(results: dict, path: str | os.PathLike) -> Path:
-    """Writes the results dict as indented JSON (creating parent folders); returns the path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    return p
+    """Writes the results dict as indented JSON (creating parent folders, atomically); returns the
+    path. NaN / Inf are refused: they are not JSON, and a non-finite result is an error."""
+    from capjax.experiment.store import strict_json, write_text
 
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
+    return write_text(Path(path), strict_json(results))
 
 
 def format_table(results: dict) -> str:
     """A plain-text table: one row per (task, metric), with the example count."""
-    rows = [("task", "metric", "value", "n")]
+    rows = [("task", "metric", "value", "n", "95% interval")]
     for task, metrics in results["results"].items():
         n = metrics.get("n", metrics.get("n_windows", ""))
         for name, value in metrics.items():
@@ -273,8 +294,10 @@ def format_table(results: dict) -> str:
                 shown = f"{value:.4f}" if math.isfinite(value) else str(value)
             else:
                 shown = str(value)
-            rows.append((task, name, shown, str(n)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            iv = results.get("intervals", {}).get(task, {}).get(name) or {}
+            ci = f"[{iv['low']:.4f}, {iv['high']:.4f}]" if iv.get("low") is not None else ""
+            rows.append((task, name, shown, str(n), ci))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -8,13 +8,13 @@ kernels, None at every other leaf. `pruned = apply_masks(updated, masks)`, where
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax.errors import NonFiniteError
 from capjax.pruning.importance import PRUNABLE, get_kernels, get_path, head_delta, importance_from_scores
 from capjax.pruning.methods import METHODS, Job
 from capjax.pruning.nm import check_divisible, parse_nm
@@ -40,13 +40,23 @@ def _calib_arrays(calib: Any) -> tuple[np.ndarray, np.ndarray]:
     return tokens.astype(np.int32), am
 
 
-def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A method's options merged over its defaults; a ValueError naming a wrong name, type or choice."""
     spec = METHODS[method]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         allowed = ", ".join(spec.options) or "none"
         raise ValueError(f"method {method!r} does not take option(s) {', '.join(unknown)} (allowed: {allowed})")
     merged = {**spec.options, **options}
+    for name, default in spec.options.items():
+        value = merged[name]
+        if isinstance(default, str):
+            continue  # a choice, checked below
+        wrong_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(default, int) and not isinstance(value, int))
+        if wrong_type or value < 0 or (value == 0 and name != "seed"):
+            kind = "non-negative integer" if name == "seed" else f"positive {type(default).__name__}"
+            raise ValueError(f"{method} option {name}={value!r}: expected a {kind}")
     for name, choices in spec.choices.items():
         if merged[name] not in choices:
             raise ValueError(f"{method} option {name}={merged[name]!r}: use one of {', '.join(choices)}")
@@ -72,6 +82,11 @@ def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:
     return _rebuild(params, {p: np.asarray(flat[p]).astype(bool) for p in PRUNABLE}, lambda _: None)
 
 
+def replace_kernels(params: Params, kernels: dict[str, Any]) -> Params:
+    """params with the prunable kernels given by path replaced (the other leaves shared)."""
+    return _rebuild(params, kernels, lambda a: a)
+
+
 def apply_masks(params: Params, masks: Params) -> Params:
     """params * masks leafwise; leaves whose mask is None are returned unchanged."""
     return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
@@ -88,8 +103,8 @@ def _placed(tree: Params, mesh: Any) -> Params:
 
 
 @jax.jit
-def _nan_counts(kernels):
-    return {p: jnp.sum(jnp.isnan(w), dtype=jnp.int32) for p, w in kernels.items()}
+def _nonfinite_counts(kernels):
+    return {p: jnp.sum(~jnp.isfinite(w), dtype=jnp.int32) for p, w in kernels.items()}
 
 
 @jax.jit
@@ -105,7 +120,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
 
     method: one of `METHODS` (cap, cap_wanda, cap_heads, wanda, sparsegpt, magnitude, random).
     sparsity: fraction of prunable weights removed, in [0, 1) (cap_heads: fraction of heads).
-        With `nm` it is ignored: the sparsity is N / M.
+        With `nm` it must be 0 or N / M: the pattern sets it.
     head_scores: HeadScores-like (`.delta` [L, H]) or an [L, H] array; required by the cap family.
     calib: CalibrationBatch-like (`.tokens`, `.attention_mask` [N, T]) or a dict with those keys;
         required by wanda, cap_wanda, sparsegpt.
@@ -124,20 +139,21 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     nm = parse_nm(nm)
     spec = METHODS[method]
-    options = _check_options(method, method_options)
+    options = check_options(method, method_options)
     config = model.config
     params = _placed(params, mesh)
     kernels = get_kernels(params)
-    bad = [p for p, n in _nan_counts(kernels).items() if int(n)]
+    bad = [p for p, n in _nonfinite_counts(kernels).items() if int(n)]
     if bad:
-        raise ValueError(f"NaN weights in {', '.join(bad)}: cannot rank them for pruning")
+        raise NonFiniteError(f"NaN or Inf weights in {', '.join(bad)}: cannot rank them for pruning; "
+                             "check the checkpoint (or load it in float32)")
     if nm is not None:
         if method == "cap_heads":
             raise ValueError("cap_heads removes whole heads; N:M sparsity does not apply to it")
         check_divisible({p: int(np.prod(k.shape[1:1 + PRUNABLE[p]])) for p, k in kernels.items()}, nm[1])
         if sparsity and abs(sparsity - nm[0] / nm[1]) > 1e-9:
-            warnings.warn(f"N:M {nm[0]}:{nm[1]} sets the sparsity to {nm[0] / nm[1]:g}; "
-                          f"sparsity={sparsity:g} is ignored", stacklevel=2)
+            raise ValueError(f"N:M {nm[0]}:{nm[1]} sets the sparsity to {nm[0] / nm[1]:g}; pass sparsity=0 "
+                             f"(or {nm[0] / nm[1]:g}) instead of {sparsity:g}, or drop nm")
     importance = delta = None
     if spec.needs_scores:
         if head_scores is None:

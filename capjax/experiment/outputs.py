@@ -1,0 +1,103 @@
+"""What a run leaves for people and tools: results.json, results.csv, report.md and figures.
+
+Every reported number carries its interval (capjax.stats: Wilson for accuracies, a bootstrap
+over examples or windows for losses and perplexity), the fingerprint of the artifact it came
+from, and whether this run computed or reused it. A pruned model's difference to dense gets a
+paired bootstrap over the same examples; one whose interval contains zero is marked "n.s.".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from capjax import report, stats
+from capjax.experiment.store import strict_json, write_text
+
+HEADLINE = {"wikitext2": ("ppl",), "gsm8k": ("exact_match_strict", "exact_match_flexible"),
+            "strategyqa": ("accuracy",), "arc_challenge": ("acc", "acc_norm"), "arc_challenge_cot": ("accuracy",),
+            "synthetic": ("accuracy_flexible", "answer_loss")}
+CSV_COLUMNS = ("name", "method", "calib", "target_sparsity", "achieved_sparsity", "metric", "value", "stderr",
+               "ci_low", "ci_high", "n", "interval", "diff_vs_dense", "diff_low", "diff_high", "within_noise",
+               "fingerprint", "status")
+
+
+def annotate(rows: list[dict], resamples: int = 1000, seed: int = 0) -> None:
+    """Adds to each row metrics {task/metric: value}, intervals {task/metric: Estimate},
+    vs_dense {task/metric: PairedDifference} and status (computed / reused / partly reused)."""
+    dense = rows[0]
+    for row in rows:
+        row["metrics"], row["intervals"], row["vs_dense"], row["eval_status"] = {}, {}, {}, {}
+        for task, ev in row["eval"].items():
+            for m in HEADLINE.get(task, ()):
+                if m not in ev["metrics"]:
+                    continue
+                key = f"{task}/{m}"
+                row["metrics"][key] = float(ev["metrics"][m])
+                row["eval_status"][key] = ev["status"]
+                ex = ev.get("examples", {}).get(m)
+                if ex is None:
+                    continue
+                row["intervals"][key] = stats.estimate(ex, resamples, seed).to_dict()
+                base = dense["eval"].get(task, {}).get("examples", {}).get(m)
+                if row is not dense and base is not None and len(base["num"]) == len(ex["num"]):
+                    row["vs_dense"][key] = stats.paired_difference(base, ex, resamples, seed).to_dict()
+        statuses = set(row["eval_status"].values()) | ({row["masks_status"]} if "masks_status" in row else set())
+        row["status"] = statuses.pop() if len(statuses) == 1 else "partly reused"
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        for key, value in r["metrics"].items():
+            iv, d = r["intervals"].get(key, {}), r["vs_dense"].get(key, {})
+            task = key.split("/")[0]
+            w.writerow({"name": r["name"], "method": r["method"], "calib": r.get("calib") or "",
+                        "target_sparsity": r["sparsity"], "achieved_sparsity": r["achieved_sparsity"], "metric": key,
+                        "value": value, "stderr": iv.get("stderr"), "ci_low": iv.get("low"),
+                        "ci_high": iv.get("high"), "n": iv.get("n"), "interval": iv.get("method"),
+                        "diff_vs_dense": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high"),
+                        "within_noise": None if not d else not d["significant"],
+                        "fingerprint": r["eval"][task].get("fingerprint"), "status": r["eval_status"][key]})
+    return buf.getvalue()
+
+
+def write_outputs(out: Path, results: dict, resamples: int = 1000, seed: int = 0) -> None:
+    rows = results["runs"]
+    annotate(rows, resamples, seed)
+    write_text(out / "results.json", strict_json(results))
+    write_text(out / "results.csv", csv_text(rows))
+    report.plot_metric_curves(rows, out / "figures" / "metrics_vs_sparsity.png")
+    figures = sorted(p.name for p in (out / "figures").glob("head_scores_*.png")) + ["metrics_vs_sparsity.png"]
+    for s in sorted({r["sparsity"] for r in rows if r["method"] != "dense"}):
+        per_layer = {r["name"]: r["per_layer_sparsity"] for r in rows
+                     if r["sparsity"] == s and r.get("per_layer_sparsity")}
+        if per_layer:
+            name = f"layer_sparsity_s{s:.2f}.png"
+            report.plot_layer_sparsity(per_layer, out / "figures" / name, title=f"per-layer sparsity at {s:.0%}")
+            figures.append(name)
+    write_text(out / "report.md", report_markdown(results, figures))
+
+
+def report_markdown(results: dict, figures: list[str]) -> str:
+    cfg, rows = results["config"], results["runs"]
+    c, e = cfg["calibration"], cfg["evaluation"]
+    reused = [r for r in rows if r["status"] != "computed"]
+    md = [f"# capjax run: {cfg['model']}", "",
+          f"Calibration: {', '.join(c['tasks'])} (N={c['n']}, T={c['seq_len']}, K={c['subsets']}, {c['aggregate']}, "
+          f"{c['method']}); evaluation limit {e['limit']}; dtype {cfg['dtype']}; seed {cfg['seed']}.",
+          "Cells: value ± standard error (accuracies: binomial; perplexity and losses: bootstrap over windows or "
+          "examples), then the change against dense; \"n.s.\" marks a change whose 95% paired-bootstrap interval "
+          "contains zero (inside the noise). The sparsity column is the achieved sparsity of the prunable weights.",
+          "", report.markdown_table(rows, relative_to=rows[0]), "",
+          "Reused from earlier runs (same fingerprints): " + (", ".join(
+              f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing") + ".", "",
+          "Target sparsity: " + ", ".join(f"{r['name']} {r['sparsity']:.2f}" for r in rows if r["method"] != "dense"),
+          "", *[f"![{f}](figures/{f})" for f in figures], "",
+          f"Total time {results['seconds']:.0f} s. Every number, its 95% interval and its fingerprint are in "
+          "results.json and results.csv."]
+    return "\n".join(md) + "\n"
+

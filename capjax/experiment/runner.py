@@ -1,0 +1,327 @@
+"""`capjax run CONFIG`: score heads, prune with every method at every sparsity, evaluate, report.
+
+Results folder layout:
+
+    artifacts/scores/<fp>.npz       head scores: per-subset and per-example losses (any aggregate)
+    artifacts/masks/<fp>.npz        weight masks of one pruned model (+ weights a method changed)
+    artifacts/evals/<fp>.json       one model on one task: metrics and per-example values
+    checkpoints/scores/             orbax checkpoints of finished layer groups while scoring
+    results.json, results.csv       every number with its interval, fingerprint and computed/reused
+    report.md                       the Table-1-shaped table with error bars
+    figures/*.png                   head-score heatmaps, metrics vs sparsity, per-layer sparsity
+
+Every artifact is filed under the fingerprint of everything that determines it (see
+`capjax.experiment.store`): the model's files, the calibration tokens and settings, the scoring,
+pruning and evaluation settings. A rerun reuses exactly the artifacts whose inputs did not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from capjax import report
+from capjax.errors import NonFiniteError
+from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
+from capjax.experiment.outputs import write_outputs
+from capjax.experiment.store import Store, fingerprint, warn
+
+# Each evaluation reads only the settings that change its result.
+_GENERATION_TASKS = ("gsm8k", "strategyqa", "arc_challenge_cot", "synthetic")
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def plan_runs(cfg: RunConfig) -> list[dict]:
+    """Every pruned model the config asks for: method x calibration set (where it matters) x sparsity."""
+    from capjax.pruning.methods import METHODS
+
+    p = cfg.pruning
+    runs = []
+    for method in p.methods:
+        spec = METHODS[method]
+        calibs = cfg.calibration.tasks if (spec.needs_calib or spec.needs_scores) else [None]
+        for calib in calibs:
+            for s in p.targets():
+                name = "_".join([method, *([calib] if calib else []), f"s{s:.2f}"])
+                if p.nm:
+                    name += "_nm" + p.nm.replace(":", "-")
+                runs.append({"name": name, "method": method, "calib": calib, "sparsity": float(s), "nm": p.nm})
+    return runs
+
+
+def _array_digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+class Experiment:
+    """One config's run. Each step looks up its artifact by fingerprint first and reuses it only
+    when everything that determines it is unchanged."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.store = Store(self.out, writer=jax.process_index() == 0)
+        self.model = self.params = self.tokenizer = None
+        self.model_fp: str | None = None
+        self.calibs: dict[str, Any] = {}
+        self.calib_fps: dict[str, str] = {}
+        self.events: list[str] = []  # "computed scores/synthetic", "reused evals/dense/..." (observable reuse)
+        self.mesh = None
+        if cfg.mesh:
+            from capjax.sharding import make_mesh
+
+            self.mesh = make_mesh(cfg.mesh)
+
+    def _event(self, status: str, what: str, path: Path) -> None:
+        self.events.append(f"{status} {what}")
+        if status == "reused":
+            _log(f"{what}: reusing {path}")
+
+    # ------------------------------------------------------------------ inputs
+    def load(self) -> None:
+        import capjax
+        from capjax.io import model_files
+
+        _log(f"loading {self.cfg.model} ({self.cfg.dtype})")
+        self.model, self.params = capjax.load_pretrained(self.cfg.model, dtype=self.cfg.dtype)
+        self.tokenizer = capjax.load_tokenizer(self.cfg.model)
+        files = {p.name: self.store.digest(p) for p in model_files(self.cfg.model)}
+        self.model_fp = fingerprint({"source": self.cfg.model, "dtype": self.cfg.dtype, "files": files})
+
+    def _data_digest(self, what: str) -> str | None:
+        from capjax.data.sources import resolve_data_dir
+
+        rel = data_files(self.cfg).get(what)
+        root = resolve_data_dir(self.cfg.data_dir)
+        if rel is None or root is None or not (root / rel).is_file():
+            return None
+        return self.store.digest(root / rel)
+
+    def calibration(self, task: str):
+        from capjax.data import build_calibration
+        from capjax.data.calibration import CALIB_SPLITS
+
+        if task not in self.calibs:
+            c = self.cfg.calibration
+            batch = build_calibration(task, self.tokenizer, n=c.n, seq_len=c.seq_len, seed=self.cfg.seed,
+                                      data_dir=self.cfg.data_dir, chat=c.chat)
+            if batch.n_truncated:
+                _log(f"calibration {task}: {batch.n_truncated} of {c.n} examples truncated to {c.seq_len} tokens")
+            self.calibs[task] = batch
+            self.calib_fps[task] = fingerprint({
+                "task": task, "split": CALIB_SPLITS[task], "n": c.n, "seq_len": c.seq_len, "seed": self.cfg.seed,
+                "chat": c.chat, "data": self._data_digest(f"calibration.tasks {task}"),
+                "tokens": _array_digest(batch.tokens, batch.loss_mask, batch.attention_mask)})
+        return self.calibs[task]
+
+    # ------------------------------------------------------------------ steps
+    def scores_fingerprint(self, task: str) -> str:
+        c = self.cfg.calibration
+        self.calibration(task)
+        return fingerprint({"model": self.model_fp, "calibration": self.calib_fps[task], "subsets": c.subsets,
+                            "method": c.method})
+
+    def scores(self, task: str):
+        """HeadScores on a calibration set. A change of aggregate alone re-aggregates the saved
+        per-subset losses; chunking and progress settings do not count."""
+        from capjax.attribution import HeadScores, score_heads
+
+        c = self.cfg.calibration
+        fp = self.scores_fingerprint(task)
+        saved = self.store.load_npz("scores", fp, required=("delta", "masked", "baseline"))
+        if saved is not None:
+            s = HeadScores.from_arrays(saved)
+            self._event("reused", f"scores/{task}", self.store.path("scores", fp))
+        else:
+            calib = self.calibs[task]
+            L, H = self.model.config.num_layers, self.model.config.num_heads
+            _log(f"scores: {c.method} scoring of {L * H} heads on {task} (N={c.n}, T={c.seq_len}, "
+                 f"K={c.subsets})")
+            t0 = time.perf_counter()
+            s = score_heads(self.model, self.params, calib.tokens, calib.loss_mask, subsets=c.subsets,
+                            aggregate=c.aggregate, method=c.method, attention_mask=calib.attention_mask,
+                            chunk_size=c.chunk_size, checkpoint_dir=self.out / "checkpoints" / "scores",
+                            mesh=self.mesh)
+            seconds = time.perf_counter() - t0
+            path = self.store.save_npz("scores", fp, {k: v for k, v in s.arrays().items() if k != "interval"},
+                                       {"calib": task, "seconds": seconds, "method": c.method})
+            self._event("computed", f"scores/{task}", path)
+            _log(f"scores: done in {seconds:.1f} s -> {path}")
+        s = s.with_aggregate(c.aggregate)
+        if c.bootstrap and s.example_masked is not None:
+            s = s.with_interval(c.bootstrap, seed=self.cfg.seed)
+        return fp, s
+
+    def pruned(self, run: dict, scores: tuple[str, Any] | None) -> tuple[str, Any, Any]:
+        """(fingerprint, pruned params, masks) of a run; saved masks (and the weights a method
+        changed, e.g. SparseGPT's) are reused when every input matches."""
+        from capjax.pruning import prune
+        from capjax.pruning.methods import METHODS
+        from capjax.pruning.prune import apply_masks, flat_masks, masks_from_flat
+
+        spec = METHODS[run["method"]]
+        options = method_options(self.cfg, run["method"])
+        inputs = {"model": self.model_fp, "method": run["method"], "sparsity": run["sparsity"] if not run["nm"]
+                  else 0.0, "nm": run["nm"], "options": options}
+        if spec.needs_scores:
+            inputs["scores"] = {"fingerprint": scores[0], "aggregate": scores[1].aggregate}
+        if spec.needs_calib:
+            self.calibration(run["calib"])
+            inputs["calibration"] = self.calib_fps[run["calib"]]
+        fp = fingerprint(inputs)
+        saved = self.store.load_npz("masks", fp)
+        if saved is not None:
+            try:
+                masks, params = self._unpack_masks(saved)
+            except ValueError as e:
+                warn(f"{self.store.path('masks', fp)} does not fit this model ({e}); recomputing it")
+            else:
+                self._event("reused", f"masks/{run['name']}", self.store.path("masks", fp))
+                return fp, apply_masks(params, masks), masks
+        calib = self.calibs[run["calib"]] if spec.needs_calib else None
+        pruned, masks = prune(self.model, self.params, run["method"], 0.0 if run["nm"] else run["sparsity"],
+                              head_scores=scores[1] if spec.needs_scores else None, calib=calib, nm=run["nm"],
+                              mesh=self.mesh, **options)
+        if run["method"] == "cap_heads":
+            removed = int(np.sum(~np.asarray(flat_masks(masks)["layers/self_attn/o_proj/kernel"]).any(axis=(2, 3))))
+            _log(f"{run['name']}: removed {removed} of {self.model.config.num_layers * self.model.config.num_heads} "
+                 "heads")
+        arrays, meta = {}, {"shapes": {}, "run": run["name"]}
+        for path, m in flat_masks(masks).items():
+            m = np.asarray(m, bool)
+            arrays[f"mask:{path}"] = np.packbits(m.reshape(-1))
+            meta["shapes"][path] = list(m.shape)
+        if run["method"] == "sparsegpt":  # the OBS updates change the kept weights too
+            from capjax.pruning.importance import get_kernels
+
+            arrays.update({f"kernel:{p}": np.asarray(w) for p, w in get_kernels(pruned).items()})
+        path = self.store.save_npz("masks", fp, arrays, meta)
+        self._event("computed", f"masks/{run['name']}", path)
+        return fp, pruned, masks
+
+    def _unpack_masks(self, saved: dict[str, np.ndarray]):
+        import json
+
+        from capjax.pruning.importance import PRUNABLE, get_kernels, get_path
+        from capjax.pruning.prune import masks_from_flat
+
+        shapes = json.loads(str(saved["meta"]))["shapes"]
+        flat = {}
+        for p in PRUNABLE:
+            shape = tuple(shapes[p])
+            if shape != tuple(get_path(self.params, p).shape):
+                raise ValueError(f"{p} mask shape {shape}")
+            flat[p] = np.unpackbits(saved[f"mask:{p}"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+        params = self.params
+        kernels = {p: saved[f"kernel:{p}"] for p in PRUNABLE if f"kernel:{p}" in saved}
+        if kernels:
+            import jax.numpy as jnp
+
+            from capjax.pruning.prune import replace_kernels
+
+            params = replace_kernels(self.params, {p: jnp.asarray(w, get_kernels(self.params)[p].dtype)
+                                                   for p, w in kernels.items()})
+        return masks_from_flat(self.params, flat), params
+
+    def eval_fingerprint(self, params_fp: str, task: str) -> str:
+        e = self.cfg.evaluation
+        inputs = {"model": params_fp, "task": task, "limit": e.limit_for(task), "seed": self.cfg.seed,
+                  "chat": self.cfg.calibration.chat, "data": self._data_digest(f"evaluation.tasks {task}")}
+        if task == "wikitext2":
+            inputs["ppl_seq_len"] = e.ppl_seq_len
+        else:  # padded batches: batch size can move results in the last digits
+            inputs["batch_size"] = e.batch_size
+        if task in _GENERATION_TASKS:
+            inputs["max_new_tokens"] = e.max_new_tokens
+        return fingerprint(inputs)
+
+    def evaluate(self, name: str, params, params_fp: str, tasks: list[str]) -> dict[str, dict]:
+        """{task: {"metrics", "examples", "fingerprint", "status"}} for one model."""
+        from capjax.evaluate import evaluate
+
+        e = self.cfg.evaluation
+        results = {}
+        for task in tasks:
+            fp = self.eval_fingerprint(params_fp, task)
+            saved = self.store.load_json("evals", fp, required=("metrics", "examples"))
+            if saved is not None:
+                results[task] = {**saved, "status": "reused"}
+                self._event("reused", f"evals/{name}/{task}", self.store.path("evals", fp))
+                continue
+            r = evaluate(self.model, params, self.tokenizer, [task], data_dir=self.cfg.data_dir,
+                         limit=e.limit_for(task), seed=self.cfg.seed, max_new_tokens=e.max_new_tokens,
+                         batch_size=e.batch_size, chat=self.cfg.calibration.chat, seq_len=e.ppl_seq_len,
+                         model_name=self.cfg.model)
+            metrics = r["results"][task]
+            bad = [k for k, v in metrics.items() if isinstance(v, float) and not np.isfinite(v)]
+            if bad:
+                raise NonFiniteError(f"{name} on {task}: {', '.join(f'{k}={metrics[k]}' for k in bad)} "
+                                     "(NaN/Inf weights or overflow; try dtype=float32)")
+            data = {"model": name, "task": task, "metrics": metrics, "examples": r["examples"][task],
+                    "settings": r["settings"]}
+            path = self.store.save_json("evals", fp, data)
+            results[task] = {**data, "fingerprint": fp, "status": "computed"}
+            self._event("computed", f"evals/{name}/{task}", path)
+        return results
+
+    # ------------------------------------------------------------------ the whole thing
+    def run(self) -> dict:
+        from capjax.pruning import sparsity_report
+        from capjax.pruning.methods import METHODS
+
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        (self.out / "figures").mkdir(parents=True, exist_ok=True)
+        tasks = list(cfg.evaluation.tasks)
+        if cfg.evaluation.skip_missing_data:
+            for t in missing_eval_tasks(cfg):
+                _log(f"evaluation: skipping {t} (no data; pass data_dir or set CAPJAX_DATA)")
+                tasks.remove(t)
+        if not tasks:
+            raise ValueError("no evaluation task left to run (all need data that is missing)")
+        self.load()
+        runs = plan_runs(cfg)
+        scores: dict[str, tuple[str, Any]] = {}
+        for task in cfg.calibration.tasks if any(METHODS[r["method"]].needs_scores for r in runs) else []:
+            scores[task] = self.scores(task)
+            s = scores[task][1]
+            report.plot_head_scores(s.delta, self.out / "figures" / f"head_scores_{task}.png",
+                                    title=f"CAP head scores: {cfg.model} on {task} ({s.aggregate})",
+                                    interval=s.interval)
+        _log(f"[1/{len(runs) + 1}] dense model: evaluating {', '.join(tasks)}")
+        rows = [{"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None,
+                 "fingerprint": self.model_fp, "achieved_sparsity": sparsity_report(self.params).total,
+                 "eval": self.evaluate("dense", self.params, self.model_fp, tasks)}]
+        for i, run in enumerate(runs, 2):
+            _log(f"[{i}/{len(runs) + 1}] {run['name']}: pruning and evaluating")
+            fp, pruned, masks = self.pruned(run, scores.get(run["calib"]))
+            rep = sparsity_report(pruned)
+            rows.append({**run, "fingerprint": fp, "masks_status": self.events[-1].split()[0],
+                         "achieved_sparsity": rep.total,
+                         "per_layer_sparsity": [rep.layer(l) for l in range(rep.num_layers)],
+                         "eval": self.evaluate(run["name"], pruned, fp, tasks)})
+            del pruned, masks
+        results = {"config": cfg.to_dict(), "runs": rows,
+                   "scores": {t: {"fingerprint": fp, "file": str(self.store.path("scores", fp).relative_to(self.out)),
+                                  "aggregate": s.aggregate, "baseline": s.baseline.tolist(),
+                                  "delta": s.delta.tolist(),
+                                  "interval": None if s.interval is None else s.interval.tolist()}
+                              for t, (fp, s) in scores.items()},
+                   "seconds": time.perf_counter() - t_start, "events": self.events}
+        if jax.process_index() == 0:
+            write_outputs(self.out, results, cfg.evaluation.bootstrap, cfg.seed)
+        return results
