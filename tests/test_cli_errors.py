@@ -1,0 +1,145 @@
+"""Every expected failure of the CLI is one line naming the file or field and the fix, exit 2,
+before any compute where it can be known before; a non-finite result is an error, not a number."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from capjax.cli import main
+from conftest import make_hf_model, needs_smollm2
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if "error:" in l]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_err")
+    make_hf_model(folder, "llama")
+    return folder
+
+
+def test_run_rejects_a_bad_option_before_loading_in_seconds(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: smollm2-135m-instruct\n")
+    t0 = time.perf_counter()
+    assert main(["run", str(cfg), f"out={tmp_path}/o", "pruning.options.cap.kv_rule=bogus"]) == 2
+    assert time.perf_counter() - t0 < 10
+    _one_error_line(capsys, "pruning.options.cap", "kv_rule='bogus'", "mean, max")
+    out_file = tmp_path / "file"
+    out_file.write_text("x")
+    assert main(["run", str(cfg), f"out={out_file}"]) == 2
+    _one_error_line(capsys, f"out={out_file} is a file")
+    assert main(["run", str(cfg), f"out={tmp_path}/o", "calibration.tasks=[gsm8k]", "data_dir=/no/such"]) == 2
+    _one_error_line(capsys, "calibration.tasks gsm8k needs gsm8k/train.jsonl", "data_dir=/no/such")
+
+
+def test_score_checks_its_output_before_scoring(tmp_path, tiny_folder, capsys):
+    (tmp_path / "taken.npz").mkdir()
+    assert main(["score", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "taken.npz")]) == 2
+    # the output is refused first: the (missing) model is never looked at
+    line = _one_error_line(capsys, "taken.npz is a folder")
+    assert "no-model" not in line
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    assert main(["score", "--model", str(tiny_folder), "--out", str(blocker / "s.npz")]) == 2
+    _one_error_line(capsys, "--out folder", "blocker")
+    with pytest.raises(SystemExit) as e:
+        main(["score", "--model", str(tiny_folder), "--chunk-size", "0", "--out", str(tmp_path / "s.npz")])
+    assert e.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@needs_smollm2
+def test_score_out_without_suffix_says_the_real_path(tmp_path, tiny_with_tokenizer, capsys):
+    out = tmp_path / "new" / "deeper" / "x"
+    assert main(["score", "--model", str(tiny_with_tokenizer), "--n", "3", "--seq-len", "96",
+                 "--out", str(out), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}.npz" in printed and (tmp_path / "new" / "deeper" / "x.npz").exists()
+    assert "heads have a 95% bootstrap interval that excludes zero" in printed
+    saved = np.load(f"{out}.npz")
+    assert saved["interval"].shape == (2, 2, 4)
+    assert np.all(saved["interval"][0] <= saved["interval"][1])
+
+
+def test_prune_refuses_bad_inputs_in_one_line(tmp_path, tiny_folder, capsys):
+    good = tmp_path / "good.npz"
+    np.savez(good, delta=np.zeros((2, 4)))
+    data = good.read_bytes()
+    bad = tmp_path / "truncated.npz"
+    bad.write_bytes(data[: len(data) // 2])
+    assert main(["prune", "--model", str(tiny_folder), "--method", "cap", "--scores", str(bad),
+                 "--out", str(tmp_path / "p")]) == 2
+    _one_error_line(capsys, str(bad), "not a readable .npz")
+    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4", "--sparsity", "0.7",
+                 "--out", str(tmp_path / "p")]) == 2
+    _one_error_line(capsys, "--nm 2:4 fixes the sparsity at 0.5", "drop --sparsity 0.7")
+    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "4:2",
+                 "--out", str(tmp_path / "p")]) == 2
+    _one_error_line(capsys, "--nm: need 0 < N < M")
+    (tmp_path / "f").write_text("")
+    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "f")]) == 2
+    _one_error_line(capsys, "is a file")
+    # 2:4 alone is fine, and the sparsity it reports is the achieved one
+    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4",
+                 "--out", str(tmp_path / "nm")]) == 0
+    assert "50.00%" in capsys.readouterr().out
+
+
+def test_damaged_weights_and_nonfinite_results(tmp_path, tiny_folder, capsys, monkeypatch):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_folder.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["eval", "--model", str(broken), "--tasks", "synthetic", "--out", str(tmp_path / "r.json")]) == 2
+    _one_error_line(capsys, str(broken / "model.safetensors"), "unreadable", "re-export")
+
+
+
+@needs_smollm2
+def test_nan_weights_are_an_error_not_a_number(tmp_path, tiny_with_tokenizer, capsys, monkeypatch):
+    from safetensors.numpy import load_file, save_file
+
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    for f in tiny_with_tokenizer.iterdir():
+        (nan / f.name).write_bytes(f.read_bytes())
+    w = load_file(nan / "model.safetensors")
+    w["model.layers.0.mlp.up_proj.weight"][0, 0] = np.nan
+    save_file(w, nan / "model.safetensors", metadata={"format": "pt"})
+    assert main(["prune", "--model", str(nan), "--method", "magnitude", "--out", str(tmp_path / "p")]) == 2
+    _one_error_line(capsys, "NaN or Inf weights in layers/mlp/up_proj/kernel")
+    assert main(["score", "--model", str(nan), "--n", "3", "--seq-len", "96", "--out", str(tmp_path / "s")]) == 2
+    _one_error_line(capsys, "non-finite loss", "NaN weights?")
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(nan), "--tasks", "synthetic", "--limit", "1", "--max-new-tokens", "2",
+            "--out", str(out)]
+    assert main(argv) == 2
+    _one_error_line(capsys, "non-finite result(s) synthetic/answer_loss=nan", "nothing written")
+    assert not out.exists()
+    monkeypatch.setenv("CAPJAX_DEBUG", "1")
+    with pytest.raises(ValueError, match="non-finite"):
+        main(argv)
+
+
+def test_strict_json_names_the_nonfinite_value(tmp_path):
+    from capjax.errors import ArtifactError
+    from capjax.evaluate.tasks import write_results
+
+    with pytest.raises(ArtifactError, match="results/wikitext2/ppl = nan"):
+        write_results({"results": {"wikitext2": {"ppl": float("nan")}}}, tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+    path = write_results({"results": {"wikitext2": {"ppl": 3.5}}}, tmp_path / "r.json")
+    assert json.loads(path.read_text())["results"]["wikitext2"]["ppl"] == 3.5
