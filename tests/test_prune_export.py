@@ -14,7 +14,6 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import capjax  # noqa: E402
 from capjax import cli  # noqa: E402
-from capjax.commands.prune import METHOD_NAMES  # noqa: E402
 from capjax.pruning import METHODS, PRUNABLE, prune, sparsity_report  # noqa: E402
 from capjax.pruning.importance import rows_view  # noqa: E402
 
@@ -136,4 +135,7 @@ def test_cli_errors(tiny, tmp_path, capsys, argv, message):
 
 
 def test_cli_method_names_match_library():
-    assert tuple(METHODS) == METHOD_NAMES
+    parser = cli.build_parser()
+    prune_parser = parser._subparsers._group_actions[0].choices["prune"]
+    method = next(a for a in prune_parser._actions if a.dest == "method")
+    assert tuple(method.choices) == tuple(METHODS)
