@@ -85,3 +85,21 @@ def test_2to4_request_on_unstructured_weights_is_refused(tiny, tmp_path):
         save_compressed(model, pruned, tmp_path, structure="2:4")
     with pytest.raises(ValueError, match="sparsity_format='zip'"):
         capjax.save_pretrained(model, pruned, tmp_path, sparsity_format="zip")
+
+
+def test_prune_cli_writes_compressed_folder_and_hf_masks(tmp_path):
+    from capjax import cli
+    from compressed_tensors.compressors import ModelCompressor
+
+    make_hf_model(tmp_path / "src", "llama", seed=4)
+    rc = cli.main(["prune", "--model", str(tmp_path / "src"), "--method", "magnitude", "--nm", "2:4",
+                   "--sparsity-format", "compressed-tensors", "--hf-masks", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    out = tmp_path / "out"
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["sparsity_config"]["format"] == "sparse-24-bitmask"
+    weights = dict(ModelCompressor.from_pretrained(str(out)).sparsity_compressor.decompress(str(out)))
+    with np.load(out / "masks_hf.npz") as z:
+        assert len(z.files) == 7 * 2
+        for name in z.files:
+            assert np.array_equal(~z[name], weights[name].numpy() == 0), name
