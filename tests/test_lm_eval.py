@@ -108,6 +108,23 @@ def test_simple_evaluate_on_a_local_task_matches_hf(tiny, tmp_path):
         assert abs(ours["results"]["tiny_choice"][metric] - hf["results"]["tiny_choice"][metric]) <= 1e-6
 
 
+def test_harness_cli_runs_the_capjax_model(tiny, tmp_path):
+    """`python -m capjax.integrations.lm_eval run --model capjax --model_args pretrained=...,masks=...`:
+    the harness' own CLI, in-process; its acc equals simple_evaluate with the in-memory pruned tree."""
+    from capjax.integrations.lm_eval import main
+
+    src, out, model, _, pruned, tok = tiny
+    rows = [{"q": f"{a}*2", "choices": [str(2 * a), str(2 * a + 1)], "gold": 0} for a in range(6)]
+    (tmp_path / "tiny_choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = task_dir(tmp_path, tmp_path, ["tiny_choice.yaml"])
+    main(["run", "--model", "capjax", "--model_args", f"pretrained={src},masks={out / 'masks.npz'}",
+          "--tasks", "tiny_choice", "--include_path", str(tasks), "--output_path", str(tmp_path / "res")])
+    written = json.loads(next((tmp_path / "res").rglob("results*.json")).read_text())["results"]["tiny_choice"]
+    direct = lm_eval.simple_evaluate(model=CapjaxLM(model=model, params=pruned, tokenizer=tok), tasks=["tiny_choice"],
+                                     task_manager=TaskManager(include_path=str(tasks)))["results"]["tiny_choice"]
+    assert written["acc,none"] == direct["acc,none"] and written["acc_norm,none"] == direct["acc_norm,none"]
+
+
 def test_clear_errors(tiny, tmp_path):
     src, out, model, params, _, tok = tiny
     with pytest.raises(FileNotFoundError, match="masks file not found"):
