@@ -132,6 +132,12 @@ class CapjaxLM(TemplateLM):
         ids = self.tokenizer.encode(string, **special)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The tokenizer's chat template as text (for --apply_chat_template), as HFLM."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
     # ------------------------------------------------------------------ scoring
     def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
         """(sum log p(cont | ctx), cont is greedy) per (ctx, cont), as HFLM: a row holds at most
