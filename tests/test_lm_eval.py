@@ -167,3 +167,24 @@ def test_smollm2_arc_matches_hf_and_capjax(smollm2, tmp_path):
     for m in ("acc", "acc_norm"):
         assert abs(a[f"{m},none"] - b[f"{m},none"]) <= 1e-6
         assert abs(a[f"{m},none"] - own[m]) <= 1e-6
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.skipif(not HAS_DATA, reason=f"reference data not found at {DATA_DIR}")
+def test_smollm2_gsm8k_generations_match_hf(smollm2, tmp_path):
+    """Real SmolLM2, 4 GSM8K test questions zero-shot through generate_until (64 new tokens): the
+    capjax model's greedy generations and exact_match equal `--model hf` on the exported folder."""
+    model, params, tok, _ = smollm2
+    folder = capjax.save_pretrained(model, params, tmp_path / "smollm2", tok)
+    tm = TaskManager(include_path=str(task_dir(tmp_path, DATA_DIR, ["gsm8k_local.yaml"])))
+    kw = dict(tasks=["gsm8k_local"], task_manager=tm, limit=4, log_samples=True)
+    ours = lm_eval.simple_evaluate(model=CapjaxLM(model=model, params=params, tokenizer=tok, batch_size=4), **kw)
+    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", batch_size=4,
+                                 device="cpu", **kw)
+    gen = [[s["resps"] for s in r["samples"]["gsm8k_local"]] for r in (ours, hf)]
+    print(gen[0])
+    assert gen[0] == gen[1]
+    for m in ("exact_match,strict-match", "exact_match,flexible-extract"):
+        assert ours["results"]["gsm8k_local"][m] == hf["results"]["gsm8k_local"][m]
