@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # optional dependency: say how to get it
+    raise ImportError(f"the lm-eval model needs lm-evaluation-harness: pip install capjax[lm-eval] ({e})") from e
 
 DEFAULT_BATCH = 8
 
