@@ -191,7 +191,8 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, to
 
     Tensors are written in the params' dtype, streamed shard by shard. sparsity_format=
     "compressed-tensors" stores the pruned matrices with that library's 2:4 or bitmask
-    compressor (`capjax.integrations.compressed.save_compressed`; vLLM reads it); None: dense.
+    compressor (`capjax.integrations.compressed.save_compressed`, whose docstring says which
+    readers take it); None: the plain dense folder.
     """
     import jax
     from safetensors.flax import save_file
@@ -240,7 +241,6 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, to
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
-
 
 
 class _MaskTree(dict):
