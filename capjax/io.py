@@ -152,6 +152,11 @@ def _safe_open(path: Path):
 def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype) -> dict:
     from safetensors import SafetensorError
 
+    from capjax.integrations.compressed import decompressed_tensors, is_compressed_folder
+
+    if is_compressed_folder(folder):  # sparse compressed-tensors export: decompressed by that library
+        dense = decompressed_tensors(folder)
+        return params_from_tensors(config, lambda name: dense[name].astype(dtype), set(dense), dtype)
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -217,14 +222,23 @@ def load_tokenizer(source: str | os.PathLike):
 
 
 def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, tokenizer=None,
-                    max_shard_bytes: int = 4 << 30) -> Path:
+                    max_shard_bytes: int = 4 << 30, sparsity_format: str | None = None) -> Path:
     """Writes an HF folder (config.json, safetensors shards + index, tokenizer) for transformers.
 
-    Tensors are written in the params' dtype, streamed shard by shard.
+    Tensors are written in the params' dtype, streamed shard by shard. sparsity_format=
+    "compressed-tensors" stores the pruned matrices with that library's 2:4 or bitmask
+    compressor (`capjax.integrations.compressed.save_compressed`, whose docstring says which
+    readers take it); None: the plain dense folder.
     """
     import jax
     from safetensors.flax import save_file
 
+    if sparsity_format == "compressed-tensors":
+        from capjax.integrations.compressed import save_compressed
+
+        return save_compressed(model, params, out_dir, tokenizer, max_shard_bytes=max_shard_bytes)
+    if sparsity_format is not None:
+        raise ValueError(f"sparsity_format={sparsity_format!r}: use None (dense) or 'compressed-tensors'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model*.safetensors*"):
@@ -263,3 +277,34 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, to
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+class _MaskTree(dict):
+    """A params-shaped tree holding only mask leaves: a missing key reads as an empty
+    placeholder, so `iter_hf_tensors` can walk every rule and the mask leaves are mapped by
+    the one name/shape table that save_pretrained uses."""
+
+    def __missing__(self, key):
+        return _MaskTree()
+
+
+def hf_masks(config: ModelConfig, masks: dict) -> dict[str, np.ndarray]:
+    """capjax weight masks -> {HF tensor name: bool [out, in]} (True = kept), e.g.
+    "model.layers.0.self_attn.q_proj.weight", for tools that know only HF's layout.
+
+    `masks` is a tree shaped like params (None at unpruned leaves, as `capjax.prune` returns)
+    or the flat {"layers/self_attn/q_proj/kernel": [L, ...]} dict of masks.npz.
+    """
+    from capjax.pruning.prune import flat_masks
+
+    flat = masks if all(isinstance(k, str) and "/" in k for k in masks) else flat_masks(masks)
+    tree = _MaskTree()
+    for path, m in flat.items():
+        node = tree
+        *head, last = path.split("/")
+        for p in head:
+            node = node.setdefault(p, _MaskTree())
+        node[last] = np.asarray(m)
+    suffixes = {"/".join(p.split("/")[1:-1]).replace("/", ".") for p in flat}  # "self_attn.q_proj"
+    return {name: np.asarray(a).astype(bool) for name, a in iter_hf_tensors(config, tree)
+            if name.endswith(".weight") and name[: -len(".weight")].split(".", 3)[-1] in suffixes}

@@ -31,6 +31,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scope", default=None, help="cap: global | layer; magnitude: matrix | global")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--sparsity-format", default=None, choices=("compressed-tensors",),
+                   help="store the pruned matrices compressed (2:4 or bitmask; pip install capjax[compressed]) "
+                        "instead of dense")
+    p.add_argument("--hf-masks", action="store_true",
+                   help="also write masks_hf.npz: the masks under HF tensor names, shaped [out, in]")
     p.set_defaults(func=run)
     return p
 
@@ -100,9 +105,13 @@ def run(args: argparse.Namespace) -> int:
         sparsity = 0.2 if nm is None else 0.0  # with N:M the pattern sets the sparsity
     pruned, masks = prune(model, params, args.method, sparsity, head_scores=delta, calib=calib,
                           nm=nm, **options)
-    out = capjax.save_pretrained(model, pruned, args.out, tokenizer)
+    out = capjax.save_pretrained(model, pruned, args.out, tokenizer, sparsity_format=args.sparsity_format)
     flat = {path: np.asarray(m) for path, m in flat_masks(masks).items()}
     np.savez_compressed(Path(out) / "masks.npz", **flat)
+    if args.hf_masks:
+        from capjax.io import hf_masks
+
+        np.savez_compressed(Path(out) / "masks_hf.npz", **hf_masks(model.config, flat))
     print(sparsity_report(pruned).table())
     if args.method == "cap_heads":
         kept = np.asarray(flat["layers/self_attn/o_proj/kernel"]).any(axis=(2, 3))  # [L, H]
