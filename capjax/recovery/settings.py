@@ -140,28 +140,26 @@ def check_settings(s: RecoverySettings) -> None:
 DEFAULTS: dict[str, Any] = RecoverySettings().to_dict()
 
 
-def lora_fraction(config: Any, rank: int) -> float:
-    """Adapter parameters / all parameters of the model, for rank-r adapters on the seven projections."""
+def lora_params(config: Any, rank: int) -> int:
+    """Adapter parameters for rank-r adapters on the seven projections: L r (I + O) per kernel."""
     from capjax.model import param_shapes
     from capjax.pruning.importance import PRUNABLE, get_path
 
     shapes = param_shapes(config)
-    total = sum(int(np.prod(s.shape)) for s in __import__("jax").tree.leaves(shapes))
-    adapters = 0
+    total = 0
     for p, n_in in PRUNABLE.items():
         shape = get_path(shapes, p).shape
         fan_in, fan_out = int(np.prod(shape[1:1 + n_in])), int(np.prod(shape[1 + n_in:]))
-        adapters += shape[0] * rank * (fan_in + fan_out)
-    return adapters / total
+        total += shape[0] * rank * (fan_in + fan_out)
+    return total
 
 
 def memory_bytes(config: Any, param_dtype: Any, mode: str, rank: int = 8) -> int:
     """Estimated bytes of params, gradients and optimizer state (module docstring), no activations."""
     from capjax.memory import params_bytes
 
-    count, _ = params_bytes(config, np.float32)
-    count //= 4
-    own = np.dtype(param_dtype).itemsize if not isinstance(param_dtype, str) else (2 if param_dtype == "bfloat16" else 4)
+    count = params_bytes(config, np.float32)[0] // 4
+    own = 2 if str(param_dtype) in ("bfloat16", "float16") else np.dtype(param_dtype).itemsize
     if mode == "full":
         return count * (16 + own)
-    return int(count * own + 16 * count * lora_fraction(config, rank))
+    return count * own + 16 * lora_params(config, rank)

@@ -25,9 +25,9 @@ import hashlib
 import json
 import math
 import time
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -125,15 +125,48 @@ def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers
     return total, jnp.sum(w)
 
 
-def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: optax.GradientTransformation):
-    def micro_loss(trainable, frozen, masks, mb):
-        if mode == "full":
-            return _nll_sum(model, trainable, mb, trainable["layers"], lambda lp: lp, remat)
-        masks_l = {p: get_path(masks, p) for p in trainable}
-        return _nll_sum(model, frozen, mb, (frozen["layers"], trainable, masks_l),
-                        lambda t: merge_layer(t[0], t[1], t[2], scale), remat)
+def _micro_loss(model: Decoder, mode: str, scale: float, remat: bool, trainable, frozen, masks, mb):
+    """(summed NLL, loss tokens) of micro-batch mb [b, S]; full: trainable are the params; lora:
+    trainable are the adapters over the frozen params."""
+    if mode == "full":
+        return _nll_sum(model, trainable, mb, trainable["layers"], lambda lp: lp, remat)
+    masks_l = {p: get_path(masks, p) for p in trainable}
+    return _nll_sum(model, frozen, mb, (frozen["layers"], trainable, masks_l),
+                    lambda t: merge_layer(t[0], t[1], t[2], scale), remat)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+def batch_loss(model: Decoder, params: Params, data: Any, adapters: dict | None = None, masks: Params | None = None,
+               scale: float = 1.0, rows_per_call: int = 8) -> float:
+    """Mean NLL over the loss tokens of `data` (as `recover` trains on it: packed, answer tokens or
+    every text token), for params, or for params with LoRA adapters under masks (the training
+    forward). Rows go through in calls of `rows_per_call`."""
+    data = pack_for_training(data)
+    mode = "full" if adapters is None else "lora"
+    fn = _loss_fn(model, mode, float(scale))
+    total = count = 0.0
+    for i in range(0, len(data), rows_per_call):
+        idx = np.arange(i, i + rows_per_call) % len(data)  # fixed shape; repeats are weighted out
+        w = (np.arange(i, i + rows_per_call) < len(data)).astype(np.float32)
+        mb = {k: jnp.asarray(getattr(data, k)[idx]) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+        mb["loss_mask"] = mb["loss_mask"] * jnp.asarray(w)[:, None]
+        t, c = fn(params if mode == "full" else adapters, None if mode == "full" else params, masks, mb)
+        total, count = total + float(t), count + float(c)
+    return total / count
+
+
+@lru_cache(maxsize=16)
+def _loss_fn(model, mode, scale):
+    return jax.jit(partial(_micro_loss, model, mode, scale, False))
+
+
+@lru_cache(maxsize=16)
+def _cached_step(model: Decoder, mode: str, scale: float, settings: RecoverySettings):
+    """The compiled step for the default optimizer: one compile per (model, mode, settings)."""
+    return _step_fn(model, mode, scale, settings.remat, build_optimizer(settings))
+
+
+def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: optax.GradientTransformation):
+    grad_fn = jax.value_and_grad(partial(_micro_loss, model, mode, scale, remat), has_aux=True)
 
     def step(state, frozen, masks, batch):
         trainable = state["trainable"]
@@ -151,14 +184,14 @@ def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: op
         grads = jax.tree.map(lambda g: g / count, grads)
         if mode == "full":
             grads = apply_masks(grads, masks)
-        gnorm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
         new = optax.apply_updates(trainable, updates)
         if mode == "full":
             new = apply_masks(new, masks)
         losses = state["losses"].at[state["step"]].set(loss)
+        norms = jnp.stack([optax.tree.norm(grads), optax.tree.norm(updates)])
         return {"trainable": new, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"],
-                "losses": losses}, loss, gnorm
+                "losses": losses}, loss, norms
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -179,7 +212,7 @@ def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: s
 def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int | None = None,
             optimizer: optax.GradientTransformation | None = None, *, settings: RecoverySettings | None = None,
             checkpoint_dir: str | Path | None = None, mesh: Any = None, progress: bool = True,
-            **overrides: Any) -> tuple[Params, dict[str, Any]]:
+            callback: Callable[[int, Any], None] | None = None, **overrides: Any) -> tuple[Params, dict[str, Any]]:
     """Fine-tunes a pruned model; returns (params, history). Pruned entries are exactly zero in
     the result (and after every step of full fine-tuning).
 
@@ -196,8 +229,10 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         each micro-batch's rows split over "data".
     history: {"loss" [steps] (mean loss-token NLL before each step's update), "lr" [steps],
         "mode", "steps", "resumed_from", "tokens_per_s", "seconds", "checkpoint"}.
-    Raises RecoveryDivergedError (keeping the last good checkpoint) on a NaN / infinite loss or
-    gradient, or a loss above settings.max_loss_ratio times the first one.
+    callback(step, trainable): called after every step (and its checkpoint) with the step count and
+        the trainable tree (full: the float32 params; lora: the adapters).
+    Raises RecoveryDivergedError (keeping the last good checkpoint) on a NaN / infinite loss,
+    gradient or update, or a loss above settings.max_loss_ratio times the first one.
     """
     settings = (settings or RecoverySettings()).replace(**overrides, **({"steps": steps} if steps is not None else {}))
     check_masks(params, masks)
@@ -234,7 +269,9 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         restored = store.restore(state)
         if restored is not None:
             start, state = restored
-    step_fn = _step_fn(model, mode, settings.alpha / settings.rank, settings.remat, tx)
+    scale = settings.alpha / settings.rank
+    step_fn = (_cached_step(model, mode, scale, settings) if optimizer is None
+               else _step_fn(model, mode, scale, settings.remat, tx))
     put = (lambda b: b) if mesh is None else (lambda b: __import__("capjax").sharding.shard_batch(b, mesh, axis=1))
     bar = None
     if progress:
@@ -247,12 +284,13 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         for s in range(start, settings.steps):
             batch = step_batch(data, state["rng"], s, settings.batch_size, settings.grad_accum)
             n_tok = int((batch["segment_ids"] > 0).sum())
-            new_state, loss, gnorm = step_fn(state, frozen, masks, put(jax.tree.map(jnp.asarray, batch)))
-            loss, gnorm = float(loss), float(gnorm)
+            new_state, loss, norms = step_fn(state, frozen, masks, put(jax.tree.map(jnp.asarray, batch)))
+            loss, (gnorm, unorm) = float(loss), np.asarray(norms).tolist()
             first = loss if first is None else first
-            if not (math.isfinite(loss) and math.isfinite(gnorm)) or loss > settings.max_loss_ratio * first:
+            finite = math.isfinite(loss) and math.isfinite(gnorm) and math.isfinite(unorm)
+            if not finite or loss > settings.max_loss_ratio * first:
                 last = store.latest() if store else None
-                why = ("a NaN / infinite loss or gradient" if not (math.isfinite(loss) and math.isfinite(gnorm))
+                why = ("a NaN / infinite loss, gradient or update" if not finite
                        else f"the loss exceeds {settings.max_loss_ratio:g} x the first step's {first:.4f}")
                 raise RecoveryDivergedError(
                     f"recovery stopped at step {s + 1}: loss {loss:.4g}, gradient norm {gnorm:.4g} ({why}); "
@@ -265,6 +303,8 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
                 tokens_done += n_tok
             if store is not None and ((s + 1) % settings.checkpoint_every == 0 or s + 1 == settings.steps):
                 store.save(s + 1, state)
+            if callback is not None:
+                callback(s + 1, state["trainable"])
             if bar is not None:
                 rate = tokens_done / max(time.perf_counter() - t0, 1e-9) if tokens_done else 0.0
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
