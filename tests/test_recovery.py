@@ -172,14 +172,14 @@ def test_lora_forward_equals_w_plus_ba_in_torch(tiny, tmp_path):
 def test_resume_after_kill_is_bit_identical(tiny, tmp_path):
     _, _, model, params = tiny
     pruned, masks = capjax.prune(model, params, "magnitude", 0.5)
-    kw = dict(FAST, steps=4, checkpoint_every=2, mode="full")
+    kw = dict(FAST, checkpoint_every=2, mode="full")  # checkpoints after steps 2 and 3
     full, h_full = recover(model, pruned, masks, _data(), checkpoint_dir=tmp_path / "a", **kw)
 
     class Killed(Exception):
         pass
 
     def kill(step, _):
-        if step == 3:
+        if step == 3:  # killed during the last step, before its checkpoint
             raise Killed
 
     with pytest.raises(Killed):

@@ -159,10 +159,24 @@ def _loss_fn(model, mode, scale):
     return jax.jit(partial(_micro_loss, model, mode, scale, False))
 
 
+OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "final_lr_fraction", "weight_decay", "b1", "b2", "eps", "grad_clip")
+
+
+def _optimizer_key(settings: RecoverySettings) -> tuple:
+    return tuple(getattr(settings, f) for f in OPTIMIZER_FIELDS)
+
+
 @lru_cache(maxsize=16)
-def _cached_step(model: Decoder, mode: str, scale: float, settings: RecoverySettings):
-    """The compiled step for the default optimizer: one compile per (model, mode, settings)."""
-    return _step_fn(model, mode, scale, settings.remat, build_optimizer(settings))
+def _default_optimizer(key: tuple) -> tuple[optax.GradientTransformation, Any]:
+    """(the default optimizer, its jitted init) for settings with these OPTIMIZER_FIELDS."""
+    tx = build_optimizer(RecoverySettings(**dict(zip(OPTIMIZER_FIELDS, key))))
+    return tx, jax.jit(tx.init)
+
+
+@lru_cache(maxsize=16)
+def _cached_step(model: Decoder, mode: str, scale: float, remat: bool, key: tuple):
+    """The compiled step for the default optimizer: one compile per (model, mode, optimizer settings)."""
+    return _step_fn(model, mode, scale, remat, _default_optimizer(key)[0])
 
 
 def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: optax.GradientTransformation):
@@ -229,7 +243,7 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         each micro-batch's rows split over "data".
     history: {"loss" [steps] (mean loss-token NLL before each step's update), "lr" [steps],
         "mode", "steps", "resumed_from", "tokens_per_s", "seconds", "checkpoint"}.
-    callback(step, trainable): called after every step (and its checkpoint) with the step count and
+    callback(step, trainable): called after every step (before its checkpoint) with the step count and
         the trainable tree (full: the float32 params; lora: the adapters).
     Raises RecoveryDivergedError (keeping the last good checkpoint) on a NaN / infinite loss,
     gradient or update, or a loss above settings.max_loss_ratio times the first one.
@@ -249,7 +263,8 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         from capjax import sharding
 
         params, masks = sharding.shard_params(params, mesh), sharding.shard_params(masks, mesh)
-    tx = optimizer if optimizer is not None else build_optimizer(settings)
+    tx, tx_init = (optimizer, jax.jit(optimizer.init)) if optimizer is not None else _default_optimizer(
+        _optimizer_key(settings))
     rng = jax.random.PRNGKey(settings.seed)
     if mode == "full":
         # A copy: the step donates its state, and astype of a float32 array would be the caller's buffer.
@@ -260,7 +275,7 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
             from capjax.sharding import replicated
 
             trainable = jax.device_put(trainable, replicated(mesh))
-    state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable), "step": jnp.zeros((), jnp.int32),
+    state = {"trainable": trainable, "opt_state": tx_init(trainable), "step": jnp.zeros((), jnp.int32),
              "rng": rng, "losses": jnp.zeros((settings.steps,), jnp.float32)}
     store = None
     start = 0
@@ -270,7 +285,7 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         if restored is not None:
             start, state = restored
     scale = settings.alpha / settings.rank
-    step_fn = (_cached_step(model, mode, scale, settings) if optimizer is None
+    step_fn = (_cached_step(model, mode, scale, settings.remat, _optimizer_key(settings)) if optimizer is None
                else _step_fn(model, mode, scale, settings.remat, tx))
     put = (lambda b: b) if mesh is None else (lambda b: __import__("capjax").sharding.shard_batch(b, mesh, axis=1))
     bar = None
@@ -301,10 +316,10 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
                 t0 = time.perf_counter()
             else:
                 tokens_done += n_tok
-            if store is not None and ((s + 1) % settings.checkpoint_every == 0 or s + 1 == settings.steps):
-                store.save(s + 1, state)
             if callback is not None:
                 callback(s + 1, state["trainable"])
+            if store is not None and ((s + 1) % settings.checkpoint_every == 0 or s + 1 == settings.steps):
+                store.save(s + 1, state)
             if bar is not None:
                 rate = tokens_done / max(time.perf_counter() - t0, 1e-9) if tokens_done else 0.0
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
