@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("score", "prune", "eval", "run", "demo")
+COMMANDS = ("score", "prune", "eval", "run", "demo", "recover")
 
 
 def build_parser() -> argparse.ArgumentParser:

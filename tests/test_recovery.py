@@ -249,3 +249,27 @@ def test_memory_estimate_by_hand(tiny):
     E, F, H, K, D, L = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_layers
     adapters = L * r * ((E + H * D) * 2 + (E + K * D) * 2 + (E + F) * 3)
     assert memory_bytes(c, "bfloat16", "lora", rank=r) == count * 2 + 16 * adapters
+
+
+def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenizer, capsys):
+    from capjax.cli import main
+    from capjax.pruning.prune import masks_from_flat
+
+    pruned_dir, out = tmp_path / "pruned", tmp_path / "recovered"
+    assert main(["prune", "--model", str(tiny_with_tokenizer), "--method", "magnitude", "--sparsity", "0.5",
+                 "--out", str(pruned_dir)]) == 0
+    assert main(["recover", "--model", str(pruned_dir), "--data", "synthetic", "--steps", "2", "--n", "8",
+                 "--seq-len", "128", "--batch-size", "2", "--mode", "full", "--out", str(out)]) == 0
+    model, params = capjax.load_pretrained(out)
+    before = capjax.load_pretrained(pruned_dir)[1]
+    with np.load(out / "masks.npz") as z:
+        masks = masks_from_flat(params, {p: z[p] for p in PRUNABLE})
+    assert _zeros_per_matrix(params, masks) == _zeros_per_matrix(before, masks)
+    assert any(np.any(np.asarray(get_path(params, p)) != np.asarray(get_path(before, p))) for p in PRUNABLE)
+    history = __import__("json").loads((out / "history.json").read_text())
+    assert len(history["loss"]) == 2 and history["mode"] == "full"
+    capsys.readouterr()
+    assert main(["recover", "--model", str(pruned_dir), "--masks", str(tmp_path / "nope.npz"),
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope.npz" in err and len(err.splitlines()) == 1

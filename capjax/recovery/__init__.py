@@ -10,12 +10,15 @@ config section and the memory estimate), `runner` (what `capjax run` calls) and 
 
 from capjax.recovery.data import RecoveryData, RecoveryDataError, build_recovery_data, pack_for_training
 from capjax.recovery.lora import LoRARankError, init_lora, lora_kernel, merge_lora
+from capjax.recovery.plot import plot_loss_curves
+from capjax.recovery.runner import run_recovery
 from capjax.recovery.settings import DEFAULTS, RecoverySettings, RecoverySettingsError, memory_bytes
-from capjax.recovery.train import (MaskTreeError, RecoveryDivergedError, batch_loss, build_optimizer, check_masks, lr_schedule,
-                                   recover)
+from capjax.recovery.train import (MaskTreeError, RecoveryDivergedError, batch_loss, build_optimizer, check_masks,
+                                   lr_schedule, recover)
 
 __all__ = [
     "DEFAULTS", "LoRARankError", "MaskTreeError", "RecoveryData", "RecoveryDataError", "RecoveryDivergedError",
-    "RecoverySettings", "RecoverySettingsError", "build_optimizer", "build_recovery_data", "check_masks",
-    "batch_loss", "init_lora", "lora_kernel", "lr_schedule", "memory_bytes", "merge_lora", "pack_for_training", "recover",
+    "RecoverySettings", "RecoverySettingsError", "batch_loss", "build_optimizer", "build_recovery_data",
+    "check_masks", "init_lora", "lora_kernel", "lr_schedule", "memory_bytes", "merge_lora", "pack_for_training",
+    "plot_loss_curves", "recover", "run_recovery",
 ]
