@@ -3,6 +3,14 @@ bit-identical resume, divergence and bad-input errors."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -88,7 +96,7 @@ def test_sparsity_exact_after_every_step_and_merge(tiny, method, mode):
 
 def _hf_masks(config, masks, params):
     """HF-named float masks (1 = kept): the masks in the params' layout, 1 at unpruned leaves."""
-    tree = __import__("jax").tree.map(lambda a: np.ones(a.shape, np.float32), params)
+    tree = jax.tree.map(lambda a: np.ones(a.shape, np.float32), params)
     for p in PRUNABLE:
         tree = set_path(tree, p, np.asarray(get_path(masks, p)).astype(np.float32))
     return dict(iter_hf_tensors(config, tree))
@@ -136,14 +144,12 @@ def test_one_full_step_equals_torch_adamw(tiny, tmp_path):
 
 
 def test_lora_forward_equals_w_plus_ba_in_torch(tiny, tmp_path):
-    import jax
-
     _, _, model, params = tiny
     pruned, masks = capjax.prune(model, params, "magnitude", 0.5)
     rank, scale = 3, 2.0
     adapters = init_lora(pruned, rank, jax.random.PRNGKey(0))
     rs = np.random.RandomState(2)
-    adapters = {p: {"a": ab["a"], "b": jax.numpy.asarray(rs.normal(0, 0.05, ab["b"].shape), np.float32)}
+    adapters = {p: {"a": ab["a"], "b": jnp.asarray(rs.normal(0, 0.05, ab["b"].shape), np.float32)}
                 for p, ab in adapters.items()}
     data = _data()
     ours = batch_loss(model, pruned, data, adapters=adapters, masks=masks, scale=scale)
@@ -153,7 +159,7 @@ def test_lora_forward_equals_w_plus_ba_in_torch(tiny, tmp_path):
     hf_masks = _hf_masks(model.config, masks, pruned)
     with torch.no_grad():
         for p, ab in adapters.items():
-            hf_name = {"self_attn": "self_attn", "mlp": "mlp"}[p.split("/")[1]] + "." + p.split("/")[2]
+            hf_name = ".".join(p.split("/")[1:3])
             for l in range(model.config.num_layers):
                 name = f"model.layers.{l}.{hf_name}.weight"
                 W = dict(hf.named_parameters())[name]
@@ -186,7 +192,7 @@ def test_resume_after_kill_is_bit_identical(tiny, tmp_path):
         recover(model, pruned, masks, _data(), checkpoint_dir=tmp_path / "b", callback=kill, **kw)
     resumed, h_res = recover(model, pruned, masks, _data(), checkpoint_dir=tmp_path / "b", **kw)
     assert h_res["resumed_from"] == 2 and h_full["resumed_from"] == 0
-    for a, b in zip(__import__("jax").tree.leaves(full), __import__("jax").tree.leaves(resumed)):
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert h_res["loss"] == h_full["loss"]
 
@@ -195,13 +201,11 @@ class _NaNAtStep:
     """An optax transformation that turns the update of step `at` (0-based) into NaN."""
 
     def __new__(cls, at):
-        import jax.numpy as jnp
-
         def init(_):
             return jnp.zeros((), jnp.int32)
 
         def update(updates, count, params=None):
-            bad = __import__("jax").tree.map(lambda u: jnp.where(count == at, jnp.nan, u), updates)
+            bad = jax.tree.map(lambda u: jnp.where(count == at, jnp.nan, u), updates)
             return bad, count + 1
 
         return optax.GradientTransformation(init, update)
@@ -243,7 +247,7 @@ def test_bad_inputs_are_refused_before_compute(tiny):
 def test_memory_estimate_by_hand(tiny):
     _, _, model, params = tiny
     c = model.config
-    count = sum(int(np.prod(a.shape)) for a in __import__("jax").tree.leaves(params))
+    count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     assert memory_bytes(c, "float32", "full") == count * 20
     r = 4
     E, F, H, K, D, L = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_layers
@@ -266,10 +270,22 @@ def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenize
         masks = masks_from_flat(params, {p: z[p] for p in PRUNABLE})
     assert _zeros_per_matrix(params, masks) == _zeros_per_matrix(before, masks)
     assert any(np.any(np.asarray(get_path(params, p)) != np.asarray(get_path(before, p))) for p in PRUNABLE)
-    history = __import__("json").loads((out / "history.json").read_text())
+    history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == 2 and history["mode"] == "full"
     capsys.readouterr()
     assert main(["recover", "--model", str(pruned_dir), "--masks", str(tmp_path / "nope.npz"),
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope.npz" in err and len(err.splitlines()) == 1
+
+
+def test_sharded_recovery_equals_single_device(tmp_path):
+    worker = Path(__file__).with_name("recovery_sharding_worker.py")
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(worker), str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(worker.parents[1])})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["pruned_nonzero"] == 0
+    assert res["devices"] == 4, res  # the result stays sharded over the mesh
+    assert res["max_diff"] < 1e-5, res

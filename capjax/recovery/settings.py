@@ -7,11 +7,11 @@ Memory per parameter (bytes), with float32 master weights and float32 AdamW mome
            + the caller's copy of the params (2 in bfloat16, 4 in float32) while the run lasts
     lora   the frozen params in their own dtype (2 in bfloat16, 4 in float32)
            + 16 per adapter parameter; r (in + out) adapter parameters per [in, out] matrix,
-           e.g. 0.8% of SmolLM2-135M's prunable weights at r = 8, so about 2.1 bytes per
-           parameter in bfloat16
+           e.g. 2.44M = 1.8% of SmolLM2-135M's 134.5M parameters at r = 8, so about
+           2.3 bytes per parameter in bfloat16
 
 Activations come on top, for one micro-batch of b rows of S tokens (gradient accumulation bounds
-them): with `remat` (default) the L layer inputs, 4 b S E L bytes, plus one layer's internals
+them): with `remat` (default) the L layer inputs, c b S E L bytes, plus one layer's internals
 during its backward; without, every layer's internals are kept (roughly
 b S (c (8 E + 2 (H + K) D + 3 F) + 12 H S) bytes per layer, c the compute dtype's bytes). The loss
 runs over row chunks of LOSS_ROWS positions, so its float32 logits are LOSS_ROWS V 4 bytes.

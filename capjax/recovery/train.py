@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from capjax import sharding
 from capjax.model import Decoder, apply_layer, layer_context, token_nll
 from capjax.pruning.importance import PRUNABLE, get_path
 from capjax.pruning.prune import apply_masks
@@ -260,8 +261,6 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     dtypes = jax.tree.map(lambda a: a.dtype, params)
     params = apply_masks(params, masks)
     if mesh is not None:
-        from capjax import sharding
-
         params, masks = sharding.shard_params(params, mesh), sharding.shard_params(masks, mesh)
     tx, tx_init = (optimizer, jax.jit(optimizer.init)) if optimizer is not None else _default_optimizer(
         _optimizer_key(settings))
@@ -272,9 +271,7 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     else:
         trainable, frozen = init_lora(params, settings.rank, jax.random.fold_in(rng, 1)), params
         if mesh is not None:
-            from capjax.sharding import replicated
-
-            trainable = jax.device_put(trainable, replicated(mesh))
+            trainable = jax.device_put(trainable, sharding.replicated(mesh))
     state = {"trainable": trainable, "opt_state": tx_init(trainable), "step": jnp.zeros((), jnp.int32),
              "rng": rng, "losses": jnp.zeros((settings.steps,), jnp.float32)}
     store = None
@@ -287,7 +284,7 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     scale = settings.alpha / settings.rank
     step_fn = (_cached_step(model, mode, scale, settings.remat, _optimizer_key(settings)) if optimizer is None
                else _step_fn(model, mode, scale, settings.remat, tx))
-    put = (lambda b: b) if mesh is None else (lambda b: __import__("capjax").sharding.shard_batch(b, mesh, axis=1))
+    put = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh, axis=1))
     bar = None
     if progress:
         from tqdm.auto import tqdm
