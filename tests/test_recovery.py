@@ -279,6 +279,7 @@ def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenize
     assert "nope.npz" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow  # a subprocess with 4 fake devices and two compiles: 171 s measured on the loaded 2 cores
 def test_sharded_recovery_equals_single_device(tmp_path):
     worker = Path(__file__).with_name("recovery_sharding_worker.py")
     out = tmp_path / "out.json"
