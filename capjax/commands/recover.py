@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-# capjax.recovery.settings imports no jax, so building the CLI parser stays fast.
 from capjax.recovery.settings import DEFAULTS, MODES
 
 
