@@ -290,3 +290,28 @@ def test_sharded_recovery_equals_single_device(tmp_path):
     assert res["pruned_nonzero"] == 0
     assert res["devices"] == 4, res  # the result stays sharded over the mesh
     assert res["max_diff"] < 1e-5, res
+
+
+def test_bfloat16_params_train_in_float32_and_keep_dtype_and_zeros(tiny):
+    _, _, model, params = tiny
+    pruned, masks = capjax.prune(model, params, "magnitude", 0.5)
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pruned)
+    seen = []
+    out, _ = recover(model, bf16, masks, _data(), mode="full", callback=lambda s, t: seen.append(
+        {str(a.dtype) for a in jax.tree.leaves(t)}), **FAST)
+    assert seen and all(d == {"float32"} for d in seen)  # float32 master weights (and AdamW state) while training
+    assert {str(a.dtype) for a in jax.tree.leaves(out)} == {"bfloat16"}
+    assert _zeros_per_matrix(out, masks) == _zeros_per_matrix(bf16, masks)
+
+
+def test_auto_mode_picks_lora_when_full_does_not_fit(tiny, monkeypatch):
+    import capjax.memory
+    from capjax.recovery.train import resolve_mode
+
+    _, _, model, params = tiny
+    full = memory_bytes(model.config, "float32", "full")
+    monkeypatch.setattr(capjax.memory, "available_bytes", lambda device=None: full)
+    assert resolve_mode(model, params, RecoverySettings(mode="auto")) == "full"
+    monkeypatch.setattr(capjax.memory, "available_bytes", lambda device=None: full - 1)
+    assert resolve_mode(model, params, RecoverySettings(mode="auto")) == "lora"
+    assert resolve_mode(model, params, RecoverySettings(mode="full")) == "full"
