@@ -240,6 +240,8 @@ def test_bad_inputs_are_refused_before_compute(tiny):
         recover(model, pruned, masks, empty)
     with pytest.raises(RecoverySettingsError, match="grad_accum"):
         recover(model, pruned, masks, _data(), batch_size=4, grad_accum=3)
+    with pytest.raises(RecoverySettingsError, match="recovery.data='wikitext'"):
+        RecoverySettings(data="wikitext")
     with pytest.raises(ValueError, match="unknown key"):
         RecoverySettings.from_dict({"stpes": 3})
 

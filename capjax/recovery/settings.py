@@ -133,6 +133,10 @@ def check_settings(s: RecoverySettings) -> None:
         bad("checkpoint_every", "need >= 1")
     if not s.max_loss_ratio > 1:
         bad("max_loss_ratio", "need > 1")
+    from capjax.data.calibration import CALIB_SPLITS
+
+    if not (s.data in CALIB_SPLITS or (s.data.startswith("text:") and len(s.data) > 5)):
+        bad("data", f"use a calibration task ({', '.join(CALIB_SPLITS)}) or text:PATH")
     if s.compute_dtype not in (None, "float32", "bfloat16"):
         bad("compute_dtype", "use float32, bfloat16 or None (the model's)")
 
