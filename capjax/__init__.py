@@ -14,10 +14,11 @@ from capjax.evaluate import evaluate, generate, perplexity, wikitext2_perplexity
 from capjax.io import load_config, load_pretrained, load_tokenizer, save_pretrained
 from capjax.model import Decoder, init_cache, init_params, layer_params
 from capjax.pruning import prune, sparsity_report
+from capjax.recovery import recover
 
 __all__ = [
     "CalibrationBatch", "Decoder", "HeadScores", "ModelConfig", "UnsupportedConfigError", "build_calibration",
     "eval_records", "evaluate", "generate", "head_ablation_losses", "init_cache", "init_params", "layer_params",
-    "load_config", "load_pretrained", "load_tokenizer", "perplexity", "prune", "save_pretrained", "score_heads",
-    "sparsity_report", "wikitext2_perplexity",
+    "load_config", "load_pretrained", "load_tokenizer", "perplexity", "prune", "recover", "save_pretrained",
+    "score_heads", "sparsity_report", "wikitext2_perplexity",
 ]

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("score", "prune", "eval", "run", "demo")
+COMMANDS = ("score", "prune", "eval", "run", "demo", "recover")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,74 @@
+"""`capjax recover`: fine-tune a pruned model (full or sparse LoRA) keeping its zeros exact; writes
+an HF folder, masks.npz and history.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from capjax.recovery.settings import DEFAULTS, MODES
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("recover", help="fine-tune a pruned model without losing its zeros",
+                              description=__doc__)
+    p.add_argument("--model", required=True, help="pruned HF folder (from `capjax prune`)")
+    p.add_argument("--masks", default=None, help="masks.npz (default: MODEL/masks.npz)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--data", default=DEFAULTS["data"],
+                   help="calibration task (gsm8k, strategyqa, arc_challenge, synthetic) or text:PATH")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints (a rerun resumes); default OUT/checkpoints")
+    for name in ("steps", "lr", "warmup_steps", "weight_decay", "rank", "alpha", "batch_size", "grad_accum", "n",
+                 "seq_len", "seed", "checkpoint_every"):
+        p.add_argument("--" + name.replace("_", "-"), type=type(DEFAULTS[name]), default=DEFAULTS[name])
+    p.add_argument("--mode", default=DEFAULTS["mode"], choices=MODES)
+    p.set_defaults(func=run)
+    return p
+
+
+def load_masks(path: Path, params: dict) -> dict:
+    """The masks tree for `params` from a masks.npz of `capjax prune` (one array per prunable path)."""
+    from capjax.pruning.importance import PRUNABLE
+    from capjax.pruning.prune import masks_from_flat
+
+    if not path.is_file():
+        raise FileNotFoundError(f"masks file not found: {path} (`capjax prune` writes OUT/masks.npz; pass --masks)")
+    with np.load(path) as z:
+        missing = [p for p in PRUNABLE if p not in z.files]
+        if missing:
+            raise ValueError(f"{path} lacks the mask(s) {', '.join(missing)}: use the masks.npz written by `capjax prune`")
+        return masks_from_flat(params, {p: z[p] for p in PRUNABLE})
+
+
+def run(args: argparse.Namespace) -> int:
+    import capjax
+    from capjax.pruning import sparsity_report
+    from capjax.recovery import RecoverySettings, run_recovery
+
+    settings = RecoverySettings.from_dict({k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)})
+    masks_path = Path(args.masks) if args.masks else Path(args.model) / "masks.npz"
+    if not Path(args.model).exists():
+        raise FileNotFoundError(f"--model folder not found: {args.model}")
+    model, params = capjax.load_pretrained(args.model, dtype=args.dtype)
+    masks = load_masks(masks_path, params)
+    from capjax.recovery import check_masks
+
+    check_masks(params, masks)
+    tokenizer = capjax.load_tokenizer(args.model)
+    out_dir = Path(args.out)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out_dir / "checkpoints"
+    recovered, history = run_recovery(model, params, masks, tokenizer, settings, checkpoint_dir=ckpt,
+                                      data_dir=args.data_dir)
+    out = capjax.save_pretrained(model, recovered, out_dir, tokenizer)
+    with np.load(masks_path) as z:
+        np.savez_compressed(Path(out) / "masks.npz", **{k: z[k] for k in z.files})
+    (Path(out) / "history.json").write_text(json.dumps(history, indent=1))
+    print(sparsity_report(recovered).table())
+    loss = history["loss"]
+    print(f"recovery ({history['mode']}, {history['steps']} steps): loss {loss[0]:.4f} -> {loss[-1]:.4f}; wrote {out}")
+    return 0

@@ -1,0 +1,169 @@
+"""The settings of a recovery run (the run config's `recovery:` section) and the memory estimate
+that picks full fine-tuning or LoRA.
+
+Memory per parameter (bytes), with float32 master weights and float32 AdamW moments:
+
+    full   4 (float32 master) + 4 + 4 (AdamW mu, nu) + 4 (float32 gradient)  = 16
+           + the caller's copy of the params (2 in bfloat16, 4 in float32) while the run lasts
+    lora   the frozen params in their own dtype (2 in bfloat16, 4 in float32)
+           + 16 per adapter parameter; r (in + out) adapter parameters per [in, out] matrix,
+           e.g. 2.44M = 1.8% of SmolLM2-135M's 134.5M parameters at r = 8, so about
+           2.3 bytes per parameter in bfloat16
+
+Activations come on top, for one micro-batch of b rows of S tokens (gradient accumulation bounds
+them): with `remat` (default) the L layer inputs, c b S E L bytes, plus one layer's internals
+during its backward; without, every layer's internals are kept (roughly
+b S (c (8 E + 2 (H + K) D + 3 F) + 12 H S) bytes per layer, c the compute dtype's bytes). The loss
+runs over row chunks of LOSS_ROWS positions, so its float32 logits are LOSS_ROWS V 4 bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+MODES = ("full", "lora", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverySettings:
+    """One recovery run.
+
+    steps: optimizer steps. lr: peak learning rate of the warmup-cosine schedule (linear warmup
+    from 0 over min(warmup_steps, steps - 1) steps, cosine decay to `lr * final_lr_fraction` at
+    `steps`).
+    mode: "full" (every parameter trains; pruned entries stay exactly zero), "lora" (rank-`rank`
+    adapters on the seven projections, scaled by alpha / rank, merged at the end), or "auto"
+    (full when `memory_bytes(..., "full")` fits the available memory, else lora).
+    batch_size: packed rows per step, split into `grad_accum` micro-batches of equal size.
+    data: a calibration task (gsm8k, strategyqa, arc_challenge, synthetic: its train split, answer
+    tokens in the loss) or "text:PATH" (a plain text file, every token in the loss; the shared
+    data has WikiText-2's test split only, which evaluation uses, so it is not offered by name);
+    n examples (text chunks of seq_len tokens for text) drawn with `seed`.
+    checkpoint_every: steps between orbax checkpoints (with a checkpoint_dir).
+    max_loss_ratio: a loss above this many times the first step's loss stops the run (diverged).
+    compute_dtype: the matmul dtype; None = the model's.
+    remat: recompute each layer's activations in the backward pass (jax.checkpoint) and keep only
+    the layer inputs: activation memory of one layer instead of the whole stack, ~1/3 more compute.
+    """
+
+    steps: int = 100
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    mode: str = "auto"
+    rank: int = 8
+    alpha: float = 16.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    data: str = "gsm8k"
+    n: int = 256
+    seq_len: int = 256
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_loss_ratio: float = 4.0
+    compute_dtype: str | None = None
+    remat: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    def replace(self, **changes: Any) -> "RecoverySettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "RecoverySettings":
+        """From a config's `recovery:` mapping; unknown keys are refused by name."""
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"recovery: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+class RecoverySettingsError(ValueError):
+    """A recovery setting out of range."""
+
+
+def check_settings(s: RecoverySettings) -> None:
+    """Raises RecoverySettingsError naming the field and the fix."""
+    def bad(field: str, why: str) -> None:
+        raise RecoverySettingsError(f"recovery.{field}={getattr(s, field)!r}: {why}")
+
+    if not isinstance(s.steps, (int, np.integer)) or s.steps < 1:
+        bad("steps", "need an integer >= 1")
+    if not s.lr > 0 or not np.isfinite(s.lr):
+        bad("lr", "need a finite learning rate > 0")
+    if s.warmup_steps < 0:
+        bad("warmup_steps", "need >= 0")
+    if not 0 <= s.final_lr_fraction <= 1:
+        bad("final_lr_fraction", "need a fraction in [0, 1]")
+    if s.weight_decay < 0:
+        bad("weight_decay", "need >= 0")
+    if not (0 <= s.b1 < 1 and 0 <= s.b2 < 1):
+        bad("b1" if not 0 <= s.b1 < 1 else "b2", "need a value in [0, 1)")
+    if not s.eps > 0:
+        bad("eps", "need > 0")
+    if s.grad_clip is not None and not s.grad_clip > 0:
+        bad("grad_clip", "need > 0, or None for no clipping")
+    if s.mode not in MODES:
+        bad("mode", f"use one of {', '.join(MODES)}")
+    if s.rank < 1:
+        bad("rank", "need an integer >= 1")
+    if s.batch_size < 1:
+        bad("batch_size", "need >= 1")
+    if s.grad_accum < 1 or s.batch_size % s.grad_accum:
+        bad("grad_accum", f"need >= 1 and a divisor of batch_size ({s.batch_size})")
+    if s.n < 1:
+        bad("n", "need >= 1 examples")
+    if s.seq_len < 2:
+        bad("seq_len", "need >= 2 tokens")
+    if s.checkpoint_every < 1:
+        bad("checkpoint_every", "need >= 1")
+    if not s.max_loss_ratio > 1:
+        bad("max_loss_ratio", "need > 1")
+    from capjax.data.calibration import CALIB_SPLITS
+
+    if not (s.data in CALIB_SPLITS or (s.data.startswith("text:") and len(s.data) > 5)):
+        bad("data", f"use a calibration task ({', '.join(CALIB_SPLITS)}) or text:PATH")
+    if s.compute_dtype not in (None, "float32", "bfloat16"):
+        bad("compute_dtype", "use float32, bfloat16 or None (the model's)")
+
+
+DEFAULTS: dict[str, Any] = RecoverySettings().to_dict()
+
+
+def lora_params(config: Any, rank: int) -> int:
+    """Adapter parameters for rank-r adapters on the seven projections: L r (I + O) per kernel."""
+    from capjax.model import param_shapes
+    from capjax.pruning.importance import PRUNABLE, get_path
+
+    shapes = param_shapes(config)
+    total = 0
+    for p, n_in in PRUNABLE.items():
+        shape = get_path(shapes, p).shape
+        fan_in, fan_out = int(np.prod(shape[1:1 + n_in])), int(np.prod(shape[1 + n_in:]))
+        total += shape[0] * rank * (fan_in + fan_out)
+    return total
+
+
+def memory_bytes(config: Any, param_dtype: Any, mode: str, rank: int = 8) -> int:
+    """Estimated bytes of params, gradients and optimizer state (module docstring), no activations."""
+    from capjax.memory import params_bytes
+
+    count = params_bytes(config, np.float32)[0] // 4
+    own = 2 if str(param_dtype) in ("bfloat16", "float16") else np.dtype(param_dtype).itemsize
+    if mode == "full":
+        return count * (16 + own)
+    return count * own + 16 * lora_params(config, rank)

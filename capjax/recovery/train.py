@@ -1,0 +1,341 @@
+"""`recover`: masked fine-tuning of a pruned model (full, or sparse LoRA) with optax, keeping the
+sparsity exact.
+
+Legend: A micro-batches per step, b rows per micro-batch, S packed columns, R = b (S - 1) loss
+positions, L layers, E hidden, V vocab.
+
+One step is one jitted pure function (state, frozen, masks, batch [A, b, S]) -> (state, loss,
+grad norm). The loss is the mean NLL over the step's loss tokens (answer tokens, or every text
+token): the A micro-batches' summed NLL gradients are accumulated in a scan and divided by the
+step's loss-token count, which equals the gradient of the whole batch at once.
+
+Exact sparsity, full mode: the gradient is multiplied by the mask (as a PyTorch `grad * mask`
+loop does), and after the optax update the pruned entries are set to zero again (a projection,
+so any optimizer, e.g. with weight decay or momentum from a custom chain, cannot move them). The
+trainable copy is float32 (master weights and float32 AdamW moments), the matmuls run in the
+model's compute dtype, and the result is cast back to each leaf's input dtype (zero stays zero).
+Sparse LoRA: the effective kernels are mask * (W + scale a b) (`capjax.recovery.lora`) in every
+forward and in the final merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from capjax import sharding
+from capjax.model import Decoder, apply_layer, layer_context, token_nll
+from capjax.pruning.importance import PRUNABLE, get_path
+from capjax.pruning.prune import apply_masks
+from capjax.recovery.checkpoint import RecoveryCheckpoints
+from capjax.recovery.data import pack_for_training, step_batch
+from capjax.recovery.lora import check_rank, init_lora, merge_layer, merge_lora
+from capjax.recovery.settings import RecoverySettings, memory_bytes
+
+Params = dict[str, Any]
+LOSS_ROWS = 512  # loss positions per LM-head chunk: bounds the float32 [LOSS_ROWS, V] logits
+
+
+class RecoveryDivergedError(ValueError):
+    """The loss became NaN / infinite or grew past max_loss_ratio times the first loss."""
+
+
+class MaskTreeError(ValueError):
+    """Masks that do not match the params' tree."""
+
+
+# ---------------------------------------------------------------------------- checks
+def check_masks(params: Params, masks: Params) -> None:
+    """Masks must have a bool-like array shaped like each of the seven kernels (None elsewhere)."""
+    for p in PRUNABLE:
+        try:
+            m = get_path(masks, p)
+        except (KeyError, TypeError):
+            raise MaskTreeError(f"masks have no entry {p}: pass the masks returned by capjax.prune for these "
+                                "params (or capjax.pruning.prune.masks_from_flat(params, masks.npz))") from None
+        w = get_path(params, p)
+        if m is None or tuple(np.shape(m)) != tuple(w.shape):
+            raise MaskTreeError(f"mask {p} has shape {None if m is None else list(np.shape(m))}, the kernel has "
+                                f"{list(w.shape)}: masks must come from pruning these params")
+    extra = jax.tree_util.tree_structure(params, is_leaf=lambda x: x is None)
+    got = jax.tree_util.tree_structure(masks, is_leaf=lambda x: x is None)
+    if extra.num_leaves != got.num_leaves:
+        raise MaskTreeError(f"masks have {got.num_leaves} leaves, the params {extra.num_leaves}: masks must have "
+                            "the params' tree (None at the unpruned leaves)")
+
+
+def resolve_mode(model: Decoder, params: Params, settings: RecoverySettings) -> str:
+    """settings.mode, with "auto" -> "full" when its memory estimate fits the available memory."""
+    if settings.mode != "auto":
+        return settings.mode
+    from capjax.memory import available_bytes
+
+    dtype = jax.tree.leaves(params)[0].dtype
+    return "full" if memory_bytes(model.config, dtype, "full") <= available_bytes() else "lora"
+
+
+def build_optimizer(settings: RecoverySettings) -> optax.GradientTransformation:
+    """Global-norm clipping (when set), then AdamW on the warmup-cosine schedule of `settings`."""
+    return optax.chain(
+        optax.clip_by_global_norm(settings.grad_clip) if settings.grad_clip else optax.identity(),
+        optax.adamw(lr_schedule(settings), settings.b1, settings.b2, settings.eps,
+                    weight_decay=settings.weight_decay))
+
+
+def lr_schedule(settings: RecoverySettings) -> optax.Schedule:
+    warmup = min(settings.warmup_steps, settings.steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, settings.steps,
+                                              settings.lr * settings.final_lr_fraction)
+
+
+# ---------------------------------------------------------------------------- loss
+def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers: Any, layer_fn, remat: bool):
+    """(summed NLL, loss tokens) of one micro-batch [b, S]; layers: the scanned layer tree."""
+    tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+    x, ctx = layer_context(model, params, tokens, positions=batch["positions"], segment_ids=batch["segment_ids"])
+
+    def body(x, layer):
+        return apply_layer(model, layer_fn(layer), x, ctx), None
+
+    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, layers)
+    h = x[:, :-1].reshape(-1, x.shape[-1])  # position s predicts token s + 1
+    target, w = tokens[:, 1:].reshape(-1), loss_mask[:, 1:].reshape(-1)
+    R = h.shape[0]
+    C = min(LOSS_ROWS, R)
+    pad = -R % C
+    h, target, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(target, (0, pad)), jnp.pad(w, (0, pad))
+
+    @jax.checkpoint
+    def chunk(total, xs):
+        hc, tc, wc = xs
+        return total + jnp.sum(token_nll(model, params, hc, tc) * wc), None
+
+    xs = (h.reshape(-1, C, h.shape[-1]), target.reshape(-1, C), w.reshape(-1, C))
+    total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32), xs)
+    return total, jnp.sum(w)
+
+
+def _micro_loss(model: Decoder, mode: str, scale: float, remat: bool, trainable, frozen, masks, mb):
+    """(summed NLL, loss tokens) of micro-batch mb [b, S]; full: trainable are the params; lora:
+    trainable are the adapters over the frozen params."""
+    if mode == "full":
+        return _nll_sum(model, trainable, mb, trainable["layers"], lambda lp: lp, remat)
+    masks_l = {p: get_path(masks, p) for p in trainable}
+    return _nll_sum(model, frozen, mb, (frozen["layers"], trainable, masks_l),
+                    lambda t: merge_layer(t[0], t[1], t[2], scale), remat)
+
+
+def batch_loss(model: Decoder, params: Params, data: Any, adapters: dict | None = None, masks: Params | None = None,
+               scale: float = 1.0, rows_per_call: int = 8) -> float:
+    """Mean NLL over the loss tokens of `data` (as `recover` trains on it: packed, answer tokens or
+    every text token), for params, or for params with LoRA adapters under masks (the training
+    forward). Rows go through in calls of `rows_per_call`."""
+    data = pack_for_training(data)
+    mode = "full" if adapters is None else "lora"
+    fn = _loss_fn(model, mode, float(scale))
+    total = count = 0.0
+    for i in range(0, len(data), rows_per_call):
+        idx = np.arange(i, i + rows_per_call) % len(data)  # fixed shape; repeats are weighted out
+        w = (np.arange(i, i + rows_per_call) < len(data)).astype(np.float32)
+        mb = {k: jnp.asarray(getattr(data, k)[idx]) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+        mb["loss_mask"] = mb["loss_mask"] * jnp.asarray(w)[:, None]
+        t, c = fn(params if mode == "full" else adapters, None if mode == "full" else params, masks, mb)
+        total, count = total + float(t), count + float(c)
+    return total / count
+
+
+@lru_cache(maxsize=16)
+def _loss_fn(model, mode, scale):
+    return jax.jit(partial(_micro_loss, model, mode, scale, False))
+
+
+OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "final_lr_fraction", "weight_decay", "b1", "b2", "eps", "grad_clip")
+
+
+def _optimizer_key(settings: RecoverySettings) -> tuple:
+    return tuple(getattr(settings, f) for f in OPTIMIZER_FIELDS)
+
+
+@lru_cache(maxsize=16)
+def _default_optimizer(key: tuple) -> tuple[optax.GradientTransformation, Any]:
+    """(the default optimizer, its jitted init) for settings with these OPTIMIZER_FIELDS."""
+    tx = build_optimizer(RecoverySettings(**dict(zip(OPTIMIZER_FIELDS, key))))
+    return tx, jax.jit(tx.init)
+
+
+@lru_cache(maxsize=16)
+def _cached_step(model: Decoder, mode: str, scale: float, remat: bool, key: tuple):
+    """The compiled step for the default optimizer: one compile per (model, mode, optimizer settings)."""
+    return _step_fn(model, mode, scale, remat, _default_optimizer(key)[0])
+
+
+def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: optax.GradientTransformation):
+    grad_fn = jax.value_and_grad(partial(_micro_loss, model, mode, scale, remat), has_aux=True)
+
+    def step(state, frozen, masks, batch):
+        trainable = state["trainable"]
+
+        def acc(carry, mb):
+            (total, count), g = grad_fn(trainable, frozen, masks, mb)
+            s, c, gs = carry
+            return (s + total, c + count, jax.tree.map(jnp.add, gs, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (total, count, grads), _ = jax.lax.scan(acc, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+                                                batch)
+        count = jnp.maximum(count, 1.0)
+        loss = total / count
+        grads = jax.tree.map(lambda g: g / count, grads)
+        if mode == "full":
+            grads = apply_masks(grads, masks)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        new = optax.apply_updates(trainable, updates)
+        if mode == "full":
+            new = apply_masks(new, masks)
+        losses = state["losses"].at[state["step"]].set(loss)
+        norms = jnp.stack([optax.tree.norm(grads), optax.tree.norm(updates)])
+        return {"trainable": new, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"],
+                "losses": losses}, loss, norms
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------- run
+def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: str, optimizer) -> str:
+    h = hashlib.sha256()
+    kept = {k: v for k, v in settings.to_dict().items() if k not in ("checkpoint_every", "max_loss_ratio")}
+    h.update(json.dumps([repr(model.config), str(model.dtype), mode, kept, optimizer is None], sort_keys=True,
+                        default=str).encode())
+    h.update(hashlib.sha256(data.fingerprint()).digest())
+    for leaf in jax.tree.leaves(params) + [m for m in jax.tree.leaves(masks)]:
+        f = jnp.asarray(leaf).astype(jnp.float32)
+        h.update(np.asarray(jnp.stack([jnp.sum(f), jnp.sum(jnp.abs(f))])).tobytes())
+    return h.hexdigest()[:16]
+
+
+def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int | None = None,
+            optimizer: optax.GradientTransformation | None = None, *, settings: RecoverySettings | None = None,
+            checkpoint_dir: str | Path | None = None, mesh: Any = None, progress: bool = True,
+            callback: Callable[[int, Any], None] | None = None, **overrides: Any) -> tuple[Params, dict[str, Any]]:
+    """Fine-tunes a pruned model; returns (params, history). Pruned entries are exactly zero in
+    the result (and after every step of full fine-tuning).
+
+    params: the plain nested dict (`capjax.model`); masks: its tree with a bool array (True = kept)
+        at each of the seven kernels, None elsewhere (as `capjax.prune` returns).
+    data: a CalibrationBatch (its answer tokens in the loss), a dict with tokens and loss_mask
+        [N, T] (and attention_mask), or a `RecoveryData` (`capjax.recovery.build_recovery_data`).
+    steps: optimizer steps (default settings.steps). optimizer: any optax transformation (default
+        `build_optimizer(settings)`: clipping + AdamW on a warmup-cosine schedule).
+    settings: `RecoverySettings`; keyword `overrides` replace its fields (lr=, mode=, rank=, ...).
+    checkpoint_dir: orbax checkpoints every settings.checkpoint_every steps; a rerun with the same
+        arguments resumes from the newest one and ends bit-identical to an uninterrupted run.
+    mesh: a jax Mesh: params, masks and optimizer state sharded by `capjax.sharding.DEFAULT_RULES`,
+        each micro-batch's rows split over "data".
+    history: {"loss" [steps] (mean loss-token NLL before each step's update), "lr" [steps],
+        "mode", "steps", "resumed_from", "tokens_per_s", "seconds", "checkpoint"}.
+    callback(step, trainable): called after every step (before its checkpoint) with the step count and
+        the trainable tree (full: the float32 params; lora: the adapters).
+    Raises RecoveryDivergedError (keeping the last good checkpoint) on a NaN / infinite loss,
+    gradient or update, or a loss above settings.max_loss_ratio times the first one.
+    """
+    settings = (settings or RecoverySettings()).replace(**overrides, **({"steps": steps} if steps is not None else {}))
+    check_masks(params, masks)
+    mode = resolve_mode(model, params, settings)
+    if mode == "lora":
+        check_rank(params, settings.rank)
+    data = pack_for_training(data)
+    if settings.compute_dtype is not None:
+        model = Decoder(model.config, dtype=jnp.dtype(settings.compute_dtype))
+    masks = jax.tree.map(lambda m: None if m is None else jnp.asarray(m, bool), masks, is_leaf=lambda x: x is None)
+    dtypes = jax.tree.map(lambda a: a.dtype, params)
+    params = apply_masks(params, masks)
+    if mesh is not None:
+        params, masks = sharding.shard_params(params, mesh), sharding.shard_params(masks, mesh)
+    tx, tx_init = (optimizer, jax.jit(optimizer.init)) if optimizer is not None else _default_optimizer(
+        _optimizer_key(settings))
+    rng = jax.random.PRNGKey(settings.seed)
+    if mode == "full":
+        # A copy: the step donates its state, and astype of a float32 array would be the caller's buffer.
+        trainable, frozen = jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), params), None
+    else:
+        trainable, frozen = init_lora(params, settings.rank, jax.random.fold_in(rng, 1)), params
+        if mesh is not None:
+            trainable = jax.device_put(trainable, sharding.replicated(mesh))
+    state = {"trainable": trainable, "opt_state": tx_init(trainable), "step": jnp.zeros((), jnp.int32),
+             "rng": rng, "losses": jnp.zeros((settings.steps,), jnp.float32)}
+    store = None
+    start = 0
+    if checkpoint_dir is not None:
+        store = RecoveryCheckpoints(checkpoint_dir, _fingerprint(model, params, masks, data, settings, mode, optimizer))
+        restored = store.restore(state)
+        if restored is not None:
+            start, state = restored
+    scale = settings.alpha / settings.rank
+    step_fn = (_cached_step(model, mode, scale, settings.remat, _optimizer_key(settings)) if optimizer is None
+               else _step_fn(model, mode, scale, settings.remat, tx))
+    put = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh, axis=1))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=settings.steps, initial=start, desc=f"recovery ({mode})", unit="step")
+    first = float(state["losses"][0]) if start else None
+    tokens_done, t0, t_first = 0, None, time.perf_counter()
+    try:
+        for s in range(start, settings.steps):
+            batch = step_batch(data, state["rng"], s, settings.batch_size, settings.grad_accum)
+            n_tok = int((batch["segment_ids"] > 0).sum())
+            new_state, loss, norms = step_fn(state, frozen, masks, put(jax.tree.map(jnp.asarray, batch)))
+            loss, (gnorm, unorm) = float(loss), np.asarray(norms).tolist()
+            first = loss if first is None else first
+            finite = math.isfinite(loss) and math.isfinite(gnorm) and math.isfinite(unorm)
+            if not finite or loss > settings.max_loss_ratio * first:
+                last = store.latest() if store else None
+                why = ("a NaN / infinite loss, gradient or update" if not finite
+                       else f"the loss exceeds {settings.max_loss_ratio:g} x the first step's {first:.4f}")
+                raise RecoveryDivergedError(
+                    f"recovery stopped at step {s + 1}: loss {loss:.4g}, gradient norm {gnorm:.4g} ({why}); "
+                    + (f"last good checkpoint: {last}" if last else "no checkpoint (pass checkpoint_dir)")
+                    + "; lower recovery.lr or raise warmup_steps")
+            state = new_state
+            if t0 is None:  # the first step includes compilation
+                t0 = time.perf_counter()
+            else:
+                tokens_done += n_tok
+            if callback is not None:
+                callback(s + 1, state["trainable"])
+            if store is not None and ((s + 1) % settings.checkpoint_every == 0 or s + 1 == settings.steps):
+                store.save(s + 1, state)
+            if bar is not None:
+                rate = tokens_done / max(time.perf_counter() - t0, 1e-9) if tokens_done else 0.0
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - (t0 or t_first)
+    if mode == "full":
+        out = apply_masks(jax.tree.map(lambda a, d: a.astype(d), state["trainable"], dtypes), masks)
+    else:
+        out = merge_lora(frozen, state["trainable"], masks, settings.alpha / settings.rank)
+    schedule = lr_schedule(settings)
+    history = {
+        "loss": np.asarray(state["losses"]).tolist(),
+        "lr": [float(schedule(i)) for i in range(settings.steps)] if optimizer is None else None,
+        "mode": mode, "steps": settings.steps, "resumed_from": start,
+        "tokens_per_s": tokens_done / elapsed if tokens_done else None, "seconds": elapsed,
+        "checkpoint": str(store.latest()) if store and store.latest() else None,
+        "settings": dataclasses.asdict(settings),
+    }
+    return out, history
