@@ -100,6 +100,9 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path, tiny_with_tokenizer, capsys):
     ({"pruning": {"nm": "2:4", "sparsities": [0.3]}}, "pruning.nm=2:4 fixes the sparsity at 0.50"),
     ({"pruning": {"sparsities": [0.2, 0.2]}}, "lists a value more than once"),
     ({"pruning": {"options": {"wanda": {"batch_size": "8"}}}}, "wanda option batch_size='8': expected a positive int"),
+    ({"recovery": {"steps": 0}}, r"recovery.steps=0: need an integer >= 1"),
+    ({"recovery": {"stpes": 5}}, r"recovery: unknown key\(s\) stpes"),
+    ({"recovery": {"lr": "fast"}}, r"recovery"),
     ({"data_dir": "/no/such/data", "evaluation": {"skip_missing_data": False}}, "needs wikitext2/wiki.test.raw"),
     ({"calibration": {"tasks": ["mmlu"]}}, r"unknown calibration.tasks"),
 ])

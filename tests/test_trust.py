@@ -167,3 +167,27 @@ def test_damaged_scoring_checkpoint_is_recomputed(tmp_path, capsys):
                                progress=False)
     assert "is unreadable" in capsys.readouterr().err
     np.testing.assert_array_equal(again.masked, ref.masked)
+
+
+def test_recovery_rows_in_the_report_and_reused_on_rerun(tmp_path, base_run, tiny_with_tokenizer):
+    """`recovery:` adds a "+recovery" row after each pruned model, exactly as sparse as it; a rerun
+    reuses the recovery and its evaluations (keyed by the pruned model and the settings)."""
+    base, first = base_run
+    out = _copy(base, tmp_path / "out")
+    rec = ["recovery.steps=2", "recovery.batch_size=2", "recovery.n=4", "recovery.seq_len=160",
+           "recovery.data=synthetic", "recovery.mode=full", "recovery.warmup_steps=0"]
+    results = _run(tiny_with_tokenizer, out, *rec)
+    names = [r["name"] for r in results["runs"]]
+    assert names == ["dense", "cap_synthetic_s0.30", "cap_synthetic_s0.30+recovery", "random_s0.30",
+                     "random_s0.30+recovery"]
+    assert _computed(results) == {"recovery/cap_synthetic_s0.30+recovery", "recovery/random_s0.30+recovery",
+                                  "evals/cap_synthetic_s0.30+recovery/synthetic",
+                                  "evals/random_s0.30+recovery/synthetic"}
+    by = {r["name"]: r for r in results["runs"]}
+    for name in ("cap_synthetic_s0.30", "random_s0.30"):
+        assert by[name + "+recovery"]["achieved_sparsity"] == pytest.approx(by[name]["achieved_sparsity"], abs=1e-12)
+        assert by[name + "+recovery"]["metrics"] != by[name]["metrics"]
+    assert (out / "figures" / "recovery_loss.png").exists()
+    assert "| cap+recovery | synthetic |" in (out / "report.md").read_text()
+    again = _run(tiny_with_tokenizer, out, *rec)
+    assert _computed(again) == set() and _numbers(again) == _numbers(results)

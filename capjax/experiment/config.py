@@ -11,6 +11,8 @@
     pruning:     {methods: [cap, wanda], sparsities: [0.1, 0.2, 0.5], nm: null, options: {cap: {kv_rule: mean}}}
     evaluation:  {tasks: [wikitext2], limit: null, max_new_tokens: 256, batch_size: 8,
                   ppl_seq_len: 2048, skip_missing_data: false, bootstrap: 1000}
+    recovery:    null                 # or {steps: 100, lr: 1e-4, mode: auto, rank: 8, data: gsm8k, ...}:
+                                      # fine-tune every pruned model (capjax.recovery.RecoverySettings)
 
 Overrides merge at every depth (`evaluation.limit.wikitext2=8` changes one task's limit,
 `pruning.options.cap.kv_rule=max` one option); lists are replaced whole. `validate_run_config`
@@ -94,6 +96,7 @@ class RunConfig:
     calibration: CalibrationConfig = CalibrationConfig()
     pruning: PruningConfig = PruningConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    recovery: Any = None  # capjax.recovery.RecoverySettings, or None: no recovery step
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -187,7 +190,7 @@ def _merge(base: Any, update: Any, where: str) -> Any:
 
 
 # mappings whose keys are the user's (open), not the schema's
-_OPEN_MAPPINGS = {"mesh", "evaluation.limit", "pruning.options"}
+_OPEN_MAPPINGS = {"mesh", "evaluation.limit", "pruning.options", "recovery"}
 
 
 def _is_open(where: str) -> bool:
@@ -342,10 +345,22 @@ def build(d: dict) -> RunConfig:
         ppl_seq_len=_int(e["ppl_seq_len"], "evaluation.ppl_seq_len", 2),
         skip_missing_data=_bool(e["skip_missing_data"], "evaluation.skip_missing_data"),
         bootstrap=_int(e["bootstrap"], "evaluation.bootstrap", 0))
+    recovery = None
+    if d["recovery"] is not None:
+        from capjax.recovery.settings import RecoverySettings
+
+        if not isinstance(d["recovery"], dict):
+            raise ConfigError(f"recovery must be a mapping (e.g. {{steps: 100}}) or null, got {d['recovery']!r}")
+        try:
+            recovery = RecoverySettings.from_dict(d["recovery"])
+        except (ValueError, TypeError) as err:
+            msg = str(err)
+            raise ConfigError(msg if msg.startswith("recovery") else f"recovery: {msg}") from err
     return RunConfig(model=str(d["model"]), dtype=_choice(d["dtype"], DTYPES, "dtype"),
                      data_dir=None if d["data_dir"] is None else str(d["data_dir"]),
                      out=None if d["out"] is None else str(d["out"]),
-                     seed=_int(d["seed"], "seed", 0), mesh=mesh, calibration=calib, pruning=prune, evaluation=ev)
+                     seed=_int(d["seed"], "seed", 0), mesh=mesh, calibration=calib, pruning=prune, evaluation=ev,
+                     recovery=recovery)
 
 
 # ---------------------------------------------------------------------------- checks beyond types
@@ -377,6 +392,8 @@ def data_files(cfg: RunConfig) -> dict[str, str]:
     for t in cfg.calibration.tasks:
         if t in FILES:
             need[f"calibration.tasks {t}"] = FILES[t]["train"]
+    if cfg.recovery is not None and cfg.recovery.data in FILES:
+        need[f"recovery.data {cfg.recovery.data}"] = FILES[cfg.recovery.data]["train"]
     eval_split = {"gsm8k": "test", "strategyqa": "dev", "arc_challenge": "test", "arc_challenge_cot": "test"}
     for t in cfg.evaluation.tasks:
         if t == "wikitext2":

@@ -72,6 +72,8 @@ def write_outputs(out: Path, results: dict, resamples: int = 1000, seed: int = 0
     write_text(out / "results.csv", csv_text(rows))
     report.plot_metric_curves(rows, out / "figures" / "metrics_vs_sparsity.png")
     figures = sorted(p.name for p in (out / "figures").glob("head_scores_*.png")) + ["metrics_vs_sparsity.png"]
+    if (out / "figures" / "recovery_loss.png").exists() and any("+recovery" in r["method"] for r in rows):
+        figures.append("recovery_loss.png")
     for s in sorted({r["sparsity"] for r in rows if r["method"] != "dense"}):
         per_layer = {r["name"]: r["per_layer_sparsity"] for r in rows
                      if r["sparsity"] == s and r.get("per_layer_sparsity")}

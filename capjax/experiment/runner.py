@@ -5,7 +5,9 @@ Results folder layout:
     artifacts/scores/<fp>.npz       head scores: per-subset and per-example losses (any aggregate)
     artifacts/masks/<fp>.npz        weight masks of one pruned model (+ weights a method changed)
     artifacts/evals/<fp>.json       one model on one task: metrics and per-example values
+    artifacts/recovery/<fp>.json    loss history of one recovery run (the `recovery:` section)
     checkpoints/scores/             orbax checkpoints of finished layer groups while scoring
+    checkpoints/recovery/<fp>/      orbax checkpoints of a recovery run (resume)
     results.json, results.csv       every number with its interval, fingerprint and computed/reused
     report.md                       the Table-1-shaped table with error bars
     figures/*.png                   head-score heatmaps, metrics vs sparsity, per-layer sparsity
@@ -237,6 +239,44 @@ class Experiment:
                                                    for p, w in kernels.items()})
         return masks_from_flat(self.params, flat), params
 
+    def recovered(self, run: dict, pruned_fp: str, pruned, masks, tasks: list[str]) -> tuple[dict, dict]:
+        """(row, history) of a pruned model after recovery fine-tuning (cfg.recovery). The loss
+        history and each evaluation are artifacts keyed by the pruned model and the settings; the
+        run itself resumes from its orbax checkpoints."""
+        import dataclasses
+
+        from capjax.pruning import sparsity_report
+
+        settings = self.cfg.recovery
+        fp = fingerprint({"pruned": pruned_fp, "recovery": dataclasses.asdict(settings),
+                          "data": self._data_digest(f"recovery.data {settings.data}")})
+        name = f"{run['name']}+recovery"
+        saved = self.store.load_json("recovery", fp, required=("history",))
+        evals_done = saved is not None and all(
+            self.store.load_json("evals", self.eval_fingerprint(fp, t), required=("metrics", "examples")) is not None
+            for t in tasks)
+        achieved = None
+        if saved is not None and evals_done:
+            history = saved["history"]
+            achieved = saved.get("achieved_sparsity")
+            self._event("reused", f"recovery/{name}", self.store.path("recovery", fp))
+            params = None
+        else:
+            from capjax.recovery import run_recovery
+
+            _log(f"{name}: {settings.steps} recovery steps ({settings.mode}, data {settings.data})")
+            params, history = run_recovery(self.model, pruned, masks, self.tokenizer, settings,
+                                           checkpoint_dir=self.out / "checkpoints" / "recovery" / fp, mesh=self.mesh,
+                                           data_dir=self.cfg.data_dir)
+            history = {k: np.asarray(v).tolist() for k, v in history.items() if k in ("loss", "lr")}
+            achieved = sparsity_report(params).total
+            path = self.store.save_json("recovery", fp, {"history": history, "achieved_sparsity": achieved})
+            self._event("computed", f"recovery/{name}", path)
+        row = {**run, "name": name, "method": f"{run['method']}+recovery", "fingerprint": fp,
+               "masks_status": self.events[-1].split()[0], "achieved_sparsity": achieved,
+               "eval": self.evaluate(name, params, fp, tasks)}
+        return row, history
+
     def eval_fingerprint(self, params_fp: str, task: str) -> str:
         e = self.cfg.evaluation
         inputs = {"model": params_fp, "task": task, "limit": e.limit_for(task), "seed": self.cfg.seed,
@@ -306,6 +346,7 @@ class Experiment:
         rows = [{"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None,
                  "fingerprint": self.model_fp, "achieved_sparsity": sparsity_report(self.params).total,
                  "eval": self.evaluate("dense", self.params, self.model_fp, tasks)}]
+        histories: dict[str, dict] = {}
         for i, run in enumerate(runs, 2):
             _log(f"[{i}/{len(runs) + 1}] {run['name']}: pruning and evaluating")
             fp, pruned, masks = self.pruned(run, scores.get(run["calib"]))
@@ -314,7 +355,15 @@ class Experiment:
                          "achieved_sparsity": rep.total,
                          "per_layer_sparsity": [rep.layer(l) for l in range(rep.num_layers)],
                          "eval": self.evaluate(run["name"], pruned, fp, tasks)})
+            if cfg.recovery is not None:
+                row, histories[run["name"]] = self.recovered(run, fp, pruned, masks, tasks)
+                rows.append(row)
             del pruned, masks
+        if histories and jax.process_index() == 0:
+            from capjax.recovery import plot_loss_curves
+
+            plot_loss_curves(histories, self.out / "figures" / "recovery_loss.png",
+                             title=f"recovery loss: {cfg.model}")
         results = {"config": cfg.to_dict(), "runs": rows,
                    "scores": {t: {"fingerprint": fp, "file": str(self.store.path("scores", fp).relative_to(self.out)),
                                   "aggregate": s.aggregate, "baseline": s.baseline.tolist(),

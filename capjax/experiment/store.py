@@ -4,6 +4,7 @@ produced it, written atomically, and checked when read back.
     <out>/artifacts/scores/<fp>.npz      head scores: per-subset and per-example losses
     <out>/artifacts/masks/<fp>.npz       weight masks (and the kept weights a method changed)
     <out>/artifacts/evals/<fp>.json      one evaluation: metrics and per-example values
+    <out>/artifacts/recovery/<fp>.json   one recovery run's loss history
     <out>/artifacts/digests.json         file digests, keyed by path, size and mtime
 
 A fingerprint is the SHA-256 of the canonical JSON of the inputs (sorted keys), so changing any
@@ -27,7 +28,7 @@ import numpy as np
 
 from capjax.errors import ArtifactError
 
-KINDS = ("scores", "masks", "evals")
+KINDS = ("scores", "masks", "evals", "recovery")
 
 
 def fingerprint(inputs: Any) -> str:
@@ -119,7 +120,7 @@ class Store:
         self._digests: dict[str, str] | None = None
 
     def path(self, kind: str, fp: str) -> Path:
-        suffix = ".json" if kind == "evals" else ".npz"
+        suffix = ".json" if kind in ("evals", "recovery") else ".npz"
         return self.root / kind / f"{fp}{suffix}"
 
     # ---------------------------------------------------------------- file digests
