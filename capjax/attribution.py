@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax import sharding
+from capjax.distributed import to_host
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
 from capjax.packing import PackedBatch, one_per_row, pack_examples
@@ -269,12 +270,12 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
         masks = jax.device_put(masks, sharding.batch_sharding(mesh, masks.shape))
     if answer_only:
         def run(ch):
-            return np.asarray(_masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
-                                          masks, ch, mesh=mesh))
+            return to_host(_masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
+                                     masks, ch, mesh=mesh))
     else:
         def run(ch):
-            return np.asarray(_naive_masked_nll(model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans),
-                                                masks, ch, mesh=mesh))
+            return to_host(_naive_masked_nll(model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans),
+                                           masks, ch, mesh=mesh))
     nll = run_with_oom_fallback(run, chunk)
     losses = nll[:n].sum(axis=1) / ans.count.sum()
     _check_finite(losses, "head_ablation_losses")
@@ -424,12 +425,12 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                          "shuffle the calibration set or use fewer subsets")
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
-    baseline = onehot @ np.asarray(_intact_nll(model, params, prep.rows, prep.packed_ans, B)) / subset_count
+    baseline = onehot @ to_host(_intact_nll(model, params, prep.rows, prep.packed_ans, B)) / subset_count
     _check_finite(baseline, "intact calibration loss")
 
     if method == "gradient":
-        grad = np.asarray(_mask_gradient(model, params, prep.rows, prep.packed_ans, B, jnp.asarray(onehot),
-                                         jnp.asarray(subset_count)))
+        grad = to_host(_mask_gradient(model, params, prep.rows, prep.packed_ans, B, jnp.asarray(onehot),
+                                    jnp.asarray(subset_count)))
         masked = baseline[:, None, None] - grad
     else:
         nll = _ablation_nll(model, params, prep, chunk_size, checkpoint_dir, layers_per_call, progress,
@@ -502,8 +503,8 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
                     state["chunk"] = ch  # keep a chunk reduced after an out-of-memory error
                     if bar is not None:  # a failed attempt may have ticked some layers
                         bar.n = start
-                    return np.asarray(_single_head_nll(model, params, rows, ans, B, start, size, ch,
-                                                       progress=bar is not None, mesh=mesh))
+                    return to_host(_single_head_nll(model, params, rows, ans, B, start, size, ch,
+                                                  progress=bar is not None, mesh=mesh))
                 done = run_with_oom_fallback(run, state["chunk"])
                 if store:
                     store.save(start, done)

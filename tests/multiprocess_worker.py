@@ -1,0 +1,150 @@
+"""One process of a multi-process JAX job, run by tests/test_multiprocess.py (2 processes x 2 host
+devices on loopback):
+
+    CAPJAX_DISTRIBUTED=1 CAPJAX_COORDINATOR_ADDRESS=127.0.0.1:PORT CAPJAX_NUM_PROCESSES=2 \
+    CAPJAX_PROCESS_ID=i XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+        python tests/multiprocess_worker.py OUT_DIR check_a check_b ...
+
+Every check runs on every process (they are collective). The oracle is the same computation
+without a mesh, on this process's first device alone (the single-process answer); checks also
+record digests of what they returned, and the test asserts both processes agree. Writes
+OUT_DIR/process_<i>.json: {check: "ok" | traceback, "digests": {check: sha256}}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from capjax import distributed  # noqa: E402
+
+distributed.initialize()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from capjax import sharding  # noqa: E402
+from capjax.attribution import head_ablation_losses, score_heads  # noqa: E402
+from capjax.config import ModelConfig  # noqa: E402
+from capjax.model import Decoder, init_params  # noqa: E402
+from capjax.pruning import prune  # noqa: E402
+
+L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
+CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
+MODEL = Decoder(CONFIG)
+MESHES = {"data2_model2": {"data": 2, "model": 2}, "data4": {"data": -1}}
+B, T = 6, 12
+DIGESTS: dict[str, str] = {}
+
+
+def _params():
+    params = init_params(CONFIG, seed=0)
+    rng = np.random.default_rng(0)
+    # Non-trivial biases and norms, so that a wrongly sharded leaf would change the numbers.
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: a + jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype)
+        if sharding._path_name(p).endswith(("bias", "scale")) else a, params)
+
+
+PARAMS = jax.device_get(_params())  # host numpy: the same on every process
+RNG = np.random.default_rng(1)
+TOKENS = RNG.integers(0, V, (B, T)).astype(np.int32)
+AM = np.ones((B, T), np.int32)
+AM[1, 9:] = 0
+AM[4, 7:] = 0
+LOSS = np.zeros((B, T), np.float32)
+for b in range(B):
+    LOSS[b, 4 + b % 3:AM[b].sum()] = 1
+MASKS = (RNG.random((6, L, H)) > 0.4).astype(np.float32)  # N = 6: padding needed on 4 devices
+
+
+def mesh(name):
+    return sharding.make_mesh(MESHES[name])
+
+
+def digest(name, *arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
+    DIGESTS[name] = h.hexdigest()
+
+
+def check_devices():
+    assert jax.process_count() == 2, jax.process_count()
+    assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
+    m = mesh("data4")
+    x = jax.device_put(np.arange(8.0), sharding.batch_sharding(m, (8,)))
+    assert not x.is_fully_addressable
+    assert float(jax.jit(jnp.sum)(x)) == 28.0
+    np.testing.assert_array_equal(distributed.to_host(x), np.arange(8.0))
+    rows = distributed.process_rows(5)
+    got = distributed.gather_rows(np.arange(5)[rows] * 10, 5)
+    np.testing.assert_array_equal(got, np.arange(5) * 10)
+
+
+def check_head_ablation_losses():
+    ref = head_ablation_losses(MODEL, PARAMS, TOKENS, LOSS, MASKS, AM, chunk_size=3)
+    for name, chunk in (("data2_model2", 3), ("data4", 1)):
+        got = head_ablation_losses(MODEL, PARAMS, TOKENS, LOSS, MASKS, AM, chunk_size=chunk, mesh=mesh(name))
+        np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=name)
+        digest(f"head_ablation_losses/{name}", got)
+
+
+def check_score_heads():
+    for method in ("ablation", "gradient"):
+        ref = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, method=method, attention_mask=AM, progress=False)
+        for name in MESHES:
+            got = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, method=method, attention_mask=AM,
+                              chunk_size=1, progress=False, mesh=mesh(name))
+            for f in ("delta", "masked", "baseline"):
+                np.testing.assert_allclose(getattr(got, f), getattr(ref, f), atol=1e-5, err_msg=f"{method} {name} {f}")
+            digest(f"score_heads/{method}/{name}", got.delta, got.masked, got.baseline)
+
+
+def check_prune():
+    scores = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, progress=False)
+    calib = {"tokens": TOKENS, "attention_mask": AM}
+    cases = [("cap", dict(head_scores=scores)), ("wanda", dict(calib=calib, batch_size=2)),
+             ("sparsegpt", dict(calib=calib, batch_size=2))]
+    for method, kw in cases:
+        ref_p, ref_m = prune(MODEL, PARAMS, method, 0.5, **kw)
+        for name in MESHES:
+            got_p, got_m = prune(MODEL, PARAMS, method, 0.5, mesh=mesh(name), **kw)
+            gm, rm = distributed.to_host(got_m), jax.device_get(ref_m)
+            for a, b in zip(jax.tree.leaves(gm), jax.tree.leaves(rm)):
+                np.testing.assert_array_equal(a, b, err_msg=f"{method} {name} mask")
+            gp = distributed.to_host(got_p)
+            for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(jax.device_get(ref_p))):
+                np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{method} {name} params")
+            digest(f"prune/{method}/{name}", *jax.tree.leaves(gm))
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    checks = {k: v for k, v in globals().items() if k.startswith("check_")}
+    wanted = sys.argv[2:] or list(checks)
+    out: dict = {}
+    for name in wanted:
+        t = time.perf_counter()
+        try:
+            checks[name]()
+            out[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the test
+            out[name] = traceback.format_exc()
+        print(f"[{jax.process_index()}] {name} {'ok' if out[name] == 'ok' else 'FAILED'} "
+              f"{time.perf_counter() - t:.1f}s", flush=True)
+    out["digests"] = DIGESTS
+    with open(os.path.join(out_dir, f"process_{jax.process_index()}.json"), "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Several JAX processes as one job on this machine: 2 processes x 2 host devices on loopback,
+gloo CPU collectives (tests/multiprocess_worker.py does the work in each process).
+
+The default suite runs a fast smoke test (global devices, a cross-process sum, head ablation
+losses on the global mesh against the single-device answer); `-m slow` runs every check of the
+worker. Both processes must pass every check and return identical results (digests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from capjax import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("multiprocess_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(i: int, n: int, port: int, devices: int = 2, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPJAX_", "JAX_", "SLURM_"))}
+    env.update(CAPJAX_DISTRIBUTED="1", CAPJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", CAPJAX_NUM_PROCESSES=str(n),
+               CAPJAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    return env
+
+
+def launch(argv: list[str], n: int = 2, timeout: float = 300, cwd: Path = ROOT, **extra: str) -> list[tuple[int, str]]:
+    """Runs argv as n processes of one job; [(returncode, output)] per process. Every process is
+    killed when the timeout passes or when this function fails."""
+    port = free_port()
+    logs = [tempfile.TemporaryFile("w+") for _ in range(n)]  # noqa: SIM115 - closed below
+    procs = [subprocess.Popen(argv, env=process_env(i, n, port, **extra), cwd=cwd, stdout=logs[i],
+                              stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = []
+    for p, f in zip(procs, logs):
+        f.seek(0)
+        out.append((p.returncode, f.read()))
+        f.close()
+    return out
+
+
+def run_worker(tmp_path: Path, checks: list[str], timeout: float) -> list[dict]:
+    res = launch([sys.executable, str(WORKER), str(tmp_path), *checks], timeout=timeout, cwd=tmp_path)
+    results = []
+    for i, (rc, log) in enumerate(res):
+        path = tmp_path / f"process_{i}.json"
+        if rc != 0 or not path.exists():
+            pytest.fail(f"process {i} exited with {rc}:\n{log[-4000:]}", pytrace=False)
+        results.append(json.loads(path.read_text()))
+    for i, r in enumerate(results):
+        for check in checks:
+            if r.get(check) != "ok":
+                pytest.fail(f"process {i}, {check}:\n{r.get(check, 'did not run')}", pytrace=False)
+    assert results[0]["digests"] == results[1]["digests"], "the processes returned different results"
+    return results
+
+
+def test_two_process_smoke(tmp_path):
+    """2 processes x 2 devices: 4 global devices, a sum over an array no process holds, the
+    gather helpers, and head ablation losses on the global mesh equal to the single-device ones."""
+    results = run_worker(tmp_path, ["check_devices", "check_head_ablation_losses"], timeout=240)
+    assert len(results[0]["digests"]) == 2
+
+
+@pytest.mark.slow
+def test_two_process_everything(tmp_path):
+    checks = [c for c in WORKER.read_text().split("\ndef ")[1:] if c.startswith("check_")]
+    names = [c.split("(")[0] for c in checks]
+    run_worker(tmp_path, names, timeout=1500)
+
+
+# ---------------------------------------------------------------------------- settings (no processes)
+def test_settings_from_env_precedence_and_fallbacks():
+    s = distributed.settings_from_env({"CAPJAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_COORDINATOR_ADDRESS": "x:1",
+                                       "CAPJAX_NUM_PROCESSES": "4", "WORLD_SIZE": "9", "CAPJAX_PROCESS_ID": "3"})
+    assert (s.coordinator_address, s.num_processes, s.process_id) == ("10.0.0.1:1234", 4, 3)
+    torchrun = distributed.settings_from_env({"MASTER_ADDR": "node7", "MASTER_PORT": "29500", "WORLD_SIZE": "2",
+                                              "RANK": "1"})
+    assert (torchrun.coordinator_address, torchrun.num_processes, torchrun.process_id) == ("node7:29500", 2, 1)
+    slurm = distributed.settings_from_env({"SLURM_NTASKS": "8", "SLURM_PROCID": "5"})
+    assert (slurm.coordinator_address, slurm.num_processes, slurm.process_id) == (None, 8, 5)
+    assert "coordinator_address" not in slurm.kwargs()  # left to JAX's Slurm detection
+    t = distributed.settings_from_env({"CAPJAX_HEARTBEAT_TIMEOUT": "7"})
+    assert t.kwargs()["heartbeat_timeout_seconds"] == 7 and t.kwargs()["initialization_timeout"] == 300
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"CAPJAX_NUM_PROCESSES": "two"}, "CAPJAX_NUM_PROCESSES='two'"),
+    ({"JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID='-1'"),
+    ({"CAPJAX_NUM_PROCESSES": "2", "CAPJAX_PROCESS_ID": "2"}, "must be below the process count 2"),
+    ({"CAPJAX_COORDINATOR_ADDRESS": "127.0.0.1"}, "expected HOST:PORT"),
+    ({"CAPJAX_HEARTBEAT_TIMEOUT": "0"}, "CAPJAX_HEARTBEAT_TIMEOUT='0'"),
+])
+def test_settings_errors_name_the_variable(env, needle):
+    with pytest.raises(distributed.DistributedConfigError, match=needle.replace("(", r"\(")):
+        distributed.settings_from_env(env)
+
+
+@pytest.mark.parametrize("n,count", [(0, 2), (1, 2), (5, 2), (7, 3), (8, 4)])
+def test_process_rows_partition(n, count):
+    rows = [list(range(n))[distributed.process_rows(n, i, count)] for i in range(count)]
+    assert sum(rows, []) == list(range(n))  # contiguous, in order, nothing twice
+    assert max(map(len, rows)) - min(map(len, rows)) <= 1
