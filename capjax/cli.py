@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from capjax.memory import InsufficientMemoryError
     from capjax.sharding import maybe_initialize_distributed
 
-    maybe_initialize_distributed()  # multi-host runs set CAPJAX_DISTRIBUTED=1 (docs/scale_out.md)
     try:
+        maybe_initialize_distributed()  # multi-host runs set CAPJAX_DISTRIBUTED=1 (docs/scale_out.md)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, InsufficientMemoryError) as e:  # bad input: one clear line, no traceback
         print(f"capjax {args.command}: error: {e}", file=sys.stderr)

@@ -156,6 +156,25 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(_to_host, tree)
 
 
+def place_batch(params: Any, *arrays: Any) -> tuple[jax.Array, ...]:
+    """`arrays` (host [B, ...], the same on every process) as inputs of a jitted call on `params`.
+
+    When params are sharded over a mesh that spans several processes, each array's batch axis B
+    is split over the mesh's "data" axis (whole when not divisible): every device, hence every
+    process, computes its share of the examples, and `to_host` gathers the outputs. Otherwise
+    the arrays are plain device arrays (single process, unchanged behaviour).
+    """
+    from jax.sharding import NamedSharding
+
+    from capjax.sharding import batch_sharding
+
+    leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
+    sh = getattr(leaf, "sharding", None)
+    if not isinstance(sh, NamedSharding) or leaf.is_fully_addressable:
+        return tuple(jax.numpy.asarray(a) for a in arrays)
+    return tuple(jax.device_put(np.asarray(a), batch_sharding(sh.mesh, np.shape(a))) for a in arrays)
+
+
 def process_rows(n: int, index: int | None = None, count: int | None = None) -> slice:
     """The contiguous rows [start, stop) of n that process `index` of `count` handles (default:
     this process of all); earlier processes take one extra row when n does not divide."""
@@ -193,5 +212,5 @@ def barrier(name: str) -> None:
 
 __all__ = [
     "DistributedConfigError", "DistributedSettings", "barrier", "enabled", "gather_rows", "initialize",
-    "is_writer", "process_rows", "settings_from_env", "to_host",
+    "is_writer", "place_batch", "process_rows", "settings_from_env", "to_host",
 ]

@@ -127,6 +127,32 @@ def check_prune():
             digest(f"prune/{method}/{name}", *jax.tree.leaves(gm))
 
 
+def check_evaluation():
+    """Perplexity, log-likelihoods and greedy generation on globally sharded params (the batch
+    split over "data", i.e. across processes) against the same calls on host params."""
+    from capjax.evaluate.generate import generate
+    from capjax.evaluate.perplexity import continuation_logprobs, perplexity
+
+    stream = np.random.default_rng(2).integers(0, V, 8 * 16).astype(np.int32)
+    requests = [(TOKENS[i, :4].tolist(), TOKENS[i, 4:4 + 1 + i % 5].tolist()) for i in range(B)]
+    prompts = [TOKENS[i, :3 + i % 4].tolist() for i in range(B)]
+    ref_ppl = perplexity(MODEL, PARAMS, stream, seq_len=16, batch_size=4)
+    ref_ll = continuation_logprobs(MODEL, PARAMS, requests, batch_size=4)
+    ref_gen = generate(MODEL, PARAMS, prompts, max_new_tokens=5, batch_size=4, eos_ids=())
+    for name in MESHES:
+        p = sharding.shard_params(PARAMS, mesh(name))
+        (rows,) = distributed.place_batch(p, np.zeros((4, 16), np.int32))  # each process holds its rows only
+        assert not rows.is_fully_addressable and rows.sharding.spec == jax.sharding.PartitionSpec("data"), rows.sharding
+        ppl = perplexity(MODEL, p, stream, seq_len=16, batch_size=4)
+        assert abs(ppl["ppl"] - ref_ppl["ppl"]) < 1e-4 * ref_ppl["ppl"], (name, ppl, ref_ppl)
+        ll = continuation_logprobs(MODEL, p, requests, batch_size=4)
+        np.testing.assert_allclose([x[0] for x in ll], [x[0] for x in ref_ll], atol=1e-4, err_msg=name)
+        assert [x[1:] for x in ll] == [x[1:] for x in ref_ll], name
+        gen = generate(MODEL, p, prompts, max_new_tokens=5, batch_size=4, eos_ids=())
+        assert gen == ref_gen, (name, gen, ref_gen)
+        digest(f"evaluation/{name}", np.float64(ppl["ppl"]), np.asarray([x[0] for x in ll]), np.asarray(sum(gen, [])))
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     checks = {k: v for k, v in globals().items() if k.startswith("check_")}
