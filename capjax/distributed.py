@@ -202,6 +202,21 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([stacked[p, :len(range(n)[process_rows(n, p, count)])] for p in range(count)])
 
 
+def restore_numpy(path: str | os.PathLike) -> Any:
+    """An orbax PyTree checkpoint restored as host numpy arrays on every process, whatever
+    shardings (and device ids) it was saved with; every process reads the whole checkpoint."""
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.PyTreeCheckpointer()
+    path = Path(path).absolute()
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
 def barrier(name: str) -> None:
     """Blocks until every process reaches the barrier `name` (no-op with one process)."""
     if jax.process_count() > 1:
@@ -212,5 +227,5 @@ def barrier(name: str) -> None:
 
 __all__ = [
     "DistributedConfigError", "DistributedSettings", "barrier", "enabled", "gather_rows", "initialize",
-    "is_writer", "place_batch", "process_rows", "settings_from_env", "to_host",
+    "is_writer", "place_batch", "process_rows", "restore_numpy", "settings_from_env", "to_host",
 ]

@@ -250,15 +250,17 @@ def _save_masks(path: Path, masks) -> None:
 
     from capjax.pruning.prune import flat_masks
 
-    # orbax keys are path segments on disk: "/" inside a key would nest folders.
-    flat = {k.replace("/", "."): np.asarray(v) for k, v in flat_masks(masks).items()}
+    # orbax keys are path segments on disk: "/" inside a key would nest folders. Globally sharded
+    # masks stay jax arrays: every process calls this and writes its own shards (collective save).
+    flat = {k.replace("/", "."): v for k, v in flat_masks(masks).items()}
     ocp.PyTreeCheckpointer().save(path.absolute(), flat, force=True)
 
 
 def _restore_masks(path: Path, params):
     import orbax.checkpoint as ocp
 
+    from capjax.distributed import restore_numpy
     from capjax.pruning.prune import masks_from_flat
 
-    flat = ocp.PyTreeCheckpointer().restore(path.absolute())
+    flat = restore_numpy(path)
     return masks_from_flat(params, {k.replace(".", "/"): v for k, v in flat.items()})

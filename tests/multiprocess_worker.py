@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -153,8 +154,43 @@ def check_evaluation():
         digest(f"evaluation/{name}", np.float64(ppl["ppl"]), np.asarray([x[0] for x in ll]), np.asarray(sum(gen, [])))
 
 
+def check_checkpoints():
+    """Orbax checkpoints written by all processes together: score_heads' layer groups (a rerun
+    resumes from them without scoring again) and the pipeline's masks (restored equal)."""
+    from capjax import attribution, pipeline
+
+    root = os.path.join(OUT_DIR, "ckpt")
+    m = mesh("data4")
+    ref = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, progress=False)
+    got = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
+                      mesh=m, checkpoint_dir=root, layers_per_call=1)
+    np.testing.assert_allclose(got.delta, ref.delta, atol=1e-5)
+    distributed.barrier("scores written")
+    groups = sorted(p for d in os.listdir(root) for p in os.listdir(os.path.join(root, d)))
+    assert groups == ["layers_0000", "layers_0001"], groups
+    real = attribution._single_head_nll
+    attribution._single_head_nll = None  # a resumed run must not score anything again
+    try:
+        again = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
+                            mesh=m, checkpoint_dir=root, layers_per_call=1)
+    finally:
+        attribution._single_head_nll = real
+    np.testing.assert_array_equal(again.masked, got.masked)
+
+    _, masks = prune(MODEL, PARAMS, "cap", 0.5, head_scores=ref, mesh=m)
+    path = Path(OUT_DIR) / "masks" / "cap"
+    pipeline._save_masks(path, masks)
+    restored = pipeline._restore_masks(path, PARAMS)
+    for a, b in zip(jax.tree.leaves(distributed.to_host(masks)), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    digest("checkpoints", got.delta, *jax.tree.leaves(restored))
+
+
+OUT_DIR = sys.argv[1] if len(sys.argv) > 1 else "."
+
+
 def main() -> None:
-    out_dir = sys.argv[1]
+    out_dir = OUT_DIR
     checks = {k: v for k, v in globals().items() if k.startswith("check_")}
     wanted = sys.argv[2:] or list(checks)
     out: dict = {}
