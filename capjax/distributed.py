@@ -202,6 +202,17 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([stacked[p, :len(range(n)[process_rows(n, p, count)])] for p in range(count)])
 
 
+def exists(path: str | os.PathLike) -> bool:
+    """Whether `path` exists, as process 0 sees it, on every process: a decision to reuse or to
+    compute must be the same everywhere, or the processes would run different collectives."""
+    found = os.path.exists(path)
+    if jax.process_count() == 1:
+        return found
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+
+
 def restore_numpy(path: str | os.PathLike) -> Any:
     """An orbax PyTree checkpoint restored as host numpy arrays on every process, whatever
     shardings (and device ids) it was saved with; every process reads the whole checkpoint."""
@@ -226,6 +237,6 @@ def barrier(name: str) -> None:
 
 
 __all__ = [
-    "DistributedConfigError", "DistributedSettings", "barrier", "enabled", "gather_rows", "initialize",
+    "DistributedConfigError", "DistributedSettings", "barrier", "enabled", "exists", "gather_rows", "initialize",
     "is_writer", "place_batch", "process_rows", "restore_numpy", "settings_from_env", "to_host",
 ]

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from capjax import report
+from capjax.distributed import exists, is_writer
 
 NEEDS_SCORES = ("cap", "cap_wanda", "cap_heads")
 NEEDS_CALIB = ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt")
@@ -86,6 +87,10 @@ class Experiment:
 
         _log(f"loading {self.cfg['model']} ({self.cfg['dtype']})")
         self.model, self.params = capjax.load_pretrained(self.cfg["model"], dtype=self.cfg["dtype"])
+        if self.mesh is not None:  # every process read it all; each keeps its devices' shards
+            from capjax.sharding import shard_params
+
+            self.params = shard_params(self.params, self.mesh)
         self.tokenizer = capjax.load_tokenizer(self.cfg["model"])
 
     def calibration(self, task: str):
@@ -106,7 +111,7 @@ class Experiment:
         from capjax.attribution import HeadScores, score_heads
 
         path = self.out / "scores" / f"{task}.npz"
-        if path.exists():
+        if exists(path):
             self.events.append(f"reused scores/{task}")
             _log(f"scores: reusing {path}")
             return HeadScores.load(path)
@@ -122,7 +127,8 @@ class Experiment:
                         mesh=self.mesh)
         seconds = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
-        s.save(path, calib=task, n=c["n"], seq_len=c["seq_len"], seed=self.cfg["seed"], seconds=seconds)
+        if is_writer():
+            s.save(path, calib=task, n=c["n"], seq_len=c["seq_len"], seed=self.cfg["seed"], seconds=seconds)
         self.events.append(f"computed scores/{task}")
         _log(f"scores: done in {seconds:.1f} s -> {path}")
         return s
@@ -133,7 +139,7 @@ class Experiment:
         from capjax.pruning.prune import apply_masks
 
         ckpt = self.out / "masks" / run["name"]
-        if ckpt.exists() and run["method"] != "sparsegpt":  # sparsegpt also updates weights: recompute
+        if exists(ckpt) and run["method"] != "sparsegpt":  # sparsegpt also updates weights: recompute
             masks = _restore_masks(ckpt, self.params)
             self.events.append(f"reused masks/{run['name']}")
             return apply_masks(self.params, masks), masks
@@ -154,7 +160,7 @@ class Experiment:
         results = {}
         for task in tasks:
             path = self.out / "evals" / name / f"{task}.json"
-            if path.exists():
+            if exists(path):
                 results[task] = json.loads(path.read_text())
                 self.events.append(f"reused evals/{name}/{task}")
                 continue
@@ -165,7 +171,8 @@ class Experiment:
                          model_name=str(self.cfg["model"]))
             results[task] = r["results"][task]
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results[task], indent=2, default=float))
+            if is_writer():
+                path.write_text(json.dumps(results[task], indent=2, default=float))
             self.events.append(f"computed evals/{name}/{task}")
         return results
 
@@ -186,8 +193,9 @@ class Experiment:
         scores = {}
         for task in cfg["calibration"]["tasks"] if needs_scores else []:
             scores[task] = self.scores(task)
-            report.plot_head_scores(scores[task].delta, self.out / "figures" / f"head_scores_{task}.png",
-                                    title=f"CAP head scores: {cfg['model']} on {task} ({scores[task].aggregate})")
+            if is_writer():
+                report.plot_head_scores(scores[task].delta, self.out / "figures" / f"head_scores_{task}.png",
+                                        title=f"CAP head scores: {cfg['model']} on {task} ({scores[task].aggregate})")
         _log(f"[1/{len(runs) + 1}] dense model: evaluating {', '.join(tasks)}")
         rows = [{"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None,
                  "achieved_sparsity": sparsity_report(self.params).total,
@@ -206,7 +214,7 @@ class Experiment:
                    "scores": {t: {"file": f"scores/{t}.npz", "baseline": s.baseline.tolist(),
                                   "delta": s.delta.tolist()} for t, s in scores.items()},
                    "seconds": time.perf_counter() - t_start, "events": self.events}
-        if jax.process_index() == 0:
+        if is_writer():
             write_outputs(self.out, results)
         return results
 
