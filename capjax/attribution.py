@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax import sharding
-from capjax.distributed import to_host
+from capjax.distributed import checksum, to_host
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
 from capjax.packing import PackedBatch, one_per_row, pack_examples
@@ -384,9 +384,8 @@ def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str
     h.update(repr((model.config, str(model.dtype), extra)).encode())
     for a in (tokens, loss_mask, attention_mask):
         h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
-    for leaf in jax.tree.leaves(params):  # cheap: a few statistics per leaf, not the bytes
-        h.update(np.asarray(jnp.stack([jnp.sum(leaf.astype(jnp.float32)),
-                                       jnp.sum(jnp.abs(leaf.astype(jnp.float32)))])).tobytes())
+    for leaf in jax.tree.leaves(params):  # cheap: a checksum per leaf, not the bytes; layout-independent
+        h.update(checksum(leaf).tobytes())
     return h.hexdigest()[:16]
 
 

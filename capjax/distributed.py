@@ -228,6 +228,20 @@ def restore_numpy(path: str | os.PathLike) -> Any:
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
+@jax.jit
+def _checksum(x: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(x.astype(jax.numpy.float32), jax.numpy.uint32)
+    mixed = (bits * jax.numpy.uint32(2654435761)) ^ (bits >> 13)
+    return jax.numpy.stack([jax.numpy.sum(bits, dtype=jax.numpy.uint32), jax.numpy.sum(mixed, dtype=jax.numpy.uint32)])
+
+
+def checksum(x: Any) -> np.ndarray:
+    """Two uint32 sums (mod 2^32) of the float32 bit patterns of `x`: the same for any sharding,
+    mesh or process count (integer addition does not depend on the reduction order, unlike a
+    float sum), so a checkpoint fingerprint built from it survives a change of layout."""
+    return to_host(_checksum(x))
+
+
 def barrier(name: str) -> None:
     """Blocks until every process reaches the barrier `name` (no-op with one process)."""
     if jax.process_count() > 1:
@@ -237,6 +251,6 @@ def barrier(name: str) -> None:
 
 
 __all__ = [
-    "DistributedConfigError", "DistributedSettings", "barrier", "enabled", "exists", "gather_rows", "initialize",
+    "DistributedConfigError", "DistributedSettings", "barrier", "checksum", "enabled", "exists", "gather_rows", "initialize",
     "is_writer", "place_batch", "process_rows", "restore_numpy", "settings_from_env", "to_host",
 ]

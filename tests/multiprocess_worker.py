@@ -173,9 +173,13 @@ def check_checkpoints():
     try:
         again = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
                             mesh=m, checkpoint_dir=root, layers_per_call=1)
+        # the fingerprint does not depend on the layout: one device alone resumes from them too
+        local = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
+                            checkpoint_dir=root, layers_per_call=1)
     finally:
         attribution._single_head_nll = real
     np.testing.assert_array_equal(again.masked, got.masked)
+    np.testing.assert_array_equal(local.masked, got.masked)
 
     _, masks = prune(MODEL, PARAMS, "cap", 0.5, head_scores=ref, mesh=m)
     path = Path(OUT_DIR) / "masks" / "cap"

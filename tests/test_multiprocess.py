@@ -255,3 +255,19 @@ def test_capjax_run_two_processes_kill_and_resume(run_config):
     assert "reused scores/synthetic" in events and "reused masks/cap_synthetic_s0.50" in events, events
     assert "reused evals/dense/synthetic" in events, events
     _assert_same_run(killed, ref)
+
+
+def test_checksum_is_exact_and_order_free():
+    """distributed.checksum against a numpy oracle (uint32 sums of the float32 bit patterns); it is
+    the same for any order of the elements (so for any sharding) and moves with one ulp."""
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(16, 12)).astype(np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    want = [bits.sum() % 2**32, (((bits * 2654435761) % 2**32) ^ (bits >> 13)).sum() % 2**32]
+    np.testing.assert_array_equal(distributed.checksum(x), np.asarray(want, np.uint32))
+    perm = np.random.default_rng(1).permutation(x.size)
+    np.testing.assert_array_equal(distributed.checksum(x.reshape(-1)[perm].reshape(12, 16)), distributed.checksum(x))
+    y = x.copy()
+    y[5, 7] = np.nextafter(y[5, 7], np.float32(10))
+    assert (distributed.checksum(y) != distributed.checksum(x)).all()
