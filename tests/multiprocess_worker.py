@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from capjax import sharding  # noqa: E402
 from capjax.attribution import head_ablation_losses, score_heads  # noqa: E402
 from capjax.config import ModelConfig  # noqa: E402
-from capjax.model import Decoder, init_params  # noqa: E402
+from capjax.model import Decoder, param_shapes  # noqa: E402
 from capjax.pruning import prune  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
@@ -47,15 +47,20 @@ DIGESTS: dict[str, str] = {}
 
 
 def _params():
-    params = init_params(CONFIG, seed=0)
+    """Random host params (numpy, the same on every process): kernels N(0, 0.02); non-trivial
+    biases and norms, so that a wrongly sharded leaf would change the numbers."""
     rng = np.random.default_rng(0)
-    # Non-trivial biases and norms, so that a wrongly sharded leaf would change the numbers.
-    return jax.tree_util.tree_map_with_path(
-        lambda p, a: a + jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype)
-        if sharding._path_name(p).endswith(("bias", "scale")) else a, params)
+
+    def leaf(path, s):
+        name = sharding._path_name(path)
+        if name.endswith("scale"):
+            return (1 + rng.normal(0, 0.3, s.shape)).astype(np.float32)
+        return rng.normal(0, 0.3 if name.endswith("bias") else 0.02, s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(CONFIG))
 
 
-PARAMS = jax.device_get(_params())  # host numpy: the same on every process
+PARAMS = _params()
 RNG = np.random.default_rng(1)
 TOKENS = RNG.integers(0, V, (B, T)).astype(np.int32)
 AM = np.ones((B, T), np.int32)
@@ -91,12 +96,19 @@ def check_devices():
     np.testing.assert_array_equal(got, np.arange(5) * 10)
 
 
-def check_head_ablation_losses():
+def check_head_ablation_losses(cases=(("data2_model2", 3), ("data4", 1))):
     ref = head_ablation_losses(MODEL, PARAMS, TOKENS, LOSS, MASKS, AM, chunk_size=3)
-    for name, chunk in (("data2_model2", 3), ("data4", 1)):
+    for name, chunk in cases:
         got = head_ablation_losses(MODEL, PARAMS, TOKENS, LOSS, MASKS, AM, chunk_size=chunk, mesh=mesh(name))
         np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=name)
         digest(f"head_ablation_losses/{name}", got)
+
+
+def check_smoke():
+    """The default suite's: devices and helpers, then ablation losses on one mesh whose "data"
+    axis spans both processes."""
+    check_devices()
+    check_head_ablation_losses(cases=(("data2_model2", 3),))
 
 
 def check_score_heads():

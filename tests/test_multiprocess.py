@@ -84,14 +84,14 @@ def run_worker(tmp_path: Path, checks: list[str], timeout: float) -> list[dict]:
 def test_two_process_smoke(tmp_path):
     """2 processes x 2 devices: 4 global devices, a sum over an array no process holds, the
     gather helpers, and head ablation losses on the global mesh equal to the single-device ones."""
-    results = run_worker(tmp_path, ["check_devices", "check_head_ablation_losses"], timeout=240)
-    assert len(results[0]["digests"]) == 2
+    results = run_worker(tmp_path, ["check_smoke"], timeout=240)
+    assert list(results[0]["digests"]) == ["head_ablation_losses/data2_model2"]
 
 
 @pytest.mark.slow
 def test_two_process_everything(tmp_path):
     checks = [c for c in WORKER.read_text().split("\ndef ")[1:] if c.startswith("check_")]
-    names = [c.split("(")[0] for c in checks]
+    names = [c.split("(")[0] for c in checks if not c.startswith("check_smoke")]
     run_worker(tmp_path, names, timeout=1500)
 
 
