@@ -271,3 +271,13 @@ def test_checksum_is_exact_and_order_free():
     y = x.copy()
     y[5, 7] = np.nextafter(y[5, 7], np.float32(10))
     assert (distributed.checksum(y) != distributed.checksum(x)).all()
+
+
+def test_cli_reports_a_bad_distributed_variable_in_one_line(monkeypatch, capsys, tmp_path):
+    from capjax.cli import main
+
+    monkeypatch.setenv("CAPJAX_DISTRIBUTED", "1")
+    monkeypatch.setenv("CAPJAX_NUM_PROCESSES", "two")
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["capjax run: error: CAPJAX_NUM_PROCESSES='two': expected an integer >= 1"]
