@@ -13,6 +13,10 @@ module holds what the library needs on top of JAX's own runtime:
     is_writer()       True on process 0 only: the one that writes results files.
     process_rows(n)   this process's contiguous share of n examples; gather_rows() joins the
                       shares back, in order, on every process.
+    place_batch()     host batches split over "data" when params span several processes.
+    exists(path)      process 0's answer, on every process: reuse-or-compute is decided once.
+    restore_numpy()   an orbax checkpoint as numpy on every process, whatever its shardings.
+    checksum(x)       a params fingerprint that does not depend on the layout.
 
 Legend: N rows (examples), P processes.
 """
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 ENABLE = "CAPJAX_DISTRIBUTED"
@@ -171,7 +176,7 @@ def place_batch(params: Any, *arrays: Any) -> tuple[jax.Array, ...]:
     leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
     sh = getattr(leaf, "sharding", None)
     if not isinstance(sh, NamedSharding) or leaf.is_fully_addressable:
-        return tuple(jax.numpy.asarray(a) for a in arrays)
+        return tuple(jnp.asarray(a) for a in arrays)
     return tuple(jax.device_put(np.asarray(a), batch_sharding(sh.mesh, np.shape(a))) for a in arrays)
 
 
@@ -230,9 +235,9 @@ def restore_numpy(path: str | os.PathLike) -> Any:
 
 @jax.jit
 def _checksum(x: jax.Array) -> jax.Array:
-    bits = jax.lax.bitcast_convert_type(x.astype(jax.numpy.float32), jax.numpy.uint32)
-    mixed = (bits * jax.numpy.uint32(2654435761)) ^ (bits >> 13)
-    return jax.numpy.stack([jax.numpy.sum(bits, dtype=jax.numpy.uint32), jax.numpy.sum(mixed, dtype=jax.numpy.uint32)])
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    mixed = (bits * jnp.uint32(2654435761)) ^ (bits >> 13)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)])
 
 
 def checksum(x: Any) -> np.ndarray:
@@ -251,6 +256,6 @@ def barrier(name: str) -> None:
 
 
 __all__ = [
-    "DistributedConfigError", "DistributedSettings", "barrier", "checksum", "enabled", "exists", "gather_rows", "initialize",
-    "is_writer", "place_batch", "process_rows", "restore_numpy", "settings_from_env", "to_host",
+    "DistributedConfigError", "DistributedSettings", "barrier", "checksum", "enabled", "exists", "gather_rows",
+    "initialize", "is_writer", "place_batch", "process_rows", "restore_numpy", "settings_from_env", "to_host",
 ]

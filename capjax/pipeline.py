@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from capjax import report
 from capjax.distributed import exists, is_writer
