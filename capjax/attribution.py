@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax import sharding
-from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
+from capjax.distributed import checksum, to_host
 from capjax.errors import NonFiniteError
-from capjax.stats import head_interval
+from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
 from capjax.packing import PackedBatch, one_per_row, pack_examples
+from capjax.stats import head_interval
 
 Array = jax.Array
 AGGREGATES = ("median", "mean", "paired")
@@ -315,12 +316,12 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
         masks = jax.device_put(masks, sharding.batch_sharding(mesh, masks.shape))
     if answer_only:
         def run(ch):
-            return np.asarray(_masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
-                                          masks, ch, mesh=mesh))
+            return to_host(_masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
+                                     masks, ch, mesh=mesh))
     else:
         def run(ch):
-            return np.asarray(_naive_masked_nll(model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans),
-                                                masks, ch, mesh=mesh))
+            return to_host(_naive_masked_nll(model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans),
+                                           masks, ch, mesh=mesh))
     nll = run_with_oom_fallback(run, chunk)
     losses = nll[:n].sum(axis=1) / ans.count.sum()
     _check_finite(losses, "head_ablation_losses")
@@ -429,9 +430,8 @@ def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str
     h.update(repr((model.config, str(model.dtype), extra)).encode())
     for a in (tokens, loss_mask, attention_mask):
         h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
-    for leaf in jax.tree.leaves(params):  # cheap: a few statistics per leaf, not the bytes
-        h.update(np.asarray(jnp.stack([jnp.sum(leaf.astype(jnp.float32)),
-                                       jnp.sum(jnp.abs(leaf.astype(jnp.float32)))])).tobytes())
+    for leaf in jax.tree.leaves(params):  # cheap: a checksum per leaf, not the bytes; layout-independent
+        h.update(checksum(leaf).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -473,13 +473,13 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                          "shuffle the calibration set or use fewer subsets")
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
-    intact = np.asarray(_intact_nll(model, params, prep.rows, prep.packed_ans, B))  # [N]
+    intact = to_host(_intact_nll(model, params, prep.rows, prep.packed_ans, B))  # [N]
     baseline = onehot @ intact / subset_count
     _check_finite(baseline, "intact calibration loss")
 
     if method == "gradient":
-        grad = np.asarray(_mask_gradient(model, params, prep.rows, prep.packed_ans, B, jnp.asarray(onehot),
-                                         jnp.asarray(subset_count)))
+        grad = to_host(_mask_gradient(model, params, prep.rows, prep.packed_ans, B, jnp.asarray(onehot),
+                                    jnp.asarray(subset_count)))
         masked = baseline[:, None, None] - grad
     else:
         nll = _ablation_nll(model, params, prep, chunk_size, checkpoint_dir, layers_per_call, progress,
@@ -558,8 +558,8 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
                     state["chunk"] = ch  # keep a chunk reduced after an out-of-memory error
                     if bar is not None:  # a failed attempt may have ticked some layers
                         bar.n = start
-                    return np.asarray(_single_head_nll(model, params, rows, ans, B, start, size, ch,
-                                                       progress=bar is not None, mesh=mesh))
+                    return to_host(_single_head_nll(model, params, rows, ans, B, start, size, ch,
+                                                  progress=bar is not None, mesh=mesh))
                 done = run_with_oom_fallback(run, state["chunk"])
                 if store:
                     store.save(start, done)

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from capjax.memory import InsufficientMemoryError
     from capjax.sharding import maybe_initialize_distributed
 
-    maybe_initialize_distributed()  # multi-host runs set CAPJAX_DISTRIBUTED=1 (docs/scale_out.md)
     try:
+        maybe_initialize_distributed()  # multi-host runs set CAPJAX_DISTRIBUTED=1 (docs/scale_out.md)
         return int(args.func(args) or 0)
     # Bad input (files, paths, numbers, non-finite weights or results): one clear line, exit 2.
     # Anything else is a bug and keeps its traceback; CAPJAX_DEBUG=1 shows it for these too.

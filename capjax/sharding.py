@@ -21,7 +21,6 @@ same shardings via `shard_params(masks, mesh)`.
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -217,34 +216,17 @@ def init_params_sharded(config: Any, mesh: Mesh | None = None, dtype: Any = jnp.
 
 
 # ---------------------------------------------------------------------------- multi-host
-def _env_int(*names: str) -> int | None:
-    for n in names:
-        if os.environ.get(n):
-            return int(os.environ[n])
-    return None
-
-
 def maybe_initialize_distributed() -> bool:
     """Calls `jax.distributed.initialize()` when env CAPJAX_DISTRIBUTED=1; returns whether the
     distributed runtime is (now) initialized. Call it before any other JAX work.
 
-    Coordinator settings come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES (or
-    JAX_PROCESS_COUNT), JAX_PROCESS_ID and JAX_LOCAL_DEVICE_IDS when set; otherwise JAX's own
-    cluster detection (Slurm, Open MPI, Cloud TPU, ...) fills them in.
+    The settings come from the environment (`capjax.distributed.settings_from_env`: CAPJAX_*,
+    JAX_*, torchrun's MASTER_ADDR / WORLD_SIZE / RANK, Slurm's SLURM_NTASKS / SLURM_PROCID);
+    what is not set is left to JAX's own cluster detection (Slurm, Open MPI, Cloud TPU, ...).
     """
-    if jax.distributed.is_initialized():
-        return True
-    if os.environ.get("CAPJAX_DISTRIBUTED", "").strip().lower() not in ("1", "true", "yes"):
-        return False
-    kwargs: dict[str, Any] = {}
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
-    if (n := _env_int("JAX_NUM_PROCESSES", "JAX_PROCESS_COUNT")) is not None:
-        kwargs["num_processes"] = n
-    if (i := _env_int("JAX_PROCESS_ID")) is not None:
-        kwargs["process_id"] = i
-    jax.distributed.initialize(**kwargs)
-    return True
+    from capjax.distributed import initialize
+
+    return initialize()
 
 
 __all__ = [

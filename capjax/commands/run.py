@@ -19,6 +19,10 @@ def run(args) -> int:
     from capjax.report import markdown_table
 
     results = Experiment(cfg).run()
+    from capjax.distributed import is_writer
+
+    if not is_writer():
+        return 0
     print()
     print(markdown_table(results["runs"], relative_to=results["runs"][0]))
     print(f"\nreport: {cfg.out}/report.md (figures in {cfg.out}/figures, numbers with intervals in "

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.config import ModelConfig
+from capjax.distributed import place_batch, to_host
 from capjax.model import Decoder, init_cache
 
 Params = dict[str, Any]
@@ -166,7 +167,7 @@ def generate(
             p = chunk[i] if i < len(chunk) else chunk[0]
             tokens[i, P - len(p):] = p
             mask[i, P - len(p):] = 1
-        out, _ = run(params, jnp.asarray(tokens), jnp.asarray(mask))
-        out = np.asarray(out)
+        out, _ = run(params, *place_batch(params, tokens, mask))
+        out = to_host(out)
         outputs.extend(_truncate(out[i].tolist(), set(eos), stop, tokenizer) for i in range(len(chunk)))
     return outputs

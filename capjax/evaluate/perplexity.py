@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.config import ModelConfig
+from capjax.distributed import place_batch, to_host
 from capjax.evaluate.generate import batches, bucket_length
 from capjax.model import Decoder
 
@@ -64,8 +65,8 @@ def token_logprobs(model: Decoder, params: Params, tokens: np.ndarray,
     tokens = np.asarray(tokens, np.int32)
     mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
     fn = _token_logprobs_fn(model.config, jnp.dtype(model.dtype).name)
-    lp, greedy = fn(params, jnp.asarray(tokens), jnp.asarray(mask))
-    return np.asarray(lp), np.asarray(greedy)
+    lp, greedy = fn(params, *place_batch(params, tokens, mask))
+    return to_host((lp, greedy))
 
 
 def perplexity(

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from capjax import report
+from capjax.distributed import is_writer, to_host
 from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
 from capjax.experiment.outputs import write_outputs
@@ -38,8 +38,48 @@ _GENERATION_TASKS = ("gsm8k", "strategyqa", "arc_challenge_cot", "synthetic")
 
 
 def _log(msg: str) -> None:
-    if jax.process_index() == 0:
+    if is_writer():
         print(msg, flush=True)
+
+
+def pack_masks(masks, pruned=None) -> tuple[dict[str, np.ndarray], dict]:
+    """The masks of one pruned model as bit-packed host arrays {"mask:<path>": uint8} (gathered from
+    every process), plus the prunable kernels of `pruned` when a method changed the kept weights."""
+    from capjax.pruning.importance import get_kernels
+    from capjax.pruning.prune import flat_masks
+
+    arrays, meta = {}, {"shapes": {}}
+    for path, m in flat_masks(masks).items():
+        m = np.asarray(to_host(m), bool)
+        arrays[f"mask:{path}"] = np.packbits(m.reshape(-1))
+        meta["shapes"][path] = list(m.shape)
+    if pruned is not None:
+        arrays.update({f"kernel:{p}": to_host(w) for p, w in get_kernels(pruned).items()})
+    return arrays, meta
+
+
+def unpack_masks(saved: dict[str, np.ndarray], params) -> tuple[Any, Any]:
+    """(masks tree, params with any saved kernels in place) from `pack_masks`' arrays; a ValueError
+    when they do not fit `params`."""
+    import json
+
+    import jax.numpy as jnp
+
+    from capjax.pruning.importance import PRUNABLE, get_kernels, get_path
+    from capjax.pruning.prune import masks_from_flat, replace_kernels
+
+    shapes = json.loads(str(saved["meta"]))["shapes"]
+    flat = {}
+    for p in PRUNABLE:
+        shape = tuple(shapes[p])
+        if shape != tuple(get_path(params, p).shape):
+            raise ValueError(f"{p} mask shape {shape}")
+        flat[p] = np.unpackbits(saved[f"mask:{p}"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+    kernels = {p: saved[f"kernel:{p}"] for p in PRUNABLE if f"kernel:{p}" in saved}
+    if kernels:
+        current = get_kernels(params)
+        params = replace_kernels(params, {p: jnp.asarray(w, current[p].dtype) for p, w in kernels.items()})
+    return masks_from_flat(params, flat), params
 
 
 def plan_runs(cfg: RunConfig) -> list[dict]:
@@ -76,7 +116,7 @@ class Experiment:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.store = Store(self.out, writer=jax.process_index() == 0)
+        self.store = Store(self.out, writer=is_writer())
         self.model = self.params = self.tokenizer = None
         self.model_fp: str | None = None
         self.calibs: dict[str, Any] = {}
@@ -100,6 +140,10 @@ class Experiment:
 
         _log(f"loading {self.cfg.model} ({self.cfg.dtype})")
         self.model, self.params = capjax.load_pretrained(self.cfg.model, dtype=self.cfg.dtype)
+        if self.mesh is not None:  # every process read it all; each keeps its devices' shards
+            from capjax.sharding import shard_params
+
+            self.params = shard_params(self.params, self.mesh)
         self.tokenizer = capjax.load_tokenizer(self.cfg.model)
         files = {p.name: self.store.digest(p) for p in model_files(self.cfg.model)}
         self.model_fp = fingerprint({"source": self.cfg.model, "dtype": self.cfg.dtype, "files": files})
@@ -173,7 +217,7 @@ class Experiment:
         changed, e.g. SparseGPT's) are reused when every input matches."""
         from capjax.pruning import prune
         from capjax.pruning.methods import METHODS
-        from capjax.pruning.prune import apply_masks, flat_masks, masks_from_flat
+        from capjax.pruning.prune import apply_masks, flat_masks
 
         spec = METHODS[run["method"]]
         options = method_options(self.cfg, run["method"])
@@ -188,7 +232,7 @@ class Experiment:
         saved = self.store.load_npz("masks", fp)
         if saved is not None:
             try:
-                masks, params = self._unpack_masks(saved)
+                masks, params = unpack_masks(saved, self.params)
             except ValueError as e:
                 warn(f"{self.store.path('masks', fp)} does not fit this model ({e}); recomputing it")
             else:
@@ -199,45 +243,14 @@ class Experiment:
                               head_scores=scores[1] if spec.needs_scores else None, calib=calib, nm=run["nm"],
                               mesh=self.mesh, **options)
         if run["method"] == "cap_heads":
-            removed = int(np.sum(~np.asarray(flat_masks(masks)["layers/self_attn/o_proj/kernel"]).any(axis=(2, 3))))
+            removed = int(np.sum(~to_host(flat_masks(masks)["layers/self_attn/o_proj/kernel"]).any(axis=(2, 3))))
             _log(f"{run['name']}: removed {removed} of {self.model.config.num_layers * self.model.config.num_heads} "
                  "heads")
-        arrays, meta = {}, {"shapes": {}, "run": run["name"]}
-        for path, m in flat_masks(masks).items():
-            m = np.asarray(m, bool)
-            arrays[f"mask:{path}"] = np.packbits(m.reshape(-1))
-            meta["shapes"][path] = list(m.shape)
-        if run["method"] == "sparsegpt":  # the OBS updates change the kept weights too
-            from capjax.pruning.importance import get_kernels
-
-            arrays.update({f"kernel:{p}": np.asarray(w) for p, w in get_kernels(pruned).items()})
+        arrays, meta = pack_masks(masks, pruned if run["method"] == "sparsegpt" else None)
+        meta["run"] = run["name"]
         path = self.store.save_npz("masks", fp, arrays, meta)
         self._event("computed", f"masks/{run['name']}", path)
         return fp, pruned, masks
-
-    def _unpack_masks(self, saved: dict[str, np.ndarray]):
-        import json
-
-        from capjax.pruning.importance import PRUNABLE, get_kernels, get_path
-        from capjax.pruning.prune import masks_from_flat
-
-        shapes = json.loads(str(saved["meta"]))["shapes"]
-        flat = {}
-        for p in PRUNABLE:
-            shape = tuple(shapes[p])
-            if shape != tuple(get_path(self.params, p).shape):
-                raise ValueError(f"{p} mask shape {shape}")
-            flat[p] = np.unpackbits(saved[f"mask:{p}"], count=int(np.prod(shape))).astype(bool).reshape(shape)
-        params = self.params
-        kernels = {p: saved[f"kernel:{p}"] for p in PRUNABLE if f"kernel:{p}" in saved}
-        if kernels:
-            import jax.numpy as jnp
-
-            from capjax.pruning.prune import replace_kernels
-
-            params = replace_kernels(self.params, {p: jnp.asarray(w, get_kernels(self.params)[p].dtype)
-                                                   for p, w in kernels.items()})
-        return masks_from_flat(self.params, flat), params
 
     def recovered(self, run: dict, pruned_fp: str, pruned, masks, tasks: list[str]) -> tuple[dict, dict]:
         """(row, history) of a pruned model after recovery fine-tuning (cfg.recovery). The loss
@@ -339,9 +352,10 @@ class Experiment:
         for task in cfg.calibration.tasks if any(METHODS[r["method"]].needs_scores for r in runs) else []:
             scores[task] = self.scores(task)
             s = scores[task][1]
-            report.plot_head_scores(s.delta, self.out / "figures" / f"head_scores_{task}.png",
-                                    title=f"CAP head scores: {cfg.model} on {task} ({s.aggregate})",
-                                    interval=s.interval)
+            if is_writer():
+                report.plot_head_scores(s.delta, self.out / "figures" / f"head_scores_{task}.png",
+                                        title=f"CAP head scores: {cfg.model} on {task} ({s.aggregate})",
+                                        interval=s.interval)
         _log(f"[1/{len(runs) + 1}] dense model: evaluating {', '.join(tasks)}")
         rows = [{"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None,
                  "fingerprint": self.model_fp, "achieved_sparsity": sparsity_report(self.params).total,
@@ -359,7 +373,7 @@ class Experiment:
                 row, histories[run["name"]] = self.recovered(run, fp, pruned, masks, tasks)
                 rows.append(row)
             del pruned, masks
-        if histories and jax.process_index() == 0:
+        if histories and is_writer():
             from capjax.recovery import plot_loss_curves
 
             plot_loss_curves(histories, self.out / "figures" / "recovery_loss.png",
@@ -371,6 +385,6 @@ class Experiment:
                                   "interval": None if s.interval is None else s.interval.tolist()}
                               for t, (fp, s) in scores.items()},
                    "seconds": time.perf_counter() - t_start, "events": self.events}
-        if jax.process_index() == 0:
+        if is_writer():
             write_outputs(self.out, results, cfg.evaluation.bootstrap, cfg.seed)
         return results

@@ -109,10 +109,27 @@ def warn(msg: str) -> None:
     print(f"capjax: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def agreed(found: bool, what: Path) -> bool:
+    """Process 0's answer on every process (reuse or recompute must be decided the same way
+    everywhere, or the processes would run different collectives)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return found
+    from jax.experimental import multihost_utils
+
+    decided = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    if decided and not found:
+        raise ArtifactError(f"process {jax.process_index()} cannot read {what}, which process 0 reuses: "
+                            "the results folder must be on a filesystem every process shares")
+    return decided
+
+
 class Store:
     """Artifacts of one results folder, by kind and fingerprint. `load_*` returns None when the
     artifact is absent, and also (after one warning line) when it is unreadable or was filed
-    under another fingerprint; the caller then recomputes and saves it."""
+    under another fingerprint; the caller then recomputes and saves it. With several processes,
+    process 0 decides for all, and only the writer process writes."""
 
     def __init__(self, out: str | os.PathLike, writer: bool = True):
         self.root = Path(out) / "artifacts"
@@ -142,6 +159,10 @@ class Store:
 
     # ---------------------------------------------------------------- json
     def load_json(self, kind: str, fp: str, required: tuple[str, ...] = ()) -> dict | None:
+        data = self._load_json(kind, fp, required)
+        return data if agreed(data is not None, self.path(kind, fp)) else None
+
+    def _load_json(self, kind: str, fp: str, required: tuple[str, ...]) -> dict | None:
         path = self.path(kind, fp)
         if not path.exists():
             return None
@@ -167,6 +188,10 @@ class Store:
 
     # ---------------------------------------------------------------- npz
     def load_npz(self, kind: str, fp: str, required: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
+        arrays = self._load_npz(kind, fp, required)
+        return arrays if agreed(arrays is not None, self.path(kind, fp)) else None
+
+    def _load_npz(self, kind: str, fp: str, required: tuple[str, ...]) -> dict[str, np.ndarray] | None:
         path = self.path(kind, fp)
         if not path.exists():
             return None

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax.distributed import to_host
 from capjax.errors import NonFiniteError
 from capjax.pruning.importance import PRUNABLE, get_kernels, get_path, head_delta, importance_from_scores
 from capjax.pruning.methods import METHODS, Job
@@ -248,6 +249,6 @@ def sparsity_report(params: Params, masks: Params | None = None) -> SparsityRepo
         w = get_path(params, p)
         if masks is not None and get_path(masks, p) is not None:
             w = jnp.where(get_path(masks, p), w, jnp.zeros((), w.dtype))
-        counts[".".join(p.split("/")[1:3])] = (np.asarray(_zeros_per_layer(w)), int(np.prod(w.shape[1:])))
+        counts[".".join(p.split("/")[1:3])] = (to_host(_zeros_per_layer(w)), int(np.prod(w.shape[1:])))
     L = len(next(iter(counts.values()))[0])
     return SparsityReport({(l, name): (int(z[l]), n) for l in range(L) for name, (z, n) in counts.items()})
