@@ -27,7 +27,7 @@ import yaml
 CALIB_TASKS = ("synthetic", "gsm8k", "strategyqa", "arc_challenge")
 EVAL_TASKS = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic")
 SECTIONS = ("calibration", "pruning", "evaluation")  # nested mappings; other values are replaced whole
-PRUNE_METHODS = ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt", "magnitude", "random")
+# Pruning method names come from the registry (capjax.pruning.registry.names(), jax-free).
 
 DEFAULTS: dict[str, Any] = {
     "model": None,
@@ -124,13 +124,16 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"calibration.aggregate must be median, mean or paired, got {c['aggregate']!r}")
     if c["method"] not in ("ablation", "gradient"):
         raise ConfigError(f"calibration.method must be ablation or gradient, got {c['method']!r}")
-    _check_list(p["methods"], PRUNE_METHODS, "pruning.methods")
+    from capjax.pruning import registry
+
+    methods = registry.names()
+    _check_list(p["methods"], methods, "pruning.methods")
     if not isinstance(p["sparsities"], list) or not p["sparsities"]:
         raise ConfigError(f"pruning.sparsities must be a non-empty list, got {p['sparsities']!r}")
     for s in p["sparsities"]:
         if not isinstance(s, (int, float)) or not 0 <= s < 1:
             raise ConfigError(f"pruning.sparsities must lie in [0, 1), got {s!r}")
-    if not isinstance(p["options"], dict) or any(k not in PRUNE_METHODS for k in p["options"]):
+    if not isinstance(p["options"], dict) or any(k not in methods for k in p["options"]):
         raise ConfigError(f"pruning.options maps a method name to its options, got {p['options']!r}")
     if p["nm"] is not None:
         from capjax.pruning.nm import parse_nm

@@ -22,8 +22,7 @@ import numpy as np
 
 from capjax import report
 
-NEEDS_SCORES = ("cap", "cap_wanda", "cap_heads")
-NEEDS_CALIB = ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt")
+from capjax.pruning import registry  # which methods need scores / calibration data
 
 
 def _log(msg: str) -> None:
@@ -36,7 +35,7 @@ def plan_runs(cfg: dict) -> list[dict]:
     p = cfg["pruning"]
     runs = []
     for method in p["methods"]:
-        calibs = cfg["calibration"]["tasks"] if method in NEEDS_CALIB else [None]
+        calibs = cfg["calibration"]["tasks"] if registry.spec(method).needs_calibration_data else [None]
         for calib in calibs:
             for s in p["sparsities"]:
                 nm = p["nm"]
@@ -182,7 +181,7 @@ class Experiment:
             raise ValueError("no evaluation task left to run (all need data that is missing)")
         self.load()
         runs = plan_runs(cfg)
-        needs_scores = any(r["method"] in NEEDS_SCORES for r in runs)
+        needs_scores = any(registry.spec(r["method"]).needs_scores for r in runs)
         scores = {}
         for task in cfg["calibration"]["tasks"] if needs_scores else []:
             scores[task] = self.scores(task)

@@ -122,13 +122,12 @@ def test_shipped_configs_are_valid(name):
 
 
 def test_config_vocabulary_matches_the_library():
-    """experiment.py spells the names out (validating a config imports no jax); they must not drift."""
+    """experiment.py spells the task names out (validating a config imports no jax); they must not drift.
+    Pruning method names are read from capjax.pruning.registry (tests/test_registry.py)."""
     from capjax import experiment
     from capjax.data import TASKS as DATA_TASKS
     from capjax.evaluate.tasks import TASKS
-    from capjax.pruning.methods import METHODS
 
-    assert experiment.PRUNE_METHODS == tuple(METHODS)
     assert experiment.EVAL_TASKS == tuple(TASKS)
     assert set(experiment.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic"}
 

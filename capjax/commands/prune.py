@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 
 # capjax.experiment imports no jax, so building the CLI parser stays fast.
-from capjax.experiment import CALIB_TASKS, PRUNE_METHODS as METHOD_NAMES
+from capjax.experiment import CALIB_TASKS
+from capjax.pruning import registry
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("prune", help="prune a model (CAP, Wanda, SparseGPT, magnitude, random)",
                               description=__doc__)
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id or smollm2-135m-instruct")
-    p.add_argument("--method", default="cap", choices=METHOD_NAMES)
+    p.add_argument("--method", default="cap", choices=registry.names(),
+                   help="a registered method (capjax.pruning.registry; plugins via CAPJAX_PLUGINS)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of prunable weights removed (cap_heads: of heads); default 0.2, "
                         "or N/M with --nm")
@@ -49,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
     import capjax
     from capjax.pruning import prune, sparsity_report
     from capjax.pruning.prune import flat_masks
-    from capjax.pruning.methods import METHODS
 
-    spec = METHODS[args.method]
+    spec = registry.spec(args.method)
     if spec.needs_scores and args.scores is None:
         raise ValueError(f"--method {args.method} needs --scores scores.npz (key 'delta' [L, H])")
     if spec.needs_calib and args.calib is None:
