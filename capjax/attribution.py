@@ -38,7 +38,8 @@ import numpy as np
 from capjax import sharding
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
-from capjax.packing import PackedBatch, one_per_row, pack_examples
+from capjax.ablation.batch import (AnswerPositions, PreparedBatch, answer_arrays, answer_positions,  # noqa: F401
+                                   check_calibration, prepare_batch)
 
 Array = jax.Array
 AGGREGATES = ("median", "mean", "paired")
@@ -81,49 +82,6 @@ def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = 
     if aggregate == "paired":
         return np.median(masked - baseline[:, None, None], axis=0)
     raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
-
-
-# ---------------------------------------------------------------------------- answer positions
-@dataclasses.dataclass(frozen=True)
-class AnswerPositions:
-    """Where the loss is read, flattened over the batch (no padding, so the LM head costs exactly
-    one row per answer token): flat_pos [A] indexes hidden [B * T] (position t - 1 predicts token t),
-    target [A], example [A] (its row b); count [B] answer tokens per example. A answer tokens."""
-
-    flat_pos: np.ndarray
-    target: np.ndarray
-    example: np.ndarray
-    count: np.ndarray
-
-
-def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None,
-                     segment_ids: np.ndarray | None = None, num_examples: int | None = None) -> AnswerPositions:
-    """The answer tokens of a batch [B, T]: loss_mask > 0, not the first column, and predicted from a
-    real token. With `segment_ids` (packed rows, `capjax.packing`), example = segment id - 1 (of
-    `num_examples`) and the predicting token must belong to the same example."""
-    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
-    if tokens.ndim != 2 or tokens.shape[0] == 0:
-        raise ValueError(f"empty calibration set: tokens must be [N, T] with N >= 1, got shape {tokens.shape}; "
-                         "build one with capjax.data.build_calibration(task, tokenizer, n=128)")
-    if loss_mask.shape != tokens.shape:
-        raise ValueError(f"loss_mask shape {loss_mask.shape} != tokens shape {tokens.shape}")
-    sel = loss_mask > 0
-    sel[:, 0] = False  # the first token has no prediction
-    if attention_mask is not None:
-        real = np.asarray(attention_mask) > 0
-        sel[:, 1:] &= real[:, 1:] & real[:, :-1]
-    if segment_ids is not None:
-        seg = np.asarray(segment_ids)
-        sel[:, 1:] &= (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    b, t = np.nonzero(sel)
-    T = tokens.shape[1]
-    if segment_ids is None:
-        example, count = b, sel.sum(axis=1)
-    else:
-        example = seg[b, t] - 1
-        count = np.bincount(example, minlength=num_examples or int(seg.max()))
-    return AnswerPositions((b * T + t - 1).astype(np.int32), tokens[b, t].astype(np.int32),
-                           example.astype(np.int32), count.astype(np.float64))
 
 
 def _last_layer_nll(model: Decoder, params, x: Array, ctx, head_mask_l: Array, ans, num_examples: int) -> Array:
@@ -189,57 +147,11 @@ def _naive_masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_s
                       mesh)
 
 
-def _check_calibration(model, tokens, loss_mask, attention_mask):
-    """(answer positions, tokens, loss_mask, attention_mask) as numpy, cut after the last answer
-    token of the batch: later positions cannot change the loss of a causal model, so computing them
-    (padding, end-of-turn tokens) would be wasted work."""
-    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
-    if attention_mask is None:
-        attention_mask = np.ones(tokens.shape, np.int32)
-    attention_mask = np.asarray(attention_mask)
-    ans = answer_positions(tokens, loss_mask, attention_mask)
-    if ans.count.sum() == 0:
-        raise ValueError("the calibration batch has no answer tokens (loss_mask is all zero after position 0): "
-                         "check the data builder or seq_len (answers may have been truncated away)")
-    end = int((ans.flat_pos % tokens.shape[1]).max()) + 2  # last predicting position + its target
-    if end < tokens.shape[1]:
-        tokens, loss_mask, attention_mask = tokens[:, :end], loss_mask[:, :end], attention_mask[:, :end]
-        ans = answer_positions(tokens, loss_mask, attention_mask)
-    return ans, tokens.astype(np.int32), loss_mask, attention_mask.astype(np.int32)
-
-
-def _ans_arrays(ans: AnswerPositions):
-    return (jnp.asarray(ans.flat_pos), jnp.asarray(ans.target), jnp.asarray(ans.example))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Prepared:
-    """A checked calibration batch: `ans` and `tokens`/`attention_mask` [B, T'] (numpy, cut after the
-    last answer token); `packed` with its device arrays `rows` (tokens, segment_ids, positions,
-    prefix) and answer positions `packed_ans`."""
-
-    ans: AnswerPositions
-    tokens: np.ndarray
-    attention_mask: np.ndarray
-    packed: PackedBatch
-    rows: tuple[Array, Array, Array, Array]
-    packed_ans: tuple[Array, Array, Array]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(rows, keys per row) for the memory formula: the rows attend to Pf + S keys."""
-        P, S = self.packed.tokens.shape
-        return P, S + self.packed.prefix_len
-
-
-def _prepare(model, tokens, loss_mask, attention_mask, pack: bool = True, share_prefix: bool = True) -> _Prepared:
-    ans, tokens, loss_mask, attention_mask = _check_calibration(model, tokens, loss_mask, attention_mask)
-    packed = (pack_examples(tokens, loss_mask, attention_mask, share_prefix=share_prefix) if pack
-              else one_per_row(tokens, loss_mask, attention_mask))
-    packed_ans = answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
-                                  num_examples=packed.num_examples)
-    rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions, packed.prefix))
-    return _Prepared(ans, tokens, attention_mask, packed, rows, _ans_arrays(packed_ans))
+# The prepared calibration batch is public in capjax.ablation.batch; these names keep old callers working.
+_Prepared = PreparedBatch
+_prepare = prepare_batch
+_check_calibration = check_calibration
+_ans_arrays = answer_arrays
 
 
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
