@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capjax import sharding
+from capjax import estimators, sharding
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
 from capjax.ablation.batch import (AnswerPositions, PreparedBatch, answer_arrays, answer_positions,  # noqa: F401
@@ -202,8 +202,8 @@ def _check_finite(x: np.ndarray, what: str) -> None:
 
 # ---------------------------------------------------------------------------- prefix reuse
 @partial(jax.jit, static_argnames=("model", "num_examples", "num_layers", "chunk_size", "progress", "mesh"))
-def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers, chunk_size, progress=False,
-                     mesh=None):
+def single_head_nll(model, params, packed, ans, num_examples, start, num_layers, chunk_size, progress=False,
+                    mesh=None):
     """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1.
 
     packed: (tokens, segment_ids, positions) [P, S] and the shared prefix's tokens [Pf] from
@@ -254,6 +254,9 @@ def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers
     return nll
 
 
+_single_head_nll = single_head_nll  # score_heads calls it by this name (tests wrap it to count calls)
+
+
 _PROGRESS: dict[str, Any] = {}
 
 
@@ -264,7 +267,8 @@ def _progress_tick(layer) -> None:
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples"))
-def _intact_nll(model, params, rows, ans, num_examples):
+def intact_nll(model, params, rows, ans, num_examples):
+    """Intact per-example NLL sums [B] on packed rows (`PreparedBatch.rows`, `.packed_ans`)."""
     c = model.config
     return _packed_nll(model, params, rows, ans, num_examples, jnp.ones((c.num_layers, c.num_heads), model.dtype))
 
@@ -308,7 +312,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
 
     Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
-    own token-level loss. method="ablation" is exact (prefix reuse, answer-only logits);
+    own token-level loss; `aggregate` names a registered estimator (`capjax.estimators`: median,
+    mean, paired, bootstrap, or your own), computed from the per-example losses [L * H, B]
+    (method="gradient": median, mean or paired). method="ablation" is exact (prefix reuse, answer-only logits);
     method="gradient" is the first-order estimate masked[k] = baseline[k] - dL_k/dmask (Michel et
     al. 2019), one backward pass. With `checkpoint_dir`, finished layer groups are saved (orbax) and
     a rerun with the same arguments resumes from them. With `mesh`, params are sharded by
@@ -320,8 +326,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
+    if aggregate not in (AGGREGATES if method == "gradient" else estimators.names()):
+        known = AGGREGATES if method == "gradient" else estimators.names()
+        raise ValueError(f"unknown aggregate {aggregate!r} for method={method!r}: use one of {', '.join(known)}")
     c = model.config
     prep = _prepare(model, tokens, loss_mask, attention_mask, pack, share_prefix)
     ans, B = prep.ans, prep.packed.num_examples
@@ -336,7 +343,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                          "shuffle the calibration set or use fewer subsets")
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
-    baseline = onehot @ np.asarray(_intact_nll(model, params, prep.rows, prep.packed_ans, B)) / subset_count
+    intact = np.asarray(intact_nll(model, params, prep.rows, prep.packed_ans, B), np.float64)  # [B]
+    baseline = onehot @ intact / subset_count
     _check_finite(baseline, "intact calibration loss")
 
     if method == "gradient":
@@ -349,7 +357,11 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                             mesh=mesh)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
-    return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
+    if method == "gradient":
+        return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
+    # The delta comes from the per-example results through the estimator registry (capjax.estimators).
+    delta = estimators.estimate(aggregate, nll.reshape(c.num_layers * c.num_heads, B), intact, ans.count, subsets)
+    return HeadScores(delta.reshape(c.num_layers, c.num_heads), masked, baseline, aggregate, method)
 
 
 def scoring_flops(config, rows: int, seq_len: int, answer_tokens: int, layers: range | None = None,
