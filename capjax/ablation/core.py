@@ -80,27 +80,53 @@ def answer_values(model, params, x: Array, ctx, ans, num_examples: int, metric: 
     return jax.ops.segment_sum(metric.fn(model, params, h, target, ref), example, num_segments=num_examples)
 
 
+def first_ablated_layer(spec_one: dict) -> Array:
+    """The lowest layer whose components are not all intact (L - 1 when none is), int32 scalar."""
+    L = spec_one["mlp"].shape[0]
+    touched = jnp.any(spec_one["heads"] != 1, axis=1) | (spec_one["mlp"] != 1) | (spec_one["attn"] != 1)
+    return jnp.minimum(jnp.where(jnp.any(touched), jnp.argmax(touched), L - 1), L - 1).astype(jnp.int32)
+
+
 def ablated_values(model, params, rows, ans, num_examples: int, metric: Metric, ref, reps: dict,
-                   spec_one: dict) -> Array:
+                   spec_one: dict, inputs: Array | None = None) -> Array:
     """The metric summed per example [B] under one ablation spec_one ({"heads": [L, H], "mlp": [L],
-    "attn": [L]}) on packed rows (tokens, segment_ids, positions [P, S], prefix [Pf])."""
+    "attn": [L]}) on packed rows (tokens, segment_ids, positions [P, S], prefix [Pf]).
+
+    With `inputs` [L, P, S, E] (every layer's intact input, `intact_inputs`), the layers below the
+    first ablated one are not recomputed (prefix reuse; not differentiable in spec_one)."""
     L = model.config.num_layers
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
+    start = 0
+    if inputs is not None:
+        start = first_ablated_layer(spec_one)
+        x = inputs[start]
 
     def body(l, x):
         return apply_layer(model, layer_params(params, l), x, ctx, spec_one["heads"][l],
                            ablation=layer_ablation(spec_one, reps, l))
-    x = jax.lax.fori_loop(0, L - 1, body, x)
+    x = jax.lax.fori_loop(start, L - 1, body, x)
     return answer_values(model, params, x, ctx, ans, num_examples, metric, ref, spec_one["heads"][L - 1],
                          layer_ablation(spec_one, reps, L - 1))
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size"))
-def _values_batch(model, params, rows, ans, num_examples, metric, ref, reps, specs, chunk_size):
-    return jax.lax.map(partial(ablated_values, model, params, rows, ans, num_examples, metric, ref, reps),
-                       specs, batch_size=chunk_size)
+def _values_batch(model, params, rows, ans, num_examples, metric, ref, reps, specs, chunk_size, inputs=None):
+    return jax.lax.map(lambda one: ablated_values(model, params, rows, ans, num_examples, metric, ref, reps, one,
+                                                  inputs), specs, batch_size=chunk_size)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def intact_inputs(model, params, rows) -> Array:
+    """Every layer's intact input [L, P, S, E] on packed rows (layer 0's is the embedding)."""
+    tokens, segment_ids, positions, prefix = rows
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
+                           prefix_len=prefix.shape[0])
+
+    def step(x, l):
+        return apply_layer(model, layer_params(params, l), x, ctx), x
+    return jax.lax.scan(step, x, jnp.arange(model.config.num_layers))[1]
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -123,11 +149,13 @@ def _ones_spec(config, n: int = 1) -> dict:
 
 def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
            metric: str | Metric | Callable = "ce", seed: int = 0, replacements: dict | None = None,
-           chunk_size: int | None = None) -> AblationResult:
+           chunk_size: int | None = None, reuse_prefix: bool = True) -> AblationResult:
     """Per-example metric under every ablation of `spec` ({"heads": [N, L, H], "mlp": [N, L],
     "attn": [N, L]}, `capjax.ablation.spec`) with replacements of `kind` (zero | mean | resample;
     `seed` for resample's pairing), or precomputed `replacements`. One jitted function: `lax.map`
-    over chunks of `chunk_size` ablations (default from free memory; halved on out-of-memory)."""
+    over chunks of `chunk_size` ablations (default from free memory; halved on out-of-memory).
+    With `reuse_prefix`, each ablation starts from the intact input of its first ablated layer
+    (computed once); order the spec by that layer (as `single_spec` does) so a chunk shares it."""
     c = model.config
     n = num_ablations(spec)
     full = {k: jnp.asarray(v, model.dtype) for k, v in _ones_spec(c, n).items()}
@@ -140,9 +168,11 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
                                                 vocab_chunk=VOCAB_CHUNK if metric.name == "ce" else None,
                                                 max_chunk=max(n, 1))
 
+    inputs = intact_inputs(model, params, batch.rows) if reuse_prefix else None
+
     def run(ch):
         return np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, specs,
-                                        min(ch, n)), np.float64)
+                                        min(ch, n), inputs), np.float64)
     values = run_with_oom_fallback(run, chunk)
     ones = {k: v.astype(model.dtype) for k, v in _ones_spec(c).items()}
     intact = np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, ones, 1),
@@ -171,5 +201,5 @@ def gradient_deltas(model, params, batch: PreparedBatch, kind: str = "zero", met
     return {k: -np.asarray(v, np.float64) for k, v in jac.items()}
 
 
-__all__ = ["AblationResult", "ablate", "ablated_values", "answer_values", "gradient_deltas", "intact_log_probs",
-           "layer_ablation"]
+__all__ = ["AblationResult", "ablate", "ablated_values", "answer_values", "first_ablated_layer", "gradient_deltas",
+           "intact_inputs", "intact_log_probs", "layer_ablation"]
