@@ -122,3 +122,21 @@ def test_toy_method_through_capjax_run(toy_method, tmp_path, tiny_with_tokenizer
     bad = dict(cfg, pruning={**cfg["pruning"], "methods": ["first_fractionn"]})
     path.write_text(yaml.safe_dump(bad))
     assert main(["run", str(path)]) == 2
+
+
+def test_plugin_file_from_the_environment(tmp_path, monkeypatch):
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text("from capjax.pruning.registry import register_method\n"
+                      "register_method('from_plugin_file', 'capjax.pruning.methods:magnitude', "
+                      "options={'scope': 'matrix'})\n")
+    monkeypatch.setenv("CAPJAX_PLUGINS", str(plugin))
+    try:
+        assert "from_plugin_file" in registry.names()
+        from capjax.pruning import methods
+
+        assert registry.spec("from_plugin_file").fn is methods.magnitude
+    finally:
+        registry.unregister_method("from_plugin_file")
+    monkeypatch.setenv("CAPJAX_PLUGINS", str(tmp_path / "missing.py"))
+    with pytest.raises(FileNotFoundError, match="plugin file not found"):
+        registry.names()
