@@ -155,8 +155,12 @@ _ans_arrays = answer_arrays
 
 
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
-                         chunk_size: int | None = None, answer_only: bool = True, mesh=None) -> np.ndarray:
-    """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H].
+                         chunk_size: int | None = None, answer_only: bool = True, mesh=None,
+                         per_example: bool = False) -> np.ndarray:
+    """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H]; with
+    `per_example`, the summed answer-token NLL of each example instead, [N, B] (divide by
+    `prepare_batch(...).count` for per-example means). Any ablation kind / component / metric:
+    `capjax.ablation.ablate`.
 
     One jitted function: `vmap` over masks, `lax.map` over chunks of `chunk_size` masks (default
     from `default_chunk_size`, halved on out-of-memory errors), logits only at answer positions
@@ -188,6 +192,9 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
             return np.asarray(_naive_masked_nll(model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans),
                                                 masks, ch, mesh=mesh))
     nll = run_with_oom_fallback(run, chunk)
+    if per_example:
+        _check_finite(nll[:n], "head_ablation_losses")
+        return nll[:n].astype(np.float64)
     losses = nll[:n].sum(axis=1) / ans.count.sum()
     _check_finite(losses, "head_ablation_losses")
     return losses

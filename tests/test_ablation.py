@@ -216,6 +216,15 @@ def test_estimators_from_per_example_equal_score_heads(arch):
         masked, baseline = estimators.subset_losses(res.values, res.intact, res.count, 3)
         np.testing.assert_allclose(masked.reshape(3, L, H), scores.masked, atol=1e-5)
         np.testing.assert_allclose(baseline, scores.baseline, atol=1e-5)
+    # head_ablation_losses keeps its per-example losses on request: the same [N, B].
+    per_ex = capjax.head_ablation_losses(model, params, tokens, loss, single_spec(model.config)["heads"], am,
+                                         per_example=True)
+    np.testing.assert_allclose(per_ex, res.values, atol=1e-4)
+    # score_heads takes any registered estimator as its aggregate.
+    boot_scores = capjax.score_heads(model, params, tokens, loss, subsets=3, aggregate="bootstrap",
+                                     attention_mask=am, progress=False)
+    np.testing.assert_allclose(boot_scores.delta.ravel(),
+                               estimators.estimate("bootstrap", res.values, res.intact, res.count), atol=1e-5)
     # bootstrap against a plain loop over the draws
     boot = estimators.estimate("bootstrap", res.values, res.intact, res.count, resamples=7, seed=4)
     rng = np.random.default_rng(4)
