@@ -95,7 +95,8 @@ def main() -> None:
     order = np.argsort(-kinds["zero"].ravel())[:args.top]
     top = [("heads", int(k // H), int(k % H)) for k in order]
     spec, pairs = pairs_spec(c, top)
-    res, _ = timed(f"{len(pairs)} pair ablations of the top {len(top)} heads", lambda: ablate(model, params, batch, spec))
+    res, _ = timed(f"{len(pairs)} pair ablations of the top {len(top)} heads",
+                   lambda: ablate(model, params, batch, spec))
     pair_delta = score(res)
     single = kinds["zero"].ravel()[order]
     inter = np.zeros((len(top), len(top)))
@@ -120,7 +121,8 @@ def main() -> None:
     # 3. MLP blocks and whole attention blocks beside the heads
     blocks = {}
     for component in ("mlp", "attn"):
-        res, _ = timed(f"{L} {component}-block ablations", lambda: ablate(model, params, batch, single_spec(c, component)))
+        res, _ = timed(f"{L} {component}-block ablations",
+                       lambda: ablate(model, params, batch, single_spec(c, component)))
         blocks[component] = score(res)
     assert [u[1] for u in units(c, "mlp")] == list(range(L))
     fig, ax = plt.subplots(figsize=(10, 4))

@@ -255,7 +255,8 @@ def test_pairs_interactions_and_gradient(arch):
     for l, layer in enumerate(hf.model.layers):
         handles.append(layer.mlp.register_forward_hook(lambda m, a, o, l=l: keeps["mlp"][l] * o))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda m, a, l=l: ((a[0].reshape(*a[0].shape[:2], H, D) * keeps["heads"][l][:, None]).reshape(a[0].shape),)))
+            lambda m, a, l=l: ((a[0].reshape(*a[0].shape[:2], H, D) * keeps["heads"][l][:, None]
+                                ).reshape(a[0].shape),)))
     try:
         logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.double()
     finally:

@@ -40,8 +40,8 @@ def ablation_spec(config, n: int = 1, heads=None, mlp=None, attn=None) -> dict[s
             continue
         value = np.asarray(value, np.float32)
         if value.shape != shape:
-            raise ValueError(f"ablation spec {name!r} must have shape {list(shape)} (N, L{', H' if name == 'heads' else ''}), "
-                             f"got {list(value.shape)}")
+            axes = "N, L, H" if name == "heads" else "N, L"
+            raise ValueError(f"ablation spec {name!r} must have shape {list(shape)} ({axes}), got {list(value.shape)}")
         spec[name] = value
     return spec
 
@@ -75,7 +75,8 @@ def single_spec(config, component: str = "heads", value: float = 0.0) -> dict[st
     return units_spec(config, units(config, component), value)
 
 
-def pairs_spec(config, selected: list[tuple], value: float = 0.0) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+def pairs_spec(config, selected: list[tuple],
+               value: float = 0.0) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
     """Every pair of the units in `selected` ablated together: (spec with N = M (M - 1) / 2,
     the (i, j) index pairs into `selected`, i < j)."""
     pairs = list(itertools.combinations(range(len(selected)), 2))
