@@ -56,12 +56,12 @@ def test_builtins_are_lazy_and_complete():
 
 
 def test_unknown_name_lists_registered(toy_method, tmp_path, capsys):
-    with pytest.raises(registry.UnknownMethodError, match="unknown pruning method 'nope'; registered: cap, "
+    with pytest.raises(registry.UnknownMethodError, match="unknown pruning method 'nope'; known methods: cap, "
                        r"cap_wanda, .*random, first_fraction"):
         registry.spec("nope")
     from capjax.pruning import prune
 
-    with pytest.raises(ValueError, match="registered: .*first_fraction"):
+    with pytest.raises(ValueError, match="known methods: .*first_fraction"):
         prune(None, {}, "nope", 0.1)
     with pytest.raises(SystemExit):  # argparse: invalid choice, listing the registered names
         main(["prune", "--model", "m", "--method", "nope", "--out", str(tmp_path)])

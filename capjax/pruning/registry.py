@@ -147,7 +147,7 @@ def spec(name: str) -> MethodSpec:
     """The spec of `name`; an unknown name raises UnknownMethodError listing the registered ones."""
     _load_plugins()
     if name not in _REGISTRY:
-        raise UnknownMethodError(f"unknown pruning method {name!r}; registered: {', '.join(_REGISTRY)} "
+        raise UnknownMethodError(f"unknown pruning method {name!r}; known methods: {', '.join(_REGISTRY)} "
                                  "(register your own with capjax.pruning.registry.register_method)")
     return _REGISTRY[name]
 
