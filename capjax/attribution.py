@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capjax import sharding
+from capjax import estimators, sharding
+from capjax.ablation.batch import (AnswerPositions, PreparedBatch, answer_arrays, answer_positions,  # noqa: F401
+                                   check_calibration, prepare_batch)
 from capjax.distributed import checksum, to_host
 from capjax.errors import NonFiniteError
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
-from capjax.packing import PackedBatch, one_per_row, pack_examples
 from capjax.stats import head_interval
 
 Array = jax.Array
@@ -102,9 +103,16 @@ class HeadScores:
         return cls.from_arrays(read_npz(path, required=("delta", "masked", "baseline")))
 
     def with_aggregate(self, aggregate: str) -> "HeadScores":
-        """The same losses aggregated another way (no forward pass)."""
-        return dataclasses.replace(self, delta=aggregate_scores(self.masked, self.baseline, aggregate),
-                                   aggregate=aggregate)
+        """The same losses aggregated another way, with no forward pass: any registered estimator
+        (`capjax.estimators`) from the per-example losses, or median / mean / paired from the
+        per-subset ones when only those exist (gradient scores)."""
+        if self.example_masked is None:
+            return dataclasses.replace(self, delta=aggregate_scores(self.masked, self.baseline, aggregate),
+                                       aggregate=aggregate)
+        L, H, B = self.example_masked.shape
+        delta = estimators.estimate(aggregate, self.example_masked.reshape(L * H, B), self.example_baseline,
+                                    self.answer_count, self.masked.shape[0])
+        return dataclasses.replace(self, delta=np.asarray(delta).reshape(L, H), aggregate=aggregate)
 
     def with_interval(self, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "HeadScores":
         """A bootstrap interval [2, L, H] over calibration examples (exact ablation only)."""
@@ -128,49 +136,6 @@ def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = 
     if aggregate == "paired":
         return np.median(masked - baseline[:, None, None], axis=0)
     raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
-
-
-# ---------------------------------------------------------------------------- answer positions
-@dataclasses.dataclass(frozen=True)
-class AnswerPositions:
-    """Where the loss is read, flattened over the batch (no padding, so the LM head costs exactly
-    one row per answer token): flat_pos [A] indexes hidden [B * T] (position t - 1 predicts token t),
-    target [A], example [A] (its row b); count [B] answer tokens per example. A answer tokens."""
-
-    flat_pos: np.ndarray
-    target: np.ndarray
-    example: np.ndarray
-    count: np.ndarray
-
-
-def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None,
-                     segment_ids: np.ndarray | None = None, num_examples: int | None = None) -> AnswerPositions:
-    """The answer tokens of a batch [B, T]: loss_mask > 0, not the first column, and predicted from a
-    real token. With `segment_ids` (packed rows, `capjax.packing`), example = segment id - 1 (of
-    `num_examples`) and the predicting token must belong to the same example."""
-    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
-    if tokens.ndim != 2 or tokens.shape[0] == 0:
-        raise ValueError(f"empty calibration set: tokens must be [N, T] with N >= 1, got shape {tokens.shape}; "
-                         "build one with capjax.data.build_calibration(task, tokenizer, n=128)")
-    if loss_mask.shape != tokens.shape:
-        raise ValueError(f"loss_mask shape {loss_mask.shape} != tokens shape {tokens.shape}")
-    sel = loss_mask > 0
-    sel[:, 0] = False  # the first token has no prediction
-    if attention_mask is not None:
-        real = np.asarray(attention_mask) > 0
-        sel[:, 1:] &= real[:, 1:] & real[:, :-1]
-    if segment_ids is not None:
-        seg = np.asarray(segment_ids)
-        sel[:, 1:] &= (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    b, t = np.nonzero(sel)
-    T = tokens.shape[1]
-    if segment_ids is None:
-        example, count = b, sel.sum(axis=1)
-    else:
-        example = seg[b, t] - 1
-        count = np.bincount(example, minlength=num_examples or int(seg.max()))
-    return AnswerPositions((b * T + t - 1).astype(np.int32), tokens[b, t].astype(np.int32),
-                           example.astype(np.int32), count.astype(np.float64))
 
 
 def _last_layer_nll(model: Decoder, params, x: Array, ctx, head_mask_l: Array, ans, num_examples: int) -> Array:
@@ -236,62 +201,20 @@ def _naive_masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_s
                       mesh)
 
 
-def _check_calibration(model, tokens, loss_mask, attention_mask):
-    """(answer positions, tokens, loss_mask, attention_mask) as numpy, cut after the last answer
-    token of the batch: later positions cannot change the loss of a causal model, so computing them
-    (padding, end-of-turn tokens) would be wasted work."""
-    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
-    if attention_mask is None:
-        attention_mask = np.ones(tokens.shape, np.int32)
-    attention_mask = np.asarray(attention_mask)
-    ans = answer_positions(tokens, loss_mask, attention_mask)
-    if ans.count.sum() == 0:
-        raise ValueError("the calibration batch has no answer tokens (loss_mask is all zero after position 0): "
-                         "check the data builder or seq_len (answers may have been truncated away)")
-    end = int((ans.flat_pos % tokens.shape[1]).max()) + 2  # last predicting position + its target
-    if end < tokens.shape[1]:
-        tokens, loss_mask, attention_mask = tokens[:, :end], loss_mask[:, :end], attention_mask[:, :end]
-        ans = answer_positions(tokens, loss_mask, attention_mask)
-    return ans, tokens.astype(np.int32), loss_mask, attention_mask.astype(np.int32)
-
-
-def _ans_arrays(ans: AnswerPositions):
-    return (jnp.asarray(ans.flat_pos), jnp.asarray(ans.target), jnp.asarray(ans.example))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Prepared:
-    """A checked calibration batch: `ans` and `tokens`/`attention_mask` [B, T'] (numpy, cut after the
-    last answer token); `packed` with its device arrays `rows` (tokens, segment_ids, positions,
-    prefix) and answer positions `packed_ans`."""
-
-    ans: AnswerPositions
-    tokens: np.ndarray
-    attention_mask: np.ndarray
-    packed: PackedBatch
-    rows: tuple[Array, Array, Array, Array]
-    packed_ans: tuple[Array, Array, Array]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(rows, keys per row) for the memory formula: the rows attend to Pf + S keys."""
-        P, S = self.packed.tokens.shape
-        return P, S + self.packed.prefix_len
-
-
-def _prepare(model, tokens, loss_mask, attention_mask, pack: bool = True, share_prefix: bool = True) -> _Prepared:
-    ans, tokens, loss_mask, attention_mask = _check_calibration(model, tokens, loss_mask, attention_mask)
-    packed = (pack_examples(tokens, loss_mask, attention_mask, share_prefix=share_prefix) if pack
-              else one_per_row(tokens, loss_mask, attention_mask))
-    packed_ans = answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
-                                  num_examples=packed.num_examples)
-    rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions, packed.prefix))
-    return _Prepared(ans, tokens, attention_mask, packed, rows, _ans_arrays(packed_ans))
+# The prepared calibration batch is public in capjax.ablation.batch; these names keep old callers working.
+_Prepared = PreparedBatch
+_prepare = prepare_batch
+_check_calibration = check_calibration
+_ans_arrays = answer_arrays
 
 
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
-                         chunk_size: int | None = None, answer_only: bool = True, mesh=None) -> np.ndarray:
-    """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H].
+                         chunk_size: int | None = None, answer_only: bool = True, mesh=None,
+                         per_example: bool = False) -> np.ndarray:
+    """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H]; with
+    `per_example`, the summed answer-token NLL of each example instead, [N, B] (divide by
+    `prepare_batch(...).count` for per-example means). Any ablation kind / component / metric:
+    `capjax.ablation.ablate`.
 
     One jitted function: `vmap` over masks, `lax.map` over chunks of `chunk_size` masks (default
     from `default_chunk_size`, halved on out-of-memory errors), logits only at answer positions
@@ -323,6 +246,9 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
             return to_host(_naive_masked_nll(model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans),
                                            masks, ch, mesh=mesh))
     nll = run_with_oom_fallback(run, chunk)
+    if per_example:
+        _check_finite(nll[:n], "head_ablation_losses")
+        return nll[:n].astype(np.float64)
     losses = nll[:n].sum(axis=1) / ans.count.sum()
     _check_finite(losses, "head_ablation_losses")
     return losses
@@ -337,8 +263,8 @@ def _check_finite(x: np.ndarray, what: str) -> None:
 
 # ---------------------------------------------------------------------------- prefix reuse
 @partial(jax.jit, static_argnames=("model", "num_examples", "num_layers", "chunk_size", "progress", "mesh"))
-def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers, chunk_size, progress=False,
-                     mesh=None):
+def single_head_nll(model, params, packed, ans, num_examples, start, num_layers, chunk_size, progress=False,
+                    mesh=None):
     """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1.
 
     packed: (tokens, segment_ids, positions) [P, S] and the shared prefix's tokens [Pf] from
@@ -389,6 +315,9 @@ def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers
     return nll
 
 
+_single_head_nll = single_head_nll  # score_heads calls it by this name (tests wrap it to count calls)
+
+
 _PROGRESS: dict[str, Any] = {}
 
 
@@ -399,7 +328,8 @@ def _progress_tick(layer) -> None:
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples"))
-def _intact_nll(model, params, rows, ans, num_examples):
+def intact_nll(model, params, rows, ans, num_examples):
+    """Intact per-example NLL sums [B] on packed rows (`PreparedBatch.rows`, `.packed_ans`)."""
     c = model.config
     return _packed_nll(model, params, rows, ans, num_examples, jnp.ones((c.num_layers, c.num_heads), model.dtype))
 
@@ -443,7 +373,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
 
     Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
-    own token-level loss. method="ablation" is exact (prefix reuse, answer-only logits);
+    own token-level loss; `aggregate` names a registered estimator (`capjax.estimators`: median,
+    mean, paired, bootstrap, or your own), computed from the per-example losses [L * H, B]
+    (method="gradient": median, mean or paired). method="ablation" is exact (prefix reuse, answer-only logits);
     method="gradient" is the first-order estimate masked[k] = baseline[k] - dL_k/dmask (Michel et
     al. 2019), one backward pass. With `checkpoint_dir`, finished layer groups are saved (orbax) and
     a rerun with the same arguments resumes from them. With `mesh`, params are sharded by
@@ -457,9 +389,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
-    c = model.config
+    if aggregate not in (AGGREGATES if method == "gradient" else estimators.names()):
+        known = AGGREGATES if method == "gradient" else estimators.names()
+        raise ValueError(f"unknown aggregate {aggregate!r} for method={method!r}: use one of {', '.join(known)}")
     prep = _prepare(model, tokens, loss_mask, attention_mask, pack, share_prefix)
     ans, B = prep.ans, prep.packed.num_examples
     groups = _subsets(B, subsets)
@@ -473,7 +405,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                          "shuffle the calibration set or use fewer subsets")
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
-    intact = to_host(_intact_nll(model, params, prep.rows, prep.packed_ans, B))  # [N]
+    intact = to_host(intact_nll(model, params, prep.rows, prep.packed_ans, B)).astype(np.float64)  # [B]
     baseline = onehot @ intact / subset_count
     _check_finite(baseline, "intact calibration loss")
 
@@ -489,8 +421,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     _check_finite(masked, "masked calibration loss")
     if method == "gradient":
         return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
-    scores = HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method,
-                        np.asarray(nll, np.float64), intact.astype(np.float64), np.asarray(ans.count, np.float64))
+    # The delta comes from the per-example results through the estimator registry (capjax.estimators).
+    scores = HeadScores(None, masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,
+                        np.asarray(ans.count, np.float64)).with_aggregate(aggregate)
     return scores.with_interval(bootstrap) if bootstrap else scores
 
 

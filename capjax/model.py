@@ -101,13 +101,15 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None):
+    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None, ablation=None):
         """x [B, T, E], head_mask [H], mask [B, T, S] -> ([B, T, E], cache).
 
         cache: {"k", "v": [B, S, K, D]}; the T new keys are written at slot cache_index.
         Without a cache, S = Pf + T > T means a shared prefix (`capjax.packing`): every row's keys
         are row 0's first Pf keys, then its own T.
         rows [R] (flat indices into B * T): only those query positions go through o_proj -> [1, R, E].
+        ablation: see `mix_replacement` and `capjax.ablation` ("heads": replacement of the head
+        outputs, weighted by 1 - head_mask; "attn": (mask, replacement) of this block's output).
         """
         c = self.config
         E, H, K, D, G = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.group_size
@@ -132,8 +134,29 @@ class Attention(nn.Module):
         if rows is not None:
             out = out.reshape(B * T, H, D)[rows][None]
         out = out * head_mask.astype(self.dtype)[None, None, :, None]
+        if ablation is not None and ablation.get("heads") is not None:  # [H, D] or [B, T, H, D]
+            keep = head_mask.astype(self.dtype)[:, None]
+            out = out + (1 - keep) * _at_rows(ablation["heads"], 2, rows).astype(self.dtype)
         y = Proj((H, D, E), "bthd,hde->bte", None, self.dtype, name="o_proj")(out)
+        if ablation is not None and ablation.get("attn") is not None:
+            y = mix_replacement(y, *ablation["attn"], rows)
         return y, cache
+
+
+def _at_rows(rep: Array, event_ndim: int, rows: Array | None) -> Array:
+    """A replacement per position [B, T, ...] gathered at rows [R] -> [1, R, ...]; a constant
+    replacement (event_ndim dims, e.g. [E] or [H, D]) is returned as is (it broadcasts)."""
+    if rows is None or rep.ndim == event_ndim:
+        return rep
+    return rep.reshape(-1, *rep.shape[2:])[rows][None]
+
+
+def mix_replacement(y: Array, keep: Array, rep: Array, rows: Array | None = None) -> Array:
+    """keep * y + (1 - keep) * rep: a component's output y [B, T, E] (or [1, R, E] at rows) mixed with
+    its replacement rep ([E] constant, or [B, T, E] per position, gathered at rows) by a scalar
+    fractional mask keep (1 = intact, 0 = fully replaced)."""
+    keep = jnp.asarray(keep, y.dtype)
+    return keep * y + (1 - keep) * _at_rows(rep, 1, rows).astype(y.dtype)
 
 
 class MLP(nn.Module):
@@ -155,16 +178,22 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None):
+    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None, ablation=None):
         """rows [R]: compute the output only at these flat positions of B * T -> [1, R, E]
-        (keys and values still come from every position)."""
+        (keys and values still come from every position). ablation: None, or a dict with optional
+        "heads" (replacement [H, D] or [B, T, H, D] of the head outputs, weighted by 1 - head_mask),
+        "attn" and "mlp" ((keep scalar, replacement [E] or [B, T, E]) of the block's output);
+        see `mix_replacement` and `capjax.ablation`."""
         eps = self.config.rms_norm_eps
         h, cache = Attention(self.config, self.dtype, name="self_attn")(
-            RMSNorm(eps, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index, rows)
+            RMSNorm(eps, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index, rows, ablation)
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows][None]
         x = x + h
-        x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
+        m = MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
+        if ablation is not None and ablation.get("mlp") is not None:
+            m = mix_replacement(m, *ablation["mlp"], rows)
+        x = x + m
         return x, cache
 
 
@@ -329,8 +358,11 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
 
 
 def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,
-                capture: bool = False, rows: Array | None = None):
+                capture: bool = False, rows: Array | None = None, ablation: dict | None = None):
     """Runs one decoder layer: x [B, T, E] -> x [B, T, E].
+
+    ablation: replacements of this layer's components mixed in by fractional masks (`DecoderLayer`;
+    built by `capjax.ablation`); None is today's path, bit for bit.
 
     With rows [R] (flat indices into B * T), only those positions' outputs -> [R, E] (the last
     layer, when the loss reads only some positions). With capture, also returns the input of every
@@ -341,10 +373,11 @@ def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Arr
         head_mask_l = jnp.ones((c.num_heads,), model.dtype)
     layer = DecoderLayer(c, model.dtype)
     if rows is not None:
-        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx, rows=rows)[0][0]
+        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx, rows=rows, ablation=ablation)[0][0]
     if not capture:
-        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx)[0]
-    (x, _), state = layer.apply({"params": layer_p}, x, head_mask_l, *ctx, mutable=["intermediates"])
+        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx, ablation=ablation)[0]
+    (x, _), state = layer.apply({"params": layer_p}, x, head_mask_l, *ctx, mutable=["intermediates"],
+                                ablation=ablation)
     inputs = {group: {name: v["input"][0] for name, v in mods.items()}
               for group, mods in state["intermediates"].items()}
     return x, inputs

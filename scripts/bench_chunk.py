@@ -2,7 +2,7 @@
 
     python scripts/bench_chunk.py [--task gsm8k] [--n 12] [--seq-len 128] [--plain] [--layers 2] [--chunks 1 2 3 9]
 
-Runs the compiled scoring function (`capjax.attribution._single_head_nll`) on the ablations of
+Runs the compiled scoring function (`capjax.attribution.single_head_nll`) on the ablations of
 layers 0..layers-1 of SmolLM2-135M-Instruct, each chunk size side by side on the same tokens,
 compile excluded, and prints each time relative to chunk = H (all of a layer's heads at once) and
 the chunk `capjax.memory.chunk_size_for_memory` picks here, with the activation bytes per
@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 import capjax
-from capjax.attribution import _prepare, _single_head_nll, default_chunk_size
+from capjax.ablation import prepare_batch
+from capjax.attribution import default_chunk_size, single_head_nll
 from capjax.data import build_calibration
 from capjax.memory import CPU_CHUNK_BYTES, ablation_bytes
 from capjax.model import VOCAB_CHUNK
@@ -38,7 +39,7 @@ def main():
     tokenizer = capjax.load_tokenizer("smollm2-135m-instruct")
     calib = build_calibration(args.task, tokenizer, n=args.n, seq_len=args.seq_len, seed=0,
                               chat=False if args.plain else None)
-    prep = _prepare(model, calib.tokens, calib.loss_mask, calib.attention_mask)
+    prep = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask)
     c, A = model.config, len(prep.packed_ans[1])
     default = default_chunk_size(c, *prep.shape, model.dtype, answer_tokens=A)
     per = ablation_bytes(c, *prep.shape, model.dtype, A, vocab_chunk=VOCAB_CHUNK)
@@ -49,7 +50,7 @@ def main():
     times, results = {}, {}
     for chunk in sorted(set(args.chunks + [c.num_heads])):
         def run(chunk=chunk):
-            return np.asarray(_single_head_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
+            return np.asarray(single_head_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
                                                0, args.layers, chunk))
         run()
         t = time.perf_counter()

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax import sharding
-from capjax.attribution import _intact_nll, _prepare, _single_head_nll, default_chunk_size, scoring_flops
+from capjax.ablation import prepare_batch
+from capjax.attribution import default_chunk_size, intact_nll, scoring_flops, single_head_nll
 from capjax.config import ModelConfig
 from capjax.memory import run_with_oom_fallback
 from capjax.model import Decoder
@@ -119,15 +120,15 @@ def main() -> None:
     loss_mask = np.zeros((B, T), np.float32)
     loss_mask[:, T - T // 4:] = 1
     am = np.ones((B, T), np.int32)
-    prep = _prepare(model, tokens, loss_mask, am)  # every row is full: packing keeps B x T
+    prep = prepare_batch(model, tokens, loss_mask, am)  # every row is full: packing keeps B x T
     rows, ans_j = prep.rows, prep.packed_ans
     A = len(ans_j[1])
 
     t = time.perf_counter()
-    base = np.asarray(_intact_nll(model, params, rows, ans_j, B))
+    base = np.asarray(intact_nll(model, params, rows, ans_j, B))
     t1 = time.perf_counter() - t
     t = time.perf_counter()
-    np.asarray(_intact_nll(model, params, rows, ans_j, B))
+    np.asarray(intact_nll(model, params, rows, ans_j, B))
     t2 = time.perf_counter() - t
     log(f"intact loss {base.sum() / A:.4f}: {t1:.1f} s with compile, {t2:.2f} s without")
 
@@ -154,7 +155,7 @@ def main() -> None:
 
         def run(ch):
             state["chunk"] = ch
-            f = _single_head_nll.lower(model, params, rows, ans_j, B, 0, n, ch, mesh=mesh).compile()
+            f = single_head_nll.lower(model, params, rows, ans_j, B, 0, n, ch, mesh=mesh).compile()
             t0 = time.perf_counter()
             out = np.asarray(f(params, rows, ans_j, 0))
             return out, time.perf_counter() - t0

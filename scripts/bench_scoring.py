@@ -21,7 +21,8 @@ import torch
 import transformers
 
 import capjax
-from capjax.attribution import _prepare, score_heads, scoring_flops
+from capjax.ablation import prepare_batch
+from capjax.attribution import score_heads, scoring_flops
 from capjax.data import build_calibration
 from capjax.io import smollm2_gguf_path
 
@@ -104,7 +105,7 @@ def main():
     ref_delta, ref_masked = torch_scores(hf, calib.tokens, calib.loss_mask, calib.attention_mask, args.subsets)
     t_torch = time.perf_counter() - t0
 
-    prep = _prepare(model, calib.tokens, calib.loss_mask, calib.attention_mask)
+    prep = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask)
     P, S = prep.packed.tokens.shape
     Pf, A = len(prep.packed.prefix), len(prep.packed_ans[1])
     flops = scoring_flops(cfg, P, S, A, prefix=Pf)
@@ -114,7 +115,7 @@ def main():
         s3 = score_heads(model, params, calib.tokens, calib.loss_mask, args.subsets,
                          attention_mask=calib.attention_mask, progress=False, share_prefix=False)
         t_alone = time.perf_counter() - t0
-        alone = _prepare(model, calib.tokens, calib.loss_mask, calib.attention_mask, share_prefix=False)
+        alone = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask, share_prefix=False)
         flops_alone = scoring_flops(cfg, *alone.packed.tokens.shape, A)
     peak = matmul_peak_gflops()
     print(f"layout                    : {P} packed rows x {S} columns, shared prefix {Pf} tokens, "

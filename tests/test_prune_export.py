@@ -14,7 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import capjax  # noqa: E402
 from capjax import cli  # noqa: E402
-from capjax.pruning import METHODS, PRUNABLE, prune, sparsity_report  # noqa: E402
+from capjax.pruning import PRUNABLE, prune, sparsity_report  # noqa: E402
 from capjax.pruning.importance import rows_view  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
@@ -132,10 +132,3 @@ def test_cli_errors(tiny, tmp_path, capsys, argv, message):
     rc = cli.main(["prune", "--model", str(tiny.folder), "--out", str(tmp_path / "o"), *argv])
     assert rc == 2
     assert message in capsys.readouterr().err
-
-
-def test_cli_method_names_match_library():
-    parser = cli.build_parser()
-    prune_parser = parser._subparsers._group_actions[0].choices["prune"]
-    method = next(a for a in prune_parser._actions if a.dest == "method")
-    assert tuple(method.choices) == tuple(METHODS)

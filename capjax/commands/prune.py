@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from capjax.commands.common import check_calibration_data, non_negative_int, positive_int
-from capjax.experiment.config import CALIB_TASKS, ConfigError, parse_nm_text, prune_method_names
+from capjax.experiment.config import CALIB_TASKS, ConfigError, parse_nm_text
+from capjax.pruning import registry
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("prune", help="prune a model (CAP, Wanda, SparseGPT, magnitude, random)",
                               description=__doc__)
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id or smollm2-135m-instruct")
-    p.add_argument("--method", default="cap", choices=prune_method_names())
+    p.add_argument("--method", default="cap", choices=registry.names(),
+                   help="a registered method (capjax.pruning.registry; plugins via CAPJAX_PLUGINS)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of prunable weights removed (cap_heads: of heads); default 0.2, "
                         "or N/M with --nm")
@@ -54,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
     import capjax
     from capjax.pruning import prune, sparsity_report
     from capjax.pruning.prune import flat_masks
-    from capjax.pruning.methods import METHODS
 
-    spec = METHODS[args.method]
+    spec = registry.spec(args.method)
     from capjax.experiment.config import check_writable_dir
 
     check_writable_dir(Path(args.out), "--out")  # before any compute

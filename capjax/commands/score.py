@@ -7,7 +7,8 @@ import time
 
 from capjax.commands.common import (add_calibration_args, add_model_args, check_calibration_data, load_calibration,
                                    load_model, non_negative_int, output_file, positive_int)
-from capjax.experiment.config import AGGREGATES, SCORING_METHODS, CalibrationConfig
+from capjax import estimators
+from capjax.experiment.config import SCORING_METHODS, CalibrationConfig
 
 _CALIB = CalibrationConfig()
 
@@ -18,7 +19,8 @@ def add_parser(subparsers) -> None:
     add_model_args(p)
     add_calibration_args(p)
     p.add_argument("--subsets", type=positive_int, default=_CALIB.subsets, help="K disjoint calibration subsets")
-    p.add_argument("--aggregate", default=_CALIB.aggregate, choices=AGGREGATES)
+    p.add_argument("--aggregate", default=_CALIB.aggregate, choices=estimators.names(),
+                   help="a registered estimator (capjax.estimators); gradient scores take median, mean or paired")
     p.add_argument("--method", default=_CALIB.method, choices=SCORING_METHODS)
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="ablations evaluated at once (default: from memory)")

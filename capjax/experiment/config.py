@@ -299,7 +299,7 @@ def build(d: dict) -> RunConfig:
         tasks=_names(c["tasks"], CALIB_TASKS, "calibration.tasks"),
         n=_int(c["n"], "calibration.n"), seq_len=_int(c["seq_len"], "calibration.seq_len", 2),
         subsets=_int(c["subsets"], "calibration.subsets"),
-        aggregate=_choice(c["aggregate"], AGGREGATES, "calibration.aggregate"),
+        aggregate=_choice(c["aggregate"], _aggregates(c["method"]), "calibration.aggregate"),
         method=_choice(c["method"], SCORING_METHODS, "calibration.method"),
         chunk_size=_int(c["chunk_size"], "calibration.chunk_size", none=True),
         chat=_bool(c["chat"], "calibration.chat", none=True),
@@ -364,10 +364,21 @@ def build(d: dict) -> RunConfig:
 
 
 # ---------------------------------------------------------------------------- checks beyond types
-def prune_method_names() -> tuple[str, ...]:
-    from capjax.pruning.methods import METHODS
+def _aggregates(method: Any) -> tuple[str, ...]:
+    """Exact ablation takes any registered estimator (capjax.estimators); gradient scores have
+    no per-example losses, so only the per-subset aggregates."""
+    if method == "gradient":
+        return AGGREGATES
+    from capjax import estimators
 
-    return tuple(METHODS)
+    return tuple(estimators.names())
+
+
+def prune_method_names() -> tuple[str, ...]:
+    """The registered pruning methods (capjax.pruning.registry: built-ins and plugins)."""
+    from capjax.pruning import registry
+
+    return tuple(registry.names())
 
 
 def method_options(cfg: RunConfig, method: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from capjax.model import apply_layer, layer_context, layer_params
 from capjax.pruning.importance import (PRUNABLE, get_path, region_factors,
                                        rows_view, weight_scores)
 from capjax.pruning.nm import nm_prune_mask
+from capjax.pruning.registry import METHODS, MethodSpec
 from capjax.pruning.threshold import at_most_kth, global_masks, lowest_k, per_matrix_masks
 
 Array = jax.Array
@@ -377,26 +378,16 @@ def sparsegpt(job: Job) -> tuple[Kernels, Kernels]:
 
 
 # ---------------------------------------------------------------------------- registry
-@dataclasses.dataclass(frozen=True)
-class Method:
-    fn: Callable[[Job], tuple[Kernels, Kernels]]
-    options: dict[str, Any]
-    choices: dict[str, tuple[str, ...]]
-    needs_scores: bool = False
-    needs_calib: bool = False
+# The method table lives in `capjax.pruning.registry` (names, options, needs); METHODS is its live view.
+Method = MethodSpec
 
 
-_SEQ = {"batch_size": 8}
-METHODS: dict[str, Method] = {
-    "cap": Method(cap, {"kv_rule": "mean", "scope": "global"},
-                  {"kv_rule": ("mean", "max"), "scope": ("global", "layer")}, needs_scores=True),
-    "cap_wanda": Method(cap_wanda, {"kv_rule": "mean", **_SEQ}, {"kv_rule": ("mean", "max")},
-                        needs_scores=True, needs_calib=True),
-    "cap_heads": Method(cap_heads, {}, {}, needs_scores=True),
-    "wanda": Method(wanda, dict(_SEQ), {}, needs_calib=True),
-    "sparsegpt": Method(sparsegpt, {"blocksize": 128, "percdamp": 0.01, **_SEQ}, {}, needs_calib=True),
-    "magnitude": Method(magnitude, {"scope": "matrix"}, {"scope": ("matrix", "global")}),
-    "random": Method(random, {"seed": 0}, {}),
-}
+def sequential_pass(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Kernels]:
+    """The layer-by-layer driver of wanda / sparsegpt, for registered methods: for each layer l,
+    prune_layer(l, kernels_l, stats, n_tokens) -> (new kernels_l, prune masks_l) keyed by PRUNABLE
+    path with one layer's shapes; stats are the inputs' statistics over the calibration tokens of
+    the already pruned layers below (kind "norm": sum x_j^2 [n_in]; "hessian": sum x x^T [n_in, n_in])."""
+    return _sequential(job, kind, prune_layer)
 
-__all__ = ["METHODS", "Job", "Method", "fasterprune", "heads_to_remove"]
+
+__all__ = ["METHODS", "Job", "Method", "fasterprune", "heads_to_remove", "sequential_pass"]

@@ -17,7 +17,8 @@ import numpy as np
 from capjax.distributed import to_host
 from capjax.errors import NonFiniteError
 from capjax.pruning.importance import PRUNABLE, get_kernels, get_path, head_delta, importance_from_scores
-from capjax.pruning.methods import METHODS, Job
+from capjax.pruning.methods import Job
+from capjax.pruning import registry
 from capjax.pruning.nm import check_divisible, parse_nm
 
 Params = dict[str, Any]
@@ -43,7 +44,7 @@ def _calib_arrays(calib: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """A method's options merged over its defaults; a ValueError naming a wrong name, type or choice."""
-    spec = METHODS[method]
+    spec = registry.spec(method)
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         allowed = ", ".join(spec.options) or "none"
@@ -119,7 +120,8 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
           calib: Any = None, nm: Any = None, mesh: Any = None, **method_options: Any) -> tuple[Params, Params]:
     """Prunes the seven projection kernels of every layer. Returns (pruned_params, masks).
 
-    method: one of `METHODS` (cap, cap_wanda, cap_heads, wanda, sparsegpt, magnitude, random).
+    method: a registered name (`capjax.pruning.registry.names()`: cap, cap_wanda, cap_heads, wanda,
+        sparsegpt, magnitude, random, and any method registered with `register_method`).
     sparsity: fraction of prunable weights removed, in [0, 1) (cap_heads: fraction of heads).
         With `nm` it must be 0 or N / M: the pattern sets it.
     head_scores: HeadScores-like (`.delta` [L, H]) or an [L, H] array; required by the cap family.
@@ -133,13 +135,11 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
         magnitude: scope ("matrix" | "global"); random: seed; sparsegpt: blocksize, percdamp;
         wanda / cap_wanda / sparsegpt: batch_size (calibration sequences per forward pass).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; known methods: {', '.join(METHODS)}")
+    spec = registry.spec(method)  # an unknown name lists the registered ones
     sparsity = float(sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     nm = parse_nm(nm)
-    spec = METHODS[method]
     options = check_options(method, method_options)
     config = model.config
     params = _placed(params, mesh)

@@ -1,0 +1,205 @@
+"""Any ablation, any metric, per-example results, in one jitted vmapped call.
+
+Legend: N ablations, B examples, L layers, H query heads, P packed rows, S packed columns,
+A answer tokens, E hidden, V vocab.
+
+    batch = prepare_batch(model, tokens, loss_mask, attention_mask)
+    spec = single_spec(model.config, "mlp")                      # {"heads", "mlp", "attn"}: N masks
+    res = ablate(model, params, batch, spec, kind="mean", metric="kl")
+    res.values      [N, B]  metric summed over each example's answer tokens, under each ablation
+    res.intact      [B]     the same, intact
+    res.delta()     [N]     token-level change of the metric (what CAP scores)
+
+The exact fast paths are kept: the examples are packed into rows (shared prefix once), and the
+last layer and the metric run only at the answer positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capjax.ablation.batch import PreparedBatch
+from capjax.ablation.kinds import replacements as make_replacements
+from capjax.ablation.metrics import Metric, get_metric
+from capjax.ablation.spec import num_ablations
+from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
+from capjax.model import VOCAB_CHUNK, apply_layer, layer_context, layer_params, unembed
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationResult:
+    """values [N, B]: the metric summed over each example's answer tokens under each ablation;
+    intact [B]: the same without ablation; count [B]: answer tokens per example."""
+
+    values: np.ndarray
+    intact: np.ndarray
+    count: np.ndarray
+    metric: str = "ce"
+    kind: str = "zero"
+
+    def per_example(self) -> np.ndarray:
+        """[N, B] the metric's mean over each example's answer tokens."""
+        return self.values / self.count
+
+    def loss(self) -> np.ndarray:
+        """[N] token-level metric of the whole batch (sum over answer tokens / their count)."""
+        return self.values.sum(axis=1) / self.count.sum()
+
+    def intact_loss(self) -> float:
+        return float(self.intact.sum() / self.count.sum())
+
+    def delta(self) -> np.ndarray:
+        """[N] token-level change under each ablation (higher = more important)."""
+        return self.loss() - self.intact_loss()
+
+
+def layer_ablation(spec_one: dict, reps: dict, l) -> dict:
+    """The `capjax.model.apply_layer` ablation of layer l from one spec (heads [L, H], mlp, attn [L])
+    and replacements (`capjax.ablation.kinds`)."""
+    heads = None if reps["heads"] is None else reps["heads"][l]
+    return {"heads": heads, "attn": (spec_one["attn"][l], reps["attn"][l]),
+            "mlp": (spec_one["mlp"][l], reps["mlp"][l])}
+
+
+def answer_values(model, params, x: Array, ctx, ans, num_examples: int, metric: Metric, ref=None,
+                  head_mask_l: Array | None = None, ablation: dict | None = None) -> Array:
+    """The metric summed per example [B] from the last layer's input x [P, S, E]: the last layer's
+    o_proj and MLP, and the metric, run only at the A answer positions ans = (flat_pos, target,
+    example) [A]."""
+    L = model.config.num_layers
+    flat_pos, target, example = ans
+    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=flat_pos, ablation=ablation)
+    return jax.ops.segment_sum(metric.fn(model, params, h, target, ref), example, num_segments=num_examples)
+
+
+def first_ablated_layer(spec_one: dict) -> Array:
+    """The lowest layer whose components are not all intact (L - 1 when none is), int32 scalar."""
+    L = spec_one["mlp"].shape[0]
+    touched = jnp.any(spec_one["heads"] != 1, axis=1) | (spec_one["mlp"] != 1) | (spec_one["attn"] != 1)
+    return jnp.minimum(jnp.where(jnp.any(touched), jnp.argmax(touched), L - 1), L - 1).astype(jnp.int32)
+
+
+def ablated_values(model, params, rows, ans, num_examples: int, metric: Metric, ref, reps: dict,
+                   spec_one: dict, inputs: Array | None = None) -> Array:
+    """The metric summed per example [B] under one ablation spec_one ({"heads": [L, H], "mlp": [L],
+    "attn": [L]}) on packed rows (tokens, segment_ids, positions [P, S], prefix [Pf]).
+
+    With `inputs` [L, P, S, E] (every layer's intact input, `intact_inputs`), the layers below the
+    first ablated one are not recomputed (prefix reuse; not differentiable in spec_one)."""
+    L = model.config.num_layers
+    tokens, segment_ids, positions, prefix = rows
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
+                           prefix_len=prefix.shape[0])
+    start = 0
+    if inputs is not None:
+        start = first_ablated_layer(spec_one)
+        x = inputs[start]
+
+    def body(l, x):
+        return apply_layer(model, layer_params(params, l), x, ctx, spec_one["heads"][l],
+                           ablation=layer_ablation(spec_one, reps, l))
+    x = jax.lax.fori_loop(start, L - 1, body, x)
+    return answer_values(model, params, x, ctx, ans, num_examples, metric, ref, spec_one["heads"][L - 1],
+                         layer_ablation(spec_one, reps, L - 1))
+
+
+@partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size"))
+def _values_batch(model, params, rows, ans, num_examples, metric, ref, reps, specs, chunk_size, inputs=None):
+    return jax.lax.map(lambda one: ablated_values(model, params, rows, ans, num_examples, metric, ref, reps, one,
+                                                  inputs), specs, batch_size=chunk_size)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def intact_inputs(model, params, rows) -> Array:
+    """Every layer's intact input [L, P, S, E] on packed rows (layer 0's is the embedding)."""
+    tokens, segment_ids, positions, prefix = rows
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
+                           prefix_len=prefix.shape[0])
+
+    def step(x, l):
+        return apply_layer(model, layer_params(params, l), x, ctx), x
+    return jax.lax.scan(step, x, jnp.arange(model.config.num_layers))[1]
+
+
+@partial(jax.jit, static_argnames=("model",))
+def intact_log_probs(model, params, rows, ans) -> Array:
+    """Intact log-probs [A, V] at the answer positions (the reference of the "kl" metric)."""
+    L = model.config.num_layers
+    tokens, segment_ids, positions, prefix = rows
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
+                           prefix_len=prefix.shape[0])
+    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx), x)
+    h = apply_layer(model, layer_params(params, L - 1), x, ctx, rows=ans[0])
+    return jax.nn.log_softmax(unembed(model, params, h), axis=-1)
+
+
+def _ones_spec(config, n: int = 1) -> dict:
+    return {"heads": jnp.ones((n, config.num_layers, config.num_heads), jnp.float32),
+            "mlp": jnp.ones((n, config.num_layers), jnp.float32),
+            "attn": jnp.ones((n, config.num_layers), jnp.float32)}
+
+
+def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
+           metric: str | Metric | Callable = "ce", seed: int = 0, replacements: dict | None = None,
+           chunk_size: int | None = None, reuse_prefix: bool = True) -> AblationResult:
+    """Per-example metric under every ablation of `spec` ({"heads": [N, L, H], "mlp": [N, L],
+    "attn": [N, L]}, `capjax.ablation.spec`) with replacements of `kind` (zero | mean | resample;
+    `seed` for resample's pairing), or precomputed `replacements`. One jitted function: `lax.map`
+    over chunks of `chunk_size` ablations (default from free memory; halved on out-of-memory).
+    With `reuse_prefix`, each ablation starts from the intact input of its first ablated layer
+    (computed once); order the spec by that layer (as `single_spec` does) so a chunk shares it."""
+    c = model.config
+    n = num_ablations(spec)
+    full = {k: jnp.asarray(v, model.dtype) for k, v in _ones_spec(c, n).items()}
+    specs = {k: jnp.asarray(spec.get(k, full[k]), model.dtype) for k in full}
+    metric = get_metric(metric)
+    reps = replacements if replacements is not None else make_replacements(model, params, batch, kind, seed)
+    ref = intact_log_probs(model, params, batch.rows, batch.packed_ans) if metric.needs_ref else None
+    B = batch.num_examples
+    chunk = chunk_size or chunk_size_for_memory(c, *batch.shape, model.dtype, answer_tokens=batch.num_answer_tokens,
+                                                vocab_chunk=VOCAB_CHUNK if metric.name == "ce" else None,
+                                                max_chunk=max(n, 1))
+
+    inputs = intact_inputs(model, params, batch.rows) if reuse_prefix else None
+
+    def run(ch):
+        return np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, specs,
+                                        min(ch, n), inputs), np.float64)
+    values = run_with_oom_fallback(run, chunk)
+    ones = {k: v.astype(model.dtype) for k, v in _ones_spec(c).items()}
+    intact = np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, ones, 1),
+                        np.float64)[0]
+    if not (np.all(np.isfinite(values)) and np.all(np.isfinite(intact))):
+        raise FloatingPointError(f"ablate: non-finite {metric.name} values; check the params (NaN weights?) "
+                                 "or use float32")
+    return AblationResult(values, intact, batch.count.astype(np.float64), metric.name, kind)
+
+
+@partial(jax.jit, static_argnames=("model", "num_examples", "metric"))
+def _values_jacobian(model, params, rows, ans, num_examples, metric, ref, reps, spec_one):
+    return jax.jacrev(partial(ablated_values, model, params, rows, ans, num_examples, metric, ref, reps))(spec_one)
+
+
+def gradient_deltas(model, params, batch: PreparedBatch, kind: str = "zero", metric: str | Metric | Callable = "ce",
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """First-order per-example estimate of values(ablated) - values(intact) for every single unit:
+    -d values_b / d keep at all ones (Michel et al. 2019), by one reverse pass per example:
+    {"heads": [B, L, H], "mlp": [B, L], "attn": [B, L]}."""
+    metric = get_metric(metric)
+    reps = make_replacements(model, params, batch, kind, seed)
+    ref = intact_log_probs(model, params, batch.rows, batch.packed_ans) if metric.needs_ref else None
+    ones = {k: v[0] for k, v in _ones_spec(model.config).items()}
+    jac = _values_jacobian(model, params, batch.rows, batch.packed_ans, batch.num_examples, metric, ref, reps, ones)
+    return {k: -np.asarray(v, np.float64) for k, v in jac.items()}
+
+
+__all__ = ["AblationResult", "ablate", "ablated_values", "answer_values", "first_ablated_layer", "gradient_deltas",
+           "intact_inputs", "intact_log_probs", "layer_ablation"]

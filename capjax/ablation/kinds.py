@@ -1,0 +1,123 @@
+"""Ablation kinds: what replaces an ablated component's output.
+
+Legend: L layers, P packed rows, S packed columns, H query heads, D head dim, E hidden, B examples.
+
+    zero      0 (the paper's head ablation)
+    mean      the component's output averaged over the calibration tokens (real tokens up to each
+              example's last answer token; a shared prefix counts once per example), from one
+              intact pass
+    resample  its intact output on another calibration example at the same position (a fixed
+              seeded pairing `resample_pairing`, a single cycle, so no example is paired with
+              itself); when the other example is shorter, its last kept position
+
+Replacements are a dict {"heads": None | [L, H, D] | [L, P, S, H, D], "attn": [L, E] | [L, P, S, E],
+"mlp": same} on the packed rows of a `PreparedBatch` (constant for zero / mean, per position for
+resample).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capjax.ablation.batch import PreparedBatch
+from capjax.model import apply_layer, layer_context, layer_params
+
+KINDS = ("zero", "mean", "resample")
+
+
+def resample_pairing(num_examples: int, seed: int = 0) -> np.ndarray:
+    """perm [B]: example b takes its replacement from example perm[b] (one random cycle, perm[b] != b
+    for B > 1)."""
+    order = np.random.default_rng(seed).permutation(num_examples)
+    perm = np.empty(num_examples, np.int64)
+    perm[order] = np.roll(order, -1)
+    return perm
+
+
+def kept_weights(batch: PreparedBatch) -> np.ndarray:
+    """[P, S] float: 1 at every example token up to its last answer token, the number of examples at
+    each shared prefix token, 0 elsewhere (the mean kind's weights)."""
+    p = batch.packed
+    seg, loss = p.segment_ids, p.loss_mask > 0
+    w = np.zeros(seg.shape, np.float64)
+    flat_seg, flat_loss = seg.reshape(-1), loss.reshape(-1)
+    idx = np.arange(flat_seg.size)
+    for s in np.unique(flat_seg[flat_seg > 0]):
+        mine = flat_seg == s
+        answers = idx[mine & flat_loss]
+        last = answers.max() if answers.size else idx[mine].max()
+        w.reshape(-1)[mine & (idx <= last)] = 1.0
+    w[seg == -1] = len(np.unique(flat_seg[flat_seg > 0]))
+    return w
+
+
+def resample_source(batch: PreparedBatch, perm: np.ndarray) -> np.ndarray:
+    """[P, S] int: flat index (into P * S) of the position whose intact output replaces each position:
+    example b's position p takes example perm[b]'s position min(p, its last kept position); shared
+    prefix positions and padding keep their own."""
+    p = batch.packed
+    seg, pos = p.segment_ids.reshape(-1), p.positions.reshape(-1)
+    src = np.arange(seg.size)
+    w = kept_weights(batch).reshape(-1)
+    where = {}  # (example, position) -> flat index
+    last = {}
+    for i in np.flatnonzero(seg != 0):
+        where[(int(seg[i]) - 1 if seg[i] > 0 else -1, int(pos[i]))] = i
+        if seg[i] > 0 and w[i] > 0:
+            e = int(seg[i]) - 1
+            last[e] = max(last.get(e, -1), int(pos[i]))
+    Pf = p.prefix_len
+    for i in np.flatnonzero(seg > 0):
+        e = int(perm[int(seg[i]) - 1])
+        if e not in last:
+            continue
+        q = min(int(pos[i]), last[e])
+        src[i] = where[(-1, q)] if q < Pf else where[(e, q)]
+    return src.reshape(p.segment_ids.shape)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def component_outputs(model, params, rows) -> dict[str, jax.Array]:
+    """The intact outputs of every component on packed rows (`PreparedBatch.rows`):
+    {"heads": [L, P, S, H, D] (before o_proj), "attn": [L, P, S, E] (after o_proj), "mlp": [L, P, S, E]}."""
+    tokens, segment_ids, positions, prefix = rows
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
+                           prefix_len=prefix.shape[0])
+
+    def step(x, l):
+        lp = layer_params(params, l)
+        y, inputs = apply_layer(model, lp, x, ctx, capture=True)
+        heads = inputs["self_attn"]["o_proj"]
+        attn = jnp.einsum("pshd,hde->pse", heads, lp["self_attn"]["o_proj"]["kernel"].astype(model.dtype))
+        mlp = jnp.einsum("psf,fe->pse", inputs["mlp"]["down_proj"],
+                         lp["mlp"]["down_proj"]["kernel"].astype(model.dtype))
+        return y, {"heads": heads, "attn": attn, "mlp": mlp}
+
+    return jax.lax.scan(step, x, jnp.arange(model.config.num_layers))[1]
+
+
+def replacements(model, params, batch: PreparedBatch, kind: str = "zero", seed: int = 0) -> dict:
+    """The replacements of `kind` (module docstring) for every layer's heads, attention block and MLP."""
+    c = model.config
+    if kind not in KINDS:
+        raise ValueError(f"unknown ablation kind {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "zero":
+        zeros = jnp.zeros((c.num_layers, c.hidden_size), model.dtype)
+        return {"heads": None, "attn": zeros, "mlp": zeros}
+    out = component_outputs(model, params, batch.rows)
+    if kind == "mean":
+        w = jnp.asarray(kept_weights(batch), jnp.float32)
+        return {k: _weighted_mean(v, w).astype(model.dtype) for k, v in out.items()}
+    src = jnp.asarray(resample_source(batch, resample_pairing(batch.num_examples, seed)).reshape(-1))
+    P, S = batch.packed.tokens.shape
+    return {k: v.reshape(v.shape[0], P * S, *v.shape[3:])[:, src].reshape(v.shape) for k, v in out.items()}
+
+
+def _weighted_mean(a: jax.Array, w: jax.Array) -> jax.Array:
+    """a [L, P, S, ...] averaged over (P, S) with weights w [P, S] -> [L, ...] (float32)."""
+    a = a.astype(jnp.float32)
+    return jnp.einsum("lps...,ps->l...", a, w) / w.sum()

@@ -1,0 +1,70 @@
+"""Metrics read at the answer positions, per answer token, summed per example afterwards.
+
+Legend: A answer tokens, E hidden, V vocab.
+
+A metric maps the last layer's output at the answer positions, hidden [A, E] (before the final
+norm), the targets [A] and the intact reference (only for metrics that need one) to values [A]:
+
+    "ce"   answer cross-entropy -log p(target) (vocabulary-chunked: no [A, V] logits; today's CAP loss)
+    "kl"   KL(intact || ablated) of the next-token distributions, sum_v p_int (log p_int - log p_abl);
+           reference: the intact log-probs [A, V], computed once
+    logits_metric(fn)   any JAX function fn(logits [A, V] float32, target [A]) -> [A]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from capjax.model import token_nll, unembed
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """fn(model, params, hidden [A, E], target [A], ref) -> values [A]; needs_ref: `ref` is the intact
+    log-probs [A, V] (else None)."""
+
+    name: str
+    fn: Callable[..., Array]
+    needs_ref: bool = False
+
+
+def _ce(model, params, hidden, target, ref):
+    return token_nll(model, params, hidden, target)
+
+
+def _kl(model, params, hidden, target, ref):
+    logp = jax.nn.log_softmax(unembed(model, params, hidden), axis=-1)
+    return jnp.sum(jnp.exp(ref) * (ref - logp), axis=-1)
+
+
+CE = Metric("ce", _ce)
+KL = Metric("kl", _kl, needs_ref=True)
+METRICS = {"ce": CE, "kl": KL}
+
+
+def logits_metric(fn: Callable[[Array, Array], Array], name: str | None = None) -> Metric:
+    """A metric from a JAX function of the answer-position logits [A, V] (float32) and targets [A]
+    returning [A] (e.g. lambda z, y: (z.argmax(-1) == y).astype(jnp.float32) for accuracy)."""
+    def values(model, params, hidden, target, ref):
+        return fn(unembed(model, params, hidden), target)
+    return Metric(name or getattr(fn, "__name__", "custom"), values)
+
+
+def get_metric(metric: str | Metric | Callable) -> Metric:
+    """A Metric from a name ("ce", "kl"), a Metric, or a function of (logits [A, V], target [A])."""
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}, or "
+                             "capjax.ablation.logits_metric(fn) for fn(logits [A, V], target [A]) -> [A]")
+        return METRICS[metric]
+    if callable(metric):
+        return logits_metric(metric)
+    raise ValueError(f"metric must be a name, a Metric or a function, got {metric!r}")

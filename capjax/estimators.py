@@ -1,0 +1,112 @@
+"""Scoring estimators: a component's score from per-example results, with no further forward pass.
+
+Legend: N ablations (or units, e.g. the L * H heads), B examples, K subsets.
+
+Inputs are what `capjax.ablation.ablate` returns: values [N, B] (the metric summed over each
+example's answer tokens under each ablation), intact [B], count [B] answer tokens per example.
+Built-ins (the first three are `capjax.score_heads`'s aggregates, on the same K contiguous subsets,
+`numpy.array_split`):
+
+    median     median_k masked[k] - mean_k baseline[k]   (the paper)
+    mean       mean_k masked[k] - mean_k baseline[k]
+    paired     median_k (masked[k] - baseline[k])
+    bootstrap  mean over `resamples` bootstrap draws of the B examples (seeded) of the token-level
+               masked - baseline difference
+
+where masked[k] [N] and baseline[k] are the token-level losses of subset k (`subset_losses`).
+A new estimator is one call: `register_estimator("trimmed", fn)` with
+fn(values, intact, count, subsets=3, **options) -> [N].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+Estimator = Callable[..., np.ndarray]
+_ESTIMATORS: dict[str, Estimator] = {}
+
+
+def subset_groups(num_examples: int, subsets: int) -> list[np.ndarray]:
+    """The K contiguous near-equal splits of range(B) (as `capjax.score_heads`)."""
+    if subsets < 1:
+        raise ValueError(f"subsets must be >= 1, got {subsets}")
+    if subsets > num_examples:
+        raise ValueError(f"subsets={subsets} is larger than the calibration set ({num_examples} examples): "
+                         "use fewer subsets or more examples")
+    return np.array_split(np.arange(num_examples), subsets)
+
+
+def subset_losses(values: np.ndarray, intact: np.ndarray, count: np.ndarray,
+                  subsets: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(masked [K, N], baseline [K]): token-level loss of each subset under each ablation, and intact."""
+    values, intact, count = np.asarray(values, np.float64), np.asarray(intact, np.float64), np.asarray(count)
+    groups = subset_groups(values.shape[1], subsets)
+    onehot = np.zeros((len(groups), values.shape[1]))
+    for k, g in enumerate(groups):
+        onehot[k, g] = 1.0
+    n = onehot @ count
+    if np.any(n == 0):
+        k = int(np.argmin(n))
+        raise ValueError(f"subset {k} (examples {groups[k][0]}..{groups[k][-1]}) has no answer tokens: "
+                         "shuffle the calibration set or use fewer subsets")
+    return (onehot @ values.T) / n[:, None], onehot @ intact / n
+
+
+def register_estimator(name: str, fn: Estimator, replace: bool = False) -> None:
+    """Registers fn(values [N, B], intact [B], count [B], subsets=3, **options) -> scores [N]."""
+    if name in _ESTIMATORS and not replace:
+        raise ValueError(f"estimator {name!r} is already registered; pass replace=True to override it")
+    _ESTIMATORS[name] = fn
+
+
+def names() -> tuple[str, ...]:
+    """Registered estimator names."""
+    return tuple(_ESTIMATORS)
+
+
+def estimate(name: str, values: np.ndarray, intact: np.ndarray, count: np.ndarray, subsets: int = 3,
+             **options) -> np.ndarray:
+    """Scores [N] (higher = more important) by the registered estimator `name`."""
+    if name not in _ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; registered: {', '.join(_ESTIMATORS)}")
+    values = np.asarray(values, np.float64)
+    if values.ndim != 2 or np.shape(intact) != values.shape[1:] or np.shape(count) != values.shape[1:]:
+        raise ValueError(f"estimate needs values [N, B], intact [B], count [B]; got {values.shape}, "
+                         f"{np.shape(intact)}, {np.shape(count)}")
+    return _ESTIMATORS[name](values, np.asarray(intact, np.float64), np.asarray(count, np.float64),
+                             subsets=subsets, **options)
+
+
+def median(values, intact, count, subsets=3):
+    masked, baseline = subset_losses(values, intact, count, subsets)
+    return np.median(masked, axis=0) - baseline.mean()
+
+
+def mean(values, intact, count, subsets=3):
+    masked, baseline = subset_losses(values, intact, count, subsets)
+    return masked.mean(axis=0) - baseline.mean()
+
+
+def paired(values, intact, count, subsets=3):
+    masked, baseline = subset_losses(values, intact, count, subsets)
+    return np.median(masked - baseline[:, None], axis=0)
+
+
+def bootstrap(values, intact, count, subsets=3, resamples: int = 200, seed: int = 0):
+    """Mean over bootstrap draws of the examples of (token-level masked - intact); `subsets` unused."""
+    rng = np.random.default_rng(seed)
+    B = values.shape[1]
+    draws = rng.integers(0, B, size=(resamples, B))
+    w = np.stack([np.bincount(d, minlength=B) for d in draws]).astype(np.float64)  # [R, B]
+    n = w @ count
+    diff = (w @ (values - intact[None, :]).T) / n[:, None]  # [R, N]
+    return diff.mean(axis=0)
+
+
+for _name, _fn in (("median", median), ("mean", mean), ("paired", paired), ("bootstrap", bootstrap)):
+    register_estimator(_name, _fn)
+
+__all__ = ["bootstrap", "estimate", "mean", "median", "names", "paired", "register_estimator", "subset_groups",
+           "subset_losses"]

@@ -1,0 +1,185 @@
+"""The registry of pruning methods: one place that says what each method is and what it needs.
+
+The CLI's `--method` choices, the config validation and the runner read it (as jaxpruner's
+`ALGORITHM_REGISTRY` / `register_algorithm`), so a method in a user's own file, registered with
+one call, runs through `capjax prune` and `capjax run` with no edit to capjax:
+
+    from capjax.pruning.registry import register_method
+
+    def smallest_rows(job):          # job: capjax.pruning.methods.Job
+        ...                          # -> (new kernels, prune masks), both keyed by PRUNABLE path
+        return job.kernels, masks
+
+    register_method("smallest_rows", smallest_rows, options={"seed": 0})
+
+This module imports no jax: built-in methods are lazy "module:function" entries, imported only
+when a method runs, so building the CLI parser and validating a config stay fast.
+
+Plugins: `CAPJAX_PLUGINS` (comma-separated module names or .py paths) are imported the first
+time the registry is read, so a shell `capjax prune --method mine` can see a user's method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, Callable
+
+
+class UnknownMethodError(ValueError):
+    """A pruning method name that is not registered; the message lists the registered ones."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A registered pruning method.
+
+    target: the function Job -> (new kernels, prune masks), or "module:function" (imported on use).
+    options: the method's options and their defaults (`capjax.prune(..., **options)`, config
+    `pruning.options.<name>`); choices: allowed values per option.
+    needs_scores: reads head scores (`Job.importance` [L, H], `Job.delta` [L, H]).
+    needs_calib: reads calibration sequences (`Job.tokens`, `Job.attention_mask` [N, T]).
+    sequential: walks the layers in order on the pruned model's activations (informational: the
+    function itself drives the pass, e.g. with `capjax.pruning.methods.sequential_pass`).
+    """
+
+    name: str
+    target: Callable[..., Any] | str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    choices: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    needs_scores: bool = False
+    needs_calib: bool = False
+    sequential: bool = False
+    description: str = ""
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The method's function (imports "module:function" targets on first use)."""
+        if callable(self.target):
+            return self.target
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        """Whether a run of this method depends on the calibration set (its own or its scores')."""
+        return self.needs_calib or self.needs_scores
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_PLUGINS_LOADED: set[str] = set()
+
+
+def register_method(name: str, fn: Callable[..., Any] | str, *, options: dict[str, Any] | None = None,
+                    choices: dict[str, tuple[Any, ...]] | None = None, needs_scores: bool = False,
+                    needs_calib: bool = False, sequential: bool = False, description: str = "",
+                    replace: bool = False) -> MethodSpec:
+    """Registers a pruning method under `name` (see `MethodSpec` for the fields); returns its spec.
+
+    Registering a taken name raises ValueError unless `replace=True`.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"pruning method name must be an identifier-like string, got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"pruning method {name!r} is already registered; pass replace=True to override it")
+    if not (callable(fn) or (isinstance(fn, str) and ":" in fn)):
+        raise ValueError(f"method {name!r}: fn must be a callable or 'module:function', got {fn!r}")
+    options = dict(options or {})
+    choices = {k: tuple(v) for k, v in (choices or {}).items()}
+    bad = [k for k in choices if k not in options]
+    if bad:
+        raise ValueError(f"method {name!r}: choices for {bad} have no default in options")
+    spec = MethodSpec(name, fn, options, choices, needs_scores, needs_calib, sequential, description)
+    _REGISTRY[name] = spec
+    return spec
+
+
+class _Methods(Mapping):
+    """A live read-only view of the registry: name -> MethodSpec (plugins loaded on first read)."""
+
+    def __getitem__(self, name: str) -> MethodSpec:
+        if name not in names():
+            raise KeyError(name)
+        return _REGISTRY[name]
+
+    def __iter__(self):
+        return iter(names())
+
+    def __len__(self) -> int:
+        return len(names())
+
+
+METHODS: Mapping[str, MethodSpec] = _Methods()
+
+
+def unregister_method(name: str) -> None:
+    """Removes a registered method (tests, or replacing a plugin)."""
+    _REGISTRY.pop(name, None)
+
+
+def _load_plugins() -> None:
+    for entry in filter(None, (s.strip() for s in os.environ.get("CAPJAX_PLUGINS", "").split(","))):
+        if entry in _PLUGINS_LOADED:
+            continue
+        _PLUGINS_LOADED.add(entry)
+        if entry.endswith(".py"):
+            path = Path(entry)
+            if not path.exists():
+                raise FileNotFoundError(f"CAPJAX_PLUGINS: plugin file not found: {path}")
+            module_spec = importlib.util.spec_from_file_location(f"capjax_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(entry)
+
+
+def names() -> tuple[str, ...]:
+    """Registered method names, built-ins first, then in registration order."""
+    _load_plugins()
+    return tuple(_REGISTRY)
+
+
+def spec(name: str) -> MethodSpec:
+    """The spec of `name`; an unknown name raises UnknownMethodError listing the registered ones."""
+    _load_plugins()
+    if name not in _REGISTRY:
+        raise UnknownMethodError(f"unknown pruning method {name!r}; known methods: {', '.join(_REGISTRY)} "
+                                 "(register your own with capjax.pruning.registry.register_method)")
+    return _REGISTRY[name]
+
+
+def needing_scores() -> tuple[str, ...]:
+    """Names of the methods that read head scores."""
+    return tuple(n for n in names() if _REGISTRY[n].needs_scores)
+
+
+def needing_calibration() -> tuple[str, ...]:
+    """Names of the methods whose result depends on the calibration set (own use or via scores)."""
+    return tuple(n for n in names() if _REGISTRY[n].needs_calibration_data)
+
+
+# ---------------------------------------------------------------------------- built-ins
+_M = "capjax.pruning.methods:"
+_SEQ = {"batch_size": 8}
+register_method("cap", _M + "cap", options={"kv_rule": "mean", "scope": "global"},
+                choices={"kv_rule": ("mean", "max"), "scope": ("global", "layer")}, needs_scores=True,
+                description="|W| x head importance of its region, global threshold")
+register_method("cap_wanda", _M + "cap_wanda", options={"kv_rule": "mean", **_SEQ},
+                choices={"kv_rule": ("mean", "max")}, needs_scores=True, needs_calib=True, sequential=True,
+                description="Wanda's score x head importance")
+register_method("cap_heads", _M + "cap_heads", needs_scores=True,
+                description="structured: whole heads, lowest delta first")
+register_method("wanda", _M + "wanda", options=dict(_SEQ), needs_calib=True, sequential=True,
+                description="|W| x ||X_j||, per output row")
+register_method("sparsegpt", _M + "sparsegpt", options={"blocksize": 128, "percdamp": 0.01, **_SEQ},
+                needs_calib=True, sequential=True, description="SparseGPT OBS updates")
+register_method("magnitude", _M + "magnitude", options={"scope": "matrix"},
+                choices={"scope": ("matrix", "global")}, description="|W|")
+register_method("random", _M + "random", options={"seed": 0}, description="uniform random scores")
+
+__all__ = ["METHODS", "MethodSpec", "UnknownMethodError", "names", "needing_calibration", "needing_scores",
+           "register_method", "spec", "unregister_method"]

@@ -1,0 +1,142 @@
+"""The pruning-method registry: a user's method registered with one call runs through `capjax prune`
+and `capjax run`; an unknown name lists the registered ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from capjax.cli import main
+from capjax.pruning import registry
+from conftest import make_hf_model, needs_smollm2
+
+CALLS: list[dict] = []
+
+
+def first_fraction(job):
+    """Toy method: per layer slice of each kernel, prune the first int(n * sparsity) weights in
+    flattened order (independent of the values, so the expected mask is known by hand)."""
+    import jax.numpy as jnp
+
+    CALLS.append({"has_calib": job.tokens is not None, "options": dict(job.options)})
+    masks = {}
+    for p, w in job.kernels.items():
+        n = int(np.prod(w.shape[1:]))
+        flat = jnp.arange(n) < int(n * job.sparsity)
+        masks[p] = jnp.broadcast_to(flat.reshape(w.shape[1:]), w.shape)
+    return job.kernels, masks
+
+
+def expected_kept(shape, sparsity):
+    n = int(np.prod(shape[1:]))
+    return np.broadcast_to((np.arange(n) >= int(n * sparsity)).reshape(shape[1:]), shape)
+
+
+@pytest.fixture
+def toy_method():
+    registry.register_method("first_fraction", first_fraction, options={"note": "x"}, needs_calib=True,
+                             description="test toy")
+    CALLS.clear()
+    yield
+    registry.unregister_method("first_fraction")
+
+
+def test_builtins_are_lazy_and_complete():
+    assert registry.names()[:7] == ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt", "magnitude", "random")
+    s = registry.spec("cap_wanda")
+    assert isinstance(s.target, str) and s.needs_scores and s.needs_calib and s.sequential
+    from capjax.pruning import methods
+
+    assert s.fn is methods.cap_wanda
+    assert registry.needing_scores() == ("cap", "cap_wanda", "cap_heads")
+    assert registry.needing_calibration() == ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt")
+
+
+def test_unknown_name_lists_registered(toy_method, tmp_path, capsys):
+    with pytest.raises(registry.UnknownMethodError, match="unknown pruning method 'nope'; known methods: cap, "
+                       r"cap_wanda, .*random, first_fraction"):
+        registry.spec("nope")
+    from capjax.pruning import prune
+
+    with pytest.raises(ValueError, match="known methods: .*first_fraction"):
+        prune(None, {}, "nope", 0.1)
+    with pytest.raises(SystemExit):  # argparse: invalid choice, listing the registered names
+        main(["prune", "--model", "m", "--method", "nope", "--out", str(tmp_path)])
+    assert "first_fraction" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_method("first_fraction", first_fraction)
+
+
+def test_toy_method_through_capjax_prune(toy_method, tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    make_hf_model(folder, "llama")
+    from transformers import AutoTokenizer  # noqa: F401  (the CLI needs a tokenizer only for --calib)
+
+    import capjax
+    from capjax.pruning import PRUNABLE
+
+    # needs_calib without --calib is refused before any compute, as for the built-ins.
+    assert main(["prune", "--model", str(folder), "--method", "first_fraction", "--out", str(tmp_path / "o")]) == 2
+    assert "needs --calib" in capsys.readouterr().err
+    registry.register_method("first_fraction", first_fraction, replace=True)  # no calibration needed
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(folder), "--method", "first_fraction", "--sparsity", "0.25",
+                 "--out", str(out)]) == 0
+    assert CALLS == [{"has_calib": False, "options": {}}]
+    model, params = capjax.load_pretrained(folder)
+    _, reloaded = capjax.load_pretrained(out)
+    with np.load(out / "masks.npz") as z:
+        assert sorted(z.files) == sorted(PRUNABLE)
+        for p in PRUNABLE:
+            np.testing.assert_array_equal(z[p], expected_kept(z[p].shape, 0.25))
+            w = params
+            r = reloaded
+            for k in p.split("/"):
+                w, r = w[k], r[k]
+            np.testing.assert_array_equal(np.asarray(r), np.where(z[p], np.asarray(w), 0))
+
+
+@needs_smollm2
+def test_toy_method_through_capjax_run(toy_method, tmp_path, tiny_with_tokenizer):
+    cfg = {"model": str(tiny_with_tokenizer), "out": str(tmp_path / "out"), "seed": 0,
+           "calibration": {"tasks": ["synthetic"], "n": 3, "seq_len": 128, "subsets": 1},
+           "pruning": {"methods": ["first_fraction", "magnitude"], "sparsities": [0.25],
+                       "options": {"first_fraction": {"note": "y"}}},
+           "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 2, "batch_size": 2}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    names = [r["name"] for r in results["runs"]]
+    # needs_calib puts the calibration task in the run's name, and the runner passes the calibration set.
+    assert names == ["dense", "first_fraction_synthetic_s0.25", "magnitude_s0.25"]
+    assert CALLS == [{"has_calib": True, "options": {"note": "y"}}]
+    run = results["runs"][1]
+    # Every layer slice of every kernel has a width divisible by 4 here, so exactly a quarter is zero.
+    assert run["achieved_sparsity"] == pytest.approx(0.25, abs=1e-9)
+    assert "computed scores/synthetic" not in results["events"]  # no method needed scores
+
+    bad = dict(cfg, pruning={**cfg["pruning"], "methods": ["first_fractionn"]})
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["run", str(path)]) == 2
+
+
+def test_plugin_file_from_the_environment(tmp_path, monkeypatch):
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text("from capjax.pruning.registry import register_method\n"
+                      "register_method('from_plugin_file', 'capjax.pruning.methods:magnitude', "
+                      "options={'scope': 'matrix'})\n")
+    monkeypatch.setenv("CAPJAX_PLUGINS", str(plugin))
+    try:
+        assert "from_plugin_file" in registry.names()
+        from capjax.pruning import methods
+
+        assert registry.spec("from_plugin_file").fn is methods.magnitude
+    finally:
+        registry.unregister_method("from_plugin_file")
+    monkeypatch.setenv("CAPJAX_PLUGINS", str(tmp_path / "missing.py"))
+    with pytest.raises(FileNotFoundError, match="plugin file not found"):
+        registry.names()
