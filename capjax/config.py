@@ -10,12 +10,10 @@ import dataclasses
 import math
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from capjax.families import SUPPORTED_MODEL_TYPES, family_for
+from capjax.families.base import UnsupportedConfigError, refuse
+
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-
-
-class UnsupportedConfigError(ValueError):
-    """A transformers config asks for computation capjax does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +37,7 @@ class ModelConfig:
     # llama3 / linear RoPE scaling; empty for "default".
     rope_scaling: tuple[tuple[str, float], ...] = ()
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3)
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     max_position_embeddings: int = 2048
@@ -69,7 +68,7 @@ class ModelConfig:
     def num_params(self) -> int:
         E, F, H, K, D, L, V = (self.hidden_size, self.intermediate_size, self.num_heads,
                                self.num_kv_heads, self.head_dim, self.num_layers, self.vocab_size)
-        per_layer = E * H * D * 2 + E * K * D * 2 + 3 * E * F + 2 * E
+        per_layer = E * H * D * 2 + E * K * D * 2 + 3 * E * F + 2 * E + (2 * D if self.qk_norm else 0)
         return L * per_layer + V * E * (1 if self.tie_word_embeddings else 2) + E
 
     # ------------------------------------------------------------------ transformers
@@ -78,39 +77,7 @@ class ModelConfig:
         """Builds a ModelConfig from a transformers config (object or dict); refuses unhandled fields."""
         c = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         model_type = c.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedConfigError(
-                f"unsupported model_type {model_type!r}: capjax implements {', '.join(SUPPORTED_MODEL_TYPES)} "
-                "(Llama-family decoders). Convert the checkpoint to one of these or add the architecture."
-            )
-
-        def refuse(field: str, value: Any, why: str) -> None:
-            raise UnsupportedConfigError(f"config field {field}={value!r} is not supported: {why}")
-
-        act = c.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            refuse("hidden_act", act, "capjax implements SwiGLU with silu only")
-        if c.get("mlp_bias"):
-            refuse("mlp_bias", True, "MLP biases are not implemented")
-        # pretraining_tp only split matmuls in old transformers; it never changed the result.
-        if model_type == "qwen2":
-            qkv_bias = True
-            if c.get("attention_bias") is False:
-                qkv_bias = False
-            if c.get("use_sliding_window"):
-                refuse("use_sliding_window", True,
-                       "Qwen2's per-layer sliding window is not implemented; set it to false")
-            sliding_window = None
-        else:
-            qkv_bias = bool(c.get("attention_bias", False))
-            sliding_window = c.get("sliding_window") if model_type == "mistral" else None
-        layer_types = c.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            if model_type != "mistral":
-                refuse("layer_types", sorted(set(layer_types)), "only full attention layers are implemented")
-        if c.get("attention_bias") and model_type != "qwen2":
-            # Llama's attention_bias also adds an o_proj bias.
-            refuse("attention_bias", True, "Llama attention biases (q/k/v/o) are not implemented")
+        family = family_for(model_type).read_config(c)
 
         rope = c.get("rope_parameters") or {}
         legacy = c.get("rope_scaling") or {}
@@ -147,14 +114,13 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_type=rope_type,
             rope_scaling=tuple(sorted(scaling.items())),
-            qkv_bias=qkv_bias,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            sliding_window=int(sliding_window) if sliding_window else None,
             max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
             bos_token_id=c.get("bos_token_id"),
             eos_token_id=tuple(c["eos_token_id"]) if isinstance(c.get("eos_token_id"), list)
             else c.get("eos_token_id"),
             pad_token_id=c.get("pad_token_id"),
+            **family,
         )
 
     def to_hf(self):
@@ -180,14 +146,7 @@ class ModelConfig:
             pad_token_id=self.pad_token_id,
             hidden_act="silu",
         )
-        if self.model_type == "llama":
-            cfg = transformers.LlamaConfig(head_dim=self.head_dim, **kwargs)
-        elif self.model_type == "mistral":
-            cfg = transformers.MistralConfig(head_dim=self.head_dim, sliding_window=self.sliding_window, **kwargs)
-        else:
-            if self.head_dim * self.num_heads != self.hidden_size:
-                raise UnsupportedConfigError("Qwen2 configs derive head_dim from hidden_size / heads")
-            cfg = transformers.Qwen2Config(use_sliding_window=False, **kwargs)
+        cfg = family_for(self.model_type).write_config(self, kwargs)
         cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
         return cfg
 

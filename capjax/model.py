@@ -1,26 +1,21 @@
-"""A Llama-family decoder in flax.linen with a per-head mask, layers stacked and scanned.
+"""The decoder in flax.linen with a per-head mask, layers stacked and scanned: one forward path.
 
 Legend: B batch, T query time, S key time (= T without a cache), L layers, H query heads,
 K kv heads, G = H // K query heads per kv head, D head dim, E hidden, F MLP width, V vocab.
 
-Parameters are a plain nested dict (HF names, layers stacked on axis 0, head axes explicit):
-
-    embed_tokens/embedding                    [V, E]
-    layers/input_layernorm/scale              [L, E]
-    layers/self_attn/q_proj/kernel (, bias)   [L, E, H, D] ([L, H, D], Qwen2)
-    layers/self_attn/k_proj/kernel (, bias)   [L, E, K, D] ([L, K, D])
-    layers/self_attn/v_proj/kernel (, bias)   [L, E, K, D] ([L, K, D])
-    layers/self_attn/o_proj/kernel            [L, H, D, E]
-    layers/post_attention_layernorm/scale     [L, E]
-    layers/mlp/gate_proj/kernel               [L, E, F]
-    layers/mlp/up_proj/kernel                 [L, E, F]
-    layers/mlp/down_proj/kernel               [L, F, E]
-    norm/scale                                [E]
-    lm_head/kernel                            [E, V]   (absent when embeddings are tied)
+Parameters are a plain nested dict (HF names, layers stacked on axis 0, head axes explicit);
+the layout is the family's (`capjax.families.llama` lists the Llama one that every family
+starts from; e.g. Qwen3 adds layers/self_attn/{q,k}_norm/scale [L, D]).
 
 Query head h reads kv head h // G (transformers' repeat_kv order); K/V are never repeated:
 queries are viewed as [B, T, K, G, D]. The head mask multiplies each head's attention output
 after attention and before o_proj, exactly where CAP ablates a head.
+
+One forward path: `DecoderLayer` is the only per-layer function and `attention_context` the only
+place positions, RoPE tables and attention masks are built. `Decoder` scans `DecoderLayer` over
+the stacked params; `layer_context` / `apply_layer` (scoring, Wanda / SparseGPT statistics) apply
+the same `DecoderLayer` to one layer's slice, so evaluation, scoring, pruning statistics and
+generation cannot diverge.
 """
 
 from __future__ import annotations
@@ -69,6 +64,53 @@ def attention_mask_bool(q_slots: Array, k_slots: Array, key_valid: Array, window
     return allowed
 
 
+def attention_context(config: ModelConfig, dtype: Any, B: int, T: int, attention_mask: Array | None = None,
+                      positions: Array | None = None, segment_ids: Array | None = None, prefix_len: int = 0,
+                      cache_index: Array | int = 0, cache_len: int | None = None) -> tuple[Array, Array, Array]:
+    """(cos, sin [B, T, D], mask [B, T, S]): what every layer needs, for T new tokens per row.
+
+    attention_mask [B, T] (1 = real token; right or left padding), or [B, S] over the cache slots
+    when cache_len = S is given (the T new tokens sit at slots cache_index ...). Positions default
+    to the number of real tokens before each one.
+    segment_ids [B, T] (0 = padding) packs several sequences into one row: a token attends only
+    to earlier tokens of its own segment; their `positions` [B, T] must be given.
+    prefix_len Pf > 0 (with segment_ids): row 0 starts with Pf tokens of segment -1 that precede
+    every segment (a shared prefix, computed once); the mask is then [B, T, Pf + T]: keys are
+    those Pf prefix tokens, then the row's own T. See `capjax.packing`.
+    """
+    window = config.sliding_window
+    if segment_ids is not None:
+        key_valid = jnp.asarray(segment_ids)
+        if positions is None:
+            raise ValueError("segment_ids need their positions (see capjax.packing.pack_examples)")
+    elif prefix_len:
+        raise ValueError("a shared prefix needs segment_ids and positions (see capjax.packing.pack_examples)")
+    else:
+        S = T if cache_len is None else cache_len
+        key_valid = jnp.ones((B, S), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
+    if positions is None:
+        # Position = number of real tokens before this one: right and left padding alike.
+        pos_all = jnp.cumsum(key_valid > 0, axis=-1) - 1
+        positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(pos_all, cache_index, T, axis=1), 0)
+    cos, sin = rope_tables(config, positions, dtype)
+    q_slots = cache_index + jnp.arange(T)
+    if not prefix_len:
+        k_slots = q_slots if cache_len is None else jnp.arange(cache_len)
+        mask = attention_mask_bool(q_slots, k_slots, key_valid, window)
+        if segment_ids is not None:
+            mask &= key_valid[:, :, None] == key_valid[:, None, :]
+        return cos, sin, mask
+    seg, pos = key_valid[:, :, None], positions[:, :, None]
+    slots = jnp.arange(T)
+    own = (key_valid[:, None, :] == seg) & (seg != 0) & (slots[None, None, :] <= slots[None, :, None])
+    shared = jnp.broadcast_to(seg > 0, (B, T, prefix_len))  # every example token sees the whole prefix
+    mask = jnp.concatenate([shared, own], axis=-1)
+    if window is not None:
+        key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix_len), (B, prefix_len)), positions], axis=1)
+        mask &= pos - key_pos[:, None, :] < window
+    return cos, sin, mask
+
+
 class Proj(nn.Module):
     """A head-structured linear map: y = einsum(eq, x, kernel) (+ bias). Sows its input when
     the "intermediates" collection is mutable (Wanda / SparseGPT statistics)."""
@@ -115,6 +157,9 @@ class Attention(nn.Module):
         q = Proj((E, H, D), "bte,ehd->bthd", bias(H, D), self.dtype, name="q_proj")(x)
         k = Proj((E, K, D), "bte,ekd->btkd", bias(K, D), self.dtype, name="k_proj")(x)
         v = Proj((E, K, D), "bte,ekd->btkd", bias(K, D), self.dtype, name="v_proj")(x)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
@@ -220,23 +265,8 @@ class Decoder(nn.Module):
                 f"head_mask has shape {tuple(head_mask.shape)}, expected [L, H] = "
                 f"[{c.num_layers}, {c.num_heads}] (vmap over a leading axis for batches of masks)")
         index = cache["index"] if cache is not None else 0
-        q_slots = index + jnp.arange(T)
-        if cache is None:
-            key_valid = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask
-            k_slots = q_slots
-        else:
-            S = cache["k"].shape[2]
-            key_valid = jnp.ones((B, S), jnp.int32) if attention_mask is None else attention_mask
-            k_slots = jnp.arange(S)
-        if positions is None:
-            if attention_mask is None:
-                positions = jnp.broadcast_to(q_slots, (B, T))
-            else:
-                # Position = number of real tokens before this one: right and left padding alike.
-                pos_all = jnp.cumsum(key_valid, axis=-1) - 1
-                positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(pos_all, index, T, axis=1), 0)
-        cos, sin = rope_tables(c, positions, self.dtype)
-        mask = attention_mask_bool(q_slots, k_slots, key_valid, c.sliding_window)
+        cos, sin, mask = attention_context(c, self.dtype, B, T, attention_mask, positions,
+                                           cache_index=index, cache_len=None if cache is None else cache["k"].shape[2])
         x = self.embed(tokens)
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         x, kv = self.layers(x, head_mask, cos, sin, mask, kv, index)
@@ -296,36 +326,8 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
     then [B, T, Pf + T]: keys are those Pf prefix tokens, then the row's own T.
     """
     B, T = tokens.shape
-    if segment_ids is not None:
-        key_valid = jnp.asarray(segment_ids)
-        if positions is None:
-            raise ValueError("segment_ids need their positions (see capjax.packing.pack_examples)")
-    elif attention_mask is None:
-        key_valid = jnp.ones((B, T), jnp.int32)
-    else:
-        key_valid = jnp.asarray(attention_mask)
-    if positions is None:
-        positions = jnp.maximum(jnp.cumsum(key_valid > 0, axis=-1) - 1, 0)
-    cos, sin = rope_tables(model.config, positions, model.dtype)
-    window = model.config.sliding_window
-    x = model.apply({"params": params}, tokens, method=Decoder.embed)
-    if not prefix_len:
-        slots = jnp.arange(T)
-        mask = attention_mask_bool(slots, slots, key_valid, window)
-        if segment_ids is not None:
-            mask &= key_valid[:, :, None] == key_valid[:, None, :]
-        return x, (cos, sin, mask)
-    if segment_ids is None:
-        raise ValueError("a shared prefix needs segment_ids and positions (see capjax.packing.pack_examples)")
-    seg, pos = key_valid[:, :, None], positions[:, :, None]
-    slots = jnp.arange(T)
-    own = (key_valid[:, None, :] == seg) & (seg != 0) & (slots[None, None, :] <= slots[None, :, None])
-    shared = jnp.broadcast_to(seg > 0, (B, T, prefix_len))  # every example token sees the whole prefix
-    mask = jnp.concatenate([shared, own], axis=-1)
-    if window is not None:
-        key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix_len), (B, prefix_len)), positions], axis=1)
-        mask &= pos - key_pos[:, None, :] < window
-    return x, (cos, sin, mask)
+    ctx = attention_context(model.config, model.dtype, B, T, attention_mask, positions, segment_ids, prefix_len)
+    return model.apply({"params": params}, tokens, method=Decoder.embed), ctx
 
 
 def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,

@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax.families import Family, family_of
 from capjax.model import apply_layer, layer_context, layer_params
-from capjax.pruning.importance import (PRUNABLE, get_path, region_factors,
+from capjax.pruning.importance import (PRUNABLE, get_path, head_factor, region_factors,
                                        rows_view, weight_scores)
 from capjax.pruning.nm import nm_prune_mask
 from capjax.pruning.threshold import at_most_kth, global_masks, lowest_k, per_matrix_masks
@@ -62,8 +63,13 @@ class Job:
     mesh: Any = None  # a jax Mesh: calibration chunks are split over its "data" axis
 
     @property
+    def family(self) -> Family:
+        return family_of(getattr(self.model, "config", None))
+
+    @property
     def num_kv_heads(self) -> int:
-        return self.kernels["layers/self_attn/k_proj/kernel"].shape[2]
+        kv = self.family.head_kernels("kv")[0]
+        return self.kernels[kv.path].shape[kv.head_axis]
 
 
 def _nm_masks(scores: Kernels, nm: tuple[int, int]) -> Kernels:
@@ -105,7 +111,7 @@ def random(job: Job) -> tuple[Kernels, Kernels]:
 
 
 def cap(job: Job) -> tuple[Kernels, Kernels]:
-    scores = weight_scores(job.params, job.importance, job.options["kv_rule"])
+    scores = weight_scores(job.params, job.importance, job.options["kv_rule"], job.family)
     if job.nm:
         return job.kernels, _nm_masks(scores, job.nm)
     if job.options["scope"] == "layer":
@@ -131,17 +137,12 @@ def cap_heads(job: Job) -> tuple[Kernels, Kernels]:
     K = job.num_kv_heads
     removed = jnp.asarray(heads_to_remove(job.delta, job.sparsity))
     kv_removed = removed.reshape(L, K, H // K).all(-1)
+    by_heads = {"query": removed, "kv": kv_removed}
     masks = {}
-    for p, w in job.kernels.items():
-        if "q_proj" in p:
-            m = removed[:, None, :, None]
-        elif "o_proj" in p:
-            m = removed[:, :, None, None]
-        elif "k_proj" in p or "v_proj" in p:
-            m = kv_removed[:, None, :, None]
-        else:
-            m = jnp.zeros((1,) * w.ndim, bool)
-        masks[p] = jnp.broadcast_to(m, w.shape)
+    for k in job.family.kernels:
+        w = job.kernels[k.path]
+        m = head_factor(by_heads[k.heads], w.ndim, k.head_axis) if k.heads else jnp.zeros((1,) * w.ndim, bool)
+        masks[k.path] = jnp.broadcast_to(m, w.shape)
     return job.kernels, masks
 
 
@@ -255,7 +256,7 @@ def wanda(job: Job) -> tuple[Kernels, Kernels]:
 
 
 def cap_wanda(job: Job) -> tuple[Kernels, Kernels]:
-    return _wanda_like(job, region_factors(job.importance, job.num_kv_heads, job.options["kv_rule"]))
+    return _wanda_like(job, region_factors(job.importance, job.num_kv_heads, job.options["kv_rule"], job.family))
 
 
 # ---------------------------------------------------------------------------- SparseGPT

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax.families import family_of
 from capjax.pruning.importance import PRUNABLE, get_kernels, get_path, head_delta, importance_from_scores
 from capjax.pruning.methods import METHODS, Job
 from capjax.pruning.nm import check_divisible, parse_nm
@@ -127,7 +128,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     options = _check_options(method, method_options)
     config = model.config
     params = _placed(params, mesh)
-    kernels = get_kernels(params)
+    kernels = get_kernels(params, family_of(config))
     bad = [p for p, n in _nan_counts(kernels).items() if int(n)]
     if bad:
         raise ValueError(f"NaN weights in {', '.join(bad)}: cannot rank them for pruning")
