@@ -5,7 +5,7 @@ Legend: L layers, D head dim. Params: the Llama layout (`capjax.families.llama`)
     layers/self_attn/q_norm/scale             [L, D]
     layers/self_attn/k_norm/scale             [L, D]
 
-and q/k/v biases when `attention_bias` is set. head_dim is free (not hidden_size / heads).
+head_dim is free (not hidden_size / heads). attention_bias (q/k/v/o biases) is refused.
 """
 
 from __future__ import annotations
@@ -24,14 +24,16 @@ def read_config(c: dict) -> dict:
     if c.get("use_sliding_window"):
         refuse("use_sliding_window", True, "Qwen3's per-layer sliding window is not implemented; set it to false")
     llama.check_full_attention(c)
-    return dict(qkv_bias=bool(c.get("attention_bias", False)), qk_norm=True, sliding_window=None)
+    if c.get("attention_bias"):
+        # Qwen3's attention_bias also adds an o_proj bias; released Qwen3 checkpoints have none.
+        refuse("attention_bias", True, "Qwen3 attention biases (q/k/v/o) are not implemented")
+    return dict(qk_norm=True, sliding_window=None)
 
 
 def write_config(config: "ModelConfig", common: dict) -> Any:
     import transformers
 
-    return transformers.Qwen3Config(head_dim=config.head_dim, attention_bias=config.qkv_bias,
-                                    use_sliding_window=False, **common)
+    return transformers.Qwen3Config(head_dim=config.head_dim, use_sliding_window=False, **common)
 
 
 def checkpoint(c: "ModelConfig") -> list[Rule]:
