@@ -130,7 +130,7 @@ def _last_layer_nll(model: Decoder, params, x: Array, ctx, head_mask_l: Array, a
     """Summed NLL per example [B] from the last layer's input x [P, S, E]: the last layer's o_proj
     and MLP, and the LM head, run only at the A answer positions."""
     L = model.config.num_layers
-    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=ans[0])  # [A, E]
+    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=ans[0], layer=L - 1)  # [A, E]
     _, target, example = ans
     return jax.ops.segment_sum(token_nll(model, params, h, target), example, num_segments=num_examples)
 
@@ -166,7 +166,8 @@ def _packed_nll(model: Decoder, params, rows, ans, num_examples: int, head_mask:
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, head_mask[l]), x)
+    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, head_mask[l],
+                                                             layer=l), x)
     return _last_layer_nll(model, params, x, ctx, head_mask[L - 1], ans, num_examples)
 
 
@@ -312,7 +313,7 @@ def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers
     ones = jnp.ones((H,), model.dtype)
 
     def intact(i, x):
-        return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones), mesh)
+        return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones, layer=i), mesh)
 
     def last_layer_nll(y, head_mask_l):
         return _last_layer_nll(model, params, y, ctx, head_mask_l, ans, B)
@@ -323,7 +324,7 @@ def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers
         lp = layer_params(params, l)
 
         def below_last(head_mask_l):
-            y = apply_layer(model, lp, x, ctx, head_mask_l)
+            y = apply_layer(model, lp, x, ctx, head_mask_l, layer=l)
             return last_layer_nll(jax.lax.fori_loop(l + 1, L - 1, intact, y), ones)
 
         def one(head_mask_l):
@@ -336,7 +337,7 @@ def _single_head_nll(model, params, packed, ans, num_examples, start, num_layers
             nll = jax.lax.map(one, single, batch_size=chunk_size)  # [H, B]
         if progress:
             jax.debug.callback(_progress_tick, l)
-        return apply_layer(model, lp, x, ctx, ones), nll
+        return apply_layer(model, lp, x, ctx, ones, layer=l), nll
 
     _, nll = jax.lax.scan(ablate_layer, x, start + jnp.arange(num_layers))
     return nll

@@ -37,7 +37,19 @@ class ModelConfig:
     # llama3 / linear RoPE scaling; empty for "default".
     rope_scaling: tuple[tuple[str, float], ...] = ()
     qkv_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3, Gemma 3)
+    # Block options the Gemma families set (the defaults are Llama's block).
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    norm_offset: float = 0.0  # RMSNorm scale is (norm_offset + w), in float32 when nonzero (Gemma: 1)
+    sandwich_norms: bool = False  # norms after attention and MLP too (pre/post_feedforward_layernorm)
+    query_pre_attn_scalar: float | None = None  # queries scaled by its -1/2 power instead of D^-1/2
+    attn_softcap: float | None = None  # attention logits -> c tanh(logits / c)
+    final_softcap: float | None = None  # LM logits -> c tanh(logits / c)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(E)
+    # Per-layer attention types ("sliding_attention" | "full_attention"); None: every layer the
+    # same, windowed by `sliding_window` when set (Mistral).
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: rope_theta
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     max_position_embeddings: int = 2048
@@ -51,6 +63,11 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Whether sliding-window and global layers alternate (then layers need their index)."""
+        return self.layer_types is not None and "sliding_attention" in self.layer_types
 
     @property
     def group_size(self) -> int:
@@ -68,7 +85,8 @@ class ModelConfig:
     def num_params(self) -> int:
         E, F, H, K, D, L, V = (self.hidden_size, self.intermediate_size, self.num_heads,
                                self.num_kv_heads, self.head_dim, self.num_layers, self.vocab_size)
-        per_layer = E * H * D * 2 + E * K * D * 2 + 3 * E * F + 2 * E + (2 * D if self.qk_norm else 0)
+        per_layer = (E * H * D * 2 + E * K * D * 2 + 3 * E * F + (4 if self.sandwich_norms else 2) * E
+                     + (2 * D if self.qk_norm else 0))
         return L * per_layer + V * E * (1 if self.tie_word_embeddings else 2) + E
 
     # ------------------------------------------------------------------ transformers
@@ -101,7 +119,7 @@ class ModelConfig:
         E = int(c["hidden_size"])
         H = int(c["num_attention_heads"])
         head_dim = c.get("head_dim") or E // H
-        return cls(
+        fields = dict(
             model_type=model_type,
             vocab_size=int(c["vocab_size"]),
             hidden_size=E,
@@ -120,8 +138,8 @@ class ModelConfig:
             eos_token_id=tuple(c["eos_token_id"]) if isinstance(c.get("eos_token_id"), list)
             else c.get("eos_token_id"),
             pad_token_id=c.get("pad_token_id"),
-            **family,
         )
+        return cls(**{**fields, **family})  # the family's fields win (e.g. Gemma ties by default)
 
     def to_hf(self):
         """The equivalent transformers config object (for save_pretrained)."""
@@ -147,7 +165,8 @@ class ModelConfig:
             hidden_act="silu",
         )
         cfg = family_for(self.model_type).write_config(self, kwargs)
-        cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+        if not getattr(cfg, "architectures", None):
+            cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
         return cfg
 
     # ------------------------------------------------------------------ RoPE

@@ -20,6 +20,8 @@ generation cannot diverge.
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
@@ -34,11 +36,22 @@ Params = dict[str, Any]
 _INIT = nn.initializers.normal(0.02)
 
 
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    """RMSNorm as transformers computes it: statistics in float32, scale in the input dtype."""
+def rms_norm(x: Array, scale: Array, eps: float, offset: float = 0.0) -> Array:
+    """RMSNorm as transformers computes it: statistics in float32, scale in the input dtype
+    (Llama); with offset, (offset + scale) applied in float32 before the cast (Gemma)."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (xf * (offset + scale.astype(jnp.float32))).astype(x.dtype)
     return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x unchanged when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+_ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu_pytorch_tanh": partial(nn.gelu, approximate=True)}
 
 
 def rope_tables(config: ModelConfig, positions: Array, dtype: Any) -> tuple[Array, Array]:
@@ -66,8 +79,10 @@ def attention_mask_bool(q_slots: Array, k_slots: Array, key_valid: Array, window
 
 def attention_context(config: ModelConfig, dtype: Any, B: int, T: int, attention_mask: Array | None = None,
                       positions: Array | None = None, segment_ids: Array | None = None, prefix_len: int = 0,
-                      cache_index: Array | int = 0, cache_len: int | None = None) -> tuple[Array, Array, Array]:
-    """(cos, sin [B, T, D], mask [B, T, S]): what every layer needs, for T new tokens per row.
+                      cache_index: Array | int = 0, cache_len: int | None = None) -> tuple[Array, ...]:
+    """ctx = (cos, sin [B, T, D], mask [B, T, S]): what every layer needs, for T new tokens per row.
+    When sliding and global layers alternate (`ModelConfig.mixed_layers`), ctx is the global
+    layers' triple followed by the sliding layers' (their window and RoPE base).
 
     attention_mask [B, T] (1 = real token; right or left padding), or [B, S] over the cache slots
     when cache_len = S is given (the T new tokens sit at slots cache_index ...). Positions default
@@ -78,6 +93,13 @@ def attention_context(config: ModelConfig, dtype: Any, B: int, T: int, attention
     every segment (a shared prefix, computed once); the mask is then [B, T, Pf + T]: keys are
     those Pf prefix tokens, then the row's own T. See `capjax.packing`.
     """
+    if config.mixed_layers:
+        # Global layers see every earlier key; sliding layers also get their own window and RoPE.
+        glob = dataclasses.replace(config, sliding_window=None, layer_types=None)
+        local = dataclasses.replace(config, layer_types=None, rope_theta=config.local_rope_theta or config.rope_theta,
+                                    rope_type="default" if config.local_rope_theta else config.rope_type)
+        args = (dtype, B, T, attention_mask, positions, segment_ids, prefix_len, cache_index, cache_len)
+        return attention_context(glob, *args) + attention_context(local, *args)
     window = config.sliding_window
     if segment_ids is not None:
         key_valid = jnp.asarray(segment_ids)
@@ -132,10 +154,12 @@ class Proj(nn.Module):
 
 class RMSNorm(nn.Module):
     eps: float
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return rms_norm(x, self.param("scale", nn.initializers.ones, (x.shape[-1],)), self.eps)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        return rms_norm(x, self.param("scale", init, (x.shape[-1],)), self.eps, self.offset)
 
 
 class Attention(nn.Module):
@@ -158,8 +182,8 @@ class Attention(nn.Module):
         k = Proj((E, K, D), "bte,ekd->btkd", bias(K, D), self.dtype, name="k_proj")(x)
         v = Proj((E, K, D), "bte,ekd->btkd", bias(K, D), self.dtype, name="v_proj")(x)
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
+            q = RMSNorm(c.rms_norm_eps, c.norm_offset, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, c.norm_offset, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
@@ -170,8 +194,10 @@ class Attention(nn.Module):
         if Pf > 0:
             k, v = (jnp.concatenate([jnp.broadcast_to(a[:1, :Pf], (B, Pf, K, D)), a], axis=1) for a in (k, v))
         q = q.reshape(B, T, K, G, D)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype)) * (D ** -0.5)
-        logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        scale = (c.query_pre_attn_scalar or D) ** -0.5
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype)) * scale
+        logits = softcap(logits.astype(jnp.float32), c.attn_softcap)
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(B, T, H, D)
         if rows is not None:
@@ -190,7 +216,8 @@ class MLP(nn.Module):
         E, F = self.config.hidden_size, self.config.intermediate_size
         gate = Proj((E, F), "bte,ef->btf", None, self.dtype, name="gate_proj")(x)
         up = Proj((E, F), "bte,ef->btf", None, self.dtype, name="up_proj")(x)
-        return Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(nn.silu(gate) * up)
+        act = _ACTIVATIONS[self.config.hidden_act]
+        return Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -200,16 +227,30 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None):
-        """rows [R]: compute the output only at these flat positions of B * T -> [1, R, E]
+    def __call__(self, x, head_mask, ctx, cache=None, cache_index=None, layer=None, rows=None):
+        """x [B, T, E], head_mask [H], ctx from `attention_context` -> ([B, T, E], cache).
+
+        layer: this layer's index (int or traced int32), needed when sliding and global layers
+        alternate. rows [R]: compute the output only at these flat positions of B * T -> [1, R, E]
         (keys and values still come from every position)."""
-        eps = self.config.rms_norm_eps
-        h, cache = Attention(self.config, self.dtype, name="self_attn")(
-            RMSNorm(eps, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index, rows)
+        c = self.config
+        cos, sin, mask = ctx[:3]
+        if c.mixed_layers:
+            if layer is None:
+                raise ValueError(f"{c.model_type} alternates sliding and global layers: pass the layer index")
+            sliding = jnp.asarray([t == "sliding_attention" for t in c.layer_types])[layer]
+            cos, sin, mask = (jnp.where(sliding, a_local, a) for a, a_local in zip(ctx[:3], ctx[3:]))
+        eps, off = c.rms_norm_eps, c.norm_offset
+        h, cache = Attention(c, self.dtype, name="self_attn")(
+            RMSNorm(eps, off, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index, rows)
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows][None]
+        if c.sandwich_norms:
+            x = x + RMSNorm(eps, off, name="post_attention_layernorm")(h)
+            h = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="pre_feedforward_layernorm")(x))
+            return x + RMSNorm(eps, off, name="post_feedforward_layernorm")(h), cache
         x = x + h
-        x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
+        x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="post_attention_layernorm")(x))
         return x, cache
 
 
@@ -232,16 +273,17 @@ class Decoder(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(0, nn.broadcast, 0, nn.broadcast, 0),
             length=c.num_layers,
         )(c, self.dtype)
-        self.norm = RMSNorm(c.rms_norm_eps)
+        self.norm = RMSNorm(c.rms_norm_eps, c.norm_offset)
         if not c.tie_word_embeddings:
             self.lm_head = Proj((c.hidden_size, c.vocab_size), "bte,ev->btv", None, self.dtype)
 
     def embed(self, tokens: Array) -> Array:
-        """tokens [B, T] -> hidden [B, T, E] in the compute dtype."""
-        return self.embed_tokens(tokens).astype(self.dtype)
+        """tokens [B, T] -> hidden [B, T, E] in the compute dtype (times sqrt(E) with embed_scale)."""
+        x = self.embed_tokens(tokens).astype(self.dtype)
+        return x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype) if self.config.embed_scale else x
 
     def unembed(self, hidden: Array) -> Array:
         """Final norm and LM head: hidden [..., E] -> float32 logits [..., V]."""
@@ -252,7 +294,7 @@ class Decoder(nn.Module):
             squeeze = x.ndim == 2
             logits = self.lm_head(x[None] if squeeze else x)
             logits = logits[0] if squeeze else logits
-        return logits.astype(jnp.float32)
+        return softcap(logits.astype(jnp.float32), self.config.final_softcap)
 
     def hidden_states(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None):
         """The decoder stack without the LM head: (hidden [B, T, E], cache)."""
@@ -265,11 +307,11 @@ class Decoder(nn.Module):
                 f"head_mask has shape {tuple(head_mask.shape)}, expected [L, H] = "
                 f"[{c.num_layers}, {c.num_heads}] (vmap over a leading axis for batches of masks)")
         index = cache["index"] if cache is not None else 0
-        cos, sin, mask = attention_context(c, self.dtype, B, T, attention_mask, positions,
-                                           cache_index=index, cache_len=None if cache is None else cache["k"].shape[2])
+        ctx = attention_context(c, self.dtype, B, T, attention_mask, positions,
+                                cache_index=index, cache_len=None if cache is None else cache["k"].shape[2])
         x = self.embed(tokens)
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        x, kv = self.layers(x, head_mask, cos, sin, mask, kv, index)
+        x, kv = self.layers(x, head_mask, ctx, kv, index, jnp.arange(c.num_layers))
         new_cache = None if cache is None else {**kv, "index": index + T}
         return x, new_cache
 
@@ -331,8 +373,11 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
 
 
 def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,
-                capture: bool = False, rows: Array | None = None):
+                capture: bool = False, rows: Array | None = None, layer: int | Array | None = None):
     """Runs one decoder layer: x [B, T, E] -> x [B, T, E].
+
+    layer: the layer's index (int or traced int32); required by families whose sliding and global
+    layers alternate (`ModelConfig.mixed_layers`), ignored otherwise.
 
     With rows [R] (flat indices into B * T), only those positions' outputs -> [R, E] (the last
     layer, when the loss reads only some positions). With capture, also returns the input of every
@@ -341,12 +386,12 @@ def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Arr
     c = model.config
     if head_mask_l is None:
         head_mask_l = jnp.ones((c.num_heads,), model.dtype)
-    layer = DecoderLayer(c, model.dtype)
+    module, args = DecoderLayer(c, model.dtype), (x, head_mask_l, ctx)
     if rows is not None:
-        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx, rows=rows)[0][0]
+        return module.apply({"params": layer_p}, *args, layer=layer, rows=rows)[0][0]
     if not capture:
-        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx)[0]
-    (x, _), state = layer.apply({"params": layer_p}, x, head_mask_l, *ctx, mutable=["intermediates"])
+        return module.apply({"params": layer_p}, *args, layer=layer)[0]
+    (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["intermediates"])
     inputs = {group: {name: v["input"][0] for name, v in mods.items()}
               for group, mods in state["intermediates"].items()}
     return x, inputs
@@ -368,7 +413,7 @@ def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, voca
     are float32, as in `unembed`.
     """
     c = model.config
-    x = rms_norm(hidden, params["norm"]["scale"], c.rms_norm_eps)
+    x = rms_norm(hidden, params["norm"]["scale"], c.rms_norm_eps, c.norm_offset)
     tied = c.tie_word_embeddings
     w = params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]  # [V, E] or [E, V]
     w = w.astype(model.dtype)
@@ -382,7 +427,7 @@ def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, voca
         # i * C were counted by the previous chunk and are masked out.
         start = jnp.minimum(i * C, V - C)
         wc = jax.lax.dynamic_slice_in_dim(w, start, C, axis=0 if tied else 1)
-        z = (x @ (wc.T if tied else wc)).astype(jnp.float32)  # [R, C]
+        z = softcap((x @ (wc.T if tied else wc)).astype(jnp.float32), c.final_softcap)  # [R, C]
         z = jnp.where(start + jnp.arange(C) >= i * C, z, -jnp.inf)
         m_new = jnp.maximum(m, z.max(axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=-1)

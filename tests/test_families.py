@@ -25,7 +25,22 @@ from conftest import make_hf_model, o_proj_mask_hooks
 CASES = {
     "qwen3_mha": ("qwen3", dict(num_key_value_heads=4, head_dim=8)),
     "qwen3_gqa": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
+    # Soft-caps small enough to bind on tiny logits; sliding window 4 < T; query scalar != D.
+    "gemma2_gqa": ("gemma2", dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
+                                  attn_logit_softcapping=0.1, final_logit_softcapping=0.1,
+                                  layer_types=["sliding_attention", "full_attention"])),
+    "gemma2_mha": ("gemma2", dict(num_key_value_heads=4, head_dim=8, sliding_window=4, attn_logit_softcapping=None,
+                                  final_logit_softcapping=None, layer_types=["full_attention", "sliding_attention"])),
+    "gemma3_gqa": ("gemma3_text", dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                                        "full_attention": {"rope_type": "linear", "rope_theta": 1e4,
+                                                                           "factor": 2.0}})),
+    "gemma3_mha": ("gemma3_text", dict(num_key_value_heads=4, head_dim=16, sliding_window=4,
+                                       layer_types=["full_attention", "sliding_attention"])),
 }
+# Generation needs margins between logits: no soft-cap that saturates them.
+GENERATE_OVERRIDES = {"gemma2": dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)}
 
 
 def _tokens(B=3, T=12, V=101, seed=0):
@@ -38,7 +53,7 @@ def _tokens(B=3, T=12, V=101, seed=0):
 
 def _load(tmp_path, case, **extra):
     model_type, overrides = CASES[case]
-    hf = make_hf_model(tmp_path, model_type, **{**overrides, **extra})
+    hf = make_hf_model(tmp_path, model_type, randomize_norms=True, **{**overrides, **extra})
     model, params = capjax.load_pretrained(tmp_path)
     return hf, model, params
 
@@ -67,7 +82,7 @@ def test_logits_and_head_mask_match_transformers(tmp_path, case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cached_decoding_equals_full_forward_and_generate(tmp_path, case):
-    hf, model, params = _load(tmp_path, case, initializer_range=0.2)
+    hf, model, params = _load(tmp_path, case, initializer_range=0.2, **GENERATE_OVERRIDES.get(CASES[case][0], {}))
     tokens = np.random.RandomState(2).randint(0, 101, (2, 10))
     full = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
     cache = init_cache(model.config, 2, 16)
@@ -156,7 +171,11 @@ def test_capjax_run(tmp_path, model_type):
 
 @pytest.mark.parametrize("model_type,field,value", [("qwen3", "attention_bias", True),
                                                     ("qwen3", "use_sliding_window", True),
-                                                    ("qwen3", "hidden_act", "gelu")])
+                                                    ("qwen3", "hidden_act", "gelu"),
+                                                    ("gemma2", "hidden_activation", "relu"),
+                                                    ("gemma2", "attention_bias", True),
+                                                    ("gemma3_text", "use_bidirectional_attention", True),
+                                                    ("gemma3_text", "layer_types", ["chunked_attention"])])
 def test_unhandled_family_field_is_refused_by_name(model_type, field, value):
     with pytest.raises(capjax.UnsupportedConfigError, match=f"config field {field}="):
         capjax.ModelConfig.from_hf({"model_type": model_type, field: value, "hidden_size": 32,
@@ -165,6 +184,6 @@ def test_unhandled_family_field_is_refused_by_name(model_type, field, value):
 
 
 def test_unknown_family_is_refused_with_the_list():
-    with pytest.raises(capjax.UnsupportedConfigError, match="unsupported model_type 'gpt2'.*qwen3"):
+    with pytest.raises(capjax.UnsupportedConfigError, match="unsupported model_type 'gpt2'.*qwen3.*gemma2"):
         capjax.ModelConfig.from_hf({"model_type": "gpt2"})
     assert family_for("qwen3").name == "qwen3" and "qwen3" in SUPPORTED_MODEL_TYPES

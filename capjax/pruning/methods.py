@@ -147,10 +147,10 @@ def cap_heads(job: Job) -> tuple[Kernels, Kernels]:
 
 
 # ---------------------------------------------------------------------------- layer by layer
-def _input_stats(model, kind: str, lp: dict, x: Array, ctx, w: Array) -> dict[str, Array]:
+def _input_stats(model, kind: str, lp: dict, layer: Array, x: Array, ctx, w: Array) -> dict[str, Array]:
     """Statistics of every projection's input over real tokens (w [B, T] = attention mask):
     kind "norm": sum of x_j^2 [n_in]; kind "hessian": sum of x x^T [n_in, n_in]."""
-    _, inputs = apply_layer(model, lp, x, ctx, capture=True)
+    _, inputs = apply_layer(model, lp, x, ctx, capture=True, layer=layer)
     stats = {}
     for group, mods in inputs.items():
         for name, a in mods.items():
@@ -162,9 +162,9 @@ def _input_stats(model, kind: str, lp: dict, x: Array, ctx, w: Array) -> dict[st
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _layer_stats(model, kind: str, lp: dict, xs: Array, ctxs, ws: Array) -> dict[str, Array]:
+def _layer_stats(model, kind: str, lp: dict, xs: Array, ctxs, ws: Array, layer: Array | None = None) -> dict[str, Array]:
     """Input statistics summed over chunks: xs [C, B, T, E], ctxs / ws chunked alike."""
-    f = partial(_input_stats, model, kind, lp)
+    f = partial(_input_stats, model, kind, lp, layer)
     first = jax.tree.map(lambda a: a[0], (xs, ctxs, ws))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(f, *first))
     step = lambda acc, c: (jax.tree.map(jnp.add, acc, f(*c)), None)  # noqa: E731
@@ -180,10 +180,10 @@ def _set_kernels(lp: dict, kernels: Kernels) -> dict:
 
 
 @partial(jax.jit, static_argnums=0)
-def _layer_forward(model, lp: dict, new: Kernels, prune: Kernels, xs: Array, ctxs) -> Array:
+def _layer_forward(model, lp: dict, layer: Array, new: Kernels, prune: Kernels, xs: Array, ctxs) -> Array:
     """The pruned layer (kernels `new`, zero where `prune`) applied to every chunk of xs."""
     lp = _set_kernels(lp, {p: jnp.where(prune[p], jnp.zeros((), v.dtype), v) for p, v in new.items()})
-    return jax.lax.map(lambda c: apply_layer(model, lp, *c), (xs, ctxs))
+    return jax.lax.map(lambda c: apply_layer(model, lp, *c, layer=layer), (xs, ctxs))
 
 
 _layer_slice = jax.jit(layer_params)
@@ -214,10 +214,10 @@ def _sequential(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Ke
     new_layers, prune_layers = [], []
     for l in range(model.config.num_layers):
         lp = _layer_slice(params, l)
-        stats = _layer_stats(model, kind, lp, xs, ctxs, ws)
+        stats = _layer_stats(model, kind, lp, xs, ctxs, ws, jnp.int32(l))
         kernels_l = {p: get_path(lp, p.split("/", 1)[1]) for p in PRUNABLE}
         new_l, prune_l = prune_layer(l, kernels_l, stats, n_tokens)
-        xs = _layer_forward(model, lp, new_l, prune_l, xs, ctxs)
+        xs = _layer_forward(model, lp, jnp.int32(l), new_l, prune_l, xs, ctxs)
         new_layers.append(new_l)
         prune_layers.append(prune_l)
     return _stack_layers(new_layers), _stack_layers(prune_layers)
