@@ -55,29 +55,43 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], n
         raise ValueError(f"checkpoint lacks tensors the config requires, e.g. {missing[:3]} "
                          f"({len(missing)} missing): is the config from this checkpoint?")
     for name, path, to_cj, _ in _rules(config):
+        paths, split = _paths(path, to_cj)
         if "{i}" in name:
             stacked = None
             for i in range(config.num_layers):
-                a = to_cj(get(name.format(i=i)))
+                parts = split(get(name.format(i=i)))
                 if stacked is None:
-                    stacked = np.empty((config.num_layers, *a.shape), dtype)
-                stacked[i] = a
-            _set(params, path, jnp.asarray(stacked))
+                    stacked = [np.empty((config.num_layers, *a.shape), dtype) for a in parts]
+                for s, a in zip(stacked, parts):
+                    s[i] = a
+            for p, s in zip(paths, stacked):
+                _set(params, p, jnp.asarray(s))
             del stacked
         else:
-            _set(params, path, jnp.asarray(to_cj(get(name)).astype(dtype)))
+            for p, a in zip(paths, split(get(name))):
+                _set(params, p, jnp.asarray(a.astype(dtype)))
     return params
+
+
+def _paths(path, to_cj):
+    """A rule's capjax paths and its HF -> capjax map returning one array per path. A fused
+    checkpoint tensor (Phi-3's qkv_proj) is a rule with a tuple of paths whose maps return and
+    take one array per path."""
+    if isinstance(path[0], tuple):
+        return path, to_cj
+    return (path,), lambda w: (to_cj(w),)
 
 
 def iter_hf_tensors(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy tensor) pairs, one at a time, for writing safetensors."""
     for name, path, _, to_hf in _rules(config):
-        a = _get(params, path)
+        paths = path if isinstance(path[0], tuple) else (path,)
+        arrays = [_get(params, p) for p in paths]
         if "{i}" in name:
             for i in range(config.num_layers):
-                yield name.format(i=i), np.ascontiguousarray(to_hf(np.asarray(a[i])))
+                yield name.format(i=i), np.ascontiguousarray(to_hf(*(np.asarray(a[i]) for a in arrays)))
         else:
-            yield name, np.ascontiguousarray(to_hf(np.asarray(a)))
+            yield name, np.ascontiguousarray(to_hf(*(np.asarray(a) for a in arrays)))
 
 
 # ---------------------------------------------------------------------------- GGUF names

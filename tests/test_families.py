@@ -38,6 +38,8 @@ CASES = {
                                                                            "factor": 2.0}})),
     "gemma3_mha": ("gemma3_text", dict(num_key_value_heads=4, head_dim=16, sliding_window=4,
                                        layer_types=["full_attention", "sliding_attention"])),
+    "phi3_gqa": ("phi3", dict(num_key_value_heads=2, sliding_window=4, pad_token_id=0, eos_token_id=1)),
+    "phi3_mha": ("phi3", dict(num_key_value_heads=4, pad_token_id=0, eos_token_id=1)),
 }
 # Generation needs margins between logits: no soft-cap that saturates them.
 GENERATE_OVERRIDES = {"gemma2": dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)}
@@ -137,7 +139,8 @@ def test_prune_and_export(tmp_path, case, method, nm):
     got = np.asarray(model.apply({"params": pruned}, jnp.asarray(tokens, jnp.int32)))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     if nm:  # every group of 4 consecutive inputs of every output row keeps at most 2
-        w = hf.model.layers[0].mlp.up_proj.weight.detach().numpy()
+        mlp = hf.model.layers[0].mlp
+        w = (mlp.up_proj if hasattr(mlp, "up_proj") else mlp.gate_up_proj).weight.detach().numpy()
         assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
 
 
@@ -175,7 +178,8 @@ def test_capjax_run(tmp_path, model_type):
                                                     ("gemma2", "hidden_activation", "relu"),
                                                     ("gemma2", "attention_bias", True),
                                                     ("gemma3_text", "use_bidirectional_attention", True),
-                                                    ("gemma3_text", "layer_types", ["chunked_attention"])])
+                                                    ("gemma3_text", "layer_types", ["chunked_attention"]),
+                                                    ("phi3", "hidden_act", "gelu_new")])
 def test_unhandled_family_field_is_refused_by_name(model_type, field, value):
     with pytest.raises(capjax.UnsupportedConfigError, match=f"config field {field}="):
         capjax.ModelConfig.from_hf({"model_type": model_type, field: value, "hidden_size": 32,

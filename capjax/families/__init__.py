@@ -3,10 +3,10 @@ docs/adding_a_family.md for how to add one)."""
 
 from __future__ import annotations
 
-from capjax.families import gemma, llama, qwen3
+from capjax.families import gemma, llama, phi3, qwen3
 from capjax.families.base import Family, Kernel, Rule, UnsupportedConfigError
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma.FAMILY, phi3.FAMILY)
 # The params layout functions fall back to when given no config (every family shares its kernels).
 DEFAULT: Family = llama.FAMILY
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
