@@ -82,9 +82,18 @@ def test_logits_and_head_mask_match_transformers(tmp_path, case):
         np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
 
 
+# One case per family runs by default (MHA or GQA alternately); the rest are slow.
+DEFAULT_CASES = {"qwen3_gqa", "gemma2_gqa", "gemma3_gqa", "phi3_gqa"}
+SLOW = pytest.mark.slow  # each ~10-60 s on 2 loaded CPU cores
+
+
+def _split(cases):
+    return [c if c in DEFAULT_CASES else pytest.param(c, marks=SLOW) for c in sorted(cases)]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_cached_decoding_equals_full_forward_and_generate(tmp_path, case):
-    hf, model, params = _load(tmp_path, case, initializer_range=0.2, **GENERATE_OVERRIDES.get(CASES[case][0], {}))
+def test_cached_decoding_equals_full_forward(tmp_path, case):
+    _, model, params = _load(tmp_path, case)
     tokens = np.random.RandomState(2).randint(0, 101, (2, 10))
     full = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
     cache = init_cache(model.config, 2, 16)
@@ -94,6 +103,12 @@ def test_cached_decoding_equals_full_forward_and_generate(tmp_path, case):
         logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, t:t + 1]), cache=cache)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
+
+
+@SLOW
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_generate_matches_transformers(tmp_path, case):
+    hf, model, params = _load(tmp_path, case, initializer_range=0.2, **GENERATE_OVERRIDES.get(CASES[case][0], {}))
     prompts = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7], [42]]
     ours = generate(model, params, prompts, max_new_tokens=6, batch_size=4, eos_ids=[])
     for p, row in zip(prompts, ours):
@@ -121,8 +136,9 @@ def test_save_reload_roundtrip(tmp_path, case):
     jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("method,nm", [("cap", None), ("wanda", None), ("cap", "2:4")])
+@pytest.mark.parametrize("case", _split(CASES))
+@pytest.mark.parametrize("method,nm", [("cap", None), pytest.param("wanda", None, marks=SLOW),
+                                       pytest.param("cap", "2:4", marks=SLOW)])
 def test_prune_and_export(tmp_path, case, method, nm):
     _, model, params = _load(tmp_path / "src", case)
     L, H = model.config.num_layers, model.config.num_heads
@@ -155,6 +171,7 @@ def _char_tokenizer():
                                                 unk_token="<unk>")
 
 
+@SLOW
 @pytest.mark.parametrize("model_type", sorted({t for t, _ in CASES.values()}))
 def test_capjax_run(tmp_path, model_type):
     case = next(k for k, (t, _) in CASES.items() if t == model_type)
