@@ -1,7 +1,7 @@
 """CAP head attribution: the loss increase when one attention head is ablated.
 
 Legend: N mask vectors, B calibration examples, T time, A answer tokens in the batch,
-L layers, H query heads, K subsets, E hidden, V vocab.
+L layers, H query heads, U calibration subsets (K is kept for kv heads), E hidden, V vocab.
 
 Loss: token-level cross-entropy = total NLL of the answer tokens / their count. `loss_mask[b, t]`
 marks token t as an answer token; it is predicted from position t - 1.
@@ -48,7 +48,7 @@ METHODS = ("ablation", "gradient")
 @dataclasses.dataclass(frozen=True)
 class HeadScores:
     """delta [L, H]: estimated loss increase when the head is ablated (higher = more important).
-    masked [K, L, H]: loss with that head ablated, per subset. baseline [K]: intact loss per subset."""
+    masked [U, L, H]: loss with that head ablated, per subset. baseline [U]: intact loss per subset."""
 
     delta: np.ndarray
     masked: np.ndarray
@@ -69,7 +69,7 @@ class HeadScores:
 
 
 def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = "median") -> np.ndarray:
-    """delta [L, H] from masked [K, L, H] and baseline [K].
+    """delta [L, H] from masked [U, L, H] and baseline [U].
 
     median: median_k masked[k] - mean_k baseline[k] (the paper); mean: mean_k masked - mean_k baseline;
     paired: median_k (masked[k] - baseline[k]), which cancels between-subset difficulty.
@@ -360,7 +360,7 @@ def _intact_nll(model, params, rows, ans, num_examples):
 
 @partial(jax.jit, static_argnames=("model", "num_examples"))
 def _mask_gradient(model, params, rows, ans, num_examples, subset_onehot, subset_count):
-    """d loss_k / d head_mask at all ones, per subset k: [K, L, H]."""
+    """d loss_k / d head_mask at all ones, per subset k: [U, L, H]."""
     c = model.config
 
     def losses(head_mask):
@@ -394,9 +394,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
                 progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True) -> HeadScores:
-    """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
+    """Scores every head: HeadScores(delta [L, H], masked [U, L, H], baseline [U]).
 
-    Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
+    Subsets are the U contiguous near-equal splits of the batch (numpy.array_split), each with its
     own token-level loss. method="ablation" is exact (prefix reuse, answer-only logits);
     method="gradient" is the first-order estimate masked[k] = baseline[k] - dL_k/dmask (Michel et
     al. 2019), one backward pass. With `checkpoint_dir`, finished layer groups are saved (orbax) and

@@ -13,13 +13,13 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     add_calibration_args(p)
-    p.add_argument("--subsets", type=int, default=3, help="K disjoint calibration subsets")
+    p.add_argument("--subsets", type=int, default=3, help="U disjoint calibration subsets")
     p.add_argument("--aggregate", default="median", choices=["median", "mean", "paired"])
     p.add_argument("--method", default="ablation", choices=["ablation", "gradient"])
     p.add_argument("--chunk-size", type=int, default=None, help="ablations evaluated at once (default: from memory)")
     p.add_argument("--checkpoint-dir", default=None, help="save finished layer groups here; a rerun resumes")
     p.add_argument("--plot", default=None, help="also write a head-score heatmap (png)")
-    p.add_argument("--out", required=True, help="scores .npz (delta [L,H], masked [K,L,H], baseline [K])")
+    p.add_argument("--out", required=True, help="scores .npz (delta [L,H], masked [U,L,H], baseline [U])")
     p.set_defaults(func=run)
 
 
