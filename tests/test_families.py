@@ -208,3 +208,27 @@ def test_unknown_family_is_refused_with_the_list():
     with pytest.raises(capjax.UnsupportedConfigError, match="unsupported model_type 'gpt2'.*qwen3.*gemma2"):
         capjax.ModelConfig.from_hf({"model_type": "gpt2"})
     assert family_for("qwen3").name == "qwen3" and "qwen3" in SUPPORTED_MODEL_TYPES
+
+
+@pytest.mark.parametrize("case", ["gemma2_gqa", "gemma3_gqa", "qwen3_gqa"])
+def test_layer_by_layer_path_equals_decoder(tmp_path, case):
+    """Scoring and pruning's path (layer_context, apply_layer per layer, unembed / token_nll)
+    against the Decoder's scan: same logits, and token_nll (soft-capped, chunked vocab) equal to
+    -log_softmax of them."""
+    from capjax.model import apply_layer, layer_context, layer_params, token_nll, unembed
+
+    _, model, params = _load(tmp_path, case)
+    tokens, am = _tokens()
+    full = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
+    x, ctx = layer_context(model, params, jnp.asarray(tokens), jnp.asarray(am))
+    for l in range(model.config.num_layers):
+        x = apply_layer(model, layer_params(params, l), x, ctx, layer=l)
+    np.testing.assert_allclose(np.asarray(unembed(model, params, x)), full, atol=1e-5, rtol=0)
+    target = jnp.asarray(tokens[:, 1:].reshape(-1))
+    nll = token_nll(model, params, x[:, :-1].reshape(-1, x.shape[-1]), target, vocab_chunk=32)
+    ref = -np.take_along_axis(jax.nn.log_softmax(full[:, :-1].reshape(-1, full.shape[-1])),
+                              np.asarray(target)[:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(np.asarray(nll), ref, atol=1e-5, rtol=0)
+    if model.config.mixed_layers:
+        with pytest.raises(ValueError, match="pass the layer index"):
+            apply_layer(model, layer_params(params, 0), x, ctx)
