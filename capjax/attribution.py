@@ -1,7 +1,7 @@
 """CAP head attribution: the loss increase when one attention head is ablated.
 
 Legend: N mask vectors, B calibration examples, T time, A answer tokens in the batch,
-L layers, H query heads, K subsets, E hidden, V vocab.
+L layers, H query heads, U calibration subsets (K is kept for kv heads), E hidden, V vocab.
 
 Loss: token-level cross-entropy = total NLL of the answer tokens / their count. `loss_mask[b, t]`
 marks token t as an answer token; it is predicted from position t - 1.
@@ -52,7 +52,7 @@ METHODS = ("ablation", "gradient")
 @dataclasses.dataclass(frozen=True)
 class HeadScores:
     """delta [L, H]: estimated loss increase when the head is ablated (higher = more important).
-    masked [K, L, H]: loss with that head ablated, per subset. baseline [K]: intact loss per subset.
+    masked [U, L, H]: loss with that head ablated, per subset. baseline [U]: intact loss per subset.
 
     Exact ablation also keeps what the estimators are computed from, per calibration example:
     example_masked [L, H, N] (answer NLL summed over the example's answer tokens, head ablated),
@@ -124,7 +124,7 @@ class HeadScores:
 
 
 def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = "median") -> np.ndarray:
-    """delta [L, H] from masked [K, L, H] and baseline [K].
+    """delta [L, H] from masked [U, L, H] and baseline [U].
 
     median: median_k masked[k] - mean_k baseline[k] (the paper); mean: mean_k masked - mean_k baseline;
     paired: median_k (masked[k] - baseline[k]), which cancels between-subset difficulty.
@@ -142,7 +142,7 @@ def _last_layer_nll(model: Decoder, params, x: Array, ctx, head_mask_l: Array, a
     """Summed NLL per example [B] from the last layer's input x [P, S, E]: the last layer's o_proj
     and MLP, and the LM head, run only at the A answer positions."""
     L = model.config.num_layers
-    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=ans[0])  # [A, E]
+    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=ans[0], layer=L - 1)  # [A, E]
     _, target, example = ans
     return jax.ops.segment_sum(token_nll(model, params, h, target), example, num_segments=num_examples)
 
@@ -178,7 +178,8 @@ def _packed_nll(model: Decoder, params, rows, ans, num_examples: int, head_mask:
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, head_mask[l]), x)
+    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, head_mask[l],
+                                                             layer=l), x)
     return _last_layer_nll(model, params, x, ctx, head_mask[L - 1], ans, num_examples)
 
 
@@ -285,7 +286,7 @@ def single_head_nll(model, params, packed, ans, num_examples, start, num_layers,
     ones = jnp.ones((H,), model.dtype)
 
     def intact(i, x):
-        return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones), mesh)
+        return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones, layer=i), mesh)
 
     def last_layer_nll(y, head_mask_l):
         return _last_layer_nll(model, params, y, ctx, head_mask_l, ans, B)
@@ -296,7 +297,7 @@ def single_head_nll(model, params, packed, ans, num_examples, start, num_layers,
         lp = layer_params(params, l)
 
         def below_last(head_mask_l):
-            y = apply_layer(model, lp, x, ctx, head_mask_l)
+            y = apply_layer(model, lp, x, ctx, head_mask_l, layer=l)
             return last_layer_nll(jax.lax.fori_loop(l + 1, L - 1, intact, y), ones)
 
         def one(head_mask_l):
@@ -309,7 +310,7 @@ def single_head_nll(model, params, packed, ans, num_examples, start, num_layers,
             nll = jax.lax.map(one, single, batch_size=chunk_size)  # [H, B]
         if progress:
             jax.debug.callback(_progress_tick, l)
-        return apply_layer(model, lp, x, ctx, ones), nll
+        return apply_layer(model, lp, x, ctx, ones, layer=l), nll
 
     _, nll = jax.lax.scan(ablate_layer, x, start + jnp.arange(num_layers))
     return nll
@@ -336,7 +337,7 @@ def intact_nll(model, params, rows, ans, num_examples):
 
 @partial(jax.jit, static_argnames=("model", "num_examples"))
 def _mask_gradient(model, params, rows, ans, num_examples, subset_onehot, subset_count):
-    """d loss_k / d head_mask at all ones, per subset k: [K, L, H]."""
+    """d loss_k / d head_mask at all ones, per subset k: [U, L, H]."""
     c = model.config
 
     def losses(head_mask):
@@ -370,9 +371,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
                 progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True,
                 bootstrap: int = 0) -> HeadScores:
-    """Scores every head: HeadScores(delta [L, H], masked [K, L, H], baseline [K]).
+    """Scores every head: HeadScores(delta [L, H], masked [U, L, H], baseline [U]).
 
-    Subsets are the K contiguous near-equal splits of the batch (numpy.array_split), each with its
+    Subsets are the U contiguous near-equal splits of the batch (numpy.array_split), each with its
     own token-level loss; `aggregate` names a registered estimator (`capjax.estimators`: median,
     mean, paired, bootstrap, or your own), computed from the per-example losses [L * H, B]
     (method="gradient": median, mean or paired). method="ablation" is exact (prefix reuse, answer-only logits);

@@ -10,12 +10,10 @@ import dataclasses
 import math
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from capjax.families import SUPPORTED_MODEL_TYPES, family_for
+from capjax.families.base import UnsupportedConfigError, refuse
+
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-
-
-class UnsupportedConfigError(ValueError):
-    """A transformers config asks for computation capjax does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +37,19 @@ class ModelConfig:
     # llama3 / linear RoPE scaling; empty for "default".
     rope_scaling: tuple[tuple[str, float], ...] = ()
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3, Gemma 3)
+    # Block options the Gemma families set (the defaults are Llama's block).
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    norm_offset: float = 0.0  # RMSNorm scale is (norm_offset + w), in float32 when nonzero (Gemma: 1)
+    sandwich_norms: bool = False  # norms after attention and MLP too (pre/post_feedforward_layernorm)
+    query_pre_attn_scalar: float | None = None  # queries scaled by its -1/2 power instead of D^-1/2
+    attn_softcap: float | None = None  # attention logits -> c tanh(logits / c)
+    final_softcap: float | None = None  # LM logits -> c tanh(logits / c)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(E)
+    # Per-layer attention types ("sliding_attention" | "full_attention"); None: every layer the
+    # same, windowed by `sliding_window` when set (Mistral).
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: rope_theta
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     max_position_embeddings: int = 2048
@@ -52,6 +63,11 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Whether sliding-window and global layers alternate (then layers need their index)."""
+        return self.layer_types is not None and "sliding_attention" in self.layer_types
 
     @property
     def group_size(self) -> int:
@@ -69,7 +85,8 @@ class ModelConfig:
     def num_params(self) -> int:
         E, F, H, K, D, L, V = (self.hidden_size, self.intermediate_size, self.num_heads,
                                self.num_kv_heads, self.head_dim, self.num_layers, self.vocab_size)
-        per_layer = E * H * D * 2 + E * K * D * 2 + 3 * E * F + 2 * E
+        per_layer = (E * H * D * 2 + E * K * D * 2 + 3 * E * F + (4 if self.sandwich_norms else 2) * E
+                     + (2 * D if self.qk_norm else 0))
         return L * per_layer + V * E * (1 if self.tie_word_embeddings else 2) + E
 
     # ------------------------------------------------------------------ transformers
@@ -78,39 +95,7 @@ class ModelConfig:
         """Builds a ModelConfig from a transformers config (object or dict); refuses unhandled fields."""
         c = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         model_type = c.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedConfigError(
-                f"unsupported model_type {model_type!r}: capjax implements {', '.join(SUPPORTED_MODEL_TYPES)} "
-                "(Llama-family decoders). Convert the checkpoint to one of these or add the architecture."
-            )
-
-        def refuse(field: str, value: Any, why: str) -> None:
-            raise UnsupportedConfigError(f"config field {field}={value!r} is not supported: {why}")
-
-        act = c.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            refuse("hidden_act", act, "capjax implements SwiGLU with silu only")
-        if c.get("mlp_bias"):
-            refuse("mlp_bias", True, "MLP biases are not implemented")
-        # pretraining_tp only split matmuls in old transformers; it never changed the result.
-        if model_type == "qwen2":
-            qkv_bias = True
-            if c.get("attention_bias") is False:
-                qkv_bias = False
-            if c.get("use_sliding_window"):
-                refuse("use_sliding_window", True,
-                       "Qwen2's per-layer sliding window is not implemented; set it to false")
-            sliding_window = None
-        else:
-            qkv_bias = bool(c.get("attention_bias", False))
-            sliding_window = c.get("sliding_window") if model_type == "mistral" else None
-        layer_types = c.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            if model_type != "mistral":
-                refuse("layer_types", sorted(set(layer_types)), "only full attention layers are implemented")
-        if c.get("attention_bias") and model_type != "qwen2":
-            # Llama's attention_bias also adds an o_proj bias.
-            refuse("attention_bias", True, "Llama attention biases (q/k/v/o) are not implemented")
+        family = family_for(model_type).read_config(c)
 
         rope = c.get("rope_parameters") or {}
         legacy = c.get("rope_scaling") or {}
@@ -134,7 +119,7 @@ class ModelConfig:
         E = int(c["hidden_size"])
         H = int(c["num_attention_heads"])
         head_dim = c.get("head_dim") or E // H
-        return cls(
+        fields = dict(
             model_type=model_type,
             vocab_size=int(c["vocab_size"]),
             hidden_size=E,
@@ -147,15 +132,14 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_type=rope_type,
             rope_scaling=tuple(sorted(scaling.items())),
-            qkv_bias=qkv_bias,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            sliding_window=int(sliding_window) if sliding_window else None,
             max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
             bos_token_id=c.get("bos_token_id"),
             eos_token_id=tuple(c["eos_token_id"]) if isinstance(c.get("eos_token_id"), list)
             else c.get("eos_token_id"),
             pad_token_id=c.get("pad_token_id"),
         )
+        return cls(**{**fields, **family})  # the family's fields win (e.g. Gemma ties by default)
 
     def to_hf(self):
         """The equivalent transformers config object (for save_pretrained)."""
@@ -180,15 +164,9 @@ class ModelConfig:
             pad_token_id=self.pad_token_id,
             hidden_act="silu",
         )
-        if self.model_type == "llama":
-            cfg = transformers.LlamaConfig(head_dim=self.head_dim, **kwargs)
-        elif self.model_type == "mistral":
-            cfg = transformers.MistralConfig(head_dim=self.head_dim, sliding_window=self.sliding_window, **kwargs)
-        else:
-            if self.head_dim * self.num_heads != self.hidden_size:
-                raise UnsupportedConfigError("Qwen2 configs derive head_dim from hidden_size / heads")
-            cfg = transformers.Qwen2Config(use_sliding_window=False, **kwargs)
-        cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+        cfg = family_for(self.model_type).write_config(self, kwargs)
+        if not getattr(cfg, "architectures", None):
+            cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
         return cfg
 
     # ------------------------------------------------------------------ RoPE

@@ -1,4 +1,5 @@
-"""One mapping table between transformers' state-dict names and capjax's param layout, both ways.
+"""Moves tensors between transformers' state-dict names and capjax's params, both ways, by the
+mapping table (`Family.checkpoint`) of the config's family.
 
 HF Linear weights are [out, in]; capjax kernels are [in, ...out] with head axes split out
 (see `capjax.model` for the layout and shape legend).
@@ -12,43 +13,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from capjax.config import ModelConfig
-
-# (HF name with {i} for the layer, capjax path, HF -> capjax, capjax -> HF), per-layer entries
-# map one layer's slice of the stacked [L, ...] array.
-Rule = tuple[str, tuple[str, ...], Callable, Callable]
-
+from capjax.families import Rule, family_of
 
 def _rules(c: ModelConfig) -> list[Rule]:
-    E, F, H, K, D = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    ident = (lambda w: w, lambda a: a)
-    rules: list[Rule] = [
-        ("model.embed_tokens.weight", ("embed_tokens", "embedding"), *ident),
-        ("model.norm.weight", ("norm", "scale"), *ident),
-        ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), *ident),
-        ("model.layers.{i}.post_attention_layernorm.weight",
-         ("layers", "post_attention_layernorm", "scale"), *ident),
-        ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj", "kernel"),
-         lambda w: w.T.reshape(E, H, D), lambda a: a.reshape(E, H * D).T),
-        ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj", "kernel"),
-         lambda w: w.T.reshape(E, K, D), lambda a: a.reshape(E, K * D).T),
-        ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj", "kernel"),
-         lambda w: w.T.reshape(E, K, D), lambda a: a.reshape(E, K * D).T),
-        ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"),
-         lambda w: w.T.reshape(H, D, E), lambda a: a.reshape(H * D, E).T),
-        ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"),
-         lambda w: w.T, lambda a: a.T),
-        ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"),
-         lambda w: w.T, lambda a: a.T),
-        ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"),
-         lambda w: w.T, lambda a: a.T),
-    ]
-    if c.qkv_bias:
-        for name, n in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
-            rules.append((f"model.layers.{{i}}.self_attn.{name}.bias", ("layers", "self_attn", name, "bias"),
-                          lambda w, n=n: w.reshape(n, D), lambda a: a.reshape(-1)))
-    if not c.tie_word_embeddings:
-        rules.append(("lm_head.weight", ("lm_head", "kernel"), lambda w: w.T, lambda a: a.T))
-    return rules
+    return family_of(c).checkpoint(c)
 
 
 def hf_keys(config: ModelConfig) -> set[str]:
@@ -87,29 +55,43 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], n
         raise ValueError(f"checkpoint lacks tensors the config requires, e.g. {missing[:3]} "
                          f"({len(missing)} missing): is the config from this checkpoint?")
     for name, path, to_cj, _ in _rules(config):
+        paths, split = _paths(path, to_cj)
         if "{i}" in name:
             stacked = None
             for i in range(config.num_layers):
-                a = to_cj(get(name.format(i=i)))
+                parts = split(get(name.format(i=i)))
                 if stacked is None:
-                    stacked = np.empty((config.num_layers, *a.shape), dtype)
-                stacked[i] = a
-            _set(params, path, jnp.asarray(stacked))
+                    stacked = [np.empty((config.num_layers, *a.shape), dtype) for a in parts]
+                for s, a in zip(stacked, parts):
+                    s[i] = a
+            for p, s in zip(paths, stacked):
+                _set(params, p, jnp.asarray(s))
             del stacked
         else:
-            _set(params, path, jnp.asarray(to_cj(get(name)).astype(dtype)))
+            for p, a in zip(paths, split(get(name))):
+                _set(params, p, jnp.asarray(a.astype(dtype)))
     return params
+
+
+def _paths(path, to_cj):
+    """A rule's capjax paths and its HF -> capjax map returning one array per path. A fused
+    checkpoint tensor (Phi-3's qkv_proj) is a rule with a tuple of paths whose maps return and
+    take one array per path."""
+    if isinstance(path[0], tuple):
+        return path, to_cj
+    return (path,), lambda w: (to_cj(w),)
 
 
 def iter_hf_tensors(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy tensor) pairs, one at a time, for writing safetensors."""
     for name, path, _, to_hf in _rules(config):
-        a = _get(params, path)
+        paths = path if isinstance(path[0], tuple) else (path,)
+        arrays = [_get(params, p) for p in paths]
         if "{i}" in name:
             for i in range(config.num_layers):
-                yield name.format(i=i), np.ascontiguousarray(to_hf(np.asarray(a[i])))
+                yield name.format(i=i), np.ascontiguousarray(to_hf(*(np.asarray(a[i]) for a in arrays)))
         else:
-            yield name, np.ascontiguousarray(to_hf(np.asarray(a)))
+            yield name, np.ascontiguousarray(to_hf(*(np.asarray(a) for a in arrays)))
 
 
 # ---------------------------------------------------------------------------- GGUF names

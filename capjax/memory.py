@@ -7,9 +7,10 @@ F MLP width, H query heads, K kv heads, D head dim, V vocab, c the compute dtype
 Per ablation (one vmapped mask), layers run one at a time under `lax.scan`, so the live
 activations are one layer's or the LM head's, whichever is larger:
 
-    layer   = B T [ c (4 E + 2 (H + K) D + 3 F) + (4 + 4 + c) H S ]
+    layer   = B T [ c (4 E + 2 (H + K) D + W F) + (4 + 4 + c) H S ]
               residual in/out, normed input and o_proj output (4 E); q, k, v, attention
-              output (2 (H + K) D); gate, up and silu(gate) * up (3 F); float32 attention
+              output (2 (H + K) D); W F-wide MLP activations, W = the family's
+              `mlp_width_activations` (SwiGLU: gate, up and silu(gate) * up, 3); float32 attention
               logits, float32 softmax and its cast (H S each)
     lm_head = A V' (4 + 4)           float32 logits and their exp at the A answer tokens, where
                                      V' = V for full logits (the answer_only=False reference) and
@@ -44,6 +45,7 @@ from typing import Any, Callable, TypeVar
 import jax
 import jax.numpy as jnp
 
+from capjax.families import family_of
 from capjax.model import param_shapes
 
 R = TypeVar("R")
@@ -139,7 +141,8 @@ def ablation_bytes(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float
     E, F, H, K, D, V = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
                         config.head_dim, config.vocab_size)
     A = batch * seq_len if answer_tokens is None else answer_tokens
-    layer = batch * seq_len * (c * (4 * E + 2 * (H + K) * D + 3 * F) + (8 + c) * H * seq_len)
+    W = family_of(config).mlp_width_activations
+    layer = batch * seq_len * (c * (4 * E + 2 * (H + K) * D + W * F) + (8 + c) * H * seq_len)
     lm_head = A * (V if vocab_chunk is None else min(V, vocab_chunk)) * 8
     return int(max(layer, lm_head))
 

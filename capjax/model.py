@@ -1,30 +1,27 @@
-"""A Llama-family decoder in flax.linen with a per-head mask, layers stacked and scanned.
+"""The decoder in flax.linen with a per-head mask, layers stacked and scanned: one forward path.
 
 Legend: B batch, T query time, S key time (= T without a cache), L layers, H query heads,
 K kv heads, G = H // K query heads per kv head, D head dim, E hidden, F MLP width, V vocab.
 
-Parameters are a plain nested dict (HF names, layers stacked on axis 0, head axes explicit):
-
-    embed_tokens/embedding                    [V, E]
-    layers/input_layernorm/scale              [L, E]
-    layers/self_attn/q_proj/kernel (, bias)   [L, E, H, D] ([L, H, D], Qwen2)
-    layers/self_attn/k_proj/kernel (, bias)   [L, E, K, D] ([L, K, D])
-    layers/self_attn/v_proj/kernel (, bias)   [L, E, K, D] ([L, K, D])
-    layers/self_attn/o_proj/kernel            [L, H, D, E]
-    layers/post_attention_layernorm/scale     [L, E]
-    layers/mlp/gate_proj/kernel               [L, E, F]
-    layers/mlp/up_proj/kernel                 [L, E, F]
-    layers/mlp/down_proj/kernel               [L, F, E]
-    norm/scale                                [E]
-    lm_head/kernel                            [E, V]   (absent when embeddings are tied)
+Parameters are a plain nested dict (HF names, layers stacked on axis 0, head axes explicit);
+the layout is the family's (`capjax.families.llama` lists the Llama one that every family
+starts from; e.g. Qwen3 adds layers/self_attn/{q,k}_norm/scale [L, D]).
 
 Query head h reads kv head h // G (transformers' repeat_kv order); K/V are never repeated:
 queries are viewed as [B, T, K, G, D]. The head mask multiplies each head's attention output
 after attention and before o_proj, exactly where CAP ablates a head.
+
+One forward path: `DecoderLayer` is the only per-layer function and `attention_context` the only
+place positions, RoPE tables and attention masks are built. `Decoder` scans `DecoderLayer` over
+the stacked params; `layer_context` / `apply_layer` (scoring, Wanda / SparseGPT statistics) apply
+the same `DecoderLayer` to one layer's slice, so evaluation, scoring, pruning statistics and
+generation cannot diverge.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
@@ -39,11 +36,22 @@ Params = dict[str, Any]
 _INIT = nn.initializers.normal(0.02)
 
 
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    """RMSNorm as transformers computes it: statistics in float32, scale in the input dtype."""
+def rms_norm(x: Array, scale: Array, eps: float, offset: float = 0.0) -> Array:
+    """RMSNorm as transformers computes it: statistics in float32, scale in the input dtype
+    (Llama); with offset, (offset + scale) applied in float32 before the cast (Gemma)."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (xf * (offset + scale.astype(jnp.float32))).astype(x.dtype)
     return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x unchanged when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+_ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu_pytorch_tanh": partial(nn.gelu, approximate=True)}
 
 
 def rope_tables(config: ModelConfig, positions: Array, dtype: Any) -> tuple[Array, Array]:
@@ -69,6 +77,62 @@ def attention_mask_bool(q_slots: Array, k_slots: Array, key_valid: Array, window
     return allowed
 
 
+def attention_context(config: ModelConfig, dtype: Any, B: int, T: int, attention_mask: Array | None = None,
+                      positions: Array | None = None, segment_ids: Array | None = None, prefix_len: int = 0,
+                      cache_index: Array | int = 0, cache_len: int | None = None) -> tuple[Array, ...]:
+    """ctx = (cos, sin [B, T, D], mask [B, T, S]): what every layer needs, for T new tokens per row.
+    When sliding and global layers alternate (`ModelConfig.mixed_layers`), ctx is the global
+    layers' triple followed by the sliding layers' (their window and RoPE base).
+
+    attention_mask [B, T] (1 = real token; right or left padding), or [B, S] over the cache slots
+    when cache_len = S is given (the T new tokens sit at slots cache_index ...). Positions default
+    to the number of real tokens before each one.
+    segment_ids [B, T] (0 = padding) packs several sequences into one row: a token attends only
+    to earlier tokens of its own segment; their `positions` [B, T] must be given.
+    prefix_len Pf > 0 (with segment_ids): row 0 starts with Pf tokens of segment -1 that precede
+    every segment (a shared prefix, computed once); the mask is then [B, T, Pf + T]: keys are
+    those Pf prefix tokens, then the row's own T. See `capjax.packing`.
+    """
+    if config.mixed_layers:
+        # Global layers see every earlier key; sliding layers also get their own window and RoPE.
+        glob = dataclasses.replace(config, sliding_window=None, layer_types=None)
+        local = dataclasses.replace(config, layer_types=None, rope_theta=config.local_rope_theta or config.rope_theta,
+                                    rope_type="default" if config.local_rope_theta else config.rope_type)
+        args = (dtype, B, T, attention_mask, positions, segment_ids, prefix_len, cache_index, cache_len)
+        return attention_context(glob, *args) + attention_context(local, *args)
+    window = config.sliding_window
+    if segment_ids is not None:
+        key_valid = jnp.asarray(segment_ids)
+        if positions is None:
+            raise ValueError("segment_ids need their positions (see capjax.packing.pack_examples)")
+    elif prefix_len:
+        raise ValueError("a shared prefix needs segment_ids and positions (see capjax.packing.pack_examples)")
+    else:
+        S = T if cache_len is None else cache_len
+        key_valid = jnp.ones((B, S), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
+    if positions is None:
+        # Position = number of real tokens before this one: right and left padding alike.
+        pos_all = jnp.cumsum(key_valid > 0, axis=-1) - 1
+        positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(pos_all, cache_index, T, axis=1), 0)
+    cos, sin = rope_tables(config, positions, dtype)
+    q_slots = cache_index + jnp.arange(T)
+    if not prefix_len:
+        k_slots = q_slots if cache_len is None else jnp.arange(cache_len)
+        mask = attention_mask_bool(q_slots, k_slots, key_valid, window)
+        if segment_ids is not None:
+            mask &= key_valid[:, :, None] == key_valid[:, None, :]
+        return cos, sin, mask
+    seg, pos = key_valid[:, :, None], positions[:, :, None]
+    slots = jnp.arange(T)
+    own = (key_valid[:, None, :] == seg) & (seg != 0) & (slots[None, None, :] <= slots[None, :, None])
+    shared = jnp.broadcast_to(seg > 0, (B, T, prefix_len))  # every example token sees the whole prefix
+    mask = jnp.concatenate([shared, own], axis=-1)
+    if window is not None:
+        key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix_len), (B, prefix_len)), positions], axis=1)
+        mask &= pos - key_pos[:, None, :] < window
+    return cos, sin, mask
+
+
 class Proj(nn.Module):
     """A head-structured linear map: y = einsum(eq, x, kernel) (+ bias). Sows its input when
     the "intermediates" collection is mutable (Wanda / SparseGPT statistics)."""
@@ -90,10 +154,12 @@ class Proj(nn.Module):
 
 class RMSNorm(nn.Module):
     eps: float
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return rms_norm(x, self.param("scale", nn.initializers.ones, (x.shape[-1],)), self.eps)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        return rms_norm(x, self.param("scale", init, (x.shape[-1],)), self.eps, self.offset)
 
 
 class Attention(nn.Module):
@@ -117,6 +183,9 @@ class Attention(nn.Module):
         q = Proj((E, H, D), "bte,ehd->bthd", bias(H, D), self.dtype, name="q_proj")(x)
         k = Proj((E, K, D), "bte,ekd->btkd", bias(K, D), self.dtype, name="k_proj")(x)
         v = Proj((E, K, D), "bte,ekd->btkd", bias(K, D), self.dtype, name="v_proj")(x)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, c.norm_offset, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, c.norm_offset, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
@@ -127,8 +196,10 @@ class Attention(nn.Module):
         if Pf > 0:
             k, v = (jnp.concatenate([jnp.broadcast_to(a[:1, :Pf], (B, Pf, K, D)), a], axis=1) for a in (k, v))
         q = q.reshape(B, T, K, G, D)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype)) * (D ** -0.5)
-        logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        scale = (c.query_pre_attn_scalar or D) ** -0.5
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype)) * scale
+        logits = softcap(logits.astype(jnp.float32), c.attn_softcap)
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(B, T, H, D)
         if rows is not None:
@@ -168,7 +239,8 @@ class MLP(nn.Module):
         E, F = self.config.hidden_size, self.config.intermediate_size
         gate = Proj((E, F), "bte,ef->btf", None, self.dtype, name="gate_proj")(x)
         up = Proj((E, F), "bte,ef->btf", None, self.dtype, name="up_proj")(x)
-        return Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(nn.silu(gate) * up)
+        act = _ACTIVATIONS[self.config.hidden_act]
+        return Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -178,20 +250,37 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None, ablation=None):
-        """rows [R]: compute the output only at these flat positions of B * T -> [1, R, E]
+    def __call__(self, x, head_mask, ctx, cache=None, cache_index=None, layer=None, rows=None, ablation=None):
+        """x [B, T, E], head_mask [H], ctx from `attention_context` -> ([B, T, E], cache).
+
+        layer: this layer's index (int or traced int32), needed when sliding and global layers
+        alternate. rows [R]: compute the output only at these flat positions of B * T -> [1, R, E]
         (keys and values still come from every position). ablation: None, or a dict with optional
         "heads" (replacement [H, D] or [B, T, H, D] of the head outputs, weighted by 1 - head_mask),
         "attn" and "mlp" ((keep scalar, replacement [E] or [B, T, E]) of the block's output);
         see `mix_replacement` and `capjax.ablation`."""
-        eps = self.config.rms_norm_eps
-        h, cache = Attention(self.config, self.dtype, name="self_attn")(
-            RMSNorm(eps, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index, rows, ablation)
+        c = self.config
+        cos, sin, mask = ctx[:3]
+        if c.mixed_layers:
+            if layer is None:
+                raise ValueError(f"{c.model_type} alternates sliding and global layers: pass the layer index")
+            sliding = jnp.asarray([t == "sliding_attention" for t in c.layer_types])[layer]
+            cos, sin, mask = (jnp.where(sliding, a_local, a) for a, a_local in zip(ctx[:3], ctx[3:]))
+        eps, off = c.rms_norm_eps, c.norm_offset
+        h, cache = Attention(c, self.dtype, name="self_attn")(
+            RMSNorm(eps, off, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index, rows,
+            ablation)
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows][None]
+        mlp_ablated = ablation is not None and ablation.get("mlp") is not None
+        if c.sandwich_norms:
+            x = x + RMSNorm(eps, off, name="post_attention_layernorm")(h)
+            h = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="pre_feedforward_layernorm")(x))
+            m = RMSNorm(eps, off, name="post_feedforward_layernorm")(h)
+            return x + (mix_replacement(m, *ablation["mlp"], rows) if mlp_ablated else m), cache
         x = x + h
-        m = MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
-        if ablation is not None and ablation.get("mlp") is not None:
+        m = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="post_attention_layernorm")(x))
+        if mlp_ablated:
             m = mix_replacement(m, *ablation["mlp"], rows)
         x = x + m
         return x, cache
@@ -216,16 +305,17 @@ class Decoder(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(0, nn.broadcast, 0, nn.broadcast, 0),
             length=c.num_layers,
         )(c, self.dtype)
-        self.norm = RMSNorm(c.rms_norm_eps)
+        self.norm = RMSNorm(c.rms_norm_eps, c.norm_offset)
         if not c.tie_word_embeddings:
             self.lm_head = Proj((c.hidden_size, c.vocab_size), "bte,ev->btv", None, self.dtype)
 
     def embed(self, tokens: Array) -> Array:
-        """tokens [B, T] -> hidden [B, T, E] in the compute dtype."""
-        return self.embed_tokens(tokens).astype(self.dtype)
+        """tokens [B, T] -> hidden [B, T, E] in the compute dtype (times sqrt(E) with embed_scale)."""
+        x = self.embed_tokens(tokens).astype(self.dtype)
+        return x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype) if self.config.embed_scale else x
 
     def unembed(self, hidden: Array) -> Array:
         """Final norm and LM head: hidden [..., E] -> float32 logits [..., V]."""
@@ -236,7 +326,7 @@ class Decoder(nn.Module):
             squeeze = x.ndim == 2
             logits = self.lm_head(x[None] if squeeze else x)
             logits = logits[0] if squeeze else logits
-        return logits.astype(jnp.float32)
+        return softcap(logits.astype(jnp.float32), self.config.final_softcap)
 
     def hidden_states(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None):
         """The decoder stack without the LM head: (hidden [B, T, E], cache)."""
@@ -249,26 +339,11 @@ class Decoder(nn.Module):
                 f"head_mask has shape {tuple(head_mask.shape)}, expected [L, H] = "
                 f"[{c.num_layers}, {c.num_heads}] (vmap over a leading axis for batches of masks)")
         index = cache["index"] if cache is not None else 0
-        q_slots = index + jnp.arange(T)
-        if cache is None:
-            key_valid = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask
-            k_slots = q_slots
-        else:
-            S = cache["k"].shape[2]
-            key_valid = jnp.ones((B, S), jnp.int32) if attention_mask is None else attention_mask
-            k_slots = jnp.arange(S)
-        if positions is None:
-            if attention_mask is None:
-                positions = jnp.broadcast_to(q_slots, (B, T))
-            else:
-                # Position = number of real tokens before this one: right and left padding alike.
-                pos_all = jnp.cumsum(key_valid, axis=-1) - 1
-                positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(pos_all, index, T, axis=1), 0)
-        cos, sin = rope_tables(c, positions, self.dtype)
-        mask = attention_mask_bool(q_slots, k_slots, key_valid, c.sliding_window)
+        ctx = attention_context(c, self.dtype, B, T, attention_mask, positions,
+                                cache_index=index, cache_len=None if cache is None else cache["k"].shape[2])
         x = self.embed(tokens)
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        x, kv = self.layers(x, head_mask, cos, sin, mask, kv, index)
+        x, kv = self.layers(x, head_mask, ctx, kv, index, jnp.arange(c.num_layers))
         new_cache = None if cache is None else {**kv, "index": index + T}
         return x, new_cache
 
@@ -325,42 +400,17 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
     then [B, T, Pf + T]: keys are those Pf prefix tokens, then the row's own T.
     """
     B, T = tokens.shape
-    if segment_ids is not None:
-        key_valid = jnp.asarray(segment_ids)
-        if positions is None:
-            raise ValueError("segment_ids need their positions (see capjax.packing.pack_examples)")
-    elif attention_mask is None:
-        key_valid = jnp.ones((B, T), jnp.int32)
-    else:
-        key_valid = jnp.asarray(attention_mask)
-    if positions is None:
-        positions = jnp.maximum(jnp.cumsum(key_valid > 0, axis=-1) - 1, 0)
-    cos, sin = rope_tables(model.config, positions, model.dtype)
-    window = model.config.sliding_window
-    x = model.apply({"params": params}, tokens, method=Decoder.embed)
-    if not prefix_len:
-        slots = jnp.arange(T)
-        mask = attention_mask_bool(slots, slots, key_valid, window)
-        if segment_ids is not None:
-            mask &= key_valid[:, :, None] == key_valid[:, None, :]
-        return x, (cos, sin, mask)
-    if segment_ids is None:
-        raise ValueError("a shared prefix needs segment_ids and positions (see capjax.packing.pack_examples)")
-    seg, pos = key_valid[:, :, None], positions[:, :, None]
-    slots = jnp.arange(T)
-    own = (key_valid[:, None, :] == seg) & (seg != 0) & (slots[None, None, :] <= slots[None, :, None])
-    shared = jnp.broadcast_to(seg > 0, (B, T, prefix_len))  # every example token sees the whole prefix
-    mask = jnp.concatenate([shared, own], axis=-1)
-    if window is not None:
-        key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix_len), (B, prefix_len)), positions], axis=1)
-        mask &= pos - key_pos[:, None, :] < window
-    return x, (cos, sin, mask)
+    ctx = attention_context(model.config, model.dtype, B, T, attention_mask, positions, segment_ids, prefix_len)
+    return model.apply({"params": params}, tokens, method=Decoder.embed), ctx
 
 
 def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,
-                capture: bool = False, rows: Array | None = None, ablation: dict | None = None):
+                capture: bool = False, rows: Array | None = None, layer: int | Array | None = None,
+                ablation: dict | None = None):
     """Runs one decoder layer: x [B, T, E] -> x [B, T, E].
 
+    layer: the layer's index (int or traced int32); required by families whose sliding and global
+    layers alternate (`ModelConfig.mixed_layers`), ignored otherwise.
     ablation: replacements of this layer's components mixed in by fractional masks (`DecoderLayer`;
     built by `capjax.ablation`); None is today's path, bit for bit.
 
@@ -371,13 +421,13 @@ def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Arr
     c = model.config
     if head_mask_l is None:
         head_mask_l = jnp.ones((c.num_heads,), model.dtype)
-    layer = DecoderLayer(c, model.dtype)
+    module, args = DecoderLayer(c, model.dtype), (x, head_mask_l, ctx)
     if rows is not None:
-        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx, rows=rows, ablation=ablation)[0][0]
+        return module.apply({"params": layer_p}, *args, layer=layer, rows=rows, ablation=ablation)[0][0]
     if not capture:
-        return layer.apply({"params": layer_p}, x, head_mask_l, *ctx, ablation=ablation)[0]
-    (x, _), state = layer.apply({"params": layer_p}, x, head_mask_l, *ctx, mutable=["intermediates"],
-                                ablation=ablation)
+        return module.apply({"params": layer_p}, *args, layer=layer, ablation=ablation)[0]
+    (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["intermediates"],
+                                 ablation=ablation)
     inputs = {group: {name: v["input"][0] for name, v in mods.items()}
               for group, mods in state["intermediates"].items()}
     return x, inputs
@@ -399,7 +449,7 @@ def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, voca
     are float32, as in `unembed`.
     """
     c = model.config
-    x = rms_norm(hidden, params["norm"]["scale"], c.rms_norm_eps)
+    x = rms_norm(hidden, params["norm"]["scale"], c.rms_norm_eps, c.norm_offset)
     tied = c.tie_word_embeddings
     w = params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"]  # [V, E] or [E, V]
     w = w.astype(model.dtype)
@@ -413,7 +463,7 @@ def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, voca
         # i * C were counted by the previous chunk and are masked out.
         start = jnp.minimum(i * C, V - C)
         wc = jax.lax.dynamic_slice_in_dim(w, start, C, axis=0 if tied else 1)
-        z = (x @ (wc.T if tied else wc)).astype(jnp.float32)  # [R, C]
+        z = softcap((x @ (wc.T if tied else wc)).astype(jnp.float32), c.final_softcap)  # [R, C]
         z = jnp.where(start + jnp.arange(C) >= i * C, z, -jnp.inf)
         m_new = jnp.maximum(m, z.max(axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=-1)

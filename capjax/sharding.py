@@ -29,20 +29,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from capjax.families import DEFAULT, Family
+
 Params = dict[str, Any]
 Rules = Sequence[tuple[str, P]]
-DATA, MODEL = "data", "model"
+DATA, MODEL = "data", "model"  # the names `capjax.families.base` uses
 
-DEFAULT_RULES: Rules = (
-    (r"embed_tokens/embedding$", P(MODEL, DATA)),                           # [V, E]
-    (r"lm_head/kernel$", P(DATA, MODEL)),                                   # [E, V]
-    (r"self_attn/(q|k|v)_proj/kernel$", P(None, DATA, MODEL, None)),        # [L, E, H|K, D]
-    (r"self_attn/(q|k|v)_proj/bias$", P(None, MODEL, None)),                # [L, H|K, D]
-    (r"self_attn/o_proj/kernel$", P(None, MODEL, None, DATA)),              # [L, H, D, E]
-    (r"mlp/(gate|up)_proj/kernel$", P(None, DATA, MODEL)),                  # [L, E, F]
-    (r"mlp/down_proj/kernel$", P(None, MODEL, DATA)),                       # [L, F, E]
-    (r".*", P()),                                                           # norms: replicated
-)
+
+def family_rules(family: Family) -> Rules:
+    """A family's sharding rules (`Family.sharding`) as (regex, PartitionSpec) pairs."""
+    return tuple((pattern, P(*spec)) for pattern, spec in family.sharding)
+
+
+# The default family's rules; every family so far shares them (norms and biases it adds fall
+# through to the replicated catch-all).
+DEFAULT_RULES: Rules = family_rules(DEFAULT)
 
 
 # ---------------------------------------------------------------------------- meshes
@@ -231,6 +232,6 @@ def maybe_initialize_distributed() -> bool:
 
 __all__ = [
     "DATA", "DEFAULT_RULES", "MODEL", "axis_size", "batch_sharding", "constrain_replicated", "fit_spec",
-    "init_params_sharded", "make_mesh", "maybe_initialize_distributed", "pad_to_multiple", "param_shardings",
+    "family_rules", "init_params_sharded", "make_mesh", "maybe_initialize_distributed", "pad_to_multiple", "param_shardings",
     "replicated", "shard_batch", "shard_params", "sharded_map", "spec_for",
 ]

@@ -23,12 +23,17 @@ TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_lay
 
 
 def make_hf_model(folder: Path, model_type: str = "llama", seed: int = 0, randomize_biases: bool = True,
-                  **overrides):
-    """A tiny random transformers model saved with save_pretrained into `folder`; returns it (eval mode)."""
+                  randomize_norms: bool = False, **overrides):
+    """A tiny random transformers model saved with save_pretrained into `folder`; returns it (eval mode).
+    randomize_norms: norm weights ~ 1 + N(0, 0.3) instead of their constant init."""
     classes = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }
     config_cls, model_cls = classes[model_type]
     torch.manual_seed(seed)
@@ -39,6 +44,8 @@ def make_hf_model(folder: Path, model_type: str = "llama", seed: int = 0, random
             for name, p in model.named_parameters():
                 if name.endswith(".bias"):
                     p.normal_(0, 0.5)
+                elif randomize_norms and "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(folder)
     return model
 

@@ -76,7 +76,8 @@ def answer_values(model, params, x: Array, ctx, ans, num_examples: int, metric: 
     example) [A]."""
     L = model.config.num_layers
     flat_pos, target, example = ans
-    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=flat_pos, ablation=ablation)
+    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=flat_pos, layer=L - 1,
+                    ablation=ablation)
     return jax.ops.segment_sum(metric.fn(model, params, h, target, ref), example, num_segments=num_examples)
 
 
@@ -104,7 +105,7 @@ def ablated_values(model, params, rows, ans, num_examples: int, metric: Metric, 
         x = inputs[start]
 
     def body(l, x):
-        return apply_layer(model, layer_params(params, l), x, ctx, spec_one["heads"][l],
+        return apply_layer(model, layer_params(params, l), x, ctx, spec_one["heads"][l], layer=l,
                            ablation=layer_ablation(spec_one, reps, l))
     x = jax.lax.fori_loop(start, L - 1, body, x)
     return answer_values(model, params, x, ctx, ans, num_examples, metric, ref, spec_one["heads"][L - 1],
@@ -125,7 +126,7 @@ def intact_inputs(model, params, rows) -> Array:
                            prefix_len=prefix.shape[0])
 
     def step(x, l):
-        return apply_layer(model, layer_params(params, l), x, ctx), x
+        return apply_layer(model, layer_params(params, l), x, ctx, layer=l), x
     return jax.lax.scan(step, x, jnp.arange(model.config.num_layers))[1]
 
 
@@ -136,8 +137,8 @@ def intact_log_probs(model, params, rows, ans) -> Array:
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx), x)
-    h = apply_layer(model, layer_params(params, L - 1), x, ctx, rows=ans[0])
+    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, layer=l), x)
+    h = apply_layer(model, layer_params(params, L - 1), x, ctx, rows=ans[0], layer=L - 1)
     return jax.nn.log_softmax(unembed(model, params, h), axis=-1)
 
 

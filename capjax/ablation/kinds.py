@@ -90,7 +90,7 @@ def component_outputs(model, params, rows) -> dict[str, jax.Array]:
 
     def step(x, l):
         lp = layer_params(params, l)
-        y, inputs = apply_layer(model, lp, x, ctx, capture=True)
+        y, inputs = apply_layer(model, lp, x, ctx, capture=True, layer=l)
         heads = inputs["self_attn"]["o_proj"]
         attn = jnp.einsum("pshd,hde->pse", heads, lp["self_attn"]["o_proj"]["kernel"].astype(model.dtype))
         mlp = jnp.einsum("psf,fe->pse", inputs["mlp"]["down_proj"],

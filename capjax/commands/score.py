@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     add_calibration_args(p)
-    p.add_argument("--subsets", type=positive_int, default=_CALIB.subsets, help="K disjoint calibration subsets")
+    p.add_argument("--subsets", type=positive_int, default=_CALIB.subsets, help="U disjoint calibration subsets")
     p.add_argument("--aggregate", default=_CALIB.aggregate, choices=estimators.names(),
                    help="a registered estimator (capjax.estimators); gradient scores take median, mean or paired")
     p.add_argument("--method", default=_CALIB.method, choices=SCORING_METHODS)
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
                    help="bootstrap resamples for each head's 95%% interval (exact ablation; 0: none)")
     p.add_argument("--checkpoint-dir", default=None, help="save finished layer groups here; a rerun resumes")
     p.add_argument("--plot", default=None, help="also write a head-score heatmap (png)")
-    p.add_argument("--out", required=True, help="scores .npz (delta [L,H], masked [K,L,H], baseline [K])")
+    p.add_argument("--out", required=True, help="scores .npz (delta [L,H], masked [U,L,H], baseline [U])")
     p.set_defaults(func=run)
 
 

@@ -2,19 +2,16 @@
 
 Legend: L layers, H query heads, K kv heads, G = H // K, D head dim, E hidden, F MLP width.
 
-Prunable weights are the seven projection kernels of every layer, keyed by their '/'-joined path
-in the params tree (see `capjax.model`):
+The prunable kernels are the family's (`capjax.families.base.Kernel`), keyed by their
+'/'-joined path in the params tree. Each kernel's region factor follows the axis its spec names:
 
-    layers/self_attn/q_proj/kernel  [L, E, H, D]   region factor: its own head's I
-    layers/self_attn/k_proj/kernel  [L, E, K, D]   kv_rule (mean | max) over the G heads sharing it
-    layers/self_attn/v_proj/kernel  [L, E, K, D]   same as k
-    layers/self_attn/o_proj/kernel  [L, H, D, E]   its own head's I
-    layers/mlp/gate_proj/kernel     [L, E, F]      the layer's mean head I
-    layers/mlp/up_proj/kernel       [L, E, F]      same
-    layers/mlp/down_proj/kernel     [L, F, E]      same
+    heads "query"  its own head's I (q_proj [L, E, H, D], o_proj [L, H, D, E] for Llama)
+    heads "kv"     kv_rule (mean | max) over the G query heads sharing the kv head (k, v)
+    no heads       the layer's mean head I (the MLP kernels)
 
 Embeddings, lm_head, norms and biases are never pruned. In HF's [out, in] view a kernel's input
-axes are the ones right after L (E for q/k/v/gate/up, (H, D) for o, F for down).
+axes are its spec's `n_in` axes right after L. Functions without a `family` argument use
+`capjax.families.DEFAULT`, whose prunable layout every family shares.
 """
 
 from __future__ import annotations
@@ -25,19 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax.families import DEFAULT, Family
+
 Array = jax.Array
 Params = dict[str, Any]
 
 # path -> number of input axes after the layer axis
-PRUNABLE: dict[str, int] = {
-    "layers/self_attn/q_proj/kernel": 1,
-    "layers/self_attn/k_proj/kernel": 1,
-    "layers/self_attn/v_proj/kernel": 1,
-    "layers/self_attn/o_proj/kernel": 2,
-    "layers/mlp/gate_proj/kernel": 1,
-    "layers/mlp/up_proj/kernel": 1,
-    "layers/mlp/down_proj/kernel": 1,
-}
+PRUNABLE: dict[str, int] = {k.path: k.n_in for k in DEFAULT.kernels}
 KV_RULES = ("mean", "max")
 
 
@@ -47,9 +38,9 @@ def get_path(tree: Params, path: str) -> Any:
     return tree
 
 
-def get_kernels(params: Params) -> dict[str, Array]:
-    """The seven stacked prunable kernels, keyed by path."""
-    return {p: get_path(params, p) for p in PRUNABLE}
+def get_kernels(params: Params, family: Family = DEFAULT) -> dict[str, Array]:
+    """The stacked prunable kernels, keyed by path."""
+    return {k.path: get_path(params, k.path) for k in family.kernels}
 
 
 def rows_view(kernel: Array, path: str, stacked: bool = True) -> Array:
@@ -97,20 +88,29 @@ def kv_importance(importance: Array, num_kv_heads: int, kv_rule: str = "mean") -
     return grouped.mean(-1) if kv_rule == "mean" else grouped.max(-1)
 
 
-def region_factors(importance: Array, num_kv_heads: int, kv_rule: str = "mean") -> dict[str, Array]:
-    """Per-kernel importance factors, each broadcastable to its stacked kernel [L, ...]."""
+def head_factor(values: Array, ndim: int, head_axis: int) -> Array:
+    """values [L, N] (one per layer and head) shaped to broadcast against a stacked kernel with
+    `ndim` axes whose heads are on `head_axis`."""
+    shape = [1] * ndim
+    shape[0], shape[head_axis] = values.shape
+    return values.reshape(shape)
+
+
+def region_factors(importance: Array, num_kv_heads: int, kv_rule: str = "mean",
+                   family: Family = DEFAULT, ndims: dict[str, int] | None = None) -> dict[str, Array]:
+    """Per-kernel importance factors, each broadcastable to its stacked kernel [L, ...].
+
+    ndims: path -> the stacked kernel's number of axes (default: 1 + n_in + 2 for head kernels,
+    i.e. heads and D on the output side or input side, and 3 for the others)."""
     I = jnp.asarray(importance, jnp.float32)
-    kv = kv_importance(I, num_kv_heads, kv_rule)
-    layer = I.mean(-1)[:, None, None]
-    return {
-        "layers/self_attn/q_proj/kernel": I[:, None, :, None],
-        "layers/self_attn/k_proj/kernel": kv[:, None, :, None],
-        "layers/self_attn/v_proj/kernel": kv[:, None, :, None],
-        "layers/self_attn/o_proj/kernel": I[:, :, None, None],
-        "layers/mlp/gate_proj/kernel": layer,
-        "layers/mlp/up_proj/kernel": layer,
-        "layers/mlp/down_proj/kernel": layer,
-    }
+    by_heads = {"query": I, "kv": kv_importance(I, num_kv_heads, kv_rule)}
+    layer = I.mean(-1)
+    out = {}
+    for k in family.kernels:
+        n = (ndims or {}).get(k.path, 4 if k.heads else 3)
+        out[k.path] = (head_factor(by_heads[k.heads], n, k.head_axis) if k.heads
+                       else layer.reshape((-1,) + (1,) * (n - 1)))
+    return out
 
 
 @jax.jit
@@ -118,15 +118,18 @@ def _scaled_abs(w: Array, f: Array) -> Array:
     return jnp.abs(w).astype(jnp.float32) * f
 
 
-def weight_scores(params: Params, importance: Array, kv_rule: str = "mean") -> dict[str, Array]:
+def weight_scores(params: Params, importance: Array, kv_rule: str = "mean",
+                  family: Family = DEFAULT) -> dict[str, Array]:
     """S = |W| * I(region) for every prunable kernel (float32), keyed by path.
 
-    importance: I [L, H] (see `importance_from_scores`); K is read from the k_proj kernel.
+    importance: I [L, H] (see `importance_from_scores`); H and K are read from the kernels' head
+    axes named by the family spec.
     """
-    kernels = get_kernels(params)
-    L, _, H, _ = kernels["layers/self_attn/q_proj/kernel"].shape
-    K = kernels["layers/self_attn/k_proj/kernel"].shape[2]
+    kernels = get_kernels(params, family)
+    q, kv = family.head_kernels("query")[0], family.head_kernels("kv")[0]
+    L, H = kernels[q.path].shape[0], kernels[q.path].shape[q.head_axis]
+    K = kernels[kv.path].shape[kv.head_axis]
     if tuple(importance.shape) != (L, H):
         raise ValueError(f"importance has shape {list(importance.shape)}, expected [L, H] = [{L}, {H}]")
-    factors = region_factors(importance, K, kv_rule)
+    factors = region_factors(importance, K, kv_rule, family, {p: w.ndim for p, w in kernels.items()})
     return {p: _scaled_abs(w, factors[p]) for p, w in kernels.items()}

@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax.families import Family, family_of
 from capjax.model import apply_layer, layer_context, layer_params
-from capjax.pruning.importance import (PRUNABLE, get_path, region_factors,
+from capjax.pruning.importance import (PRUNABLE, get_path, head_factor, region_factors,
                                        rows_view, weight_scores)
 from capjax.pruning.nm import nm_prune_mask
 from capjax.pruning.registry import METHODS, MethodSpec
@@ -63,8 +64,13 @@ class Job:
     mesh: Any = None  # a jax Mesh: calibration chunks are split over its "data" axis
 
     @property
+    def family(self) -> Family:
+        return family_of(getattr(self.model, "config", None))
+
+    @property
     def num_kv_heads(self) -> int:
-        return self.kernels["layers/self_attn/k_proj/kernel"].shape[2]
+        kv = self.family.head_kernels("kv")[0]
+        return self.kernels[kv.path].shape[kv.head_axis]
 
 
 def _nm_masks(scores: Kernels, nm: tuple[int, int]) -> Kernels:
@@ -106,7 +112,7 @@ def random(job: Job) -> tuple[Kernels, Kernels]:
 
 
 def cap(job: Job) -> tuple[Kernels, Kernels]:
-    scores = weight_scores(job.params, job.importance, job.options["kv_rule"])
+    scores = weight_scores(job.params, job.importance, job.options["kv_rule"], job.family)
     if job.nm:
         return job.kernels, _nm_masks(scores, job.nm)
     if job.options["scope"] == "layer":
@@ -132,25 +138,20 @@ def cap_heads(job: Job) -> tuple[Kernels, Kernels]:
     K = job.num_kv_heads
     removed = jnp.asarray(heads_to_remove(job.delta, job.sparsity))
     kv_removed = removed.reshape(L, K, H // K).all(-1)
+    by_heads = {"query": removed, "kv": kv_removed}
     masks = {}
-    for p, w in job.kernels.items():
-        if "q_proj" in p:
-            m = removed[:, None, :, None]
-        elif "o_proj" in p:
-            m = removed[:, :, None, None]
-        elif "k_proj" in p or "v_proj" in p:
-            m = kv_removed[:, None, :, None]
-        else:
-            m = jnp.zeros((1,) * w.ndim, bool)
-        masks[p] = jnp.broadcast_to(m, w.shape)
+    for k in job.family.kernels:
+        w = job.kernels[k.path]
+        m = head_factor(by_heads[k.heads], w.ndim, k.head_axis) if k.heads else jnp.zeros((1,) * w.ndim, bool)
+        masks[k.path] = jnp.broadcast_to(m, w.shape)
     return job.kernels, masks
 
 
 # ---------------------------------------------------------------------------- layer by layer
-def _input_stats(model, kind: str, lp: dict, x: Array, ctx, w: Array) -> dict[str, Array]:
+def _input_stats(model, kind: str, lp: dict, layer: Array, x: Array, ctx, w: Array) -> dict[str, Array]:
     """Statistics of every projection's input over real tokens (w [B, T] = attention mask):
     kind "norm": sum of x_j^2 [n_in]; kind "hessian": sum of x x^T [n_in, n_in]."""
-    _, inputs = apply_layer(model, lp, x, ctx, capture=True)
+    _, inputs = apply_layer(model, lp, x, ctx, capture=True, layer=layer)
     stats = {}
     for group, mods in inputs.items():
         for name, a in mods.items():
@@ -162,9 +163,9 @@ def _input_stats(model, kind: str, lp: dict, x: Array, ctx, w: Array) -> dict[st
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _layer_stats(model, kind: str, lp: dict, xs: Array, ctxs, ws: Array) -> dict[str, Array]:
+def _layer_stats(model, kind: str, lp: dict, xs: Array, ctxs, ws: Array, layer: Array | None = None) -> dict[str, Array]:
     """Input statistics summed over chunks: xs [C, B, T, E], ctxs / ws chunked alike."""
-    f = partial(_input_stats, model, kind, lp)
+    f = partial(_input_stats, model, kind, lp, layer)
     first = jax.tree.map(lambda a: a[0], (xs, ctxs, ws))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(f, *first))
     step = lambda acc, c: (jax.tree.map(jnp.add, acc, f(*c)), None)  # noqa: E731
@@ -180,10 +181,10 @@ def _set_kernels(lp: dict, kernels: Kernels) -> dict:
 
 
 @partial(jax.jit, static_argnums=0)
-def _layer_forward(model, lp: dict, new: Kernels, prune: Kernels, xs: Array, ctxs) -> Array:
+def _layer_forward(model, lp: dict, layer: Array, new: Kernels, prune: Kernels, xs: Array, ctxs) -> Array:
     """The pruned layer (kernels `new`, zero where `prune`) applied to every chunk of xs."""
     lp = _set_kernels(lp, {p: jnp.where(prune[p], jnp.zeros((), v.dtype), v) for p, v in new.items()})
-    return jax.lax.map(lambda c: apply_layer(model, lp, *c), (xs, ctxs))
+    return jax.lax.map(lambda c: apply_layer(model, lp, *c, layer=layer), (xs, ctxs))
 
 
 _layer_slice = jax.jit(layer_params)
@@ -214,10 +215,10 @@ def _sequential(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Ke
     new_layers, prune_layers = [], []
     for l in range(model.config.num_layers):
         lp = _layer_slice(params, l)
-        stats = _layer_stats(model, kind, lp, xs, ctxs, ws)
+        stats = _layer_stats(model, kind, lp, xs, ctxs, ws, jnp.int32(l))
         kernels_l = {p: get_path(lp, p.split("/", 1)[1]) for p in PRUNABLE}
         new_l, prune_l = prune_layer(l, kernels_l, stats, n_tokens)
-        xs = _layer_forward(model, lp, new_l, prune_l, xs, ctxs)
+        xs = _layer_forward(model, lp, jnp.int32(l), new_l, prune_l, xs, ctxs)
         new_layers.append(new_l)
         prune_layers.append(prune_l)
     return _stack_layers(new_layers), _stack_layers(prune_layers)
@@ -256,7 +257,7 @@ def wanda(job: Job) -> tuple[Kernels, Kernels]:
 
 
 def cap_wanda(job: Job) -> tuple[Kernels, Kernels]:
-    return _wanda_like(job, region_factors(job.importance, job.num_kv_heads, job.options["kv_rule"]))
+    return _wanda_like(job, region_factors(job.importance, job.num_kv_heads, job.options["kv_rule"], job.family))
 
 
 # ---------------------------------------------------------------------------- SparseGPT

@@ -16,6 +16,7 @@ import numpy as np
 
 from capjax.distributed import to_host
 from capjax.errors import NonFiniteError
+from capjax.families import family_of
 from capjax.pruning.importance import PRUNABLE, get_kernels, get_path, head_delta, importance_from_scores
 from capjax.pruning.methods import Job
 from capjax.pruning import registry
@@ -143,7 +144,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     options = check_options(method, method_options)
     config = model.config
     params = _placed(params, mesh)
-    kernels = get_kernels(params)
+    kernels = get_kernels(params, family_of(config))
     bad = [p for p, n in _nonfinite_counts(kernels).items() if int(n)]
     if bad:
         raise NonFiniteError(f"NaN or Inf weights in {', '.join(bad)}: cannot rank them for pruning; "

@@ -105,10 +105,12 @@ def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers
     tokens, loss_mask = batch["tokens"], batch["loss_mask"]
     x, ctx = layer_context(model, params, tokens, positions=batch["positions"], segment_ids=batch["segment_ids"])
 
-    def body(x, layer):
-        return apply_layer(model, layer_fn(layer), x, ctx), None
+    def body(x, item):
+        layer, index = item  # the index: families whose sliding and global layers alternate
+        return apply_layer(model, layer_fn(layer), x, ctx, layer=index), None
 
-    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, layers)
+    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
+                        (layers, jnp.arange(model.config.num_layers)))
     h = x[:, :-1].reshape(-1, x.shape[-1])  # position s predicts token s + 1
     target, w = tokens[:, 1:].reshape(-1), loss_mask[:, 1:].reshape(-1)
     R = h.shape[0]
