@@ -347,15 +347,6 @@ def _mask_gradient(model, params, rows, ans, num_examples, subset_onehot, subset
     return jax.jacrev(losses)(jnp.ones((c.num_layers, c.num_heads), jnp.float32))
 
 
-def _subsets(B: int, K: int) -> list[np.ndarray]:
-    if K < 1:
-        raise ValueError(f"subsets must be >= 1, got {K}")
-    if K > B:
-        raise ValueError(f"subsets={K} is larger than the calibration set ({B} examples): "
-                         "use fewer subsets or more examples")
-    return np.array_split(np.arange(B), K)
-
-
 def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str:
     h = hashlib.sha256()
     h.update(repr((model.config, str(model.dtype), extra)).encode())
@@ -395,7 +386,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         raise ValueError(f"unknown aggregate {aggregate!r} for method={method!r}: use one of {', '.join(known)}")
     prep = _prepare(model, tokens, loss_mask, attention_mask, pack, share_prefix)
     ans, B = prep.ans, prep.packed.num_examples
-    groups = _subsets(B, subsets)
+    groups = estimators.subset_groups(B, subsets)
     onehot = np.zeros((len(groups), B), np.float32)
     for k, g in enumerate(groups):
         onehot[k, g] = 1.0
