@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from capjax.commands.common import check_calibration_data, non_negative_int, positive_int
-from capjax.experiment.config import CALIB_TASKS, ConfigError, parse_nm_text
+from capjax.experiment.config import CALIB_TASKS, CalibrationConfig, ConfigError, parse_nm_text
 from capjax.pruning import registry
+
+
+_CALIB = CalibrationConfig()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,8 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
     p.add_argument("--scores", default=None, help="scores.npz with key 'delta' [L, H] (cap methods)")
     p.add_argument("--calib", default=None, choices=CALIB_TASKS, help="calibration task (wanda, sparsegpt, cap_wanda)")
-    p.add_argument("--n", type=positive_int, default=128, help="calibration examples")
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--n", type=positive_int, default=_CALIB.n, help="calibration examples")
+    p.add_argument("--seq-len", type=positive_int, default=_CALIB.seq_len)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=non_negative_int, default=0, help="calibration sampling (and random pruning) seed")
     p.add_argument("--kv-rule", default=None, choices=("mean", "max"), help="cap / cap_wanda kv head rule")
