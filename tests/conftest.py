@@ -50,6 +50,43 @@ def make_hf_model(folder: Path, model_type: str = "llama", seed: int = 0, random
     return model
 
 
+def char_tokenizer():
+    """A character-level tokenizer (printable ASCII and newline, no BOS) that fits the tiny vocab of 101."""
+    import tokenizers
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")
+
+
+def check_save_reload(hf, model, params, out: Path) -> None:
+    """capjax.save_pretrained into `out`: transformers reloads the same class with the same logits,
+    the written keys equal its state dict's (tied lm_head excluded) and `hf_keys`, and capjax
+    reads back the same config and params."""
+    import jax
+    from safetensors import safe_open
+
+    import capjax
+    from capjax.convert import hf_keys
+
+    capjax.save_pretrained(model, params, out)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded) is type(hf)
+    with safe_open(out / "model.safetensors", framework="flax") as f:
+        written = set(f.keys())
+    expected = set(hf.state_dict().keys()) - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set())
+    assert written == expected == hf_keys(model.config)
+    tokens = torch.tensor(np.random.RandomState(0).randint(0, 101, (2, 7)))
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(tokens).logits.numpy(), hf(tokens).logits.numpy(), atol=1e-6)
+    again, params2 = capjax.load_pretrained(out)
+    assert again.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
 def o_proj_mask_hooks(hf_model, head_mask: np.ndarray):
     """Forward pre-hooks on every layer's o_proj that scale head h's input slice by head_mask[l, h]."""
     D = hf_model.config.head_dim if getattr(hf_model.config, "head_dim", None) else (

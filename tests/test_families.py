@@ -10,16 +10,14 @@ import pytest
 import torch
 import transformers
 import yaml
-from safetensors import safe_open
 
 import capjax
 from capjax.cli import main
-from capjax.convert import hf_keys
 from capjax.evaluate import generate
 from capjax.families import SUPPORTED_MODEL_TYPES, family_for
 from capjax.model import init_cache
 from capjax.pruning import prune, sparsity_report
-from conftest import make_hf_model, o_proj_mask_hooks
+from conftest import char_tokenizer, check_save_reload, make_hf_model, o_proj_mask_hooks
 
 # Tiny random configs: MHA and GQA for every family (head_dim set where the family's default is large).
 CASES = {
@@ -121,19 +119,7 @@ def test_generate_matches_transformers(tmp_path, case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_save_reload_roundtrip(tmp_path, case):
     hf, model, params = _load(tmp_path / "src", case)
-    capjax.save_pretrained(model, params, tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(reloaded) is type(hf)
-    with safe_open(tmp_path / "out" / "model.safetensors", framework="flax") as f:
-        written = set(f.keys())
-    expected = set(hf.state_dict().keys()) - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set())
-    assert written == expected == hf_keys(model.config)
-    tokens = torch.tensor(np.random.RandomState(0).randint(0, 101, (2, 7)))
-    with torch.no_grad():
-        np.testing.assert_allclose(reloaded(tokens).logits.numpy(), hf(tokens).logits.numpy(), atol=1e-6)
-    again, params2 = capjax.load_pretrained(tmp_path / "out")
-    assert again.config == model.config
-    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    check_save_reload(hf, model, params, tmp_path / "out")
 
 
 @pytest.mark.parametrize("case", _split(CASES))
@@ -160,24 +146,13 @@ def test_prune_and_export(tmp_path, case, method, nm):
         assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
 
 
-def _char_tokenizer():
-    import tokenizers
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
-
-
 @SLOW
 @pytest.mark.parametrize("model_type", sorted({t for t, _ in CASES.values()}))
 def test_capjax_run(tmp_path, model_type):
     case = next(k for k, (t, _) in CASES.items() if t == model_type)
     make_hf_model(tmp_path / "model", model_type, **{**CASES[case][1], "max_position_embeddings": 512,
                                                       "eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None})
-    _char_tokenizer().save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
     cfg = {"model": str(tmp_path / "model"), "out": str(tmp_path / "out"), "seed": 0,
            "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 256, "subsets": 2},
            "pruning": {"methods": ["cap", "wanda"], "sparsities": [0.5]},

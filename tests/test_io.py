@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 
 import capjax
 from capjax.config import ModelConfig, UnsupportedConfigError
-from capjax.convert import hf_keys
-from conftest import make_hf_model, needs_smollm2
+from conftest import check_save_reload, make_hf_model, needs_smollm2
 
 
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
@@ -25,20 +23,7 @@ from conftest import make_hf_model, needs_smollm2
 def test_save_reload_roundtrip(tmp_path, model_type, overrides):
     hf = make_hf_model(tmp_path / "src", model_type, **overrides)
     model, params = capjax.load_pretrained(tmp_path / "src")
-    capjax.save_pretrained(model, params, tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(reloaded) is type(hf)
-    # Key sets: what we wrote == what transformers' model holds (tied lm_head excluded by both).
-    with safe_open(tmp_path / "out" / "model.safetensors", framework="flax") as f:
-        written = set(f.keys())
-    expected = set(hf.state_dict().keys()) - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set())
-    assert written == expected == hf_keys(model.config)
-    tokens = torch.tensor(np.random.RandomState(0).randint(0, 101, (2, 7)))
-    with torch.no_grad():
-        np.testing.assert_allclose(reloaded(tokens).logits.numpy(), hf(tokens).logits.numpy(), atol=1e-6)
-    again, params2 = capjax.load_pretrained(tmp_path / "out")
-    assert again.config == model.config
-    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    check_save_reload(hf, model, params, tmp_path / "out")
 
 
 def test_sharded_checkpoint_with_index(tmp_path):

@@ -20,19 +20,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from conftest import DATA_DIR, HAS_DATA, make_hf_model, needs_smollm2  # noqa: E402
+from conftest import DATA_DIR, HAS_DATA, char_tokenizer, make_hf_model, needs_smollm2  # noqa: E402
 
 TASKS = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
-
-
-def char_tokenizer():
-    """Character-level tokenizer (printable ASCII, newline) for the tiny vocab of 101; no BOS."""
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
 
 
 def task_dir(tmp_path: Path, data: Path, names: list[str]) -> Path:

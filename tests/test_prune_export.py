@@ -16,18 +16,9 @@ import capjax  # noqa: E402
 from capjax import cli  # noqa: E402
 from capjax.pruning import PRUNABLE, prune, sparsity_report  # noqa: E402
 from capjax.pruning.importance import rows_view  # noqa: E402
+from conftest import char_tokenizer  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
-
-
-def char_tokenizer():
-    """A character-level tokenizer (printable ASCII and newline) that fits the tiny vocab."""
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
