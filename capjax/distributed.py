@@ -207,15 +207,19 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([stacked[p, :len(range(n)[process_rows(n, p, count)])] for p in range(count)])
 
 
-def exists(path: str | os.PathLike) -> bool:
-    """Whether `path` exists, as process 0 sees it, on every process: a decision to reuse or to
-    compute must be the same everywhere, or the processes would run different collectives."""
-    found = os.path.exists(path)
+def process0_says(flag: bool) -> bool:
+    """Process 0's `flag`, on every process: a decision to reuse or to compute must be the same
+    everywhere, or the processes would run different collectives."""
     if jax.process_count() == 1:
-        return found
+        return flag
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether `path` exists, as process 0 sees it, on every process (`process0_says`)."""
+    return process0_says(os.path.exists(path))
 
 
 def restore_numpy(path: str | os.PathLike) -> Any:
@@ -257,5 +261,6 @@ def barrier(name: str) -> None:
 
 __all__ = [
     "DistributedConfigError", "DistributedSettings", "barrier", "checksum", "enabled", "exists", "gather_rows",
-    "initialize", "is_writer", "place_batch", "process_rows", "restore_numpy", "settings_from_env", "to_host",
+    "initialize", "is_writer", "place_batch", "process0_says", "process_rows", "restore_numpy", "settings_from_env",
+    "to_host",
 ]

@@ -265,30 +265,33 @@ class Experiment:
                           "data": self._data_digest(f"recovery.data {settings.data}")})
         name = f"{run['name']}+recovery"
         saved = self.store.load_json("recovery", fp, required=("history",))
-        evals_done = saved is not None and all(
-            self.store.load_json("evals", self.eval_fingerprint(fp, t), required=("metrics", "examples")) is not None
-            for t in tasks)
-        achieved = None
-        if saved is not None and evals_done:
-            history = saved["history"]
-            achieved = saved.get("achieved_sparsity")
-            self._event("reused", f"recovery/{name}", self.store.path("recovery", fp))
-            params = None
-        else:
-            from capjax.recovery import run_recovery
+        recovered: dict[str, Any] = {}
 
-            _log(f"{name}: {settings.steps} recovery steps ({settings.mode}, data {settings.data})")
-            params, history = run_recovery(self.model, pruned, masks, self.tokenizer, settings,
-                                           checkpoint_dir=self.out / "checkpoints" / "recovery" / fp, mesh=self.mesh,
-                                           data_dir=self.cfg.data_dir)
-            history = {k: np.asarray(v).tolist() for k, v in history.items() if k in ("loss", "lr")}
-            achieved = sparsity_report(params).total
-            path = self.store.save_json("recovery", fp, {"history": history, "achieved_sparsity": achieved})
-            self._event("computed", f"recovery/{name}", path)
+        def params():  # run only when an evaluation has to be computed (it resumes from checkpoints)
+            if not recovered:
+                from capjax.recovery import run_recovery
+
+                _log(f"{name}: {settings.steps} recovery steps ({settings.mode}, data {settings.data})")
+                out, history = run_recovery(self.model, pruned, masks, self.tokenizer, settings,
+                                            checkpoint_dir=self.out / "checkpoints" / "recovery" / fp,
+                                            mesh=self.mesh, data_dir=self.cfg.data_dir)
+                recovered.update(params=out, achieved_sparsity=sparsity_report(out).total,
+                                 history={k: np.asarray(v).tolist() for k, v in history.items() if k in ("loss", "lr")})
+                path = self.store.save_json("recovery", fp, {"history": recovered["history"],
+                                                             "achieved_sparsity": recovered["achieved_sparsity"]})
+                self._event("computed", f"recovery/{name}", path)
+            return recovered["params"]
+
+        if saved is None:
+            params()
+        evals = self.evaluate(name, params, fp, tasks)
+        if not recovered:
+            recovered.update(history=saved["history"], achieved_sparsity=saved.get("achieved_sparsity"))
+            self._event("reused", f"recovery/{name}", self.store.path("recovery", fp))
         row = {**run, "name": name, "method": f"{run['method']}+recovery", "fingerprint": fp,
-               "masks_status": self.events[-1].split()[0], "achieved_sparsity": achieved,
-               "eval": self.evaluate(name, params, fp, tasks)}
-        return row, history
+               "masks_status": "computed" if "params" in recovered else "reused",
+               "achieved_sparsity": recovered["achieved_sparsity"], "eval": evals}
+        return row, recovered["history"]
 
     def eval_fingerprint(self, params_fp: str, task: str) -> str:
         e = self.cfg.evaluation
@@ -303,7 +306,8 @@ class Experiment:
         return fingerprint(inputs)
 
     def evaluate(self, name: str, params, params_fp: str, tasks: list[str]) -> dict[str, dict]:
-        """{task: {"metrics", "examples", "fingerprint", "status"}} for one model."""
+        """{task: {"metrics", "examples", "fingerprint", "status"}} for one model. `params` may be a
+        function that makes them, called only if some task has no saved evaluation."""
         from capjax.evaluate import evaluate
 
         e = self.cfg.evaluation
@@ -315,6 +319,8 @@ class Experiment:
                 results[task] = {**saved, "status": "reused"}
                 self._event("reused", f"evals/{name}/{task}", self.store.path("evals", fp))
                 continue
+            if callable(params):
+                params = params()
             r = evaluate(self.model, params, self.tokenizer, [task], data_dir=self.cfg.data_dir,
                          limit=e.limit_for(task), seed=self.cfg.seed, max_new_tokens=e.max_new_tokens,
                          batch_size=e.batch_size, chat=self.cfg.calibration.chat, seq_len=e.ppl_seq_len,

@@ -114,11 +114,9 @@ def agreed(found: bool, what: Path) -> bool:
     everywhere, or the processes would run different collectives)."""
     import jax
 
-    if jax.process_count() == 1:
-        return found
-    from jax.experimental import multihost_utils
+    from capjax.distributed import process0_says
 
-    decided = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    decided = process0_says(found)
     if decided and not found:
         raise ArtifactError(f"process {jax.process_index()} cannot read {what}, which process 0 reuses: "
                             "the results folder must be on a filesystem every process shares")
