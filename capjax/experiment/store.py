@@ -28,7 +28,7 @@ import numpy as np
 
 from capjax.errors import ArtifactError
 
-KINDS = ("scores", "masks", "evals", "recovery")
+SUFFIXES = {"scores": ".npz", "masks": ".npz", "evals": ".json", "recovery": ".json"}  # artifact kind -> file
 
 
 def fingerprint(inputs: Any) -> str:
@@ -135,8 +135,7 @@ class Store:
         self._digests: dict[str, str] | None = None
 
     def path(self, kind: str, fp: str) -> Path:
-        suffix = ".json" if kind in ("evals", "recovery") else ".npz"
-        return self.root / kind / f"{fp}{suffix}"
+        return self.root / kind / f"{fp}{SUFFIXES[kind]}"
 
     # ---------------------------------------------------------------- file digests
     def digest(self, path: Path) -> str:
