@@ -1,29 +1,39 @@
-"""Scoring and evaluation speed of whichever capjax is on PYTHONPATH, for side-by-side runs
-(e.g. before and after a refactor) on SmolLM2-135M-Instruct, float32, no torch.
+"""Before/after speed of a refactor, side by side in one run, on SmolLM2-135M-Instruct (float32, no torch).
 
-    PYTHONPATH=/path/to/old python scripts/bench_refactor.py [--n 6] [--seq-len 128] [--reps 2]
-    PYTHONPATH=/path/to/new python scripts/bench_refactor.py ...
+    python scripts/bench_refactor.py --baseline 7e92ba9 [--rounds 3] [--n 6] [--seq-len 128] [--reps 2]
 
-Prints the best of `reps` warm (compiled) wall times of: exact head scoring (score_heads, all
-L * H heads), a full-logits forward over the calibration batch (evaluation's path), and greedy
-generation of 16 tokens for 4 prompts (the KV-cache path), plus a checksum of the scores.
+extracts the baseline commit's tree (`git archive`) to a temporary folder, then runs the same
+measurement in fresh subprocesses, alternately importing the baseline's capjax and this tree's
+(the order flips every round, so drift in machine load hits both alike), and prints each one's
+median over the rounds and the ratio baseline / current (> 1: the current tree is faster).
+
+Measured, each as the best of `reps` warm (compiled) wall times: exact head scoring (score_heads,
+all L * H heads), a full-logits forward over the calibration batch (evaluation's path), and greedy
+generation of 16 tokens for 4 prompts (the KV-cache path). The scores' checksums must agree.
+
+    PYTHONPATH=/some/tree python scripts/bench_refactor.py --measure
+
+measures whichever capjax is on PYTHONPATH once and prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
-import jax
-import numpy as np
-
-import capjax
-from capjax.attribution import score_heads
-from capjax.data import build_calibration
-from capjax.evaluate import generate
+ROOT = Path(__file__).resolve().parents[1]
+MEASURES = ("score_heads", "forward", "generate")
 
 
-def best(f, reps):
+def _best(f, reps: int) -> float:
     f()  # compile
     times = []
     for _ in range(reps):
@@ -33,15 +43,18 @@ def best(f, reps):
     return min(times)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=6)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=2)
-    args = p.parse_args()
+def measure(n: int, seq_len: int, reps: int) -> dict:
+    import jax
+    import numpy as np
+
+    import capjax
+    from capjax.attribution import score_heads
+    from capjax.data import build_calibration
+    from capjax.evaluate import generate
+
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     tok = capjax.load_tokenizer("smollm2-135m-instruct")
-    calib = build_calibration("synthetic", tok, n=args.n, seq_len=args.seq_len, seed=0)
+    calib = build_calibration("synthetic", tok, n=n, seq_len=seq_len, seed=0)
     out = {}
 
     def score():
@@ -55,11 +68,67 @@ def main():
 
     def gen():
         generate(model, params, prompts, 16, batch_size=4, eos_ids=[])
-    print(f"capjax from {capjax.__file__}")
-    print(f"score_heads  N={args.n} T={args.seq_len}: {best(score, args.reps):7.2f} s "
-          f"(delta checksum {np.abs(out['s'].delta).sum():.6f})")
-    print(f"forward      [{args.n}, {args.seq_len}]:       {best(forward, args.reps):7.3f} s")
-    print(f"generate     4 x 16 tokens:     {best(gen, args.reps):7.3f} s")
+    times = {"score_heads": _best(score, reps), "forward": _best(forward, reps), "generate": _best(gen, reps)}
+    return {"capjax": capjax.__file__, "checksum": float(np.abs(out["s"].delta).sum()), **times}
+
+
+def _extract(rev: str, dest: Path) -> Path:
+    archive = dest / "tree.tar"
+    with open(archive, "wb") as f:
+        subprocess.run(["git", "-C", str(ROOT), "archive", rev, "capjax"], stdout=f, check=True)
+    with tarfile.open(archive) as t:
+        t.extractall(dest / "tree", filter="data")
+    return dest / "tree"
+
+
+def _run(tree: Path, args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--n", str(args.n),
+           "--seq-len", str(args.seq_len), "--reps", str(args.reps)]
+    res = subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"bench_refactor: the run with PYTHONPATH={tree} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"baseline": _extract(args.baseline, Path(tmp)), "current": ROOT}
+        runs: dict[str, list[dict]] = {"baseline": [], "current": []}
+        print(f"baseline {args.baseline} vs current tree {ROOT}; N={args.n} T={args.seq_len}, "
+              f"{args.rounds} rounds, load average at start {os.getloadavg()[0]:.2f}", flush=True)
+        for r in range(args.rounds):
+            order = ["baseline", "current"] if r % 2 == 0 else ["current", "baseline"]
+            for name in order:
+                m = _run(trees[name], args)
+                runs[name].append(m)
+                print(f"round {r + 1} {name:8s} " + "  ".join(f"{k} {m[k]:7.3f} s" for k in MEASURES)
+                      + f"  checksum {m['checksum']:.6f}", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    print(f"{'':12s} {'baseline':>10s} {'current':>10s} {'baseline/current':>17s}")
+    for k in MEASURES:
+        b = statistics.median(m[k] for m in runs["baseline"])
+        c = statistics.median(m[k] for m in runs["current"])
+        print(f"{k:12s} {b:9.3f}s {c:9.3f}s {b / c:16.3f}x")
+    sums = {m["checksum"] for ms in runs.values() for m in ms}
+    print(f"score checksums: {sorted(sums)} ({'equal' if max(sums) - min(sums) < 1e-6 else 'DIFFERENT'})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", help="git revision to compare against (e.g. 7e92ba9)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--measure", action="store_true", help="measure the capjax on PYTHONPATH once (JSON line)")
+    p.add_argument("--n", type=int, default=6)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=2)
+    args = p.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.n, args.seq_len, args.reps)))
+    elif args.baseline:
+        side_by_side(args)
+    else:
+        p.error("give --baseline REV (side by side) or --measure")
 
 
 if __name__ == "__main__":
