@@ -111,8 +111,8 @@ def _nonfinite_counts(kernels):
 
 
 @jax.jit
-def _finalize(kernels, new, pruned):
-    keep = {p: ~pruned[p] for p in PRUNABLE}
+def _finalize(kernels, new, keep):
+    keep = {p: jnp.asarray(keep[p]).astype(bool) for p in PRUNABLE}
     out = {p: jnp.where(keep[p], new[p].astype(w.dtype), jnp.zeros((), w.dtype)) for p, w in kernels.items()}
     return out, keep
 
@@ -172,8 +172,8 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
         return params, _placed(_rebuild(params, masks, lambda _: None), mesh)
     job = Job(model, params, kernels, sparsity, nm, importance, delta,
               tokens, am, options, mesh)
-    new, pruned = spec.fn(job)
-    out, keep = _finalize(kernels, new, pruned)
+    new, keep = spec.fn(job)
+    out, keep = _finalize(kernels, new, keep)
     return _placed(_rebuild(params, out, lambda a: a), mesh), _placed(_rebuild(params, keep, lambda _: None), mesh)
 
 
