@@ -1,7 +1,7 @@
 """Pruning methods. Each returns (new kernels, keep masks) over the seven prunable kernels;
 every mask is True = kept (as `capjax.prune` returns and as jaxpruner does).
 
-Legend: L layers, H query heads, K kv heads, G = H // K, N calibration sequences, T time,
+Legend: L layers, H query heads, K kv heads, G = H // K, B calibration sequences, T time,
 n_in / n_out a matrix's input / output width (HF's [out, in] weight is `rows_view(kernel).T`).
 
     magnitude   |W|; scope "matrix" (default): per layer slice of each kernel, Wanda's
@@ -50,7 +50,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 @dataclasses.dataclass
 class Job:
-    """Everything a method needs. importance: I [L, H] or None; tokens / attention_mask [N, T]."""
+    """Everything a method needs. importance: I [L, H] or None; tokens / attention_mask [B, T]."""
 
     model: Any
     params: dict
@@ -200,9 +200,9 @@ def _sequential(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Ke
     sequences, which carry no weight, to a whole number of chunks)."""
     model, params = job.model, job.params
     tokens, am = np.asarray(job.tokens), np.asarray(job.attention_mask)
-    N = tokens.shape[0]
-    bs = max(1, min(int(job.options["batch_size"]), N))
-    pad = -N % bs
+    B = tokens.shape[0]
+    bs = max(1, min(int(job.options["batch_size"]), B))
+    pad = -B % bs
     tokens = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), tokens.dtype)])
     am = np.concatenate([am, np.zeros((pad, am.shape[1]), am.dtype)])
     x, ctx = layer_context(model, params, jnp.asarray(tokens), jnp.asarray(am))

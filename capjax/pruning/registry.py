@@ -43,7 +43,7 @@ class MethodSpec:
     options: the method's options and their defaults (`capjax.prune(..., **options)`, config
     `pruning.options.<name>`); choices: allowed values per option.
     needs_scores: reads head scores (`Job.importance` [L, H], `Job.delta` [L, H]).
-    needs_calib: reads calibration sequences (`Job.tokens`, `Job.attention_mask` [N, T]).
+    needs_calib: reads calibration sequences (`Job.tokens`, `Job.attention_mask` [B, T]).
     sequential: walks the layers in order on the pruned model's activations (informational: the
     function itself drives the pass, e.g. with `capjax.pruning.methods.sequential_pass`).
     """
