@@ -18,7 +18,7 @@ module holds what the library needs on top of JAX's own runtime:
     restore_numpy()   an orbax checkpoint as numpy on every process, whatever its shardings.
     checksum(x)       a params fingerprint that does not depend on the layout.
 
-Legend: N rows (examples), P processes.
+Legend: B rows (examples), W processes.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def process_rows(n: int, index: int | None = None, count: int | None = None) -> 
 
 
 def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
-    """local [n_p, ...] (this process's `process_rows(n)` rows) -> [N = n, ...] on every process.
+    """local [n_p, ...] (this process's `process_rows(n)` rows) -> [B = n, ...] on every process.
 
     Shares are padded to the largest one for the exchange (a collective over processes).
     """
@@ -203,7 +203,7 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
 
     width = process_rows(n, 0, count).stop  # process 0 has the largest share
     pad = np.zeros((width - local.shape[0], *local.shape[1:]), local.dtype)
-    stacked = np.asarray(multihost_utils.process_allgather(np.concatenate([local, pad])))  # [P, width, ...]
+    stacked = np.asarray(multihost_utils.process_allgather(np.concatenate([local, pad])))  # [W, width, ...]
     return np.concatenate([stacked[p, :len(range(n)[process_rows(n, p, count)])] for p in range(count)])
 
 

@@ -1,19 +1,19 @@
 """Scoring estimators: a component's score from per-example results, with no further forward pass.
 
-Legend: N ablations (or units, e.g. the L * H heads), B examples, K subsets.
+Legend: N ablations (or units, e.g. the L * H heads), B examples, U subsets.
 
 Inputs are what `capjax.ablation.ablate` returns: values [N, B] (the metric summed over each
 example's answer tokens under each ablation), intact [B], count [B] answer tokens per example.
-Built-ins (the first three are `capjax.score_heads`'s aggregates, on the same K contiguous subsets,
+Built-ins (the first three are `capjax.score_heads`'s aggregates, on the same U contiguous subsets,
 `numpy.array_split`):
 
-    median     median_k masked[k] - mean_k baseline[k]   (the paper)
-    mean       mean_k masked[k] - mean_k baseline[k]
-    paired     median_k (masked[k] - baseline[k])
+    median     median_u masked[u] - mean_u baseline[u]   (the paper)
+    mean       mean_u masked[u] - mean_u baseline[u]
+    paired     median_u (masked[u] - baseline[u])
     bootstrap  mean over `resamples` bootstrap draws of the B examples (seeded) of the token-level
                masked - baseline difference
 
-where masked[k] [N] and baseline[k] are the token-level losses of subset k (`subset_losses`).
+where masked[u] [N] and baseline[u] are the token-level losses of subset u (`subset_losses`).
 A new estimator is one call: `register_estimator("trimmed", fn)` with
 fn(values, intact, count, subsets=3, **options) -> [N].
 """
@@ -29,7 +29,7 @@ _ESTIMATORS: dict[str, Estimator] = {}
 
 
 def subset_groups(num_examples: int, subsets: int) -> list[np.ndarray]:
-    """The K contiguous near-equal splits of range(B) (as `capjax.score_heads`)."""
+    """The U contiguous near-equal splits of range(B) (as `capjax.score_heads`)."""
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
     if subsets > num_examples:
@@ -40,7 +40,7 @@ def subset_groups(num_examples: int, subsets: int) -> list[np.ndarray]:
 
 def subset_losses(values: np.ndarray, intact: np.ndarray, count: np.ndarray,
                   subsets: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """(masked [K, N], baseline [K]): token-level loss of each subset under each ablation, and intact."""
+    """(masked [U, N], baseline [U]): token-level loss of each subset under each ablation, and intact."""
     values, intact, count = np.asarray(values, np.float64), np.asarray(intact, np.float64), np.asarray(count)
     groups = subset_groups(values.shape[1], subsets)
     onehot = np.zeros((len(groups), values.shape[1]))

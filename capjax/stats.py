@@ -2,12 +2,12 @@
 
 Every metric capjax reports is a ratio of sums over examples: accuracy = sum(correct) / n,
 answer loss = sum(answer NLL) / sum(answer tokens), perplexity = exp(sum(window NLL) /
-sum(window tokens)). A metric's per-example values are therefore two arrays num [N] and
-den [N] and a transform ("identity" or "exp"), and one bootstrap (resample examples with
+sum(window tokens)). A metric's per-example values are therefore two arrays num [B] and
+den [B] and a transform ("identity" or "exp"), and one bootstrap (resample examples with
 replacement, recompute the ratio) serves all of them. Accuracies also get the binomial
 standard error sqrt(p (1 - p) / n) and the Wilson score interval.
 
-Legend: N examples, R bootstrap resamples, L layers, H heads.
+Legend: B examples, R bootstrap resamples, L layers, H query heads.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def binomial_interval(successes: float, n: int, level: float = 0.95) -> Estimate
 
 
 def resample_weights(n: int, resamples: int, seed: int = 0) -> np.ndarray:
-    """[R, N] multinomial counts: how often each example appears in each bootstrap resample."""
+    """[R, B] multinomial counts: how often each example appears in each bootstrap resample."""
     rng = np.random.default_rng(seed)
     return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
 
@@ -70,10 +70,10 @@ def _ratio(num: np.ndarray, den: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def bootstrap_ratio(num, den, transform: str = "identity", resamples: int = 1000, seed: int = 0,
                     level: float = 0.95) -> Estimate:
-    """transform(sum num / sum den) with a percentile bootstrap interval over examples [N]."""
+    """transform(sum num / sum den) with a percentile bootstrap interval over examples [B]."""
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
     if num.shape != den.shape or num.ndim != 1 or num.size == 0:
-        raise ValueError(f"num and den must be equal non-empty [N] arrays, got {num.shape} and {den.shape}")
+        raise ValueError(f"num and den must be equal non-empty [B] arrays, got {num.shape} and {den.shape}")
     f = TRANSFORMS[transform]
     value = float(f(num.sum() / den.sum()))
     if num.size == 1:
@@ -86,7 +86,7 @@ def bootstrap_ratio(num, den, transform: str = "identity", resamples: int = 1000
 
 
 def estimate(values: dict[str, Any], resamples: int = 1000, seed: int = 0, level: float = 0.95) -> Estimate:
-    """An Estimate from a per-example record {"num": [N], "den": [N], "transform", "kind"}:
+    """An Estimate from a per-example record {"num": [B], "den": [B], "transform", "kind"}:
     kind "proportion" (num in {0, 1}, den 1) gets the Wilson interval, "ratio" the bootstrap."""
     if values.get("kind") == "proportion":
         return binomial_interval(float(np.sum(values["num"])), len(values["num"]), level)
@@ -110,7 +110,7 @@ class PairedDifference:
 
 def paired_difference(a: dict[str, Any], b: dict[str, Any], resamples: int = 1000, seed: int = 0,
                       level: float = 0.95) -> PairedDifference:
-    """metric(b) - metric(a) for two per-example records over the same N examples, resampled
+    """metric(b) - metric(a) for two per-example records over the same B examples, resampled
     jointly (the same resample indices for both), percentile interval at `level`."""
     na, da, nb, db = (np.asarray(x, np.float64) for x in (a["num"], a["den"], b["num"], b["den"]))
     if na.shape != nb.shape:
@@ -132,14 +132,14 @@ def head_interval(example_masked: np.ndarray, example_baseline: np.ndarray, answ
     """[2, L, H] percentile bootstrap interval of each head's loss increase, resampling
     calibration examples: per resample, sum_b w_b (nll_lhb - nll0_b) / sum_b w_b count_b.
 
-    example_masked [L, H, N]: answer NLL summed per example with the head ablated;
-    example_baseline [N]: the same, intact; answer_count [N]: answer tokens per example.
+    example_masked [L, H, B]: answer NLL summed per example with the head ablated;
+    example_baseline [B]: the same, intact; answer_count [B]: answer tokens per example.
     The resampled statistic is the pooled (mean) loss increase, paired per example; it needs
     no forward pass beyond those the scores already made.
     """
-    L, H, N = example_masked.shape
-    w = resample_weights(N, resamples, seed)  # [R, N]
-    diff = (example_masked - example_baseline[None, None, :]).reshape(L * H, N)
+    L, H, B = example_masked.shape
+    w = resample_weights(B, resamples, seed)  # [R, B]
+    diff = (example_masked - example_baseline[None, None, :]).reshape(L * H, B)
     boot = (diff @ w.T) / (w @ np.asarray(answer_count, np.float64))[None, :]  # [L*H, R]
     alpha = (1 - level) / 2
     return np.quantile(boot, [alpha, 1 - alpha], axis=1).reshape(2, L, H)

@@ -264,6 +264,51 @@ def check_init_params_sharded():
     assert bool(jnp.all(leaf(p, "norm/scale") == 1))
 
 
+# Tiny GQA configs of the families beyond Llama / Mistral / Qwen2 (sliding and global layers,
+# soft-caps small enough to bind, qk-norms): hand-written transformers config dicts.
+FAMILIES = {
+    "qwen3": dict(model_type="qwen3", head_dim=8),
+    "gemma2": dict(model_type="gemma2", head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
+                   attn_logit_softcapping=0.1, final_logit_softcapping=0.1,
+                   layer_types=["sliding_attention", "full_attention"], hidden_activation="gelu_pytorch_tanh"),
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"], hidden_activation="gelu_pytorch_tanh"),
+    "phi3": dict(model_type="phi3", sliding_window=4),
+}
+
+
+def _name(path) -> str:
+    return "/".join(str(k.key) for k in path)
+
+
+def check_families_sharded_logits():
+    """Each family's params sharded by the default rules (data=4 x model=2) give the logits of the
+    unsharded params, with right padding."""
+    m = mesh("data4_model2")
+    base = dict(vocab_size=V, hidden_size=E, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
+                num_key_value_heads=K, max_position_embeddings=64)
+    rng = np.random.default_rng(5)
+    for name, fields in FAMILIES.items():
+        config = ModelConfig.from_hf({**base, **fields})
+        model = Decoder(config)
+        # Random values in init_params' shapes (tracing it is cheaper than compiling it); norms are
+        # 1 + noise, so a misplaced leaf changes the logits.
+        shapes = jax.eval_shape(lambda: init_params(config, seed=1))
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, a: jnp.asarray((_name(p).endswith("scale")) + rng.normal(0, 0.3, a.shape), a.dtype), shapes)
+        sharded = sharding.shard_params(params, m)
+        q = leaf(sharded, "layers/self_attn/q_proj/kernel")
+        assert q.sharding.spec == P(None, "data", "model"), (name, q.sharding.spec)
+        for path, a in jax.tree_util.tree_flatten_with_path(sharded)[0]:
+            want = sharding.spec_for(_name(path), a.shape, m)
+            assert a.sharding.spec == want, (name, _name(path), a.sharding.spec, want)
+        apply = jax.jit(model.apply)
+        ref = np.asarray(apply({"params": params}, TOKENS, attention_mask=AM))
+        got = np.asarray(apply({"params": sharded}, TOKENS, attention_mask=AM))
+        valid = AM.astype(bool)
+        np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0, err_msg=name)  # logits ~ 10
+
+
 def main() -> None:
     checks = {k: v for k, v in globals().items() if k.startswith("check_")}
     wanted = sys.argv[2:] or list(checks)

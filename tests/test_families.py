@@ -16,7 +16,7 @@ from capjax.cli import main
 from capjax.evaluate import generate
 from capjax.families import SUPPORTED_MODEL_TYPES, family_for
 from capjax.model import init_cache
-from capjax.pruning import prune, sparsity_report
+from capjax.pruning import heads_to_remove, prune, sparsity_report
 from conftest import char_tokenizer, check_save_reload, make_hf_model, o_proj_mask_hooks
 
 # Tiny random configs: MHA and GQA for every family (head_dim set where the family's default is large).
@@ -144,6 +144,34 @@ def test_prune_and_export(tmp_path, case, method, nm):
         mlp = hf.model.layers[0].mlp
         w = (mlp.up_proj if hasattr(mlp, "up_proj") else mlp.gate_up_proj).weight.detach().numpy()
         assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
+@pytest.mark.parametrize("case", sorted(DEFAULT_CASES))
+def test_cap_heads_equals_o_proj_prehook(tmp_path, case):
+    """cap_heads (a removed head loses its q columns and o rows; a kv head goes when its whole group
+    does) gives the logits of transformers' dense model whose removed heads' o_proj input is zeroed
+    by a pre-hook."""
+    hf, model, params = _load(tmp_path, case)
+    L, H, K = model.config.num_layers, model.config.num_heads, model.config.num_kv_heads
+    G = H // K
+    delta = np.random.default_rng(3).normal(size=(L, H))
+    delta[0, :G] = -10.0 - np.arange(G)  # layer 0's first kv group scores lowest: its k / v go too
+    pruned, masks = prune(model, params, "cap_heads", 0.5, head_scores=delta)
+    removed = heads_to_remove(delta, 0.5)
+    assert removed[0, :G].all() and removed.sum() == L * H // 2
+    kv_kept = np.asarray(masks["layers"]["self_attn"]["k_proj"]["kernel"]).any(axis=(1, 3))  # [L, E, K, D] -> [L, K]
+    np.testing.assert_array_equal(kv_kept, ~removed.reshape(L, K, G).all(-1))
+    tokens, am = _tokens()
+    handles = o_proj_mask_hooks(hf, (~removed).astype(np.float32))
+    try:
+        with torch.no_grad():
+            ref = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    out = np.asarray(model.apply({"params": pruned}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
+    valid = am.astype(bool)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
 
 
 @SLOW

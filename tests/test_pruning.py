@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 import capjax  # noqa: E402
 from capjax.model import apply_layer, layer_context, layer_params  # noqa: E402
-from capjax.pruning import (METHODS, PRUNABLE, apply_masks, at_most_kth, fasterprune,  # noqa: E402
-                            global_masks, global_threshold, importance_from_scores, lowest_k, prune,
+from capjax.pruning import (METHODS, PRUNABLE, apply_masks, fasterprune, global_threshold,  # noqa: E402
+                            importance_from_scores, keep_above_kth, keep_all_but_lowest, keep_global, prune,
                             sparsity_report, weight_scores)
 from capjax.pruning.importance import rows_view  # noqa: E402
 
@@ -136,13 +136,13 @@ def _oracle_global(tree, sparsity):
 @pytest.mark.parametrize("sparsity", [0.1, 0.2, 0.5])
 def test_global_threshold_exact_with_ties(sparsity, quantize):
     tree = _score_tree(0, quantize)
-    got = global_masks(tree, sparsity)
-    want = _oracle_global(tree, sparsity)
+    got = keep_global(tree, sparsity)  # keep masks
+    want = _oracle_global(tree, sparsity)  # pruned
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(g), w)
+        np.testing.assert_array_equal(~np.asarray(g), w)
     thr = global_threshold(tree, sparsity)
     n = sum(x.size for x in jax.tree.leaves(tree))
-    assert thr.n_prune == sum(int(np.asarray(g).sum()) for g in jax.tree.leaves(got)) == round(sparsity * n)
+    assert thr.n_prune == sum(int((~np.asarray(g)).sum()) for g in jax.tree.leaves(got)) == round(sparsity * n)
 
 
 def test_rowwise_rules_match_sort():
@@ -153,9 +153,9 @@ def test_rowwise_rules_match_sort():
     for k in (0, 1, 10, 36):
         want = np.zeros(x.shape, bool)
         np.put_along_axis(want, np.argsort(x, axis=1, kind="stable")[:, :k], True, axis=1)
-        for method in ("sort", "bisect"):
-            np.testing.assert_array_equal(np.asarray(lowest_k(jnp.asarray(x), k, method)), want)
-        got = np.asarray(at_most_kth(jnp.asarray(x), k))
+        for method in ("sort", "bisect"):  # keep masks: the k lowest are the ones dropped
+            np.testing.assert_array_equal(~np.asarray(keep_all_but_lowest(jnp.asarray(x), k, method)), want)
+        got = ~np.asarray(keep_above_kth(jnp.asarray(x), k))
         assert got.dtype == bool
         want = x <= np.sort(x, axis=1)[:, max(k - 1, 0)][:, None] if k else np.zeros_like(got)
         np.testing.assert_array_equal(got, want)
@@ -336,10 +336,11 @@ def test_fasterprune_matches_torch(nm):
     H = (2 * X @ X.T / X.shape[1]).astype(np.float32)
     W = rng.normal(size=(n_out, n_in)).astype(np.float32)
     Wt, Pt = torch_fasterprune(torch.as_tensor(W), torch.as_tensor(H), 0.5, nm)
-    Wj, Pj = fasterprune(W, H, 0.5, nm)
-    np.testing.assert_array_equal(np.asarray(Pj), Pt.numpy())
+    Wj, keep = fasterprune(W, H, 0.5, nm)
+    Pj = ~np.asarray(keep)
+    np.testing.assert_array_equal(Pj, Pt.numpy())
     np.testing.assert_allclose(np.asarray(Wj), Wt.numpy(), atol=2e-4, rtol=1e-3)
-    assert np.all(np.asarray(Wj)[np.asarray(Pj)] == 0) and np.all(np.asarray(Wj)[:, 7] == 0)
+    assert np.all(np.asarray(Wj)[Pj] == 0) and np.all(np.asarray(Wj)[:, 7] == 0)
 
 
 def test_fasterprune_cholesky_failure_raises_damping():

@@ -25,8 +25,8 @@ def first_fraction(job):
     masks = {}
     for p, w in job.kernels.items():
         n = int(np.prod(w.shape[1:]))
-        flat = jnp.arange(n) < int(n * job.sparsity)
-        masks[p] = jnp.broadcast_to(flat.reshape(w.shape[1:]), w.shape)
+        kept = jnp.arange(n) >= int(n * job.sparsity)  # True = kept
+        masks[p] = jnp.broadcast_to(kept.reshape(w.shape[1:]), w.shape)
     return job.kernels, masks
 
 

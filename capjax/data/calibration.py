@@ -12,7 +12,7 @@ splits, so the two never share a problem:
 (ARC's official splits repeat a handful of question stems between train and test,
 always with different choices, so the questions as shown to the model stay distinct.)
 
-Shape legend: N examples, T time (= ``seq_len``).
+Shape legend: B examples, T time (= ``seq_len``).
 """
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ SYNTHETIC_EVAL_SIZE = 500  # eval_records("synthetic") size when n is not given
 class CalibrationBatch:
     """Right-padded token batch with a mask over answer tokens.
 
-    tokens:         [N, T] int32, padded with the pad id (pad, else eos, else 0).
-    loss_mask:      [N, T] float32, 1 where token t is an answer token whose prediction
+    tokens:         [B, T] int32, padded with the pad id (pad, else eos, else 0).
+    loss_mask:      [B, T] float32, 1 where token t is an answer token whose prediction
                     from position t-1 counts in the loss; always 0 at t = 0.
-    attention_mask: [N, T] int32, 1 for real tokens, 0 for padding (on the right).
+    attention_mask: [B, T] int32, 1 for real tokens, 0 for padding (on the right).
     n_truncated:    examples longer than T (cut on the right).
     task:           task name.
     texts:          (prompt_text, answer_text) per example.
     ids:            record id per example.
-    truncated:      [N] bool, which examples were cut (None if unknown).
+    truncated:      [B] bool, which examples were cut (None if unknown).
     """
 
     tokens: np.ndarray
@@ -72,7 +72,7 @@ class CalibrationBatch:
         return self.tokens.shape[0]
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        """The arrays only: ``{"tokens", "loss_mask", "attention_mask"}``, each [N, T]."""
+        """The arrays only: ``{"tokens", "loss_mask", "attention_mask"}``, each [B, T]."""
         return {
             "tokens": self.tokens,
             "loss_mask": self.loss_mask,
@@ -80,7 +80,7 @@ class CalibrationBatch:
         }
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> CalibrationBatch:
-        """The examples at ``idx`` (indices or a boolean mask over N), in that order."""
+        """The examples at ``idx`` (indices or a boolean mask over B), in that order."""
         idx = np.arange(len(self))[np.asarray(idx)]
         truncated = None if self.truncated is None else self.truncated[idx]
         # Without per-example flags the count can only be bounded.
@@ -164,7 +164,7 @@ def build_calibration(
     split: str | None = None,
     chat: bool | None = None,
 ) -> CalibrationBatch:
-    """Tokenize ``n`` seeded-random records of ``task`` into a [N, T=seq_len] batch.
+    """Tokenize ``n`` seeded-random records of ``task`` into a [B, T=seq_len] batch.
 
     Records come from ``split`` (default ``CALIB_SPLITS[task]``, the train split).
     Prompt and answer are tokenized separately and concatenated: the prompt with the

@@ -1,11 +1,11 @@
 """Greedy decoding with the KV cache: one prefill call, then a jitted `lax.while_loop`.
 
-Legend: B batch, P prompt bucket (left-padded prompt length), N max_new_tokens,
-S = P + N cache slots, V vocab.
+Legend: B batch, T prompt time (the bucketed, left-padded prompt length), X new tokens
+(max_new_tokens), S = T + X cache slots, V vocab.
 
 Prompts are left-padded to a bucketed length so a whole evaluation compiles once per
-(B, P, N). Every row's attention mask covers all S slots from the start: the prompt's
-real tokens, then ones for the N slots the decode steps will fill. Causal masking hides
+(B, T, X). Every row's attention mask covers all S slots from the start: the prompt's
+real tokens, then ones for the X slots the decode steps will fill. Causal masking hides
 slots not written yet, and positions (cumsum of the mask) come out right for each row.
 """
 
@@ -49,7 +49,7 @@ def _compiled(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids
     """The jitted prefill + decode loop for one model architecture and decode setting.
 
     Keyed by hashable values (not the Module), so equal models share the compile cache;
-    jax.jit adds its own cache over the (B, P) shapes.
+    jax.jit adds its own cache over the (B, T) shapes.
     """
     model = Decoder(config, dtype=jnp.dtype(dtype_name))
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -59,18 +59,18 @@ def _compiled(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids
 
     @jax.jit
     def run(params: Params, tokens: jax.Array, prompt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """tokens, prompt_mask [B, P] (left-padded) -> (new tokens [B, N], n_steps)."""
-        B, P = tokens.shape
-        N = max_new_tokens
-        valid = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((B, N), jnp.int32)], axis=1)
-        cache = init_cache(config, B, P + N, model.dtype)
+        """tokens, prompt_mask [B, T] (left-padded) -> (new tokens [B, X], n_steps)."""
+        B, T = tokens.shape
+        X = max_new_tokens
+        valid = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((B, X), jnp.int32)], axis=1)
+        cache = init_cache(config, B, T + X, model.dtype)
         logits, cache = model.apply({"params": params}, tokens, attention_mask=valid, cache=cache)
         first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first)
+        out = jnp.full((B, X), pad_id, jnp.int32).at[:, 0].set(first)
 
         def cond(state):
             step, _, _, _, done = state
-            return (step < N) & ~jnp.all(done)
+            return (step < X) & ~jnp.all(done)
 
         def body(state):
             step, cur, cache, out, done = state
@@ -135,7 +135,7 @@ def generate(
     on the host after decoding, so they do not shorten the decode loop; EOS does.
 
     Batches of `batch_size` rows (the last one padded with copies of a prompt) are
-    left-padded to `bucket_length`, so one (B, P, N) shape compiles once. Any params with
+    left-padded to `bucket_length`, so one (B, T, X) shape compiles once. Any params with
     the model's layout work unchanged (pruned weights included).
     """
     if max_new_tokens < 1:
@@ -157,16 +157,16 @@ def generate(
 
     outputs: list[list[int]] = []
     for chunk in batches(prompts, B, "generate", progress):
-        P = bucket_length(max(len(p) for p in chunk))
+        T = bucket_length(max(len(p) for p in chunk))
         if max(len(p) for p in chunk) + max_new_tokens > limit:
             raise ValueError(f"prompt of {max(len(p) for p in chunk)} tokens + {max_new_tokens} new tokens "
                              f"exceeds max_position_embeddings={limit}")
-        tokens = np.full((B, P), pad_id, np.int32)
-        mask = np.zeros((B, P), np.int32)
+        tokens = np.full((B, T), pad_id, np.int32)
+        mask = np.zeros((B, T), np.int32)
         for i in range(B):
             p = chunk[i] if i < len(chunk) else chunk[0]
-            tokens[i, P - len(p):] = p
-            mask[i, P - len(p):] = 1
+            tokens[i, T - len(p):] = p
+            mask[i, T - len(p):] = 1
         out, _ = run(params, *place_batch(params, tokens, mask))
         out = to_host(out)
         outputs.extend(_truncate(out[i].tolist(), set(eos), stop, tokenizer) for i in range(len(chunk)))

@@ -1,6 +1,7 @@
-"""Pruning methods. Each returns (new kernels, prune masks) over the seven prunable kernels.
+"""Pruning methods. Each returns (new kernels, keep masks) over the seven prunable kernels;
+every mask is True = kept (as `capjax.prune` returns and as jaxpruner does).
 
-Legend: L layers, H query heads, K kv heads, G = H // K, N calibration sequences, T time,
+Legend: L layers, H query heads, K kv heads, G = H // K, B calibration sequences, T time,
 n_in / n_out a matrix's input / output width (HF's [out, in] weight is `rows_view(kernel).T`).
 
     magnitude   |W|; scope "matrix" (default): per layer slice of each kernel, Wanda's
@@ -38,9 +39,9 @@ from capjax.families import Family, family_of
 from capjax.model import apply_layer, layer_context, layer_params
 from capjax.pruning.importance import (PRUNABLE, get_path, head_factor, region_factors,
                                        rows_view, weight_scores)
-from capjax.pruning.nm import nm_prune_mask
+from capjax.pruning.nm import keep_nm
 from capjax.pruning.registry import METHODS, MethodSpec
-from capjax.pruning.threshold import at_most_kth, global_masks, lowest_k, per_matrix_masks
+from capjax.pruning.threshold import keep_above_kth, keep_all_but_lowest, keep_global, keep_per_matrix
 
 Array = jax.Array
 Kernels = dict[str, Array]
@@ -49,7 +50,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 @dataclasses.dataclass
 class Job:
-    """Everything a method needs. importance: I [L, H] or None; tokens / attention_mask [N, T]."""
+    """Everything a method needs. importance: I [L, H] or None; tokens / attention_mask [B, T]."""
 
     model: Any
     params: dict
@@ -74,7 +75,7 @@ class Job:
 
 
 def _nm_masks(scores: Kernels, nm: tuple[int, int]) -> Kernels:
-    return {p: nm_prune_mask(rows_view(s, p), *nm).reshape(s.shape) for p, s in scores.items()}
+    return {p: keep_nm(rows_view(s, p), *nm).reshape(s.shape) for p, s in scores.items()}
 
 
 # ---------------------------------------------------------------------------- one-shot methods
@@ -83,12 +84,12 @@ def magnitude(job: Job) -> tuple[Kernels, Kernels]:
     if job.nm:
         return job.kernels, _nm_masks(scores, job.nm)
     if job.options["scope"] == "global":
-        return job.kernels, global_masks(scores, job.sparsity)
+        return job.kernels, keep_global(scores, job.sparsity)
 
     def per_matrix(s):
         rows = s.reshape(s.shape[0], -1)
         k = int(rows.shape[1] * job.sparsity) + 1 if job.sparsity > 0 else 0
-        return at_most_kth(rows, k).reshape(s.shape)
+        return keep_above_kth(rows, k).reshape(s.shape)
     return job.kernels, {p: per_matrix(s) for p, s in scores.items()}
 
 
@@ -108,7 +109,7 @@ def random(job: Job) -> tuple[Kernels, Kernels]:
     scores = dict(zip(job.kernels, _uniform_scores(_random_key(job.options["seed"]), shapes)))
     if job.nm:
         return job.kernels, _nm_masks(scores, job.nm)
-    return job.kernels, per_matrix_masks(scores, job.sparsity)
+    return job.kernels, keep_per_matrix(scores, job.sparsity)
 
 
 def cap(job: Job) -> tuple[Kernels, Kernels]:
@@ -116,8 +117,8 @@ def cap(job: Job) -> tuple[Kernels, Kernels]:
     if job.nm:
         return job.kernels, _nm_masks(scores, job.nm)
     if job.options["scope"] == "layer":
-        return job.kernels, per_matrix_masks(scores, job.sparsity)
-    return job.kernels, global_masks(scores, job.sparsity)
+        return job.kernels, keep_per_matrix(scores, job.sparsity)
+    return job.kernels, keep_global(scores, job.sparsity)
 
 
 def heads_to_remove(delta: np.ndarray, sparsity: float) -> np.ndarray:
@@ -136,13 +137,13 @@ def cap_heads(job: Job) -> tuple[Kernels, Kernels]:
     kv head k are removed only when all G heads of its group are. MLPs are untouched."""
     L, H = job.delta.shape
     K = job.num_kv_heads
-    removed = jnp.asarray(heads_to_remove(job.delta, job.sparsity))
-    kv_removed = removed.reshape(L, K, H // K).all(-1)
-    by_heads = {"query": removed, "kv": kv_removed}
+    kept = jnp.asarray(~heads_to_remove(job.delta, job.sparsity))
+    kv_kept = kept.reshape(L, K, H // K).any(-1)
+    by_heads = {"query": kept, "kv": kv_kept}
     masks = {}
     for k in job.family.kernels:
         w = job.kernels[k.path]
-        m = head_factor(by_heads[k.heads], w.ndim, k.head_axis) if k.heads else jnp.zeros((1,) * w.ndim, bool)
+        m = head_factor(by_heads[k.heads], w.ndim, k.head_axis) if k.heads else jnp.ones((1,) * w.ndim, bool)
         masks[k.path] = jnp.broadcast_to(m, w.shape)
     return job.kernels, masks
 
@@ -181,9 +182,9 @@ def _set_kernels(lp: dict, kernels: Kernels) -> dict:
 
 
 @partial(jax.jit, static_argnums=0)
-def _layer_forward(model, lp: dict, layer: Array, new: Kernels, prune: Kernels, xs: Array, ctxs) -> Array:
-    """The pruned layer (kernels `new`, zero where `prune`) applied to every chunk of xs."""
-    lp = _set_kernels(lp, {p: jnp.where(prune[p], jnp.zeros((), v.dtype), v) for p, v in new.items()})
+def _layer_forward(model, lp: dict, layer: Array, new: Kernels, keep: Kernels, xs: Array, ctxs) -> Array:
+    """The pruned layer (kernels `new`, zero where not `keep`) applied to every chunk of xs."""
+    lp = _set_kernels(lp, {p: jnp.where(keep[p], v, jnp.zeros((), v.dtype)) for p, v in new.items()})
     return jax.lax.map(lambda c: apply_layer(model, lp, *c, layer=layer), (xs, ctxs))
 
 
@@ -193,15 +194,15 @@ _stack_layers = jax.jit(lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *la
 
 def _sequential(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Kernels]:
     """Drives a layer-by-layer method. prune_layer(l, kernels_l, stats, n_tokens) ->
-    (new kernels_l, prune masks_l), each keyed by path with one layer's shapes.
+    (new kernels_l, keep masks_l), each keyed by path with one layer's shapes.
 
     Calibration sequences go through the layer `batch_size` at a time (padded with empty
     sequences, which carry no weight, to a whole number of chunks)."""
     model, params = job.model, job.params
     tokens, am = np.asarray(job.tokens), np.asarray(job.attention_mask)
-    N = tokens.shape[0]
-    bs = max(1, min(int(job.options["batch_size"]), N))
-    pad = -N % bs
+    B = tokens.shape[0]
+    bs = max(1, min(int(job.options["batch_size"]), B))
+    pad = -B % bs
     tokens = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), tokens.dtype)])
     am = np.concatenate([am, np.zeros((pad, am.shape[1]), am.dtype)])
     x, ctx = layer_context(model, params, jnp.asarray(tokens), jnp.asarray(am))
@@ -212,33 +213,33 @@ def _sequential(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Ke
 
         xs, ctxs, ws = shard_batch((xs, ctxs, ws), job.mesh, axis=1)
     n_tokens = float(am.sum())
-    new_layers, prune_layers = [], []
+    new_layers, keep_layers = [], []
     for l in range(model.config.num_layers):
         lp = _layer_slice(params, l)
         stats = _layer_stats(model, kind, lp, xs, ctxs, ws, jnp.int32(l))
         kernels_l = {p: get_path(lp, p.split("/", 1)[1]) for p in PRUNABLE}
-        new_l, prune_l = prune_layer(l, kernels_l, stats, n_tokens)
-        xs = _layer_forward(model, lp, jnp.int32(l), new_l, prune_l, xs, ctxs)
+        new_l, keep_l = prune_layer(l, kernels_l, stats, n_tokens)
+        xs = _layer_forward(model, lp, jnp.int32(l), new_l, keep_l, xs, ctxs)
         new_layers.append(new_l)
-        prune_layers.append(prune_l)
-    return _stack_layers(new_layers), _stack_layers(prune_layers)
+        keep_layers.append(keep_l)
+    return _stack_layers(new_layers), _stack_layers(keep_layers)
 
 
 @partial(jax.jit, static_argnames=("sparsity", "nm"))
 def _wanda_layer(kernels_l: Kernels, stats: dict[str, Array], n_tokens: Array, factors: Kernels,
                  layer: Array, *, sparsity: float, nm: tuple[int, int] | None) -> Kernels:
-    """Prune masks of one layer. Score |W_ij| * ||X_j|| * factor (factors [L, ...] broadcastable
-    to the stacked kernels); per output row the int(n_in * sparsity) lowest, or N:M."""
+    """Keep masks of one layer. Score |W_ij| * ||X_j|| * factor (factors [L, ...] broadcastable
+    to the stacked kernels); per output row the int(n_in * sparsity) lowest dropped, or N:M."""
     masks = {}
     for p, wk in kernels_l.items():
         rows = rows_view(wk, p, stacked=False)  # [n_in, n_out]
         f = rows_view(jnp.broadcast_to(factors[p][layer], wk.shape), p, stacked=False)
         s = jnp.abs(rows).astype(jnp.float32) * jnp.sqrt(stats[p] / n_tokens)[:, None] * f
         if nm:
-            prune = nm_prune_mask(s, *nm)
+            keep = keep_nm(s, *nm)
         else:  # comparison group: an output row (a column of this view)
-            prune = lowest_k(s.T, int(rows.shape[0] * sparsity)).T
-        masks[p] = prune.reshape(wk.shape)
+            keep = keep_all_but_lowest(s.T, int(rows.shape[0] * sparsity)).T
+        masks[p] = keep.reshape(wk.shape)
     return masks
 
 
@@ -271,9 +272,9 @@ def _inverse_cholesky_upper(H: Array, damp: Array) -> tuple[Array, Array]:
     return upper, jnp.all(jnp.isfinite(upper))
 
 
-def _lowest_n_of_m(tmp: Array, n: int) -> Array:
-    """tmp [out, m] -> mask of the n lowest per row (ties: earlier column first)."""
-    return nm_prune_mask(tmp.T, n, tmp.shape[1]).T
+def _keep_all_but_n_lowest(tmp: Array, n: int) -> Array:
+    """tmp [out, m] -> keep mask dropping the n lowest per row (ties: earlier column first)."""
+    return keep_nm(tmp.T, n, tmp.shape[1]).T
 
 
 @partial(jax.jit, static_argnames=("ncols", "blocksize", "prune_n", "prune_m"))
@@ -281,13 +282,13 @@ def _obs_prune(W: Array, U: Array, ks: Array, *, ncols: int, blocksize: int, pru
                prune_m: int) -> tuple[Array, Array]:
     """SparseGPT's column sweep. W [out, n_pad] float32 (columns >= ncols are zero padding),
     U [n_pad, n_pad] upper Cholesky factor of H^-1 (identity on the padding), ks [n_blocks]
-    the per-block sort index int(numel * sparsity). Returns (updated W, prune mask)."""
+    the per-block sort index int(numel * sparsity). Returns (updated W, keep mask)."""
     n_out, n_pad = W.shape
     bs = blocksize
     col = jnp.arange(n_pad)
 
     def block(b, carry):
-        W, P = carry
+        W, keep = carry
         i1 = b * bs
         W1 = jax.lax.dynamic_slice(W, (0, i1), (n_out, bs))
         U1 = jax.lax.dynamic_slice(U, (i1, i1), (bs, bs))
@@ -296,39 +297,39 @@ def _obs_prune(W: Array, U: Array, ks: Array, *, ncols: int, blocksize: int, pru
             valid = (i1 + jnp.arange(bs)) < ncols
             tmp = jnp.where(valid[None, :], W1 ** 2 / d[None, :] ** 2, jnp.inf)
             thresh = jnp.sort(tmp.reshape(-1))[ks[b]]
-            P1 = tmp <= thresh
+            keep1 = tmp > thresh  # SparseGPT prunes tmp <= thresh
         else:
-            P1 = jnp.zeros((n_out, bs), bool)
+            keep1 = jnp.ones((n_out, bs), bool)
 
         def column(i, c):
-            W1, Q1, E1, P1 = c
+            W1, Q1, E1, keep1 = c
             if prune_n:
                 g = jax.lax.dynamic_slice(W1, (0, i), (n_out, prune_m)) ** 2
                 g = g / jax.lax.dynamic_slice(d, (i,), (prune_m,))[None, :] ** 2
-                upd = jax.lax.dynamic_slice(P1, (0, i), (n_out, prune_m)) | _lowest_n_of_m(g, prune_n)
-                P1 = jnp.where(i % prune_m == 0, jax.lax.dynamic_update_slice(P1, upd, (0, i)), P1)
+                upd = jax.lax.dynamic_slice(keep1, (0, i), (n_out, prune_m)) & _keep_all_but_n_lowest(g, prune_n)
+                keep1 = jnp.where(i % prune_m == 0, jax.lax.dynamic_update_slice(keep1, upd, (0, i)), keep1)
             w = jax.lax.dynamic_index_in_dim(W1, i, axis=1, keepdims=False)
-            q = jnp.where(jax.lax.dynamic_index_in_dim(P1, i, axis=1, keepdims=False), 0.0, w)
+            q = jnp.where(jax.lax.dynamic_index_in_dim(keep1, i, axis=1, keepdims=False), w, 0.0)
             err = (w - q) / d[i]
             W1 = W1 - err[:, None] * jax.lax.dynamic_index_in_dim(U1, i, axis=0, keepdims=True)
             Q1 = jax.lax.dynamic_update_index_in_dim(Q1, q, i, axis=1)
             E1 = jax.lax.dynamic_update_index_in_dim(E1, err, i, axis=1)
-            return W1, Q1, E1, P1
+            return W1, Q1, E1, keep1
 
         zeros = jnp.zeros_like(W1)
-        _, Q1, E1, P1 = jax.lax.fori_loop(0, bs, column, (W1, zeros, zeros, P1))
+        _, Q1, E1, keep1 = jax.lax.fori_loop(0, bs, column, (W1, zeros, zeros, keep1))
         later = jax.lax.dynamic_slice(U, (i1, 0), (bs, n_pad)) * (col >= i1 + bs)[None, :]
         W = W - jnp.matmul(E1, later, precision=_HIGHEST)
-        return jax.lax.dynamic_update_slice(W, Q1, (0, i1)), jax.lax.dynamic_update_slice(P, P1, (0, i1))
+        return jax.lax.dynamic_update_slice(W, Q1, (0, i1)), jax.lax.dynamic_update_slice(keep, keep1, (0, i1))
 
-    return jax.lax.fori_loop(0, n_pad // bs, block, (W, jnp.zeros(W.shape, bool)))
+    return jax.lax.fori_loop(0, n_pad // bs, block, (W, jnp.ones(W.shape, bool)))
 
 
 def fasterprune(W: Array, H: Array, sparsity: float, nm: tuple[int, int] | None = None,
                 blocksize: int = 128, percdamp: float = 0.01, max_retries: int = 8) -> tuple[Array, Array]:
     """SparseGPT on one matrix: W [out, in] (HF layout), H [in, in] = 2 X X^T / n.
 
-    Returns (updated W with pruned entries zero, prune mask [out, in]). Dead inputs (H_ii = 0)
+    Returns (updated W with pruned entries zero, keep mask [out, in], True = kept). Dead inputs (H_ii = 0)
     get H_ii = 1 and W[:, i] = 0. When a Cholesky factorization fails the dampening is raised
     tenfold (with a warning), up to `max_retries` times.
     """
@@ -359,8 +360,8 @@ def fasterprune(W: Array, H: Array, sparsity: float, nm: tuple[int, int] | None 
     Up = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(U.dtype)
     ks = jnp.asarray([int(n_out * (min(n_in, i + blocksize) - i) * sparsity)
                       for i in range(0, n_in, blocksize)], jnp.int32)
-    Wn, P = _obs_prune(Wp, Up, ks, ncols=n_in, blocksize=blocksize, prune_n=prune_n, prune_m=prune_m)
-    return Wn[:, :n_in], P[:, :n_in]
+    Wn, keep = _obs_prune(Wp, Up, ks, ncols=n_in, blocksize=blocksize, prune_n=prune_n, prune_m=prune_m)
+    return Wn[:, :n_in], keep[:, :n_in]
 
 
 def sparsegpt(job: Job) -> tuple[Kernels, Kernels]:
@@ -370,10 +371,10 @@ def sparsegpt(job: Job) -> tuple[Kernels, Kernels]:
         new, masks = {}, {}
         for p, wk in kernels_l.items():
             Wt = rows_view(wk, p, stacked=False).T  # HF [out, in]
-            Wn, P = fasterprune(Wt, 2.0 * stats[p] / n_tokens, job.sparsity, job.nm,
-                                o["blocksize"], o["percdamp"])
+            Wn, keep = fasterprune(Wt, 2.0 * stats[p] / n_tokens, job.sparsity, job.nm,
+                                   o["blocksize"], o["percdamp"])
             new[p] = Wn.T.reshape(wk.shape).astype(wk.dtype)
-            masks[p] = P.T.reshape(wk.shape)
+            masks[p] = keep.T.reshape(wk.shape)
         return new, masks
     return _sequential(job, "hessian", prune_layer)
 
@@ -385,7 +386,7 @@ Method = MethodSpec
 
 def sequential_pass(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Kernels]:
     """The layer-by-layer driver of wanda / sparsegpt, for registered methods: for each layer l,
-    prune_layer(l, kernels_l, stats, n_tokens) -> (new kernels_l, prune masks_l) keyed by PRUNABLE
+    prune_layer(l, kernels_l, stats, n_tokens) -> (new kernels_l, keep masks_l) keyed by PRUNABLE
     path with one layer's shapes; stats are the inputs' statistics over the calibration tokens of
     the already pruned layers below (kind "norm": sum x_j^2 [n_in]; "hessian": sum x x^T [n_in, n_in])."""
     return _sequential(job, kind, prune_layer)

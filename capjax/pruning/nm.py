@@ -1,5 +1,6 @@
 """N:M semi-structured sparsity: in every group of M consecutive input features of each output
-row (HF's [out, in] view), the N lowest-scored weights are pruned.
+row (HF's [out, in] view), the N lowest-scored weights are pruned. Masks are keep masks
+(True = kept).
 
 Ties inside a group are broken by position (the earlier feature is pruned first).
 """
@@ -35,11 +36,12 @@ def parse_nm(nm: Any) -> tuple[int, int] | None:
 
 
 @partial(jax.jit, static_argnames=("n", "m"))
-def nm_prune_mask(rows: Array, n: int, m: int) -> Array:
-    """Prune mask (True = pruned) for scores rows [..., in, out], groups along the `in` axis.
+def keep_nm(rows: Array, n: int, m: int) -> Array:
+    """Keep mask (True = kept) for scores rows [..., in, out], groups along the `in` axis.
 
     `in` must be a multiple of m. Each weight's rank in its group is the number of group members
-    that sort before it (lower score, or equal score at an earlier position); rank < n is pruned.
+    that sort before it (lower score, or equal score at an earlier position); rank < n is pruned,
+    the M - N others are kept.
     """
     *lead, n_in, n_out = rows.shape
     g = rows.reshape(*lead, n_in // m, m, n_out)
@@ -49,7 +51,7 @@ def nm_prune_mask(rows: Array, n: int, m: int) -> Array:
         sj = g[..., j:j + 1, :]
         before = (sj < g) | ((sj == g) & (j < pos))
         rank = rank + before.astype(jnp.int32)
-    return (rank < n).reshape(rows.shape)
+    return (rank >= n).reshape(rows.shape)
 
 
 def check_divisible(in_features: dict[str, int], m: int) -> None:

@@ -26,14 +26,14 @@ Params = dict[str, Any]
 
 
 def _calib_arrays(calib: Any) -> tuple[np.ndarray, np.ndarray]:
-    """tokens, attention_mask [N, T] from a CalibrationBatch-like object or a dict."""
+    """tokens, attention_mask [B, T] from a CalibrationBatch-like object or a dict."""
     get = (lambda k: calib.get(k)) if isinstance(calib, dict) else (lambda k: getattr(calib, k, None))
     tokens = get("tokens")
     if tokens is None:
         raise ValueError("calibration data has no tokens")
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.size == 0:
-        raise ValueError(f"calibration tokens must be a non-empty [N, T] array, got shape {list(tokens.shape)}")
+        raise ValueError(f"calibration tokens must be a non-empty [B, T] array, got shape {list(tokens.shape)}")
     am = get("attention_mask")
     am = np.ones(tokens.shape, np.int32) if am is None else np.asarray(am).astype(np.int32)
     if am.shape != tokens.shape:
@@ -111,8 +111,8 @@ def _nonfinite_counts(kernels):
 
 
 @jax.jit
-def _finalize(kernels, new, pruned):
-    keep = {p: ~pruned[p] for p in PRUNABLE}
+def _finalize(kernels, new, keep):
+    keep = {p: jnp.asarray(keep[p]).astype(bool) for p in PRUNABLE}
     out = {p: jnp.where(keep[p], new[p].astype(w.dtype), jnp.zeros((), w.dtype)) for p, w in kernels.items()}
     return out, keep
 
@@ -126,7 +126,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     sparsity: fraction of prunable weights removed, in [0, 1) (cap_heads: fraction of heads).
         With `nm` it must be 0 or N / M: the pattern sets it.
     head_scores: HeadScores-like (`.delta` [L, H]) or an [L, H] array; required by the cap family.
-    calib: CalibrationBatch-like (`.tokens`, `.attention_mask` [N, T]) or a dict with those keys;
+    calib: CalibrationBatch-like (`.tokens`, `.attention_mask` [B, T]) or a dict with those keys;
         required by wanda, cap_wanda, sparsegpt.
     nm: (N, M) or "N:M" semi-structured sparsity (not for cap_heads).
     mesh: a jax Mesh (`capjax.sharding.make_mesh`): params are sharded by
@@ -165,15 +165,15 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     tokens = am = None
     if spec.needs_calib:
         if calib is None:
-            raise ValueError(f"method {method!r} needs calib (tokens and attention_mask [N, T])")
+            raise ValueError(f"method {method!r} needs calib (tokens and attention_mask [B, T])")
         tokens, am = _calib_arrays(calib)
     if sparsity == 0.0 and nm is None:  # reference rules would still prune one weight per group
         masks = {p: jnp.ones(k.shape, bool) for p, k in kernels.items()}
         return params, _placed(_rebuild(params, masks, lambda _: None), mesh)
     job = Job(model, params, kernels, sparsity, nm, importance, delta,
               tokens, am, options, mesh)
-    new, pruned = spec.fn(job)
-    out, keep = _finalize(kernels, new, pruned)
+    new, keep = spec.fn(job)
+    out, keep = _finalize(kernels, new, keep)
     return _placed(_rebuild(params, out, lambda a: a), mesh), _placed(_rebuild(params, keep, lambda _: None), mesh)
 
 

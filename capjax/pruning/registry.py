@@ -7,7 +7,7 @@ one call, runs through `capjax prune` and `capjax run` with no edit to capjax:
     from capjax.pruning.registry import register_method
 
     def smallest_rows(job):          # job: capjax.pruning.methods.Job
-        ...                          # -> (new kernels, prune masks), both keyed by PRUNABLE path
+        ...                          # -> (new kernels, keep masks), both keyed by PRUNABLE path
         return job.kernels, masks
 
     register_method("smallest_rows", smallest_rows, options={"seed": 0})
@@ -38,11 +38,12 @@ class UnknownMethodError(ValueError):
 class MethodSpec:
     """A registered pruning method.
 
-    target: the function Job -> (new kernels, prune masks), or "module:function" (imported on use).
+    target: the function Job -> (new kernels, keep masks: True = kept), or "module:function"
+    (imported on use).
     options: the method's options and their defaults (`capjax.prune(..., **options)`, config
     `pruning.options.<name>`); choices: allowed values per option.
     needs_scores: reads head scores (`Job.importance` [L, H], `Job.delta` [L, H]).
-    needs_calib: reads calibration sequences (`Job.tokens`, `Job.attention_mask` [N, T]).
+    needs_calib: reads calibration sequences (`Job.tokens`, `Job.attention_mask` [B, T]).
     sequential: walks the layers in order on the pruned model's activations (informational: the
     function itself drives the pass, e.g. with `capjax.pruning.methods.sequential_pass`).
     """

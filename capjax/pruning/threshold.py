@@ -5,6 +5,9 @@ negative half flipped), so a bisection over keys finds the k-th smallest score i
 counting passes, each a jitted reduction. Nothing is sorted or concatenated: the global
 threshold scales to billions of weights and works unchanged on sharded arrays.
 
+Every mask here is a keep mask (True = kept, as `capjax.prune` returns and as jaxpruner does):
+the functions name the scores they drop.
+
 Tie rule (everywhere in this module): when the k-th smallest score is tied, every score strictly
 below it is pruned and the tied ones are pruned in flat (C) index order until exactly k are
 pruned. For a pytree the leaves are taken in `jax.tree.leaves` order, so the tied weights of an
@@ -67,30 +70,30 @@ def _kth_key_last(key: Array, k: Array) -> Array:
 
 
 @jax.jit
-def _lowest_k_last(scores: Array, k: Array) -> Array:
+def _keep_all_but_lowest_last(scores: Array, k: Array) -> Array:
     key = order_key(scores)
     k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), key.shape[:-1])
     t = _kth_key_last(key, jnp.maximum(k, 1))[..., None]
-    below = key < t
+    above = key > t
     tied = key == t
-    need = (k - jnp.sum(below, axis=-1))[..., None]
+    need = (k - jnp.sum(key < t, axis=-1))[..., None]
     rank = jnp.cumsum(tied, axis=-1, dtype=jnp.int32)
-    return (below | (tied & (rank <= need))) & (k[..., None] > 0)
+    return above | (tied & (rank > need)) | (k[..., None] <= 0)
 
 
 @jax.jit
-def _lowest_k_sorted(scores: Array, k: Array) -> Array:
+def _keep_all_but_lowest_sorted(scores: Array, k: Array) -> Array:
     s = scores.astype(jnp.float32)
     order = jnp.argsort(jnp.where(s == 0, jnp.float32(0), s), axis=-1, stable=True)  # -0 ties +0
     rank = jnp.argsort(order, axis=-1)
-    return rank < jnp.asarray(k, jnp.int32)[..., None]
+    return rank >= jnp.asarray(k, jnp.int32)[..., None]
 
 
 SORT_MAX = 1 << 16  # groups up to this size are ranked by a stable sort, larger ones by bisection
 
 
-def lowest_k(scores: Array, k: int | Array, method: str = "auto") -> Array:
-    """Prune mask (True = pruned) of exactly the k lowest scores of each group along the last axis.
+def keep_all_but_lowest(scores: Array, k: int | Array, method: str = "auto") -> Array:
+    """Keep mask (True = kept) dropping exactly the k lowest scores of each group along the last axis.
 
     scores [..., n]; k an int or an int array broadcastable to [...], 0 <= k <= n.
     Ties: tied scores are pruned in index order (a stable sort's order).
@@ -99,26 +102,27 @@ def lowest_k(scores: Array, k: int | Array, method: str = "auto") -> Array:
     """
     k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), scores.shape[:-1])
     if method == "sort" or (method == "auto" and scores.shape[-1] <= SORT_MAX):
-        return _lowest_k_sorted(scores, k)
-    return _lowest_k_last(scores, k)
+        return _keep_all_but_lowest_sorted(scores, k)
+    return _keep_all_but_lowest_last(scores, k)
 
 
 @jax.jit
-def _at_most_kth_last(scores: Array, k: Array) -> Array:
+def _keep_above_kth_last(scores: Array, k: Array) -> Array:
     key = order_key(scores)
     k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), key.shape[:-1])
     t = _kth_key_last(key, jnp.maximum(k, 1))[..., None]
-    return (key <= t) & (k[..., None] > 0)
+    return (key > t) | (k[..., None] <= 0)
 
 
-def at_most_kth(scores: Array, k: int | Array) -> Array:
-    """Prune mask of every score <= the k-th smallest of its group (last axis), ties included.
+def keep_above_kth(scores: Array, k: int | Array) -> Array:
+    """Keep mask of every score > the k-th smallest of its group (last axis): the scores <= it,
+    ties included, are dropped.
 
-    This is the reference rule `W_metric <= sort(W_metric)[k - 1]` of Wanda's prune_magnitude and
-    SparseGPT's block mask: at least k are pruned, more when the k-th score is tied. k = 0 prunes
-    nothing.
+    This is the reference rule `W_metric <= sort(W_metric)[k - 1]` (pruned) of Wanda's
+    prune_magnitude and SparseGPT's block mask: at least k are pruned, more when the k-th score is
+    tied. k = 0 keeps everything.
     """
-    return _at_most_kth_last(scores, jnp.asarray(k, jnp.int32))
+    return _keep_above_kth_last(scores, jnp.asarray(k, jnp.int32))
 
 
 # ---------------------------------------------------------------------------- over a pytree
@@ -195,25 +199,25 @@ def global_threshold(scores: Any, sparsity: float) -> Threshold:
 
 
 @jax.jit
-def _prune_below(s: Array, t: Array) -> Array:
-    return order_key(s) < t
+def _keep_at_least(s: Array, t: Array) -> Array:
+    return order_key(s) >= t
 
 
 @jax.jit
-def _prune_at_most(s: Array, t: Array) -> Array:
-    return order_key(s) <= t
+def _keep_above(s: Array, t: Array) -> Array:
+    return order_key(s) > t
 
 
 @jax.jit
-def _prune_with_ties(s: Array, t: Array, take: Array) -> Array:
+def _keep_with_ties(s: Array, t: Array, take: Array) -> Array:
     key = order_key(s)
     tied = key == t
     rank = jnp.cumsum(tied.reshape(-1), dtype=jnp.int32).reshape(s.shape)
-    return (key < t) | (tied & (rank <= take))
+    return (key > t) | (tied & (rank > take))
 
 
-def threshold_masks(scores: Any, threshold: Threshold) -> Any:
-    """Prune masks (True = pruned) of `scores` under `threshold`, a pytree like `scores`.
+def keep_by_threshold(scores: Any, threshold: Threshold) -> Any:
+    """Keep masks (True = kept) of `scores` under `threshold`, a pytree like `scores`.
 
     Only a leaf whose tied scores are partly pruned pays for a cumulative count.
     """
@@ -222,25 +226,25 @@ def threshold_masks(scores: Any, threshold: Threshold) -> Any:
     out = []
     for s, take, tied in zip(leaves, threshold.leaf_take, threshold.leaf_tied):
         if threshold.n_prune == 0:
-            out.append(jnp.zeros(s.shape, bool))
+            out.append(jnp.ones(s.shape, bool))
         elif take == tied:
-            out.append(_prune_at_most(s, t))
+            out.append(_keep_above(s, t))
         elif take == 0:
-            out.append(_prune_below(s, t))
+            out.append(_keep_at_least(s, t))
         else:
-            out.append(_prune_with_ties(s, t, jnp.int32(take)))
+            out.append(_keep_with_ties(s, t, jnp.int32(take)))
     return jax.tree.unflatten(treedef, out)
 
 
-def global_masks(scores: Any, sparsity: float) -> Any:
-    """Prune masks of exactly round(sparsity * n) lowest scores over the whole pytree."""
-    return threshold_masks(scores, global_threshold(scores, sparsity))
+def keep_global(scores: Any, sparsity: float) -> Any:
+    """Keep masks dropping exactly the round(sparsity * n) lowest scores over the whole pytree."""
+    return keep_by_threshold(scores, global_threshold(scores, sparsity))
 
 
-def per_matrix_masks(scores: Any, sparsity: float) -> Any:
-    """Per-matrix thresholds: in every leaf [L, ...], exactly round(sparsity * n) of each layer
-    slice (n = its size) are pruned (same tie rule, within the slice)."""
+def keep_per_matrix(scores: Any, sparsity: float) -> Any:
+    """Per-matrix thresholds: keep masks that, in every leaf [L, ...], drop exactly
+    round(sparsity * n) of each layer slice (n = its size; same tie rule, within the slice)."""
     def one(s):
         rows = _rows(s)
-        return lowest_k(rows, int(round(sparsity * rows.shape[1]))).reshape(s.shape)
+        return keep_all_but_lowest(rows, int(round(sparsity * rows.shape[1]))).reshape(s.shape)
     return jax.tree.map(one, scores)

@@ -1,8 +1,8 @@
 """Training batches for recovery: examples packed into rows as scoring packs them, then a seeded
 order of rows per epoch.
 
-Legend: N examples, T their padded length, P packed rows, S packed columns, A micro-batches per
-step (gradient accumulation), b rows per micro-batch (A b = batch size).
+Legend: B examples, T their padded length, P packed rows, S packed columns, M micro-batches per
+step (gradient accumulation), b rows per micro-batch (M b = batch size).
 
 Each example keeps its real tokens up to its last loss token (`capjax.packing.pack_examples`,
 without a shared prefix: every row must stand alone in a batch); `loss_mask[p, s]` marks token s
@@ -52,15 +52,15 @@ def _get(batch: Any, key: str) -> Any:
 
 
 def pack_for_training(batch: Any) -> RecoveryData:
-    """A CalibrationBatch (or a dict with tokens, loss_mask, optional attention_mask [N, T]) packed."""
+    """A CalibrationBatch (or a dict with tokens, loss_mask, optional attention_mask [B, T]) packed."""
     if isinstance(batch, RecoveryData):
         return batch
     tokens, loss_mask = _get(batch, "tokens"), _get(batch, "loss_mask")
     if tokens is None or loss_mask is None:
-        raise RecoveryDataError("recovery data needs tokens and loss_mask [N, T] (a CalibrationBatch or a dict)")
+        raise RecoveryDataError("recovery data needs tokens and loss_mask [B, T] (a CalibrationBatch or a dict)")
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise RecoveryDataError(f"empty recovery data: tokens must be [N, T] with N >= 1 and T >= 2, "
+        raise RecoveryDataError(f"empty recovery data: tokens must be [B, T] with B >= 1 and T >= 2, "
                                 f"got shape {list(tokens.shape)}")
     if loss_mask.shape != tokens.shape:
         raise RecoveryDataError(f"loss_mask shape {list(loss_mask.shape)} != tokens shape {list(tokens.shape)}")
@@ -123,7 +123,7 @@ def _permutation(rng: jax.Array, epoch: int, num_rows: int) -> np.ndarray:
 
 def step_batch(data: RecoveryData, rng: jax.Array, step: int, batch_size: int, grad_accum: int
                ) -> dict[str, np.ndarray]:
-    """The arrays of step `step`, each [A, b, S]."""
+    """The arrays of step `step`, each [M, b, S]."""
     rows = step_rows(rng, step, len(data), batch_size)
     b = batch_size // grad_accum
     return {k: getattr(data, k)[rows].reshape(grad_accum, b, -1)

@@ -1,12 +1,12 @@
 """`recover`: masked fine-tuning of a pruned model (full, or sparse LoRA) with optax, keeping the
 sparsity exact.
 
-Legend: A micro-batches per step, b rows per micro-batch, S packed columns, R = b (S - 1) loss
+Legend: M micro-batches per step, b rows per micro-batch, S packed columns, Q = b (S - 1) loss
 positions, L layers, E hidden, V vocab.
 
-One step is one jitted pure function (state, frozen, masks, batch [A, b, S]) -> (state, loss,
+One step is one jitted pure function (state, frozen, masks, batch [M, b, S]) -> (state, loss,
 grad norm). The loss is the mean NLL over the step's loss tokens (answer tokens, or every text
-token): the A micro-batches' summed NLL gradients are accumulated in a scan and divided by the
+token): the M micro-batches' summed NLL gradients are accumulated in a scan and divided by the
 step's loss-token count, which equals the gradient of the whole batch at once.
 
 Exact sparsity, full mode: the gradient is multiplied by the mask (as a PyTorch `grad * mask`
@@ -113,9 +113,9 @@ def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers
                         (layers, jnp.arange(model.config.num_layers)))
     h = x[:, :-1].reshape(-1, x.shape[-1])  # position s predicts token s + 1
     target, w = tokens[:, 1:].reshape(-1), loss_mask[:, 1:].reshape(-1)
-    R = h.shape[0]
-    C = min(LOSS_ROWS, R)
-    pad = -R % C
+    Q = h.shape[0]
+    C = min(LOSS_ROWS, Q)
+    pad = -Q % C
     h, target, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(target, (0, pad)), jnp.pad(w, (0, pad))
 
     @jax.checkpoint
