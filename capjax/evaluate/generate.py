@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.config import ModelConfig
-from capjax.distributed import place_batch, to_host
+from capjax.distributed import batch_multiple, place_batch, to_host
 from capjax.model import Decoder, init_cache
 
 Params = dict[str, Any]
@@ -161,9 +161,12 @@ def generate(
         if max(len(p) for p in chunk) + max_new_tokens > limit:
             raise ValueError(f"prompt of {max(len(p) for p in chunk)} tokens + {max_new_tokens} new tokens "
                              f"exceeds max_position_embeddings={limit}")
-        tokens = np.full((B, P), pad_id, np.int32)
-        mask = np.zeros((B, P), np.int32)
-        for i in range(B):
+        # Rows rounded up to place_batch's multiple with copies of a prompt, not masked rows:
+        # the decode loop runs until every row is done, and a copy is done when its prompt is.
+        rows = -(-B // batch_multiple(params)) * batch_multiple(params)
+        tokens = np.full((rows, P), pad_id, np.int32)
+        mask = np.zeros((rows, P), np.int32)
+        for i in range(rows):
             p = chunk[i] if i < len(chunk) else chunk[0]
             tokens[i, P - len(p):] = p
             mask[i, P - len(p):] = 1
