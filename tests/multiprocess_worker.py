@@ -23,6 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_batch, whatever the cwd
 
 from capjax import distributed  # noqa: E402
 
@@ -37,6 +38,8 @@ from capjax.attribution import head_ablation_losses, score_heads  # noqa: E402
 from capjax.config import ModelConfig  # noqa: E402
 from capjax.model import Decoder, param_shapes  # noqa: E402
 from capjax.pruning import prune  # noqa: E402
+
+from worker_batch import make_batch  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
 CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
@@ -61,15 +64,7 @@ def _params():
 
 
 PARAMS = _params()
-RNG = np.random.default_rng(1)
-TOKENS = RNG.integers(0, V, (B, T)).astype(np.int32)
-AM = np.ones((B, T), np.int32)
-AM[1, 9:] = 0
-AM[4, 7:] = 0
-LOSS = np.zeros((B, T), np.float32)
-for b in range(B):
-    LOSS[b, 4 + b % 3:AM[b].sum()] = 1
-MASKS = (RNG.random((6, L, H)) > 0.4).astype(np.float32)  # N = 6: padding needed on 4 devices
+TOKENS, AM, LOSS, MASKS = make_batch(V, L, H, n_masks=6, batch=B, time=T)  # N = 6: padding needed on 4 devices
 
 
 def mesh(name):

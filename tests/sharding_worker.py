@@ -16,6 +16,7 @@ import traceback
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_batch, whatever the cwd
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -30,6 +31,8 @@ from capjax.packing import pack_examples  # noqa: E402
 from capjax.pruning import global_threshold, prune, weight_scores  # noqa: E402
 from capjax.pruning.importance import get_kernels, importance_from_scores  # noqa: E402
 from capjax.pruning.threshold import _count_le  # noqa: E402
+
+from worker_batch import make_batch  # noqa: E402
 
 L, E, F, H, K, D, V = 3, 32, 48, 4, 2, 8, 101  # V = 101 is divisible by nothing: its dims stay whole
 CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
@@ -48,15 +51,7 @@ def _params():
 
 
 PARAMS = _params()
-RNG = np.random.default_rng(1)
-TOKENS = RNG.integers(0, V, (B, T)).astype(np.int32)
-AM = np.ones((B, T), np.int32)
-AM[1, 9:] = 0
-AM[4, 7:] = 0
-LOSS = np.zeros((B, T), np.float32)
-for b in range(B):
-    LOSS[b, 4 + b % 3:AM[b].sum()] = 1
-MASKS = (RNG.random((10, L, H)) > 0.4).astype(np.float32)  # N = 10: padding needed on 4 and 8 devices
+TOKENS, AM, LOSS, MASKS = make_batch(V, L, H, n_masks=10, batch=B, time=T)  # N = 10: padded on 4, 8 devices
 
 
 def mesh(name):

@@ -57,8 +57,8 @@ def test_a_killed_process_stops_the_job_with_one_line():
 
 
 def test_a_failing_process_status_is_the_jobs():
-    res, took = _launch(2, "import os, sys, time; time.sleep(0.5); sys.exit(3 if os.environ['CAPJAX_PROCESS_ID'] == '0' "
-                           "else time.sleep(60))")
+    res, took = _launch(2, "import os, sys, time; time.sleep(0.5); "
+                           "sys.exit(3 if os.environ['CAPJAX_PROCESS_ID'] == '0' else time.sleep(60))")
     assert res.returncode == 3 and took < 30
     assert "capjax: process 0 exited with status 3; the job stopped" in res.stderr
 
