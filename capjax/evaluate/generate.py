@@ -134,7 +134,8 @@ def generate(
     text before it cut the decoded string at `text.find(stop)`. Stop strings are checked
     on the host after decoding, so they do not shorten the decode loop; EOS does.
 
-    Batches of `batch_size` rows (the last one padded with copies of a prompt) are
+    Batches of `batch_size` rows (the last one padded with copies of a prompt; on params
+    sharded over a "data" axis, rounded up the same way to a multiple of its size) are
     left-padded to `bucket_length`, so one (B, P, N) shape compiles once. Any params with
     the model's layout work unchanged (pruned weights included).
     """
