@@ -13,7 +13,8 @@ module holds what the library needs on top of JAX's own runtime:
     is_writer()       True on process 0 only: the one that writes results files.
     process_rows(n)   this process's contiguous share of n examples; gather_rows() joins the
                       shares back, in order, on every process.
-    place_batch()     host batches split over "data" when params span several processes.
+    place_batch()     host batches padded with masked rows and split over "data" when params
+                      sit on a mesh (batch_multiple() gives the multiple).
     exists(path)      process 0's answer, on every process: reuse-or-compute is decided once.
     restore_numpy()   an orbax checkpoint as numpy on every process, whatever its shardings.
     checksum(x)       a params fingerprint that does not depend on the layout.
@@ -161,23 +162,51 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(_to_host, tree)
 
 
-def place_batch(params: Any, *arrays: Any) -> tuple[jax.Array, ...]:
-    """`arrays` (host [B, ...], the same on every process) as inputs of a jitted call on `params`.
-
-    When params are sharded over a mesh that spans several processes, each array's batch axis B
-    is split over the mesh's "data" axis (whole when not divisible): every device, hence every
-    process, computes its share of the examples, and `to_host` gathers the outputs. Otherwise
-    the arrays are plain device arrays (single process, unchanged behaviour).
-    """
+def _batch_mesh(params: Any) -> Any:
+    """The mesh batches are split over: that of params' first array when it is a NamedSharding
+    with a "data" axis of size > 1, else None."""
     from jax.sharding import NamedSharding
 
-    from capjax.sharding import batch_sharding
+    from capjax.sharding import DATA, axis_size
 
     leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
     sh = getattr(leaf, "sharding", None)
-    if not isinstance(sh, NamedSharding) or leaf.is_fully_addressable:
+    if not isinstance(sh, NamedSharding) or axis_size(sh.mesh, DATA) == 1:
+        return None
+    return sh.mesh
+
+
+def batch_multiple(params: Any) -> int:
+    """The row count `place_batch` pads a batch to a multiple of: the "data" axis size of the
+    mesh params sit on, 1 when batches are not split."""
+    from capjax.sharding import DATA, axis_size
+
+    mesh = _batch_mesh(params)
+    return 1 if mesh is None else axis_size(mesh, DATA)
+
+
+def place_batch(params: Any, *arrays: Any) -> tuple[jax.Array, ...]:
+    """`arrays` (host [B, ...], the same on every process) as inputs of a jitted call on `params`.
+
+    When params are sharded over a mesh with a "data" axis (d = its size > 1), each array's
+    batch axis B is padded with rows of zeros (token 0, attention mask 0: masked rows) to a
+    multiple of d and split over "data": every device, hence every process, computes its share
+    of the examples, whatever B (batch size 1 included). The outputs have the padded batch
+    [B + (-B % d), ...]; callers keep their first B rows (after `to_host`). Otherwise the arrays
+    are plain device arrays, unchanged.
+    """
+    from capjax.sharding import batch_sharding
+
+    mesh = _batch_mesh(params)
+    if mesh is None:
         return tuple(jnp.asarray(a) for a in arrays)
-    return tuple(jax.device_put(np.asarray(a), batch_sharding(sh.mesh, np.shape(a))) for a in arrays)
+    d = batch_multiple(params)
+    out = []
+    for a in arrays:
+        a = np.asarray(a)
+        a = np.concatenate([a, np.zeros((-len(a) % d, *a.shape[1:]), a.dtype)])
+        out.append(jax.device_put(a, batch_sharding(mesh, a.shape)))
+    return tuple(out)
 
 
 def process_rows(n: int, index: int | None = None, count: int | None = None) -> slice:
@@ -260,7 +289,7 @@ def barrier(name: str) -> None:
 
 
 __all__ = [
-    "DistributedConfigError", "DistributedSettings", "barrier", "checksum", "enabled", "exists", "gather_rows",
-    "initialize", "is_writer", "place_batch", "process0_says", "process_rows", "restore_numpy", "settings_from_env",
-    "to_host",
+    "DistributedConfigError", "DistributedSettings", "barrier", "batch_multiple", "checksum", "enabled", "exists",
+    "gather_rows", "initialize", "is_writer", "place_batch", "process0_says", "process_rows", "restore_numpy",
+    "settings_from_env", "to_host",
 ]

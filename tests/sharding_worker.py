@@ -16,6 +16,7 @@ import traceback
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_batch, whatever the cwd
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -30,6 +31,8 @@ from capjax.packing import pack_examples  # noqa: E402
 from capjax.pruning import global_threshold, prune, weight_scores  # noqa: E402
 from capjax.pruning.importance import get_kernels, importance_from_scores  # noqa: E402
 from capjax.pruning.threshold import _count_le  # noqa: E402
+
+from worker_batch import make_batch  # noqa: E402
 
 L, E, F, H, K, D, V = 3, 32, 48, 4, 2, 8, 101  # V = 101 is divisible by nothing: its dims stay whole
 CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
@@ -48,15 +51,7 @@ def _params():
 
 
 PARAMS = _params()
-RNG = np.random.default_rng(1)
-TOKENS = RNG.integers(0, V, (B, T)).astype(np.int32)
-AM = np.ones((B, T), np.int32)
-AM[1, 9:] = 0
-AM[4, 7:] = 0
-LOSS = np.zeros((B, T), np.float32)
-for b in range(B):
-    LOSS[b, 4 + b % 3:AM[b].sum()] = 1
-MASKS = (RNG.random((10, L, H)) > 0.4).astype(np.float32)  # N = 10: padding needed on 4 and 8 devices
+TOKENS, AM, LOSS, MASKS = make_batch(V, L, H, n_masks=10, batch=B, time=T)  # N = 10: padded on 4, 8 devices
 
 
 def mesh(name):
@@ -252,6 +247,40 @@ def check_threshold_count_on_sharded_scores():
     ref = _count_le(ref_scores, jnp.int32(0))
     for a, b in zip(counts, ref):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def check_evaluation_batches_split_with_masked_padding():
+    """Evaluation batches whose size the "data" axis does not divide (1, and partial last batches)
+    are padded with masked rows and split, not replicated; the metrics equal those of the same
+    calls on unsharded params (the oracle) to 1e-6."""
+    from capjax import distributed
+    from capjax.evaluate.generate import generate
+    from capjax.evaluate.perplexity import continuation_logprobs, perplexity
+
+    stream = np.random.default_rng(2).integers(0, V, 5 * 16).astype(np.int32)
+    requests = [(TOKENS[i, :4].tolist(), TOKENS[i, 4:4 + 1 + i % 5].tolist()) for i in range(5)]
+    prompts = [TOKENS[i, :3 + i % 4].tolist() for i in range(5)]
+    ref_ppl = {b: perplexity(MODEL, PARAMS, stream, seq_len=16, batch_size=b) for b in (1, 3)}
+    ref_ll = continuation_logprobs(MODEL, PARAMS, requests, batch_size=3)
+    ref_gen = generate(MODEL, PARAMS, prompts, max_new_tokens=4, batch_size=3, eos_ids=())
+    for name in MESHES:
+        m = mesh(name)
+        d = sharding.axis_size(m, "data")
+        p = sharding.shard_params(PARAMS, m)
+        assert distributed.batch_multiple(p) == d
+        tokens, mask = distributed.place_batch(p, np.ones((1, 16), np.int32), np.ones((1, 16), np.int32))
+        assert tokens.shape == (d, 16) and tokens.sharding.spec == P("data"), (name, tokens.shape, tokens.sharding)
+        assert {s.data.shape for s in tokens.addressable_shards} == {(1, 16)}, name  # one row per data slot
+        np.testing.assert_array_equal(np.asarray(mask)[1:], 0)  # the padding rows are masked
+        for b in (1, 3):  # 5 windows: batch 1, and 3 + a partial last batch of 2
+            got = perplexity(MODEL, p, stream, seq_len=16, batch_size=b)
+            np.testing.assert_allclose(got["window_nll"], ref_ppl[b]["window_nll"], rtol=1e-6, err_msg=name)
+            assert abs(got["ppl"] - ref_ppl[b]["ppl"]) <= 1e-6 * ref_ppl[b]["ppl"], (name, b, got, ref_ppl[b])
+        ll = continuation_logprobs(MODEL, p, requests, batch_size=3)
+        np.testing.assert_allclose([x[0] for x in ll], [x[0] for x in ref_ll], rtol=1e-6, atol=1e-6, err_msg=name)
+        assert [x[1:] for x in ll] == [x[1:] for x in ref_ll], name
+        gen = generate(MODEL, p, prompts, max_new_tokens=4, batch_size=3, eos_ids=())
+        assert gen == ref_gen, (name, gen, ref_gen)
 
 
 def check_init_params_sharded():

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.config import ModelConfig
-from capjax.distributed import place_batch, to_host
+from capjax.distributed import batch_multiple, place_batch, to_host
 from capjax.model import Decoder, init_cache
 
 Params = dict[str, Any]
@@ -134,7 +134,8 @@ def generate(
     text before it cut the decoded string at `text.find(stop)`. Stop strings are checked
     on the host after decoding, so they do not shorten the decode loop; EOS does.
 
-    Batches of `batch_size` rows (the last one padded with copies of a prompt) are
+    Batches of `batch_size` rows (the last one padded with copies of a prompt; on params
+    sharded over a "data" axis, rounded up the same way to a multiple of its size) are
     left-padded to `bucket_length`, so one (B, T, X) shape compiles once. Any params with
     the model's layout work unchanged (pruned weights included).
     """
@@ -161,9 +162,12 @@ def generate(
         if max(len(p) for p in chunk) + max_new_tokens > limit:
             raise ValueError(f"prompt of {max(len(p) for p in chunk)} tokens + {max_new_tokens} new tokens "
                              f"exceeds max_position_embeddings={limit}")
-        tokens = np.full((B, T), pad_id, np.int32)
-        mask = np.zeros((B, T), np.int32)
-        for i in range(B):
+        # Rows rounded up to place_batch's multiple with copies of a prompt, not masked rows:
+        # the decode loop runs until every row is done, and a copy is done when its prompt is.
+        rows = -(-B // batch_multiple(params)) * batch_multiple(params)
+        tokens = np.full((rows, T), pad_id, np.int32)
+        mask = np.zeros((rows, T), np.int32)
+        for i in range(rows):
             p = chunk[i] if i < len(chunk) else chunk[0]
             tokens[i, T - len(p):] = p
             mask[i, T - len(p):] = 1

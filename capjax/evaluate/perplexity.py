@@ -65,8 +65,8 @@ def token_logprobs(model: Decoder, params: Params, tokens: np.ndarray,
     tokens = np.asarray(tokens, np.int32)
     mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
     fn = _token_logprobs_fn(model.config, jnp.dtype(model.dtype).name)
-    lp, greedy = fn(params, *place_batch(params, tokens, mask))
-    return to_host((lp, greedy))
+    lp, greedy = to_host(fn(params, *place_batch(params, tokens, mask)))
+    return lp[:len(tokens)], greedy[:len(tokens)]  # place_batch's masked padding rows dropped
 
 
 def perplexity(

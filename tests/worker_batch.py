@@ -1,0 +1,27 @@
+"""The calibration batch the subprocess workers (tests/sharding_worker.py,
+tests/multiprocess_worker.py) share: both run as scripts, so each puts this folder on sys.path
+before `from worker_batch import make_batch`.
+
+Legend: B batch, T time, N ablation masks, L layers, H query heads, V vocab.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_batch(vocab: int, layers: int, heads: int, n_masks: int, batch: int = 6, time: int = 12,
+               seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens [B, T] int32, attention mask [B, T] int32 with rows 1 and 4 right-padded, loss mask
+    [B, T] float32 over a ragged answer span of every row, ablation masks [N, L, H] float32 of
+    0/1 with about 60% ones), all from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, time)).astype(np.int32)
+    am = np.ones((batch, time), np.int32)
+    am[1, 9:] = 0
+    am[4, 7:] = 0
+    loss = np.zeros((batch, time), np.float32)
+    for b in range(batch):
+        loss[b, 4 + b % 3:am[b].sum()] = 1
+    masks = (rng.random((n_masks, layers, heads)) > 0.4).astype(np.float32)
+    return tokens, am, loss, masks
