@@ -24,6 +24,9 @@ from capjax.convert import gguf_to_hf_name, params_from_tensors, unpermute_llama
 # GGUF architectures whose llama.cpp converter permutes q/k rows into pairwise RoPE order
 # (transformers' TENSOR_PROCESSORS maps only "llama" to LlamaTensorProcessor; mistral files say "llama").
 _PERMUTED_QK = ("llama",)
+# Those whose tensor names `capjax.convert.gguf_to_hf_name` maps. Gemma's norms (stored +1, other
+# names) and Phi-3's fused qkv / gate_up are not mapped.
+TENSOR_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 class GGUFFormatError(ValueError):
@@ -121,7 +124,13 @@ def gguf_params(config, path: str | os.PathLike, dtype: np.dtype) -> dict:
     import gguf
 
     reader = _reader(path)
-    permuted = _architecture(reader, path) in _PERMUTED_QK
+    arch = _architecture(reader, path)
+    if arch not in TENSOR_ARCHITECTURES:
+        raise GGUFFormatError(
+            f"{path}: capjax reads the tensors of GGUF architectures {', '.join(TENSOR_ARCHITECTURES)}, not "
+            f"{arch!r}; convert it to an HF folder (transformers: AutoModelForCausalLM.from_pretrained(folder, "
+            "gguf_file=...).save_pretrained(out)) and pass that folder")
+    permuted = arch in _PERMUTED_QK
     tensors = {}
     for t in reader.tensors:
         name = gguf_to_hf_name(t.name)

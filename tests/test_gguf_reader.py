@@ -100,6 +100,20 @@ def test_tiny_gguf_equals_source_and_transformers(tmp_path, model_type, arch, ov
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens)), expected, atol=1e-4)
 
 
+def test_unmapped_architecture_refused_before_reading_tensors(tmp_path):
+    from capjax.gguf_reader import gguf_params
+
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"g.gguf: capjax reads the tensors of GGUF architectures llama, qwen2, "
+                                         r"qwen3, not 'gemma2'; convert it to an HF folder"):
+        gguf_params(None, tmp_path / "g.gguf", np.float32)
+
+
 def test_not_a_gguf(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
