@@ -15,6 +15,7 @@ D head dim).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,7 +116,9 @@ def gguf_tokenizer(path: str | os.PathLike):
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         tokenizer_config[special] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+    # name_or_path: the folder, as AutoTokenizer.from_pretrained(folder, gguf_file=...) sets it
+    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(Path(path).parent),
+                                   **tokenizer_config, **extra)
 
 
 def gguf_params(config, path: str | os.PathLike, dtype: np.dtype) -> dict:

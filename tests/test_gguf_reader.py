@@ -152,8 +152,8 @@ def test_smollm2_tokenizer_equals_transformers():
     chat = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(chat, add_generation_prompt=True) == ref.apply_chat_template(
         chat, add_generation_prompt=True)
-    assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.unk_token, len(ours)) == (
-        ref.bos_token, ref.eos_token, ref.pad_token, ref.unk_token, len(ref))
+    assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.unk_token, len(ours), ours.name_or_path) == (
+        ref.bos_token, ref.eos_token, ref.pad_token, ref.unk_token, len(ref), ref.name_or_path)
 
 
 # Hides torch from the import system (find_spec too, which transformers' is_torch_available asks).
