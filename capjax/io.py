@@ -1,7 +1,8 @@
 """Checkpoint reading and writing: HF folders (safetensors), GGUF files, the bundled SmolLM2, hub ids.
 
-transformers is the reader/writer of record (configs, tokenizers, GGUF metadata); tensors are
-streamed one at a time into the stacked capjax layout.
+transformers is the reader/writer of record (configs, tokenizers); GGUF files are read by
+`capjax.gguf_reader` (torch-free, equal to transformers' GGUF path); tensors are streamed one at a
+time into the stacked capjax layout.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.config import ModelConfig
-from capjax.convert import (gguf_to_hf_name, iter_hf_tensors, params_from_tensors,
-                            unpermute_llama_cpp)
+from capjax.convert import iter_hf_tensors, params_from_tensors
 from capjax.errors import ArtifactError
 from capjax.memory import check_params_fit
 from capjax.model import Decoder, numpy_dtype
@@ -91,9 +91,12 @@ def model_files(source: str | os.PathLike) -> list[Path]:
 def load_config(source: str | os.PathLike) -> ModelConfig:
     kind, where = _resolve(source)
     if kind == "gguf":
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        import transformers
 
-        return ModelConfig.from_hf(load_gguf_checkpoint(str(where), return_tensors=False)["config"])
+        from capjax.gguf_reader import gguf_config  # transformers' GGUF reader needs torch
+
+        # for_model, as transformers does: its config class supplies what the GGUF omits (Qwen3's head_dim)
+        return ModelConfig.from_hf(transformers.AutoConfig.for_model(**gguf_config(where)))
     import transformers
 
     return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(where)))
@@ -116,7 +119,9 @@ def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32") -> 
         where = _download(str(where))
     np_dtype = numpy_dtype(jdtype)
     if kind == "gguf":
-        params = _load_gguf_params(config, Path(where), np_dtype)
+        from capjax.gguf_reader import gguf_params
+
+        params = gguf_params(config, Path(where), np_dtype)
     else:
         params = _load_safetensors_params(config, Path(where), np_dtype)
     return Decoder(config, dtype=jdtype), params
@@ -186,36 +191,15 @@ def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype)
     return params_from_tensors(config, get, set(weight_map), dtype)
 
 
-def _load_gguf_params(config: ModelConfig, path: Path, dtype: np.dtype) -> dict:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    tensors = {}
-    for t in reader.tensors:
-        name = gguf_to_hf_name(t.name)
-        if name is not None:
-            tensors[name] = t
-
-    def get(name: str) -> np.ndarray:
-        t = tensors[name]
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
-        if ".q_proj." in name:
-            w = unpermute_llama_cpp(w, config.num_heads)
-        elif ".k_proj." in name:
-            w = unpermute_llama_cpp(w, config.num_kv_heads)
-        return w.astype(dtype)
-
-    return params_from_tensors(config, get, set(tensors), dtype)
-
-
 def load_tokenizer(source: str | os.PathLike):
     """A transformers tokenizer for the same sources as `load_pretrained`."""
     import transformers
 
     kind, where = _resolve(source)
     if kind == "gguf":
-        where = Path(where)
-        return transformers.AutoTokenizer.from_pretrained(str(where.parent), gguf_file=where.name)
+        from capjax.gguf_reader import gguf_tokenizer  # equal to AutoTokenizer(gguf_file=...), without torch
+
+        return gguf_tokenizer(where)
     if kind == "hub":
         where = _download(str(where))
     return transformers.AutoTokenizer.from_pretrained(str(where))

@@ -103,3 +103,18 @@ def test_prune_cli_writes_compressed_folder_and_hf_masks(tmp_path):
         assert len(z.files) == 7 * 2
         for name in z.files:
             assert np.array_equal(~z[name], weights[name].numpy() == 0), name
+
+
+def test_transformers_5_refuses_the_folder_with_compressed_tensors_0_13(exported):
+    """The documented conflict (docs/using.md): transformers 5 asks for compressed-tensors >= 0.15
+    (transformers/utils/import_utils.py COMPRESSED_TENSORS_MIN_VERSION), and the installed release
+    that has the sparsity compressors is older. When a release has both, this fails: then test the
+    load (AutoModelForCausalLM on `comp`, same logits as `dense`) instead."""
+    from packaging.version import Version
+
+    import compressed_tensors
+
+    *_, comp = exported
+    assert Version(compressed_tensors.__version__) < Version("0.15")
+    with pytest.raises(ImportError, match=r"compressed-tensors>=0\.15"):
+        transformers.AutoModelForCausalLM.from_pretrained(comp)

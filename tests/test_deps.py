@@ -87,3 +87,13 @@ def test_llama3_rope_export_reloads_with_the_same_logits(tmp_path):
     with torch.no_grad():
         a, b = ref(tokens).logits, back(tokens).logits
     torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_demo_installs_no_torch():
+    """The demo extra and the Makefile's demo stage leave torch out (capjax.gguf_reader needs none)."""
+    import re
+
+    assert "torch" not in {_name(r) for r in PYPROJECT["optional-dependencies"]["demo"]}
+    make = (ROOT / "Makefile").read_text()
+    demo_stage = re.search(r"^\$\(DEMO\):.*?(?=^\S)", make, re.M | re.S).group(0)
+    assert "pip install" in demo_stage and "torch" not in demo_stage.split("\n", 1)[1]

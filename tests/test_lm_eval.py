@@ -4,6 +4,9 @@ exported folder, and against capjax's `arc_loglikelihood`; offline, on local tas
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +181,48 @@ def test_smollm2_gsm8k_generations_match_hf(smollm2, tmp_path):
     assert gen[0] == gen[1]
     for m in ("exact_match,strict-match", "exact_match,flexible-extract"):
         assert ours["results"]["gsm8k_local"][m] == hf["results"]["gsm8k_local"][m]
+
+
+def _console_script(name: str) -> list[str]:
+    """The command pip's wrapper for pyproject's [project.scripts] `name` runs (the installed wrapper
+    may be main's checkout, not this tree's)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    target = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"][name]
+    module, func = target.split(":")
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; sys.exit({func}())"]
+
+
+def _cli_args(tiny, tmp_path) -> tuple[list[str], Path]:
+    src, out, *_ = tiny
+    rows = [{"q": f"{a}*3", "choices": [str(3 * a), str(3 * a + 2), str(a)], "gold": a % 3} for a in range(6)]
+    (tmp_path / "tiny_choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = task_dir(tmp_path, tmp_path, ["tiny_choice.yaml"])
+    return ["run", "--model", "capjax", "--model_args", f"pretrained={src},masks={out / 'masks.npz'}",
+            "--tasks", "tiny_choice", "--include_path", str(tasks)], tasks
+
+
+_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def test_capjax_lm_eval_console_script(tiny, tmp_path):
+    """`capjax-lm-eval run --model capjax ...` in a subprocess writes the acc of the in-memory pruned tree."""
+    _, _, model, _, pruned, tok = tiny
+    args, tasks = _cli_args(tiny, tmp_path)
+    r = subprocess.run(_console_script("capjax-lm-eval") + args + ["--output_path", str(tmp_path / "res")],
+                       capture_output=True, text=True, env=_ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    written = json.loads(next((tmp_path / "res").rglob("results*.json")).read_text())["results"]["tiny_choice"]
+    direct = lm_eval.simple_evaluate(model=CapjaxLM(model=model, params=pruned, tokenizer=tok), tasks=["tiny_choice"],
+                                     task_manager=TaskManager(include_path=str(tasks)))["results"]["tiny_choice"]
+    assert (written["acc,none"], written["acc_norm,none"]) == (direct["acc,none"], direct["acc_norm,none"])
+
+
+@pytest.mark.slow
+def test_plain_lm_eval_cli_does_not_know_capjax(tiny, tmp_path):
+    """lm-eval 0.4.13 reads no entry points: `lm_eval run --model capjax` fails (why capjax-lm-eval exists;
+    when this fails, the harness found capjax by itself and docs/using.md's explanation is stale)."""
+    args, _ = _cli_args(tiny, tmp_path)
+    plain = subprocess.run([sys.executable, "-m", "lm_eval", *args], capture_output=True, text=True, env=_ENV)
+    assert plain.returncode != 0 and "no model for this name found" in plain.stderr + plain.stdout

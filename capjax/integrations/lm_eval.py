@@ -7,7 +7,8 @@
     lm_eval.simple_evaluate(model=cl.CapjaxLM(model=model, params=pruned, tokenizer=tok), tasks=[...])
 
 Importing this module registers the name "capjax" with the harness (`lm_eval.api.registry`);
-the `lm_eval` console script itself does not import it, hence the `python -m` route above.
+the `lm_eval` console script itself does not import it, hence the `python -m` route above and
+the `capjax-lm-eval` console script (`capjax.integrations.lm_eval_cli`).
 Tokenization follows the harness' `HFLM` (same `tok_encode`, `_encode_pair`, prefix token,
 left truncation and rolling windows), so scores match `--model hf` on the exported folder:
 
