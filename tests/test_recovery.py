@@ -294,7 +294,7 @@ def test_sharded_recovery_equals_single_device(tmp_path):
     assert res["max_diff"] < 1e-5, res
 
 
-@pytest.mark.slow  # a subprocess with 8 fake devices and two compiles
+@pytest.mark.slow  # a subprocess with 8 fake devices and two compiles: 343 s measured at load ~15 on the 2 cores
 def test_sharded_lora_recovery_equals_single_device(tmp_path):
     worker = Path(__file__).with_name("recovery_sharding_worker.py")
     out = tmp_path / "out.json"
