@@ -63,7 +63,8 @@ def exact_cap_scores(model, params, calib, n: int, cache_dir: Path = Path("runs"
         h.update(np.ascontiguousarray(a).tobytes())
     path = cache_dir / f"cap_scores_{h.hexdigest()[:16]}.npz"
     if path.exists():
-        return capjax.HeadScores.load(path).delta, f"exact ablation head scores, {n} calibration problems (cached {path})"
+        return capjax.HeadScores.load(path).delta, (f"exact ablation head scores, {n} calibration problems "
+                                                    f"(cached {path})")
     t = time.perf_counter()
     scores = capjax.score_heads(model, params, tokens, loss_mask, attention_mask=attn, method="ablation",
                                 aggregate="median", progress=False)

@@ -53,7 +53,8 @@ def main(out: str) -> None:
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(pruned),
                                                                                     jax.tree.leaves(got)))
     loss_diff = float(np.abs(np.asarray(ref_hist["loss"]) - np.asarray(got_hist["loss"])).max())
-    json.dump({"max_diff": diff, "max_loss_diff": loss_diff, "moved": moved, "mode": got_hist["mode"], "pruned_nonzero": nonzero, "devices": len(q.sharding.device_set),
+    json.dump({"max_diff": diff, "max_loss_diff": loss_diff, "moved": moved, "mode": got_hist["mode"],
+               "pruned_nonzero": nonzero, "devices": len(q.sharding.device_set),
                "spec": str(q.sharding.spec)}, open(out, "w"))
 
 
