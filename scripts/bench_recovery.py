@@ -7,12 +7,14 @@ seq_len WikiText-2 tokens, every token in the loss; throughput only, nothing is 
 optimizer (AdamW, constant lr after one step, no clipping, no weight decay). The torch loop is
 what a user writes: forward, mean NLL, backward, grad *= mask, optimizer.step(). Both run one
 untimed step first (compilation / allocator warm-up), then `--steps` timed steps. Prints the
-seconds per step, tokens per second, their ratio, and the first-step loss of both.
+seconds per step, tokens per second, their ratio, and the first-step loss of both, and the
+machine's load average (os.getloadavg) at start and end, so a run on a loaded machine shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -37,6 +39,13 @@ def hf_masks(config, masks, params):
     return {k: torch.as_tensor(v) for k, v in iter_hf_tensors(config, tree)}
 
 
+def load_line(when: str) -> str:
+    one, five, fifteen = os.getloadavg()
+    cores = os.cpu_count() or 1
+    note = f" (loaded: 1-min load >= {cores / 2:g} = half the cores)" if one >= cores / 2 else ""
+    return f"load average at {when}: {one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min) on {cores} cores{note}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
@@ -45,6 +54,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--remat", action="store_true", help="capjax recomputes layer activations in backward")
     args = ap.parse_args()
+    start_load = load_line("start")
+    print(start_load, flush=True)
 
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     tokenizer = capjax.load_tokenizer("smollm2-135m-instruct")
@@ -102,6 +113,8 @@ def main() -> None:
     print(f"torch:  {th_step:.3f} s/step ({tokens_per_step / th_step:.0f} tok/s); first step {warm:.1f} s; "
           f"first loss {first_torch:.5f}")
     print(f"ratio (torch s/step / capjax s/step): {th_step / cj_step:.2f}x")
+    print(start_load)
+    print(load_line("end"))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ and held-out GSM8K answer loss before and after N recovery steps, with error bar
     python scripts/recovery_table.py [--steps 10] [--batch 2] [--seq-len 256] [--mode full]
         [--scores scores.npz] [--out docs/recovery]
 
-Pruning calibration: 16 GSM8K train problems (T=256); CAP's head scores are the gradient
-estimate (`score_heads(method="gradient")`, one backward pass) unless --scores gives a file with
-'delta' [L, H] (e.g. from `capjax score`). Recovery data: 64 other-seeded GSM8K train problems,
+Pruning calibration: 16 GSM8K train problems (T=256); CAP's head scores are the paper's exact
+single-head ablation scores (`score_heads(method="ablation")`, K=3 subsets, median) on the first
+--score-n of them, cached in runs/cap_scores_<key>.npz (key: a hash of the scoring calibration
+tokens, masks and settings) so a rerun does not rescore; --scores gives a file with 'delta' [L, H]
+instead (e.g. from `capjax score`). Recovery data: 64 other-seeded GSM8K train problems,
 answer tokens in the loss, packed. Evaluation: the first --windows WikiText-2 test windows of 512
 tokens (ppl = exp(mean NLL); error bar = ppl x the standard error of the per-window mean NLL)
 and --eval-n GSM8K test problems (answer-token NLL, teacher-forced; error bar = bootstrap
@@ -17,6 +19,7 @@ loss history) and OUT_loss.png, and prints the markdown table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -52,6 +55,25 @@ def answer_loss_with_error(model, params, batch, seed: int = 0) -> tuple[float, 
     return float(sums.sum() / counts.sum()), float(np.std(boot))
 
 
+def exact_cap_scores(model, params, calib, n: int, cache_dir: Path = Path("runs")) -> tuple[np.ndarray, str]:
+    """CAP's exact ablation head scores delta [L, H] on the first n calibration rows, cached by content."""
+    tokens, loss_mask, attn = calib.tokens[:n], calib.loss_mask[:n], calib.attention_mask[:n]
+    h = hashlib.sha256(b"smollm2-135m-instruct|ablation|median|K=3")
+    for a in (tokens, loss_mask, attn):
+        h.update(np.ascontiguousarray(a).tobytes())
+    path = cache_dir / f"cap_scores_{h.hexdigest()[:16]}.npz"
+    if path.exists():
+        return capjax.HeadScores.load(path).delta, (f"exact ablation head scores, {n} calibration problems "
+                                                    f"(cached {path})")
+    t = time.perf_counter()
+    scores = capjax.score_heads(model, params, tokens, loss_mask, attention_mask=attn, method="ablation",
+                                aggregate="median", progress=False)
+    secs = time.perf_counter() - t
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    scores.save(path, n=n, seconds=secs)
+    return scores.delta, f"exact ablation head scores, {n} calibration problems ({secs:.1f} s, saved {path})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
@@ -64,8 +86,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--eval-n", type=int, default=32)
     ap.add_argument("--scores", default=None)
+    ap.add_argument("--score-n", type=int, default=8, help="calibration problems for CAP's exact scores")
     ap.add_argument("--out", default="docs/recovery")
     args = ap.parse_args()
+    if not 1 <= args.score_n <= 16:
+        ap.error(f"--score-n must be 1..16 (the pruning calibration has 16 problems), got {args.score_n}")
     t_start = time.perf_counter()
 
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
@@ -87,10 +112,8 @@ def main() -> None:
             delta = z["delta"]
         score_note = f"scores from {args.scores}"
     else:
-        t = time.perf_counter()
-        delta = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, attention_mask=calib.attention_mask,
-                                   method="gradient", progress=False).delta
-        score_note = f"gradient head scores ({time.perf_counter() - t:.1f} s)"
+        delta, score_note = exact_cap_scores(model, params, calib, args.score_n)
+        print(score_note, flush=True)
     histories = {}
     for method in args.methods.split(","):
         kw = {"head_scores": delta} if method.startswith("cap") else {"calib": calib} if method == "wanda" else {}
