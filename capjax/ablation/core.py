@@ -148,6 +148,19 @@ def _ones_spec(config, n: int = 1) -> dict:
             "attn": jnp.ones((n, config.num_layers), jnp.float32)}
 
 
+def single_heads_keep(config, spec: dict) -> float | None:
+    """keep when `spec` is exactly `single_spec(config, "heads", keep)` (every head alone, in layer-major
+    order, at one common value keep < 1, nothing else ablated), else None."""
+    L, H = config.num_layers, config.num_heads
+    heads = np.asarray(spec.get("heads", np.ones((0, L, H))))
+    if heads.shape != (L * H, L, H) or any(not np.all(np.asarray(spec[k]) == 1) for k in spec if k != "heads"):
+        return None
+    keep = float(heads[0, 0, 0])
+    expected = np.ones((L * H, L * H), heads.dtype)
+    np.fill_diagonal(expected, keep)
+    return keep if keep < 1 and np.array_equal(heads.reshape(L * H, L * H), expected) else None
+
+
 def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
            metric: str | Metric | Callable = "ce", seed: int = 0, replacements: dict | None = None,
            chunk_size: int | None = None, reuse_prefix: bool = True) -> AblationResult:
@@ -156,7 +169,9 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
     `seed` for resample's pairing), or precomputed `replacements`. One jitted function: `lax.map`
     over chunks of `chunk_size` ablations (default from free memory; halved on out-of-memory).
     With `reuse_prefix`, each ablation starts from the intact input of its first ablated layer
-    (computed once); order the spec by that layer (as `single_spec` does) so a chunk shares it."""
+    (computed once); order the spec by that layer (as `single_spec` does) so a chunk shares it.
+    The single-head spec (`single_spec(config, "heads", keep)`) runs on the layer scan of
+    `capjax.ablation.single_unit_values` (each layer's H ablations share its intact input)."""
     c = model.config
     n = num_ablations(spec)
     full = {k: jnp.asarray(v, model.dtype) for k, v in _ones_spec(c, n).items()}
@@ -169,11 +184,20 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
                                                 vocab_chunk=VOCAB_CHUNK if metric.name == "ce" else None,
                                                 max_chunk=max(n, 1))
 
-    inputs = intact_inputs(model, params, batch.rows) if reuse_prefix else None
+    keep = single_heads_keep(c, spec) if reuse_prefix else None
+    if keep is not None:
+        from capjax.ablation.single import single_unit_values  # it builds on this module
 
-    def run(ch):
-        return np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, specs,
-                                        min(ch, n), inputs), np.float64)
+        def run(ch):
+            return np.asarray(single_unit_values(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, 0,
+                                                 c.num_layers, min(ch, c.num_heads), keep=keep),
+                              np.float64).reshape(n, B)
+    else:
+        inputs = intact_inputs(model, params, batch.rows) if reuse_prefix else None
+
+        def run(ch):
+            return np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, specs,
+                                            min(ch, n), inputs), np.float64)
     values = run_with_oom_fallback(run, chunk)
     ones = {k: v.astype(model.dtype) for k, v in _ones_spec(c).items()}
     intact = np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, ones, 1),
@@ -203,4 +227,4 @@ def gradient_deltas(model, params, batch: PreparedBatch, kind: str = "zero", met
 
 
 __all__ = ["AblationResult", "ablate", "ablated_values", "answer_values", "first_ablated_layer", "gradient_deltas",
-           "intact_inputs", "intact_log_probs", "layer_ablation"]
+           "intact_inputs", "intact_log_probs", "layer_ablation", "single_heads_keep"]
