@@ -23,7 +23,8 @@ def results(tmp_path_factory):
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
                           timeout=900, cwd=WORKER.parents[1])
     if not out.exists():
-        pytest.fail(f"ablation mesh worker crashed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"ablation mesh worker crashed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
 
 

@@ -23,6 +23,6 @@ __all__ = [
     "AblationResult", "AnswerPositions", "CE", "COMPONENTS", "KINDS", "KL", "METRICS", "Metric", "PreparedBatch",
     "ablate", "ablated_values", "ablation_spec", "answer_positions", "answer_values", "component_outputs",
     "concat_specs", "get_metric", "gradient_deltas", "intact_inputs", "intact_log_probs", "kept_weights",
-    "logits_metric", "pairs_spec", "prepare_batch", "replacements", "resample_pairing", "single_spec", "single_unit_values", "units",
-    "units_spec",
+    "logits_metric", "pairs_spec", "prepare_batch", "replacements", "resample_pairing", "single_spec",
+    "single_unit_values", "units", "units_spec",
 ]

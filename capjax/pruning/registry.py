@@ -208,5 +208,5 @@ register_method("magnitude", _M + "magnitude", options={"scope": "matrix"},
                 choices={"scope": ("matrix", "global")}, description="|W|")
 register_method("random", _M + "random", options={"seed": 0}, description="uniform random scores")
 
-__all__ = ["METHODS", "MethodSpec", "PluginError", "UnknownMethodError", "names", "needing_calibration", "needing_scores",
-           "register_method", "spec", "unregister_method"]
+__all__ = ["METHODS", "MethodSpec", "PluginError", "UnknownMethodError", "names", "needing_calibration",
+           "needing_scores", "register_method", "spec", "unregister_method"]
