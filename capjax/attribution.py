@@ -29,7 +29,7 @@ import json
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,10 @@ import numpy as np
 from capjax import estimators, sharding
 from capjax.ablation.batch import (AnswerPositions, PreparedBatch, answer_arrays, answer_positions,  # noqa: F401
                                    check_calibration, prepare_batch)
+from capjax.ablation.core import answer_values, gradient_deltas, intact_log_probs
+from capjax.ablation.kinds import KINDS, replacements
+from capjax.ablation.metrics import CE, Metric, get_metric
+from capjax.ablation.single import single_unit_values
 from capjax.distributed import checksum, to_host
 from capjax.errors import NonFiniteError
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
@@ -263,57 +267,21 @@ def _check_finite(x: np.ndarray, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------- prefix reuse
-@partial(jax.jit, static_argnames=("model", "num_examples", "num_layers", "chunk_size", "progress", "mesh"))
+@partial(jax.jit, static_argnames=("model", "num_examples", "num_layers", "chunk_size", "progress", "mesh", "metric"))
 def single_head_nll(model, params, packed, ans, num_examples, start, num_layers, chunk_size, progress=False,
-                    mesh=None):
-    """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1.
+                    mesh=None, metric: Metric = CE, ref=None, reps: dict | None = None):
+    """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1:
+    `capjax.ablation.single_unit_values` (the layer scan whose H ablations share each layer's intact
+    hidden state; last layer only at the answer positions), zero ablation and answer cross-entropy
+    unless `metric` / `ref` / `reps` say otherwise.
 
     packed: (tokens, segment_ids, positions) [P, S] and the shared prefix's tokens [Pf] from
     `capjax.packing.pack_examples`; ans: the answer positions in that layout, for B = num_examples
-    examples.
-
-    The intact layers below `start` run once; then a scan over the layers carries the intact
-    hidden state, and for each layer its H ablations share it. The last layer runs
-    o_proj and the MLP only at the answer positions, the only ones the loss reads. With `mesh`,
-    the hidden states are kept replicated per ablation and the H ablations split over "data".
+    examples. With `mesh`, the H ablations of each layer are split over "data".
     """
-    c = model.config
-    L, H = c.num_layers, c.num_heads
-    B = num_examples
-    tokens, segment_ids, positions, prefix = packed
-    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
-                           prefix_len=prefix.shape[0])
-    ones = jnp.ones((H,), model.dtype)
-
-    def intact(i, x):
-        return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones, layer=i), mesh)
-
-    def last_layer_nll(y, head_mask_l):
-        return _last_layer_nll(model, params, y, ctx, head_mask_l, ans, B)
-
-    x = jax.lax.fori_loop(0, start, intact, x)
-
-    def ablate_layer(x, l):
-        lp = layer_params(params, l)
-
-        def below_last(head_mask_l):
-            y = apply_layer(model, lp, x, ctx, head_mask_l, layer=l)
-            return last_layer_nll(jax.lax.fori_loop(l + 1, L - 1, intact, y), ones)
-
-        def one(head_mask_l):
-            return jax.lax.cond(l < L - 1, below_last, partial(last_layer_nll, x), head_mask_l)
-
-        single = 1.0 - jnp.eye(H, dtype=model.dtype)  # row h: head h ablated
-        if mesh is not None:
-            nll = sharding.sharded_map(one, single, chunk_size, mesh)
-        else:
-            nll = jax.lax.map(one, single, batch_size=chunk_size)  # [H, B]
-        if progress:
-            jax.debug.callback(_progress_tick, l)
-        return apply_layer(model, lp, x, ctx, ones, layer=l), nll
-
-    _, nll = jax.lax.scan(ablate_layer, x, start + jnp.arange(num_layers))
-    return nll
+    reps = {"heads": None} if reps is None else reps
+    return single_unit_values(model, params, packed, ans, num_examples, metric, ref, reps, start, num_layers,
+                              chunk_size, mesh=mesh, on_layer=_progress_tick if progress else None)
 
 
 _single_head_nll = single_head_nll  # score_heads calls it by this name (tests wrap it to count calls)
@@ -333,6 +301,18 @@ def intact_nll(model, params, rows, ans, num_examples):
     """Intact per-example NLL sums [B] on packed rows (`PreparedBatch.rows`, `.packed_ans`)."""
     c = model.config
     return _packed_nll(model, params, rows, ans, num_examples, jnp.ones((c.num_layers, c.num_heads), model.dtype))
+
+
+@partial(jax.jit, static_argnames=("model", "num_examples", "metric"))
+def _intact_values(model, params, rows, ans, num_examples, metric, ref):
+    """Intact per-example metric sums [B] (any metric; `intact_nll` is the "ce" one)."""
+    c = model.config
+    tokens, segment_ids, positions, prefix = rows
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
+                           prefix_len=prefix.shape[0])
+    x = jax.lax.fori_loop(0, c.num_layers - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx,
+                                                                        layer=l), x)
+    return answer_values(model, params, x, ctx, ans, num_examples, metric, ref)
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples"))
@@ -361,7 +341,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
                 progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True,
-                bootstrap: int = 0) -> HeadScores:
+                bootstrap: int = 0, kind: str = "zero", metric: str | Metric | Callable = "ce") -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [U, L, H], baseline [U]).
 
     Subsets are the U contiguous near-equal splits of the batch (numpy.array_split), each with its
@@ -378,7 +358,14 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     prompt) run once per ablation, not once per example (`capjax.packing`). With `bootstrap`
     resamples (exact ablation only), `interval` [2, L, H] holds each head's 95% bootstrap
     interval over calibration examples, from the per-example losses the pass already has.
+    `kind` (zero | mean | resample, `capjax.ablation.kinds`) replaces the ablated head's output and
+    `metric` ("ce", "kl" or a `capjax.ablation` metric) is what is measured at the answer tokens
+    ("loss" above); the default zero / ce is CAP's score.
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown ablation kind {kind!r}: use one of {', '.join(KINDS)}")
+    metric = get_metric(metric)
+    custom = (kind, metric.name) != ("zero", "ce")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     if aggregate not in (AGGREGATES if method == "gradient" else estimators.names()):
@@ -397,18 +384,27 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                          "shuffle the calibration set or use fewer subsets")
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
-    intact = to_host(intact_nll(model, params, prep.rows, prep.packed_ans, B)).astype(np.float64)  # [B]
+    ref = intact_log_probs(model, params, prep.rows, prep.packed_ans) if metric.needs_ref else None
+    if metric is CE:
+        intact = to_host(intact_nll(model, params, prep.rows, prep.packed_ans, B)).astype(np.float64)  # [B]
+    else:
+        intact = to_host(_intact_values(model, params, prep.rows, prep.packed_ans, B, metric, ref)).astype(np.float64)
     baseline = onehot @ intact / subset_count
     _check_finite(baseline, "intact calibration loss")
 
-    if method == "gradient":
+    if method == "gradient" and custom:  # per-example first-order deltas [B, L, H], summed per subset
+        deltas = gradient_deltas(model, params, prep, kind, metric)["heads"]
+        masked = baseline[:, None, None] + np.einsum("blh,kb->klh", deltas, onehot) / subset_count[:, None, None]
+    elif method == "gradient":
         grad = to_host(_mask_gradient(model, params, prep.rows, prep.packed_ans, B, jnp.asarray(onehot),
                                     jnp.asarray(subset_count)))
         masked = baseline[:, None, None] - grad
     else:
         nll = _ablation_nll(model, params, prep, chunk_size, checkpoint_dir, layers_per_call, progress,
                             fingerprint_args=(tokens, loss_mask, prep.attention_mask),
-                            mesh=mesh)  # [L, H, B]
+                            mesh=mesh, metric=metric, ref=ref,
+                            reps=replacements(model, params, prep, kind) if kind != "zero" else None,
+                            custom=(kind, metric.name) if custom else None)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     if method == "gradient":
@@ -447,7 +443,7 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
 
 
 def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, layers_per_call, progress,
-                  fingerprint_args, mesh=None) -> np.ndarray:
+                  fingerprint_args, mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads
     packed, rows, ans = prep.packed, prep.rows, prep.packed_ans
@@ -463,7 +459,8 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
         # The requested chunk, not the memory-derived one, so that a resume does not depend on free memory.
         requested = min(chunk_size, H) if chunk_size else None
         layout = hashlib.sha256(packed.segment_ids.tobytes()).hexdigest()
-        fp = _fingerprint(model, params, *fingerprint_args, (requested, len(groups), layout))
+        extra = (requested, len(groups), layout) + ((custom,) if custom else ())  # zero / ce: old checkpoints resume
+        fp = _fingerprint(model, params, *fingerprint_args, extra)
         store = _GroupStore(Path(checkpoint_dir), fp)
     bar = None
     if progress:
@@ -484,7 +481,8 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
                     if bar is not None:  # a failed attempt may have ticked some layers
                         bar.n = start
                     return to_host(_single_head_nll(model, params, rows, ans, B, start, size, ch,
-                                                  progress=bar is not None, mesh=mesh))
+                                                  progress=bar is not None, mesh=mesh, metric=metric, ref=ref,
+                                                  reps=reps))
                 done = run_with_oom_fallback(run, state["chunk"])
                 if store:
                     store.save(start, done)

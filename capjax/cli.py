@@ -32,7 +32,13 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except (ValueError, OSError) as e:  # building the --method choices imports CAPJAX_PLUGINS
+        if os.environ.get("CAPJAX_DEBUG") == "1":
+            raise
+        print(f"capjax: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     from capjax.memory import InsufficientMemoryError
     from capjax.sharding import maybe_initialize_distributed
 

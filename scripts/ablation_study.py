@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30, help="heads whose pairwise interactions are measured")
     p.add_argument("--out", default="results/ablation_study")
     args = p.parse_args()
+    t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import matplotlib
@@ -142,7 +143,8 @@ def main() -> None:
           f"attention block: layer {int(np.argmax(blocks['attn']))} ({blocks['attn'].max():+.4f})")
     np.savez(out / "study.npz", **{f"heads_{k}": v for k, v in kinds.items()}, interactions=inter,
              top=np.array([[l, h] for _, l, h in top]), **{f"{k}_blocks": v for k, v in blocks.items()})
-    print(f"figures and study.npz in {out}")
+    print(f"figures and study.npz in {out}; whole study {time.perf_counter() - t_start:.1f} s "
+          "(model load and calibration included)")
 
 
 if __name__ == "__main__":

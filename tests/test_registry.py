@@ -140,3 +140,52 @@ def test_plugin_file_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPJAX_PLUGINS", str(tmp_path / "missing.py"))
     with pytest.raises(FileNotFoundError, match="plugin file not found"):
         registry.names()
+
+
+BROKEN_PLUGINS = {
+    "syntax": ("def oops(:\n", r"syntax error at line 1: .*; fix the file"),
+    "import": ("import capjax\nimport no_such_module_for_capjax\n",
+               r"ModuleNotFoundError \(line 2\): No module named 'no_such_module_for_capjax'; fix the plugin"),
+    "duplicate": ("from capjax.pruning.registry import register_method\n"
+                  "register_method('magnitude', 'capjax.pruning.methods:magnitude')\n",
+                  r"ValueError \(line 2\): pruning method 'magnitude' is already registered"),
+}
+
+
+@pytest.mark.parametrize("broken", ["missing", "module", *BROKEN_PLUGINS])
+def test_broken_plugin_is_one_line_with_exit_2(broken, tmp_path, monkeypatch, capsys):
+    """While the CLI parser is built (its --method choices load CAPJAX_PLUGINS): the entry named, the fix."""
+    if broken == "missing":
+        entry, want = str(tmp_path / "missing.py"), r"missing\.py: plugin file not found; fix the path"
+    elif broken == "module":
+        entry, want = "no_such_capjax_plugin", r"no module named 'no_such_capjax_plugin'; put its folder on PYTHONPATH"
+    else:
+        text, want = BROKEN_PLUGINS[broken]
+        entry = str(tmp_path / f"broken_{broken}.py")
+        (tmp_path / f"broken_{broken}.py").write_text(text)
+    monkeypatch.setenv("CAPJAX_PLUGINS", entry)
+    monkeypatch.delenv("CAPJAX_DEBUG", raising=False)
+    assert main(["prune", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"capjax: error: CAPJAX_PLUGINS: {entry}"), err
+    assert __import__("re").search(want, err), err
+    assert "magnitude" in registry.names()  # the built-ins are untouched
+
+
+def test_broken_plugin_through_python_m_has_no_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("x = 1 / 0\n")
+    root = Path(__file__).parents[1]
+    env = dict(os.environ, CAPJAX_PLUGINS=str(plugin), PYTHONPATH=str(root))
+    env.pop("CAPJAX_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "capjax.cli", "prune", "--method", "cap"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"capjax: error: CAPJAX_PLUGINS: {plugin}: ZeroDivisionError (line 1): "
+                                   "division by zero; fix the plugin or remove it from CAPJAX_PLUGINS"), proc.stderr

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax import sharding
 from capjax.ablation.batch import PreparedBatch
+from capjax.distributed import to_host
 from capjax.ablation.kinds import replacements as make_replacements
 from capjax.ablation.metrics import Metric, get_metric
 from capjax.ablation.spec import num_ablations
@@ -112,10 +114,20 @@ def ablated_values(model, params, rows, ans, num_examples: int, metric: Metric, 
                          layer_ablation(spec_one, reps, L - 1))
 
 
-@partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size"))
-def _values_batch(model, params, rows, ans, num_examples, metric, ref, reps, specs, chunk_size, inputs=None):
-    return jax.lax.map(lambda one: ablated_values(model, params, rows, ans, num_examples, metric, ref, reps, one,
-                                                  inputs), specs, batch_size=chunk_size)
+@partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size", "mesh"))
+def _values_batch(model, params, rows, ans, num_examples, metric, ref, reps, specs, chunk_size, inputs=None,
+                  mesh=None):
+    def one(spec_one):
+        return ablated_values(model, params, rows, ans, num_examples, metric, ref, reps, spec_one, inputs)
+    if mesh is None:
+        return jax.lax.map(one, specs, batch_size=chunk_size)
+    # sharded_map splits one array: the spec's components side by side [N, L * H + 2 L], split back per row.
+    L, H = model.config.num_layers, model.config.num_heads
+    flat = jnp.concatenate([specs["heads"].reshape(-1, L * H), specs["mlp"], specs["attn"]], axis=1)
+
+    def one_flat(row):
+        return one({"heads": row[:L * H].reshape(L, H), "mlp": row[L * H:L * H + L], "attn": row[L * H + L:]})
+    return sharding.sharded_map(one_flat, flat, chunk_size, mesh)
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -148,16 +160,35 @@ def _ones_spec(config, n: int = 1) -> dict:
             "attn": jnp.ones((n, config.num_layers), jnp.float32)}
 
 
+def single_heads_keep(config, spec: dict) -> float | None:
+    """keep when `spec` is exactly `single_spec(config, "heads", keep)` (every head alone, in layer-major
+    order, at one common value keep < 1, nothing else ablated), else None."""
+    L, H = config.num_layers, config.num_heads
+    heads = np.asarray(spec.get("heads", np.ones((0, L, H))))
+    if heads.shape != (L * H, L, H) or any(not np.all(np.asarray(spec[k]) == 1) for k in spec if k != "heads"):
+        return None
+    keep = float(heads[0, 0, 0])
+    expected = np.ones((L * H, L * H), heads.dtype)
+    np.fill_diagonal(expected, keep)
+    return keep if keep < 1 and np.array_equal(heads.reshape(L * H, L * H), expected) else None
+
+
 def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
            metric: str | Metric | Callable = "ce", seed: int = 0, replacements: dict | None = None,
-           chunk_size: int | None = None, reuse_prefix: bool = True) -> AblationResult:
+           chunk_size: int | None = None, reuse_prefix: bool = True, mesh=None) -> AblationResult:
     """Per-example metric under every ablation of `spec` ({"heads": [N, L, H], "mlp": [N, L],
     "attn": [N, L]}, `capjax.ablation.spec`) with replacements of `kind` (zero | mean | resample;
     `seed` for resample's pairing), or precomputed `replacements`. One jitted function: `lax.map`
     over chunks of `chunk_size` ablations (default from free memory; halved on out-of-memory).
     With `reuse_prefix`, each ablation starts from the intact input of its first ablated layer
-    (computed once); order the spec by that layer (as `single_spec` does) so a chunk shares it."""
+    (computed once); order the spec by that layer (as `single_spec` does) so a chunk shares it.
+    The single-head spec (`single_spec(config, "heads", keep)`) runs on the layer scan of
+    `capjax.ablation.single_unit_values` (each layer's H ablations share its intact input).
+    With `mesh` (`capjax.sharding.make_mesh`), params are sharded by `sharding.DEFAULT_RULES` and the
+    N ablations are split over its "data" axis (`chunk_size` per device)."""
     c = model.config
+    if mesh is not None:
+        params = sharding.shard_params(params, mesh)
     n = num_ablations(spec)
     full = {k: jnp.asarray(v, model.dtype) for k, v in _ones_spec(c, n).items()}
     specs = {k: jnp.asarray(spec.get(k, full[k]), model.dtype) for k in full}
@@ -169,11 +200,20 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
                                                 vocab_chunk=VOCAB_CHUNK if metric.name == "ce" else None,
                                                 max_chunk=max(n, 1))
 
-    inputs = intact_inputs(model, params, batch.rows) if reuse_prefix else None
+    keep = single_heads_keep(c, spec) if reuse_prefix else None
+    if keep is not None:
+        from capjax.ablation.single import single_unit_values  # it builds on this module
 
-    def run(ch):
-        return np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, specs,
-                                        min(ch, n), inputs), np.float64)
+        def run(ch):
+            return to_host(single_unit_values(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, 0,
+                                              c.num_layers, min(ch, c.num_heads), mesh=mesh, keep=keep)
+                           ).astype(np.float64).reshape(n, B)
+    else:
+        inputs = intact_inputs(model, params, batch.rows) if reuse_prefix else None
+
+        def run(ch):
+            return to_host(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, specs,
+                                         min(ch, n), inputs, mesh=mesh)).astype(np.float64)
     values = run_with_oom_fallback(run, chunk)
     ones = {k: v.astype(model.dtype) for k, v in _ones_spec(c).items()}
     intact = np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, ones, 1),
@@ -203,4 +243,4 @@ def gradient_deltas(model, params, batch: PreparedBatch, kind: str = "zero", met
 
 
 __all__ = ["AblationResult", "ablate", "ablated_values", "answer_values", "first_ablated_layer", "gradient_deltas",
-           "intact_inputs", "intact_log_probs", "layer_ablation"]
+           "intact_inputs", "intact_log_probs", "layer_ablation", "single_heads_keep"]

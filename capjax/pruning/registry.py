@@ -34,6 +34,11 @@ class UnknownMethodError(ValueError):
     """A pruning method name that is not registered; the message lists the registered ones."""
 
 
+class PluginError(ValueError):
+    """A `CAPJAX_PLUGINS` entry that cannot be imported (syntax error, import error, a duplicate
+    method name...); the message names the entry and the fix."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A registered pruning method.
@@ -127,15 +132,37 @@ def _load_plugins() -> None:
         if entry in _PLUGINS_LOADED:
             continue
         _PLUGINS_LOADED.add(entry)
-        if entry.endswith(".py"):
-            path = Path(entry)
-            if not path.exists():
-                raise FileNotFoundError(f"CAPJAX_PLUGINS: plugin file not found: {path}")
-            module_spec = importlib.util.spec_from_file_location(f"capjax_plugin_{path.stem}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            importlib.import_module(entry)
+        if entry.endswith(".py") and not Path(entry).is_file():
+            raise FileNotFoundError(f"CAPJAX_PLUGINS: {entry}: plugin file not found; fix the path or remove it "
+                                    "from CAPJAX_PLUGINS")
+        try:
+            if entry.endswith(".py"):
+                path = Path(entry)
+                module_spec = importlib.util.spec_from_file_location(f"capjax_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(entry)
+        # Whatever a user's plugin raises while it is imported is that file's problem: one line naming it.
+        except Exception as e:
+            raise PluginError(f"CAPJAX_PLUGINS: {entry}: {_plugin_failure(e, entry)}") from e
+
+
+def _plugin_failure(e: Exception, entry: str) -> str:
+    """What went wrong importing plugin `entry`, and the fix, in one line."""
+    if isinstance(e, SyntaxError):
+        return f"syntax error at line {e.lineno}: {e.msg}; fix the file or remove it from CAPJAX_PLUGINS"
+    if isinstance(e, ModuleNotFoundError) and e.name == entry.split(".")[0] and not entry.endswith(".py"):
+        return (f"no module named {entry!r}; put its folder on PYTHONPATH, give the .py file's path, "
+                "or remove it from CAPJAX_PLUGINS")
+    where = ""
+    tb = e.__traceback__
+    while tb is not None:  # the plugin's own line that raised (not capjax's)
+        if tb.tb_frame.f_code.co_filename.endswith(entry) or entry.replace(".", "/") in tb.tb_frame.f_code.co_filename:
+            where = f" (line {tb.tb_lineno})"
+        tb = tb.tb_next
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}{where}: {text}; fix the plugin or remove it from CAPJAX_PLUGINS"
 
 
 def names() -> tuple[str, ...]:
@@ -182,5 +209,5 @@ register_method("magnitude", _M + "magnitude", options={"scope": "matrix"},
                 choices={"scope": ("matrix", "global")}, description="|W|")
 register_method("random", _M + "random", options={"seed": 0}, description="uniform random scores")
 
-__all__ = ["METHODS", "MethodSpec", "UnknownMethodError", "names", "needing_calibration", "needing_scores",
-           "register_method", "spec", "unregister_method"]
+__all__ = ["METHODS", "MethodSpec", "PluginError", "UnknownMethodError", "names", "needing_calibration",
+           "needing_scores", "register_method", "spec", "unregister_method"]
