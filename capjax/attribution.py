@@ -194,7 +194,7 @@ def _map_masks(one, masks, chunk_size, mesh):
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples", "chunk_size", "mesh"))
-def _masked_nll(model, params, rows, ans, num_examples, masks, chunk_size, mesh=None):
+def masked_nll(model, params, rows, ans, num_examples, masks, chunk_size, mesh=None):
     """Per-example NLL sums [N, B] under each of masks [N, L, H]."""
     return _map_masks(partial(_packed_nll, model, params, rows, ans, num_examples), masks, chunk_size, mesh)
 
@@ -244,7 +244,7 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
         masks = jax.device_put(masks, sharding.batch_sharding(mesh, masks.shape))
     if answer_only:
         def run(ch):
-            return to_host(_masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
+            return to_host(masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
                                      masks, ch, mesh=mesh))
     else:
         def run(ch):

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
-from capjax.families import SUPPORTED_MODEL_TYPES, family_for
+from capjax.families import family_for
 from capjax.families.base import UnsupportedConfigError, refuse
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -143,8 +143,6 @@ class ModelConfig:
 
     def to_hf(self):
         """The equivalent transformers config object (for save_pretrained)."""
-        import transformers
-
         rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         for k, v in self.rope_scaling:
             rope[k] = int(v) if k == "original_max_position_embeddings" else v

@@ -29,8 +29,8 @@ from capjax.config import ModelConfig  # noqa: E402
 from capjax.model import Decoder, init_params  # noqa: E402
 from capjax.packing import pack_examples  # noqa: E402
 from capjax.pruning import global_threshold, prune, weight_scores  # noqa: E402
-from capjax.pruning.importance import get_kernels, importance_from_scores  # noqa: E402
-from capjax.pruning.threshold import _count_le  # noqa: E402
+from capjax.pruning.importance import importance_from_scores  # noqa: E402
+from capjax.pruning.threshold import count_at_or_below  # noqa: E402
 
 from worker_batch import make_batch  # noqa: E402
 
@@ -161,15 +161,16 @@ def check_gradient_scores_sharded():
 
 def check_ablations_are_split_over_data():
     """The per-device program of the sharded primitive does ~1/8 of the single-device FLOPs."""
-    from capjax.attribution import _masked_nll, _prepare
+    from capjax.attribution import masked_nll
+    from capjax.ablation import prepare_batch
 
     masks = jnp.ones((16, L, H), jnp.float32)
-    prep = _prepare(MODEL, TOKENS, LOSS, AM)
+    prep = prepare_batch(MODEL, TOKENS, LOSS, AM)
 
     def flops(m, chunk):  # one step (a while loop's body is counted once): 16 masks at once
         p = PARAMS if m is None else sharding.shard_params(PARAMS, m)
         x = masks if m is None else jax.device_put(masks, sharding.batch_sharding(m, masks.shape))
-        compiled = _masked_nll.lower(MODEL, p, prep.rows, prep.packed_ans, prep.packed.num_examples, x, chunk,
+        compiled = masked_nll.lower(MODEL, p, prep.rows, prep.packed_ans, prep.packed.num_examples, x, chunk,
                                      mesh=m).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -215,7 +216,7 @@ def check_prune_sharded_masks_identical():
 def check_sequential_stats_on_sharded_params():
     """Wanda's input norms and SparseGPT's Hessians of one layer, sharded params and batch."""
     from capjax.model import layer_context
-    from capjax.pruning.methods import _layer_slice, _layer_stats
+    from capjax.pruning.methods import layer_slice, layer_stats
 
     m = sharding.make_mesh({"data": 2, "model": 2})  # 4 of the 8 devices; chunks of 2 split over "data"
     x, ctx = layer_context(MODEL, PARAMS, jnp.asarray(TOKENS), jnp.asarray(AM))
@@ -224,9 +225,9 @@ def check_sequential_stats_on_sharded_params():
     sdata = sharding.shard_batch(data, m, axis=1)
     assert sdata[0].sharding.spec == P(None, "data"), sdata[0].sharding.spec
     for kind in ("norm", "hessian"):
-        ref = _layer_stats(MODEL, kind, _layer_slice(PARAMS, 1), *data)
-        got = _layer_stats(MODEL, kind, _layer_slice(sharding.shard_params(PARAMS, m), 1), *data)
-        got2 = _layer_stats(MODEL, kind, _layer_slice(sharding.shard_params(PARAMS, m), 1), *sdata)
+        ref = layer_stats(MODEL, kind, layer_slice(PARAMS, 1), *data)
+        got = layer_stats(MODEL, kind, layer_slice(sharding.shard_params(PARAMS, m), 1), *data)
+        got2 = layer_stats(MODEL, kind, layer_slice(sharding.shard_params(PARAMS, m), 1), *sdata)
         for p in ref:
             np.testing.assert_allclose(np.asarray(got[p]), np.asarray(ref[p]), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(np.asarray(got2[p]), np.asarray(ref[p]), rtol=1e-5, atol=1e-5)
@@ -241,10 +242,10 @@ def check_threshold_count_on_sharded_scores():
     q = scores["layers/self_attn/q_proj/kernel"]
     assert q.sharding.spec == P(None, "data", "model"), q.sharding.spec  # scores inherit the weights' layout
     assert global_threshold(scores, 0.4) == global_threshold(ref_scores, 0.4)
-    hlo = _count_le.lower(scores, jnp.int32(0)).compile().as_text()
+    hlo = count_at_or_below.lower(scores, jnp.int32(0)).compile().as_text()
     assert "all-gather" not in hlo, "counting gathers a sharded score array"
-    counts = _count_le(scores, jnp.int32(0))
-    ref = _count_le(ref_scores, jnp.int32(0))
+    counts = count_at_or_below(scores, jnp.int32(0))
+    ref = count_at_or_below(ref_scores, jnp.int32(0))
     for a, b in zip(counts, ref):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

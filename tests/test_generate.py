@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 
 import jax
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -13,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import capjax  # noqa: E402
 from capjax.evaluate import bucket_length, generate  # noqa: E402
-from capjax.evaluate.generate import _compiled, _truncate  # noqa: E402
+from capjax.evaluate.generate import decode_fn, truncate_at_stop  # noqa: E402
 
 PAD = 0
 
@@ -80,7 +79,7 @@ def test_eos_stops_each_row(tiny):
 def test_compiles_once_per_shape(tiny):
     _, model, params = tiny
     generate(model, params, [[3, 4], [5, 6, 7]], max_new_tokens=4, batch_size=2, eos_ids=[])
-    run = _compiled(model.config, "float32", 4, (), PAD)
+    run = decode_fn(model.config, "float32", 4, (), PAD)
     before = run._cache_size()
     generate(model, params, [[9], [8, 7, 6, 5, 4], [1, 2, 3]], max_new_tokens=4, batch_size=2, eos_ids=[])
     assert run._cache_size() == before  # same (B=2, P=16): no new compilation
@@ -113,11 +112,11 @@ class CharTokenizer:
 def test_stop_strings_cut_after_completing_token():
     tok = CharTokenizer()
     row = [5, 6, 7, 8, 9, 2, 3]
-    assert _truncate(row, {2}, None, tok) == [5, 6, 7, 8, 9]
-    assert _truncate(row, {2}, ["7><8"], tok) == [5, 6, 7, 8]
-    assert _truncate(row, {2}, ["<9>", "<6"], tok) == [5, 6]
-    assert _truncate(row, {2}, ["<3>"], tok) == [5, 6, 7, 8, 9]  # after EOS: never seen
-    assert _truncate(row, set(), ["<3>"], tok) == row
+    assert truncate_at_stop(row, {2}, None, tok) == [5, 6, 7, 8, 9]
+    assert truncate_at_stop(row, {2}, ["7><8"], tok) == [5, 6, 7, 8]
+    assert truncate_at_stop(row, {2}, ["<9>", "<6"], tok) == [5, 6]
+    assert truncate_at_stop(row, {2}, ["<3>"], tok) == [5, 6, 7, 8, 9]  # after EOS: never seen
+    assert truncate_at_stop(row, set(), ["<3>"], tok) == row
 
 
 def test_generate_with_stop_string(tiny):

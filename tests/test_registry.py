@@ -73,7 +73,6 @@ def test_unknown_name_lists_registered(toy_method, tmp_path, capsys):
 def test_toy_method_through_capjax_prune(toy_method, tmp_path, capsys):
     folder = tmp_path / "tiny"
     make_hf_model(folder, "llama")
-    from transformers import AutoTokenizer  # noqa: F401  (the CLI needs a tokenizer only for --calib)
 
     import capjax
     from capjax.pruning import PRUNABLE

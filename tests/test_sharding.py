@@ -91,6 +91,7 @@ def test_formula_bounds_compiled_scoring_memory(vocab, seq_len, answer_from):
     import numpy as np
 
     from capjax import attribution
+    from capjax.ablation import prepare_batch
     from capjax.model import VOCAB_CHUNK, Decoder
 
     c = ModelConfig("llama", vocab, 64, 176, 3, 8, 2, 8)
@@ -99,12 +100,12 @@ def test_formula_bounds_compiled_scoring_memory(vocab, seq_len, answer_from):
     tokens = np.random.default_rng(0).integers(0, vocab, (4, seq_len))
     loss_mask = np.zeros(tokens.shape, np.int32)
     loss_mask[:, answer_from:] = 1
-    prep = attribution._prepare(model, tokens, loss_mask, None)
+    prep = prepare_batch(model, tokens, loss_mask, None)
     per = ablation_bytes(c, *prep.packed.tokens.shape, jnp.float32, prep.packed_ans[0].shape[0], VOCAB_CHUNK)
     masks = jnp.ones((4, c.num_layers, c.num_heads))
 
     def temp_bytes(chunk):
-        lowered = attribution._masked_nll.lower(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
+        lowered = attribution.masked_nll.lower(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
                                                 masks, chunk)
         return lowered.compile().memory_analysis().temp_size_in_bytes
 

@@ -44,7 +44,7 @@ def batches(items: Sequence, batch_size: int, desc: str, progress: bool = False)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids: tuple[int, ...],
+def decode_fn(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids: tuple[int, ...],
               pad_id: int):
     """The jitted prefill + decode loop for one model architecture and decode setting.
 
@@ -87,7 +87,7 @@ def _compiled(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids
     return run
 
 
-def _truncate(row: Sequence[int], eos: set[int], stop: Sequence[str] | None, tokenizer: Any) -> list[int]:
+def truncate_at_stop(row: Sequence[int], eos: set[int], stop: Sequence[str] | None, tokenizer: Any) -> list[int]:
     """New tokens up to (excluding) the first EOS, then cut after the token that completes
     the first stop string, if any."""
     toks = []
@@ -152,7 +152,7 @@ def generate(
     eos = tuple(int(e) for e in (config.eos_ids if eos_ids is None else eos_ids))
     if pad_id is None:
         pad_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    run = _compiled(config, jnp.dtype(model.dtype).name, int(max_new_tokens), eos, int(pad_id))
+    run = decode_fn(config, jnp.dtype(model.dtype).name, int(max_new_tokens), eos, int(pad_id))
     B = max(1, min(batch_size, len(prompts)))
     limit = config.max_position_embeddings
 
@@ -173,5 +173,5 @@ def generate(
             mask[i, T - len(p):] = 1
         out, _ = run(params, *place_batch(params, tokens, mask))
         out = to_host(out)
-        outputs.extend(_truncate(out[i].tolist(), set(eos), stop, tokenizer) for i in range(len(chunk)))
+        outputs.extend(truncate_at_stop(out[i].tolist(), set(eos), stop, tokenizer) for i in range(len(chunk)))
     return outputs

@@ -164,7 +164,7 @@ def _input_stats(model, kind: str, lp: dict, layer: Array, x: Array, ctx, w: Arr
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _layer_stats(model, kind: str, lp: dict, xs: Array, ctxs, ws: Array, layer: Array | None = None) -> dict[str, Array]:
+def layer_stats(model, kind: str, lp: dict, xs: Array, ctxs, ws: Array, layer: Array | None = None) -> dict[str, Array]:
     """Input statistics summed over chunks: xs [C, B, T, E], ctxs / ws chunked alike."""
     f = partial(_input_stats, model, kind, lp, layer)
     first = jax.tree.map(lambda a: a[0], (xs, ctxs, ws))
@@ -188,7 +188,7 @@ def _layer_forward(model, lp: dict, layer: Array, new: Kernels, keep: Kernels, x
     return jax.lax.map(lambda c: apply_layer(model, lp, *c, layer=layer), (xs, ctxs))
 
 
-_layer_slice = jax.jit(layer_params)
+layer_slice = jax.jit(layer_params)
 _stack_layers = jax.jit(lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *layers))
 
 
@@ -215,8 +215,8 @@ def _sequential(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Ke
     n_tokens = float(am.sum())
     new_layers, keep_layers = [], []
     for l in range(model.config.num_layers):
-        lp = _layer_slice(params, l)
-        stats = _layer_stats(model, kind, lp, xs, ctxs, ws, jnp.int32(l))
+        lp = layer_slice(params, l)
+        stats = layer_stats(model, kind, lp, xs, ctxs, ws, jnp.int32(l))
         kernels_l = {p: get_path(lp, p.split("/", 1)[1]) for p in PRUNABLE}
         new_l, keep_l = prune_layer(l, kernels_l, stats, n_tokens)
         xs = _layer_forward(model, lp, jnp.int32(l), new_l, keep_l, xs, ctxs)
@@ -392,4 +392,5 @@ def sequential_pass(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels
     return _sequential(job, kind, prune_layer)
 
 
-__all__ = ["METHODS", "Job", "Method", "fasterprune", "heads_to_remove", "sequential_pass"]
+__all__ = ["METHODS", "Job", "Method", "fasterprune", "heads_to_remove", "layer_slice", "layer_stats",
+           "sequential_pass"]

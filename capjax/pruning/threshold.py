@@ -127,7 +127,8 @@ def keep_above_kth(scores: Array, k: int | Array) -> Array:
 
 # ---------------------------------------------------------------------------- over a pytree
 @jax.jit
-def _count_le(scores: Any, t: Array) -> list[Array]:
+def count_at_or_below(scores: Any, t: Array) -> list[Array]:
+    """Per leaf, how many scores have order key <= t, counted per leading row ([rows] int32)."""
     # Reduces over the trailing axes in place (no reshape), so a sharded leaf is counted shard by
     # shard and only the [rows] partial counts are combined: no weight is gathered.
     return [jnp.sum(order_key(s) <= t, axis=tuple(range(1, s.ndim)), dtype=jnp.int32) if s.ndim > 1
@@ -142,7 +143,7 @@ def _key_range(scores: Any) -> tuple[Array, Array]:
 
 def _count(scores: Any, t: int) -> list[int]:
     """Per-leaf count of scores with key <= t (host ints)."""
-    return [int(np.asarray(c, np.int64).sum()) for c in _count_le(scores, jnp.int32(t))]
+    return [int(np.asarray(c, np.int64).sum()) for c in count_at_or_below(scores, jnp.int32(t))]
 
 
 @dataclasses.dataclass(frozen=True)
