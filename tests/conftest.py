@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +103,28 @@ def o_proj_mask_hooks(hf_model, head_mask: np.ndarray):
 
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
     return handles
+
+
+def hooked_logits(hf_model, head_mask: np.ndarray, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """transformers' logits [B, T, V] with head h of layer l scaled by head_mask[l, h] at o_proj's input."""
+    handles = o_proj_mask_hooks(hf_model, head_mask)
+    try:
+        with torch.no_grad():
+            return hf_model(torch.tensor(tokens), attention_mask=torch.tensor(attention_mask)).logits.numpy()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fake_devices_worker(worker: Path, out: Path, devices: int = 8, timeout: int = 900) -> dict:
+    """Runs tests/<worker> OUT.json in a subprocess with `devices` fake CPU devices; its results."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    proc = subprocess.run([sys.executable, str(worker), str(out)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=worker.parents[1])
+    if not out.exists():
+        pytest.fail(f"{worker.name} crashed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -4,28 +4,17 @@ be set before JAX initialises)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import fake_devices_worker
 
 WORKER = Path(__file__).with_name("ablation_mesh_worker.py")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ablation_mesh") / "results.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=WORKER.parents[1])
-    if not out.exists():
-        pytest.fail(f"ablation mesh worker crashed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                    f"{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return fake_devices_worker(WORKER, tmp_path_factory.mktemp("ablation_mesh") / "results.json")
 
 
 def test_sharded_ablate_equals_unsharded(results):

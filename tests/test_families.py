@@ -17,7 +17,7 @@ from capjax.evaluate import generate
 from capjax.families import SUPPORTED_MODEL_TYPES, family_for
 from capjax.model import init_cache
 from capjax.pruning import heads_to_remove, prune, sparsity_report
-from conftest import char_tokenizer, check_save_reload, make_hf_model, o_proj_mask_hooks
+from conftest import char_tokenizer, check_save_reload, hooked_logits, make_hf_model
 
 # Tiny random configs: MHA and GQA for every family (head_dim set where the family's default is large).
 CASES = {
@@ -68,13 +68,7 @@ def test_logits_and_head_mask_match_transformers(tmp_path, case):
     masks = [np.ones((L, H), np.float32), (rng.rand(L, H) > 0.5).astype(np.float32), rng.rand(L, H).astype(np.float32)]
     apply = jax.jit(model.apply)
     for head_mask in masks:
-        handles = o_proj_mask_hooks(hf, head_mask)
-        try:
-            with torch.no_grad():
-                ref = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.numpy()
-        finally:
-            for h in handles:
-                h.remove()
+        ref = hooked_logits(hf, head_mask, tokens, am)
         out = np.asarray(apply({"params": params}, jnp.asarray(tokens), head_mask=jnp.asarray(head_mask),
                                attention_mask=jnp.asarray(am)))
         np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
@@ -162,13 +156,7 @@ def test_cap_heads_equals_o_proj_prehook(tmp_path, case):
     kv_kept = np.asarray(masks["layers"]["self_attn"]["k_proj"]["kernel"]).any(axis=(1, 3))  # [L, E, K, D] -> [L, K]
     np.testing.assert_array_equal(kv_kept, ~removed.reshape(L, K, G).all(-1))
     tokens, am = _tokens()
-    handles = o_proj_mask_hooks(hf, (~removed).astype(np.float32))
-    try:
-        with torch.no_grad():
-            ref = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.numpy()
-    finally:
-        for h in handles:
-            h.remove()
+    ref = hooked_logits(hf, (~removed).astype(np.float32), tokens, am)
     out = np.asarray(model.apply({"params": pruned}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
     valid = am.astype(bool)
     np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)

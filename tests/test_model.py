@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import capjax
-from conftest import make_hf_model, needs_smollm2, o_proj_mask_hooks
+from conftest import hooked_logits, make_hf_model, needs_smollm2
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
@@ -78,11 +78,7 @@ def test_head_mask_matches_o_proj_hook(tmp_path, case):
              rng.rand(L, H).astype(np.float32)]  # fractional
     apply = jax.jit(model.apply)
     for head_mask in masks:
-        handles = o_proj_mask_hooks(hf, head_mask)
-        with torch.no_grad():
-            ref = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.numpy()
-        for h in handles:
-            h.remove()
+        ref = hooked_logits(hf, head_mask, tokens, am)
         out = np.asarray(apply({"params": params}, jnp.asarray(tokens), head_mask=jnp.asarray(head_mask),
                                attention_mask=jnp.asarray(am)))
         chex.assert_trees_all_close(_valid(out, am), _valid(ref, am), atol=1e-4, rtol=0)

@@ -7,7 +7,6 @@ each check is reported as its own test here.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
+from conftest import fake_devices_worker
 
 from capjax.config import ModelConfig
 from capjax import memory
@@ -28,14 +28,7 @@ CHECKS = re.findall(r"^def (check_\w+)\(", WORKER.read_text(), re.MULTILINE)
 
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding") / "results.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=WORKER.parents[1])
-    if not out.exists():
-        pytest.fail(f"sharding worker crashed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return fake_devices_worker(WORKER, tmp_path_factory.mktemp("sharding") / "results.json")
 
 
 @pytest.mark.parametrize("check", CHECKS)
