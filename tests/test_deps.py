@@ -18,8 +18,10 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # import name -> distribution name, where they differ
 DIST = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "lm_eval": "lm-eval", "compressed_tensors": "compressed-tensors",
         "jaxlib": "jax"}
-# declared and not imported yet, on purpose: the recovery fine-tuning step's optimiser.
-DECLARED_AHEAD = {"optax"}
+# declared and not imported by capjax itself, on purpose: the recovery fine-tuning step's optimiser,
+# and jinja2, which transformers' apply_chat_template (capjax.data.templates) imports at call time
+# without declaring it.
+DECLARED_AHEAD = {"optax", "jinja2"}
 
 
 def _name(req: str) -> str:
