@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"capjax: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    from capjax.errors import MissingDependencyError
     from capjax.memory import InsufficientMemoryError
     from capjax.sharding import maybe_initialize_distributed
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     # Bad input (files, paths, numbers, non-finite weights or results): one clear line, exit 2.
     # Anything else is a bug and keeps its traceback; CAPJAX_DEBUG=1 shows it for these too.
-    except (ValueError, OSError, InsufficientMemoryError) as e:
+    except (ValueError, OSError, InsufficientMemoryError, MissingDependencyError) as e:
         if os.environ.get("CAPJAX_DEBUG") == "1":
             raise
         print(f"capjax {args.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -270,6 +270,18 @@ def test_synthetic_deterministic_and_splits_disjoint():
 # ---------------------------------------------------------------- templates
 
 
+def test_chat_template_without_jinja2_is_one_line(tok, plain_tok, monkeypatch):
+    """Without jinja2 (transformers renders chat templates with it), the fix is named before any
+    tokenizer call; plain prompts need no jinja2."""
+    from capjax.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # `import jinja2` now raises ImportError
+    rec = {"question": "2+2?"}
+    with pytest.raises(MissingDependencyError, match="pip install jinja2"):
+        build_prompt(rec, "synthetic", tok)
+    assert build_prompt(rec, "synthetic", plain_tok) == "Question: 2+2?\nAnswer:"
+
+
 def test_templates_chat_and_plain(tok, plain_tok):
     rec = synthetic_problems(1, seed=0)[0]
     prompt, answer = format_example(rec, "synthetic", tok)

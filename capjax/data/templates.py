@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from capjax.errors import MissingDependencyError
+
 INSTRUCTIONS: dict[str, str] = {
     "gsm8k": "Solve the problem step by step and end with 'The answer is N.'",
     "synthetic": "Solve the problem step by step and end with 'The answer is N.'",
@@ -84,11 +86,20 @@ def answer_body(record: dict, task: str) -> str:
     return f"{record['reasoning']}\n{final}" if record["reasoning"] else final
 
 
+def _require_jinja2() -> None:
+    # transformers renders chat templates with jinja2 but does not declare it; say the fix in one line.
+    try:
+        import jinja2  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError("chat templates need jinja2 (a capjax dependency): pip install jinja2") from e
+
+
 def build_prompt(record: dict, task: str, tokenizer: Any, chat: bool | None = None) -> str:
     """The prompt text (chat template or ``"Question: ...\\nAnswer:"``), as used for both
     calibration and generation at evaluation."""
     body = question_text(record, task)
     if use_chat(tokenizer, chat):
+        _require_jinja2()
         content = f"{INSTRUCTIONS[task]}\n\n{body}"
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
