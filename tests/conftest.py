@@ -90,6 +90,15 @@ def check_save_reload(hf, model, params, out: Path) -> None:
     jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
+def padded_tokens(B: int = 3, T: int = 12, V: int = 101, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random tokens [B, T] and an attention mask [B, T] with rows 1 and 2 right-padded (4 and 7)."""
+    tokens = np.random.RandomState(seed).randint(0, V, (B, T))
+    attention_mask = np.ones((B, T), np.int64)
+    attention_mask[1:, T - 4:] = 0
+    attention_mask[2:, T - 7:] = 0
+    return tokens, attention_mask
+
+
 def o_proj_mask_hooks(hf_model, head_mask: np.ndarray):
     """Forward pre-hooks on every layer's o_proj that scale head h's input slice by head_mask[l, h]."""
     D = hf_model.config.head_dim if getattr(hf_model.config, "head_dim", None) else (

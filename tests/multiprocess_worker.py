@@ -17,13 +17,11 @@ import hashlib
 import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_batch, whatever the cwd
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_common, whatever the cwd
 
 from capjax import distributed  # noqa: E402
 
@@ -39,7 +37,7 @@ from capjax.config import ModelConfig  # noqa: E402
 from capjax.model import Decoder, param_shapes  # noqa: E402
 from capjax.pruning import prune  # noqa: E402
 
-from worker_batch import make_batch  # noqa: E402
+from worker_common import make_batch, run_checks  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
 CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
@@ -219,16 +217,7 @@ def main() -> None:
     out_dir = OUT_DIR
     checks = {k: v for k, v in globals().items() if k.startswith("check_")}
     wanted = sys.argv[2:] or list(checks)
-    out: dict = {}
-    for name in wanted:
-        t = time.perf_counter()
-        try:
-            checks[name]()
-            out[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the test
-            out[name] = traceback.format_exc()
-        print(f"[{jax.process_index()}] {name} {'ok' if out[name] == 'ok' else 'FAILED'} "
-              f"{time.perf_counter() - t:.1f}s", flush=True)
+    out: dict = run_checks(checks, wanted, prefix=f"[{jax.process_index()}] ")
     out["digests"] = DIGESTS
     with open(os.path.join(out_dir, f"process_{jax.process_index()}.json"), "w") as f:
         json.dump(out, f)

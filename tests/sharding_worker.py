@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import traceback
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_batch, whatever the cwd
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_common, whatever the cwd
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -32,7 +30,7 @@ from capjax.pruning import global_threshold, prune, weight_scores  # noqa: E402
 from capjax.pruning.importance import importance_from_scores  # noqa: E402
 from capjax.pruning.threshold import count_at_or_below  # noqa: E402
 
-from worker_batch import make_batch  # noqa: E402
+from worker_common import make_batch, run_checks  # noqa: E402
 
 L, E, F, H, K, D, V = 3, 32, 48, 4, 2, 8, 101  # V = 101 is divisible by nothing: its dims stay whole
 CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
@@ -342,15 +340,7 @@ def check_families_sharded_logits():
 def main() -> None:
     checks = {k: v for k, v in globals().items() if k.startswith("check_")}
     wanted = sys.argv[2:] or list(checks)
-    out = {}
-    for name in wanted:
-        t = time.perf_counter()
-        try:
-            checks[name]()
-            out[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the test
-            out[name] = traceback.format_exc()
-        print(f"{name} {'ok' if out[name] == 'ok' else 'FAILED'} {time.perf_counter() - t:.1f}s", flush=True)
+    out = run_checks(checks, wanted)
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
 

@@ -17,7 +17,7 @@ from capjax.evaluate import generate
 from capjax.families import SUPPORTED_MODEL_TYPES, family_for
 from capjax.model import init_cache
 from capjax.pruning import heads_to_remove, prune, sparsity_report
-from conftest import char_tokenizer, check_save_reload, hooked_logits, make_hf_model
+from conftest import char_tokenizer, check_save_reload, hooked_logits, make_hf_model, padded_tokens
 
 # Tiny random configs: MHA and GQA for every family (head_dim set where the family's default is large).
 CASES = {
@@ -43,14 +43,6 @@ CASES = {
 GENERATE_OVERRIDES = {"gemma2": dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)}
 
 
-def _tokens(B=3, T=12, V=101, seed=0):
-    tokens = np.random.RandomState(seed).randint(0, V, (B, T))
-    am = np.ones((B, T), np.int64)
-    am[1:, T - 4:] = 0  # right padding
-    am[2:, T - 7:] = 0
-    return tokens, am
-
-
 def _load(tmp_path, case, **extra):
     model_type, overrides = CASES[case]
     hf = make_hf_model(tmp_path, model_type, randomize_norms=True, **{**overrides, **extra})
@@ -61,7 +53,7 @@ def _load(tmp_path, case, **extra):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_and_head_mask_match_transformers(tmp_path, case):
     hf, model, params = _load(tmp_path, case)
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     valid = am.astype(bool)
     L, H = model.config.num_layers, model.config.num_heads
     rng = np.random.RandomState(1)
@@ -155,7 +147,7 @@ def test_cap_heads_equals_o_proj_prehook(tmp_path, case):
     assert removed[0, :G].all() and removed.sum() == L * H // 2
     kv_kept = np.asarray(masks["layers"]["self_attn"]["k_proj"]["kernel"]).any(axis=(1, 3))  # [L, E, K, D] -> [L, K]
     np.testing.assert_array_equal(kv_kept, ~removed.reshape(L, K, G).all(-1))
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     ref = hooked_logits(hf, (~removed).astype(np.float32), tokens, am)
     out = np.asarray(model.apply({"params": pruned}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
     valid = am.astype(bool)
@@ -209,7 +201,7 @@ def test_layer_by_layer_path_equals_decoder(tmp_path, case):
     from capjax.model import apply_layer, layer_context, layer_params, token_nll, unembed
 
     _, model, params = _load(tmp_path, case)
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     full = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
     x, ctx = layer_context(model, params, jnp.asarray(tokens), jnp.asarray(am))
     for l in range(model.config.num_layers):

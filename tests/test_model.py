@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import capjax
-from conftest import hooked_logits, make_hf_model, needs_smollm2
+from conftest import hooked_logits, make_hf_model, needs_smollm2, padded_tokens
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
@@ -27,14 +27,6 @@ CASES = {
 }
 
 
-def _tokens(B=3, T=12, V=101, seed=0):
-    tokens = np.random.RandomState(seed).randint(0, V, (B, T))
-    attention_mask = np.ones((B, T), np.int64)
-    attention_mask[1:, T - 4:] = 0  # right padding
-    attention_mask[2:, T - 7:] = 0
-    return tokens, attention_mask
-
-
 def _valid(x, attention_mask):
     return x[attention_mask.astype(bool)]
 
@@ -44,7 +36,7 @@ def test_logits_match_transformers(tmp_path, case):
     model_type, overrides = CASES[case]
     hf = make_hf_model(tmp_path, model_type, **overrides)
     model, params = capjax.load_pretrained(tmp_path)
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     with torch.no_grad():
         ref = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.numpy()
     out = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
@@ -57,7 +49,7 @@ def test_sliding_window_changes_result(tmp_path):
     """Guards the Mistral case above against a window that never binds."""
     make_hf_model(tmp_path / "w", "mistral", sliding_window=4)
     make_hf_model(tmp_path / "f", "mistral", sliding_window=None)
-    tokens, _ = _tokens()
+    tokens, _ = padded_tokens()
     outs = [np.asarray(m.apply({"params": p}, jnp.asarray(tokens)))
             for m, p in (capjax.load_pretrained(tmp_path / k) for k in "wf")]
     assert np.abs(outs[0][:, 4:] - outs[1][:, 4:]).max() > 1e-3
@@ -69,7 +61,7 @@ def test_head_mask_matches_o_proj_hook(tmp_path, case):
     model_type, overrides = CASES[case]
     hf = make_hf_model(tmp_path, model_type, **overrides)
     model, params = capjax.load_pretrained(tmp_path)
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     L, H = model.config.num_layers, model.config.num_heads
     rng = np.random.RandomState(1)
     masks = [np.eye(L * H)[3].reshape(L, H) * -1 + 1,  # one head of layer 0 zeroed
@@ -87,7 +79,7 @@ def test_head_mask_matches_o_proj_hook(tmp_path, case):
 def test_all_ones_mask_is_exactly_unmasked(tmp_path):
     make_hf_model(tmp_path)
     model, params = capjax.load_pretrained(tmp_path)
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     ones = jnp.ones((model.config.num_layers, model.config.num_heads))
     a = model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am))
     b = model.apply({"params": params}, jnp.asarray(tokens), head_mask=ones, attention_mask=jnp.asarray(am))
@@ -104,7 +96,7 @@ def test_bfloat16_close_to_float32_reference(tmp_path):
     hf = make_hf_model(tmp_path)
     model, params = capjax.load_pretrained(tmp_path, dtype="bfloat16")
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params))
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     with torch.no_grad():
         ref = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.numpy()
     out = model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am))
@@ -117,7 +109,7 @@ def test_bfloat16_close_to_float32_reference(tmp_path):
 def test_kv_cache_prefill_and_steps_match_full_forward(tmp_path):
     make_hf_model(tmp_path)
     model, params = capjax.load_pretrained(tmp_path)
-    tokens, _ = _tokens(B=2, T=10)
+    tokens, _ = padded_tokens(B=2, T=10)
     full = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
     cache = capjax.init_cache(model.config, 2, 16)
     valid = jnp.zeros((2, 16), jnp.int32).at[:, :10].set(1)
@@ -161,7 +153,7 @@ def test_token_nll_equals_transformers_cross_entropy(tmp_path, case, vocab_chunk
     model_type, overrides = CASES[case]
     hf = make_hf_model(tmp_path, model_type, **overrides)
     model, params = capjax.load_pretrained(tmp_path)
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     with torch.no_grad():
         logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits
         ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -178,7 +170,7 @@ def test_token_nll_equals_transformers_cross_entropy(tmp_path, case, vocab_chunk
 def test_layer_rows_equal_full_layer_gathered(tmp_path):
     make_hf_model(tmp_path, "llama", num_key_value_heads=2)
     model, params = capjax.load_pretrained(tmp_path)
-    tokens, am = _tokens()
+    tokens, am = padded_tokens()
     x, ctx = capjax.model.layer_context(model, params, jnp.asarray(tokens), jnp.asarray(am))
     lp = capjax.model.layer_params(params, 1)
     head_mask = jnp.asarray([1.0, 0.0, 0.5, 1.0])

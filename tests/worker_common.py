@@ -1,13 +1,31 @@
-"""The calibration batch the subprocess workers (tests/sharding_worker.py,
-tests/multiprocess_worker.py) share: both run as scripts, so each puts this folder on sys.path
-before `from worker_batch import make_batch`.
+"""What the subprocess workers (tests/sharding_worker.py, tests/multiprocess_worker.py) share: the
+calibration batch and the loop that runs their checks. Both run as scripts, so each puts this
+folder on sys.path before `from worker_common import ...`.
 
 Legend: B batch, T time, N ablation masks, L layers, H query heads, V vocab.
 """
 
 from __future__ import annotations
 
+import time
+import traceback
+from typing import Callable
+
 import numpy as np
+
+
+def run_checks(checks: dict[str, Callable[[], None]], wanted: list[str], prefix: str = "") -> dict[str, str]:
+    """Runs each wanted check: {name: "ok" or its traceback}, and one timed line per check."""
+    out: dict[str, str] = {}
+    for name in wanted:
+        t = time.perf_counter()
+        try:
+            checks[name]()
+            out[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the test
+            out[name] = traceback.format_exc()
+        print(f"{prefix}{name} {'ok' if out[name] == 'ok' else 'FAILED'} {time.perf_counter() - t:.1f}s", flush=True)
+    return out
 
 
 def make_batch(vocab: int, layers: int, heads: int, n_masks: int, batch: int = 6, time: int = 12,
