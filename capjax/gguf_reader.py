@@ -15,6 +15,7 @@ D head dim).
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,19 @@ class GGUFFormatError(ValueError):
 
 
 def _reader(path: str | os.PathLike):
+    """The parsed file, shared by the config, tokenizer and tensor reads of one load (parsing the
+    metadata of every tensor takes seconds); a file rewritten since is parsed again."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _parsed(str(p), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=2)
+def _parsed(path: str, mtime_ns: int, size: int):
     import gguf
 
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
         raise GGUFFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                               "re-download it or pass an HF folder") from e

@@ -100,6 +100,22 @@ def test_tiny_gguf_equals_source_and_transformers(tmp_path, model_type, arch, ov
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens)), expected, atol=1e-4)
 
 
+def test_one_parse_per_load_and_a_rewritten_file_is_read_again(tmp_path, monkeypatch):
+    """Config and tensors share one parse of the file; a file rewritten at the same path gives its
+    new weights, not the cached ones."""
+    parses = []
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or real(*a, **k))
+    path = tmp_path / "tiny.gguf"
+    for seed in (0, 1):
+        hf = make_hf_model(tmp_path / f"src{seed}", "llama", seed=seed)
+        write_gguf(hf, path, "llama")
+        _, params = capjax.load_pretrained(path)
+        _, ref = capjax.load_pretrained(tmp_path / f"src{seed}")
+        jax.tree.map(np.testing.assert_array_equal, params, ref)
+        assert len(parses) == seed + 1
+
+
 def test_unmapped_architecture_refused_before_reading_tensors(tmp_path):
     from capjax.gguf_reader import gguf_params
 
