@@ -195,12 +195,12 @@ def place_batch(params: Any, *arrays: Any) -> tuple[jax.Array, ...]:
     [B + (-B % d), ...]; callers keep their first B rows (after `to_host`). Otherwise the arrays
     are plain device arrays, unchanged.
     """
-    from capjax.sharding import batch_sharding
+    from capjax.sharding import DATA, axis_size, batch_sharding
 
     mesh = _batch_mesh(params)
     if mesh is None:
         return tuple(jnp.asarray(a) for a in arrays)
-    d = batch_multiple(params)
+    d = axis_size(mesh, DATA)
     out = []
     for a in arrays:
         a = np.asarray(a)

@@ -154,6 +154,10 @@ def generate(
         pad_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     run = decode_fn(config, jnp.dtype(model.dtype).name, int(max_new_tokens), eos, int(pad_id))
     B = max(1, min(batch_size, len(prompts)))
+    # Rows rounded up to place_batch's multiple with copies of a prompt, not masked rows:
+    # the decode loop runs until every row is done, and a copy is done when its prompt is.
+    multiple = batch_multiple(params)
+    rows = -(-B // multiple) * multiple
     limit = config.max_position_embeddings
 
     outputs: list[list[int]] = []
@@ -162,9 +166,6 @@ def generate(
         if max(len(p) for p in chunk) + max_new_tokens > limit:
             raise ValueError(f"prompt of {max(len(p) for p in chunk)} tokens + {max_new_tokens} new tokens "
                              f"exceeds max_position_embeddings={limit}")
-        # Rows rounded up to place_batch's multiple with copies of a prompt, not masked rows:
-        # the decode loop runs until every row is done, and a copy is done when its prompt is.
-        rows = -(-B // batch_multiple(params)) * batch_multiple(params)
         tokens = np.full((rows, T), pad_id, np.int32)
         mask = np.zeros((rows, T), np.int32)
         for i in range(rows):
