@@ -31,27 +31,28 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except (ValueError, OSError) as e:  # building the --method choices imports CAPJAX_PLUGINS
-        if os.environ.get("CAPJAX_DEBUG") == "1":
-            raise
-        print(f"capjax: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+def _expected(e: BaseException) -> bool:
+    """Bad input (files, paths, numbers, non-finite weights or results, a missing package, too little
+    memory): one clear line. Anything else is a bug and keeps its traceback."""
     from capjax.errors import MissingDependencyError
     from capjax.memory import InsufficientMemoryError
-    from capjax.sharding import maybe_initialize_distributed
 
+    return isinstance(e, (ValueError, OSError, InsufficientMemoryError, MissingDependencyError))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
+        args = build_parser().parse_args(argv)  # building the --method choices imports CAPJAX_PLUGINS
+        from capjax.sharding import maybe_initialize_distributed
+
         maybe_initialize_distributed()  # multi-host runs set CAPJAX_DISTRIBUTED=1 (docs/scale_out.md)
         return int(args.func(args) or 0)
-    # Bad input (files, paths, numbers, non-finite weights or results): one clear line, exit 2.
-    # Anything else is a bug and keeps its traceback; CAPJAX_DEBUG=1 shows it for these too.
-    except (ValueError, OSError, InsufficientMemoryError, MissingDependencyError) as e:
-        if os.environ.get("CAPJAX_DEBUG") == "1":
+    except Exception as e:
+        if not _expected(e) or os.environ.get("CAPJAX_DEBUG") == "1":  # CAPJAX_DEBUG=1: every traceback
             raise
-        print(f"capjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        where = "capjax" if args is None else f"capjax {args.command}"
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 
