@@ -62,7 +62,9 @@ class HeadScores:
     example_masked [L, H, N] (answer NLL summed over the example's answer tokens, head ablated),
     example_baseline [N] (the same, intact) and answer_count [N] (answer tokens). interval
     [2, L, H] is a bootstrap interval of each head's loss increase over examples (see
-    `capjax.stats.head_interval`), when asked for."""
+    `capjax.stats.head_interval`), when asked for. kind and metric say what was measured: the
+    ablation kind (`capjax.ablation.kinds`) and the metric's name (`capjax.ablation.metrics`);
+    zero / ce is CAP's score."""
 
     delta: np.ndarray
     masked: np.ndarray
@@ -73,6 +75,8 @@ class HeadScores:
     example_baseline: np.ndarray | None = None
     answer_count: np.ndarray | None = None
     interval: np.ndarray | None = None
+    kind: str = "zero"
+    metric: str = "ce"
 
     OPTIONAL = ("example_masked", "example_baseline", "answer_count", "interval")
 
@@ -89,15 +93,26 @@ class HeadScores:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
-        payload = {**self.arrays(), "settings": np.asarray(json.dumps(
-            {"aggregate": self.aggregate, "method": self.method, **settings}))}
+        payload = {**self.arrays(), "settings": np.asarray(json.dumps({**self.settings(), **settings}))}
         return atomic_write(path, lambda f: np.savez(f, **payload))
+
+    def settings(self) -> dict[str, str]:
+        """What the arrays mean: aggregate, method, kind and metric (saved beside them)."""
+        return {"aggregate": self.aggregate, "method": self.method, "kind": self.kind, "metric": self.metric}
+
+    def describe(self) -> str:
+        """e.g. "median, zero ablation, ce" (for titles and logs)."""
+        return f"{self.aggregate}, {self.kind} ablation, {self.metric}"
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "HeadScores":
-        settings = json.loads(str(arrays["settings"])) if "settings" in arrays else {}
+        """From `save`'s file ("settings") or a results folder's artifact ("meta"); files written
+        before kind and metric were recorded are zero / ce, the only scores capjax made then."""
+        key = "settings" if "settings" in arrays else "meta" if "meta" in arrays else None
+        settings = json.loads(str(arrays[key])) if key else {}
         return cls(arrays["delta"], arrays["masked"], arrays["baseline"], settings.get("aggregate", "median"),
-                   settings.get("method", "ablation"), **{k: arrays.get(k) for k in cls.OPTIONAL})
+                   settings.get("method", "ablation"), **{k: arrays.get(k) for k in cls.OPTIONAL},
+                   kind=settings.get("kind", "zero"), metric=settings.get("metric", "ce"))
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":
@@ -408,10 +423,11 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     if method == "gradient":
-        return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method)
+        return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method,
+                          kind=kind, metric=metric.name)
     # The delta comes from the per-example results through the estimator registry (capjax.estimators).
     scores = HeadScores(None, masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,
-                        np.asarray(ans.count, np.float64)).with_aggregate(aggregate)
+                        np.asarray(ans.count, np.float64), kind=kind, metric=metric.name).with_aggregate(aggregate)
     return scores.with_interval(bootstrap) if bootstrap else scores
 
 

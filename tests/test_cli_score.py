@@ -44,3 +44,19 @@ def test_score_cli_too_little_memory(tmp_path, capsys, monkeypatch, tiny_with_to
     err = capsys.readouterr().err
     assert "capjax score: error: not enough memory to load this model" in err and "host RAM has 0.00 GiB" in err
     assert not (tmp_path / "s.npz").exists()
+
+
+@needs_smollm2
+def test_score_cli_kind_and_metric(tmp_path, tiny_with_tokenizer):
+    """--kind / --metric reach score_heads and are recorded in the file (HeadScores.load reads them)."""
+    out = tmp_path / "scores.npz"
+    assert main(["score", "--model", str(tiny_with_tokenizer), "--calib", "synthetic", "--n", "4", "--seq-len", "128",
+                 "--subsets", "2", "--kind", "resample", "--metric", "kl", "--bootstrap", "0", "--out", str(out)]) == 0
+    saved = capjax.HeadScores.load(out)
+    assert (saved.kind, saved.metric, saved.aggregate) == ("resample", "kl", "median")
+    model, params = capjax.load_pretrained(tiny_with_tokenizer)
+    calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=4, seq_len=128, seed=0)
+    ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
+                             progress=False, kind="resample", metric="kl")
+    np.testing.assert_allclose(saved.delta, ref.delta, atol=1e-6)
+    np.testing.assert_allclose(saved.example_masked, ref.example_masked, atol=1e-6)

@@ -81,6 +81,36 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path, tiny_with_tokenizer, capsys):
     assert scores["delta"].shape == (2, 4) and scores["example_masked"].shape[:2] == (2, 4)
 
 
+@needs_smollm2
+def test_scores_are_filed_by_ablation_kind_and_metric(tmp_path, tiny_with_tokenizer):
+    """calibration.kind / metric reach score_heads, and a change of either is never served the other's
+    scores from the results folder."""
+    import capjax
+    from capjax.experiment.runner import Experiment
+
+    def scores(**calib):
+        path = _config(tmp_path, tiny_with_tokenizer, calibration={"bootstrap": 0, **calib})
+        exp = Experiment(load_config(path))
+        exp.load()
+        fp, s = exp.scores("synthetic")
+        return exp, fp, s
+
+    e0, fp0, zero = scores()
+    e1, fp1, mean = scores(kind="mean", metric="kl")
+    assert fp1 != fp0 and e1.events == ["computed scores/synthetic"]
+    assert (zero.kind, zero.metric, mean.kind, mean.metric) == ("zero", "ce", "mean", "kl")
+    calib = e1.calibration("synthetic")
+    ref = capjax.score_heads(e1.model, e1.params, calib.tokens, calib.loss_mask, subsets=3,
+                             attention_mask=calib.attention_mask, progress=False, kind="mean", metric="kl")
+    np.testing.assert_allclose(mean.delta, ref.delta, atol=1e-6)
+    assert not np.allclose(mean.baseline, zero.baseline)  # KL of the intact model is 0, its CE is not
+    for kind, metric, fp, first in [("mean", "kl", fp1, mean), ("zero", "ce", fp0, zero)]:
+        exp, fp_again, again = scores(kind=kind, metric=metric)
+        assert fp_again == fp and exp.events == ["reused scores/synthetic"]
+        assert (again.kind, again.metric) == (kind, metric)
+        np.testing.assert_array_equal(again.delta, first.delta)
+
+
 @pytest.mark.parametrize("override,match", [
     ({"calibraton": {}}, "unknown config key 'calibraton'"),
     ({"pruning": {"methods": ["cap", "obs"]}}, r"unknown pruning.methods \['obs'\]"),
@@ -105,6 +135,8 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path, tiny_with_tokenizer, capsys):
     ({"recovery": {"lr": "fast"}}, r"recovery"),
     ({"data_dir": "/no/such/data", "evaluation": {"skip_missing_data": False}}, "needs wikitext2/wiki.test.raw"),
     ({"calibration": {"tasks": ["mmlu"]}}, r"unknown calibration.tasks"),
+    ({"calibration": {"kind": "noise"}}, "calibration.kind must be one of zero, mean, resample, got 'noise'"),
+    ({"calibration": {"metric": "acc"}}, "calibration.metric must be one of ce, kl, got 'acc'"),
 ])
 def test_config_validation_before_compute(tmp_path, override, match, capsys):
     path = _config(tmp_path, tmp_path / "no-model-here", **override)
@@ -156,11 +188,14 @@ def test_shipped_configs_are_valid(name):
 
 def test_config_vocabulary_matches_the_library():
     """The config spells the task names out (validating a config imports no model code); no drift."""
+    from capjax.ablation.kinds import KINDS
+    from capjax.ablation.metrics import METRICS
     from capjax.data import TASKS as DATA_TASKS
     from capjax.evaluate.tasks import TASKS
     from capjax.experiment import config
     from capjax.pruning.methods import METHODS
 
     assert config.prune_method_names() == tuple(METHODS)
+    assert config.ABLATION_KINDS == KINDS and config.SCORE_METRICS == tuple(METRICS)
     assert config.EVAL_TASKS == tuple(TASKS)
     assert set(config.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic"}

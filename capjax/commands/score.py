@@ -8,7 +8,7 @@ import time
 from capjax.commands.common import (add_calibration_args, add_model_args, check_calibration_data, load_calibration,
                                    load_model, non_negative_int, output_file, positive_int)
 from capjax import estimators
-from capjax.experiment.config import SCORING_METHODS, CalibrationConfig
+from capjax.experiment.config import ABLATION_KINDS, SCORE_METRICS, SCORING_METHODS, CalibrationConfig
 
 _CALIB = CalibrationConfig()
 
@@ -22,6 +22,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--aggregate", default=_CALIB.aggregate, choices=estimators.names(),
                    help="a registered estimator (capjax.estimators); gradient scores take median, mean or paired")
     p.add_argument("--method", default=_CALIB.method, choices=SCORING_METHODS)
+    p.add_argument("--kind", default=_CALIB.kind, choices=ABLATION_KINDS,
+                   help="what replaces an ablated head's output (zero: CAP; capjax.ablation.kinds)")
+    p.add_argument("--metric", default=_CALIB.metric, choices=SCORE_METRICS,
+                   help="what is measured at the answer tokens (ce: CAP's loss; kl: KL from the intact model)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="ablations evaluated at once (default: from memory)")
     p.add_argument("--bootstrap", type=non_negative_int, default=_CALIB.bootstrap,
@@ -48,7 +52,8 @@ def run(args) -> int:
     scores = score_heads(model, params, calib.tokens, calib.loss_mask, subsets=args.subsets,
                          aggregate=args.aggregate, method=args.method, attention_mask=calib.attention_mask,
                          chunk_size=args.chunk_size, checkpoint_dir=args.checkpoint_dir,
-                         bootstrap=args.bootstrap if args.method == "ablation" else 0)
+                         bootstrap=args.bootstrap if args.method == "ablation" else 0, kind=args.kind,
+                         metric=args.metric)
     seconds = time.perf_counter() - t0
     out = scores.save(out, model=str(args.model), calib=args.calib, n=args.n, seq_len=args.seq_len,
                       seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated), seconds=seconds)
@@ -61,7 +66,7 @@ def run(args) -> int:
     if plot:
         from capjax.report import plot_head_scores
 
-        plot_head_scores(scores.delta, plot, title=f"CAP head scores ({args.calib}, {args.aggregate})",
+        plot_head_scores(scores.delta, plot, title=f"CAP head scores ({args.calib}, {scores.describe()})",
                          interval=scores.interval)
         print(f"heatmap: {plot}")
     return 0

@@ -7,7 +7,8 @@
     seed: 0
     mesh: null                        # e.g. {data: -1, model: 2} (docs/scale_out.md)
     calibration: {tasks: [synthetic], n: 128, seq_len: 256, subsets: 3, aggregate: median,
-                  method: ablation, chunk_size: null, chat: null, bootstrap: 1000}
+                  method: ablation, kind: zero, metric: ce, chunk_size: null, chat: null,
+                  bootstrap: 1000}
     pruning:     {methods: [cap, wanda], sparsities: [0.1, 0.2, 0.5], nm: null, options: {cap: {kv_rule: mean}}}
     evaluation:  {tasks: [wikitext2], limit: null, max_new_tokens: 256, batch_size: 8,
                   ppl_seq_len: 2048, skip_missing_data: false, bootstrap: 1000}
@@ -36,6 +37,9 @@ EVAL_TASKS = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challeng
 DTYPES = ("float32", "bfloat16")
 AGGREGATES = ("median", "mean", "paired")
 SCORING_METHODS = ("ablation", "gradient")
+# capjax.ablation's KINDS and METRICS by name (that package imports jax; a test keeps them equal)
+ABLATION_KINDS = ("zero", "mean", "resample")
+SCORE_METRICS = ("ce", "kl")
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.5)
 
 
@@ -51,6 +55,8 @@ class CalibrationConfig:
     subsets: int = 3
     aggregate: str = "median"
     method: str = "ablation"
+    kind: str = "zero"  # what replaces an ablated head's output: zero (CAP) | mean | resample
+    metric: str = "ce"  # what is measured at the answer tokens: ce (CAP) | kl
     chunk_size: int | None = None
     chat: bool | None = None
     bootstrap: int = 1000  # resamples for each head score's interval (0: none)
@@ -301,6 +307,8 @@ def build(d: dict) -> RunConfig:
         subsets=_int(c["subsets"], "calibration.subsets"),
         aggregate=_choice(c["aggregate"], _aggregates(c["method"]), "calibration.aggregate"),
         method=_choice(c["method"], SCORING_METHODS, "calibration.method"),
+        kind=_choice(c["kind"], ABLATION_KINDS, "calibration.kind"),
+        metric=_choice(c["metric"], SCORE_METRICS, "calibration.metric"),
         chunk_size=_int(c["chunk_size"], "calibration.chunk_size", none=True),
         chat=_bool(c["chat"], "calibration.chat", none=True),
         bootstrap=_int(c["bootstrap"], "calibration.bootstrap", 0))

@@ -178,8 +178,11 @@ class Experiment:
     def scores_fingerprint(self, task: str) -> str:
         c = self.cfg.calibration
         self.calibration(task)
-        return fingerprint({"model": self.model_fp, "calibration": self.calib_fps[task], "subsets": c.subsets,
-                            "method": c.method})
+        inputs = {"model": self.model_fp, "calibration": self.calib_fps[task], "subsets": c.subsets,
+                  "method": c.method}
+        if (c.kind, c.metric) != ("zero", "ce"):  # so that zero / ce artifacts from before still match
+            inputs["ablation"] = {"kind": c.kind, "metric": c.metric}
+        return fingerprint(inputs)
 
     def scores(self, task: str):
         """HeadScores on a calibration set. A change of aggregate alone re-aggregates the saved
@@ -196,15 +199,15 @@ class Experiment:
             calib = self.calibs[task]
             L, H = self.model.config.num_layers, self.model.config.num_heads
             _log(f"scores: {c.method} scoring of {L * H} heads on {task} (N={c.n}, T={c.seq_len}, "
-                 f"K={c.subsets})")
+                 f"U={c.subsets}, {c.kind} ablation, {c.metric})")
             t0 = time.perf_counter()
             s = score_heads(self.model, self.params, calib.tokens, calib.loss_mask, subsets=c.subsets,
                             aggregate=c.aggregate, method=c.method, attention_mask=calib.attention_mask,
                             chunk_size=c.chunk_size, checkpoint_dir=self.out / "checkpoints" / "scores",
-                            mesh=self.mesh)
+                            mesh=self.mesh, kind=c.kind, metric=c.metric)
             seconds = time.perf_counter() - t0
             path = self.store.save_npz("scores", fp, {k: v for k, v in s.arrays().items() if k != "interval"},
-                                       {"calib": task, "seconds": seconds, "method": c.method})
+                                       {"calib": task, "seconds": seconds, **s.settings()})
             self._event("computed", f"scores/{task}", path)
             _log(f"scores: done in {seconds:.1f} s -> {path}")
         s = s.with_aggregate(c.aggregate)
@@ -360,7 +363,7 @@ class Experiment:
             s = scores[task][1]
             if is_writer():
                 report.plot_head_scores(s.delta, self.out / "figures" / f"head_scores_{task}.png",
-                                        title=f"CAP head scores: {cfg.model} on {task} ({s.aggregate})",
+                                        title=f"CAP head scores: {cfg.model} on {task} ({s.describe()})",
                                         interval=s.interval)
         _log(f"[1/{len(runs) + 1}] dense model: evaluating {', '.join(tasks)}")
         rows = [{"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None,
@@ -386,7 +389,7 @@ class Experiment:
                              title=f"recovery loss: {cfg.model}")
         results = {"config": cfg.to_dict(), "runs": rows,
                    "scores": {t: {"fingerprint": fp, "file": str(self.store.path("scores", fp).relative_to(self.out)),
-                                  "aggregate": s.aggregate, "baseline": s.baseline.tolist(),
+                                  **s.settings(), "baseline": s.baseline.tolist(),
                                   "delta": s.delta.tolist(),
                                   "interval": None if s.interval is None else s.interval.tolist()}
                               for t, (fp, s) in scores.items()},
