@@ -109,6 +109,10 @@ def test_scores_are_filed_by_ablation_kind_and_metric(tmp_path, tiny_with_tokeni
         assert fp_again == fp and exp.events == ["reused scores/synthetic"]
         assert (again.kind, again.metric) == (kind, metric)
         np.testing.assert_array_equal(again.delta, first.delta)
+    for _ in range(2):  # computed, then reused: either way it says how it was made
+        exp, _, grad = scores(method="gradient")
+        assert grad.method == "gradient" and grad.example_masked is None
+    assert exp.events == ["reused scores/synthetic"]
 
 
 @pytest.mark.parametrize("override,match", [
