@@ -176,9 +176,9 @@ def _merge(base: Any, update: Any, where: str) -> Any:
         if isinstance(base, dict) and where.rstrip(".") in {*SECTIONS, "pruning.options"}:
             raise ConfigError(f"config key {where.rstrip('.')!r} must be a mapping, got {update!r}")
         return copy.deepcopy(update)
-    if where == "evaluation.limit.":
-        # a scalar limit is every task's limit; a per-task update keeps the others
-        base = base if isinstance(base, dict) else {t: base for t in EVAL_TASKS}
+    if where.rstrip(".") in _PER_TASK and not isinstance(base, dict):
+        # a scalar is every task's value; a per-task update keeps the others
+        base = {t: base for t in _PER_TASK[where.rstrip(".")]}
     if not isinstance(base, dict):
         if _is_open(where.rstrip(".")) or base is None:
             base = {}
@@ -197,6 +197,8 @@ def _merge(base: Any, update: Any, where: str) -> Any:
 
 # mappings whose keys are the user's (open), not the schema's
 _OPEN_MAPPINGS = {"mesh", "evaluation.limit", "pruning.options", "recovery"}
+# fields that take one value for every task or a {task: value} mapping
+_PER_TASK = {"evaluation.limit": EVAL_TASKS}
 
 
 def _is_open(where: str) -> bool:
