@@ -19,15 +19,42 @@ ARCHS = {"llama_gqa": ("llama", {}), "qwen2_bias": ("qwen2", {}), "mistral_windo
 L, H, D, E = 2, 4, 8, 32
 
 
+@pytest.fixture(scope="module")
+def archs(tmp_path_factory):
+    """get(name) -> (name, hf, model, params), each architecture built once per module."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            kind, over = ARCHS[name]
+            folder = tmp_path_factory.mktemp(name)
+            # Larger weights than the 0.02 default, so that every ablation moves the loss far above float noise.
+            hf = make_hf_model(folder, kind, initializer_range=0.2, **over)
+            hf.config._attn_implementation = "eager"
+            model, params = capjax.load_pretrained(folder)
+            built[name] = (name, hf, model, params)
+        return built[name]
+    return get
+
+
 @pytest.fixture(scope="module", params=list(ARCHS))
-def arch(request, tmp_path_factory):
-    kind, over = ARCHS[request.param]
-    folder = tmp_path_factory.mktemp(request.param)
-    # Larger weights than the 0.02 default, so that every ablation moves the loss far above float noise.
-    hf = make_hf_model(folder, kind, initializer_range=0.2, **over)
-    hf.config._attn_implementation = "eager"
-    model, params = capjax.load_pretrained(folder)
-    return request.param, hf, model, params
+def arch(request, archs):
+    return archs(request.param)
+
+
+@pytest.fixture
+def llama_gqa(archs):
+    return archs("llama_gqa")
+
+
+@pytest.fixture
+def qwen2_bias(archs):
+    return archs("qwen2_bias")
+
+
+@pytest.fixture
+def mistral_window(archs):
+    return archs("mistral_window")
 
 
 def make_batch(which: str):
@@ -168,10 +195,8 @@ def test_kinds_and_components_equal_torch_hooks(arch, kind):
 
 @pytest.mark.parametrize("which,pack", [("padded", False), ("packed", True)])
 @pytest.mark.parametrize("kind", ["mean", "resample"])
-def test_padded_and_packed_batches(arch, which, pack, kind):
-    name, hf, model, params = arch
-    if name != "llama_gqa":
-        pytest.skip("layouts are checked on one architecture")
+def test_padded_and_packed_batches(llama_gqa, which, pack, kind):
+    _, hf, model, params = llama_gqa
     tokens, loss, am = make_batch(which)
     batch = prepare_batch(model, tokens, loss, am, pack=pack)
     if pack:
@@ -184,10 +209,8 @@ def test_padded_and_packed_batches(arch, which, pack, kind):
 
 
 @pytest.mark.parametrize("metric", ["kl", "margin"])
-def test_metrics_equal_torch(arch, metric):
-    name, hf, model, params = arch
-    if name != "qwen2_bias":
-        pytest.skip("metrics are checked on one architecture")
+def test_metrics_equal_torch(qwen2_bias, metric):
+    _, hf, model, params = qwen2_bias
     tokens, loss, am = make_batch("prefix")
     batch = prepare_batch(model, tokens, loss, am)
     spec = mixed_spec(model.config, np.random.RandomState(2))
@@ -201,10 +224,8 @@ def test_metrics_equal_torch(arch, metric):
         assert np.all(want > 1e-4)
 
 
-def test_estimators_from_per_example_equal_score_heads(arch):
-    name, hf, model, params = arch
-    if name != "llama_gqa":
-        pytest.skip("checked on one architecture")
+def test_estimators_from_per_example_equal_score_heads(llama_gqa):
+    _, hf, model, params = llama_gqa
     tokens, loss, am = make_batch("prefix")
     batch = prepare_batch(model, tokens, loss, am)
     res = ablate(model, params, batch, single_spec(model.config, "heads"))
@@ -236,10 +257,8 @@ def test_estimators_from_per_example_equal_score_heads(arch):
         estimators.estimate("trimmed", res.values, res.intact, res.count)
 
 
-def test_pairs_interactions_and_gradient(arch):
-    name, hf, model, params = arch
-    if name != "mistral_window":
-        pytest.skip("checked on one architecture")
+def test_pairs_interactions_and_gradient(mistral_window):
+    _, hf, model, params = mistral_window
     tokens, loss, am = make_batch("prefix")
     batch = prepare_batch(model, tokens, loss, am)
     sel = units(model.config, "heads")[:3] + units(model.config, "mlp")[:1]
@@ -272,10 +291,8 @@ def test_pairs_interactions_and_gradient(arch):
         np.testing.assert_allclose(g["heads"][b], -gh.numpy(), atol=2e-4, rtol=1e-4)
 
 
-def test_bad_inputs_are_one_clear_line(arch):
-    name, _, model, params = arch
-    if name != "llama_gqa":
-        pytest.skip("checked on one architecture")
+def test_bad_inputs_are_one_clear_line(llama_gqa):
+    _, _, model, params = llama_gqa
     with pytest.raises(ValueError, match=r"'mlp' must have shape \[1, 2\]"):
         ablation_spec(model.config, 1, mlp=np.ones((1, 3)))
     tokens, loss, am = make_batch("padded")
