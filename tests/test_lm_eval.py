@@ -221,8 +221,8 @@ def test_capjax_lm_eval_console_script(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_plain_lm_eval_cli_does_not_know_capjax(tiny, tmp_path):
-    """lm-eval 0.4.13 reads no entry points: `lm_eval run --model capjax` fails (why capjax-lm-eval exists;
-    when this fails, the harness found capjax by itself and docs/using.md's explanation is stale)."""
+    """lm-eval 0.4.13 knows only the models in its own tree: `lm_eval run --model capjax` fails, which
+    is why capjax-lm-eval exists (docs/using.md)."""
     args, _ = _cli_args(tiny, tmp_path)
     plain = subprocess.run([sys.executable, "-m", "lm_eval", *args], capture_output=True, text=True, env=_ENV)
     assert plain.returncode != 0 and "no model for this name found" in plain.stderr + plain.stdout
