@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+import capjax
 from capjax.cli import main
 from conftest import make_hf_model, needs_smollm2
 
@@ -72,7 +73,7 @@ def test_score_out_without_suffix_says_the_real_path(tmp_path, tiny_with_tokeniz
     assert np.all(saved["interval"][0] <= saved["interval"][1])
 
 
-def test_prune_refuses_bad_inputs_in_one_line(tmp_path, tiny_folder, capsys):
+def test_prune_refuses_bad_inputs_in_one_line(tmp_path, tiny_folder, capsys, monkeypatch):
     good = tmp_path / "good.npz"
     np.savez(good, delta=np.zeros((2, 4)))
     data = good.read_bytes()
@@ -81,6 +82,13 @@ def test_prune_refuses_bad_inputs_in_one_line(tmp_path, tiny_folder, capsys):
     assert main(["prune", "--model", str(tiny_folder), "--method", "cap", "--scores", str(bad),
                  "--out", str(tmp_path / "p")]) == 2
     _one_error_line(capsys, str(bad), "not a readable .npz")
+    other = tmp_path / "other_model.npz"
+    np.savez(other, delta=np.zeros((3, 4)))
+    with monkeypatch.context() as m:  # refused from config.json alone, before the weights load
+        m.setattr(capjax, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+        assert main(["prune", "--model", str(tiny_folder), "--method", "cap", "--scores", str(other),
+                     "--out", str(tmp_path / "p")]) == 2
+    _one_error_line(capsys, str(other), "'delta' is [3, 4]", "has [2, 4] heads")
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4", "--sparsity", "0.7",
                  "--out", str(tmp_path / "p")]) == 2
     _one_error_line(capsys, "--nm 2:4 fixes the sparsity at 0.5", "drop --sparsity 0.7")

@@ -87,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_options(args.method, options)
     delta = _load_delta(args.scores) if spec.needs_scores else None
+    if delta is not None:  # the model's config is enough to know the scores belong to another model
+        config = capjax.load_config(args.model)
+        if delta.shape != (config.num_layers, config.num_heads):
+            raise ValueError(f"{args.scores}: 'delta' is {list(delta.shape)} but {args.model} has "
+                             f"[{config.num_layers}, {config.num_heads}] heads: score this model with capjax score")
     if spec.needs_calib:
         check_calibration_data(args.calib, args.data_dir)
 
