@@ -59,8 +59,8 @@ class HeadScores:
     masked [U, L, H]: loss with that head ablated, per subset. baseline [U]: intact loss per subset.
 
     Exact ablation also keeps what the estimators are computed from, per calibration example:
-    example_masked [L, H, N] (answer NLL summed over the example's answer tokens, head ablated),
-    example_baseline [N] (the same, intact) and answer_count [N] (answer tokens). interval
+    example_masked [L, H, B] (the metric summed over the example's answer tokens, head ablated;
+    the answer NLL for ce), example_baseline [B] (the same, intact) and answer_count [B]. interval
     [2, L, H] is a bootstrap interval of each head's loss increase over examples (see
     `capjax.stats.head_interval`), when asked for. kind and metric say what was measured: the
     ablation kind (`capjax.ablation.kinds`) and the metric's name (`capjax.ablation.metrics`);
