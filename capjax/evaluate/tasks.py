@@ -206,7 +206,7 @@ def evaluate(
 ) -> dict:
     """Runs `tasks` (see TASKS) and returns {"settings": {...}, "results": {task: metrics},
     "examples": {task: {metric: per-example values}}} (plus "samples": {task: [per-example
-    dicts]} with log_samples). "examples" holds, per headline metric, {"num": [N], "den": [N],
+    dicts]} with log_samples). "examples" holds, per headline metric, {"num": [B], "den": [B],
     "transform", "kind"}: the metric is transform(sum num / sum den) (capjax.stats gives its
     interval); WikiText-2's examples are its windows.
 

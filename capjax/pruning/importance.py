@@ -89,7 +89,7 @@ def kv_importance(importance: Array, num_kv_heads: int, kv_rule: str = "mean") -
 
 
 def head_factor(values: Array, ndim: int, head_axis: int) -> Array:
-    """values [L, N] (one per layer and head) shaped to broadcast against a stacked kernel with
+    """values [L, H] or [L, K] (one per layer and head) shaped to broadcast against a stacked kernel with
     `ndim` axes whose heads are on `head_axis`."""
     shape = [1] * ndim
     shape[0], shape[head_axis] = values.shape
