@@ -76,10 +76,10 @@ def bootstrap_ratio(num, den, transform: str = "identity", resamples: int = 1000
         raise ValueError(f"num and den must be equal non-empty [B] arrays, got {num.shape} and {den.shape}")
     f = TRANSFORMS[transform]
     value = float(f(num.sum() / den.sum()))
-    if num.size == 1:
-        return Estimate(value, math.nan, math.nan, math.nan, 1, "bootstrap", level)
-    boot = f(_ratio(num, den, resample_weights(num.size, resamples, seed)))
+    boot = f(_ratio(num, den, resample_weights(num.size, resamples, seed))) if num.size > 1 else np.zeros(0)
     boot = boot[np.isfinite(boot)]
+    if boot.size < 2:  # one example, resamples=0 (no intervals asked for), or no finite resample
+        return Estimate(value, math.nan, math.nan, math.nan, int(num.size), "bootstrap", level)
     a = (1 - level) / 2
     return Estimate(value, float(boot.std(ddof=1)), float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a)),
                     int(num.size), "bootstrap", level)
@@ -117,11 +117,13 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any], resamples: int = 100
         raise ValueError(f"paired_difference needs the same examples: {na.size} vs {nb.size} values")
     f = TRANSFORMS[a.get("transform", "identity")]
     diff = float(f(nb.sum() / db.sum()) - f(na.sum() / da.sum()))
-    if na.size < 2:
+    if na.size < 2 or resamples < 2:
         return PairedDifference(diff, math.nan, math.nan, False, level)
     w = resample_weights(na.size, resamples, seed)
     boot = f(_ratio(nb, db, w)) - f(_ratio(na, da, w))
     boot = boot[np.isfinite(boot)]
+    if boot.size < 2:
+        return PairedDifference(diff, math.nan, math.nan, False, level)
     alpha = (1 - level) / 2
     low, high = float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
     return PairedDifference(diff, low, high, bool(low > 0 or high < 0), level)

@@ -9,6 +9,7 @@ import numpy as np
 import capjax
 from capjax.cli import main
 from capjax.data import build_calibration
+from capjax.provenance import code_version
 from conftest import needs_smollm2
 
 
@@ -22,6 +23,7 @@ def test_score_cli_matches_library(tmp_path, tiny_with_tokenizer, capsys):
     saved = np.load(out)
     settings = json.loads(str(saved["settings"]))
     assert settings["aggregate"] == "paired" and settings["n"] == 6 and settings["calib"] == "synthetic"
+    assert settings["code"] == code_version() and (settings["kind"], settings["metric"]) == ("zero", "ce")
     model, params = capjax.load_pretrained(tiny_with_tokenizer)
     calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=6, seq_len=128, seed=0)
     ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 3, "paired",

@@ -203,3 +203,46 @@ def test_config_vocabulary_matches_the_library():
     assert config.ABLATION_KINDS == KINDS and config.SCORE_METRICS == tuple(METRICS)
     assert config.EVAL_TASKS == tuple(TASKS)
     assert set(config.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic"}
+
+
+@needs_smollm2
+def test_reuse_across_code_versions_is_said_and_recompute_reuses_nothing(tmp_path, tiny_with_tokenizer, capsys,
+                                                                           monkeypatch):
+    """Artifacts record the capjax code that computed them; a rerun under other code still reuses them
+    (code is not in the fingerprint) but says so in the events, the log and report.md, and
+    `--recompute` computes everything again."""
+    from capjax.experiment import store
+    from capjax.provenance import code_version
+
+    path = _config(tmp_path, tiny_with_tokenizer, calibration={"n": 3, "bootstrap": 0},
+                   pruning={"methods": ["cap"], "sparsities": [0.5]},
+                   evaluation={"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "bootstrap": 0})
+    out = tmp_path / "out"
+
+    def events():
+        return json.loads((out / "results.json").read_text())["events"]
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "code_version", lambda: "0.0.1+gdeadbeef")
+        assert main(["run", str(path)]) == 0
+    first = events()
+    assert sorted(e.split()[1] for e in first) == ["evals/cap_synthetic_s0.50/synthetic", "evals/dense/synthetic",
+                                                  "masks/cap_synthetic_s0.50", "scores/synthetic"]
+    assert all(e.startswith("computed") for e in first)
+    capsys.readouterr()
+
+    assert main(["run", str(path)]) == 0
+    log = capsys.readouterr().out
+    again = events()
+    assert again and all(e.startswith("reused") and e.endswith("(computed by capjax 0.0.1+gdeadbeef)") for e in again)
+    assert f"computed by capjax 0.0.1+gdeadbeef (this is {code_version()}" in log
+    report = (out / "report.md").read_text()
+    assert "Reused although other capjax code computed them" in report and "scores/synthetic" in report
+    env = json.loads((out / "results.json").read_text())["environment"]
+    assert env["code"] == code_version() and env["packages"]["jax"] and env["devices"]["count"] >= 1
+
+    assert main(["run", str(path), "--recompute"]) == 0
+    assert sorted(events()) == sorted(e.replace("reused", "computed").split(" (")[0] for e in again)
+    assert main(["run", str(path)]) == 0
+    assert all(e.startswith("reused") and "(computed by" not in e for e in events())
+    assert "Reused although" not in (out / "report.md").read_text()

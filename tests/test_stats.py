@@ -59,6 +59,9 @@ def test_bootstrap_ratio_transform_and_loop():
         idx = np.repeat(np.arange(20), w[r].astype(int))
         loop.append(math.exp(num[idx].sum() / den[idx].sum()))
     assert e.low == pytest.approx(np.quantile(loop, 0.025)) and e.high == pytest.approx(np.quantile(loop, 0.975))
+    # resamples=0 (evaluation.bootstrap: 0) asks for no interval: the value alone
+    none = stats.bootstrap_ratio(num, den, "exp", resamples=0)
+    assert none.value == e.value and none.n == 20 and all(math.isnan(x) for x in (none.stderr, none.low, none.high))
 
 
 def test_paired_difference():
@@ -74,6 +77,8 @@ def test_paired_difference():
     assert not stats.paired_difference(a, noisy).significant
     with pytest.raises(ValueError, match="same examples"):
         stats.paired_difference(a, {"num": [1.0], "den": [1.0]})
+    unpaired = stats.paired_difference(a, shifted, resamples=0)
+    assert unpaired.diff == pytest.approx(0.5) and not unpaired.significant and math.isnan(unpaired.low)
 
 
 def test_head_scores_per_example_and_interval(tmp_path):

@@ -7,6 +7,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="score, prune with every method and sparsity, evaluate, report")
     p.add_argument("config", help="experiment YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. calibration.n=16 evaluation.limit.wikitext2=8")
+    p.add_argument("--recompute", action="store_true",
+                   help="reuse nothing from the results folder: compute every artifact again and overwrite it")
     p.set_defaults(func=run)
 
 
@@ -18,7 +20,7 @@ def run(args) -> int:
     from capjax.experiment import Experiment
     from capjax.report import markdown_table
 
-    results = Experiment(cfg).run()
+    results = Experiment(cfg, recompute=args.recompute).run()
     from capjax.distributed import is_writer
 
     if not is_writer():

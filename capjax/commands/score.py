@@ -9,6 +9,7 @@ from capjax.commands.common import (add_calibration_args, add_model_args, check_
                                    load_model, non_negative_int, output_file, positive_int)
 from capjax import estimators
 from capjax.experiment.config import ABLATION_KINDS, SCORE_METRICS, SCORING_METHODS, CalibrationConfig
+from capjax.provenance import code_version
 
 _CALIB = CalibrationConfig()
 
@@ -56,7 +57,8 @@ def run(args) -> int:
                          metric=args.metric)
     seconds = time.perf_counter() - t0
     out = scores.save(out, model=str(args.model), calib=args.calib, n=args.n, seq_len=args.seq_len,
-                      seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated), seconds=seconds)
+                      seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated), seconds=seconds,
+                      code=code_version())
     L, H = scores.delta.shape
     print(f"scored {L * H} heads in {seconds:.1f} s; baseline loss per subset "
           f"{', '.join(f'{b:.4f}' for b in scores.baseline)}; wrote {out}")

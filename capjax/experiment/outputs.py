@@ -14,6 +14,7 @@ from pathlib import Path
 
 from capjax import report, stats
 from capjax.experiment.store import strict_json, write_text
+from capjax.provenance import describe
 
 HEADLINE = {"wikitext2": ("ppl",), "gsm8k": ("exact_match_strict", "exact_match_flexible"),
             "strategyqa": ("accuracy",), "arc_challenge": ("acc", "acc_norm"), "arc_challenge_cot": ("accuracy",),
@@ -88,6 +89,9 @@ def report_markdown(results: dict, figures: list[str]) -> str:
     cfg, rows = results["config"], results["runs"]
     c, e = cfg["calibration"], cfg["evaluation"]
     reused = [r for r in rows if r["status"] != "computed"]
+    other_code = [e.split(" ", 1)[1] for e in results["events"] if e.startswith("reused") and "(computed by" in e]
+    foreign = [f"Reused although other capjax code computed them (`capjax run --recompute` recomputes): "
+               f"{'; '.join(other_code)}."] if other_code else []
     md = [f"# capjax run: {cfg['model']}", "",
           f"Calibration: {', '.join(c['tasks'])} (N={c['n']}, T={c['seq_len']}, K={c['subsets']}, {c['aggregate']}, "
           f"{c['method']}); evaluation limit {e['limit']}; dtype {cfg['dtype']}; seed {cfg['seed']}.",
@@ -96,10 +100,10 @@ def report_markdown(results: dict, figures: list[str]) -> str:
           "contains zero (inside the noise). The sparsity column is the achieved sparsity of the prunable weights.",
           "", report.markdown_table(rows, relative_to=rows[0]), "",
           "Reused from earlier runs (same fingerprints): " + (", ".join(
-              f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing") + ".", "",
+              f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing") + ".", *foreign, "",
           "Target sparsity: " + ", ".join(f"{r['name']} {r['sparsity']:.2f}" for r in rows if r["method"] != "dense"),
           "", *[f"![{f}](figures/{f})" for f in figures], "",
-          f"Total time {results['seconds']:.0f} s. Every number, its 95% interval and its fingerprint are in "
-          "results.json and results.csv."]
+          f"Total time {results['seconds']:.0f} s on {describe(results['environment'])}. Every number, its 95% "
+          "interval and its fingerprint are in results.json and results.csv."]
     return "\n".join(md) + "\n"
 

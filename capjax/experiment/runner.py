@@ -32,6 +32,7 @@ from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
 from capjax.experiment.outputs import write_outputs
 from capjax.experiment.store import Store, fingerprint, warn
+from capjax.provenance import code_version, environment
 
 # Each evaluation reads only the settings that change its result.
 _GENERATION_TASKS = ("gsm8k", "strategyqa", "arc_challenge_cot", "synthetic")
@@ -113,10 +114,10 @@ class Experiment:
     """One config's run. Each step looks up its artifact by fingerprint first and reuses it only
     when everything that determines it is unchanged."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, recompute: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.store = Store(self.out, writer=is_writer())
+        self.store = Store(self.out, writer=is_writer(), read=not recompute)
         self.model = self.params = self.tokenizer = None
         self.model_fp: str | None = None
         self.calibs: dict[str, Any] = {}
@@ -128,10 +129,19 @@ class Experiment:
 
             self.mesh = make_mesh(cfg.mesh)
 
-    def _event(self, status: str, what: str, path: Path) -> None:
-        self.events.append(f"{status} {what}")
+    def _event(self, status: str, what: str, path: Path, saved: dict | None = None) -> None:
+        """Records "computed X" or "reused X"; a reused artifact that other capjax code computed
+        (`saved` says which) is recorded as "reused X (computed by capjax V)" and said in one line."""
+        note = ""
         if status == "reused":
-            _log(f"{what}: reusing {path}")
+            code = Store.code_of(saved) if saved is not None else code_version()
+            if code != code_version():
+                note = f" (computed by capjax {code or 'of an unrecorded version'})"
+                _log(f"{what}: reusing {path}, computed by capjax {code or 'of an unrecorded version'} "
+                     f"(this is {code_version()}; `capjax run --recompute` recomputes everything)")
+            else:
+                _log(f"{what}: reusing {path}")
+        self.events.append(f"{status} {what}{note}")
 
     # ------------------------------------------------------------------ inputs
     def load(self) -> None:
@@ -194,7 +204,7 @@ class Experiment:
         saved = self.store.load_npz("scores", fp, required=("delta", "masked", "baseline"))
         if saved is not None:
             s = HeadScores.from_arrays(saved)
-            self._event("reused", f"scores/{task}", self.store.path("scores", fp))
+            self._event("reused", f"scores/{task}", self.store.path("scores", fp), saved)
         else:
             calib = self.calibs[task]
             L, H = self.model.config.num_layers, self.model.config.num_heads
@@ -239,7 +249,7 @@ class Experiment:
             except ValueError as e:
                 warn(f"{self.store.path('masks', fp)} does not fit this model ({e}); recomputing it")
             else:
-                self._event("reused", f"masks/{run['name']}", self.store.path("masks", fp))
+                self._event("reused", f"masks/{run['name']}", self.store.path("masks", fp), saved)
                 return fp, apply_masks(params, masks), masks
         calib = self.calibs[run["calib"]] if spec.needs_calib else None
         pruned, masks = prune(self.model, self.params, run["method"], 0.0 if run["nm"] else run["sparsity"],
@@ -290,7 +300,7 @@ class Experiment:
         evals = self.evaluate(name, params, fp, tasks)
         if not recovered:
             recovered.update(history=saved["history"], achieved_sparsity=saved.get("achieved_sparsity"))
-            self._event("reused", f"recovery/{name}", self.store.path("recovery", fp))
+            self._event("reused", f"recovery/{name}", self.store.path("recovery", fp), saved)
         row = {**run, "name": name, "method": f"{run['method']}+recovery", "fingerprint": fp,
                "masks_status": "computed" if "params" in recovered else "reused",
                "achieved_sparsity": recovered["achieved_sparsity"], "eval": evals}
@@ -320,7 +330,7 @@ class Experiment:
             saved = self.store.load_json("evals", fp, required=("metrics", "examples"))
             if saved is not None:
                 results[task] = {**saved, "status": "reused"}
-                self._event("reused", f"evals/{name}/{task}", self.store.path("evals", fp))
+                self._event("reused", f"evals/{name}/{task}", self.store.path("evals", fp), saved)
                 continue
             if callable(params):
                 params = params()
@@ -387,7 +397,7 @@ class Experiment:
 
             plot_loss_curves(histories, self.out / "figures" / "recovery_loss.png",
                              title=f"recovery loss: {cfg.model}")
-        results = {"config": cfg.to_dict(), "runs": rows,
+        results = {"config": cfg.to_dict(), "environment": environment(), "runs": rows,
                    "scores": {t: {"fingerprint": fp, "file": str(self.store.path("scores", fp).relative_to(self.out)),
                                   **s.settings(), "baseline": s.baseline.tolist(),
                                   "delta": s.delta.tolist(),

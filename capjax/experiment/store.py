@@ -10,6 +10,9 @@ produced it, written atomically, and checked when read back.
 A fingerprint is the SHA-256 of the canonical JSON of the inputs (sorted keys), so changing any
 setting back and forth finds each earlier result again and never uses one computed from other
 inputs. A file that is missing, truncated or garbage is reported in one line and recomputed.
+Every artifact also records the capjax code that computed it (`capjax.provenance.code_version`):
+code is not part of the fingerprint, so a result is reused across capjax versions and commits,
+but `code_of` lets the caller say so (and `Store(read=False)` recomputes everything).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from capjax.errors import ArtifactError
+from capjax.provenance import code_version
 
 SUFFIXES = {"scores": ".npz", "masks": ".npz", "evals": ".json", "recovery": ".json"}  # artifact kind -> file
 
@@ -129,10 +133,20 @@ class Store:
     under another fingerprint; the caller then recomputes and saves it. With several processes,
     process 0 decides for all, and only the writer process writes."""
 
-    def __init__(self, out: str | os.PathLike, writer: bool = True):
+    def __init__(self, out: str | os.PathLike, writer: bool = True, read: bool = True):
         self.root = Path(out) / "artifacts"
         self.writer = writer  # multi-process runs: only one process writes
+        self.read = read  # False: every load_* finds nothing, so everything is recomputed (and rewritten)
         self._digests: dict[str, str] | None = None
+
+    @staticmethod
+    def code_of(saved: dict) -> str | None:
+        """The capjax code version that computed a loaded artifact (None: written before capjax
+        recorded it)."""
+        meta = saved.get("meta")
+        if isinstance(meta, np.ndarray):
+            return json.loads(str(meta)).get("code")
+        return saved.get("code")
 
     def path(self, kind: str, fp: str) -> Path:
         return self.root / kind / f"{fp}{SUFFIXES[kind]}"
@@ -161,7 +175,7 @@ class Store:
 
     def _load_json(self, kind: str, fp: str, required: tuple[str, ...]) -> dict | None:
         path = self.path(kind, fp)
-        if not path.exists():
+        if not self.read or not path.exists():
             return None
         try:
             data = json.loads(path.read_text())
@@ -180,7 +194,7 @@ class Store:
     def save_json(self, kind: str, fp: str, data: dict) -> Path:
         path = self.path(kind, fp)
         if self.writer:
-            write_text(path, strict_json({**data, "fingerprint": fp}))
+            write_text(path, strict_json({**data, "fingerprint": fp, "code": code_version()}))
         return path
 
     # ---------------------------------------------------------------- npz
@@ -190,7 +204,7 @@ class Store:
 
     def _load_npz(self, kind: str, fp: str, required: tuple[str, ...]) -> dict[str, np.ndarray] | None:
         path = self.path(kind, fp)
-        if not path.exists():
+        if not self.read or not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -209,8 +223,8 @@ class Store:
     def save_npz(self, kind: str, fp: str, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
         path = self.path(kind, fp)
         if self.writer:
-            payload = {**arrays, "meta": np.asarray(json.dumps({**(meta or {}), "fingerprint": fp},
-                                                               default=_json_default))}
+            payload = {**arrays, "meta": np.asarray(json.dumps({**(meta or {}), "fingerprint": fp,
+                                                                "code": code_version()}, default=_json_default))}
             atomic_write(path, lambda f: np.savez(f, **payload))
         return path
 
