@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import types
 
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import capjax  # noqa: E402
 from capjax import cli  # noqa: E402
+from capjax.provenance import code_version  # noqa: E402
 from capjax.pruning import PRUNABLE, prune, sparsity_report  # noqa: E402
 from capjax.pruning.importance import rows_view  # noqa: E402
 from conftest import char_tokenizer  # noqa: E402
@@ -90,6 +93,10 @@ def test_cli_cap_with_scores(tiny, tmp_path, capsys):
             np.testing.assert_array_equal(z[p], np.asarray(get(masks, p)))
     reload_and_compare(tiny, pruned, out)
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    made = json.loads((out / "capjax_prune.json").read_text())
+    assert (made["method"], made["sparsity"], made["calibration"]) == ("cap", 0.3, None)
+    assert made["achieved_sparsity"] == pytest.approx(0.3, abs=1e-4) and made["code"] == code_version()
+    assert made["scores"]["digest"] == hashlib.sha256((tmp_path / "scores.npz").read_bytes()).hexdigest()[:20]
 
 
 def test_cli_wanda_synthetic_nm(tiny, tmp_path):
@@ -102,6 +109,9 @@ def test_cli_wanda_synthetic_nm(tiny, tmp_path):
     calib = build_calibration("synthetic", capjax.load_tokenizer(tiny.folder), n=4, seq_len=320, seed=0)
     _, masks = prune(tiny.model, tiny.params, "wanda", 0.5, calib=calib, nm=(2, 4))
     _, reloaded = capjax.load_pretrained(out)
+    made = json.loads((out / "capjax_prune.json").read_text())
+    assert made["nm"] == "2:4" and made["scores"] is None
+    assert made["calibration"] == {"task": "synthetic", "n": 4, "seq_len": 320, "seed": 0}
     with np.load(out / "masks.npz") as z:
         for p in PRUNABLE:
             np.testing.assert_array_equal(z[p], np.asarray(get(masks, p)))

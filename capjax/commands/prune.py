@@ -1,4 +1,6 @@
-"""`capjax prune`: prune a model with CAP or a baseline and write an HF folder plus masks.npz."""
+"""`capjax prune`: prune a model with CAP or a baseline and write an HF folder plus masks.npz and
+capjax_prune.json (how it was made: method, sparsities, options, the scores file's digest or the
+calibration, and the capjax code version)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import numpy as np
 
 from capjax.commands.common import check_calibration_data, non_negative_int, positive_int
 from capjax.experiment.config import CALIB_TASKS, CalibrationConfig, ConfigError, parse_nm_text
+from capjax.experiment.store import file_digest, strict_json, write_text
+from capjax.provenance import code_version
 from capjax.pruning import registry
 
 
@@ -121,7 +125,14 @@ def run(args: argparse.Namespace) -> int:
         from capjax.io import hf_masks
 
         np.savez_compressed(Path(out) / "masks_hf.npz", **hf_masks(model.config, flat))
-    print(sparsity_report(pruned).table())
+    report = sparsity_report(pruned)
+    write_text(Path(out) / "capjax_prune.json", strict_json({
+        "model": str(args.model), "method": args.method, "sparsity": sparsity, "nm": args.nm,
+        "achieved_sparsity": report.total, "options": options, "dtype": args.dtype,
+        "scores": {"file": str(args.scores), "digest": file_digest(Path(args.scores))} if delta is not None else None,
+        "calibration": {"task": args.calib, "n": args.n, "seq_len": args.seq_len, "seed": args.seed}
+        if spec.needs_calib else None, "code": code_version()}))
+    print(report.table())
     if args.method == "cap_heads":
         kept = np.asarray(flat["layers/self_attn/o_proj/kernel"]).any(axis=(2, 3))  # [L, H]
         print(f"cap_heads removed {int((~kept).sum())} of {kept.size} heads")

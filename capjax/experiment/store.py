@@ -93,7 +93,7 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def file_digest(path: Path, cache: dict | None = None) -> str:
-    """SHA-256 of a file's bytes (memoised in `cache` by path, size and mtime)."""
+    """The first 20 hex digits of the SHA-256 of a file's bytes (memoised in `cache` by path, size and mtime)."""
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
