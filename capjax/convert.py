@@ -8,7 +8,7 @@ HF Linear weights are [out, in]; capjax kernels are [in, ...out] with head axes 
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -39,15 +39,22 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+Place = Callable[[tuple[str, ...], np.ndarray], Any]
+
+
 def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], names: set[str],
-                        dtype: np.dtype) -> dict:
+                        dtype: np.dtype, place: Place | None = None) -> dict:
     """Builds the params tree by pulling HF-named tensors one at a time.
 
     get(name) returns one tensor as numpy; each stacked [L, ...] array is allocated once in the
-    target dtype and filled layer by layer, so peak memory is about one copy of the weights.
+    target dtype and filled layer by layer. place(path, array) turns each finished leaf into the
+    params' array (default: `jnp.asarray`, one device); the host copy is dropped right after,
+    so with a `place` that shards (`capjax.io.load_pretrained(mesh=)`) the host holds one leaf
+    at a time rather than the whole model.
     """
     import jax.numpy as jnp
 
+    place = place or (lambda path, a: jnp.asarray(a))
     params: dict = {}
     needed = hf_keys(config)
     missing = sorted(needed - names)
@@ -65,11 +72,11 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], n
                 for s, a in zip(stacked, parts):
                     s[i] = a
             for p, s in zip(paths, stacked):
-                _set(params, p, jnp.asarray(s))
+                _set(params, p, place(p, s))
             del stacked
         else:
             for p, a in zip(paths, split(get(name))):
-                _set(params, p, jnp.asarray(a.astype(dtype)))
+                _set(params, p, place(p, a.astype(dtype)))
     return params
 
 

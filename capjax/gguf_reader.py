@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from capjax.convert import gguf_to_hf_name, params_from_tensors, unpermute_llama_cpp
+from capjax.convert import Place, gguf_to_hf_name, params_from_tensors, unpermute_llama_cpp
 
 # GGUF architectures whose llama.cpp converter permutes q/k rows into pairwise RoPE order
 # (transformers' TENSOR_PROCESSORS maps only "llama" to LlamaTensorProcessor; mistral files say "llama").
@@ -131,9 +131,10 @@ def gguf_tokenizer(path: str | os.PathLike):
                                    **tokenizer_config, **extra)
 
 
-def gguf_params(config, path: str | os.PathLike, dtype: np.dtype) -> dict:
+def gguf_params(config, path: str | os.PathLike, dtype: np.dtype, place: Place | None = None) -> dict:
     """capjax params from a GGUF file: each tensor dequantized by `gguf` (numpy), llama's q/k row
-    permutation undone as transformers' LlamaTensorProcessor does, stacked by `params_from_tensors`."""
+    permutation undone as transformers' LlamaTensorProcessor does, stacked and placed by
+    `params_from_tensors`."""
     import gguf
 
     reader = _reader(path)
@@ -159,4 +160,4 @@ def gguf_params(config, path: str | os.PathLike, dtype: np.dtype) -> dict:
             w = unpermute_llama_cpp(w, config.num_kv_heads)
         return w.astype(dtype)
 
-    return params_from_tensors(config, get, set(tensors), dtype)
+    return params_from_tensors(config, get, set(tensors), dtype, place)

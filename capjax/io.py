@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.config import ModelConfig
-from capjax.convert import iter_hf_tensors, params_from_tensors
+from capjax.convert import Place, iter_hf_tensors, params_from_tensors
 from capjax.errors import ArtifactError
 from capjax.memory import check_params_fit
 from capjax.model import Decoder, numpy_dtype
@@ -102,28 +102,37 @@ def load_config(source: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(where)))
 
 
-def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32") -> tuple[Decoder, dict]:
+def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32", mesh=None,
+                    rules=None) -> tuple[Decoder, dict]:
     """Loads (model, params) from an HF folder, a .gguf file, 'smollm2-135m-instruct' or a hub id.
 
     `model` is a `Decoder` (`model.config` is the ModelConfig, `model.dtype` the compute dtype);
     params are a nested dict in `dtype` ("float32" or "bfloat16"). Raises
     `capjax.memory.InsufficientMemoryError` before reading any tensor when they would not fit
-    (`capjax.memory.check_params_fit`).
+    (`capjax.memory.check_params_fit`). With a `mesh`, each param is placed on it by `rules`
+    (default `capjax.sharding.DEFAULT_RULES`) as soon as it is read, and its host copy dropped:
+    the result equals `shard_params(load_pretrained(source), mesh)` while the host never holds
+    more than one param (the largest stacked [L, ...] leaf) besides the devices' shards.
     """
     jdtype = _dtype(dtype)
     kind, where = _resolve(source)
     # Hub: the config alone first, so that a model that cannot fit is refused before its download.
     config = load_config(_download(str(where), ["config.json"]) if kind == "hub" else where)
-    check_params_fit(config, jdtype)  # before reading any tensor: a clear error instead of an OOM kill
+    check_params_fit(config, jdtype, mesh=mesh, rules=rules)  # before reading any tensor: not an OOM kill
     if kind == "hub":
         where = _download(str(where))
     np_dtype = numpy_dtype(jdtype)
+    place = None
+    if mesh is not None:
+        from capjax import sharding
+
+        place = sharding.leaf_placer(mesh, sharding.DEFAULT_RULES if rules is None else rules)
     if kind == "gguf":
         from capjax.gguf_reader import gguf_params
 
-        params = gguf_params(config, Path(where), np_dtype)
+        params = gguf_params(config, Path(where), np_dtype, place)
     else:
-        params = _load_safetensors_params(config, Path(where), np_dtype)
+        params = _load_safetensors_params(config, Path(where), np_dtype, place)
     return Decoder(config, dtype=jdtype), params
 
 
@@ -154,14 +163,14 @@ def _safe_open(path: Path):
         raise _unreadable(path, e) from e
 
 
-def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype) -> dict:
+def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype, place: Place | None) -> dict:
     from safetensors import SafetensorError
 
     from capjax.integrations.compressed import decompressed_tensors, is_compressed_folder
 
     if is_compressed_folder(folder):  # sparse compressed-tensors export: decompressed by that library
         dense = decompressed_tensors(folder)
-        return params_from_tensors(config, lambda name: dense[name].astype(dtype), set(dense), dtype)
+        return params_from_tensors(config, lambda name: dense[name].astype(dtype), set(dense), dtype, place)
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -188,7 +197,7 @@ def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype)
         except (SafetensorError, OSError) as e:
             raise _unreadable(folder / fname, e) from e
 
-    return params_from_tensors(config, get, set(weight_map), dtype)
+    return params_from_tensors(config, get, set(weight_map), dtype, place)
 
 
 def load_tokenizer(source: str | os.PathLike):

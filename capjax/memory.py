@@ -37,6 +37,7 @@ H100 -> chunk 6.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -95,29 +96,53 @@ def params_bytes(config: Any, dtype: Any) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: int | None = None) -> None:
+def sharded_params_bytes(config: Any, dtype: Any, mesh: Any, rules: Any = None) -> int:
+    """Bytes of the params one device of `mesh` holds when they are sharded by `rules` (default
+    `capjax.sharding.DEFAULT_RULES`): each leaf's shard, replicated leaves whole."""
+    from jax.sharding import NamedSharding
+
+    from capjax import sharding
+
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    itemsize = jnp.dtype(dtype).itemsize
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
+        spec = sharding.spec_for("/".join(str(k.key) for k in path), leaf.shape, mesh, rules)
+        total += math.prod(NamedSharding(mesh, spec).shard_shape(leaf.shape)) * itemsize
+    return total
+
+
+def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: int | None = None,
+                     mesh: Any = None, rules: Any = None) -> None:
     """Raises InsufficientMemoryError when the params of `config` in `dtype` cannot be loaded.
 
     The loader stages one stacked [L, ...] leaf in host RAM, then places it on `device` (default
-    the first local one). On CPU, host and device are the same memory: params + largest leaf must
-    fit in the available RAM. On an accelerator, the params must fit in its free memory and the
-    largest leaf in host RAM. `host_bytes` overrides psutil's figure (for tests);
-    CAPJAX_SKIP_MEMORY_CHECK=1 skips the check.
+    the first local one), or, with a `mesh`, its shards on the mesh's devices (each device then
+    needs `sharded_params_bytes`). On CPU, host and device are the same memory: the params this
+    process's devices hold + the largest leaf must fit in the available RAM. On an accelerator,
+    a device's params must fit in its free memory and the largest leaf in host RAM. `host_bytes`
+    overrides psutil's figure (for tests); CAPJAX_SKIP_MEMORY_CHECK=1 skips the check.
     """
     if os.environ.get("CAPJAX_SKIP_MEMORY_CHECK") == "1":
         return
-    device = device or jax.local_devices()[0]
     total, largest = params_bytes(config, dtype)
+    if mesh is None:
+        device = device or jax.local_devices()[0]
+        per_device, local, what = total, 1, "its params"
+    else:
+        device = device or mesh.local_devices[0]
+        per_device, local = sharded_params_bytes(config, dtype, mesh, rules), len(mesh.local_devices)
+        what = f"its params sharded over {mesh.devices.size} devices"
     host = host_available_bytes() if host_bytes is None else host_bytes
     free = device_free_bytes(device)
     checks = []
     if free is not None:
-        checks.append((total, free, f"{device.platform} device {device.id}", "its params"))
+        checks.append((per_device, free, f"{device.platform} device {device.id}", what))
         if host is not None:
             checks.append((largest, host, "host RAM", "its largest stacked tensor (staged on the host)"))
     elif host is not None:
-        checks.append((total + largest, host, "host RAM",
-                       "its params plus the largest stacked tensor (staged while loading)"))
+        checks.append((local * per_device + largest, host, "host RAM",
+                       f"{what} plus the largest stacked tensor (staged while loading)"))
     name = jnp.dtype(dtype).name
     for need, have, where, what in checks:
         if need > have:
@@ -188,4 +213,5 @@ def run_with_oom_fallback(fn: Callable[[int], R], chunk: int) -> R:
 
 
 __all__ = ["InsufficientMemoryError", "ablation_bytes", "available_bytes", "check_params_fit", "chunk_size_for_memory",
-           "device_free_bytes", "host_available_bytes", "is_oom", "params_bytes", "run_with_oom_fallback"]
+           "device_free_bytes", "host_available_bytes", "is_oom", "params_bytes", "run_with_oom_fallback",
+           "sharded_params_bytes"]

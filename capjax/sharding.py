@@ -118,6 +118,17 @@ def param_shardings(params: Params, mesh: Mesh, rules: Rules = DEFAULT_RULES) ->
         lambda path, x: NamedSharding(mesh, spec_for(_path_name(path), np.shape(x), mesh, rules)), params)
 
 
+def leaf_placer(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable[[tuple[str, ...], Any], jax.Array]:
+    """place(path, array): one param leaf (path as key tuple) put on `mesh` by `rules`, as
+    `shard_params` would place it (`capjax.convert.params_from_tensors` streams leaves through it)."""
+    def place(path: tuple[str, ...], a: Any) -> jax.Array:
+        sharding = NamedSharding(mesh, spec_for("/".join(path), np.shape(a), mesh, rules))
+        # Each process supplies the shards of its own devices (device_put refuses a host array
+        # for a sharding with other processes' devices).
+        return jax.make_array_from_callback(np.shape(a), sharding, lambda index: a[index])
+    return place
+
+
 def shard_params(params: Params, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
     """`params` (or masks with None leaves, or any tree with the params' paths) placed on `mesh`
     by `rules`. Arrays already laid out that way are not copied."""
@@ -233,5 +244,5 @@ def maybe_initialize_distributed() -> bool:
 __all__ = [
     "DATA", "DEFAULT_RULES", "MODEL", "axis_size", "batch_sharding", "constrain_replicated", "fit_spec",
     "family_rules", "init_params_sharded", "make_mesh", "maybe_initialize_distributed", "pad_to_multiple", "param_shardings",
-    "replicated", "shard_batch", "shard_params", "sharded_map", "spec_for",
+    "leaf_placer", "replicated", "shard_batch", "shard_params", "sharded_map", "spec_for",
 ]

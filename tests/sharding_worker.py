@@ -337,6 +337,97 @@ def check_families_sharded_logits():
         np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0, err_msg=name)  # logits ~ 10
 
 
+def check_streamed_load_equals_shard_params():
+    """load_pretrained(mesh=) places each param as it is read: the same values and shardings as
+    shard_params(load_pretrained()), for every family (Phi-3's fused qkv included), a stacked leaf
+    split over "model" and "data", and the real GGUF when installed."""
+    import tempfile
+
+    import capjax
+    from capjax.io import smollm2_gguf_path
+
+    m = mesh("data4_model2")
+    base = dict(vocab_size=V, hidden_size=E, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
+                num_key_value_heads=K, max_position_embeddings=64)
+    rng = np.random.default_rng(6)
+    sources = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fields in {"llama": dict(model_type="llama"), **FAMILIES}.items():
+            config = ModelConfig.from_hf({**base, **fields})
+            shapes = jax.eval_shape(lambda: init_params(config, seed=1))
+            params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype), shapes)
+            sources.append(capjax.save_pretrained(Decoder(config), params, os.path.join(tmp, name)))
+        try:
+            sources.append(smollm2_gguf_path())
+        except FileNotFoundError:
+            pass
+        for source in sources:
+            _, want = capjax.load_pretrained(source)
+            want = sharding.shard_params(want, m)
+            _, got = capjax.load_pretrained(source, mesh=m)
+            flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
+            flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+            assert [p for p, _ in flat_got] == [p for p, _ in flat_want], source
+            for (path, w), g in zip(flat_want, (g for _, g in flat_got)):
+                assert g.sharding == w.sharding, (source, _name(path), g.sharding.spec, w.sharding.spec)
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"{source} {_name(path)}")
+            q = leaf(got, "layers/self_attn/q_proj/kernel")
+            if str(source).endswith(".gguf"):  # SmolLM2's 9 heads and 576 = 4 * 144 hidden: data only
+                assert q.sharding.spec == P(None, "data"), q.sharding.spec
+            else:
+                assert q.sharding.spec == P(None, "data", "model"), (source, q.sharding.spec)
+
+
+class _FakeAccelerator:
+    platform, id = "gpu", 0
+
+    def __init__(self, limit, in_use):
+        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+    def memory_stats(self):
+        return self.stats
+
+
+def check_params_fit_counts_one_devices_share():
+    """With a mesh, the load-time memory check asks each device for its shards only: the count
+    equals the bytes a device really holds after load_pretrained(mesh=), and an 8B model refused
+    on one 16 GiB device fits when sharded over 8."""
+    import tempfile
+
+    import pytest
+
+    import capjax
+    from capjax import memory
+
+    m = mesh("data4_model2")
+    config = ModelConfig.from_hf(dict(model_type="llama", vocab_size=V, hidden_size=E, intermediate_size=F,
+                                      num_hidden_layers=2, num_attention_heads=H, num_key_value_heads=K,
+                                      max_position_embeddings=64))
+    params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), jax.eval_shape(lambda: init_params(config)))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, got = capjax.load_pretrained(capjax.save_pretrained(Decoder(config), params, tmp), mesh=m)
+    for device in m.devices.flat:
+        held = sum(s.data.nbytes for a in jax.tree.leaves(got) for s in a.addressable_shards if s.device == device)
+        assert held == memory.sharded_params_bytes(config, jnp.float32, m), (device, held)
+
+    llama8b = ModelConfig("llama", 128256, 4096, 14336, 32, 32, 8, 128)
+    total, largest = memory.params_bytes(llama8b, jnp.bfloat16)
+    share = memory.sharded_params_bytes(llama8b, jnp.bfloat16, m)
+    assert total / 8 <= share < total / 4
+    gpu = _FakeAccelerator(share + 1000, 1000)
+    memory.check_params_fit(llama8b, jnp.bfloat16, gpu, host_bytes=largest, mesh=m)
+    with pytest.raises(memory.InsufficientMemoryError, match="its params need 14.96 GiB"):
+        memory.check_params_fit(llama8b, jnp.bfloat16, gpu, host_bytes=largest)
+    with pytest.raises(memory.InsufficientMemoryError, match="its params sharded over 8 devices need"):
+        memory.check_params_fit(llama8b, jnp.bfloat16, _FakeAccelerator(share + 1000, 1001), host_bytes=largest,
+                                mesh=m)
+    # CPU: this process's 8 devices live in host RAM, plus the leaf being staged
+    memory.check_params_fit(llama8b, jnp.bfloat16, m.devices.flat[0], host_bytes=8 * share + largest, mesh=m)
+    with pytest.raises(memory.InsufficientMemoryError, match="host RAM"):
+        memory.check_params_fit(llama8b, jnp.bfloat16, m.devices.flat[0], host_bytes=8 * share + largest - 1,
+                                mesh=m)
+
+
 def main() -> None:
     checks = {k: v for k, v in globals().items() if k.startswith("check_")}
     wanted = sys.argv[2:] or list(checks)

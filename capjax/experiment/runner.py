@@ -149,11 +149,8 @@ class Experiment:
         from capjax.io import model_files
 
         _log(f"loading {self.cfg.model} ({self.cfg.dtype})")
-        self.model, self.params = capjax.load_pretrained(self.cfg.model, dtype=self.cfg.dtype)
-        if self.mesh is not None:  # every process read it all; each keeps its devices' shards
-            from capjax.sharding import shard_params
-
-            self.params = shard_params(self.params, self.mesh)
+        # With a mesh, each param is placed as it is read: a process keeps only its devices' shards.
+        self.model, self.params = capjax.load_pretrained(self.cfg.model, dtype=self.cfg.dtype, mesh=self.mesh)
         self.tokenizer = capjax.load_tokenizer(self.cfg.model)
         files = {p.name: self.store.digest(p) for p in model_files(self.cfg.model)}
         self.model_fp = fingerprint({"source": self.cfg.model, "dtype": self.cfg.dtype, "files": files})
