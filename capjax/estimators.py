@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from capjax.plugins import load_plugins
+
 Estimator = Callable[..., np.ndarray]
 _ESTIMATORS: dict[str, Estimator] = {}
 
@@ -61,15 +63,21 @@ def register_estimator(name: str, fn: Estimator, replace: bool = False) -> None:
     _ESTIMATORS[name] = fn
 
 
+def unregister_estimator(name: str) -> None:
+    """Removes a registered estimator (tests, or replacing a plugin's)."""
+    _ESTIMATORS.pop(name, None)
+
+
 def names() -> tuple[str, ...]:
-    """Registered estimator names."""
+    """Registered estimator names (built-ins, then yours and `CAPJAX_PLUGINS`')."""
+    load_plugins()
     return tuple(_ESTIMATORS)
 
 
 def estimate(name: str, values: np.ndarray, intact: np.ndarray, count: np.ndarray, subsets: int = 3,
              **options) -> np.ndarray:
     """Scores [N] (higher = more important) by the registered estimator `name`."""
-    if name not in _ESTIMATORS:
+    if name not in names():
         raise ValueError(f"unknown estimator {name!r}; registered: {', '.join(_ESTIMATORS)}")
     values = np.asarray(values, np.float64)
     if values.ndim != 2 or np.shape(intact) != values.shape[1:] or np.shape(count) != values.shape[1:]:
@@ -109,4 +117,4 @@ for _name, _fn in (("median", median), ("mean", mean), ("paired", paired), ("boo
     register_estimator(_name, _fn)
 
 __all__ = ["bootstrap", "estimate", "mean", "median", "names", "paired", "register_estimator", "subset_groups",
-           "subset_losses"]
+           "subset_losses", "unregister_estimator"]

@@ -188,3 +188,48 @@ def test_broken_plugin_through_python_m_has_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (f"capjax: error: CAPJAX_PLUGINS: {plugin}: ZeroDivisionError (line 1): "
                                    "division by zero; fix the plugin or remove it from CAPJAX_PLUGINS"), proc.stderr
+
+
+@needs_smollm2
+def test_metric_and_estimator_plugins_reach_score_and_configs(tmp_path, monkeypatch, tiny_with_tokenizer):
+    """A metric and an estimator registered by a CAPJAX_PLUGINS file are names `capjax score` and a
+    config accept, and give what the same function passed in Python gives."""
+    import capjax
+    from capjax import estimators
+    from capjax.ablation import logits_metric, unregister_metric
+    from capjax.data import build_calibration
+    from capjax.experiment.config import ConfigError, load_run_config
+
+    plugin = tmp_path / "my_metric.py"
+    plugin.write_text(
+        "import jax.numpy as jnp\n"
+        "from capjax import estimators\n"
+        "from capjax.ablation import register_metric\n"
+        "register_metric(lambda z, y: z.max(-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0], 'logit_gap')\n"
+        "estimators.register_estimator('worst', lambda v, i, c, subsets=3: (v - i).max(axis=1))\n")
+    monkeypatch.setenv("CAPJAX_PLUGINS", str(plugin))
+    try:
+        out = tmp_path / "scores.npz"
+        assert main(["score", "--model", str(tiny_with_tokenizer), "--n", "4", "--seq-len", "128", "--subsets", "2",
+                     "--metric", "logit_gap", "--aggregate", "worst", "--bootstrap", "0", "--out", str(out)]) == 0
+        saved = capjax.HeadScores.load(out)
+        assert (saved.metric, saved.aggregate) == ("logit_gap", "worst")
+        model, params = capjax.load_pretrained(tiny_with_tokenizer)
+        calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=4, seq_len=128, seed=0)
+        import jax.numpy as jnp
+
+        ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, "mean",
+                                 attention_mask=calib.attention_mask, progress=False,
+                                 metric=logits_metric(lambda z, y: z.max(-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]))
+        np.testing.assert_allclose(saved.example_masked, ref.example_masked, atol=1e-6)
+        np.testing.assert_allclose(saved.delta.ravel(), (ref.example_masked - ref.example_baseline).reshape(
+            -1, 4).max(axis=1), atol=1e-6)
+        assert np.abs(saved.example_masked - saved.example_baseline).min() > 1e-4  # every ablation moves it
+        cfg = load_run_config(None, {"model": "m", "out": str(tmp_path / "o"),
+                                     "calibration": {"metric": "logit_gap", "aggregate": "worst"}}, check_files=False)
+        assert cfg.calibration.metric == "logit_gap"
+        with pytest.raises(ConfigError, match="calibration.metric must be one of ce, kl, logit_gap, got 'gap'"):
+            load_run_config(None, {"model": "m", "calibration": {"metric": "gap"}}, check_files=False)
+    finally:
+        unregister_metric("logit_gap")
+        estimators.unregister_estimator("worst")

@@ -9,6 +9,7 @@ norm), the targets [A] and the intact reference (only for metrics that need one)
     "kl"   KL(intact || ablated) of the next-token distributions, sum_v p_int (log p_int - log p_abl);
            reference: the intact log-probs [A, V], computed once
     logits_metric(fn)   any JAX function fn(logits [A, V] float32, target [A]) -> [A]
+    register_metric(...)  a metric by name, for the CLI and configs too
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from capjax.model import token_nll, unembed
+from capjax.plugins import load_plugins
 
 Array = jax.Array
 
@@ -45,7 +47,33 @@ def _kl(model, params, hidden, target, ref):
 
 CE = Metric("ce", _ce)
 KL = Metric("kl", _kl, needs_ref=True)
-METRICS = {"ce": CE, "kl": KL}
+METRICS = {"ce": CE, "kl": KL}  # the registry: built-ins, then `register_metric`'s
+
+
+def register_metric(metric: Metric | Callable[[Array, Array], Array], name: str | None = None,
+                    replace: bool = False) -> Metric:
+    """Registers a Metric, or fn(logits [A, V], target [A]) -> [A] (`logits_metric`), under its
+    name, so that `metric="name"` works everywhere a name is taken: `ablate`, `score_heads`,
+    `capjax score --metric`, a config's `calibration.metric` (and so from `CAPJAX_PLUGINS`)."""
+    metric = metric if isinstance(metric, Metric) else logits_metric(metric, name)
+    if name is not None and metric.name != name:
+        metric = dataclasses.replace(metric, name=name)
+    if metric.name in METRICS and not replace:
+        raise ValueError(f"metric {metric.name!r} is already registered; pass replace=True to override it")
+    METRICS[metric.name] = metric
+    return metric
+
+
+def unregister_metric(name: str) -> None:
+    """Removes a registered metric (tests, or replacing a plugin's); the built-ins stay."""
+    if name not in ("ce", "kl"):
+        METRICS.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """Registered metric names (built-ins, then yours and `CAPJAX_PLUGINS`')."""
+    load_plugins()
+    return tuple(METRICS)
 
 
 def logits_metric(fn: Callable[[Array, Array], Array], name: str | None = None) -> Metric:
@@ -61,9 +89,10 @@ def get_metric(metric: str | Metric | Callable) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}, or "
-                             "capjax.ablation.logits_metric(fn) for fn(logits [A, V], target [A]) -> [A]")
+        if metric not in names():
+            raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}, register one "
+                             "(capjax.ablation.register_metric), or pass capjax.ablation.logits_metric(fn) "
+                             "for fn(logits [A, V], target [A]) -> [A]")
         return METRICS[metric]
     if callable(metric):
         return logits_metric(metric)

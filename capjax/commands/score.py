@@ -8,7 +8,7 @@ import time
 from capjax.commands.common import (add_calibration_args, add_model_args, check_calibration_data, load_calibration,
                                    load_model, non_negative_int, output_file, positive_int)
 from capjax import estimators
-from capjax.experiment.config import ABLATION_KINDS, SCORE_METRICS, SCORING_METHODS, CalibrationConfig
+from capjax.experiment.config import ABLATION_KINDS, SCORING_METHODS, CalibrationConfig, score_metric_names
 from capjax.provenance import code_version
 
 _CALIB = CalibrationConfig()
@@ -25,8 +25,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", default=_CALIB.method, choices=SCORING_METHODS)
     p.add_argument("--kind", default=_CALIB.kind, choices=ABLATION_KINDS,
                    help="what replaces an ablated head's output (zero: CAP; capjax.ablation.kinds)")
-    p.add_argument("--metric", default=_CALIB.metric, choices=SCORE_METRICS,
-                   help="what is measured at the answer tokens (ce: CAP's loss; kl: KL from the intact model)")
+    p.add_argument("--metric", default=_CALIB.metric, choices=score_metric_names(),
+                   help="what is measured at the answer tokens (ce: CAP's loss; kl: KL from the intact model; "
+                        "or a registered metric, capjax.ablation.register_metric)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="ablations evaluated at once (default: from memory)")
     p.add_argument("--bootstrap", type=non_negative_int, default=_CALIB.bootstrap,

@@ -37,9 +37,8 @@ EVAL_TASKS = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challeng
 DTYPES = ("float32", "bfloat16")
 AGGREGATES = ("median", "mean", "paired")
 SCORING_METHODS = ("ablation", "gradient")
-# capjax.ablation's KINDS and METRICS by name (that package imports jax; a test keeps them equal)
+# capjax.ablation's KINDS by name (that package imports jax; a test keeps them equal)
 ABLATION_KINDS = ("zero", "mean", "resample")
-SCORE_METRICS = ("ce", "kl")
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.5)
 
 
@@ -56,7 +55,7 @@ class CalibrationConfig:
     aggregate: str = "median"
     method: str = "ablation"
     kind: str = "zero"  # what replaces an ablated head's output: zero (CAP) | mean | resample
-    metric: str = "ce"  # what is measured at the answer tokens: ce (CAP) | kl
+    metric: str = "ce"  # what is measured at the answer tokens: ce (CAP) | kl | a registered metric
     chunk_size: int | None = None
     chat: bool | None = None
     bootstrap: int = 1000  # resamples for each head score's interval (0: none)
@@ -310,7 +309,7 @@ def build(d: dict) -> RunConfig:
         aggregate=_choice(c["aggregate"], _aggregates(c["method"]), "calibration.aggregate"),
         method=_choice(c["method"], SCORING_METHODS, "calibration.method"),
         kind=_choice(c["kind"], ABLATION_KINDS, "calibration.kind"),
-        metric=_choice(c["metric"], SCORE_METRICS, "calibration.metric"),
+        metric=_choice(c["metric"], score_metric_names(), "calibration.metric"),
         chunk_size=_int(c["chunk_size"], "calibration.chunk_size", none=True),
         chat=_bool(c["chat"], "calibration.chat", none=True),
         bootstrap=_int(c["bootstrap"], "calibration.bootstrap", 0))
@@ -382,6 +381,13 @@ def _aggregates(method: Any) -> tuple[str, ...]:
     from capjax import estimators
 
     return tuple(estimators.names())
+
+
+def score_metric_names() -> tuple[str, ...]:
+    """The registered ablation metrics (capjax.ablation.metrics: built-ins and plugins)."""
+    from capjax.ablation.metrics import names
+
+    return names()
 
 
 def prune_method_names() -> tuple[str, ...]:

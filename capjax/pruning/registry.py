@@ -16,27 +16,22 @@ This module imports no jax: built-in methods are lazy "module:function" entries,
 when a method runs, so building the CLI parser and validating a config stay fast.
 
 Plugins: `CAPJAX_PLUGINS` (comma-separated module names or .py paths) are imported the first
-time the registry is read, so a shell `capjax prune --method mine` can see a user's method.
+time the registry is read (`capjax.plugins`), so a shell `capjax prune --method mine` can see a
+user's method.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
-import os
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Callable
+
+from capjax.plugins import PluginError, load_plugins  # noqa: F401  (PluginError: re-exported)
 
 
 class UnknownMethodError(ValueError):
     """A pruning method name that is not registered; the message lists the registered ones."""
-
-
-class PluginError(ValueError):
-    """A `CAPJAX_PLUGINS` entry that cannot be imported (syntax error, import error, a duplicate
-    method name...); the message names the entry and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +72,6 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
-_PLUGINS_LOADED: set[str] = set()
-
-
 def register_method(name: str, fn: Callable[..., Any] | str, *, options: dict[str, Any] | None = None,
                     choices: dict[str, tuple[Any, ...]] | None = None, needs_scores: bool = False,
                     needs_calib: bool = False, sequential: bool = False, description: str = "",
@@ -127,53 +119,15 @@ def unregister_method(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def _load_plugins() -> None:
-    for entry in filter(None, (s.strip() for s in os.environ.get("CAPJAX_PLUGINS", "").split(","))):
-        if entry in _PLUGINS_LOADED:
-            continue
-        _PLUGINS_LOADED.add(entry)
-        if entry.endswith(".py") and not Path(entry).is_file():
-            raise FileNotFoundError(f"CAPJAX_PLUGINS: {entry}: plugin file not found; fix the path or remove it "
-                                    "from CAPJAX_PLUGINS")
-        try:
-            if entry.endswith(".py"):
-                path = Path(entry)
-                module_spec = importlib.util.spec_from_file_location(f"capjax_plugin_{path.stem}", path)
-                module = importlib.util.module_from_spec(module_spec)
-                module_spec.loader.exec_module(module)
-            else:
-                importlib.import_module(entry)
-        # Whatever a user's plugin raises while it is imported is that file's problem: one line naming it.
-        except Exception as e:
-            raise PluginError(f"CAPJAX_PLUGINS: {entry}: {_plugin_failure(e, entry)}") from e
-
-
-def _plugin_failure(e: Exception, entry: str) -> str:
-    """What went wrong importing plugin `entry`, and the fix, in one line."""
-    if isinstance(e, SyntaxError):
-        return f"syntax error at line {e.lineno}: {e.msg}; fix the file or remove it from CAPJAX_PLUGINS"
-    if isinstance(e, ModuleNotFoundError) and e.name == entry.split(".")[0] and not entry.endswith(".py"):
-        return (f"no module named {entry!r}; put its folder on PYTHONPATH, give the .py file's path, "
-                "or remove it from CAPJAX_PLUGINS")
-    where = ""
-    tb = e.__traceback__
-    while tb is not None:  # the plugin's own line that raised (not capjax's)
-        if tb.tb_frame.f_code.co_filename.endswith(entry) or entry.replace(".", "/") in tb.tb_frame.f_code.co_filename:
-            where = f" (line {tb.tb_lineno})"
-        tb = tb.tb_next
-    text = " ".join(str(e).split()) or type(e).__name__
-    return f"{type(e).__name__}{where}: {text}; fix the plugin or remove it from CAPJAX_PLUGINS"
-
-
 def names() -> tuple[str, ...]:
     """Registered method names, built-ins first, then in registration order."""
-    _load_plugins()
+    load_plugins()
     return tuple(_REGISTRY)
 
 
 def spec(name: str) -> MethodSpec:
     """The spec of `name`; an unknown name raises UnknownMethodError listing the registered ones."""
-    _load_plugins()
+    load_plugins()
     if name not in _REGISTRY:
         raise UnknownMethodError(f"unknown pruning method {name!r}; known methods: {', '.join(_REGISTRY)} "
                                  "(register your own with capjax.pruning.registry.register_method)")
