@@ -30,7 +30,7 @@ from capjax.pruning import global_threshold, prune, weight_scores  # noqa: E402
 from capjax.pruning.importance import importance_from_scores  # noqa: E402
 from capjax.pruning.threshold import count_at_or_below  # noqa: E402
 
-from worker_common import make_batch, run_checks  # noqa: E402
+from worker_common import FakeAccelerator, make_batch, run_checks  # noqa: E402
 
 L, E, F, H, K, D, V = 3, 32, 48, 4, 2, 8, 101  # V = 101 is divisible by nothing: its dims stay whole
 CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
@@ -378,16 +378,6 @@ def check_streamed_load_equals_shard_params():
                 assert q.sharding.spec == P(None, "data", "model"), (source, q.sharding.spec)
 
 
-class _FakeAccelerator:
-    platform, id = "gpu", 0
-
-    def __init__(self, limit, in_use):
-        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
-
-    def memory_stats(self):
-        return self.stats
-
-
 def check_params_fit_counts_one_devices_share():
     """With a mesh, the load-time memory check asks each device for its shards only: the count
     equals the bytes a device really holds after load_pretrained(mesh=), and an 8B model refused
@@ -414,12 +404,12 @@ def check_params_fit_counts_one_devices_share():
     total, largest = memory.params_bytes(llama8b, jnp.bfloat16)
     share = memory.sharded_params_bytes(llama8b, jnp.bfloat16, m)
     assert total / 8 <= share < total / 4
-    gpu = _FakeAccelerator(share + 1000, 1000)
+    gpu = FakeAccelerator(share + 1000, 1000)
     memory.check_params_fit(llama8b, jnp.bfloat16, gpu, host_bytes=largest, mesh=m)
     with pytest.raises(memory.InsufficientMemoryError, match="its params need 14.96 GiB"):
         memory.check_params_fit(llama8b, jnp.bfloat16, gpu, host_bytes=largest)
     with pytest.raises(memory.InsufficientMemoryError, match="its params sharded over 8 devices need"):
-        memory.check_params_fit(llama8b, jnp.bfloat16, _FakeAccelerator(share + 1000, 1001), host_bytes=largest,
+        memory.check_params_fit(llama8b, jnp.bfloat16, FakeAccelerator(share + 1000, 1001), host_bytes=largest,
                                 mesh=m)
     # CPU: this process's 8 devices live in host RAM, plus the leaf being staged
     memory.check_params_fit(llama8b, jnp.bfloat16, m.devices.flat[0], host_bytes=8 * share + largest, mesh=m)

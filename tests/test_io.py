@@ -15,6 +15,7 @@ import transformers
 import capjax
 from capjax.config import ModelConfig, UnsupportedConfigError
 from conftest import check_save_reload, make_hf_model, needs_smollm2
+from worker_common import FakeAccelerator
 
 
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
@@ -178,16 +179,6 @@ def test_hub_model_too_big_is_refused_before_its_weights_download(tmp_path, monk
     assert model.config == config and params["embed_tokens"]["embedding"].shape == (101, 32)
 
 
-class _FakeAccelerator:
-    platform, id = "gpu", 0
-
-    def __init__(self, limit, in_use):
-        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
-
-    def memory_stats(self):
-        return self.stats
-
-
 def test_too_little_accelerator_memory():
     from capjax.config import ModelConfig
     from capjax.memory import InsufficientMemoryError, check_params_fit, params_bytes
@@ -195,8 +186,8 @@ def test_too_little_accelerator_memory():
     c = ModelConfig("llama", 128256, 4096, 14336, 32, 32, 8, 128)  # Llama-3-8B shapes
     total, largest = params_bytes(c, jnp.bfloat16)
     assert total == 2 * c.num_params()
-    check_params_fit(c, jnp.bfloat16, _FakeAccelerator(total + 1000, 1000), host_bytes=largest)
+    check_params_fit(c, jnp.bfloat16, FakeAccelerator(total + 1000, 1000), host_bytes=largest)
     with pytest.raises(InsufficientMemoryError, match=r"its params need 14\.96 GiB in bfloat16 .*gpu device 0"):
-        check_params_fit(c, jnp.bfloat16, _FakeAccelerator(total + 1000, 1001), host_bytes=largest)
+        check_params_fit(c, jnp.bfloat16, FakeAccelerator(total + 1000, 1001), host_bytes=largest)
     with pytest.raises(InsufficientMemoryError, match="largest stacked tensor .*host RAM"):
-        check_params_fit(c, jnp.bfloat16, _FakeAccelerator(80 << 30, 0), host_bytes=largest - 1)
+        check_params_fit(c, jnp.bfloat16, FakeAccelerator(80 << 30, 0), host_bytes=largest - 1)

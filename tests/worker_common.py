@@ -1,6 +1,7 @@
 """What the subprocess workers (tests/sharding_worker.py, tests/multiprocess_worker.py) share: the
-calibration batch and the loop that runs their checks. Both run as scripts, so each puts this
-folder on sys.path before `from worker_common import ...`.
+calibration batch, the loop that runs their checks, and a fake accelerator for the memory checks
+(also used by test_io). The workers run as scripts, so each puts this folder on sys.path before
+`from worker_common import ...`.
 
 Legend: B batch, T time, N ablation masks, L layers, H query heads, V vocab.
 """
@@ -43,3 +44,15 @@ def make_batch(vocab: int, layers: int, heads: int, n_masks: int, batch: int = 6
         loss[b, 4 + b % 3:am[b].sum()] = 1
     masks = (rng.random((n_masks, layers, heads)) > 0.4).astype(np.float32)
     return tokens, am, loss, masks
+
+
+class FakeAccelerator:
+    """A device whose memory_stats() says `limit` bytes with `in_use` taken (memory-check tests)."""
+
+    platform, id = "gpu", 0
+
+    def __init__(self, limit, in_use):
+        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+    def memory_stats(self):
+        return self.stats
