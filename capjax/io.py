@@ -11,10 +11,11 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from capjax.config import ModelConfig
 from capjax.convert import Place, iter_hf_tensors, params_from_tensors
@@ -102,8 +103,8 @@ def load_config(source: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(where)))
 
 
-def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32", mesh=None,
-                    rules=None) -> tuple[Decoder, dict]:
+def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32", mesh: Mesh | None = None,
+                    rules: Sequence[tuple[str, Any]] | None = None) -> tuple[Decoder, dict]:
     """Loads (model, params) from an HF folder, a .gguf file, 'smollm2-135m-instruct' or a hub id.
 
     `model` is a `Decoder` (`model.config` is the ModelConfig, `model.dtype` the compute dtype);
@@ -111,8 +112,9 @@ def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32", mes
     `capjax.memory.InsufficientMemoryError` before reading any tensor when they would not fit
     (`capjax.memory.check_params_fit`). With a `mesh`, each param is placed on it by `rules`
     (default `capjax.sharding.DEFAULT_RULES`) as soon as it is read, and its host copy dropped:
-    the result equals `shard_params(load_pretrained(source), mesh)` while the host never holds
-    more than one param (the largest stacked [L, ...] leaf) besides the devices' shards.
+    the result equals `shard_params(load_pretrained(source), mesh)`, while the host holds about
+    one param at a time (at most the largest stacked [L, ...] leaf) besides the devices' shards
+    and the file's pages (docs/scale_out.md, "Memory per host").
     """
     jdtype = _dtype(dtype)
     kind, where = _resolve(source)

@@ -41,10 +41,11 @@ import math
 import os
 import re
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from capjax.families import family_of
 from capjax.model import param_shapes
@@ -96,7 +97,7 @@ def params_bytes(config: Any, dtype: Any) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def sharded_params_bytes(config: Any, dtype: Any, mesh: Any, rules: Any = None) -> int:
+def sharded_params_bytes(config: Any, dtype: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> int:
     """Bytes of the params one device of `mesh` holds when they are sharded by `rules` (default
     `capjax.sharding.DEFAULT_RULES`): each leaf's shard, replicated leaves whole."""
     from jax.sharding import NamedSharding
@@ -113,7 +114,7 @@ def sharded_params_bytes(config: Any, dtype: Any, mesh: Any, rules: Any = None) 
 
 
 def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: int | None = None,
-                     mesh: Any = None, rules: Any = None) -> None:
+                     mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None) -> None:
     """Raises InsufficientMemoryError when the params of `config` in `dtype` cannot be loaded.
 
     The loader stages one stacked [L, ...] leaf in host RAM, then places it on `device` (default

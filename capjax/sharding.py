@@ -242,7 +242,8 @@ def maybe_initialize_distributed() -> bool:
 
 
 __all__ = [
-    "DATA", "DEFAULT_RULES", "MODEL", "axis_size", "batch_sharding", "constrain_replicated", "fit_spec",
-    "family_rules", "init_params_sharded", "make_mesh", "maybe_initialize_distributed", "pad_to_multiple", "param_shardings",
-    "leaf_placer", "replicated", "shard_batch", "shard_params", "sharded_map", "spec_for",
+    "DATA", "DEFAULT_RULES", "MODEL", "axis_size", "batch_sharding", "constrain_replicated", "family_rules",
+    "fit_spec", "init_params_sharded", "leaf_placer", "make_mesh", "maybe_initialize_distributed",
+    "pad_to_multiple", "param_shardings", "replicated", "shard_batch", "shard_params", "sharded_map",
+    "spec_for",
 ]
