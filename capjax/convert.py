@@ -43,16 +43,18 @@ Place = Callable[[tuple[str, ...], np.ndarray], Any]
 
 
 def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], names: set[str],
-                        dtype: np.dtype, place: Place | None = None) -> dict:
+                        dtype: np.dtype, place: Place | None = None, progress: str | None = None) -> dict:
     """Builds the params tree by pulling HF-named tensors one at a time.
 
     get(name) returns one tensor as numpy; each stacked [L, ...] array is allocated once in the
     target dtype and filled layer by layer. place(path, array) turns each finished leaf into the
     params' array (default: `jnp.asarray`, one device); the host copy is dropped right after,
     so with a `place` that shards (`capjax.io.load_pretrained(mesh=)`) the host holds one leaf
-    at a time rather than the whole model.
+    at a time rather than the whole model. With `progress` (a description), a bar counts the
+    tensors read.
     """
     import jax.numpy as jnp
+    from tqdm.auto import tqdm
 
     place = place or (lambda path, a: jnp.asarray(a))
     params: dict = {}
@@ -61,12 +63,19 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], n
     if missing:
         raise ValueError(f"checkpoint lacks tensors the config requires, e.g. {missing[:3]} "
                          f"({len(missing)} missing): is the config from this checkpoint?")
+    bar = tqdm(total=len(needed), desc=progress, unit="tensor", disable=progress is None, leave=False)
+
+    def read(name: str) -> np.ndarray:
+        out = get(name)
+        bar.update()
+        return out
+
     for name, path, to_cj, _ in _rules(config):
         paths, split = _paths(path, to_cj)
         if "{i}" in name:
             stacked = None
             for i in range(config.num_layers):
-                parts = split(get(name.format(i=i)))
+                parts = split(read(name.format(i=i)))
                 if stacked is None:
                     stacked = [np.empty((config.num_layers, *a.shape), dtype) for a in parts]
                 for s, a in zip(stacked, parts):
@@ -75,8 +84,9 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], n
                 _set(params, p, place(p, s))
             del stacked
         else:
-            for p, a in zip(paths, split(get(name))):
+            for p, a in zip(paths, split(read(name))):
                 _set(params, p, place(p, a.astype(dtype)))
+    bar.close()
     return params
 
 

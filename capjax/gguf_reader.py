@@ -131,7 +131,8 @@ def gguf_tokenizer(path: str | os.PathLike):
                                    **tokenizer_config, **extra)
 
 
-def gguf_params(config, path: str | os.PathLike, dtype: np.dtype, place: Place | None = None) -> dict:
+def gguf_params(config, path: str | os.PathLike, dtype: np.dtype, place: Place | None = None,
+                progress: str | None = None) -> dict:
     """capjax params from a GGUF file: each tensor dequantized by `gguf` (numpy), llama's q/k row
     permutation undone as transformers' LlamaTensorProcessor does, stacked and placed by
     `params_from_tensors`."""
@@ -160,4 +161,4 @@ def gguf_params(config, path: str | os.PathLike, dtype: np.dtype, place: Place |
             w = unpermute_llama_cpp(w, config.num_kv_heads)
         return w.astype(dtype)
 
-    return params_from_tensors(config, get, set(tensors), dtype, place)
+    return params_from_tensors(config, get, set(tensors), dtype, place, progress)

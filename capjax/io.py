@@ -129,12 +129,13 @@ def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32", mes
         from capjax import sharding
 
         place = sharding.leaf_placer(mesh, sharding.DEFAULT_RULES if rules is None else rules)
+    progress = f"reading {Path(where).name}"
     if kind == "gguf":
         from capjax.gguf_reader import gguf_params
 
-        params = gguf_params(config, Path(where), np_dtype, place)
+        params = gguf_params(config, Path(where), np_dtype, place, progress)
     else:
-        params = _load_safetensors_params(config, Path(where), np_dtype, place)
+        params = _load_safetensors_params(config, Path(where), np_dtype, place, progress)
     return Decoder(config, dtype=jdtype), params
 
 
@@ -165,14 +166,16 @@ def _safe_open(path: Path):
         raise _unreadable(path, e) from e
 
 
-def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype, place: Place | None) -> dict:
+def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype, place: Place | None,
+                             progress: str | None) -> dict:
     from safetensors import SafetensorError
 
     from capjax.integrations.compressed import decompressed_tensors, is_compressed_folder
 
     if is_compressed_folder(folder):  # sparse compressed-tensors export: decompressed by that library
         dense = decompressed_tensors(folder)
-        return params_from_tensors(config, lambda name: dense[name].astype(dtype), set(dense), dtype, place)
+        return params_from_tensors(config, lambda name: dense[name].astype(dtype), set(dense), dtype, place,
+                                   progress)
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -199,7 +202,7 @@ def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype,
         except (SafetensorError, OSError) as e:
             raise _unreadable(folder / fname, e) from e
 
-    return params_from_tensors(config, get, set(weight_map), dtype, place)
+    return params_from_tensors(config, get, set(weight_map), dtype, place, progress)
 
 
 def load_tokenizer(source: str | os.PathLike):
