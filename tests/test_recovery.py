@@ -257,7 +257,7 @@ def test_memory_estimate_by_hand(tiny):
     assert memory_bytes(c, "bfloat16", "lora", rank=r) == count * 2 + 16 * adapters
 
 
-def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenizer, capsys):
+def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenizer, capsys, monkeypatch):
     from capjax.cli import main
     from capjax.pruning.prune import masks_from_flat
 
@@ -275,10 +275,14 @@ def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenize
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == 2 and history["mode"] == "full"
     capsys.readouterr()
-    assert main(["recover", "--model", str(pruned_dir), "--masks", str(tmp_path / "nope.npz"),
-                 "--out", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "nope.npz" in err and len(err.splitlines()) == 1
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+    with monkeypatch.context() as m:  # a bad masks file is said before the model loads
+        m.setattr(capjax, "load_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+        for bad, what in [("nope.npz", "masks file not found"), ("garbage.npz", "not a readable .npz")]:
+            assert main(["recover", "--model", str(pruned_dir), "--masks", str(tmp_path / bad),
+                         "--out", str(tmp_path / "x")]) == 2
+            err = capsys.readouterr().err.strip()
+            assert bad in err and what in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.slow  # a subprocess with 4 fake devices and two compiles: 171 s measured on the loaded 2 cores

@@ -31,31 +31,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_masks(path: Path, params: dict) -> dict:
-    """The masks tree for `params` from a masks.npz of `capjax prune` (one array per prunable path)."""
-    from capjax.pruning.importance import PRUNABLE
-    from capjax.pruning.prune import masks_from_flat
-
-    if not path.is_file():
-        raise FileNotFoundError(f"masks file not found: {path} (`capjax prune` writes OUT/masks.npz; pass --masks)")
-    with np.load(path) as z:
-        missing = [p for p in PRUNABLE if p not in z.files]
-        if missing:
-            raise ValueError(f"{path} lacks the mask(s) {', '.join(missing)}: use the masks.npz written by `capjax prune`")
-        return masks_from_flat(params, {p: z[p] for p in PRUNABLE})
-
-
 def run(args: argparse.Namespace) -> int:
     import capjax
     from capjax.pruning import sparsity_report
+    from capjax.pruning.prune import masks_from_flat, read_masks_npz
     from capjax.recovery import RecoverySettings, run_recovery
 
     settings = RecoverySettings.from_dict({k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)})
     masks_path = Path(args.masks) if args.masks else Path(args.model) / "masks.npz"
     if not Path(args.model).exists():
         raise FileNotFoundError(f"--model folder not found: {args.model}")
+    flat = read_masks_npz(masks_path)  # before the model loads
     model, params = capjax.load_pretrained(args.model, dtype=args.dtype)
-    masks = load_masks(masks_path, params)
+    masks = masks_from_flat(params, flat)
     from capjax.recovery import check_masks
 
     check_masks(params, masks)

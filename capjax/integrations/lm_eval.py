@@ -20,7 +20,6 @@ left truncation and rolling windows), so scores match `--model hf` on the export
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,23 +46,6 @@ def _batch_size(value: Any) -> int:
     return b
 
 
-def load_masks_npz(path: str | os.PathLike, params: dict) -> dict:
-    """params with the weight masks of a masks.npz written by `capjax prune` applied."""
-    from capjax.pruning.importance import PRUNABLE
-    from capjax.pruning.prune import apply_masks, masks_from_flat
-
-    f = Path(path)
-    if not f.exists():
-        raise FileNotFoundError(f"masks file not found: {f} (the masks.npz that `capjax prune` writes)")
-    with np.load(f) as z:
-        missing = [p for p in PRUNABLE if p not in z.files]
-        if missing:
-            raise ValueError(f"{f} lacks masks {missing[:2]} (keys: {', '.join(z.files[:4])}...): "
-                             "pass the masks.npz that `capjax prune` writes")
-        flat = {p: z[p] for p in PRUNABLE}
-    return apply_masks(params, masks_from_flat(params, flat))
-
-
 @register_model("capjax")
 class CapjaxLM(TemplateLM):
     """An lm-eval `LM` over a capjax model.
@@ -83,6 +65,9 @@ class CapjaxLM(TemplateLM):
         super().__init__()
         import capjax
 
+        from capjax.pruning.prune import apply_masks, masks_from_flat, read_masks_npz
+
+        flat = read_masks_npz(masks) if masks else None  # a bad masks file is said before the model loads
         if model is None:
             if pretrained is None:
                 raise ValueError("model_args needs pretrained=<HF folder | .gguf | hub id | smollm2-135m-instruct> "
@@ -90,8 +75,8 @@ class CapjaxLM(TemplateLM):
             model, params = capjax.load_pretrained(pretrained, dtype=dtype)
         elif params is None:
             raise ValueError("model= needs params= too (the capjax params tree)")
-        if masks:
-            params = load_masks_npz(masks, params)
+        if flat is not None:
+            params = apply_masks(params, masks_from_flat(params, flat))
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             source = tokenizer or pretrained
             if source is None:

@@ -8,6 +8,8 @@ kernels, None at every other leaf. `pruned = apply_masks(updated, masks)`, where
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -78,6 +80,22 @@ def _rebuild(params: Params, leaves: dict[str, Any], default: Any) -> Params:
 def flat_masks(masks: Params) -> dict[str, Any]:
     """{"layers/self_attn/q_proj/kernel": bool array, ...}: the seven prunable masks by path."""
     return {p: get_path(masks, p) for p in PRUNABLE}
+
+
+def read_masks_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The keep masks of a masks.npz that `capjax prune` writes, by prunable path; a missing,
+    unreadable or incomplete file is one error naming it (read before any model loads)."""
+    from capjax.experiment.store import read_npz
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"masks file not found: {p} (`capjax prune` writes OUT/masks.npz; pass its path)")
+    arrays = read_npz(p)
+    missing = [k for k in PRUNABLE if k not in arrays]
+    if missing:
+        raise ValueError(f"{p} lacks the mask(s) {', '.join(missing)} (keys: {', '.join(list(arrays)[:4])}...): "
+                         "use the masks.npz written by `capjax prune`")
+    return {k: arrays[k] for k in PRUNABLE}
 
 
 def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:
