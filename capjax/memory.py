@@ -100,17 +100,13 @@ def params_bytes(config: Any, dtype: Any) -> tuple[int, int]:
 def sharded_params_bytes(config: Any, dtype: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> int:
     """Bytes of the params one device of `mesh` holds when they are sharded by `rules` (default
     `capjax.sharding.DEFAULT_RULES`): each leaf's shard, replicated leaves whole."""
-    from jax.sharding import NamedSharding
-
     from capjax import sharding
 
-    rules = sharding.DEFAULT_RULES if rules is None else rules
-    itemsize = jnp.dtype(dtype).itemsize
-    total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
-        spec = sharding.spec_for("/".join(str(k.key) for k in path), leaf.shape, mesh, rules)
-        total += math.prod(NamedSharding(mesh, spec).shard_shape(leaf.shape)) * itemsize
-    return total
+    shapes = param_shapes(config)
+    shardings = sharding.param_shardings(shapes, mesh, sharding.DEFAULT_RULES if rules is None else rules)
+    return sum(math.prod(s.shard_shape(leaf.shape)) for leaf, s in zip(jax.tree.leaves(shapes),
+                                                                        jax.tree.leaves(shardings))
+               ) * jnp.dtype(dtype).itemsize
 
 
 def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: int | None = None,
