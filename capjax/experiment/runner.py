@@ -130,17 +130,18 @@ class Experiment:
             self.mesh = make_mesh(cfg.mesh)
 
     def _event(self, status: str, what: str, path: Path, saved: dict | None = None) -> None:
-        """Records "computed X" or "reused X"; a reused artifact that other capjax code computed
-        (`saved` says which) is recorded as "reused X (computed by capjax V)" and said in one line."""
+        """Records "computed X" or "reused X" (`saved`: the reused artifact); one that other capjax
+        code computed is recorded as "reused X (computed by capjax V)" and said in one line."""
         note = ""
         if status == "reused":
-            code = Store.code_of(saved) if saved is not None else code_version()
-            if code != code_version():
-                note = f" (computed by capjax {code or 'of an unrecorded version'})"
-                _log(f"{what}: reusing {path}, computed by capjax {code or 'of an unrecorded version'} "
-                     f"(this is {code_version()}; `capjax run --recompute` recomputes everything)")
-            else:
+            code = Store.code_of(saved)
+            if code == code_version():
                 _log(f"{what}: reusing {path}")
+            else:
+                by = f"computed by capjax {code or 'of an unrecorded version'}"
+                note = f" ({by})"
+                _log(f"{what}: reusing {path}, {by} (this is {code_version()}; `capjax run --recompute` "
+                     "recomputes everything)")
         self.events.append(f"{status} {what}{note}")
 
     # ------------------------------------------------------------------ inputs
