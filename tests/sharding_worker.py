@@ -294,6 +294,9 @@ def check_init_params_sharded():
 
 # Tiny GQA configs of the families beyond Llama / Mistral / Qwen2 (sliding and global layers,
 # soft-caps small enough to bind, qk-norms): hand-written transformers config dicts.
+# A 2-layer HF config in the worker's sizes; each family check adds its model_type and fields.
+TINY_HF = dict(vocab_size=V, hidden_size=E, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
+               num_key_value_heads=K, max_position_embeddings=64)
 FAMILIES = {
     "qwen3": dict(model_type="qwen3", head_dim=8),
     "gemma2": dict(model_type="gemma2", head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
@@ -313,11 +316,9 @@ def check_families_sharded_logits():
     """Each family's params sharded by the default rules (data=4 x model=2) give the logits of the
     unsharded params, with right padding."""
     m = mesh("data4_model2")
-    base = dict(vocab_size=V, hidden_size=E, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
-                num_key_value_heads=K, max_position_embeddings=64)
     rng = np.random.default_rng(5)
     for name, fields in FAMILIES.items():
-        config = ModelConfig.from_hf({**base, **fields})
+        config = ModelConfig.from_hf({**TINY_HF, **fields})
         model = Decoder(config)
         # Random values in init_params' shapes (tracing it is cheaper than compiling it); norms are
         # 1 + noise, so a misplaced leaf changes the logits.
@@ -347,13 +348,11 @@ def check_streamed_load_equals_shard_params():
     from capjax.io import smollm2_gguf_path
 
     m = mesh("data4_model2")
-    base = dict(vocab_size=V, hidden_size=E, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
-                num_key_value_heads=K, max_position_embeddings=64)
     rng = np.random.default_rng(6)
     sources = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, fields in {"llama": dict(model_type="llama"), **FAMILIES}.items():
-            config = ModelConfig.from_hf({**base, **fields})
+            config = ModelConfig.from_hf({**TINY_HF, **fields})
             shapes = jax.eval_shape(lambda: init_params(config, seed=1))
             params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype), shapes)
             sources.append(capjax.save_pretrained(Decoder(config), params, os.path.join(tmp, name)))
@@ -390,9 +389,7 @@ def check_params_fit_counts_one_devices_share():
     from capjax import memory
 
     m = mesh("data4_model2")
-    config = ModelConfig.from_hf(dict(model_type="llama", vocab_size=V, hidden_size=E, intermediate_size=F,
-                                      num_hidden_layers=2, num_attention_heads=H, num_key_value_heads=K,
-                                      max_position_embeddings=64))
+    config = ModelConfig.from_hf({**TINY_HF, "model_type": "llama"})
     params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), jax.eval_shape(lambda: init_params(config)))
     with tempfile.TemporaryDirectory() as tmp:
         _, got = capjax.load_pretrained(capjax.save_pretrained(Decoder(config), params, tmp), mesh=m)
