@@ -8,8 +8,8 @@ Legend: B batch, T time, N ablation masks, L layers, H query heads, V vocab.
 
 from __future__ import annotations
 
-import time
 import traceback
+from time import perf_counter  # (make_batch's `time` is the sequence length)
 from typing import Callable
 
 import numpy as np
@@ -19,13 +19,13 @@ def run_checks(checks: dict[str, Callable[[], None]], wanted: list[str], prefix:
     """Runs each wanted check: {name: "ok" or its traceback}, and one timed line per check."""
     out: dict[str, str] = {}
     for name in wanted:
-        t = time.perf_counter()
+        t = perf_counter()
         try:
             checks[name]()
             out[name] = "ok"
         except Exception:  # noqa: BLE001 - reported to the test
             out[name] = traceback.format_exc()
-        print(f"{prefix}{name} {'ok' if out[name] == 'ok' else 'FAILED'} {time.perf_counter() - t:.1f}s", flush=True)
+        print(f"{prefix}{name} {'ok' if out[name] == 'ok' else 'FAILED'} {perf_counter() - t:.1f}s", flush=True)
     return out
 
 
