@@ -214,7 +214,7 @@ def test_reuse_across_code_versions_is_said_and_recompute_reuses_nothing(tmp_pat
     from capjax.experiment import store
     from capjax.provenance import code_version
 
-    path = _config(tmp_path, tiny_with_tokenizer, calibration={"n": 3, "bootstrap": 0},
+    path = _config(tmp_path, tiny_with_tokenizer, calibration={"n": 3, "bootstrap": 0, "kind": "mean"},
                    pruning={"methods": ["cap"], "sparsities": [0.5]},
                    evaluation={"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "bootstrap": 0})
     out = tmp_path / "out"
@@ -238,6 +238,7 @@ def test_reuse_across_code_versions_is_said_and_recompute_reuses_nothing(tmp_pat
     assert f"computed by capjax 0.0.1+gdeadbeef (this is {code_version()}" in log
     report = (out / "report.md").read_text()
     assert "Reused although other capjax code computed them" in report and "scores/synthetic" in report
+    assert "K=3, median, ablation, mean ablation, ce)" in report  # what the scores measured
     env = json.loads((out / "results.json").read_text())["environment"]
     assert env["code"] == code_version() and env["packages"]["jax"] and env["devices"]["count"] >= 1
 

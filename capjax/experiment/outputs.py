@@ -94,7 +94,8 @@ def report_markdown(results: dict, figures: list[str]) -> str:
                f"{'; '.join(other_code)}."] if other_code else []
     md = [f"# capjax run: {cfg['model']}", "",
           f"Calibration: {', '.join(c['tasks'])} (N={c['n']}, T={c['seq_len']}, K={c['subsets']}, {c['aggregate']}, "
-          f"{c['method']}); evaluation limit {e['limit']}; dtype {cfg['dtype']}; seed {cfg['seed']}.",
+          f"{c['method']}, {c['kind']} ablation, {c['metric']}); evaluation limit {e['limit']}; dtype {cfg['dtype']}; "
+          f"seed {cfg['seed']}.",
           "Cells: value ± standard error (accuracies: binomial; perplexity and losses: bootstrap over windows or "
           "examples), then the change against dense; \"n.s.\" marks a change whose 95% paired-bootstrap interval "
           "contains zero (inside the noise). The sparsity column is the achieved sparsity of the prunable weights.",

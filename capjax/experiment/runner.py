@@ -207,7 +207,7 @@ class Experiment:
             calib = self.calibs[task]
             L, H = self.model.config.num_layers, self.model.config.num_heads
             _log(f"scores: {c.method} scoring of {L * H} heads on {task} (N={c.n}, T={c.seq_len}, "
-                 f"U={c.subsets}, {c.kind} ablation, {c.metric})")
+                 f"K={c.subsets}, {c.kind} ablation, {c.metric})")
             t0 = time.perf_counter()
             s = score_heads(self.model, self.params, calib.tokens, calib.loss_mask, subsets=c.subsets,
                             aggregate=c.aggregate, method=c.method, attention_mask=calib.attention_mask,
