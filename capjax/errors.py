@@ -17,3 +17,7 @@ class MissingDependencyError(ImportError):
 
 class ArtifactError(ValueError):
     """A file capjax wrote earlier (scores, masks, evaluations) that cannot be read back."""
+
+
+class FolderInUseError(OSError):
+    """A results folder another running process writes (names it: pid, host, start time)."""

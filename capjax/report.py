@@ -65,6 +65,21 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Writes a matplotlib figure to `path` (format by suffix) atomically, with the umask's mode,
+    and closes it: a full disk leaves no truncated image and names the path."""
+    from capjax.experiment.store import atomic_write  # store imports no jax nor report
+
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return path
+
+
 def plot_head_scores(delta: np.ndarray, path: str | Path, title: str = "CAP head scores",
                      interval: np.ndarray | None = None) -> Path:
     """Heatmap of delta [L, H]: layers down, heads across (the paper's Figure 2). With a bootstrap
@@ -85,9 +100,7 @@ def plot_head_scores(delta: np.ndarray, path: str | Path, title: str = "CAP head
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="loss increase when ablated")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_metric_curves(rows: Sequence[dict], path: str | Path) -> Path:
@@ -117,9 +130,7 @@ def plot_metric_curves(rows: Sequence[dict], path: str | Path) -> Path:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_layer_sparsity(per_layer: dict[str, Sequence[float]], path: str | Path, title: str = "") -> Path:
@@ -136,6 +147,4 @@ def plot_layer_sparsity(per_layer: dict[str, Sequence[float]], path: str | Path,
     ax.set_title(title or "per-layer sparsity")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

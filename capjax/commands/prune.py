@@ -12,7 +12,7 @@ import numpy as np
 
 from capjax.commands.common import check_calibration_data, non_negative_int, positive_int
 from capjax.experiment.config import CALIB_TASKS, CalibrationConfig, ConfigError, parse_nm_text
-from capjax.experiment.store import file_digest, strict_json, write_text
+from capjax.experiment.store import atomic_write, file_digest, strict_json, write_text
 from capjax.provenance import code_version
 from capjax.pruning import registry
 
@@ -49,6 +49,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+EXPORT_MARKER = "capjax_prune.json"  # what makes a folder an export that a new one may replace
+
+
+def _check_out_is_not_model(model: str, out: str) -> None:
+    """--out must not be the --model folder, inside it, or hold it: the export replaces --out whole."""
+    import os
+
+    src = Path(model).expanduser()
+    if not src.exists():
+        return  # a hub id or the bundled model: nothing local to overwrite
+    src, dst = Path(os.path.realpath(src)), Path(os.path.realpath(Path(out).expanduser()))
+    if dst == src or src in dst.parents or dst in src.parents:
+        relation = "is" if dst == src else "is inside" if src in dst.parents else "holds"
+        raise ValueError(f"--out {out} {relation} the --model {model}: the export would overwrite the model "
+                         "it reads; choose another --out")
+
+
 def _load_delta(path: str) -> np.ndarray:
     from capjax.experiment.store import read_npz
 
@@ -67,7 +84,14 @@ def run(args: argparse.Namespace) -> int:
     spec = registry.spec(args.method)
     from capjax.experiment.config import check_writable_dir
 
-    check_writable_dir(Path(args.out), "--out")  # before any compute
+    from capjax.experiment.folders import check_replaceable
+
+    _check_out_is_not_model(args.model, args.out)
+    check_replaceable(args.out, EXPORT_MARKER)  # the export replaces --out whole (old export or new, never a mix)
+    check_writable_dir(Path(args.out).parent, "--out's folder")  # before any compute
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        raise ValueError(f"--sparsity {args.sparsity:g} must be in [0, 1) (the fraction of weights removed; "
+                         "cap_heads: of heads)")
     try:
         nm = parse_nm_text(args.nm, "--nm")
     except ConfigError as e:
@@ -76,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         n, m = (int(x) for x in nm.split(":"))
         if abs(args.sparsity - n / m) > 1e-9:
             raise ValueError(f"--nm {nm} fixes the sparsity at {n / m:g}; drop --sparsity {args.sparsity:g}")
+    if nm is not None:  # the divisibility of the rows needs the config only
+        from capjax.pruning.prune import check_nm_fits
+
+        check_nm_fits(capjax.load_config(args.model), nm)
     if spec.needs_scores and args.scores is None:
         raise ValueError(f"--method {args.method} needs --scores scores.npz (key 'delta' [L, H])")
     if spec.needs_calib and args.calib is None:
@@ -118,20 +146,25 @@ def run(args: argparse.Namespace) -> int:
         sparsity = 0.2 if nm is None else 0.0  # with N:M the pattern sets the sparsity
     pruned, masks = prune(model, params, args.method, sparsity, head_scores=delta, calib=calib,
                           nm=nm, **options)
-    out = capjax.save_pretrained(model, pruned, args.out, tokenizer, sparsity_format=args.sparsity_format)
     flat = {path: np.asarray(m) for path, m in flat_masks(masks).items()}
-    np.savez_compressed(Path(out) / "masks.npz", **flat)
-    if args.hf_masks:
-        from capjax.io import hf_masks
-
-        np.savez_compressed(Path(out) / "masks_hf.npz", **hf_masks(model.config, flat))
     report = sparsity_report(pruned)
-    write_text(Path(out) / "capjax_prune.json", strict_json({
-        "model": str(args.model), "method": args.method, "sparsity": sparsity, "nm": args.nm,
-        "achieved_sparsity": report.total, "options": options, "dtype": args.dtype,
-        "scores": {"file": str(args.scores), "digest": file_digest(Path(args.scores))} if delta is not None else None,
-        "calibration": {"task": args.calib, "n": args.n, "seq_len": args.seq_len, "seed": args.seed}
-        if spec.needs_calib else None, "code": code_version()}))
+    from capjax.experiment.folders import replaced_folder
+
+    with replaced_folder(args.out, EXPORT_MARKER) as staging:  # written beside --out, then swapped in whole
+        capjax.save_pretrained(model, pruned, staging, tokenizer, sparsity_format=args.sparsity_format)
+        atomic_write(staging / "masks.npz", lambda f: np.savez_compressed(f, **flat))
+        if args.hf_masks:
+            from capjax.io import hf_masks
+
+            atomic_write(staging / "masks_hf.npz", lambda f: np.savez_compressed(f, **hf_masks(model.config, flat)))
+        write_text(staging / EXPORT_MARKER, strict_json({
+            "model": str(args.model), "method": args.method, "sparsity": sparsity, "nm": args.nm,
+            "achieved_sparsity": report.total, "options": options, "dtype": args.dtype,
+            "scores": {"file": str(args.scores), "digest": file_digest(Path(args.scores))} if delta is not None
+            else None,
+            "calibration": {"task": args.calib, "n": args.n, "seq_len": args.seq_len, "seed": args.seed}
+            if spec.needs_calib else None, "code": code_version()}))
+    out = Path(args.out)
     print(report.table())
     if args.method == "cap_heads":
         kept = np.asarray(flat["layers/self_attn/o_proj/kernel"]).any(axis=(2, 3))  # [L, H]

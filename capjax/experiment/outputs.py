@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 from capjax import report, stats
-from capjax.experiment.store import strict_json, write_text
+from capjax.experiment.store import strict_json, write_texts
 from capjax.provenance import describe
 
 HEADLINE = {"wikitext2": ("ppl",), "gsm8k": ("exact_match_strict", "exact_match_flexible"),
@@ -69,8 +69,7 @@ def csv_text(rows: list[dict]) -> str:
 def write_outputs(out: Path, results: dict, resamples: int = 1000, seed: int = 0) -> None:
     rows = results["runs"]
     annotate(rows, resamples, seed)
-    write_text(out / "results.json", strict_json(results))
-    write_text(out / "results.csv", csv_text(rows))
+    files = {out / "results.json": strict_json(results), out / "results.csv": csv_text(rows)}  # refuses NaN first
     report.plot_metric_curves(rows, out / "figures" / "metrics_vs_sparsity.png")
     figures = sorted(p.name for p in (out / "figures").glob("head_scores_*.png")) + ["metrics_vs_sparsity.png"]
     if (out / "figures" / "recovery_loss.png").exists() and any("+recovery" in r["method"] for r in rows):
@@ -82,7 +81,8 @@ def write_outputs(out: Path, results: dict, resamples: int = 1000, seed: int = 0
             name = f"layer_sparsity_s{s:.2f}.png"
             report.plot_layer_sparsity(per_layer, out / "figures" / name, title=f"per-layer sparsity at {s:.0%}")
             figures.append(name)
-    write_text(out / "report.md", report_markdown(results, figures))
+    files[out / "report.md"] = report_markdown(results, figures)
+    write_texts(files)  # one unit: all three complete on disk before the first replaces its old version
 
 
 def report_markdown(results: dict, figures: list[str]) -> str:

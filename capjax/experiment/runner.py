@@ -350,6 +350,16 @@ class Experiment:
 
     # ------------------------------------------------------------------ the whole thing
     def run(self) -> dict:
+        """Runs everything holding the results folder's lock (`capjax.experiment.folders`): a
+        second run into the same `out` is refused in one line naming this one."""
+        import contextlib
+
+        from capjax.experiment.folders import results_lock
+
+        with results_lock(self.out) if is_writer() else contextlib.nullcontext():
+            return self._run()
+
+    def _run(self) -> dict:
         from capjax.pruning import sparsity_report
         from capjax.pruning.methods import METHODS
 

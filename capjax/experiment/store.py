@@ -70,22 +70,85 @@ def _first_nonfinite(obj: Any, path: str = "") -> str:
     return ""
 
 
+def umask() -> int:
+    """This process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` would give a new file under this process's umask (0644 under umask 022).
+    mkstemp creates its files 0600; every file capjax writes gets this mode instead, so the
+    results folder that several hosts (or users) share stays readable by them."""
+    return 0o666 & ~umask()
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """`e` with `path` as its filename ("[Errno 28] No space left on device: 'out/results.json'")."""
+    if e.errno is None or e.filename is not None:
+        return e
+    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> Path:
     """Writes through write(file) into a temporary file beside `path`, then renames it over
-    `path`: a reader sees the old file or the whole new one, never a part."""
+    `path`: a reader sees the old file or the whole new one, never a part. The file gets the
+    umask's mode (`file_mode`); a failed write (a full disk) removes the temporary file and raises
+    an OSError that names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _write_temp(path, write, binary)
     try:
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _named(e, path) from e
+    return path
+
+
+def _write_temp(path: Path, write: Callable[[Any], None], binary: bool) -> str:
+    """A complete temporary file beside `path` (written, flushed, synced, mode `file_mode()`)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _named(e, path) from e
+    try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _named(e, path) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return tmp
+
+
+def write_texts(files: dict[Path, str]) -> None:
+    """Writes several text files as one unit: every one is complete on disk (temporary files
+    beside them) before the first replaces its old version, so a failure or a kill while writing
+    leaves all the old files; the replacements then follow back to back (a rename each)."""
+    temps: dict[Path, str] = {}
+    try:
+        for path, text in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps[path] = _write_temp(path, lambda f, text=text: f.write(text), binary=False)
+    except BaseException:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for path, tmp in temps.items():
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            for t in temps.values():
+                Path(t).unlink(missing_ok=True)
+            raise _named(e, path) from e
 
 
 def write_text(path: Path, text: str) -> Path:

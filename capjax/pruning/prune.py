@@ -170,7 +170,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     if nm is not None:
         if method == "cap_heads":
             raise ValueError("cap_heads removes whole heads; N:M sparsity does not apply to it")
-        check_divisible({p: int(np.prod(k.shape[1:1 + PRUNABLE[p]])) for p, k in kernels.items()}, nm[1])
+        check_divisible(_in_widths(kernels), nm[1])
         if sparsity and abs(sparsity - nm[0] / nm[1]) > 1e-9:
             raise ValueError(f"N:M {nm[0]}:{nm[1]} sets the sparsity to {nm[0] / nm[1]:g}; pass sparsity=0 "
                              f"(or {nm[0] / nm[1]:g}) instead of {sparsity:g}, or drop nm")
@@ -193,6 +193,21 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     new, keep = spec.fn(job)
     out, keep = _finalize(kernels, new, keep)
     return _placed(_rebuild(params, out, lambda a: a), mesh), _placed(_rebuild(params, keep, lambda _: None), mesh)
+
+
+def _in_widths(kernels: dict[str, Any]) -> dict[str, int]:
+    """{path: input width} of the prunable kernels [L, in..., out...]: what N:M groups run along."""
+    return {p: int(np.prod(k.shape[1:1 + PRUNABLE[p]])) for p, k in kernels.items()}
+
+
+def check_nm_fits(config: Any, nm: Any) -> None:
+    """ValueError unless the N:M pattern `nm` applies to every prunable matrix of a model with
+    `config`: known from the shapes alone, before any weight loads."""
+    from capjax.model import param_shapes
+
+    n_m = parse_nm(nm)
+    if n_m is not None:
+        check_divisible(_in_widths(get_kernels(param_shapes(config), family_of(config))), n_m[1])
 
 
 # ---------------------------------------------------------------------------- report

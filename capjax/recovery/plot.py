@@ -33,8 +33,6 @@ def plot_loss_curves(histories: Mapping[str, Mapping[str, Any]], path: str | Pat
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from capjax.report import save_figure
+
+    return save_figure(fig, path)
