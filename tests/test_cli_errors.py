@@ -151,3 +151,19 @@ def test_strict_json_names_the_nonfinite_value(tmp_path):
     assert not (tmp_path / "r.json").exists()
     path = write_results({"results": {"wikitext2": {"ppl": 3.5}}}, tmp_path / "r.json")
     assert json.loads(path.read_text())["results"]["wikitext2"]["ppl"] == 3.5
+
+
+def test_recover_checks_its_output_and_data_before_training(tmp_path, tiny_folder, capsys, monkeypatch):
+    pruned = tmp_path / "p"
+    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(pruned)]) == 0
+    capsys.readouterr()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    monkeypatch.setattr(capjax, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    base = ["recover", "--model", str(pruned), "--data", "synthetic", "--steps", "1", "--n", "2", "--seq-len", "16"]
+    assert main([*base, "--out", str(blocker / "r")]) == 2
+    _one_error_line(capsys, f"--out={blocker / 'r'} is not a writable folder", "choose another --out")
+    assert main([*base, "--out", str(tmp_path / "r"), "--checkpoint-dir", str(blocker)]) == 2
+    _one_error_line(capsys, f"--checkpoint-dir={blocker} is a file")
+    assert main([*base[:4], "text:/no/such.txt", *base[5:], "--out", str(tmp_path / "r")]) == 2
+    _one_error_line(capsys, "recovery.data='text:/no/such.txt': text file /no/such.txt not found")

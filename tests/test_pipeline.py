@@ -137,6 +137,18 @@ def test_scores_are_filed_by_ablation_kind_and_metric(tmp_path, tiny_with_tokeni
     ({"recovery": {"steps": 0}}, r"recovery.steps=0: need an integer >= 1"),
     ({"recovery": {"stpes": 5}}, r"recovery: unknown key\(s\) stpes"),
     ({"recovery": {"lr": "fast"}}, r"recovery"),
+    # every recovery field typed and ranged before anything loads (these once failed after pruning)
+    ({"recovery": {"rank": 2.5}}, r"recovery.rank=2.5: need an integer >= 1"),
+    ({"recovery": {"n": 8.0}}, r"recovery.n=8.0: need an integer >= 1"),
+    ({"recovery": {"seq_len": 64.0}}, r"recovery.seq_len=64.0: need an integer >= 2"),
+    ({"recovery": {"warmup_steps": 1.5}}, r"recovery.warmup_steps=1.5: need an integer >= 0"),
+    ({"recovery": {"steps": True}}, r"recovery.steps=True: need an integer >= 1"),
+    ({"recovery": {"alpha": float("nan")}}, r"recovery.alpha=nan: need a finite number > 0"),
+    ({"recovery": {"weight_decay": float("nan")}}, r"recovery.weight_decay=nan: need a finite number >= 0"),
+    ({"recovery": {"lr": "1e-4"}}, r"recovery.lr='1e-4': need a finite number > 0 \(YAML 1.1 reads 1e-4 as text"),
+    ({"recovery": {"remat": "yes"}}, r"recovery.remat='yes': need true or false"),
+    ({"recovery": {"data": "text:/no/such/file.txt"}}, r"recovery.data='text:/no/such/file.txt': text file "
+                                                       r"/no/such/file.txt not found"),
     ({"data_dir": "/no/such/data", "evaluation": {"skip_missing_data": False}}, "needs wikitext2/wiki.test.raw"),
     ({"calibration": {"tasks": ["mmlu"]}}, r"unknown calibration.tasks"),
     ({"calibration": {"kind": "noise"}}, "calibration.kind must be one of zero, mean, resample, got 'noise'"),

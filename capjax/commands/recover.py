@@ -37,10 +37,17 @@ def run(args: argparse.Namespace) -> int:
     from capjax.pruning.prune import masks_from_flat, read_masks_npz
     from capjax.recovery import RecoverySettings, run_recovery
 
+    from capjax.experiment.config import check_writable_dir
+    from capjax.recovery.settings import check_data_file
+
     settings = RecoverySettings.from_dict({k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)})
+    check_data_file(settings)
     masks_path = Path(args.masks) if args.masks else Path(args.model) / "masks.npz"
     if not Path(args.model).exists():
         raise FileNotFoundError(f"--model folder not found: {args.model}")
+    check_writable_dir(Path(args.out), "--out")  # before training, not after it
+    if args.checkpoint_dir:
+        check_writable_dir(Path(args.checkpoint_dir), "--checkpoint-dir")
     flat = read_masks_npz(masks_path)  # before the model loads
     model, params = capjax.load_pretrained(args.model, dtype=args.dtype)
     masks = masks_from_flat(params, flat)

@@ -465,6 +465,13 @@ def validate_run_config(cfg: RunConfig, check_files: bool = True) -> None:
             where = f"data_dir={root}" if root is not None else "no data folder (data_dir, $CAPJAX_DATA, ../shared/data)"
             raise ConfigError(f"{what} needs {rel}, which is missing ({where}); set data_dir=DIR"
                               + (" or evaluation.skip_missing_data=true" if what.startswith("evaluation") else ""))
+    if cfg.recovery is not None:
+        from capjax.recovery.settings import check_data_file
+
+        try:
+            check_data_file(cfg.recovery)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     check_writable_dir(Path(cfg.out), "out")
 
 

@@ -20,6 +20,7 @@ runs over row chunks of LOSS_ROWS positions, so its float32 logits are LOSS_ROWS
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,49 +97,58 @@ class RecoverySettingsError(ValueError):
     """A recovery setting out of range."""
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and bool(np.isfinite(v))
+
+
+# field -> (kind, test, the range in words); checked in this order, each before any other use
+_INTS = {"steps": 1, "warmup_steps": 0, "rank": 1, "batch_size": 1, "grad_accum": 1, "n": 1, "seq_len": 2,
+         "seed": 0, "checkpoint_every": 1}
+_NUMBERS = {"lr": (lambda v: v > 0, "> 0"), "final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "weight_decay": (lambda v: v >= 0, ">= 0"), "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "b2": (lambda v: 0 <= v < 1, "in [0, 1)"), "eps": (lambda v: v > 0, "> 0"),
+            "alpha": (lambda v: v > 0, "> 0"), "max_loss_ratio": (lambda v: v > 1, "> 1")}
+
+
 def check_settings(s: RecoverySettings) -> None:
-    """Raises RecoverySettingsError naming the field and the fix."""
+    """Raises RecoverySettingsError naming the field and the fix: every field's type and range
+    (an integer is an int, not 2.5 or true; a number is finite), before anything loads."""
     def bad(field: str, why: str) -> None:
         raise RecoverySettingsError(f"recovery.{field}={getattr(s, field)!r}: {why}")
 
-    if not isinstance(s.steps, (int, np.integer)) or s.steps < 1:
-        bad("steps", "need an integer >= 1")
-    if not s.lr > 0 or not np.isfinite(s.lr):
-        bad("lr", "need a finite learning rate > 0")
-    if s.warmup_steps < 0:
-        bad("warmup_steps", "need >= 0")
-    if not 0 <= s.final_lr_fraction <= 1:
-        bad("final_lr_fraction", "need a fraction in [0, 1]")
-    if s.weight_decay < 0:
-        bad("weight_decay", "need >= 0")
-    if not (0 <= s.b1 < 1 and 0 <= s.b2 < 1):
-        bad("b1" if not 0 <= s.b1 < 1 else "b2", "need a value in [0, 1)")
-    if not s.eps > 0:
-        bad("eps", "need > 0")
-    if s.grad_clip is not None and not s.grad_clip > 0:
-        bad("grad_clip", "need > 0, or None for no clipping")
-    if s.mode not in MODES:
+    for field, low in _INTS.items():
+        if not _is_int(getattr(s, field)) or getattr(s, field) < low:
+            bad(field, f"need an integer >= {low}")
+    for field, (ok, words) in _NUMBERS.items():
+        if not _is_number(getattr(s, field)) or not ok(getattr(s, field)):
+            text = " (YAML 1.1 reads 1e-4 as text: write 1.0e-4)" if isinstance(getattr(s, field), str) else ""
+            bad(field, f"need a finite number {words}{text}")
+    if s.grad_clip is not None and not (_is_number(s.grad_clip) and s.grad_clip > 0):
+        bad("grad_clip", "need a finite number > 0, or null for no clipping")
+    if s.batch_size % s.grad_accum:
+        bad("grad_accum", f"need a divisor of batch_size ({s.batch_size})")
+    if not isinstance(s.mode, str) or s.mode not in MODES:
         bad("mode", f"use one of {', '.join(MODES)}")
-    if s.rank < 1:
-        bad("rank", "need an integer >= 1")
-    if s.batch_size < 1:
-        bad("batch_size", "need >= 1")
-    if s.grad_accum < 1 or s.batch_size % s.grad_accum:
-        bad("grad_accum", f"need >= 1 and a divisor of batch_size ({s.batch_size})")
-    if s.n < 1:
-        bad("n", "need >= 1 examples")
-    if s.seq_len < 2:
-        bad("seq_len", "need >= 2 tokens")
-    if s.checkpoint_every < 1:
-        bad("checkpoint_every", "need >= 1")
-    if not s.max_loss_ratio > 1:
-        bad("max_loss_ratio", "need > 1")
+    if not isinstance(s.remat, (bool, np.bool_)):
+        bad("remat", "need true or false")
     from capjax.data.calibration import CALIB_SPLITS
 
-    if not (s.data in CALIB_SPLITS or (s.data.startswith("text:") and len(s.data) > 5)):
+    if not isinstance(s.data, str) or not (s.data in CALIB_SPLITS or (s.data.startswith("text:") and len(s.data) > 5)):
         bad("data", f"use a calibration task ({', '.join(CALIB_SPLITS)}) or text:PATH")
     if s.compute_dtype not in (None, "float32", "bfloat16"):
         bad("compute_dtype", "use float32, bfloat16 or None (the model's)")
+
+
+def check_data_file(s: RecoverySettings) -> None:
+    """The file of data=text:PATH exists (checked before anything loads), or one line naming it."""
+    if s.data.startswith("text:") and not Path(s.data[5:]).is_file():
+        raise RecoverySettingsError(f"recovery.data={s.data!r}: text file {s.data[5:]} not found; give an existing "
+                                    "plain text file (relative paths are from the current folder)")
 
 
 DEFAULTS: dict[str, Any] = RecoverySettings().to_dict()
