@@ -167,3 +167,23 @@ def test_recover_checks_its_output_and_data_before_training(tmp_path, tiny_folde
     _one_error_line(capsys, f"--checkpoint-dir={blocker} is a file")
     assert main([*base[:4], "text:/no/such.txt", *base[5:], "--out", str(tmp_path / "r")]) == 2
     _one_error_line(capsys, "recovery.data='text:/no/such.txt': text file /no/such.txt not found")
+
+
+def test_eval_checks_every_tasks_data_before_loading(tmp_path, tiny_folder, capsys, monkeypatch):
+    import capjax.io
+
+    for module in (capjax, capjax.io):
+        monkeypatch.setattr(module, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = str(tmp_path / "r.json")
+    assert main(["eval", "--model", str(tiny_folder), "--tasks", "wikitext2", "--data-dir", "/nonexistent",
+                 "--out", out]) == 2
+    _one_error_line(capsys, "missing data in --data-dir /nonexistent", "wikitext2 needs wikitext2/wiki.test.raw",
+                    "pass --data-dir DIR")
+    half = tmp_path / "data"
+    (half / "gsm8k").mkdir(parents=True)
+    (half / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    assert main(["eval", "--model", str(tiny_folder), "--tasks", "gsm8k,strategyqa,synthetic", "--data-dir",
+                 str(half), "--out", out]) == 2
+    line = _one_error_line(capsys, "strategyqa needs strategyqa/dev.json")
+    assert "gsm8k needs" not in line
+    assert not (tmp_path / "r.json").exists()

@@ -73,6 +73,26 @@ def check_calibration_data(task: str, data_dir: str | None) -> None:
                                 f"{root if root is not None else '$CAPJAX_DATA and ../shared/data'}); pass --data-dir DIR")
 
 
+def check_eval_data(tasks: list[str], data_dir: str | None) -> None:
+    """Every task's data file exists (all checked before the model loads), or one line naming each
+    missing one. Without --data-dir, a file that `datasets` can download (GSM8K, ARC, WikiText-2)
+    may be missing when that package is installed."""
+    import importlib.util
+
+    from capjax.data.sources import resolve_data_dir
+    from capjax.experiment.config import eval_data_file
+
+    root = resolve_data_dir(data_dir)
+    downloads = data_dir is None and importlib.util.find_spec("datasets") is not None
+    missing = [f"{t} needs {eval_data_file(t)}" for t in tasks if eval_data_file(t) is not None
+               and (root is None or not (root / eval_data_file(t)).is_file())
+               and not (downloads and not t.startswith("strategyqa"))]
+    if missing:
+        where = f"--data-dir {root}" if root is not None else "$CAPJAX_DATA and ../shared/data"
+        raise FileNotFoundError(f"missing data in {where}: {'; '.join(missing)}; pass --data-dir DIR holding "
+                                "them (or drop those tasks)")
+
+
 def load_model(args):
     import capjax
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from capjax.commands.common import non_negative_int, output_file, positive_int
+from capjax.commands.common import check_eval_data, non_negative_int, output_file, positive_int
 from capjax.experiment.config import EvaluationConfig
 
 _EVAL = EvaluationConfig()
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not tasks:  # before the (slow) model load
         raise ValueError(f"unknown or no task(s) {unknown}; known tasks: {', '.join(TASKS)}")
     out = output_file(args.out, ".json")
+    check_eval_data(tasks, args.data_dir)  # every task's data, before the model loads
     model, params = load_pretrained(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     results = evaluate(model, params, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, seed=args.seed,

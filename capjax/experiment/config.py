@@ -413,7 +413,7 @@ def method_options(cfg: RunConfig, method: str) -> dict[str, Any]:
 
 def data_files(cfg: RunConfig) -> dict[str, str]:
     """{what: file relative to the data folder} for every data file the config's tasks read."""
-    from capjax.data.sources import FILES, WIKITEXT2_FILE
+    from capjax.data.sources import FILES
 
     need = {}
     for t in cfg.calibration.tasks:
@@ -421,13 +421,20 @@ def data_files(cfg: RunConfig) -> dict[str, str]:
             need[f"calibration.tasks {t}"] = FILES[t]["train"]
     if cfg.recovery is not None and cfg.recovery.data in FILES:
         need[f"recovery.data {cfg.recovery.data}"] = FILES[cfg.recovery.data]["train"]
-    eval_split = {"gsm8k": "test", "strategyqa": "dev", "arc_challenge": "test", "arc_challenge_cot": "test"}
     for t in cfg.evaluation.tasks:
-        if t == "wikitext2":
-            need[f"evaluation.tasks {t}"] = WIKITEXT2_FILE
-        elif t in eval_split:
-            need[f"evaluation.tasks {t}"] = FILES[t.replace("_cot", "")][eval_split[t]]
+        if eval_data_file(t) is not None:
+            need[f"evaluation.tasks {t}"] = eval_data_file(t)
     return need
+
+
+def eval_data_file(task: str) -> str | None:
+    """The file (relative to the data folder) that evaluating `task` reads; None: no file (synthetic)."""
+    from capjax.data.sources import FILES, WIKITEXT2_FILE
+
+    eval_split = {"gsm8k": "test", "strategyqa": "dev", "arc_challenge": "test", "arc_challenge_cot": "test"}
+    if task == "wikitext2":
+        return WIKITEXT2_FILE
+    return FILES[task.replace("_cot", "")][eval_split[task]] if task in eval_split else None
 
 
 def missing_eval_tasks(cfg: RunConfig) -> list[str]:
