@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
 
         maybe_initialize_distributed()  # multi-host runs set CAPJAX_DISTRIBUTED=1 (docs/scale_out.md)
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: the conventional status, one line, no traceback
+        where = "capjax" if args is None else f"capjax {args.command}"
+        again = "; rerun the same command to resume (finished steps are reused)" if args and args.command == "run" \
+            else ""
+        print(f"{where}: interrupted{again}", file=sys.stderr)
+        return 130
     except Exception as e:
         if not _expected(e) or os.environ.get("CAPJAX_DEBUG") == "1":  # CAPJAX_DEBUG=1: every traceback
             raise

@@ -133,6 +133,11 @@ def initialize(settings: DistributedSettings | None = None, force: bool = False)
     settings = settings_from_env() if settings is None else settings
     if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not os.environ.get("JAX_ENABLE_PREEMPTION_SERVICE"):
+        # JAX's preemption notifier would catch SIGTERM and keep the process running (capjax
+        # saves no preemption checkpoints; it resumes from its regular ones), so a launcher or
+        # scheduler could not stop it: SIGTERM keeps its default effect.
+        jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(**settings.kwargs())
     return True
 

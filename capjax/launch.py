@@ -4,7 +4,8 @@
 
 Each process gets CAPJAX_DISTRIBUTED=1, CAPJAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>
 (CAPJAX_PORT to choose it), CAPJAX_NUM_PROCESSES=N, CAPJAX_PROCESS_ID=i, JAX_PLATFORMS=cpu
-(unless set) and XLA_FLAGS=--xla_force_host_platform_device_count=D. Output lines are
+(unless set), JAX_ENABLE_PREEMPTION_SERVICE=false (unless set: JAX's preemption notifier would
+catch the SIGTERM that stops a process) and XLA_FLAGS=--xla_force_host_platform_device_count=D. Output lines are
 prefixed with [i]. When a process exits non-zero or is killed, the launcher prints one line
 
     capjax: process 1 exited with signal 9 (Killed); the job stopped; rerun the same command
@@ -43,6 +44,7 @@ def process_env(i: int, n: int, port: int, devices: int, base: dict[str, str] | 
     env.update(CAPJAX_DISTRIBUTED="1", CAPJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", CAPJAX_NUM_PROCESSES=str(n),
                CAPJAX_PROCESS_ID=str(i), JAX_PLATFORMS=env.get("JAX_PLATFORMS") or "cpu",
                XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip())
+    env.setdefault("JAX_ENABLE_PREEMPTION_SERVICE", "false")  # else JAX catches the SIGTERM that stops a process
     return env
 
 
@@ -112,8 +114,14 @@ def launch(n: int, command: Sequence[str], devices: int = 2, grace: float = 10.0
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     for i in range(n):
-        p = subprocess.Popen(list(command), env=process_env(i, n, port, devices), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, bufsize=1)
+        try:
+            p = subprocess.Popen(list(command), env=process_env(i, n, port, devices), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, bufsize=1)
+        except OSError as e:  # no such command, not executable: one line, not a traceback
+            _stop(procs, grace)
+            print(f"capjax: cannot start process {i}: {e.strerror or e}: {command[0]!r}; check the command after --",
+                  file=sys.stderr, flush=True)
+            return 127 if isinstance(e, FileNotFoundError) else 126
         procs.append(p)
         for src, dst in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
             t = threading.Thread(target=_pump, args=(src, dst, f"[{i}] "), daemon=True)

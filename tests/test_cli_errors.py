@@ -187,3 +187,15 @@ def test_eval_checks_every_tasks_data_before_loading(tmp_path, tiny_folder, caps
     line = _one_error_line(capsys, "strategyqa needs strategyqa/dev.json")
     assert "gsm8k needs" not in line
     assert not (tmp_path / "r.json").exists()
+
+
+def test_ctrl_c_is_exit_130_and_one_line(tmp_path, capsys, monkeypatch):
+    import capjax.commands.eval as eval_command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_command, "run", interrupted)
+    assert main(["eval", "--model", "m", "--out", str(tmp_path / "r.json")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["capjax eval: interrupted"] and "Traceback" not in err

@@ -80,3 +80,34 @@ def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         launch.main(argv)
     assert e.value.code == 2
+
+
+def test_a_command_that_cannot_start_is_one_line(capsys):
+    assert launch.main(["2", "--", "no_such_command_capjax"]) == 127
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == ["capjax: cannot start process 0: No such file or directory: "
+                                        "'no_such_command_capjax'; check the command after --"]
+
+
+def test_surviving_jax_processes_stop_at_once_not_after_the_grace():
+    """Both processes start JAX's distributed runtime (whose preemption notifier catches SIGTERM
+    unless capjax turns it off); process 1 then fails, process 0 would sleep 120 s. The launcher's
+    SIGTERM must stop process 0 at once: the job ends well before --grace 40 (before: always the
+    full grace, then SIGKILL)."""
+    code = ("import os, time; from capjax.distributed import initialize; initialize(); print('up', flush=True); "
+            "time.sleep(2); os._exit(3) if os.environ['CAPJAX_PROCESS_ID'] == '1' else time.sleep(120)")
+    env_path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    os.environ["PYTHONPATH"], old = env_path, os.environ.get("PYTHONPATH")
+    try:
+        res, took = _launch(2, code, "--grace", "40", "--devices", "1", timeout=170)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert res.stdout.count("up") == 2, res.stderr[-3000:]
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "capjax: process 1 exited with status 3" in res.stderr
+    print(f"job took {took:.1f} s")
+    assert took < 30, took
