@@ -227,3 +227,27 @@ def test_plain_lm_eval_cli_does_not_know_capjax(tiny, tmp_path):
     args, _ = _cli_args(tiny, tmp_path)
     plain = subprocess.run([sys.executable, "-m", "lm_eval", *args], capture_output=True, text=True, env=_ENV)
     assert plain.returncode != 0 and "no model for this name found" in plain.stderr + plain.stdout
+
+
+def test_harness_cli_errors_are_one_line(tiny, tmp_path, capsys):
+    """Bad model_args through the harness' CLI (which lets exceptions through): one line, status 2."""
+    from capjax.integrations.lm_eval import main
+    from capjax.pruning import PRUNABLE
+
+    src, out, *_ = tiny
+    args, _ = _cli_args(tiny, tmp_path)
+    with np.load(out / "masks.npz") as z:
+        other = {p: z[p][:, :-1] if p == "layers/mlp/up_proj/kernel" else z[p] for p in PRUNABLE}
+    np.savez(tmp_path / "other.npz", **other)
+    cases = [(f"pretrained={src},masks={tmp_path / 'other.npz'}", "mask layers/mlp/up_proj/kernel is [2, 31, 48] "
+              "but this model's kernel is [2, 32, 48]"),
+             (f"pretrained={src},dtype=float16", "dtype 'float16' not supported"),
+             (f"masks={out / 'masks.npz'}", "model_args needs pretrained="),
+             (f"pretrained={tmp_path / 'no-such-model'}", f"no such file or folder: '{tmp_path / 'no-such-model'}'")]
+    for model_args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main([*args[:4], model_args, *args[5:]])
+        err = capsys.readouterr().err
+        lines = [l for l in err.strip().splitlines() if "error:" in l]
+        assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith("capjax-lm-eval: error: ") and message in lines[0], (message, lines[0])

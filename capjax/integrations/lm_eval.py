@@ -224,9 +224,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
+    from capjax.cli import _expected, _one_line
+
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except KeyboardInterrupt:
+        print("capjax-lm-eval: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:  # bad model_args, paths, masks: one line and status 2, as the capjax CLI
+        if not _expected(e) or os.environ.get("CAPJAX_DEBUG") == "1":
+            raise
+        print(f"capjax-lm-eval: error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

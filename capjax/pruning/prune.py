@@ -99,7 +99,13 @@ def read_masks_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:
-    """Inverse of `flat_masks`: a masks tree shaped like params (None at non-prunable leaves)."""
+    """Inverse of `flat_masks`: a masks tree shaped like params (None at non-prunable leaves); a
+    ValueError naming the first mask whose shape is not its kernel's (masks of another model)."""
+    for p in PRUNABLE:
+        want, got = tuple(get_path(params, p).shape), tuple(np.shape(flat[p]))
+        if got != want:
+            raise ValueError(f"mask {p} is {list(got)} but this model's kernel is {list(want)}: the masks come "
+                             "from another model; use the masks.npz written when this model was pruned")
     return _rebuild(params, {p: np.asarray(flat[p]).astype(bool) for p in PRUNABLE}, lambda _: None)
 
 
