@@ -248,6 +248,38 @@ def check_threshold_count_on_sharded_scores():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def check_ties_at_the_global_threshold_break_the_same_on_every_layout():
+    """Constructed ties: kernels on four magnitudes and head scores of two values make thousands of
+    CAP weight scores equal at the global threshold, which splits them. Every layout (one device,
+    data x model, data) prunes exactly the weights that a stable sort over the scores in tree
+    order prunes: ties go by leaf, then by flat index, whatever the sharding."""
+    from capjax.pruning.importance import PRUNABLE
+
+    def few_levels(path, a):
+        if sharding._path_name(path) not in PRUNABLE:
+            return a
+        return jnp.sign(a) * jnp.ceil(jnp.abs(a) / jnp.abs(a).max() * 4) / 4
+    params = jax.tree_util.tree_map_with_path(few_levels, PARAMS)
+    delta = np.where(np.arange(H) % 2, 2.0, 1.0)[None, :].repeat(L, 0)  # [L, H]
+    scores = weight_scores(params, importance_from_scores(delta, (L, H)), "mean")
+    flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(scores)])
+    for sparsity in (0.3, 0.5):
+        thr = global_threshold(scores, sparsity)
+        assert 0 < thr.n_prune - thr.n_below < thr.n_tied and thr.n_tied > 100, thr  # the threshold splits ties
+        pruned = np.zeros(flat.size, bool)
+        pruned[np.argsort(flat, kind="stable")[:thr.n_prune]] = True
+        want, i = {}, 0
+        for path in sorted(scores):  # jax.tree.leaves order of a dict: sorted keys
+            size = scores[path].size
+            want[path] = ~pruned[i:i + size].reshape(scores[path].shape)
+            i += size
+        for name in (None, *MESHES):
+            m = None if name is None else mesh(name)
+            masks = prune(MODEL, params, "cap", sparsity, head_scores=delta, mesh=m)[1]
+            for path in PRUNABLE:
+                np.testing.assert_array_equal(np.asarray(leaf(masks, path)), want[path], err_msg=f"{name} {path}")
+
+
 def check_evaluation_batches_split_with_masked_padding():
     """Evaluation batches whose size the "data" axis does not divide (1, and partial last batches)
     are padded with masked rows and split, not replicated; the metrics equal those of the same
