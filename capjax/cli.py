@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         again = "; rerun the same command to resume (finished steps are reused)" if args and args.command == "run" \
             else ""
         print(f"{where}: interrupted{again}", file=sys.stderr)
+        if argv is None:  # the process's own command line: end it now. XLA threads may still be
+            sys.stdout.flush()  # compiling, and a normal interpreter exit then crashed (SIGSEGV, seen)
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except Exception as e:
         if not _expected(e) or os.environ.get("CAPJAX_DEBUG") == "1":  # CAPJAX_DEBUG=1: every traceback

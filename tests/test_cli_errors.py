@@ -199,3 +199,35 @@ def test_ctrl_c_is_exit_130_and_one_line(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--model", "m", "--out", str(tmp_path / "r.json")]) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["capjax eval: interrupted"] and "Traceback" not in err
+
+
+def test_ctrl_c_during_a_real_run_is_one_line(tmp_path):
+    """SIGINT to `capjax run` while it scores: status 130, one line saying a rerun resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import char_tokenizer
+
+    model = tmp_path / "m"
+    make_hf_model(model, "llama", max_position_embeddings=512)
+    char_tokenizer().save_pretrained(model)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {model}\nout: {tmp_path / 'out'}\ncalibration: {{n: 4, subsets: 2, seq_len: 320, "
+                   "bootstrap: 0}\npruning: {methods: [cap], sparsities: [0.5]}\n"
+                   "evaluation: {tasks: [synthetic], limit: 2, max_new_tokens: 4, bootstrap: 0}\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "JAX_PLATFORMS": "cpu"}
+    p = subprocess.Popen([sys.executable, "-m", "capjax.cli", "run", str(cfg)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    for line in p.stdout:
+        if line.startswith("scores:"):  # scoring has started
+            time.sleep(1)
+            p.send_signal(signal.SIGINT)
+            break
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.rstrip().endswith("capjax run: interrupted; rerun the same command to resume (finished steps are "
+                                 "reused)"), err[-1000:]
