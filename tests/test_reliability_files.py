@@ -311,7 +311,7 @@ def test_prune_checks_sparsity_and_nm_before_loading_weights(tmp_path, tiny_fold
     for s in ("1.5", "-0.1", "1"):
         assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", s,
                      "--out", str(tmp_path / "p")]) == 2
-        _one_error_line(capsys, f"--sparsity {float(s):g} must be in [0, 1)")
+        _one_error_line(capsys, "--sparsity must be in [0, 1)", f"got {float(s):g}")
     # hidden 32, MLP 48: M=5 divides neither
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "1:5",
                  "--out", str(tmp_path / "p")]) == 2

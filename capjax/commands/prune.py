@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     check_replaceable(args.out, EXPORT_MARKER)  # the export replaces --out whole (old export or new, never a mix)
     check_writable_dir(Path(args.out).parent, "--out's folder")  # before any compute
     if args.sparsity is not None and not 0 <= args.sparsity < 1:
-        raise ValueError(f"--sparsity {args.sparsity:g} must be in [0, 1) (the fraction of weights removed; "
-                         "cap_heads: of heads)")
+        raise ValueError(f"--sparsity must be in [0, 1) (the fraction of weights removed; cap_heads: of heads), "
+                         f"got {args.sparsity:g}")
     try:
         nm = parse_nm_text(args.nm, "--nm")
     except ConfigError as e:
