@@ -228,7 +228,10 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, to
     compressor (`capjax.integrations.compressed.save_compressed`, whose docstring says which
     readers take it); None: the plain dense folder.
     """
+    import re
+
     import jax
+    from safetensors import SafetensorError
     from safetensors.flax import save_file
 
     if sparsity_format == "compressed-tensors":
@@ -251,7 +254,13 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, to
 
     def flush():
         part = out / f"model-part-{len(parts):05d}.safetensors"
-        save_file({k: jnp.asarray(v) for k, v in shard.items()}, str(part), metadata={"format": "pt"})
+        try:
+            save_file({k: jnp.asarray(v) for k, v in shard.items()}, str(part), metadata={"format": "pt"})
+        except SafetensorError as e:  # e.g. a full disk: an OSError naming the file, not a traceback
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(part)) from e
         parts.append(part)
         shard.clear()
 

@@ -259,6 +259,26 @@ def test_an_export_that_fails_midway_leaves_the_old_export(tmp_path, tiny_folder
     assert [p.name for p in tmp_path.iterdir()] == ["p"]
 
 
+def test_a_full_disk_while_writing_the_weights_is_one_line_and_keeps_the_old_export(tmp_path, tiny_folder,
+                                                                                      monkeypatch, capsys):
+    """safetensors reports a full disk as its own SafetensorError (before: a traceback)."""
+    import safetensors.flax
+    from safetensors import SafetensorError
+
+    out = tmp_path / "p"
+    assert _prune(tiny_folder, out) == 0
+    before = _digests(out)
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.flax, "save_file", full)
+    assert _prune(tiny_folder, out) == 2
+    _one_error_line(capsys, "[Errno 28] No space left on device", "model-part-00000.safetensors")
+    assert _digests(out) == before and [p.name for p in tmp_path.iterdir()] == ["p"]
+
+
 def test_a_killed_export_leaves_the_old_export_and_its_leftovers_are_removed(tmp_path, tiny_folder, capsys):
     out = tmp_path / "p"
     assert _prune(tiny_folder, out) == 0
