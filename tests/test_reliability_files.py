@@ -201,6 +201,34 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path,
     assert "taking over" not in capsys.readouterr().err
 
 
+def test_the_lock_holds_across_processes(tmp_path):
+    """Another process holds the lock: refused, naming that process's pid; free once it ends."""
+    from capjax.errors import FolderInUseError
+    from capjax.experiment.folders import results_lock
+
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import sys
+        from capjax.experiment.folders import results_lock
+        with results_lock({str(out)!r}):
+            print("held", flush=True)
+            sys.stdin.readline()
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUseError, match=f"in use by pid {p.pid} on host {socket.gethostname()}"):
+            with results_lock(out):
+                pass
+    finally:
+        p.communicate("\n", timeout=60)
+    assert p.returncode == 0
+    with results_lock(out):
+        pass
+
+
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
     from capjax.experiment.folders import results_lock
 
