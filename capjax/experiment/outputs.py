@@ -24,6 +24,13 @@ CSV_COLUMNS = ("name", "method", "calib", "target_sparsity", "achieved_sparsity"
                "fingerprint", "status")
 
 
+def sparsity_label(s: float) -> str:
+    """A sparsity as run and figure names show it: two decimals ("0.10") when they are the exact
+    value, else the shortest exact form ("0.104"), so distinct sparsities never share a name."""
+    two = f"{s:.2f}"
+    return two if float(two) == float(s) else repr(float(s))
+
+
 def annotate(rows: list[dict], resamples: int = 1000, seed: int = 0) -> None:
     """Adds to each row metrics {task/metric: value}, intervals {task/metric: Estimate},
     vs_dense {task/metric: PairedDifference} and status (computed / reused / partly reused)."""
@@ -79,8 +86,9 @@ def write_outputs(out: Path, results: dict, resamples: int = 1000, seed: int = 0
         per_layer = {r["name"]: r["per_layer_sparsity"] for r in rows
                      if r["sparsity"] == s and r.get("per_layer_sparsity")}
         if per_layer:
-            name = f"layer_sparsity_s{s:.2f}.png"
-            report.plot_layer_sparsity(per_layer, out / "figures" / name, title=f"per-layer sparsity at {s:.0%}")
+            name = f"layer_sparsity_s{sparsity_label(s)}.png"
+            report.plot_layer_sparsity(per_layer, out / "figures" / name,
+                                       title=f"per-layer sparsity at {sparsity_label(s)}")
             figures.append(name)
     write_text(out / "report.md", report_markdown(results, figures))
 
@@ -102,7 +110,7 @@ def report_markdown(results: dict, figures: list[str]) -> str:
           "", report.markdown_table(rows, relative_to=rows[0]), "",
           "Reused from earlier runs (same fingerprints): " + (", ".join(
               f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing") + ".", *foreign, "",
-          "Target sparsity: " + ", ".join(f"{r['name']} {r['sparsity']:.2f}" for r in rows if r["method"] != "dense"),
+          "Target sparsity: " + ", ".join(f"{r['name']} {sparsity_label(r['sparsity'])}" for r in rows if r["method"] != "dense"),
           "", *[f"![{f}](figures/{f})" for f in figures], "",
           f"Total time {results['seconds']:.0f} s on {describe(results['environment'])}. Every number, its 95% "
           "interval and its fingerprint are in results.json and results.csv."]

@@ -30,7 +30,7 @@ from capjax import report
 from capjax.distributed import is_writer, to_host
 from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
-from capjax.experiment.outputs import write_outputs
+from capjax.experiment.outputs import sparsity_label, write_outputs
 from capjax.experiment.store import Store, fingerprint, warn
 from capjax.provenance import code_version, environment
 
@@ -94,7 +94,7 @@ def plan_runs(cfg: RunConfig) -> list[dict]:
         calibs = cfg.calibration.tasks if (spec.needs_calib or spec.needs_scores) else [None]
         for calib in calibs:
             for s in p.targets():
-                name = "_".join([method, *([calib] if calib else []), f"s{s:.2f}"])
+                name = "_".join([method, *([calib] if calib else []), f"s{sparsity_label(s)}"])
                 if p.nm:
                     name += "_nm" + p.nm.replace(":", "-")
                 runs.append({"name": name, "method": method, "calib": calib, "sparsity": float(s), "nm": p.nm})
