@@ -46,7 +46,7 @@ from capjax.distributed import checksum, to_host
 from capjax.errors import NonFiniteError
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
-from capjax.stats import head_interval
+from capjax.stats import MIN_RESAMPLES, head_interval
 
 Array = jax.Array
 AGGREGATES = ("median", "mean", "paired")
@@ -134,7 +134,10 @@ class HeadScores:
         return dataclasses.replace(self, delta=np.asarray(delta).reshape(L, H), aggregate=aggregate)
 
     def with_interval(self, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "HeadScores":
-        """A bootstrap interval [2, L, H] over calibration examples (exact ablation only)."""
+        """A bootstrap interval [2, L, H] over calibration examples (exact ablation only); none
+        (interval None: no test) below `capjax.stats.MIN_RESAMPLES` resamples."""
+        if resamples < MIN_RESAMPLES:
+            return dataclasses.replace(self, interval=None)
         if self.example_masked is None:
             raise ValueError(f"no per-example losses to bootstrap (method={self.method!r}; "
                              "intervals need method='ablation')")

@@ -64,7 +64,7 @@ def test_score_checks_its_output_before_scoring(tmp_path, tiny_folder, capsys):
 def test_score_out_without_suffix_says_the_real_path(tmp_path, tiny_with_tokenizer, capsys):
     out = tmp_path / "new" / "deeper" / "x"
     assert main(["score", "--model", str(tiny_with_tokenizer), "--n", "3", "--seq-len", "96",
-                 "--out", str(out), "--bootstrap", "50"]) == 0
+                 "--out", str(out), "--bootstrap", "100"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}.npz" in printed and (tmp_path / "new" / "deeper" / "x.npz").exists()
     assert "heads have a 95% bootstrap interval that excludes zero" in printed

@@ -52,3 +52,44 @@ def test_close_sparsities_get_distinct_names_and_figures(tmp_path):
     figures = sorted(p.name for p in (tmp_path / "figures").glob("layer_sparsity_*.png"))
     assert figures == ["layer_sparsity_s0.10.png", "layer_sparsity_s0.104.png", "layer_sparsity_s0.50.png"]
     assert "magnitude_s0.104 0.104" in (tmp_path / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------- too few resamples
+def test_too_few_resamples_say_no_test_not_ns():
+    """evaluation.bootstrap=0 or 1 marked every row "n.s." from no or one resample; below
+    MIN_RESAMPLES there is no interval and no test, and the table says so."""
+    from capjax import report, stats
+
+    rng = np.random.default_rng(0)
+    a = {"num": rng.normal(0, 1, 30).tolist(), "den": [1.0] * 30}
+    b = {"num": (np.asarray(a["num"]) + 0.5).tolist(), "den": [1.0] * 30}  # a shift far outside the noise
+    assert stats.paired_difference(a, b, resamples=stats.MIN_RESAMPLES).significant is True
+    for few in (0, 1, stats.MIN_RESAMPLES - 1):
+        d = stats.paired_difference(a, b, resamples=few)
+        assert d.significant is None and np.isnan(d.low), few
+        assert np.isnan(stats.bootstrap_ratio(a["num"], a["den"], resamples=few).low)
+    dense = {"method": "dense", "sparsity": 0.0, "metrics": {"t/m": 1.0}}
+    rows = [dense, {"method": "x", "sparsity": 0.5, "metrics": {"t/m": 2.0},
+                    "vs_dense": {"t/m": stats.paired_difference(a, b, resamples=1).to_dict()}},
+            {"method": "y", "sparsity": 0.5, "metrics": {"t/m": 1.01},
+             "vs_dense": {"t/m": stats.paired_difference(a, a, resamples=200).to_dict()}}]
+    table = report.markdown_table(rows, relative_to=dense).splitlines()
+    assert table[3].endswith("2.0000 (+100.0%, no test) |") and table[4].endswith("(+1.0%, n.s.) |")
+
+
+def test_score_with_one_resample_says_no_test(tmp_path, tiny_char, capsys):
+    """`capjax score --bootstrap 1` said "8 of 8 heads have a 95% interval that excludes zero"."""
+    from capjax import stats
+    from capjax.attribution import HeadScores
+
+    args = ["score", "--model", str(tiny_char), "--calib", "synthetic", "--n", "4", "--seq-len", "250",
+            "--subsets", "2"]
+    assert main([*args, "--bootstrap", "1", "--out", str(tmp_path / "one.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert "heads have a 95%" not in printed
+    assert f"no test of the heads against zero: --bootstrap 1 is below the {stats.MIN_RESAMPLES} resamples" in printed
+    one = HeadScores.load(tmp_path / "one.npz")
+    assert one.interval is None and one.with_interval(stats.MIN_RESAMPLES - 1).interval is None
+    assert one.with_interval(stats.MIN_RESAMPLES).interval.shape == (2, 2, 4)
+    with pytest.raises(ValueError, match="resamples give no 95% interval"):
+        stats.head_interval(one.example_masked, one.example_baseline, one.answer_count, resamples=1)

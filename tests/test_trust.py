@@ -20,9 +20,9 @@ pytestmark = needs_smollm2
 
 BASE = {
     "seed": 0,
-    "calibration": {"tasks": ["synthetic"], "n": 3, "seq_len": 96, "subsets": 3, "chat": False, "bootstrap": 50},
+    "calibration": {"tasks": ["synthetic"], "n": 3, "seq_len": 96, "subsets": 3, "chat": False, "bootstrap": 100},
     "pruning": {"methods": ["cap", "random"], "sparsities": [0.3]},
-    "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "batch_size": 2, "bootstrap": 50},
+    "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "batch_size": 2, "bootstrap": 100},
 }
 
 

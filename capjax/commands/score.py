@@ -10,6 +10,7 @@ from capjax.commands.common import (add_calibration_args, add_model_args, check_
 from capjax import estimators
 from capjax.experiment.config import ABLATION_KINDS, SCORING_METHODS, CalibrationConfig, score_metric_names
 from capjax.provenance import code_version
+from capjax.stats import MIN_RESAMPLES
 
 _CALIB = CalibrationConfig()
 
@@ -66,6 +67,9 @@ def run(args) -> int:
     if scores.interval is not None:
         distinct = int(((scores.interval[0] > 0) | (scores.interval[1] < 0)).sum())
         print(f"{distinct} of {L * H} heads have a 95% bootstrap interval that excludes zero")
+    elif args.method == "ablation" and args.bootstrap:
+        print(f"no test of the heads against zero: --bootstrap {args.bootstrap} is below the {MIN_RESAMPLES} "
+              "resamples a 95% interval needs")
     if plot:
         from capjax.report import plot_head_scores
 

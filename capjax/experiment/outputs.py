@@ -68,7 +68,7 @@ def csv_text(rows: list[dict]) -> str:
                         "value": value, "stderr": iv.get("stderr"), "ci_low": iv.get("low"),
                         "ci_high": iv.get("high"), "n": iv.get("n"), "interval": iv.get("method"),
                         "diff_vs_dense": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high"),
-                        "within_noise": None if not d else not d["significant"],
+                        "within_noise": None if not d or d["significant"] is None else not d["significant"],
                         "fingerprint": r["eval"][task].get("fingerprint"), "status": r["eval_status"][key]})
     return buf.getvalue()
 
@@ -106,7 +106,9 @@ def report_markdown(results: dict, figures: list[str]) -> str:
           f"seed {cfg['seed']}.",
           "Cells: value ± standard error (accuracies: binomial; perplexity and losses: bootstrap over windows or "
           "examples), then the change against dense; \"n.s.\" marks a change whose 95% paired-bootstrap interval "
-          "contains zero (inside the noise). The sparsity column is the achieved sparsity of the prunable weights.",
+          "contains zero (inside the noise), \"no test\" one that was not tested (evaluation.bootstrap below "
+          f"{stats.MIN_RESAMPLES} resamples, or one example). The sparsity column is the achieved sparsity of the "
+          "prunable weights.",
           "", report.markdown_table(rows, relative_to=rows[0]), "",
           "Reused from earlier runs (same fingerprints): " + (", ".join(
               f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing") + ".", *foreign, "",
