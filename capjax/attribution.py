@@ -355,6 +355,15 @@ def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str
     return h.hexdigest()[:16]
 
 
+def check_method_metric(method: str, metric: str) -> None:
+    """Gradient scores are first order: d metric / d head mask at the intact model. The KL from the
+    intact model is zero there with zero gradient, so gradient x kl scores are float noise (about
+    1e-11) that CAP's min-max scaling would stretch over importance 1-10: refused by name."""
+    if method == "gradient" and metric == "kl":
+        raise ValueError("method=gradient with metric=kl measures float noise (the KL from the intact model has "
+                         "zero gradient at the intact model): use method=ablation with metric=kl, or metric=ce")
+
+
 def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, aggregate: str = "median",
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
@@ -383,6 +392,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     if kind not in KINDS:
         raise ValueError(f"unknown ablation kind {kind!r}: use one of {', '.join(KINDS)}")
     metric = get_metric(metric)
+    check_method_metric(method, metric.name)
     custom = (kind, metric.name) != ("zero", "ce")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")

@@ -93,3 +93,51 @@ def test_score_with_one_resample_says_no_test(tmp_path, tiny_char, capsys):
     assert one.with_interval(stats.MIN_RESAMPLES).interval.shape == (2, 2, 4)
     with pytest.raises(ValueError, match="resamples give no 95% interval"):
         stats.head_interval(one.example_masked, one.example_baseline, one.answer_count, resamples=1)
+
+
+# ---------------------------------------------------------------------------- gradient x kl
+def test_gradient_kl_is_refused_before_compute(tmp_path, capsys):
+    """Gradient scores of the KL from the intact model are float noise (its gradient is zero there):
+    refused in the config, by `capjax score` before the model loads, and by score_heads."""
+    from capjax.experiment.config import ConfigError, load_run_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tmp_path / 'no-model'}\nout: {tmp_path / 'out'}\nevaluation: {{tasks: [synthetic]}}\n")
+    with pytest.raises(ConfigError, match="calibration: method=gradient with metric=kl measures float noise"):
+        load_run_config(cfg, ["calibration.method=gradient", "calibration.metric=kl"])
+    assert load_run_config(cfg, ["calibration.method=ablation", "calibration.metric=kl"]).calibration.metric == "kl"
+    assert main(["score", "--model", str(tmp_path / "no-model"), "--calib", "synthetic", "--method", "gradient",
+                 "--metric", "kl", "--out", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "method=gradient with metric=kl" in err[0]  # not "model not found": before loading
+    make_hf_model(tmp_path / "m", "llama")
+    model, params = capjax.load_pretrained(tmp_path / "m")
+    tokens = np.random.RandomState(0).randint(0, 101, (3, 10))
+    loss = np.zeros((3, 10), np.float32)
+    loss[:, 5:] = 1
+    with pytest.raises(ValueError, match="metric=kl measures float noise"):
+        capjax.score_heads(model, params, tokens, loss, subsets=1, method="gradient", metric="kl", progress=False)
+
+
+def test_scores_indistinguishable_from_zero_are_not_pruned_by(tmp_path):
+    """Min-max scaling stretched 1e-11 noise over importance 1-10; such scores are refused, real
+    small scores (1e-3) and all-equal scores (importance 1: magnitude) are not."""
+    from capjax.attribution import HeadScores
+    from capjax.pruning.importance import importance_from_scores
+
+    make_hf_model(tmp_path / "m", "llama")
+    model, params = capjax.load_pretrained(tmp_path / "m")
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1e-11, (2, 4))
+    scores = HeadScores(noise, np.full((1, 2, 4), 3.0) + noise, np.array([3.0]))
+    for s in (scores, noise):
+        with pytest.raises(ValueError, match="indistinguishable from zero"):
+            capjax.prune(model, params, "cap", 0.5, head_scores=s)
+    small = rng.normal(0, 1e-3, (2, 4))
+    I = np.asarray(importance_from_scores(HeadScores(small, np.full((1, 2, 4), 3.0) + small, np.array([3.0]))))
+    np.testing.assert_allclose(I, 1 + 9 * (small - small.min()) / (small.max() - small.min()), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(importance_from_scores(np.zeros((2, 4)))), np.ones((2, 4)))
+    # the loss scale counts: 1e-5 is noise next to a loss of 1e3, not next to a loss of 3
+    big = HeadScores(small * 1e-2, np.full((1, 2, 4), 1e3), np.array([1e3]))
+    with pytest.raises(ValueError, match="loss scale 1e\\+03"):
+        importance_from_scores(big)

@@ -47,7 +47,9 @@ def run(args) -> int:
         raise ValueError(f"--subsets {args.subsets} exceeds --n {args.n}")
     check_calibration_data(args.calib, args.data_dir)
 
-    from capjax.attribution import score_heads
+    from capjax.attribution import check_method_metric, score_heads
+
+    check_method_metric(args.method, args.metric)
 
     model, params, tokenizer = load_model(args)
     calib = load_calibration(args, tokenizer)
