@@ -368,7 +368,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
                 progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True,
-                bootstrap: int = 0, kind: str = "zero", metric: str | Metric | Callable = "ce") -> HeadScores:
+                bootstrap: int = 0, kind: str = "zero", metric: str | Metric | Callable = "ce",
+                resume: bool = True) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [U, L, H], baseline [U]).
 
     Subsets are the U contiguous near-equal splits of the batch (numpy.array_split), each with its
@@ -377,7 +378,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     (method="gradient": median, mean or paired). method="ablation" is exact (prefix reuse, answer-only logits);
     method="gradient" is the first-order estimate masked[k] = baseline[k] - dL_k/dmask (Michel et
     al. 2019), one backward pass. With `checkpoint_dir`, finished layer groups are saved (orbax) and
-    a rerun with the same arguments resumes from them. With `mesh`, params are sharded by
+    a rerun with the same arguments and the same capjax code resumes from them (each group is
+    stamped with `capjax.provenance.code_version`; resume=False recomputes and overwrites every
+    group). With `mesh`, params are sharded by
     `capjax.sharding.DEFAULT_RULES` and each layer's H single-head ablations are split over
     the mesh's "data" axis (`chunk_size` per device). With `pack` (default), the ablations run on
     the examples packed into rows (`capjax.packing`); pack=False keeps one example per row. With
@@ -432,7 +435,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                             fingerprint_args=(tokens, loss_mask, prep.attention_mask),
                             mesh=mesh, metric=metric, ref=ref,
                             reps=replacements(model, params, prep, kind) if kind != "zero" else None,
-                            custom=(kind, metric.name) if custom else None)  # [L, H, B]
+                            custom=(kind, metric.name) if custom else None, resume=resume)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     if method == "gradient":
@@ -472,7 +475,8 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
 
 
 def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, layers_per_call, progress,
-                  fingerprint_args, mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None) -> np.ndarray:
+                  fingerprint_args, mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None,
+                  resume: bool = True) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads
     packed, rows, ans = prep.packed, prep.rows, prep.packed_ans
@@ -490,7 +494,7 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
         layout = hashlib.sha256(packed.segment_ids.tobytes()).hexdigest()
         extra = (requested, len(groups), layout) + ((custom,) if custom else ())  # zero / ce: old checkpoints resume
         fp = _fingerprint(model, params, *fingerprint_args, extra)
-        store = _GroupStore(Path(checkpoint_dir), fp)
+        store = _GroupStore(Path(checkpoint_dir), fp, resume)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -526,30 +530,53 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
 
 
 class _GroupStore:
-    """Orbax checkpoints of finished layer groups under dir/<fingerprint>/layers_<start>."""
+    """Orbax checkpoints of finished layer groups under dir/<fingerprint>/layers_<start>, each stamped
+    with the capjax code that computed it (layers_<start>.code). A group of other code, or one from
+    before the stamps, is recomputed with a log line; with resume=False every group is."""
 
-    def __init__(self, root: Path, fingerprint: str):
+    def __init__(self, root: Path, fingerprint: str, resume: bool = True):
         import orbax.checkpoint as ocp
+
+        from capjax.provenance import code_version
 
         self.dir = (root / fingerprint).absolute()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = ocp.PyTreeCheckpointer()
+        self.resume = resume
+        self.code = code_version()
 
     def _path(self, start: int) -> Path:
         return self.dir / f"layers_{start:04d}"
 
+    def _stamp(self, start: int) -> Path:
+        return self.dir / f"layers_{start:04d}.code"
+
     def load(self, start: int) -> np.ndarray | None:
+        from capjax.experiment.store import warn
+
         path = self._path(start)
-        if not path.exists():
+        if not self.resume or not path.exists():
+            return None
+        stamp = self._stamp(start)
+        code = stamp.read_text().strip() if stamp.is_file() else None
+        if code != self.code:
+            warn(f"{path} was computed by capjax {code or 'of an unrecorded version'} (this is {self.code}); "
+                 f"recomputing layers from {start}")
             return None
         try:
             nll = np.asarray(self.ckpt.restore(path)["nll"])
         except Exception as e:  # orbax raises many types for a damaged folder; all mean "redo this group"
-            from capjax.experiment.store import warn
-
             warn(f"{path} is unreadable ({type(e).__name__}); recomputing layers from {start}")
             return None
         return nll
 
     def save(self, start: int, nll: np.ndarray) -> None:
+        from capjax.distributed import is_writer
+        from capjax.experiment.store import write_text
+
+        stamp = self._stamp(start)
+        if is_writer():  # no stamp while the group is rewritten: a crash in between leaves it unstamped
+            stamp.unlink(missing_ok=True)
         self.ckpt.save(self._path(start), {"nll": np.asarray(nll)}, force=True)
+        if is_writer():
+            write_text(stamp, self.code + "\n")

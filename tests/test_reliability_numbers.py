@@ -141,3 +141,82 @@ def test_scores_indistinguishable_from_zero_are_not_pruned_by(tmp_path):
     big = HeadScores(small * 1e-2, np.full((1, 2, 4), 1e3), np.array([1e3]))
     with pytest.raises(ValueError, match="loss scale 1e\\+03"):
         importance_from_scores(big)
+
+
+# ---------------------------------------------------------------------------- scoring checkpoints
+def _tiny_batch(seed: int = 0):
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, 101, (4, 12))
+    loss = np.zeros((4, 12), np.float32)
+    loss[:, 6:] = 1
+    return tokens, loss
+
+
+def test_scoring_checkpoints_are_stamped_with_the_code_and_resume_false_reads_none(tmp_path, monkeypatch, capsys):
+    """A layer group saved by other capjax code is recomputed (with a line saying so), and
+    resume=False (what `capjax run --recompute` passes) restores no group at all."""
+    from capjax import attribution, provenance
+
+    make_hf_model(tmp_path / "m", "llama")
+    model, params = capjax.load_pretrained(tmp_path / "m")
+    tokens, loss = _tiny_batch()
+    ckpt = tmp_path / "ckpt"
+    kw = dict(subsets=1, progress=False, checkpoint_dir=ckpt, layers_per_call=1)
+    truth = capjax.score_heads(model, params, tokens, loss, **kw)
+    [fp_dir] = ckpt.iterdir()
+    assert sorted(p.name for p in fp_dir.iterdir()) == ["layers_0000", "layers_0000.code", "layers_0001",
+                                                          "layers_0001.code"]
+
+    def tamper(code: str) -> None:  # a group whose numbers are not what this code computes
+        with monkeypatch.context() as m:
+            m.setattr(provenance, "code_version", lambda: code)
+            store = attribution._GroupStore(ckpt, fp_dir.name)
+            store.save(0, truth.example_masked[:1] + 1.0)
+
+    tamper(provenance.code_version())
+    resumed = capjax.score_heads(model, params, tokens, loss, **kw)  # same code: the group is reused
+    np.testing.assert_allclose(resumed.example_masked[0], truth.example_masked[0] + 1.0)
+    again = capjax.score_heads(model, params, tokens, loss, resume=False, **kw)
+    np.testing.assert_array_equal(again.example_masked, truth.example_masked)
+
+    tamper("0.0.1+gdeadbeef")
+    capsys.readouterr()
+    other = capjax.score_heads(model, params, tokens, loss, **kw)
+    np.testing.assert_array_equal(other.example_masked, truth.example_masked)
+    assert "was computed by capjax 0.0.1+gdeadbeef" in capsys.readouterr().err
+    (fp_dir / "layers_0001.code").unlink()  # from before the stamps
+    capjax.score_heads(model, params, tokens, loss, **kw)
+    assert "computed by capjax of an unrecorded version" in capsys.readouterr().err
+
+
+def _run_config(tmp_path: Path, model: Path, **sections) -> Path:
+    import yaml
+
+    cfg = {"model": str(model), "out": str(tmp_path / "out"), "seed": 0,
+           "calibration": {"tasks": ["synthetic"], "n": 3, "seq_len": 250, "subsets": 1, "chat": False,
+                           "bootstrap": 0},
+           "pruning": {"methods": ["cap"], "sparsities": [0.5]},
+           "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 2, "batch_size": 2, "bootstrap": 0}}
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_run_recompute_restores_no_scoring_checkpoint(tmp_path, tiny_char):
+    """`capjax run --recompute` restored checkpoints/scores/ groups, so a stale group survived into
+    scores labelled "computed"."""
+    from capjax import attribution
+
+    path = _run_config(tmp_path, tiny_char)
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    first = json.loads((out / "results.json").read_text())["scores"]["synthetic"]
+    [fp_dir] = (out / "checkpoints" / "scores").iterdir()
+    store = attribution._GroupStore(out / "checkpoints" / "scores", fp_dir.name)
+    store.save(0, store.load(0) + 1.0)  # a stale group, stamped with this code
+    assert main(["run", str(path), "--recompute"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert "computed scores/synthetic" in again["events"]
+    np.testing.assert_allclose(again["scores"]["synthetic"]["delta"], first["delta"], rtol=1e-12)

@@ -6,8 +6,9 @@ Results folder layout:
     artifacts/masks/<fp>.npz        weight masks of one pruned model (+ weights a method changed)
     artifacts/evals/<fp>.json       one model on one task: metrics and per-example values
     artifacts/recovery/<fp>.json    loss history of one recovery run (the `recovery:` section)
-    checkpoints/scores/             orbax checkpoints of finished layer groups while scoring
-    checkpoints/recovery/<fp>/      orbax checkpoints of a recovery run (resume)
+    checkpoints/scores/             orbax checkpoints of finished layer groups while scoring (each
+                                    stamped with the code version; --recompute resumes from none)
+    checkpoints/recovery/<fp>/      orbax checkpoints of a recovery run (resume; --recompute clears them)
     results.json, results.csv       every number with its interval, fingerprint and computed/reused
     report.md                       the Table-1-shaped table with error bars
     figures/*.png                   head-score heatmaps, metrics vs sparsity, per-layer sparsity
@@ -20,6 +21,7 @@ pruning and evaluation settings. A rerun reuses exactly the artifacts whose inpu
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from capjax import report
-from capjax.distributed import is_writer, to_host
+from capjax.distributed import barrier, is_writer, to_host
 from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
 from capjax.experiment.outputs import sparsity_label, write_outputs
@@ -212,7 +214,7 @@ class Experiment:
             s = score_heads(self.model, self.params, calib.tokens, calib.loss_mask, subsets=c.subsets,
                             aggregate=c.aggregate, method=c.method, attention_mask=calib.attention_mask,
                             chunk_size=c.chunk_size, checkpoint_dir=self.out / "checkpoints" / "scores",
-                            mesh=self.mesh, kind=c.kind, metric=c.metric)
+                            mesh=self.mesh, kind=c.kind, metric=c.metric, resume=self.store.read)
             seconds = time.perf_counter() - t0
             path = self.store.save_npz("scores", fp, {k: v for k, v in s.arrays().items() if k != "interval"},
                                        {"calib": task, "seconds": seconds, **s.settings()})
@@ -283,8 +285,13 @@ class Experiment:
                 from capjax.recovery import run_recovery
 
                 _log(f"{name}: {settings.steps} recovery steps ({settings.mode}, data {settings.data})")
+                checkpoints = self.out / "checkpoints" / "recovery" / fp
+                if not self.store.read:  # --recompute: no resuming from an earlier run's steps either
+                    if is_writer():
+                        shutil.rmtree(checkpoints, ignore_errors=True)
+                    barrier(f"capjax recompute {fp}")
                 out, history = run_recovery(self.model, pruned, masks, self.tokenizer, settings,
-                                            checkpoint_dir=self.out / "checkpoints" / "recovery" / fp,
+                                            checkpoint_dir=checkpoints,
                                             mesh=self.mesh, data_dir=self.cfg.data_dir)
                 recovered.update(params=out, achieved_sparsity=sparsity_report(out).total,
                                  history={k: np.asarray(v).tolist() for k, v in history.items() if k in ("loss", "lr")})
