@@ -220,3 +220,91 @@ def test_run_recompute_restores_no_scoring_checkpoint(tmp_path, tiny_char):
     again = json.loads((out / "results.json").read_text())
     assert "computed scores/synthetic" in again["events"]
     np.testing.assert_allclose(again["scores"]["synthetic"]["delta"], first["delta"], rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------- plugin code and data files
+PLUGIN = """import jax.numpy as jnp
+import numpy as np
+
+OFFSET = {offset}
+
+
+def every_other(job):
+    masks = {{p: jnp.asarray((np.arange(w.size).reshape(w.shape) + OFFSET) % 2 == 0) for p, w in job.kernels.items()}}
+    return job.kernels, masks
+"""
+
+
+def _load_plugin(path: Path, offset: int):
+    import importlib.util
+
+    from capjax.pruning import registry
+
+    path.write_text(PLUGIN.format(offset=offset))
+    spec = importlib.util.spec_from_file_location(f"capjax_plugin_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    registry.register_method("every_other", module.every_other, replace=True)
+
+
+def _events(out: Path) -> list[str]:
+    return json.loads((out / "results.json").read_text())["events"]
+
+
+def test_plugin_method_code_enters_the_fingerprint(tmp_path, tiny_char):
+    """A plugin method whose code changed had its masks and evaluations reused with no note."""
+    from capjax.pruning import registry
+
+    path = _run_config(tmp_path, tiny_char, pruning={"methods": ["every_other"], "sparsities": [0.5]})
+    plugin = tmp_path / "plug.py"
+    try:
+        _load_plugin(plugin, 0)
+        assert main(["run", str(path)]) == 0
+        assert "computed masks/every_other_s0.50" in _events(tmp_path / "out")
+        _load_plugin(plugin, 0)  # the same code again: reused
+        assert main(["run", str(path)]) == 0
+        assert "reused masks/every_other_s0.50" in _events(tmp_path / "out")
+        _load_plugin(plugin, 1)  # other code, other masks
+        assert main(["run", str(path)]) == 0
+        events = _events(tmp_path / "out")
+        assert {"computed masks/every_other_s0.50", "computed evals/every_other_s0.50/synthetic"} <= set(events)
+    finally:
+        registry.unregister_method("every_other")
+
+
+def test_code_digest_follows_the_user_code():
+    """Built-ins are capjax's code (None); a user's function, partial, jitted function and a
+    capjax wrapper around a user's function are keyed by the user's code."""
+    import functools
+
+    import jax
+
+    from capjax.ablation.metrics import CE, logits_metric
+    from capjax.pruning.methods import magnitude
+    from capjax.provenance import code_digest
+
+    def mine(z, y):
+        return z[..., 0] - y
+
+    assert code_digest(magnitude) is None and code_digest(CE.fn) is None
+    here = code_digest(mine)
+    assert here is not None and len(here) == 20
+    assert code_digest(functools.partial(mine, 1.0)) == here == code_digest(jax.jit(mine))
+    assert code_digest(logits_metric(mine).fn) == here
+
+
+def test_recovery_text_file_content_enters_the_fingerprint(tmp_path, tiny_char):
+    """A recovery `text:` data file whose content changed had its recovery run reused."""
+    text = tmp_path / "train.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    recovery = {"steps": 1, "data": f"text:{text}", "n": 2, "seq_len": 64, "batch_size": 2, "mode": "full",
+                "warmup_steps": 0}
+    path = _run_config(tmp_path, tiny_char, pruning={"methods": ["magnitude"], "sparsities": [0.5]},
+                       recovery=recovery)
+    assert main(["run", str(path)]) == 0
+    assert "computed recovery/magnitude_s0.50+recovery" in _events(tmp_path / "out")
+    assert main(["run", str(path)]) == 0
+    assert "reused recovery/magnitude_s0.50+recovery" in _events(tmp_path / "out")
+    text.write_text("pack my box with five dozen liquor jugs! " * 20)
+    assert main(["run", str(path)]) == 0
+    assert "computed recovery/magnitude_s0.50+recovery" in _events(tmp_path / "out")

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from capjax import report
+from capjax import estimators, report
 from capjax.distributed import barrier, is_writer, to_host
 from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
 from capjax.experiment.outputs import sparsity_label, write_outputs
 from capjax.experiment.store import Store, fingerprint, warn
-from capjax.provenance import code_version, environment
+from capjax.provenance import code_digest, code_version, environment
 
 # Each evaluation reads only the settings that change its result.
 _GENERATION_TASKS = ("gsm8k", "strategyqa", "arc_challenge_cot", "synthetic")
@@ -192,6 +192,11 @@ class Experiment:
                   "method": c.method}
         if (c.kind, c.metric) != ("zero", "ce"):  # so that zero / ce artifacts from before still match
             inputs["ablation"] = {"kind": c.kind, "metric": c.metric}
+        from capjax.ablation.metrics import get_metric
+
+        plugin = code_digest(get_metric(c.metric).fn)  # a plugin metric's code (None: capjax's own)
+        if plugin is not None:
+            inputs["ablation"]["metric_code"] = plugin
         return fingerprint(inputs)
 
     def scores(self, task: str):
@@ -236,8 +241,15 @@ class Experiment:
         options = method_options(self.cfg, run["method"])
         inputs = {"model": self.model_fp, "method": run["method"], "sparsity": run["sparsity"] if not run["nm"]
                   else 0.0, "nm": run["nm"], "options": options}
+        plugin = code_digest(spec.fn)  # a plugin method's code (None: capjax's own, see code_version)
+        if plugin is not None:
+            inputs["code"] = plugin
         if spec.needs_scores:
             inputs["scores"] = {"fingerprint": scores[0], "aggregate": scores[1].aggregate}
+            if scores[1].aggregate in estimators.names():
+                plugin = code_digest(estimators.get(scores[1].aggregate))
+                if plugin is not None:
+                    inputs["scores"]["aggregate_code"] = plugin
         if spec.needs_calib:
             self.calibration(run["calib"])
             inputs["calibration"] = self.calib_fps[run["calib"]]
@@ -274,8 +286,10 @@ class Experiment:
         from capjax.pruning import sparsity_report
 
         settings = self.cfg.recovery
+        text = settings.data[len("text:"):] if settings.data.startswith("text:") else None
         fp = fingerprint({"pruned": pruned_fp, "recovery": dataclasses.asdict(settings),
-                          "data": self._data_digest(f"recovery.data {settings.data}")})
+                          "data": self.store.digest(Path(text)) if text is not None
+                          else self._data_digest(f"recovery.data {settings.data}")})
         name = f"{run['name']}+recovery"
         saved = self.store.load_json("recovery", fp, required=("history",))
         recovered: dict[str, Any] = {}
