@@ -77,18 +77,29 @@ def test_too_few_resamples_say_no_test_not_ns():
     assert table[3].endswith("2.0000 (+100.0%, no test) |") and table[4].endswith("(+1.0%, n.s.) |")
 
 
-def test_score_with_one_resample_says_no_test(tmp_path, tiny_char, capsys):
+@pytest.fixture(scope="module")
+def scored_once(tmp_path_factory, tiny_char):
+    """`capjax score --bootstrap 1` of tiny_char: (scores file, what it printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("scored") / "one.npz"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["score", "--model", str(tiny_char), "--calib", "synthetic", "--n", "4", "--seq-len", "250",
+                     "--subsets", "2", "--bootstrap", "1", "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+def test_score_with_one_resample_says_no_test(scored_once):
     """`capjax score --bootstrap 1` said "8 of 8 heads have a 95% interval that excludes zero"."""
     from capjax import stats
     from capjax.attribution import HeadScores
 
-    args = ["score", "--model", str(tiny_char), "--calib", "synthetic", "--n", "4", "--seq-len", "250",
-            "--subsets", "2"]
-    assert main([*args, "--bootstrap", "1", "--out", str(tmp_path / "one.npz")]) == 0
-    printed = capsys.readouterr().out
+    path, printed = scored_once
     assert "heads have a 95%" not in printed
     assert f"no test of the heads against zero: --bootstrap 1 is below the {stats.MIN_RESAMPLES} resamples" in printed
-    one = HeadScores.load(tmp_path / "one.npz")
+    one = HeadScores.load(path)
     assert one.interval is None and one.with_interval(stats.MIN_RESAMPLES - 1).interval is None
     assert one.with_interval(stats.MIN_RESAMPLES).interval.shape == (2, 2, 4)
     with pytest.raises(ValueError, match="resamples give no 95% interval"):
@@ -308,3 +319,65 @@ def test_recovery_text_file_content_enters_the_fingerprint(tmp_path, tiny_char):
     text.write_text("pack my box with five dozen liquor jugs! " * 20)
     assert main(["run", str(path)]) == 0
     assert "computed recovery/magnitude_s0.50+recovery" in _events(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------- scores and masks of another model
+def _one_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if "error:" in l]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_prune_refuses_scores_of_another_model(tmp_path, tiny_char, scored_once, capsys):
+    """`capjax prune --model A2 --scores s.npz` where s.npz scored model A (same shape) was accepted."""
+    from capjax.identity import model_identity
+
+    scores, _ = scored_once
+    other = tmp_path / "a2"
+    make_hf_model(other, "llama", seed=4, max_position_embeddings=256, eos_token_id=1, pad_token_id=0)
+    char_tokenizer().save_pretrained(other)
+    assert model_identity(other) != model_identity(tiny_char)
+    capsys.readouterr()
+    assert main(["prune", "--model", str(other), "--method", "cap", "--scores", str(scores),
+                 "--out", str(tmp_path / "p2")]) == 2
+    _one_error(capsys, f"--scores {scores} scored {tiny_char}", f"not --model {other}", "score this model")
+    assert not (tmp_path / "p2" / "config.json").exists()
+    assert main(["prune", "--model", str(tiny_char), "--method", "cap", "--scores", str(scores),
+                 "--out", str(tmp_path / "p1")]) == 0
+    record = json.loads((tmp_path / "p1" / "capjax_prune.json").read_text())
+    assert record["model_id"] == model_identity(tiny_char)
+    # a scores file that records no model cannot be checked: said in a warning line, not refused
+    delta = np.load(scores)["delta"]
+    np.savez(tmp_path / "bare.npz", delta=delta)
+    capsys.readouterr()
+    assert main(["prune", "--model", str(other), "--method", "cap", "--scores", str(tmp_path / "bare.npz"),
+                 "--out", str(tmp_path / "p3")]) == 0
+    assert "does not record the model it scored" in capsys.readouterr().err
+
+
+def test_recover_refuses_masks_of_another_pruning(tmp_path, tiny_char, capsys):
+    """`capjax recover --masks` from another pruning of the same shape was accepted (and recovery
+    then zeroed weights the model keeps)."""
+    from capjax.pruning.prune import masks_digest, read_masks_npz
+
+    for method in ("magnitude", "random"):
+        assert main(["prune", "--model", str(tiny_char), "--method", method, "--sparsity", "0.5",
+                     "--out", str(tmp_path / method)]) == 0
+    mine, theirs = tmp_path / "magnitude", tmp_path / "random"
+    recorded = json.loads((mine / "capjax_prune.json").read_text())["masks_digest"]
+    assert recorded == masks_digest(read_masks_npz(mine / "masks.npz")) != masks_digest(read_masks_npz(theirs / "masks.npz"))
+    args = ["recover", "--model", str(mine), "--data", "synthetic", "--steps", "1", "--n", "2", "--seq-len", "250", "--batch-size", "2",
+            "--mode", "full", "--warmup-steps", "0"]
+    capsys.readouterr()
+    assert main([*args, "--masks", str(theirs / "masks.npz"), "--out", str(tmp_path / "r1")]) == 2
+    _one_error(capsys, f"--masks {theirs / 'masks.npz'} are not the masks of this pruning", str(mine / "masks.npz"))
+    (mine / "capjax_prune.json").unlink()  # no record: the weights themselves say the masks do not fit
+    assert main([*args, "--masks", str(theirs / "masks.npz"), "--out", str(tmp_path / "r2")]) == 2
+    _one_error(capsys, "that", "keeps (nonzero): the masks come from another pruning")
+    copy = tmp_path / "copy.npz"
+    with np.load(mine / "masks.npz") as z:
+        np.savez(copy, **{k: z[k] for k in z.files})
+    assert main([*args, "--masks", str(copy), "--out", str(tmp_path / "r3")]) == 0

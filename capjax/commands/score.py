@@ -60,7 +60,9 @@ def run(args) -> int:
                          bootstrap=args.bootstrap if args.method == "ablation" else 0, kind=args.kind,
                          metric=args.metric)
     seconds = time.perf_counter() - t0
-    out = scores.save(out, model=str(args.model), calib=args.calib, n=args.n, seq_len=args.seq_len,
+    from capjax.identity import model_identity
+
+    out = scores.save(out, model=str(args.model), model_id=model_identity(args.model), calib=args.calib, n=args.n, seq_len=args.seq_len,
                       seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated), seconds=seconds,
                       code=code_version())
     L, H = scores.delta.shape

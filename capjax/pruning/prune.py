@@ -98,6 +98,19 @@ def read_masks_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: arrays[k] for k in PRUNABLE}
 
 
+def masks_digest(flat: dict[str, Any]) -> str:
+    """20 hex digits of SHA-256 over the keep masks {prunable path: bool array} (paths, shapes and
+    bits), so two masks files are compared by content however they were saved."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in PRUNABLE:
+        m = np.asarray(flat[p]).astype(bool)
+        h.update(f"{p}{m.shape}".encode())
+        h.update(np.packbits(m.reshape(-1)).tobytes())
+    return h.hexdigest()[:20]
+
+
 def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:
     """Inverse of `flat_masks`: a masks tree shaped like params (None at non-prunable leaves)."""
     return _rebuild(params, {p: np.asarray(flat[p]).astype(bool) for p in PRUNABLE}, lambda _: None)
