@@ -381,3 +381,86 @@ def test_recover_refuses_masks_of_another_pruning(tmp_path, tiny_char, capsys):
     with np.load(mine / "masks.npz") as z:
         np.savez(copy, **{k: z[k] for k in z.files})
     assert main([*args, "--masks", str(copy), "--out", str(tmp_path / "r3")]) == 0
+
+
+# ---------------------------------------------------------------------------- NaN and token ids
+@pytest.fixture(scope="module")
+def nan_folder(tmp_path_factory):
+    """tiny_char's architecture with one NaN in model.norm, saved as an HF folder with its tokenizer."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("nan_norm")
+    hf = make_hf_model(folder, "llama", seed=3, max_position_embeddings=256, eos_token_id=1, pad_token_id=0)
+    with torch.no_grad():
+        hf.model.norm.weight[5] = float("nan")
+    hf.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_nan_logits_are_an_error_in_every_task_mode(nan_folder):
+    """A NaN weight gave accuracies of 0.0 (argmax of NaN logits is token 0, an argmax over NaN
+    log-likelihoods the first choice): generation, log-likelihood, perplexity and answer loss
+    each refuse, and evaluate names the model and the task."""
+    from capjax.errors import NonFiniteError
+    from capjax.evaluate import continuation_logprobs, evaluate, generate, perplexity
+    from capjax.evaluate.tasks import answer_loss, arc_loglikelihood
+
+    model, params = capjax.load_pretrained(nan_folder)
+    tok = capjax.load_tokenizer(nan_folder)
+    with pytest.raises(NonFiniteError, match="generation: the model's logits are NaN/Inf"):
+        generate(model, params, [[5, 6, 7], [8]], max_new_tokens=3, eos_ids=[])
+    with pytest.raises(NonFiniteError, match="log-likelihood: .* are NaN/Inf"):
+        continuation_logprobs(model, params, [([5, 6], [7, 8])])
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        perplexity(model, params, np.arange(40) % 90 + 3, seq_len=16)
+    records = [{"question": "1+1", "choices": [("A", "2"), ("B", "3")], "answer_label": "A", "answer": "A"}]
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        arc_loglikelihood(model, params, tok, records)
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        answer_loss(model, params, tok, [{"question": "1+1", "answer": "2", "reasoning": ""}], task="synthetic",
+                    chat=False)
+    with pytest.raises(NonFiniteError, match=r"^nan-model on synthetic: generation: the model's logits are NaN"):
+        evaluate(model, params, tok, ["synthetic"], limit=2, max_new_tokens=2, model_name="nan-model",
+                 progress=False)
+
+
+def test_capjax_eval_of_a_nan_model_is_one_line(nan_folder, tmp_path, capsys):
+    assert main(["eval", "--model", str(nan_folder), "--tasks", "synthetic", "--limit", "2", "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "r.json")]) == 2
+    _one_error(capsys, f"{nan_folder} on synthetic: generation: the model's logits are NaN/Inf")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny_char):
+    """A tokenizer of 101 tokens with a 60-token model: an id of 500 gave NaN logits and -3 wrapped
+    around. Every entry point with concrete ids refuses them; under jit nothing is checked."""
+    import jax
+    import jax.numpy as jnp
+
+    from capjax.evaluate import generate, token_logprobs
+    from capjax.token_ids import TokenIdError
+
+    model, params = capjax.load_pretrained(tiny_char)
+    V = model.config.vocab_size
+    good = np.array([[3, 4, 5, V - 1]])
+    for bad_id in (V, 500, -3):
+        bad = good.copy()
+        bad[0, 2] = bad_id
+        with pytest.raises(TokenIdError, match=rf"token id {bad_id} is outside the model's vocabulary \[0, {V}\)"):
+            model.apply({"params": params}, bad)
+        with pytest.raises(TokenIdError, match=f"token id {bad_id}"):
+            model.apply({"params": params}, jnp.asarray(bad))
+        with pytest.raises(TokenIdError, match=f"prompt: token id {bad_id}"):
+            generate(model, params, [[3, 4], bad[0].tolist()], max_new_tokens=2)
+        with pytest.raises(TokenIdError, match=f"token id {bad_id}"):
+            token_logprobs(model, params, bad)
+        with pytest.raises(TokenIdError, match=f"calibration tokens: token id {bad_id}"):
+            capjax.score_heads(model, params, bad, np.ones(bad.shape, np.float32), subsets=1, progress=False)
+        with pytest.raises(TokenIdError, match=f"calibration tokens: token id {bad_id}"):
+            capjax.prune(model, params, "wanda", 0.5, calib={"tokens": bad, "attention_mask": np.ones_like(bad)})
+    # padding ids count too (a masked value still enters attention as 0 x NaN); jitted forwards are untouched
+    with pytest.raises(TokenIdError, match=f"token id {V + 7}"):
+        token_logprobs(model, params, np.array([[3, 4, V + 7]]), np.array([[1, 1, 0]]))
+    logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, jnp.asarray(good))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply({"params": params}, good)), atol=1e-6)

@@ -18,6 +18,7 @@ import numpy as np
 
 from capjax.distributed import to_host
 from capjax.errors import NonFiniteError
+from capjax.token_ids import check_token_ids
 from capjax.families import family_of
 from capjax.pruning.importance import PRUNABLE, get_kernels, get_path, head_delta, importance_from_scores
 from capjax.pruning.methods import Job
@@ -198,6 +199,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
         if calib is None:
             raise ValueError(f"method {method!r} needs calib (tokens and attention_mask [B, T])")
         tokens, am = _calib_arrays(calib)
+        check_token_ids(tokens, config.vocab_size, "calibration tokens")
     if sparsity == 0.0 and nm is None:  # reference rules would still prune one weight per group
         masks = {p: jnp.ones(k.shape, bool) for p, k in kernels.items()}
         return params, _placed(_rebuild(params, masks, lambda _: None), mesh)
