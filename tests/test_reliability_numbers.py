@@ -224,6 +224,11 @@ def test_run_recompute_restores_no_scoring_checkpoint(tmp_path, tiny_char):
     assert main(["run", str(path)]) == 0
     out = tmp_path / "out"
     first = json.loads((out / "results.json").read_text())["scores"]["synthetic"]
+    # the run's scores artifact records its model too, so `capjax prune --scores` can check it
+    meta = json.loads(str(np.load(out / first["file"])["meta"]))
+    from capjax.identity import model_identity
+
+    assert (meta["model"], meta["model_id"]) == (str(tiny_char), model_identity(tiny_char))
     [fp_dir] = (out / "checkpoints" / "scores").iterdir()
     store = attribution._GroupStore(out / "checkpoints" / "scores", fp_dir.name)
     store.save(0, store.load(0) + 1.0)  # a stale group, stamped with this code

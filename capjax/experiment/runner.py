@@ -221,8 +221,11 @@ class Experiment:
                             chunk_size=c.chunk_size, checkpoint_dir=self.out / "checkpoints" / "scores",
                             mesh=self.mesh, kind=c.kind, metric=c.metric, resume=self.store.read)
             seconds = time.perf_counter() - t0
+            from capjax.identity import model_identity
+
             path = self.store.save_npz("scores", fp, {k: v for k, v in s.arrays().items() if k != "interval"},
-                                       {"calib": task, "seconds": seconds, **s.settings()})
+                                       {"calib": task, "seconds": seconds, **s.settings(), "model": self.cfg.model,
+                                        "model_id": model_identity(self.cfg.model)})  # for capjax prune --scores
             self._event("computed", f"scores/{task}", path)
             _log(f"scores: done in {seconds:.1f} s -> {path}")
         s = s.with_aggregate(c.aggregate)
