@@ -373,9 +373,10 @@ def test_recover_refuses_masks_of_another_pruning(tmp_path, tiny_char, capsys):
                      "--out", str(tmp_path / method)]) == 0
     mine, theirs = tmp_path / "magnitude", tmp_path / "random"
     recorded = json.loads((mine / "capjax_prune.json").read_text())["masks_digest"]
-    assert recorded == masks_digest(read_masks_npz(mine / "masks.npz")) != masks_digest(read_masks_npz(theirs / "masks.npz"))
-    args = ["recover", "--model", str(mine), "--data", "synthetic", "--steps", "1", "--n", "2", "--seq-len", "250", "--batch-size", "2",
-            "--mode", "full", "--warmup-steps", "0"]
+    ours, other = (masks_digest(read_masks_npz(d / "masks.npz")) for d in (mine, theirs))
+    assert recorded == ours != other
+    args = ["recover", "--model", str(mine), "--data", "synthetic", "--steps", "1", "--n", "2", "--seq-len", "250",
+            "--batch-size", "2", "--mode", "full", "--warmup-steps", "0"]
     capsys.readouterr()
     assert main([*args, "--masks", str(theirs / "masks.npz"), "--out", str(tmp_path / "r1")]) == 2
     _one_error(capsys, f"--masks {theirs / 'masks.npz'} are not the masks of this pruning", str(mine / "masks.npz"))

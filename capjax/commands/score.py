@@ -62,9 +62,9 @@ def run(args) -> int:
     seconds = time.perf_counter() - t0
     from capjax.identity import model_identity
 
-    out = scores.save(out, model=str(args.model), model_id=model_identity(args.model), calib=args.calib, n=args.n, seq_len=args.seq_len,
-                      seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated), seconds=seconds,
-                      code=code_version())
+    out = scores.save(out, model=str(args.model), model_id=model_identity(args.model), calib=args.calib, n=args.n,
+                      seq_len=args.seq_len, seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated),
+                      seconds=seconds, code=code_version())
     L, H = scores.delta.shape
     print(f"scored {L * H} heads in {seconds:.1f} s; baseline loss per subset "
           f"{', '.join(f'{b:.4f}' for b in scores.baseline)}; wrote {out}")

@@ -112,7 +112,8 @@ def report_markdown(results: dict, figures: list[str]) -> str:
           "", report.markdown_table(rows, relative_to=rows[0]), "",
           "Reused from earlier runs (same fingerprints): " + (", ".join(
               f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing") + ".", *foreign, "",
-          "Target sparsity: " + ", ".join(f"{r['name']} {sparsity_label(r['sparsity'])}" for r in rows if r["method"] != "dense"),
+          "Target sparsity: " + ", ".join(f"{r['name']} {sparsity_label(r['sparsity'])}" for r in rows
+                                          if r["method"] != "dense"),
           "", *[f"![{f}](figures/{f})" for f in figures], "",
           f"Total time {results['seconds']:.0f} s on {describe(results['environment'])}. Every number, its 95% "
           "interval and its fingerprint are in results.json and results.csv."]
