@@ -470,3 +470,30 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_char):
         token_logprobs(model, params, np.array([[3, 4, V + 7]]), np.array([[1, 1, 0]]))
     logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, jnp.asarray(good))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply({"params": params}, good)), atol=1e-6)
+
+
+def test_plugin_metric_code_enters_the_scores_fingerprint(tmp_path):
+    """Scores measured by a plugin metric are filed under its code: changed code, other scores."""
+    import importlib.util
+
+    from capjax.ablation.metrics import register_metric, unregister_metric
+    from capjax.experiment.config import CalibrationConfig, RunConfig
+    from capjax.experiment.runner import Experiment
+
+    def fingerprint_with(body: str) -> str:
+        path = tmp_path / "metric_plugin.py"
+        path.write_text(f"def gap(logits, target):\n    return {body}\n")
+        spec = importlib.util.spec_from_file_location("capjax_plugin_metric_plugin", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        register_metric(module.gap, "gap", replace=True)
+        exp = Experiment(RunConfig(model="m", out=str(tmp_path / "out"), calibration=CalibrationConfig(metric="gap")))
+        exp.model_fp, exp.calibs["synthetic"], exp.calib_fps["synthetic"] = "model", object(), "calibration"
+        return exp.scores_fingerprint("synthetic")
+
+    try:
+        first = fingerprint_with("logits.max(-1) - logits[..., 0]")
+        assert fingerprint_with("logits.max(-1) - logits[..., 0]") == first
+        assert fingerprint_with("logits.max(-1) - logits[..., 1]") != first
+    finally:
+        unregister_metric("gap")
