@@ -497,3 +497,19 @@ def test_plugin_metric_code_enters_the_scores_fingerprint(tmp_path):
         assert fingerprint_with("logits.max(-1) - logits[..., 1]") != first
     finally:
         unregister_metric("gap")
+
+
+def test_run_recompute_does_not_resume_recovery(tmp_path, tiny_char):
+    """`--recompute` resumed a recovery run from its orbax checkpoints (a finished run's last step
+    came back without training); the run's checkpoint folder is cleared and the steps are trained."""
+    recovery = {"steps": 2, "data": "synthetic", "n": 2, "seq_len": 250, "batch_size": 2, "mode": "full",
+                "warmup_steps": 0, "checkpoint_every": 1}
+    path = _run_config(tmp_path, tiny_char, pruning={"methods": ["magnitude"], "sparsities": [0.5]},
+                       recovery=recovery)
+    assert main(["run", str(path)]) == 0
+    steps = sorted((tmp_path / "out" / "checkpoints" / "recovery").glob("*/*/step_*"))  # <run fp>/<state fp>/
+    assert [p.name for p in steps] == ["step_0000001", "step_0000002"]
+    (steps[1] / "stale").write_text("from the first run")
+    assert main(["run", str(path), "--recompute"]) == 0
+    assert "computed recovery/magnitude_s0.50+recovery" in _events(tmp_path / "out")
+    assert steps[1].is_dir() and not (steps[1] / "stale").exists()  # trained again, not restored
