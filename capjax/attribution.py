@@ -46,7 +46,7 @@ from capjax.distributed import checksum, to_host
 from capjax.errors import NonFiniteError
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
-from capjax.stats import head_interval
+from capjax.stats import MIN_RESAMPLES, head_interval
 
 Array = jax.Array
 AGGREGATES = ("median", "mean", "paired")
@@ -134,7 +134,10 @@ class HeadScores:
         return dataclasses.replace(self, delta=np.asarray(delta).reshape(L, H), aggregate=aggregate)
 
     def with_interval(self, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "HeadScores":
-        """A bootstrap interval [2, L, H] over calibration examples (exact ablation only)."""
+        """A bootstrap interval [2, L, H] over calibration examples (exact ablation only); none
+        (interval None: no test) below `capjax.stats.MIN_RESAMPLES` resamples."""
+        if resamples < MIN_RESAMPLES:
+            return dataclasses.replace(self, interval=None)
         if self.example_masked is None:
             raise ValueError(f"no per-example losses to bootstrap (method={self.method!r}; "
                              "intervals need method='ablation')")
@@ -352,11 +355,21 @@ def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str
     return h.hexdigest()[:16]
 
 
+def check_method_metric(method: str, metric: str) -> None:
+    """Gradient scores are first order: d metric / d head mask at the intact model. The KL from the
+    intact model is zero there with zero gradient, so gradient x kl scores are float noise (about
+    1e-11) that CAP's min-max scaling would stretch over importance 1-10: refused by name."""
+    if method == "gradient" and metric == "kl":
+        raise ValueError("method=gradient with metric=kl measures float noise (the KL from the intact model has "
+                         "zero gradient at the intact model): use method=ablation with metric=kl, or metric=ce")
+
+
 def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, aggregate: str = "median",
                 method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
                 checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
                 progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True,
-                bootstrap: int = 0, kind: str = "zero", metric: str | Metric | Callable = "ce") -> HeadScores:
+                bootstrap: int = 0, kind: str = "zero", metric: str | Metric | Callable = "ce",
+                resume: bool = True) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [U, L, H], baseline [U]).
 
     Subsets are the U contiguous near-equal splits of the batch (numpy.array_split), each with its
@@ -365,7 +378,9 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     (method="gradient": median, mean or paired). method="ablation" is exact (prefix reuse, answer-only logits);
     method="gradient" is the first-order estimate masked[k] = baseline[k] - dL_k/dmask (Michel et
     al. 2019), one backward pass. With `checkpoint_dir`, finished layer groups are saved (orbax) and
-    a rerun with the same arguments resumes from them. With `mesh`, params are sharded by
+    a rerun with the same arguments and the same capjax code resumes from them (each group is
+    stamped with `capjax.provenance.code_version`; resume=False recomputes and overwrites every
+    group). With `mesh`, params are sharded by
     `capjax.sharding.DEFAULT_RULES` and each layer's H single-head ablations are split over
     the mesh's "data" axis (`chunk_size` per device). With `pack` (default), the ablations run on
     the examples packed into rows (`capjax.packing`); pack=False keeps one example per row. With
@@ -380,6 +395,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     if kind not in KINDS:
         raise ValueError(f"unknown ablation kind {kind!r}: use one of {', '.join(KINDS)}")
     metric = get_metric(metric)
+    check_method_metric(method, metric.name)
     custom = (kind, metric.name) != ("zero", "ce")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
@@ -419,7 +435,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                             fingerprint_args=(tokens, loss_mask, prep.attention_mask),
                             mesh=mesh, metric=metric, ref=ref,
                             reps=replacements(model, params, prep, kind) if kind != "zero" else None,
-                            custom=(kind, metric.name) if custom else None)  # [L, H, B]
+                            custom=(kind, metric.name) if custom else None, resume=resume)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     if method == "gradient":
@@ -459,7 +475,8 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
 
 
 def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, layers_per_call, progress,
-                  fingerprint_args, mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None) -> np.ndarray:
+                  fingerprint_args, mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None,
+                  resume: bool = True) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads
     packed, rows, ans = prep.packed, prep.rows, prep.packed_ans
@@ -477,7 +494,7 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
         layout = hashlib.sha256(packed.segment_ids.tobytes()).hexdigest()
         extra = (requested, len(groups), layout) + ((custom,) if custom else ())  # zero / ce: old checkpoints resume
         fp = _fingerprint(model, params, *fingerprint_args, extra)
-        store = _GroupStore(Path(checkpoint_dir), fp)
+        store = _GroupStore(Path(checkpoint_dir), fp, resume)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -513,30 +530,53 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
 
 
 class _GroupStore:
-    """Orbax checkpoints of finished layer groups under dir/<fingerprint>/layers_<start>."""
+    """Orbax checkpoints of finished layer groups under dir/<fingerprint>/layers_<start>, each stamped
+    with the capjax code that computed it (layers_<start>.code). A group of other code, or one from
+    before the stamps, is recomputed with a log line; with resume=False every group is."""
 
-    def __init__(self, root: Path, fingerprint: str):
+    def __init__(self, root: Path, fingerprint: str, resume: bool = True):
         import orbax.checkpoint as ocp
+
+        from capjax.provenance import code_version
 
         self.dir = (root / fingerprint).absolute()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = ocp.PyTreeCheckpointer()
+        self.resume = resume
+        self.code = code_version()
 
     def _path(self, start: int) -> Path:
         return self.dir / f"layers_{start:04d}"
 
+    def _stamp(self, start: int) -> Path:
+        return self.dir / f"layers_{start:04d}.code"
+
     def load(self, start: int) -> np.ndarray | None:
+        from capjax.experiment.store import warn
+
         path = self._path(start)
-        if not path.exists():
+        if not self.resume or not path.exists():
+            return None
+        stamp = self._stamp(start)
+        code = stamp.read_text().strip() if stamp.is_file() else None
+        if code != self.code:
+            warn(f"{path} was computed by capjax {code or 'of an unrecorded version'} (this is {self.code}); "
+                 f"recomputing layers from {start}")
             return None
         try:
             nll = np.asarray(self.ckpt.restore(path)["nll"])
         except Exception as e:  # orbax raises many types for a damaged folder; all mean "redo this group"
-            from capjax.experiment.store import warn
-
             warn(f"{path} is unreadable ({type(e).__name__}); recomputing layers from {start}")
             return None
         return nll
 
     def save(self, start: int, nll: np.ndarray) -> None:
+        from capjax.distributed import is_writer
+        from capjax.experiment.store import write_text
+
+        stamp = self._stamp(start)
+        if is_writer():  # no stamp while the group is rewritten: a crash in between leaves it unstamped
+            stamp.unlink(missing_ok=True)
         self.ckpt.save(self._path(start), {"nll": np.asarray(nll)}, force=True)
+        if is_writer():
+            write_text(stamp, self.code + "\n")

@@ -68,6 +68,12 @@ def unregister_estimator(name: str) -> None:
     _ESTIMATORS.pop(name, None)
 
 
+def get(name: str) -> Estimator:
+    """The registered estimator function `name` (KeyError when there is none)."""
+    names()
+    return _ESTIMATORS[name]
+
+
 def names() -> tuple[str, ...]:
     """Registered estimator names (built-ins, then yours and `CAPJAX_PLUGINS`')."""
     load_plugins()

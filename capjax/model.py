@@ -30,6 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from capjax.config import ModelConfig
+from capjax.token_ids import check_token_ids
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -313,7 +314,9 @@ class Decoder(nn.Module):
             self.lm_head = Proj((c.hidden_size, c.vocab_size), "bte,ev->btv", None, self.dtype)
 
     def embed(self, tokens: Array) -> Array:
-        """tokens [B, T] -> hidden [B, T, E] in the compute dtype (times sqrt(E) with embed_scale)."""
+        """tokens [B, T] -> hidden [B, T, E] in the compute dtype (times sqrt(E) with embed_scale).
+        Concrete ids outside the vocabulary are refused (`capjax.token_ids`; traced ones pass)."""
+        check_token_ids(tokens, self.config.vocab_size)
         x = self.embed_tokens(tokens).astype(self.dtype)
         return x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype) if self.config.embed_scale else x
 

@@ -57,6 +57,54 @@ def code_version() -> str:
     return f"{version}+g{git['commit'][:12]}" + (".modified" if git["modified"] else "")
 
 
+def code_digest(obj: Any) -> str | None:
+    """The code a user's plugin runs, for fingerprints: the first 20 hex digits of SHA-256 over the
+    source file that defines `obj` (a function, class or callable instance; the whole file, so
+    helpers beside it count) and, recursively, over the functions its closure holds (so a capjax
+    wrapper such as `logits_metric(fn)` is keyed by `fn`). None for capjax's own code, which
+    `code_version` versions. Code without a file (a REPL, exec) is keyed by its bytecode and
+    constants. Modules the file imports are not followed: a plugin split over files is keyed by
+    the file that defines the registered object."""
+    import hashlib
+    import inspect
+    import marshal
+
+    parts: list[str] = []
+    seen: set[int] = set()
+
+    def visit(o: Any) -> None:
+        if id(o) in seen:
+            return
+        seen.add(id(o))
+        if isinstance(o, functools.partial):
+            o = o.func
+        try:
+            o = inspect.unwrap(o)  # functools.wraps wrappers, jax.jit
+        except ValueError:  # a cycle of __wrapped__
+            pass
+        o = getattr(o, "__func__", o)  # bound methods
+        if not (inspect.isfunction(o) or inspect.isclass(o)) and callable(o):
+            o = type(o)  # a callable instance: its class's code
+        module = getattr(o, "__module__", "") or ""
+        if not (module == "capjax" or module.startswith("capjax.")):
+            try:
+                parts.append(hashlib.sha256(Path(inspect.getsourcefile(o)).read_bytes()).hexdigest())
+            except (TypeError, OSError):
+                code = getattr(o, "__code__", None)
+                parts.append(hashlib.sha256(marshal.dumps(code) if code is not None
+                                            else repr(o).encode()).hexdigest())
+        for cell in getattr(o, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if inspect.isfunction(value) or inspect.isclass(value) or isinstance(value, functools.partial):
+                visit(value)
+
+    visit(obj)
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:20] if parts else None
+
+
 def environment() -> dict[str, Any]:
     """Code version, package versions, Python, platform, and the JAX backend, devices and processes."""
     import jax

@@ -34,7 +34,8 @@ def markdown_table(rows: Sequence[dict], relative_to: dict | None = None) -> str
 
     The sparsity column is the achieved sparsity when the rows have it. A metric with an interval
     shows "value ± stderr"; a change against `relative_to` whose paired interval contains zero
-    is marked "n.s." (not distinguishable from noise)."""
+    is marked "n.s." (not distinguishable from noise), one that was not tested (too few resamples
+    or examples, `capjax.stats.MIN_RESAMPLES`) "no test"."""
     names = metric_names(rows)
     head = ["method", "calib", "sparsity", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -49,7 +50,7 @@ def markdown_table(rows: Sequence[dict], relative_to: dict | None = None) -> str
             base = (relative_to or {}).get("metrics", {}).get(k)
             if r is not relative_to and v is not None and base not in (None, 0):
                 diff = r.get("vs_dense", {}).get(k)
-                noise = ", n.s." if diff is not None and not diff["significant"] else ""
+                noise = "" if diff is None else {None: ", no test", False: ", n.s."}.get(diff["significant"], "")
                 cell += f" ({100 * (v - base) / abs(base):+.1f}%{noise})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")

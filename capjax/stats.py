@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 
 TRANSFORMS = {"identity": lambda x: x, "exp": np.exp}
+# Fewest resamples behind a bootstrap interval or test: a 95% percentile interval from fewer puts
+# its ends on the two or three most extreme draws. Below it capjax gives no interval and says
+# "no test" (never "n.s." or "significant" from a handful of draws).
+MIN_RESAMPLES = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +74,17 @@ def _ratio(num: np.ndarray, den: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def bootstrap_ratio(num, den, transform: str = "identity", resamples: int = 1000, seed: int = 0,
                     level: float = 0.95) -> Estimate:
-    """transform(sum num / sum den) with a percentile bootstrap interval over examples [B]."""
+    """transform(sum num / sum den) with a percentile bootstrap interval over examples [B]; no
+    interval (NaN) with one example or fewer than MIN_RESAMPLES resamples."""
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
     if num.shape != den.shape or num.ndim != 1 or num.size == 0:
         raise ValueError(f"num and den must be equal non-empty [B] arrays, got {num.shape} and {den.shape}")
     f = TRANSFORMS[transform]
     value = float(f(num.sum() / den.sum()))
-    boot = f(_ratio(num, den, resample_weights(num.size, resamples, seed))) if num.size > 1 else np.zeros(0)
+    enough = num.size > 1 and resamples >= MIN_RESAMPLES
+    boot = f(_ratio(num, den, resample_weights(num.size, resamples, seed))) if enough else np.zeros(0)
     boot = boot[np.isfinite(boot)]
-    if boot.size < 2:  # one example, resamples=0 (no intervals asked for), or no finite resample
+    if boot.size < 2:  # one example, too few resamples (0: no intervals asked for), or no finite resample
         return Estimate(value, math.nan, math.nan, math.nan, int(num.size), "bootstrap", level)
     a = (1 - level) / 2
     return Estimate(value, float(boot.std(ddof=1)), float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a)),
@@ -96,12 +102,13 @@ def estimate(values: dict[str, Any], resamples: int = 1000, seed: int = 0, level
 @dataclasses.dataclass(frozen=True)
 class PairedDifference:
     """b - a on the same examples, with a paired bootstrap interval; `significant` when the
-    interval excludes zero (otherwise the difference lies inside the noise)."""
+    interval excludes zero (False: the difference lies inside the noise; None: no test was made,
+    with one example or fewer than MIN_RESAMPLES resamples)."""
 
     diff: float
     low: float
     high: float
-    significant: bool
+    significant: bool | None
     level: float = 0.95
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,13 +124,13 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any], resamples: int = 100
         raise ValueError(f"paired_difference needs the same examples: {na.size} vs {nb.size} values")
     f = TRANSFORMS[a.get("transform", "identity")]
     diff = float(f(nb.sum() / db.sum()) - f(na.sum() / da.sum()))
-    if na.size < 2 or resamples < 2:
-        return PairedDifference(diff, math.nan, math.nan, False, level)
+    if na.size < 2 or resamples < MIN_RESAMPLES:
+        return PairedDifference(diff, math.nan, math.nan, None, level)
     w = resample_weights(na.size, resamples, seed)
     boot = f(_ratio(nb, db, w)) - f(_ratio(na, da, w))
     boot = boot[np.isfinite(boot)]
-    if boot.size < 2:
-        return PairedDifference(diff, math.nan, math.nan, False, level)
+    if boot.size < MIN_RESAMPLES:
+        return PairedDifference(diff, math.nan, math.nan, None, level)
     alpha = (1 - level) / 2
     low, high = float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
     return PairedDifference(diff, low, high, bool(low > 0 or high < 0), level)
@@ -137,8 +144,11 @@ def head_interval(example_masked: np.ndarray, example_baseline: np.ndarray, answ
     example_masked [L, H, B]: answer NLL summed per example with the head ablated;
     example_baseline [B]: the same, intact; answer_count [B]: answer tokens per example.
     The resampled statistic is the pooled (mean) loss increase, paired per example; it needs
-    no forward pass beyond those the scores already made.
+    no forward pass beyond those the scores already made. Fewer than MIN_RESAMPLES resamples
+    are a ValueError (`HeadScores.with_interval` then gives no interval).
     """
+    if resamples < MIN_RESAMPLES:
+        raise ValueError(f"head_interval: {resamples} resamples give no 95% interval; use at least {MIN_RESAMPLES}")
     L, H, B = example_masked.shape
     w = resample_weights(B, resamples, seed)  # [R, B]
     diff = (example_masked - example_baseline[None, None, :]).reshape(L * H, B)

@@ -135,6 +135,22 @@ def test_clear_errors(tiny, tmp_path):
         CapjaxLM(model=model, params=params, tokenizer=tok, batch_size="many")
 
 
+def test_unknown_model_args_are_refused(tiny, tmp_path):
+    """`--model_args pretrained=X,mask=Y` (a typo for masks=) used to evaluate the dense model with exit 0:
+    an unknown key is one error naming the known ones, before the model loads; the keys the harness
+    itself adds (device, max_batch_size) are still accepted."""
+    from capjax.integrations.lm_eval import main
+
+    src, out, model, params, _, tok = tiny
+    with pytest.raises(ValueError, match=r"unknown key\(s\) mask; the capjax model takes pretrained, masks"):
+        CapjaxLM(pretrained=str(tmp_path / "never-loaded"), mask=str(out / "masks.npz"))
+    with pytest.raises(ValueError, match="unknown key"):
+        main(["run", "--model", "capjax", "--model_args", f"pretrained={src},mask={out / 'masks.npz'}",
+              "--tasks", "tiny_choice", "--include_path", str(TASKS)])
+    lm = CapjaxLM(model=model, params=params, tokenizer=tok, device="cpu", max_batch_size=4)
+    assert lm.batch_size == 8
+
+
 @pytest.mark.data
 @pytest.mark.slow
 @needs_smollm2

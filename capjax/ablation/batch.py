@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.packing import PackedBatch, one_per_row, pack_examples
+from capjax.token_ids import check_token_ids
 
 Array = jax.Array
 
@@ -76,6 +77,7 @@ def check_calibration(model, tokens, loss_mask, attention_mask):
     if attention_mask is None:
         attention_mask = np.ones(tokens.shape, np.int32)
     attention_mask = np.asarray(attention_mask)
+    check_token_ids(tokens, model.config.vocab_size, "calibration tokens")
     ans = answer_positions(tokens, loss_mask, attention_mask)
     if ans.count.sum() == 0:
         raise ValueError("the calibration batch has no answer tokens (loss_mask is all zero after position 0): "

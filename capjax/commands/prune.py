@@ -66,20 +66,45 @@ def _check_out_is_not_model(model: str, out: str) -> None:
                          "it reads; choose another --out")
 
 
-def _load_delta(path: str) -> np.ndarray:
+def _load_delta(path: str) -> tuple[np.ndarray, dict]:
+    """(delta [L, H], the settings the scores file records: its model and model_id, ...)."""
+    import json
+
     from capjax.experiment.store import read_npz
 
-    delta = np.asarray(read_npz(path, required=("delta",))["delta"])
+    arrays = read_npz(path, required=("delta",))
+    delta = np.asarray(arrays["delta"])
     if delta.ndim != 2 or not np.all(np.isfinite(delta)):
         raise ValueError(f"{path}: 'delta' must be a finite [L, H] array, got shape {list(delta.shape)}"
                          f"{'' if np.all(np.isfinite(delta)) else ' with NaN/Inf'}")
-    return delta
+    key = "settings" if "settings" in arrays else "meta" if "meta" in arrays else None
+    try:
+        settings = json.loads(str(arrays[key])) if key else {}
+    except ValueError:
+        settings = {}
+    return delta, settings if isinstance(settings, dict) else {}
+
+
+def _check_scored_model(path: str, settings: dict, model: str) -> None:
+    """Scores of another model are refused (capjax.identity); a file that records no model is said."""
+    from capjax.identity import model_identity
+
+    recorded = settings.get("model_id")
+    if recorded is None:
+        print(f"capjax prune: warning: {path} does not record the model it scored; cannot check it is {model}",
+              file=sys.stderr)
+        return
+    here = model_identity(model)
+    if recorded != here:
+        raise ValueError(f"--scores {path} scored {settings.get('model', 'another model')} (model id {recorded}), "
+                         f"not --model {model} (model id {here}): score this model with capjax score")
 
 
 def run(args: argparse.Namespace) -> int:
     import capjax
     from capjax.pruning import prune, sparsity_report
-    from capjax.pruning.prune import flat_masks
+    from capjax.identity import model_identity
+    from capjax.pruning.prune import flat_masks, masks_digest
 
     spec = registry.spec(args.method)
     from capjax.experiment.config import check_writable_dir
@@ -118,12 +143,13 @@ def run(args: argparse.Namespace) -> int:
     from capjax.pruning.prune import check_options
 
     check_options(args.method, options)
-    delta = _load_delta(args.scores) if spec.needs_scores else None
+    delta, scored = _load_delta(args.scores) if spec.needs_scores else (None, {})
     if delta is not None:  # the model's config is enough to know the scores belong to another model
         config = capjax.load_config(args.model)
         if delta.shape != (config.num_layers, config.num_heads):
             raise ValueError(f"{args.scores}: 'delta' is {list(delta.shape)} but {args.model} has "
                              f"[{config.num_layers}, {config.num_heads}] heads: score this model with capjax score")
+        _check_scored_model(args.scores, scored, args.model)
     if spec.needs_calib:
         check_calibration_data(args.calib, args.data_dir)
 
@@ -163,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
             "scores": {"file": str(args.scores), "digest": file_digest(Path(args.scores))} if delta is not None
             else None,
             "calibration": {"task": args.calib, "n": args.n, "seq_len": args.seq_len, "seed": args.seed}
-            if spec.needs_calib else None, "code": code_version()}))
+            if spec.needs_calib else None, "model_id": model_identity(args.model), "masks_digest": masks_digest(flat),
+            "code": code_version()}))
     out = Path(args.out)
     print(report.table())
     if args.method == "cap_heads":

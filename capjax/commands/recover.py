@@ -31,6 +31,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _check_recorded_masks(model: Path, masks_path: Path, flat: dict) -> None:
+    """Masks other than those `capjax prune` recorded for this folder (capjax_prune.json's
+    masks_digest, by content) are refused before the model loads."""
+    from capjax.pruning.prune import masks_digest
+
+    record = model / "capjax_prune.json"
+    try:
+        recorded = json.loads(record.read_text()).get("masks_digest") if record.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        recorded = None
+    if recorded is not None and masks_digest(flat) != recorded:
+        raise ValueError(f"--masks {masks_path} are not the masks of this pruning ({record} records masks "
+                         f"{recorded}, the file holds {masks_digest(flat)}): pass {model / 'masks.npz'}")
+
+
+def _check_masks_fit_weights(model: str, masks_path: Path, params, flat: dict) -> None:
+    """Masks that prune weights the model keeps (nonzero) come from another pruning: recovery would
+    silently zero those weights. Refused, naming the count and a kernel."""
+    from capjax.distributed import to_host
+    from capjax.pruning.importance import PRUNABLE, get_path
+
+    for p in PRUNABLE:
+        w = np.asarray(to_host(get_path(params, p)))
+        kept = int(np.count_nonzero(w[~np.asarray(flat[p], bool)] != 0))
+        if kept:
+            raise ValueError(f"--masks {masks_path} prune {kept} weights of {p} that {model} keeps (nonzero): the "
+                             f"masks come from another pruning; pass the masks.npz written with {model}")
+
+
 def run(args: argparse.Namespace) -> int:
     import capjax
     from capjax.pruning import sparsity_report
@@ -49,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint_dir:
         check_writable_dir(Path(args.checkpoint_dir), "--checkpoint-dir")
     flat = read_masks_npz(masks_path)  # before the model loads
+    _check_recorded_masks(Path(args.model), masks_path, flat)
     model, params = capjax.load_pretrained(args.model, dtype=args.dtype)
     masks = masks_from_flat(params, flat)
     from capjax.recovery import check_masks
 
     check_masks(params, masks)
+    _check_masks_fit_weights(args.model, masks_path, params, flat)
     tokenizer = capjax.load_tokenizer(args.model)
     out_dir = Path(args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out_dir / "checkpoints"

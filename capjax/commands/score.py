@@ -10,6 +10,7 @@ from capjax.commands.common import (add_calibration_args, add_model_args, check_
 from capjax import estimators
 from capjax.experiment.config import ABLATION_KINDS, SCORING_METHODS, CalibrationConfig, score_metric_names
 from capjax.provenance import code_version
+from capjax.stats import MIN_RESAMPLES
 
 _CALIB = CalibrationConfig()
 
@@ -46,7 +47,9 @@ def run(args) -> int:
         raise ValueError(f"--subsets {args.subsets} exceeds --n {args.n}")
     check_calibration_data(args.calib, args.data_dir)
 
-    from capjax.attribution import score_heads
+    from capjax.attribution import check_method_metric, score_heads
+
+    check_method_metric(args.method, args.metric)
 
     model, params, tokenizer = load_model(args)
     calib = load_calibration(args, tokenizer)
@@ -57,15 +60,20 @@ def run(args) -> int:
                          bootstrap=args.bootstrap if args.method == "ablation" else 0, kind=args.kind,
                          metric=args.metric)
     seconds = time.perf_counter() - t0
-    out = scores.save(out, model=str(args.model), calib=args.calib, n=args.n, seq_len=args.seq_len,
-                      seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated), seconds=seconds,
-                      code=code_version())
+    from capjax.identity import model_identity
+
+    out = scores.save(out, model=str(args.model), model_id=model_identity(args.model), calib=args.calib, n=args.n,
+                      seq_len=args.seq_len, seed=args.seed, subsets=args.subsets, n_truncated=int(calib.n_truncated),
+                      seconds=seconds, code=code_version())
     L, H = scores.delta.shape
     print(f"scored {L * H} heads in {seconds:.1f} s; baseline loss per subset "
           f"{', '.join(f'{b:.4f}' for b in scores.baseline)}; wrote {out}")
     if scores.interval is not None:
         distinct = int(((scores.interval[0] > 0) | (scores.interval[1] < 0)).sum())
         print(f"{distinct} of {L * H} heads have a 95% bootstrap interval that excludes zero")
+    elif args.method == "ablation" and args.bootstrap:
+        print(f"no test of the heads against zero: --bootstrap {args.bootstrap} is below the {MIN_RESAMPLES} "
+              "resamples a 95% interval needs")
     if plot:
         from capjax.report import plot_head_scores
 

@@ -20,7 +20,9 @@ import numpy as np
 
 from capjax.config import ModelConfig
 from capjax.distributed import batch_multiple, place_batch, to_host
+from capjax.errors import NonFiniteError
 from capjax.model import Decoder, init_cache
+from capjax.token_ids import check_token_ids
 
 Params = dict[str, Any]
 
@@ -58,8 +60,9 @@ def decode_fn(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids
         return jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
     @jax.jit
-    def run(params: Params, tokens: jax.Array, prompt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """tokens, prompt_mask [B, T] (left-padded) -> (new tokens [B, X], n_steps)."""
+    def run(params: Params, tokens: jax.Array, prompt_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """tokens, prompt_mask [B, T] (left-padded) -> (new tokens [B, X], n_steps, finite): finite is
+        whether every logit the tokens were chosen from was finite (argmax of NaN picks token 0)."""
         B, T = tokens.shape
         X = max_new_tokens
         valid = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((B, X), jnp.int32)], axis=1)
@@ -69,20 +72,21 @@ def decode_fn(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids
         out = jnp.full((B, X), pad_id, jnp.int32).at[:, 0].set(first)
 
         def cond(state):
-            step, _, _, _, done = state
+            step, _, _, _, done, _ = state
             return (step < X) & ~jnp.all(done)
 
         def body(state):
-            step, cur, cache, out, done = state
+            step, cur, cache, out, done, finite = state
             logits, cache = model.apply({"params": params}, cur[:, None], attention_mask=valid, cache=cache)
+            finite &= jnp.all(jnp.isfinite(logits[:, -1]))
             nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
             nxt = jnp.where(done, pad_id, nxt)
             out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], step, axis=1)
-            return step + 1, nxt, cache, out, done | is_eos(nxt)
+            return step + 1, nxt, cache, out, done | is_eos(nxt), finite
 
-        state = (jnp.int32(1), first, cache, out, is_eos(first))
-        step, _, _, out, _ = jax.lax.while_loop(cond, body, state)
-        return out, step
+        state = (jnp.int32(1), first, cache, out, is_eos(first), jnp.all(jnp.isfinite(logits[:, -1])))
+        step, _, _, out, _, finite = jax.lax.while_loop(cond, body, state)
+        return out, step, finite
 
     return run
 
@@ -149,6 +153,7 @@ def generate(
     if not prompts:
         return []
     config = model.config
+    check_token_ids(np.fromiter((t for p in prompts for t in p), np.int64), config.vocab_size, "prompt")
     eos = tuple(int(e) for e in (config.eos_ids if eos_ids is None else eos_ids))
     if pad_id is None:
         pad_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
@@ -172,7 +177,10 @@ def generate(
             p = chunk[i] if i < len(chunk) else chunk[0]
             tokens[i, T - len(p):] = p
             mask[i, T - len(p):] = 1
-        out, _ = run(params, *place_batch(params, tokens, mask))
-        out = to_host(out)
+        out, _, finite = run(params, *place_batch(params, tokens, mask))
+        out, finite = to_host(out), bool(to_host(finite))
+        if not finite:
+            raise NonFiniteError("generation: the model's logits are NaN/Inf (NaN/Inf weights, or overflow): "
+                                 "check the checkpoint, or use dtype float32")
         outputs.extend(truncate_at_stop(out[i].tolist(), set(eos), stop, tokenizer) for i in range(len(chunk)))
     return outputs

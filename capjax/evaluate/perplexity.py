@@ -16,8 +16,10 @@ import numpy as np
 
 from capjax.config import ModelConfig
 from capjax.distributed import place_batch, to_host
+from capjax.errors import NonFiniteError
 from capjax.evaluate.generate import batches, bucket_length
 from capjax.model import Decoder
+from capjax.token_ids import check_token_ids
 
 Params = dict[str, Any]
 _CHUNK = 256  # time steps per LM-head chunk: bounds the [B, C, V] float32 logits
@@ -61,12 +63,22 @@ def _token_logprobs_fn(config: ModelConfig, dtype_name: str):
 def token_logprobs(model: Decoder, params: Params, tokens: np.ndarray,
                    mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For tokens [B, T] (mask [B, T], 1 = real; right padding): (log p(token t | tokens < t)
-    float32 [B, T], token t is the greedy argmax bool [B, T]); column 0 is (0, True)."""
+    float32 [B, T], token t is the greedy argmax bool [B, T]); column 0 is (0, True).
+    Ids outside the vocabulary, and a NaN / Inf log-probability at a real token (NaN / Inf weights,
+    overflow), are errors: every metric built on these (perplexity, log-likelihoods, answer loss)
+    would otherwise be computed from NaN."""
     tokens = np.asarray(tokens, np.int32)
     mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
+    check_token_ids(tokens, model.config.vocab_size)
     fn = _token_logprobs_fn(model.config, jnp.dtype(model.dtype).name)
     lp, greedy = to_host(fn(params, *place_batch(params, tokens, mask)))
-    return lp[:len(tokens)], greedy[:len(tokens)]  # place_batch's masked padding rows dropped
+    lp, greedy = lp[:len(tokens)], greedy[:len(tokens)]  # place_batch's masked padding rows dropped
+    real = lp[mask > 0]
+    if not np.all(np.isfinite(real)):
+        raise NonFiniteError(f"log-likelihood: {int((~np.isfinite(real)).sum())} of {real.size} token "
+                             "log-probabilities are NaN/Inf (NaN/Inf weights, or overflow): check the checkpoint, "
+                             "or use dtype float32")
+    return lp, greedy
 
 
 def perplexity(

@@ -31,9 +31,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from capjax.errors import NonFiniteError
 from capjax.evaluate.extract import choice_letter, gsm8k_flexible, gsm8k_strict, normalize_number, yes_no
 from capjax.evaluate.generate import generate
 from capjax.evaluate.perplexity import continuation_logprobs, wikitext2_perplexity
+from capjax.token_ids import TokenIdError
 
 TASKS: tuple[str, ...] = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic")
 # lm-eval's gsm8k `until` list; with chat models EOS (<|im_end|>) usually ends first.
@@ -188,6 +190,36 @@ def _examples(task: str, metrics: dict, samples: list[dict]) -> dict[str, dict]:
     return {k: _proportion([s[k] for s in samples]) for k in keys}
 
 
+def _evaluate_task(task, model, params, tokenizer, data_dir, limit, seed, max_new_tokens, batch_size, chat,
+                   seq_len, progress, results: dict, samples: dict, examples: dict) -> None:
+    """One task of `evaluate`: fills results[task], examples[task] (and samples[task])."""
+    if task == "wikitext2":
+        results[task] = wikitext2_perplexity(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
+                                             limit_windows=limit, progress=progress)
+        windows = results[task].pop("window_nll")
+        tokens = [float(results[task]["seq_len"] - 1)] * len(windows)
+        examples[task] = {"ppl": {"kind": "ratio", "num": windows, "den": tokens, "transform": "exp"},
+                          "nll": {"kind": "ratio", "num": windows, "den": tokens, "transform": "identity"}}
+        return
+    records = _records(task, limit, seed, data_dir)
+    if not records:
+        raise ValueError(f"no {task} examples to evaluate (limit={limit})")
+    if task == "arc_challenge":
+        results[task], samples[task] = arc_loglikelihood(model, params, tokenizer, records, batch_size, progress)
+        examples[task] = _examples(task, results[task], samples[task])
+        return
+    score = {"gsm8k": _score_gsm8k, "strategyqa": _score_strategyqa, "arc_challenge_cot": _score_arc_cot,
+             "synthetic": _score_synthetic}[task]
+    results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, score,
+                                                    max_new_tokens, batch_size, chat, progress)
+    examples[task] = _examples(task, results[task], samples[task])
+    if task == "synthetic":
+        results[task]["answer_loss"], pairs = answer_loss(model, params, tokenizer, records, "synthetic", chat,
+                                                          batch_size, progress, per_example=True)
+        examples[task]["answer_loss"] = {"kind": "ratio", "num": [a for a, _ in pairs],
+                                         "den": [float(b) for _, b in pairs], "transform": "identity"}
+
+
 def evaluate(
     model,
     params,
@@ -228,31 +260,11 @@ def evaluate(
     samples: dict[str, list] = {}
     examples: dict[str, dict] = {}
     for task in tasks:
-        if task == "wikitext2":
-            results[task] = wikitext2_perplexity(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
-                                                 limit_windows=limit, progress=progress)
-            windows = results[task].pop("window_nll")
-            tokens = [float(results[task]["seq_len"] - 1)] * len(windows)
-            examples[task] = {"ppl": {"kind": "ratio", "num": windows, "den": tokens, "transform": "exp"},
-                              "nll": {"kind": "ratio", "num": windows, "den": tokens, "transform": "identity"}}
-            continue
-        records = _records(task, limit, seed, data_dir)
-        if not records:
-            raise ValueError(f"no {task} examples to evaluate (limit={limit})")
-        if task == "arc_challenge":
-            results[task], samples[task] = arc_loglikelihood(model, params, tokenizer, records, batch_size, progress)
-            examples[task] = _examples(task, results[task], samples[task])
-            continue
-        score = {"gsm8k": _score_gsm8k, "strategyqa": _score_strategyqa, "arc_challenge_cot": _score_arc_cot,
-                 "synthetic": _score_synthetic}[task]
-        results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, score,
-                                                        max_new_tokens, batch_size, chat, progress)
-        examples[task] = _examples(task, results[task], samples[task])
-        if task == "synthetic":
-            results[task]["answer_loss"], pairs = answer_loss(model, params, tokenizer, records, "synthetic", chat,
-                                                              batch_size, progress, per_example=True)
-            examples[task]["answer_loss"] = {"kind": "ratio", "num": [a for a, _ in pairs],
-                                             "den": [float(b) for _, b in pairs], "transform": "identity"}
+        try:
+            _evaluate_task(task, model, params, tokenizer, data_dir, limit, seed, max_new_tokens, batch_size,
+                           chat, seq_len, progress, results, samples, examples)
+        except (NonFiniteError, TokenIdError) as e:  # every metric of the task would come from NaN
+            raise type(e)(f"{model_name or model.config.model_type} on {task}: {e}") from None
     out = {
         "settings": {
             "model": model_name or model.config.model_type,

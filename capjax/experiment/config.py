@@ -315,6 +315,13 @@ def build(d: dict) -> RunConfig:
         bootstrap=_int(c["bootstrap"], "calibration.bootstrap", 0))
     if calib.subsets > calib.n:
         raise ConfigError(f"calibration.subsets={calib.subsets} exceeds calibration.n={calib.n}")
+    if calib.method == "gradient":
+        from capjax.attribution import check_method_metric
+
+        try:
+            check_method_metric(calib.method, calib.metric)
+        except ValueError as err:
+            raise ConfigError(f"calibration: {err}") from None
     nm = parse_nm_text(p["nm"])
     sparsities = p["sparsities"]
     if sparsities is not None:

@@ -24,6 +24,13 @@ CSV_COLUMNS = ("name", "method", "calib", "target_sparsity", "achieved_sparsity"
                "fingerprint", "status")
 
 
+def sparsity_label(s: float) -> str:
+    """A sparsity as run and figure names show it: two decimals ("0.10") when they are the exact
+    value, else the shortest exact form ("0.104"), so distinct sparsities never share a name."""
+    two = f"{s:.2f}"
+    return two if float(two) == float(s) else repr(float(s))
+
+
 def annotate(rows: list[dict], resamples: int = 1000, seed: int = 0) -> None:
     """Adds to each row metrics {task/metric: value}, intervals {task/metric: Estimate},
     vs_dense {task/metric: PairedDifference} and status (computed / reused / partly reused)."""
@@ -61,7 +68,7 @@ def csv_text(rows: list[dict]) -> str:
                         "value": value, "stderr": iv.get("stderr"), "ci_low": iv.get("low"),
                         "ci_high": iv.get("high"), "n": iv.get("n"), "interval": iv.get("method"),
                         "diff_vs_dense": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high"),
-                        "within_noise": None if not d else not d["significant"],
+                        "within_noise": None if not d or d["significant"] is None else not d["significant"],
                         "fingerprint": r["eval"][task].get("fingerprint"), "status": r["eval_status"][key]})
     return buf.getvalue()
 
@@ -78,8 +85,9 @@ def write_outputs(out: Path, results: dict, resamples: int = 1000, seed: int = 0
         per_layer = {r["name"]: r["per_layer_sparsity"] for r in rows
                      if r["sparsity"] == s and r.get("per_layer_sparsity")}
         if per_layer:
-            name = f"layer_sparsity_s{s:.2f}.png"
-            report.plot_layer_sparsity(per_layer, out / "figures" / name, title=f"per-layer sparsity at {s:.0%}")
+            name = f"layer_sparsity_s{sparsity_label(s)}.png"
+            report.plot_layer_sparsity(per_layer, out / "figures" / name,
+                                       title=f"per-layer sparsity at {sparsity_label(s)}")
             figures.append(name)
     files[out / "report.md"] = report_markdown(results, figures)
     write_texts(files)  # one unit: all three complete on disk before the first replaces its old version
@@ -98,11 +106,14 @@ def report_markdown(results: dict, figures: list[str]) -> str:
           f"seed {cfg['seed']}.",
           "Cells: value ± standard error (accuracies: binomial; perplexity and losses: bootstrap over windows or "
           "examples), then the change against dense; \"n.s.\" marks a change whose 95% paired-bootstrap interval "
-          "contains zero (inside the noise). The sparsity column is the achieved sparsity of the prunable weights.",
+          "contains zero (inside the noise), \"no test\" one that was not tested (evaluation.bootstrap below "
+          f"{stats.MIN_RESAMPLES} resamples, or one example). The sparsity column is the achieved sparsity of the "
+          "prunable weights.",
           "", report.markdown_table(rows, relative_to=rows[0]), "",
           "Reused from earlier runs (same fingerprints): " + (", ".join(
               f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing") + ".", *foreign, "",
-          "Target sparsity: " + ", ".join(f"{r['name']} {r['sparsity']:.2f}" for r in rows if r["method"] != "dense"),
+          "Target sparsity: " + ", ".join(f"{r['name']} {sparsity_label(r['sparsity'])}" for r in rows
+                                          if r["method"] != "dense"),
           "", *[f"![{f}](figures/{f})" for f in figures], "",
           f"Total time {results['seconds']:.0f} s on {describe(results['environment'])}. Every number, its 95% "
           "interval and its fingerprint are in results.json and results.csv."]

@@ -6,8 +6,9 @@ Results folder layout:
     artifacts/masks/<fp>.npz        weight masks of one pruned model (+ weights a method changed)
     artifacts/evals/<fp>.json       one model on one task: metrics and per-example values
     artifacts/recovery/<fp>.json    loss history of one recovery run (the `recovery:` section)
-    checkpoints/scores/             orbax checkpoints of finished layer groups while scoring
-    checkpoints/recovery/<fp>/      orbax checkpoints of a recovery run (resume)
+    checkpoints/scores/             orbax checkpoints of finished layer groups while scoring (each
+                                    stamped with the code version; --recompute resumes from none)
+    checkpoints/recovery/<fp>/      orbax checkpoints of a recovery run (resume; --recompute clears them)
     results.json, results.csv       every number with its interval, fingerprint and computed/reused
     report.md                       the Table-1-shaped table with error bars
     figures/*.png                   head-score heatmaps, metrics vs sparsity, per-layer sparsity
@@ -20,19 +21,20 @@ pruning and evaluation settings. A rerun reuses exactly the artifacts whose inpu
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from capjax import report
-from capjax.distributed import is_writer, to_host
+from capjax import estimators, report
+from capjax.distributed import barrier, is_writer, to_host
 from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
-from capjax.experiment.outputs import write_outputs
+from capjax.experiment.outputs import sparsity_label, write_outputs
 from capjax.experiment.store import Store, fingerprint, warn
-from capjax.provenance import code_version, environment
+from capjax.provenance import code_digest, code_version, environment
 
 # Each evaluation reads only the settings that change its result.
 _GENERATION_TASKS = ("gsm8k", "strategyqa", "arc_challenge_cot", "synthetic")
@@ -94,7 +96,7 @@ def plan_runs(cfg: RunConfig) -> list[dict]:
         calibs = cfg.calibration.tasks if (spec.needs_calib or spec.needs_scores) else [None]
         for calib in calibs:
             for s in p.targets():
-                name = "_".join([method, *([calib] if calib else []), f"s{s:.2f}"])
+                name = "_".join([method, *([calib] if calib else []), f"s{sparsity_label(s)}"])
                 if p.nm:
                     name += "_nm" + p.nm.replace(":", "-")
                 runs.append({"name": name, "method": method, "calib": calib, "sparsity": float(s), "nm": p.nm})
@@ -190,6 +192,11 @@ class Experiment:
                   "method": c.method}
         if (c.kind, c.metric) != ("zero", "ce"):  # so that zero / ce artifacts from before still match
             inputs["ablation"] = {"kind": c.kind, "metric": c.metric}
+        from capjax.ablation.metrics import get_metric
+
+        plugin = code_digest(get_metric(c.metric).fn)  # a plugin metric's code (None: capjax's own)
+        if plugin is not None:
+            inputs["ablation"]["metric_code"] = plugin
         return fingerprint(inputs)
 
     def scores(self, task: str):
@@ -212,10 +219,13 @@ class Experiment:
             s = score_heads(self.model, self.params, calib.tokens, calib.loss_mask, subsets=c.subsets,
                             aggregate=c.aggregate, method=c.method, attention_mask=calib.attention_mask,
                             chunk_size=c.chunk_size, checkpoint_dir=self.out / "checkpoints" / "scores",
-                            mesh=self.mesh, kind=c.kind, metric=c.metric)
+                            mesh=self.mesh, kind=c.kind, metric=c.metric, resume=self.store.read)
             seconds = time.perf_counter() - t0
+            from capjax.identity import model_identity
+
             path = self.store.save_npz("scores", fp, {k: v for k, v in s.arrays().items() if k != "interval"},
-                                       {"calib": task, "seconds": seconds, **s.settings()})
+                                       {"calib": task, "seconds": seconds, **s.settings(), "model": self.cfg.model,
+                                        "model_id": model_identity(self.cfg.model)})  # for capjax prune --scores
             self._event("computed", f"scores/{task}", path)
             _log(f"scores: done in {seconds:.1f} s -> {path}")
         s = s.with_aggregate(c.aggregate)
@@ -234,8 +244,15 @@ class Experiment:
         options = method_options(self.cfg, run["method"])
         inputs = {"model": self.model_fp, "method": run["method"], "sparsity": run["sparsity"] if not run["nm"]
                   else 0.0, "nm": run["nm"], "options": options}
+        plugin = code_digest(spec.fn)  # a plugin method's code (None: capjax's own, see code_version)
+        if plugin is not None:
+            inputs["code"] = plugin
         if spec.needs_scores:
             inputs["scores"] = {"fingerprint": scores[0], "aggregate": scores[1].aggregate}
+            if scores[1].aggregate in estimators.names():
+                plugin = code_digest(estimators.get(scores[1].aggregate))
+                if plugin is not None:
+                    inputs["scores"]["aggregate_code"] = plugin
         if spec.needs_calib:
             self.calibration(run["calib"])
             inputs["calibration"] = self.calib_fps[run["calib"]]
@@ -272,8 +289,10 @@ class Experiment:
         from capjax.pruning import sparsity_report
 
         settings = self.cfg.recovery
+        text = settings.data[len("text:"):] if settings.data.startswith("text:") else None
         fp = fingerprint({"pruned": pruned_fp, "recovery": dataclasses.asdict(settings),
-                          "data": self._data_digest(f"recovery.data {settings.data}")})
+                          "data": self.store.digest(Path(text)) if text is not None
+                          else self._data_digest(f"recovery.data {settings.data}")})
         name = f"{run['name']}+recovery"
         saved = self.store.load_json("recovery", fp, required=("history",))
         recovered: dict[str, Any] = {}
@@ -283,8 +302,13 @@ class Experiment:
                 from capjax.recovery import run_recovery
 
                 _log(f"{name}: {settings.steps} recovery steps ({settings.mode}, data {settings.data})")
+                checkpoints = self.out / "checkpoints" / "recovery" / fp
+                if not self.store.read:  # --recompute: no resuming from an earlier run's steps either
+                    if is_writer():
+                        shutil.rmtree(checkpoints, ignore_errors=True)
+                    barrier(f"capjax recompute {fp}")
                 out, history = run_recovery(self.model, pruned, masks, self.tokenizer, settings,
-                                            checkpoint_dir=self.out / "checkpoints" / "recovery" / fp,
+                                            checkpoint_dir=checkpoints,
                                             mesh=self.mesh, data_dir=self.cfg.data_dir)
                 recovered.update(params=out, achieved_sparsity=sparsity_report(out).total,
                                  history={k: np.asarray(v).tolist() for k, v in history.items() if k in ("loss", "lr")})

@@ -31,6 +31,9 @@ except ImportError as e:  # optional dependency: say how to get it
     raise ImportError(f"the lm-eval model needs lm-evaluation-harness: pip install capjax[lm-eval] ({e})") from e
 
 DEFAULT_BATCH = 8
+# What the harness itself adds to --model_args (create_from_arg_string's additional_config); any
+# other key is a typo (mask= for masks=) that would otherwise evaluate the dense model silently.
+HARNESS_KEYS = ("max_batch_size", "device")
 
 
 def _batch_size(value: Any) -> int:
@@ -63,6 +66,11 @@ class CapjaxLM(TemplateLM):
                  add_bos_token: bool | str | None = None, model: Any = None, params: dict | None = None,
                  tokenizer: Any = None, **harness_kwargs: Any) -> None:
         super().__init__()
+        unknown = sorted(set(harness_kwargs) - set(HARNESS_KEYS))
+        if unknown:
+            known = ("pretrained", "masks", "dtype", "batch_size", "max_length", "max_gen_toks", "add_bos_token")
+            raise ValueError(f"model_args: unknown key(s) {', '.join(unknown)}; the capjax model takes "
+                             f"{', '.join(known)} (from Python also model, params, tokenizer)")
         import capjax
 
         from capjax.pruning.prune import apply_masks, masks_from_flat, read_masks_npz

@@ -59,11 +59,18 @@ def head_delta(head_scores: Any) -> np.ndarray:
     return np.asarray(jax.device_get(delta), dtype=np.float64)
 
 
+# Scores whose largest magnitude is below this fraction of the loss scale (max(1, |baseline|))
+# are float32 rounding, not a measurement (e.g. gradient scores of a metric flat at the intact model).
+SCORE_NOISE = 1e-6
+
+
 def importance_from_scores(head_scores: Any, shape: tuple[int, int] | None = None) -> Array:
     """Head importance I [L, H] = 1 + 9 (delta - min) / (max - min) over all heads, in [1, 10].
 
-    head_scores: HeadScores-like (`.delta` [L, H]) or an [L, H] array. All scores equal -> I = 1.
-    shape: the expected (L, H), checked when given. NaN scores raise ValueError.
+    head_scores: HeadScores-like (`.delta` [L, H], `.baseline` [U] when it has one) or an [L, H]
+    array. All scores equal -> I = 1. shape: the expected (L, H), checked when given. NaN scores,
+    and scores that differ but are all indistinguishable from zero (|delta| <= SCORE_NOISE x
+    max(1, |baseline|): min-max scaling would stretch float noise over 1-10), raise ValueError.
     """
     d = head_delta(head_scores)
     if d.ndim != 2 or (shape is not None and d.shape != tuple(shape)):
@@ -76,6 +83,13 @@ def importance_from_scores(head_scores: Any, shape: tuple[int, int] | None = Non
     lo, hi = d.min(), d.max()
     if hi == lo:
         return jnp.ones(d.shape, jnp.float32)
+    baseline = getattr(head_scores, "baseline", None)
+    scale = max(1.0, float(np.abs(np.asarray(baseline, np.float64)).max())) if baseline is not None else 1.0
+    if np.abs(d).max() <= SCORE_NOISE * scale:
+        raise ValueError(f"head scores are indistinguishable from zero (max |delta| = {np.abs(d).max():.3g}, "
+                         f"below {SCORE_NOISE:g} x the loss scale {scale:.3g}): CAP's min-max scaling would stretch "
+                         "float noise over importance 1-10; rescore with method=ablation (gradient scores of kl are "
+                         "always zero)")
     return jnp.asarray(1.0 + 9.0 * (d - lo) / (hi - lo), jnp.float32)
 
 

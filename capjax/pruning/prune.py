@@ -18,6 +18,7 @@ import numpy as np
 
 from capjax.distributed import to_host
 from capjax.errors import NonFiniteError
+from capjax.token_ids import check_token_ids
 from capjax.families import family_of
 from capjax.pruning.importance import PRUNABLE, get_kernels, get_path, head_delta, importance_from_scores
 from capjax.pruning.methods import Job
@@ -96,6 +97,19 @@ def read_masks_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{p} lacks the mask(s) {', '.join(missing)} (keys: {', '.join(list(arrays)[:4])}...): "
                          "use the masks.npz written by `capjax prune`")
     return {k: arrays[k] for k in PRUNABLE}
+
+
+def masks_digest(flat: dict[str, Any]) -> str:
+    """20 hex digits of SHA-256 over the keep masks {prunable path: bool array} (paths, shapes and
+    bits), so two masks files are compared by content however they were saved."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in PRUNABLE:
+        m = np.asarray(flat[p]).astype(bool)
+        h.update(f"{p}{m.shape}".encode())
+        h.update(np.packbits(m.reshape(-1)).tobytes())
+    return h.hexdigest()[:20]
 
 
 def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:
@@ -191,6 +205,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
         if calib is None:
             raise ValueError(f"method {method!r} needs calib (tokens and attention_mask [B, T])")
         tokens, am = _calib_arrays(calib)
+        check_token_ids(tokens, config.vocab_size, "calibration tokens")
     if sparsity == 0.0 and nm is None:  # reference rules would still prune one weight per group
         masks = {p: jnp.ones(k.shape, bool) for p, k in kernels.items()}
         return params, _placed(_rebuild(params, masks, lambda _: None), mesh)

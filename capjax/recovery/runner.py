@@ -21,6 +21,7 @@ from typing import Any
 from capjax.recovery.data import build_recovery_data
 from capjax.recovery.settings import RecoverySettings
 from capjax.recovery.train import recover
+from capjax.token_ids import check_token_ids
 
 Params = dict[str, Any]
 
@@ -35,5 +36,6 @@ def run_recovery(model: Any, params: Params, masks: Params, tokenizer: Any,
     if not isinstance(settings, RecoverySettings):
         settings = RecoverySettings.from_dict(settings)
     data = build_recovery_data(settings.data, tokenizer, settings.n, settings.seq_len, settings.seed, data_dir)
+    check_token_ids(data.tokens, model.config.vocab_size, f"recovery data {settings.data}")
     return recover(model, params, masks, data, settings=settings, checkpoint_dir=checkpoint_dir, mesh=mesh,
                    progress=progress)
