@@ -14,6 +14,7 @@ import transformers
 
 import capjax
 from capjax.structured import Plan, PlanError, budget_shape, choose, masked_logits, shrink, target_shape
+from capjax.structured.plan import layer_params
 from conftest import make_hf_model, padded_tokens
 
 L3 = dict(num_hidden_layers=3)
@@ -139,7 +140,8 @@ def test_counts_and_budget():
     assert target_shape(SMOL, num_heads=3).group_size == 1  # one per group
     assert target_shape(SMOL, num_heads=6, head_groups="kv").num_kv_heads == 2
     b = budget_shape(SMOL, 0.8)
-    assert b.config(SMOL).num_params() <= 0.8 * SMOL.num_params()
+    budget = 0.8 * layer_params(SMOL)
+    assert layer_params(b.config(SMOL)) <= budget
     # plain loop: no common fraction on a 0.001 grid gives a larger model within the budget
     fits = []
     for f in np.arange(0, 1, 0.001):
@@ -147,9 +149,11 @@ def test_counts_and_budget():
             s = target_shape(SMOL, heads=f, mlp=f, check=False)
         except PlanError:
             continue
-        if s.config(SMOL).num_params() <= 0.8 * SMOL.num_params():
-            fits.append(s.config(SMOL).num_params())
-    assert max(fits) <= b.config(SMOL).num_params()
+        if layer_params(s.config(SMOL)) <= budget:
+            fits.append(layer_params(s.config(SMOL)))
+    assert max(fits) <= layer_params(b.config(SMOL))
+    # layers: 30 * (E * H * D * 2 + E * K * D * 2 + 3 * E * F + 2 * E), by hand
+    assert layer_params(SMOL) == 30 * (576 * 9 * 64 * 2 + 576 * 3 * 64 * 2 + 3 * 576 * 1536 + 2 * 576)
 
 
 def test_head_count_the_family_config_cannot_express_is_refused():

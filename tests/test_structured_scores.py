@@ -112,3 +112,23 @@ def test_block_ablation_equals_removing_the_layer(tiny):
         removed = _loss_from_logits(small.apply({"params": sp}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)),
                                     tokens, loss_mask)
         np.testing.assert_allclose(scores[l], removed - intact, atol=2e-5)
+
+
+def test_registry_cap_structured_masks_equal_the_shrunken_model(tiny):
+    """capjax.prune(..., "cap_structured") zeroes exactly what the plan removes: its logits are the
+    shrunken model's (same scores: CAP deltas, channel gradients, block ablation)."""
+    from capjax.structured.method import structured_plan
+
+    _, model, params, tokens, loss_mask, am = tiny
+    c = model.config
+    delta = np.random.default_rng(5).normal(size=(c.num_layers, c.num_heads))
+    calib = {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": am}
+    pruned, masks = capjax.prune(model, params, "cap_structured", 0.5, head_scores=delta, calib=calib, heads=0.5,
+                                 mlp=0.25, layers=1)
+    plan = structured_plan(model, params, target_shape(c, heads=0.5, mlp=0.25, layers=1), delta, tokens, loss_mask,
+                           am)
+    small, sp = shrink(model, params, plan)
+    ref = np.asarray(small.apply({"params": sp}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
+    got = np.asarray(model.apply({"params": pruned}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
+    valid = am.astype(bool)
+    np.testing.assert_allclose(got[valid], ref[valid], atol=2e-5)

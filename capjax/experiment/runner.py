@@ -365,6 +365,12 @@ class Experiment:
             raise ValueError("no evaluation task left to run (all need data that is missing)")
         self.load()
         runs = plan_runs(cfg)
+        for r in runs:  # a structured target the model cannot take is refused before any compute
+            if r["method"] == "cap_structured":
+                from capjax.structured.method import shape_for
+
+                shape = shape_for(self.model.config, r["sparsity"], method_options(cfg, "cap_structured"))
+                _log(f"{r['name']}: {shape.describe(self.model.config)}")
         scores: dict[str, tuple[str, Any]] = {}
         for task in cfg.calibration.tasks if any(METHODS[r["method"]].needs_scores for r in runs) else []:
             scores[task] = self.scores(task)

@@ -143,25 +143,33 @@ def target_shape(config: ModelConfig, heads: float = 0.0, mlp: float = 0.0, laye
     return shape
 
 
+def layer_params(config: ModelConfig) -> int:
+    """Parameters of the L decoder layers (everything but the embeddings, LM head and final norm)."""
+    return config.num_params() - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) \
+        - config.hidden_size
+
+
 def budget_shape(config: ModelConfig, budget: float, layers: float = 0, head_groups: str = "auto") -> Shape:
-    """The largest shape with at most `budget` parameters (a count, or a fraction < 1 of the model's)
-    that removes the same fraction of heads and MLP channels (and `layers` layers)."""
-    total = config.num_params()
+    """The largest shape whose decoder layers keep at most `budget` parameters (a count, or a
+    fraction < 1 of the layers' parameters; embeddings and LM head are not counted: nothing removes
+    them) that removes `layers` layers, then the same fraction of heads and MLP channels."""
+    total = layer_params(config)
     target = float(budget) * total if 0 < budget < 1 else float(budget)
     if not np.isfinite(target) or target <= 0:
-        raise PlanError(f"budget={budget:g}: give a parameter count or a fraction in (0, 1) of {total:,}")
+        raise PlanError(f"budget={budget:g}: give a parameter count or a fraction in (0, 1) of the layers' {total:,}")
+    _kept_layers(config, layers)  # its own refusal first
     best = None
     for f in np.arange(0.0, 1.0, 1.0 / (4 * config.intermediate_size)):  # finer than one MLP channel
         try:
             shape = target_shape(config, heads=f, mlp=f, layers=layers, head_groups=head_groups, check=False)
         except PlanError:
             continue
-        if shape.config(config).num_params() <= target:
+        if layer_params(shape.config(config)) <= target:
             best = shape
             break
     if best is None:
-        raise PlanError(f"budget={budget:g} ({target:,.0f} parameters) is below every shape that removes heads and "
-                        f"MLP channels alike from {total:,}; remove layers too, or raise the budget")
+        raise PlanError(f"budget={budget:g} ({target:,.0f} layer parameters of {total:,}) is below every shape that "
+                        "removes heads and MLP channels alike; remove layers too, or raise the budget")
     check_expressible(config, best)
     return best
 
