@@ -75,10 +75,18 @@ def test_capjax_run_with_cap_structured(tmp_path, tiny_with_tokenizer):
            "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 128, "subsets": 2},
            "pruning": {"methods": ["cap_structured"], "sparsities": [0.3],
                        "options": {"cap_structured": {"layers": 1, "mlp_score": "activation"}}},
-           "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "batch_size": 2}}
+           "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "batch_size": 2},
+           "recovery": {"steps": 2, "warmup_steps": 0, "data": "synthetic", "n": 4, "seq_len": 128, "batch_size": 2,
+                        "mode": "full", "distil": True, "distil_temperature": 2.0}}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["run", str(tmp_path / "exp.yaml")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     row = next(r for r in results["runs"] if r["method"] == "cap_structured")
     # one of the two layers removed whole: at least half the prunable weights are zero
     assert row["achieved_sparsity"] >= 0.5
+    names = [r["name"] for r in results["runs"]]
+    assert names == ["dense", "cap_structured_synthetic_s0.30", "cap_structured_synthetic_s0.30+recovery",
+                     "cap_structured_synthetic_s0.30+distil"]
+    ce, distil = results["runs"][2], results["runs"][3]
+    assert ce["fingerprint"] != distil["fingerprint"] and distil["achieved_sparsity"] >= 0.5  # masks kept
+    assert "+distil" in (tmp_path / "run" / "report.md").read_text()

@@ -41,7 +41,7 @@ from capjax.pruning.prune import apply_masks
 from capjax.recovery.checkpoint import RecoveryCheckpoints
 from capjax.recovery.data import pack_for_training, step_batch
 from capjax.recovery.lora import check_rank, init_lora, merge_layer, merge_lora
-from capjax.recovery.settings import RecoverySettings, memory_bytes
+from capjax.recovery.settings import DISTIL_FIELDS, RecoverySettings, memory_bytes
 
 Params = dict[str, Any]
 LOSS_ROWS = 512  # loss positions per LM-head chunk: bounds the float32 [LOSS_ROWS, V] logits
@@ -267,7 +267,8 @@ def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: op
 def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: str, optimizer,
                  distil: Distillation | None = None, teacher: Params | None = None) -> str:
     h = hashlib.sha256()
-    kept = {k: v for k, v in settings.to_dict().items() if k not in ("checkpoint_every", "max_loss_ratio")}
+    kept = {k: v for k, v in settings.to_dict().items()
+            if k not in ("checkpoint_every", "max_loss_ratio", *DISTIL_FIELDS)}  # distillation: from `distil`
     h.update(json.dumps([repr(model.config), str(model.dtype), mode, kept, optimizer is None], sort_keys=True,
                         default=str).encode())
     if distil is not None:
