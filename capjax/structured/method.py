@@ -84,11 +84,16 @@ def plan_masks(config, kernels: dict, plan: Plan, family) -> dict:
 
 
 def cap_structured(job) -> tuple[dict, dict]:
-    """The registry's `cap_structured` (capjax.pruning.methods.Job): masks of the structured removal."""
+    """The registry's `cap_structured` (capjax.pruning.methods.Job): masks of the structured removal.
+    Calibration without a loss_mask scores the loss of every real token (as perplexity does)."""
     o = job.options
     c = job.model.config
     shape = shape_for(c, job.sparsity, o)
     print(f"cap_structured: {shape.describe(c)}", flush=True)
-    plan = structured_plan(job.model, job.params, shape, job.delta, job.tokens, getattr(job, "loss_mask", None),
+    loss_mask = getattr(job, "loss_mask", None)
+    if loss_mask is None and job.attention_mask is not None:  # calibration without answers: every real token
+        loss_mask = np.asarray(job.attention_mask, np.float32).copy()
+        loss_mask[:, 0] = 0.0
+    plan = structured_plan(job.model, job.params, shape, job.delta, job.tokens, loss_mask,
                            job.attention_mask, o["mlp_score"], o["layer_score"], o["batch_size"])
     return job.kernels, plan_masks(c, job.kernels, plan, job.family)
