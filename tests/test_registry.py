@@ -51,13 +51,13 @@ def test_builtins_are_lazy_and_complete():
     from capjax.pruning import methods
 
     assert s.fn is methods.cap_wanda
-    assert registry.needing_scores() == ("cap", "cap_wanda", "cap_heads")
-    assert registry.needing_calibration() == ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt")
+    assert registry.needing_scores() == ("cap", "cap_wanda", "cap_heads", "cap_structured")
+    assert registry.needing_calibration() == ("cap", "cap_wanda", "cap_heads", "wanda", "sparsegpt", "cap_structured")
 
 
 def test_unknown_name_lists_registered(toy_method, tmp_path, capsys):
     with pytest.raises(registry.UnknownMethodError, match="unknown pruning method 'nope'; known methods: cap, "
-                       r"cap_wanda, .*random, first_fraction"):
+                       r"cap_wanda, .*random, cap_structured, first_fraction"):
         registry.spec("nope")
     from capjax.pruning import prune
 

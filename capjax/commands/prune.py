@@ -21,7 +21,7 @@ _CALIB = CalibrationConfig()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("prune", help="prune a model (CAP, Wanda, SparseGPT, magnitude, random)",
+    p = subparsers.add_parser("prune", help="prune a model (CAP, Wanda, SparseGPT, magnitude, random, cap_structured)",
                               description=__doc__)
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id or smollm2-135m-instruct")
     p.add_argument("--method", default="cap", choices=registry.names(),
@@ -45,6 +45,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "instead of dense")
     p.add_argument("--hf-masks", action="store_true",
                    help="also write masks_hf.npz: the masks under HF tensor names, shaped [out, in]")
+    s = p.add_argument_group("cap_structured (a smaller model: heads, MLP channels, layers removed)")
+    s.add_argument("--heads", type=float, default=0.0, help="fraction of query heads removed per layer")
+    s.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP channels removed per layer")
+    s.add_argument("--layers", type=int, default=0, help="number of whole layers removed")
+    s.add_argument("--head-groups", default="auto", choices=("auto", "query", "kv"),
+                   help="remove query heads within every kv group (query) or whole kv groups (kv)")
+    s.add_argument("--mlp-score", default="gradient", choices=("gradient", "activation"))
+    s.add_argument("--layer-score", default="ablation", choices=("ablation", "influence"))
     p.set_defaults(func=run)
     return p
 
@@ -64,6 +72,72 @@ def _check_out_is_not_model(model: str, out: str) -> None:
         relation = "is" if dst == src else "is inside" if src in dst.parents else "holds"
         raise ValueError(f"--out {out} {relation} the --model {model}: the export would overwrite the model "
                          "it reads; choose another --out")
+
+
+def run_structured(args: argparse.Namespace) -> int:
+    """cap_structured: prints the chosen shapes, scores, shrinks and writes the smaller HF folder."""
+    import capjax
+    from capjax.experiment.config import check_writable_dir
+    from capjax.structured import shrink
+    from capjax.structured.method import shape_for, structured_plan
+
+    from capjax.experiment.folders import check_replaceable, replaced_folder
+    from capjax.identity import model_identity
+
+    _check_out_is_not_model(args.model, args.out)
+    check_replaceable(args.out, EXPORT_MARKER)  # the export replaces --out whole (old export or new, never a mix)
+    check_writable_dir(Path(args.out).parent, "--out's folder")  # before any compute
+    config = capjax.load_config(args.model)
+    options = {"heads": args.heads, "mlp": args.mlp, "layers": args.layers, "head_groups": args.head_groups}
+    explicit = args.heads or args.mlp or args.layers
+    if explicit and args.sparsity is not None:
+        raise ValueError("--method cap_structured takes --heads/--mlp/--layers or --sparsity (a parameter "
+                         "budget), not both")
+    if not explicit and args.sparsity is None:
+        raise ValueError("--method cap_structured needs --heads/--mlp/--layers, or --sparsity (the fraction of "
+                         "parameters removed)")
+    shape = shape_for(config, args.sparsity, options)
+    print(f"cap_structured: {shape.describe(config)}", flush=True)  # before anything is computed or written
+    delta = None
+    if shape.num_heads < config.num_heads:
+        if args.scores is None:
+            raise ValueError("--method cap_structured removing heads needs --scores scores.npz (key 'delta' [L, H])")
+        delta, scored = _load_delta(args.scores)
+        _check_scored_model(args.scores, scored, args.model)
+        if delta.shape != (config.num_layers, config.num_heads):
+            raise ValueError(f"{args.scores}: 'delta' is {list(delta.shape)} but {args.model} has "
+                             f"[{config.num_layers}, {config.num_heads}] heads: score this model with capjax score")
+    needs_calib = shape.intermediate_size < config.intermediate_size or shape.num_layers < config.num_layers
+    if needs_calib:
+        if args.calib is None:
+            raise ValueError(f"--method cap_structured removing MLP channels or layers needs --calib "
+                             f"({', '.join(CALIB_TASKS)})")
+        check_calibration_data(args.calib, args.data_dir)
+    model, params = capjax.load_pretrained(args.model, dtype=args.dtype)
+    tokenizer = capjax.load_tokenizer(args.model)
+    calib = None
+    if needs_calib:
+        calib = capjax.build_calibration(args.calib, tokenizer, n=args.n, seq_len=args.seq_len, seed=args.seed,
+                                         data_dir=args.data_dir)
+    plan = structured_plan(model, params, shape, delta, *((calib.tokens, calib.loss_mask, calib.attention_mask)
+                                                         if calib is not None else (None, None, None)),
+                           mlp_score=args.mlp_score, layer_score=args.layer_score)
+    small, small_params = shrink(model, params, plan)
+    with replaced_folder(args.out, EXPORT_MARKER) as staging:  # written beside --out, then swapped in whole
+        capjax.save_pretrained(small, small_params, staging, tokenizer)
+        write_text(staging / "structured_plan.json", plan.to_json())
+        write_text(staging / EXPORT_MARKER, strict_json({
+            "model": str(args.model), "method": args.method, "shape": {**options, "sparsity": args.sparsity},
+            "mlp_score": args.mlp_score, "layer_score": args.layer_score, "dtype": args.dtype,
+            "parameters": {"dense": config.num_params(), "structured": small.config.num_params()},
+            "scores": {"file": str(args.scores), "digest": file_digest(Path(args.scores))} if delta is not None
+            else None,
+            "calibration": {"task": args.calib, "n": args.n, "seq_len": args.seq_len, "seed": args.seed}
+            if needs_calib else None, "model_id": model_identity(args.model), "code": code_version()}))
+    out = Path(args.out)
+    print(f"wrote {out}: a standard {small.config.model_type} model with {small.config.num_params():,} parameters "
+          f"(structured_plan.json: the kept layers, heads and channels)")
+    return 0
 
 
 def _load_delta(path: str) -> tuple[np.ndarray, dict]:
@@ -106,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
     from capjax.identity import model_identity
     from capjax.pruning.prune import flat_masks, masks_digest
 
+    if args.method == "cap_structured":
+        return run_structured(args)
     spec = registry.spec(args.method)
     from capjax.experiment.config import check_writable_dir
 

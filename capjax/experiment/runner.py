@@ -280,20 +280,26 @@ class Experiment:
         self._event("computed", f"masks/{run['name']}", path)
         return fp, pruned, masks
 
-    def recovered(self, run: dict, pruned_fp: str, pruned, masks, tasks: list[str]) -> tuple[dict, dict]:
-        """(row, history) of a pruned model after recovery fine-tuning (cfg.recovery). The loss
+    def recovered(self, run: dict, pruned_fp: str, pruned, masks, tasks: list[str],
+                  distil: bool = False) -> tuple[dict, dict]:
+        """(row, history) of a pruned model after recovery fine-tuning (cfg.recovery); with `distil`,
+        the same recovery as logit distillation from the dense model (a "+distil" row). The loss
         history and each evaluation are artifacts keyed by the pruned model and the settings; the
         run itself resumes from its orbax checkpoints."""
         import dataclasses
 
         from capjax.pruning import sparsity_report
+        from capjax.recovery.settings import DISTIL_FIELDS
 
         settings = self.cfg.recovery
         text = settings.data[len("text:"):] if settings.data.startswith("text:") else None
-        fp = fingerprint({"pruned": pruned_fp, "recovery": dataclasses.asdict(settings),
+        inputs = {k: v for k, v in dataclasses.asdict(settings).items() if distil or k not in DISTIL_FIELDS}
+        fp = fingerprint({"pruned": pruned_fp, "recovery": inputs,
                           "data": self.store.digest(Path(text)) if text is not None
-                          else self._data_digest(f"recovery.data {settings.data}")})
-        name = f"{run['name']}+recovery"
+                          else self._data_digest(f"recovery.data {settings.data}"),
+                          **({"teacher": self.model_fp} if distil else {})})
+        suffix = "distil" if distil else "recovery"
+        name = f"{run['name']}+{suffix}"
         saved = self.store.load_json("recovery", fp, required=("history",))
         recovered: dict[str, Any] = {}
 
@@ -309,7 +315,8 @@ class Experiment:
                     barrier(f"capjax recompute {fp}")
                 out, history = run_recovery(self.model, pruned, masks, self.tokenizer, settings,
                                             checkpoint_dir=checkpoints,
-                                            mesh=self.mesh, data_dir=self.cfg.data_dir)
+                                            mesh=self.mesh, data_dir=self.cfg.data_dir,
+                                            teacher=(self.model, self.params) if distil else None)
                 recovered.update(params=out, achieved_sparsity=sparsity_report(out).total,
                                  history={k: np.asarray(v).tolist() for k, v in history.items() if k in ("loss", "lr")})
                 path = self.store.save_json("recovery", fp, {"history": recovered["history"],
@@ -323,7 +330,7 @@ class Experiment:
         if not recovered:
             recovered.update(history=saved["history"], achieved_sparsity=saved.get("achieved_sparsity"))
             self._event("reused", f"recovery/{name}", self.store.path("recovery", fp), saved)
-        row = {**run, "name": name, "method": f"{run['method']}+recovery", "fingerprint": fp,
+        row = {**run, "name": name, "method": f"{run['method']}+{suffix}", "fingerprint": fp,
                "masks_status": "computed" if "params" in recovered else "reused",
                "achieved_sparsity": recovered["achieved_sparsity"], "eval": evals}
         return row, recovered["history"]
@@ -399,6 +406,12 @@ class Experiment:
             raise ValueError("no evaluation task left to run (all need data that is missing)")
         self.load()
         runs = plan_runs(cfg)
+        for r in runs:  # a structured target the model cannot take is refused before any compute
+            if r["method"] == "cap_structured":
+                from capjax.structured.method import shape_for
+
+                shape = shape_for(self.model.config, r["sparsity"], method_options(cfg, "cap_structured"))
+                _log(f"{r['name']}: {shape.describe(self.model.config)}")
         scores: dict[str, tuple[str, Any]] = {}
         for task in cfg.calibration.tasks if any(METHODS[r["method"]].needs_scores for r in runs) else []:
             scores[task] = self.scores(task)
@@ -423,6 +436,10 @@ class Experiment:
             if cfg.recovery is not None:
                 row, histories[run["name"]] = self.recovered(run, fp, pruned, masks, tasks)
                 rows.append(row)
+                if cfg.recovery.distil:  # the same steps as distillation from the dense model
+                    row, histories[f"{run['name']} (distil)"] = self.recovered(run, fp, pruned, masks, tasks,
+                                                                                distil=True)
+                    rows.append(row)
             del pruned, masks
         if histories and is_writer():
             from capjax.recovery import plot_loss_curves

@@ -93,11 +93,8 @@ def write_config(config: "ModelConfig", common: dict) -> Any:
         return transformers.LlamaConfig(head_dim=config.head_dim, **common)
     if config.model_type == "mistral":
         return transformers.MistralConfig(head_dim=config.head_dim, sliding_window=config.sliding_window, **common)
-    if config.head_dim * config.num_heads != config.hidden_size:
-        from capjax.families.base import UnsupportedConfigError
-
-        raise UnsupportedConfigError("Qwen2 configs derive head_dim from hidden_size / heads")
-    return transformers.Qwen2Config(use_sliding_window=False, **common)
+    # transformers' Qwen2 reads an explicit head_dim (a model with heads removed keeps its head_dim).
+    return transformers.Qwen2Config(use_sliding_window=False, head_dim=config.head_dim, **common)
 
 
 def checkpoint(c: "ModelConfig") -> list[Rule]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from capjax.families import llama
-from capjax.families.base import Family, Rule, UnsupportedConfigError, refuse
+from capjax.families.base import Family, Rule, refuse
 
 if TYPE_CHECKING:
     from capjax.config import ModelConfig
@@ -34,9 +34,8 @@ def read_config(c: dict) -> dict:
 def write_config(config: "ModelConfig", common: dict) -> Any:
     import transformers
 
-    if config.head_dim * config.num_heads != config.hidden_size:
-        raise UnsupportedConfigError("Phi-3 configs derive head_dim from hidden_size / heads")
-    return transformers.Phi3Config(sliding_window=config.sliding_window, **common)
+    # transformers' Phi-3 reads an explicit head_dim (a model with heads removed keeps its head_dim).
+    return transformers.Phi3Config(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)
 
 
 def checkpoint(c: "ModelConfig") -> list[Rule]:

@@ -63,6 +63,7 @@ class Job:
     attention_mask: Array | None
     options: dict[str, Any]
     mesh: Any = None  # a jax Mesh: calibration chunks are split over its "data" axis
+    loss_mask: Array | None = None  # [B, T] calibration answer tokens, when the calibration has them
 
     @property
     def family(self) -> Family:

@@ -60,7 +60,7 @@ def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
             continue  # a choice, checked below
         wrong_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (
             isinstance(default, int) and not isinstance(value, int))
-        if wrong_type or value < 0 or (value == 0 and name != "seed"):
+        if wrong_type or value < 0 or (value == 0 and name != "seed" and default != 0):
             kind = "non-negative integer" if name == "seed" else f"positive {type(default).__name__}"
             raise ValueError(f"{method} option {name}={value!r}: expected a {kind}")
     for name, choices in spec.choices.items():
@@ -209,8 +209,9 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     if sparsity == 0.0 and nm is None:  # reference rules would still prune one weight per group
         masks = {p: jnp.ones(k.shape, bool) for p, k in kernels.items()}
         return params, _placed(_rebuild(params, masks, lambda _: None), mesh)
+    loss_mask = calib.get("loss_mask") if isinstance(calib, dict) else getattr(calib, "loss_mask", None)
     job = Job(model, params, kernels, sparsity, nm, importance, delta,
-              tokens, am, options, mesh)
+              tokens, am, options, mesh, loss_mask)
     new, keep = spec.fn(job)
     out, keep = _finalize(kernels, new, keep)
     return _placed(_rebuild(params, out, lambda a: a), mesh), _placed(_rebuild(params, keep, lambda _: None), mesh)

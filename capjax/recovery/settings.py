@@ -48,6 +48,9 @@ class RecoverySettings:
     compute_dtype: the matmul dtype; None = the model's.
     remat: recompute each layer's activations in the backward pass (jax.checkpoint) and keep only
     the layer inputs: activation memory of one layer instead of the whole stack, ~1/3 more compute.
+    distil: `capjax run` also runs the same recovery as logit distillation from the dense model (a
+    "+distil" row beside "+recovery"), with distil_temperature and distil_ce_weight (`recover`'s
+    temperature and ce_weight).
     """
 
     steps: int = 100
@@ -72,6 +75,9 @@ class RecoverySettings:
     max_loss_ratio: float = 4.0
     compute_dtype: str | None = None
     remat: bool = True
+    distil: bool = False
+    distil_temperature: float = 1.0
+    distil_ce_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -142,6 +148,16 @@ def check_settings(s: RecoverySettings) -> None:
         bad("data", f"use a calibration task ({', '.join(CALIB_SPLITS)}) or text:PATH")
     if s.compute_dtype not in (None, "float32", "bfloat16"):
         bad("compute_dtype", "use float32, bfloat16 or None (the model's)")
+    if not isinstance(s.distil, bool):
+        bad("distil", "use true or false")
+    if not (np.isfinite(s.distil_temperature) and s.distil_temperature > 0):
+        bad("distil_temperature", "need a finite temperature > 0")
+    if not (np.isfinite(s.distil_ce_weight) and s.distil_ce_weight >= 0):
+        bad("distil_ce_weight", "need a finite weight >= 0")
+
+
+# Settings only the "+distil" run reads: left out of the "+recovery" run's fingerprints.
+DISTIL_FIELDS = ("distil", "distil_temperature", "distil_ce_weight")
 
 
 def check_data_file(s: RecoverySettings) -> None:

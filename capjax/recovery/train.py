@@ -35,13 +35,13 @@ import numpy as np
 import optax
 
 from capjax import sharding
-from capjax.model import Decoder, apply_layer, layer_context, token_nll
+from capjax.model import Decoder, apply_layer, layer_context, token_nll, unembed
 from capjax.pruning.importance import PRUNABLE, get_path
 from capjax.pruning.prune import apply_masks
 from capjax.recovery.checkpoint import RecoveryCheckpoints
 from capjax.recovery.data import pack_for_training, step_batch
 from capjax.recovery.lora import check_rank, init_lora, merge_layer, merge_lora
-from capjax.recovery.settings import RecoverySettings, memory_bytes
+from capjax.recovery.settings import DISTIL_FIELDS, RecoverySettings, memory_bytes
 
 Params = dict[str, Any]
 LOSS_ROWS = 512  # loss positions per LM-head chunk: bounds the float32 [LOSS_ROWS, V] logits
@@ -100,10 +100,21 @@ def lr_schedule(settings: RecoverySettings) -> optax.Schedule:
 
 
 # ---------------------------------------------------------------------------- loss
-def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers: Any, layer_fn, remat: bool):
-    """(summed NLL, loss tokens) of one micro-batch [b, S]; layers: the scanned layer tree."""
-    tokens, loss_mask = batch["tokens"], batch["loss_mask"]
-    x, ctx = layer_context(model, params, tokens, positions=batch["positions"], segment_ids=batch["segment_ids"])
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """Logit distillation from a teacher (static part; its params travel as a step argument).
+    Per loss position: temperature^2 KL(softmax(teacher / temperature) || softmax(student / temperature))
+    + ce_weight * NLL of the target."""
+
+    teacher: Decoder
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+
+
+def _hidden(model: Decoder, params: Params, batch: dict[str, jax.Array], layers: Any, layer_fn, remat: bool):
+    """Final hidden states [b, S, E] of a micro-batch; layers: the scanned layer tree."""
+    x, ctx = layer_context(model, params, batch["tokens"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"])
 
     def body(x, item):
         layer, index = item  # the index: families whose sliding and global layers alternate
@@ -111,55 +122,92 @@ def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers
 
     x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
                         (layers, jnp.arange(model.config.num_layers)))
+    return x
+
+
+def distil_position_loss(student_logits: jax.Array, teacher_logits: jax.Array, target: jax.Array,
+                         distil: Distillation) -> jax.Array:
+    """Per position [Q]: T^2 KL(p_teacher^T || p_student^T) + ce_weight * NLL, from logits [Q, V]."""
+    t = distil.temperature
+    log_ps = jax.nn.log_softmax(student_logits / t, axis=-1)
+    log_pt = jax.nn.log_softmax(teacher_logits / t, axis=-1)
+    loss = (t * t) * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    if distil.ce_weight:
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(student_logits, axis=-1), target[:, None], axis=-1)[:, 0]
+        loss = loss + distil.ce_weight * nll
+    return loss
+
+
+def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers: Any, layer_fn, remat: bool,
+             distil: Distillation | None = None, teacher: Params | None = None):
+    """(summed loss, loss tokens) of one micro-batch [b, S]; layers: the scanned layer tree. The
+    loss is the NLL, or with `distil` the distillation loss against the teacher's logits (computed
+    here, on the fly, from `teacher` params that get no gradient)."""
+    tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+    x = _hidden(model, params, batch, layers, layer_fn, remat)
     h = x[:, :-1].reshape(-1, x.shape[-1])  # position s predicts token s + 1
     target, w = tokens[:, 1:].reshape(-1), loss_mask[:, 1:].reshape(-1)
     Q = h.shape[0]
     C = min(LOSS_ROWS, Q)
     pad = -Q % C
     h, target, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(target, (0, pad)), jnp.pad(w, (0, pad))
-
-    @jax.checkpoint
-    def chunk(total, xs):
-        hc, tc, wc = xs
-        return total + jnp.sum(token_nll(model, params, hc, tc) * wc), None
-
     xs = (h.reshape(-1, C, h.shape[-1]), target.reshape(-1, C), w.reshape(-1, C))
+    if distil is None:
+        @jax.checkpoint
+        def chunk(total, xs):
+            hc, tc, wc = xs
+            return total + jnp.sum(token_nll(model, params, hc, tc) * wc), None
+    else:
+        tp = jax.lax.stop_gradient(teacher)
+        xt = _hidden(distil.teacher, tp, batch, tp["layers"], lambda lp: lp, remat)
+        ht = jnp.pad(xt[:, :-1].reshape(-1, xt.shape[-1]), ((0, pad), (0, 0)))
+        xs = (*xs, ht.reshape(-1, C, ht.shape[-1]))
+
+        @jax.checkpoint
+        def chunk(total, xs):
+            hc, tc, wc, htc = xs
+            zs, zt = unembed(model, params, hc), unembed(distil.teacher, tp, htc)  # [C, V] float32
+            return total + jnp.sum(distil_position_loss(zs, zt, tc, distil) * wc), None
+
     total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32), xs)
     return total, jnp.sum(w)
 
 
-def _micro_loss(model: Decoder, mode: str, scale: float, remat: bool, trainable, frozen, masks, mb):
-    """(summed NLL, loss tokens) of micro-batch mb [b, S]; full: trainable are the params; lora:
-    trainable are the adapters over the frozen params."""
+def _micro_loss(model: Decoder, mode: str, scale: float, remat: bool, distil: Distillation | None, trainable, frozen,
+                masks, mb, teacher=None):
+    """(summed loss, loss tokens) of micro-batch mb [b, S]; full: trainable are the params; lora:
+    trainable are the adapters over the frozen params; distil: against the teacher's params."""
     if mode == "full":
-        return _nll_sum(model, trainable, mb, trainable["layers"], lambda lp: lp, remat)
+        return _nll_sum(model, trainable, mb, trainable["layers"], lambda lp: lp, remat, distil, teacher)
     masks_l = {p: get_path(masks, p) for p in trainable}
     return _nll_sum(model, frozen, mb, (frozen["layers"], trainable, masks_l),
-                    lambda t: merge_layer(t[0], t[1], t[2], scale), remat)
+                    lambda t: merge_layer(t[0], t[1], t[2], scale), remat, distil, teacher)
 
 
 def batch_loss(model: Decoder, params: Params, data: Any, adapters: dict | None = None, masks: Params | None = None,
-               scale: float = 1.0, rows_per_call: int = 8) -> float:
+               scale: float = 1.0, rows_per_call: int = 8, distil: Distillation | None = None,
+               teacher: Params | None = None) -> float:
     """Mean NLL over the loss tokens of `data` (as `recover` trains on it: packed, answer tokens or
     every text token), for params, or for params with LoRA adapters under masks (the training
-    forward). Rows go through in calls of `rows_per_call`."""
+    forward); with `distil` and the teacher's params, the distillation loss instead. Rows go
+    through in calls of `rows_per_call`."""
     data = pack_for_training(data)
     mode = "full" if adapters is None else "lora"
-    fn = _loss_fn(model, mode, float(scale))
+    fn = _loss_fn(model, mode, float(scale), distil)
     total = count = 0.0
     for i in range(0, len(data), rows_per_call):
         idx = np.arange(i, i + rows_per_call) % len(data)  # fixed shape; repeats are weighted out
         w = (np.arange(i, i + rows_per_call) < len(data)).astype(np.float32)
         mb = {k: jnp.asarray(getattr(data, k)[idx]) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
         mb["loss_mask"] = mb["loss_mask"] * jnp.asarray(w)[:, None]
-        t, c = fn(params if mode == "full" else adapters, None if mode == "full" else params, masks, mb)
+        t, c = fn(params if mode == "full" else adapters, None if mode == "full" else params, masks, mb, teacher)
         total, count = total + float(t), count + float(c)
     return total / count
 
 
 @lru_cache(maxsize=16)
-def _loss_fn(model, mode, scale):
-    return jax.jit(partial(_micro_loss, model, mode, scale, False))
+def _loss_fn(model, mode, scale, distil=None):
+    return jax.jit(partial(_micro_loss, model, mode, scale, False, distil))
 
 
 OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "final_lr_fraction", "weight_decay", "b1", "b2", "eps", "grad_clip")
@@ -177,19 +225,21 @@ def _default_optimizer(key: tuple) -> tuple[optax.GradientTransformation, Any]:
 
 
 @lru_cache(maxsize=16)
-def _cached_step(model: Decoder, mode: str, scale: float, remat: bool, key: tuple):
+def _cached_step(model: Decoder, mode: str, scale: float, remat: bool, key: tuple, distil: Distillation | None = None):
     """The compiled step for the default optimizer: one compile per (model, mode, optimizer settings)."""
-    return _step_fn(model, mode, scale, remat, _default_optimizer(key)[0])
+    return _step_fn(model, mode, scale, remat, _default_optimizer(key)[0], distil)
 
 
-def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: optax.GradientTransformation):
-    grad_fn = jax.value_and_grad(partial(_micro_loss, model, mode, scale, remat), has_aux=True)
+def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: optax.GradientTransformation,
+             distil: Distillation | None = None):
+    # The gradient is taken with respect to the trainable tree only: the teacher is an input.
+    grad_fn = jax.value_and_grad(partial(_micro_loss, model, mode, scale, remat, distil), has_aux=True)
 
-    def step(state, frozen, masks, batch):
+    def step(state, frozen, masks, batch, teacher=None):
         trainable = state["trainable"]
 
         def acc(carry, mb):
-            (total, count), g = grad_fn(trainable, frozen, masks, mb)
+            (total, count), g = grad_fn(trainable, frozen, masks, mb, teacher)
             s, c, gs = carry
             return (s + total, c + count, jax.tree.map(jnp.add, gs, g)), None
 
@@ -214,13 +264,17 @@ def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: op
 
 
 # ---------------------------------------------------------------------------- run
-def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: str, optimizer) -> str:
+def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: str, optimizer,
+                 distil: Distillation | None = None, teacher: Params | None = None) -> str:
     h = hashlib.sha256()
-    kept = {k: v for k, v in settings.to_dict().items() if k not in ("checkpoint_every", "max_loss_ratio")}
+    kept = {k: v for k, v in settings.to_dict().items()
+            if k not in ("checkpoint_every", "max_loss_ratio", *DISTIL_FIELDS)}  # distillation: from `distil`
     h.update(json.dumps([repr(model.config), str(model.dtype), mode, kept, optimizer is None], sort_keys=True,
                         default=str).encode())
+    if distil is not None:
+        h.update(repr((distil.teacher.config, distil.temperature, distil.ce_weight)).encode())
     h.update(hashlib.sha256(data.fingerprint()).digest())
-    for leaf in jax.tree.leaves(params) + [m for m in jax.tree.leaves(masks)]:
+    for leaf in jax.tree.leaves(params) + [m for m in jax.tree.leaves(masks)] + jax.tree.leaves(teacher):
         f = jnp.asarray(leaf).astype(jnp.float32)
         h.update(np.asarray(jnp.stack([jnp.sum(f), jnp.sum(jnp.abs(f))])).tobytes())
     return h.hexdigest()[:16]
@@ -229,7 +283,8 @@ def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: s
 def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int | None = None,
             optimizer: optax.GradientTransformation | None = None, *, settings: RecoverySettings | None = None,
             checkpoint_dir: str | Path | None = None, mesh: Any = None, progress: bool = True,
-            callback: Callable[[int, Any], None] | None = None, **overrides: Any) -> tuple[Params, dict[str, Any]]:
+            callback: Callable[[int, Any], None] | None = None, teacher: tuple[Decoder, Params] | None = None,
+            temperature: float = 1.0, ce_weight: float = 0.0, **overrides: Any) -> tuple[Params, dict[str, Any]]:
     """Fine-tunes a pruned model; returns (params, history). Pruned entries are exactly zero in
     the result (and after every step of full fine-tuning).
 
@@ -248,10 +303,20 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         "mode", "steps", "resumed_from", "tokens_per_s", "seconds", "checkpoint"}.
     callback(step, trainable): called after every step (before its checkpoint) with the step count and
         the trainable tree (full: the float32 params; lora: the adapters).
+    teacher: (model, params) of a teacher with the same vocabulary (the dense model, for a structured
+        one): the loss becomes logit distillation at every loss position, temperature^2 KL(teacher ||
+        student) at `temperature`, plus ce_weight times the NLL; the teacher's logits are computed in
+        each step (never stored) and its params are an input of the step, never updated.
+    masks: None means nothing is pruned (a shrunken structured model: every weight trains).
     Raises RecoveryDivergedError (keeping the last good checkpoint) on a NaN / infinite loss,
     gradient or update, or a loss above settings.max_loss_ratio times the first one.
     """
     settings = (settings or RecoverySettings()).replace(**overrides, **({"steps": steps} if steps is not None else {}))
+    distil, teacher_params = _check_teacher(model, teacher, temperature, ce_weight)
+    if masks is None:
+        from capjax.pruning.prune import masks_from_flat
+
+        masks = masks_from_flat(params, {p: np.ones(get_path(params, p).shape, bool) for p in PRUNABLE})
     check_masks(params, masks)
     mode = resolve_mode(model, params, settings)
     if mode == "lora":
@@ -264,6 +329,7 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     params = apply_masks(params, masks)
     if mesh is not None:
         params, masks = sharding.shard_params(params, mesh), sharding.shard_params(masks, mesh)
+        teacher_params = None if teacher_params is None else sharding.shard_params(teacher_params, mesh)
     tx, tx_init = (optimizer, jax.jit(optimizer.init)) if optimizer is not None else _default_optimizer(
         _optimizer_key(settings))
     rng = jax.random.PRNGKey(settings.seed)
@@ -279,13 +345,14 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     store = None
     start = 0
     if checkpoint_dir is not None:
-        store = RecoveryCheckpoints(checkpoint_dir, _fingerprint(model, params, masks, data, settings, mode, optimizer))
+        store = RecoveryCheckpoints(checkpoint_dir, _fingerprint(model, params, masks, data, settings, mode, optimizer,
+                                                                 distil, teacher_params))
         restored = store.restore(state)
         if restored is not None:
             start, state = restored
     scale = settings.alpha / settings.rank
-    step_fn = (_cached_step(model, mode, scale, settings.remat, _optimizer_key(settings)) if optimizer is None
-               else _step_fn(model, mode, scale, settings.remat, tx))
+    step_fn = (_cached_step(model, mode, scale, settings.remat, _optimizer_key(settings), distil) if optimizer is None
+               else _step_fn(model, mode, scale, settings.remat, tx, distil))
     put = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh, axis=1))
     bar = None
     if progress:
@@ -298,7 +365,8 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         for s in range(start, settings.steps):
             batch = step_batch(data, state["rng"], s, settings.batch_size, settings.grad_accum)
             n_tok = int((batch["segment_ids"] > 0).sum())
-            new_state, loss, norms = step_fn(state, frozen, masks, put(jax.tree.map(jnp.asarray, batch)))
+            new_state, loss, norms = step_fn(state, frozen, masks, put(jax.tree.map(jnp.asarray, batch)),
+                                             teacher_params)
             loss, (gnorm, unorm) = float(loss), np.asarray(norms).tolist()
             first = loss if first is None else first
             finite = math.isfinite(loss) and math.isfinite(gnorm) and math.isfinite(unorm)
@@ -340,4 +408,24 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         "checkpoint": str(store.latest()) if store and store.latest() else None,
         "settings": dataclasses.asdict(settings),
     }
+    if distil is not None:
+        history["distil"] = {"temperature": distil.temperature, "ce_weight": distil.ce_weight}
     return out, history
+
+
+def _check_teacher(model: Decoder, teacher: Any, temperature: float,
+                   ce_weight: float) -> tuple[Distillation | None, Params | None]:
+    """(Distillation, teacher params) from recover's teacher=(model, params), or one-line refusals."""
+    if teacher is None:
+        return None, None
+    if not (isinstance(teacher, tuple) and len(teacher) == 2 and isinstance(teacher[0], Decoder)):
+        raise ValueError("teacher must be a (model, params) pair as capjax.load_pretrained returns")
+    t_model, t_params = teacher
+    if t_model.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"teacher vocab_size {t_model.config.vocab_size} != student {model.config.vocab_size}: "
+                         "distillation compares logits over one vocabulary")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r}: expected a positive number")
+    if not (math.isfinite(ce_weight) and ce_weight >= 0):
+        raise ValueError(f"ce_weight={ce_weight!r}: expected a number >= 0")
+    return Distillation(t_model, float(temperature), float(ce_weight)), t_params
