@@ -1,0 +1,226 @@
+"""Activation patching between a clean and a corrupted batch, every unit of a site in one compiled call.
+
+Legend: B batch, T time, L layers, H query heads, K kv heads, D head dim, E hidden, V vocab,
+U units of one layer.
+
+    res = patch(model, params, clean, corrupted, "attn.z", metric=logit_diff(answer, wrong), read_at=last)
+    res.values    [L, H]     metric with head h of layer l taken from the corrupted run (noising)
+    res.clean, res.corrupted  the metric of the two unpatched runs
+
+Units: the head sites (attn.q, attn.z: H; attn.k, attn.v: K) are split by head, the E-wide sites
+(resid.pre / mid / post, attn.out, mlp.out) are one block per layer; with
+positions=True each unit is also split by position: values [L, T, H] or [L, T]. direction
+"noising" runs the clean input with the unit's value from the corrupted run; "denoising" runs the
+corrupted input with the clean value.
+
+A metric is any JAX function of the logits returning a scalar: logits [B, V] at `read_at` [B]
+(one position per row; only those positions go through the last layer and the LM head), or
+[B, T, V] when read_at is None. Built in: `logit_diff`, `normalized_logit_diff`, `answer_ce`.
+
+How: one run of the source input caches the site ([L, B, T, ...]); one run of the target caches
+every layer's input (resid.pre). Then one scan over the layers: at layer l its U patched runs
+start from the target's intact input of layer l (the layers below are never recomputed), in
+`lax.map` chunks of `chunk_size` vmapped units, run layers l + 1 .. L - 1 and the metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capjax.cache import run_with_cache
+from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
+from capjax.model import apply_layer, layer_context, layer_params, unembed
+from capjax.sites import SITES, Edit, Interventions, check_sites
+
+Array = jax.Array
+HEAD_SITES = {"attn.q": "H", "attn.z": "H", "attn.k": "K", "attn.v": "K"}
+BLOCK_SITES = ("resid.pre", "resid.mid", "resid.post", "attn.out", "mlp.out")
+PATCHABLE = tuple(HEAD_SITES) + BLOCK_SITES
+DIRECTIONS = ("noising", "denoising")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchResult:
+    """values [L, (T,) (H | K)]: the metric with each unit patched; clean / corrupted: the metric of
+    the unpatched clean and corrupted runs; axes names values' axes."""
+
+    values: np.ndarray
+    clean: float
+    corrupted: float
+    axes: tuple[str, ...]
+    site: str
+    direction: str
+
+    def normalized(self) -> np.ndarray:
+        """(values - corrupted) / (clean - corrupted): 1 = the clean behaviour, 0 = the corrupted one."""
+        return (self.values - self.corrupted) / (self.clean - self.corrupted)
+
+
+# ---------------------------------------------------------------------------- metrics
+def _read(logits: Array, tokens: Array) -> Array:
+    """logits [B, V] at tokens [B] -> [B]."""
+    return jnp.take_along_axis(logits, jnp.asarray(tokens)[:, None], axis=-1)[:, 0]
+
+
+def logit_diff(answer, wrong) -> Callable[[Array], Array]:
+    """mean over rows of logit(answer) - logit(wrong), from logits [B, V] (use read_at); answer, wrong [B]."""
+    answer, wrong = jnp.asarray(answer), jnp.asarray(wrong)
+    return lambda logits: jnp.mean(_read(logits, answer) - _read(logits, wrong))
+
+
+def normalized_logit_diff(answer, wrong, clean: float, corrupted: float) -> Callable[[Array], Array]:
+    """(logit_diff - corrupted) / (clean - corrupted), with the two runs' logit differences given."""
+    ld = logit_diff(answer, wrong)
+    return lambda logits: (ld(logits) - corrupted) / (clean - corrupted)
+
+
+def answer_ce(answer) -> Callable[[Array], Array]:
+    """mean over rows of -log p(answer) from logits [B, V] (use read_at); answer [B]."""
+    answer = jnp.asarray(answer)
+    return lambda logits: -jnp.mean(_read(jax.nn.log_softmax(logits, axis=-1), answer))
+
+
+# ---------------------------------------------------------------------------- units
+def unit_axes(config, site: str, positions: bool) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+    """(axis names after L, unit dims over the site's keep without T) of a site's units."""
+    if site not in PATCHABLE:
+        known = ", ".join(PATCHABLE)
+        raise ValueError(f"site {site!r} cannot be patched here: use one of {known}" if site in SITES
+                         else f"unknown site {site!r}: use one of {', '.join(SITES)}")
+    if site in HEAD_SITES:
+        n = config.num_heads if HEAD_SITES[site] == "H" else config.num_kv_heads
+        return (("T",) if positions else ()) + (HEAD_SITES[site],), (n,)
+    return ("T",) if positions else (), ()
+
+
+def _keep(u: Array, B: int, T: int, heads: tuple[int, ...], positions: bool) -> Array:
+    """The keep mask of unit u: zero at the unit, one elsewhere; [heads] or [B, T, heads] (positional)."""
+    shape = ((T,) if positions else ()) + heads
+    keep = 1.0 - jax.nn.one_hot(u, math.prod(shape), dtype=jnp.float32).reshape(shape)
+    return jnp.broadcast_to(keep, (B, *shape)) if positions else keep
+
+
+# ---------------------------------------------------------------------------- the kernel
+def _finish(model, params, y: Array, ctx, start, metric, read_rows, layer_iv=None, head_first: bool = False):
+    """From layer `start`'s input y [B, T, E]: layers start .. L - 1 (the last one only at read_rows
+    when given; layer_iv edits layer `start`) and the metric."""
+    L = model.config.num_layers
+
+    def intact(i, x):
+        return apply_layer(model, layer_params(params, i), x, ctx, layer=i)
+
+    def last(x, iv):
+        lp = layer_params(params, L - 1)
+        if read_rows is None:
+            h = apply_layer(model, lp, x, ctx, layer=L - 1, iv=iv)
+            return metric(unembed(model, params, h))
+        h = apply_layer(model, lp, x, ctx, rows=read_rows, layer=L - 1, iv=iv)  # [B, E]
+        return metric(unembed(model, params, h))
+
+    def below(x):
+        x = apply_layer(model, layer_params(params, start), x, ctx, layer=start, iv=layer_iv)
+        return last(jax.lax.fori_loop(start + 1, L - 1, intact, x), None)
+
+    def at_last(x):
+        return last(x, layer_iv)
+    return jax.lax.cond(start < L - 1, below, at_last, y)
+
+
+@partial(jax.jit, static_argnames=("model", "metric", "site", "positions", "chunk_size"))
+def patch_values(model, params, tokens, attention_mask, inputs, source, layers, metric, site: str,
+                 positions: bool, chunk_size: int, read_rows=None) -> Array:
+    """The metric for every unit of `site` at each of `layers` [N] -> [N, U]: target tokens [B, T] run
+    from their layer inputs `inputs` [L, B, T, E] with the unit's value replaced by `source`
+    [L, B, T, ...] (the other input's values of the site)."""
+    B, T = tokens.shape
+    _, ctx = layer_context(model, params, tokens, attention_mask)
+    _, heads = unit_axes(model.config, site, positions)
+    U = math.prod(((T,) if positions else ()) + heads)
+
+    def per_layer(_, l):
+        def one(u):
+            iv = Interventions({site: Edit(_keep(u, B, T, heads, positions), source[l])})
+            return _finish(model, params, inputs[l], ctx, l, metric, read_rows, iv)
+        return None, jax.lax.map(one, jnp.arange(U), batch_size=chunk_size)
+    return jax.lax.scan(per_layer, None, layers)[1]
+
+
+@partial(jax.jit, static_argnames=("model", "metric"))
+def _metric_of_run(model, params, tokens, attention_mask, metric, read_rows=None):
+    logits = model.apply({"params": params}, tokens, attention_mask=attention_mask)
+    if read_rows is not None:
+        logits = logits.reshape(-1, logits.shape[-1])[read_rows]
+    return metric(logits)
+
+
+def check_patch_inputs(config, clean, corrupted, attention_mask, read_at, layers) -> tuple:
+    """(clean, corrupted [B, T] int32, attention_mask, read rows [B] or None, layers [N]) or one-line errors."""
+    clean, corrupted = np.asarray(clean), np.asarray(corrupted)
+    if clean.ndim != 2 or clean.shape != corrupted.shape:
+        raise ValueError(f"clean and corrupted tokens must both be [B, T] of one shape, got {list(clean.shape)} and "
+                         f"{list(corrupted.shape)}: pad them to one length (patching matches positions)")
+    B, T = clean.shape
+    if attention_mask is not None and np.shape(attention_mask) != (B, T):
+        raise ValueError(f"attention_mask has shape {list(np.shape(attention_mask))}, expected [B, T] = {[B, T]}")
+    rows = None
+    if read_at is not None:
+        read_at = np.asarray(read_at).reshape(-1)
+        if read_at.shape != (B,):
+            raise ValueError(f"read_at must give one position per row, [B] = [{B}], got shape {list(read_at.shape)}")
+        if read_at.min() < -T or read_at.max() >= T:
+            raise ValueError(f"read_at position {int(read_at.max() if read_at.max() >= T else read_at.min())} is out "
+                             f"of range for T = {T}")
+        rows = jnp.asarray(np.arange(B) * T + read_at % T, jnp.int32)
+    L = config.num_layers
+    layers = np.arange(L) if layers is None else np.asarray(layers).reshape(-1)
+    if layers.size == 0 or layers.min() < 0 or layers.max() >= L:
+        bad = layers.tolist() if layers.size == 0 else int(layers.max() if layers.max() >= L else layers.min())
+        raise ValueError(f"layer {bad} is out of range: the model has L = {L} layers (0 .. {L - 1})")
+    am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    return jnp.asarray(clean, jnp.int32), jnp.asarray(corrupted, jnp.int32), am, rows, jnp.asarray(layers, jnp.int32)
+
+
+def patch(model, params, clean, corrupted, site: str, metric: Callable[[Array], Array], positions: bool = False,
+          direction: str = "noising", read_at=None, attention_mask=None, layers: Sequence[int] | None = None,
+          chunk_size: int | None = None) -> PatchResult:
+    """Activation patching of every unit of `site` (module docstring): values [L, (T,) (H | K)].
+
+    clean, corrupted [B, T] tokens of one shape (one attention_mask [B, T] for both); read_at [B]
+    (negative counts from the end): the position per row whose logits the metric reads (None:
+    all, [B, T, V]); layers: a subset of layers (default all; values then [len(layers), ...]).
+    Errors in these arguments are one line, raised before anything runs. chunk_size units run at
+    once (default from free memory; halved on out-of-memory errors)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}: use one of {', '.join(DIRECTIONS)}")
+    check_sites([site])
+    c = model.config
+    axes, heads = unit_axes(c, site, positions)
+    clean, corrupted, am, rows, layer_ids = check_patch_inputs(c, clean, corrupted, attention_mask, read_at, layers)
+    B, T = clean.shape
+    target, source_tokens = (clean, corrupted) if direction == "noising" else (corrupted, clean)
+    _, source = run_with_cache(model, params, source_tokens, [site], attention_mask=am)
+    _, inputs = run_with_cache(model, params, target, ["resid.pre"], attention_mask=am)
+    U = math.prod(((T,) if positions else ()) + heads)
+    chunk = chunk_size or chunk_size_for_memory(c, B, T, model.dtype, answer_tokens=B if rows is not None else B * T,
+                                                max_chunk=U)
+
+    def run(ch):
+        return np.asarray(patch_values(model, params, target, am, inputs["resid.pre"], source[site], layer_ids,
+                                       metric, site, positions, min(ch, U), rows))
+    values = run_with_oom_fallback(run, chunk)
+    dims = ((T,) if positions else ()) + heads
+    values = values.reshape(len(layer_ids), *dims)
+    clean_m = float(_metric_of_run(model, params, clean, am, metric, rows))
+    corrupted_m = float(_metric_of_run(model, params, corrupted, am, metric, rows))
+    return PatchResult(values, clean_m, corrupted_m, ("L", *axes), site, direction)
+
+
+__all__ = ["DIRECTIONS", "PATCHABLE", "PatchResult", "answer_ce", "check_patch_inputs", "logit_diff",
+           "normalized_logit_diff", "patch", "patch_values", "unit_axes"]
