@@ -137,3 +137,46 @@ def test_bad_input_is_one_line_before_compute(tiny):
         patch(model, params, clean, corrupted, "attn.pattern", m)
     with pytest.raises(ValueError, match=r"^unknown direction 'both'"):
         patch(model, params, clean, corrupted, "attn.z", m, direction="both")
+
+
+@pytest.mark.parametrize("site,positions", [("attn.z", False), ("resid.pre", True)])
+def test_attribution_patching_equals_finite_differences(tiny, site, positions):
+    """d metric / d eps of the target run with unit value v + eps (source - v), by central differences in
+    float64 on transformers' model, equals attribution patching's (source - v) . gradient per unit."""
+    import copy
+
+    from capjax.patching import attribution_patch
+    hf, model, params = tiny
+    hf64 = copy.deepcopy(hf).double()
+    clean, corrupted, answer, wrong = prompts(seed=2)
+    read_at = np.full(3, 7)
+    exact = patch(model, params, clean, corrupted, site, logit_diff(answer, wrong), positions=positions,
+                  read_at=read_at)
+    est = attribution_patch(model, params, clean, corrupted, site, logit_diff(answer, wrong), positions=positions,
+                            read_at=read_at, exact=exact)
+    _, src = hf_run(hf64, corrupted, sites=[site])
+    ld = np_logit_diff(answer, wrong)
+    n = hf.config.num_attention_heads if site in HEADS else None
+    dims = ((8,) if positions else ()) + ((n,) if n else ())
+    fd = np.zeros((2, *dims))
+    eps = 1e-3
+    for l in range(2):
+        for idx in np.ndindex(*dims):
+            vals = []
+            for e in (eps, -eps):
+                def edit(name, layer, v, idx=idx, l=l, e=e):
+                    if name != site or layer != l:
+                        return None
+                    s = torch.tensor(src[site][l], dtype=v.dtype)
+                    sel = (slice(None),) + ((idx[0],) if positions else (slice(None),)) + (idx[-1:] if n else ())
+                    v = v.clone()
+                    v[sel] = v[sel] + e * (s[sel] - v[sel])
+                    return v
+                vals.append(ld(hf_run(hf64, clean, edit=edit, sites=())[0][:, 7]))
+            fd[(l, *idx)] = (vals[0] - vals[1]) / (2 * eps)
+    np.testing.assert_allclose(est["values"] - est["baseline"], fd, atol=2e-4, rtol=1e-3)
+    assert np.abs(fd).max() > 1e-2
+    assert abs(est["baseline"] - exact.clean) < 1e-4
+    # the reported correlation is Pearson's of the estimated and the exact changes over units
+    want_r = np.corrcoef(fd.ravel(), (exact.values - exact.clean).ravel())[0, 1]
+    assert abs(est["correlation"] - want_r) < 1e-3
