@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from capjax.memory import InsufficientMemoryError, available_bytes
-from capjax.sites import SITES, Interventions, check_sites
+from capjax.sites import Interventions, check_sites, collect_sites
 
 Array = jax.Array
 
@@ -64,20 +64,6 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
-def collect_sites(tree) -> dict[str, Array]:
-    """{site: value} from the "sites" collection (sown once per layer under nn.scan: [L, ...])."""
-    out = {}
-
-    def walk(node):
-        for key, value in node.items():
-            if key in SITES:
-                out[key] = value[0]
-            elif isinstance(value, dict):
-                walk(value)
-    walk(tree)
-    return out
-
-
 @partial(jax.jit, static_argnames=("model",))
 def _run(model, params, tokens, attention_mask, interventions, head_mask):
     logits, state = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask,
@@ -106,4 +92,4 @@ def run_with_cache(model, params, tokens, sites: Sequence[str], attention_mask=N
                 None if head_mask is None else jnp.asarray(head_mask))
 
 
-__all__ = ["cache_bytes", "check_cache_fits", "collect_sites", "run_with_cache", "site_shape"]
+__all__ = ["cache_bytes", "check_cache_fits", "run_with_cache", "site_shape"]

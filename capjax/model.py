@@ -30,7 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from capjax.config import ModelConfig
-from capjax.sites import Interventions, at_site, touches, with_head_mask
+from capjax.sites import Interventions, at_site, collect_sites, touches, with_head_mask
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -403,11 +403,15 @@ def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Arr
     With rows [R] (flat indices into B * T), only those positions' outputs -> [R, E] (the last
     layer, when the loss reads only some positions). With capture, also returns the input of every
     projection: {"self_attn": {"q_proj": [B, T, E], ..., "o_proj": [B, T, H, D]},
-    "mlp": {"gate_proj": [B, T, E], "up_proj": [B, T, E], "down_proj": [B, T, F]}}."""
+    "mlp": {"gate_proj": [B, T, E], "up_proj": [B, T, E], "down_proj": [B, T, F]}}. When iv
+    captures sites (and neither rows nor capture is given), returns (x, {site: value})."""
     iv = with_head_mask(iv, None if head_mask_l is None else jnp.asarray(head_mask_l, model.dtype))
     module, args = DecoderLayer(model.config, model.dtype), (x, iv, ctx)
     if rows is not None:
         return module.apply({"params": layer_p}, *args, layer=layer, rows=rows)[0][0]
+    if iv is not None and iv.capture and not capture:
+        (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["sites"])
+        return x, collect_sites(state["sites"])
     if not capture:
         return module.apply({"params": layer_p}, *args, layer=layer)[0]
     (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["intermediates"])

@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capjax.cache import collect_sites, run_with_cache
+from capjax.cache import run_with_cache
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import apply_layer, layer_context, layer_params, unembed
-from capjax.sites import SITES, Edit, Interventions, check_sites
+from capjax.sites import SITES, Edit, Interventions, check_sites, collect_sites
 
 Array = jax.Array
 HEAD_SITES = {"attn.q": "H", "attn.z": "H", "attn.k": "K", "attn.v": "K"}
@@ -222,6 +222,75 @@ def patch(model, params, clean, corrupted, site: str, metric: Callable[[Array], 
     return PatchResult(values, clean_m, corrupted_m, ("L", *axes), site, direction)
 
 
+# ---------------------------------------------------------------------------- path patching
+RECEIVERS = ("attn.q", "attn.k", "attn.v")
+
+
+def _one_path(model, params, ctx, clean, src_z, metric, read_rows, receiver: str, pair):
+    """The metric for one (sender layer, sender head, receiver layer, receiver head) pair [4]."""
+    ls, hs, lr, hr = pair[0], pair[1], pair[2], pair[3]
+    H = model.config.num_heads
+    n = H if receiver == "attn.q" else model.config.num_kv_heads
+    pre, mlp_out = clean["resid.pre"], clean["mlp.out"]
+    # The sender's change alone (its MLP frozen at the clean output): delta [B, T, E] of the residual stream.
+    sender = Interventions({"attn.z": Edit(1.0 - jax.nn.one_hot(hs, H, dtype=jnp.float32), src_z[ls]),
+                            "mlp.out": Edit(jnp.zeros(()), mlp_out[ls])})
+    delta = apply_layer(model, layer_params(params, ls), pre[ls], ctx, layer=ls, iv=sender) - pre[ls + 1]
+    # The receiver's q / k / v computed from the clean stream plus that change (every path in between frozen).
+    _, got = apply_layer(model, layer_params(params, lr), pre[lr] + delta, ctx, layer=lr,
+                         iv=Interventions({}, {receiver}))
+    iv = Interventions({receiver: Edit(1.0 - jax.nn.one_hot(hr, n, dtype=jnp.float32), got[receiver])})
+    return _finish(model, params, pre[lr], ctx, lr, metric, read_rows, iv)
+
+
+@partial(jax.jit, static_argnames=("model", "metric", "receiver", "chunk_size"))
+def path_values(model, params, tokens, attention_mask, clean, src_z, pairs, metric, receiver: str, chunk_size: int,
+                read_rows=None) -> Array:
+    """The metric for each of pairs [N, 4] (sender layer, head, receiver layer, head) -> [N]; clean:
+    the target's cached {"resid.pre", "mlp.out"} [L, ...]; src_z the source's attn.z [L, B, T, H, D]."""
+    _, ctx = layer_context(model, params, tokens, attention_mask)
+    return jax.lax.map(partial(_one_path, model, params, ctx, clean, src_z, metric, read_rows, receiver), pairs,
+                       batch_size=chunk_size)
+
+
+def path_patch(model, params, clean, corrupted, pairs: Sequence[tuple[int, int, int, int]],
+               metric: Callable[[Array], Array], receiver: str = "attn.q", direction: str = "noising",
+               read_at=None, attention_mask=None, chunk_size: int | None = None) -> np.ndarray:
+    """Path patching (the IOI paper's construction) for pairs [(sender layer, sender head, receiver
+    layer, receiver head)]: the target run (clean for noising) with the sender head's output taken
+    from the source run only on its direct path, through the residual stream, into the receiver's
+    `receiver` input (attn.q: a query head; attn.k / attn.v: a kv head); every other path, MLPs
+    included, keeps the target's values. Returns the metric per pair [N]; all pairs in one compiled
+    call (chunks of chunk_size). Bad pairs (out of range, receiver not above sender) are one line."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}: use one of {', '.join(DIRECTIONS)}")
+    if receiver not in RECEIVERS:
+        raise ValueError(f"unknown receiver {receiver!r}: use one of {', '.join(RECEIVERS)}")
+    c = model.config
+    L, H = c.num_layers, c.num_heads
+    n = H if receiver == "attn.q" else c.num_kv_heads
+    pairs_np = np.asarray(pairs, np.int64).reshape(-1, 4) if len(pairs) else np.zeros((0, 4), np.int64)
+    if not len(pairs_np):
+        raise ValueError("pairs is empty: give (sender layer, sender head, receiver layer, receiver head) tuples")
+    for i, (ls, hs, lr, hr) in enumerate(pairs_np.tolist()):
+        if not (0 <= ls < L and 0 <= lr < L and 0 <= hs < H and 0 <= hr < n and lr > ls):
+            raise ValueError(f"pair {i} {(ls, hs, lr, hr)} is out of range: layers 0 .. {L - 1} with the receiver "
+                             f"above the sender, sender heads 0 .. {H - 1}, receiver heads 0 .. {n - 1} ({receiver})")
+    clean, corrupted, am, rows, _ = check_patch_inputs(c, clean, corrupted, attention_mask, read_at, None)
+    target, source_tokens = (clean, corrupted) if direction == "noising" else (corrupted, clean)
+    _, src = run_with_cache(model, params, source_tokens, ["attn.z"], attention_mask=am)
+    _, cache = run_with_cache(model, params, target, ["resid.pre", "mlp.out"], attention_mask=am)
+    B, T = clean.shape
+    N = len(pairs_np)
+    chunk = chunk_size or chunk_size_for_memory(c, B, T, model.dtype, answer_tokens=B if rows is not None else B * T,
+                                                max_chunk=N)
+
+    def run(ch):
+        return np.asarray(path_values(model, params, target, am, cache, src["attn.z"], jnp.asarray(pairs_np, jnp.int32),
+                                      metric, receiver, min(ch, N), rows))
+    return run_with_oom_fallback(run, chunk)
+
+
 # ---------------------------------------------------------------------------- attribution patching
 def _unit_sum(a: Array, site: str, positions: bool) -> Array:
     """a [L, B, T, ...] summed over everything but the units: [L, (T,) (H | K)]."""
@@ -275,5 +344,5 @@ def attribution_patch(model, params, clean, corrupted, site: str, metric: Callab
     return out
 
 
-__all__ = ["DIRECTIONS", "PATCHABLE", "PatchResult", "answer_ce", "attribution_patch", "check_patch_inputs", "logit_diff",
-           "normalized_logit_diff", "patch", "patch_values", "unit_axes"]
+__all__ = ["DIRECTIONS", "PATCHABLE", "PatchResult", "RECEIVERS", "answer_ce", "attribution_patch", "check_patch_inputs", "logit_diff",
+           "normalized_logit_diff", "patch", "patch_values", "path_patch", "path_values", "unit_axes"]

@@ -157,5 +157,19 @@ def at_site(module, iv: Interventions | None, site: str, value: Array, rows: Arr
     return value
 
 
-__all__ = ["Edit", "Interventions", "KEEP_EVENT_NDIM", "SITES", "at_site", "check_sites", "touches",
-           "with_head_mask"]
+def collect_sites(tree) -> dict[str, Array]:
+    """{site: value} from the "sites" collection (sown once per layer under nn.scan: [L, ...])."""
+    out = {}
+
+    def walk(node):
+        for key, value in node.items():
+            if key in SITES:
+                out[key] = value[0]
+            elif isinstance(value, dict):
+                walk(value)
+    walk(tree)
+    return out
+
+
+__all__ = ["Edit", "Interventions", "KEEP_EVENT_NDIM", "SITES", "at_site", "check_sites", "collect_sites",
+           "touches", "with_head_mask"]

@@ -180,3 +180,55 @@ def test_attribution_patching_equals_finite_differences(tiny, site, positions):
     # the reported correlation is Pearson's of the estimated and the exact changes over units
     want_r = np.corrcoef(fd.ravel(), (exact.values - exact.clean).ravel())[0, 1]
     assert abs(est["correlation"] - want_r) < 1e-3
+
+
+def hook_path_patch(hf, clean, corrupted, pair, receiver, metric_np, read_at):
+    """The hook loop: clean run with the sender head's z from the corrupted run and every other head's z
+    and every MLP output frozen at their clean values, reading the receiver's input; then a clean run
+    with only the receiver head's q / k / v replaced by it."""
+    ls, hs, lr, hr = pair
+    _, cl = hf_run(hf, clean, sites=["attn.z", "mlp.out"])
+    _, co = hf_run(hf, corrupted, sites=["attn.z"])
+
+    def freeze(name, layer, v):
+        if name == "attn.z":
+            new = torch.tensor(cl["attn.z"][layer], dtype=v.dtype)
+            if layer == ls:
+                new[:, :, hs] = torch.tensor(co["attn.z"][layer][:, :, hs], dtype=v.dtype)
+            return new
+        if name == "mlp.out":
+            return torch.tensor(cl["mlp.out"][layer], dtype=v.dtype)
+        return None
+    _, got = hf_run(hf, clean, edit=freeze, sites=[receiver])
+    new_in = got[receiver][lr]
+
+    def patch_receiver(name, layer, v):
+        if name == receiver and layer == lr:
+            v = v.clone()
+            v[:, :, hr] = torch.tensor(new_in[:, :, hr], dtype=v.dtype)
+            return v
+        return None
+    logits, _ = hf_run(hf, clean, edit=patch_receiver, sites=())
+    return metric_np(logits[np.arange(len(clean)), read_at])
+
+
+@pytest.mark.parametrize("receiver", ["attn.q", "attn.k", "attn.v"])
+def test_path_patching_equals_hook_loop(tmp_path, receiver):
+    from capjax.patching import path_patch
+    folder = tmp_path / "m"
+    hf = make_hf_model(folder, "llama", initializer_range=0.2, num_hidden_layers=3)
+    model, params = capjax.load_pretrained(folder)
+    clean, corrupted, answer, wrong = prompts(seed=3)
+    n = 4 if receiver == "attn.q" else 2
+    pairs = [(0, 1, 1, 0), (0, 3, 2, n - 1), (1, 2, 2, 1), (0, 0, 1, n - 1), (1, 0, 2, 0)]
+    read_at = np.full(3, 7)
+    got = path_patch(model, params, clean, corrupted, pairs, logit_diff(answer, wrong), receiver=receiver,
+                     read_at=read_at, chunk_size=2)
+    want = np.array([hook_path_patch(hf, clean, corrupted, p, receiver, np_logit_diff(answer, wrong), read_at)
+                     for p in pairs])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    plain = np_logit_diff(answer, wrong)(hf_run(hf, clean, sites=())[0][:, 7])
+    assert np.abs(want - plain).max() > 1e-2  # the paths matter
+    with pytest.raises(ValueError, match=r"^pair 1 \(1, 0, 1, 0\) is out of range: layers 0 .. 2 with the receiver "
+                                         r"above the sender"):
+        path_patch(model, params, clean, corrupted, [(0, 0, 1, 0), (1, 0, 1, 0)], logit_diff(answer, wrong))
