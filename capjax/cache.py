@@ -1,6 +1,6 @@
 """An activation cache: the logits and the values of chosen named sites, stacked over layers.
 
-Legend: B batch, T time, S keys (= T), L layers, H query heads, K kv heads, D head dim, E hidden,
+Legend: B batch, T time, S key time (= T), L layers, H query heads, K kv heads, D head dim, E hidden,
 F MLP width, V vocab.
 
     logits, cache = capjax.run_with_cache(model, params, tokens, sites=["attn.z", "resid.post"])

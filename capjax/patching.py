@@ -1,7 +1,6 @@
 """Activation patching between a clean and a corrupted batch, every unit of a site in one compiled call.
 
-Legend: B batch, T time, L layers, H query heads, K kv heads, D head dim, E hidden, V vocab,
-U units of one layer.
+Legend: B batch, T time, L layers, H query heads, K kv heads, D head dim, E hidden, V vocab.
 
     res = patch(model, params, clean, corrupted, "attn.z", metric=logit_diff(answer, wrong), read_at=last)
     res.values    [L, H]     metric with head h of layer l taken from the corrupted run (noising)
@@ -18,7 +17,7 @@ A metric is any JAX function of the logits returning a scalar: logits [B, V] at 
 [B, T, V] when read_at is None. Built in: `logit_diff`, `normalized_logit_diff`, `answer_ce`.
 
 How: one run of the source input caches the site ([L, B, T, ...]); one run of the target caches
-every layer's input (resid.pre). Then one scan over the layers: at layer l its U patched runs
+every layer's input (resid.pre). Then one scan over the layers: at layer l its patched runs (one per unit)
 start from the target's intact input of layer l (the layers below are never recomputed), in
 `lax.map` chunks of `chunk_size` vmapped units, run layers l + 1 .. L - 1 and the metric.
 """
@@ -136,19 +135,19 @@ def _finish(model, params, y: Array, ctx, start, metric, read_rows, layer_iv=Non
 @partial(jax.jit, static_argnames=("model", "metric", "site", "positions", "chunk_size"))
 def patch_values(model, params, tokens, attention_mask, inputs, source, layers, metric, site: str,
                  positions: bool, chunk_size: int, read_rows=None) -> Array:
-    """The metric for every unit of `site` at each of `layers` [N] -> [N, U]: target tokens [B, T] run
+    """The metric for every unit of `site` at each of `layers` -> [layers, units]: target tokens [B, T] run
     from their layer inputs `inputs` [L, B, T, E] with the unit's value replaced by `source`
     [L, B, T, ...] (the other input's values of the site)."""
     B, T = tokens.shape
     _, ctx = layer_context(model, params, tokens, attention_mask)
     _, heads = unit_axes(model.config, site, positions)
-    U = math.prod(((T,) if positions else ()) + heads)
+    units = math.prod(((T,) if positions else ()) + heads)
 
     def per_layer(_, l):
         def one(u):
             iv = Interventions({site: Edit(_keep(u, B, T, heads, positions), source[l])})
             return _finish(model, params, inputs[l], ctx, l, metric, read_rows, iv)
-        return None, jax.lax.map(one, jnp.arange(U), batch_size=chunk_size)
+        return None, jax.lax.map(one, jnp.arange(units), batch_size=chunk_size)
     return jax.lax.scan(per_layer, None, layers)[1]
 
 
@@ -161,7 +160,7 @@ def _metric_of_run(model, params, tokens, attention_mask, metric, read_rows=None
 
 
 def check_patch_inputs(config, clean, corrupted, attention_mask, read_at, layers) -> tuple:
-    """(clean, corrupted [B, T] int32, attention_mask, read rows [B] or None, layers [N]) or one-line errors."""
+    """(clean, corrupted [B, T] int32, attention_mask, read rows [B] or None, layer indices) or one-line errors."""
     clean, corrupted = np.asarray(clean), np.asarray(corrupted)
     if clean.ndim != 2 or clean.shape != corrupted.shape:
         raise ValueError(f"clean and corrupted tokens must both be [B, T] of one shape, got {list(clean.shape)} and "
@@ -207,13 +206,13 @@ def patch(model, params, clean, corrupted, site: str, metric: Callable[[Array], 
     target, source_tokens = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     _, source = run_with_cache(model, params, source_tokens, [site], attention_mask=am)
     _, inputs = run_with_cache(model, params, target, ["resid.pre"], attention_mask=am)
-    U = math.prod(((T,) if positions else ()) + heads)
+    units = math.prod(((T,) if positions else ()) + heads)
     chunk = chunk_size or chunk_size_for_memory(c, B, T, model.dtype, answer_tokens=B if rows is not None else B * T,
-                                                max_chunk=U)
+                                                max_chunk=units)
 
     def run(ch):
         return np.asarray(patch_values(model, params, target, am, inputs["resid.pre"], source[site], layer_ids,
-                                       metric, site, positions, min(ch, U), rows))
+                                       metric, site, positions, min(ch, units), rows))
     values = run_with_oom_fallback(run, chunk)
     dims = ((T,) if positions else ()) + heads
     values = values.reshape(len(layer_ids), *dims)
@@ -246,7 +245,7 @@ def _one_path(model, params, ctx, clean, src_z, metric, read_rows, receiver: str
 @partial(jax.jit, static_argnames=("model", "metric", "receiver", "chunk_size"))
 def path_values(model, params, tokens, attention_mask, clean, src_z, pairs, metric, receiver: str, chunk_size: int,
                 read_rows=None) -> Array:
-    """The metric for each of pairs [N, 4] (sender layer, head, receiver layer, head) -> [N]; clean:
+    """The metric for each of the pairs [pairs, 4] (sender layer, head, receiver layer, head); clean:
     the target's cached {"resid.pre", "mlp.out"} [L, ...]; src_z the source's attn.z [L, B, T, H, D]."""
     _, ctx = layer_context(model, params, tokens, attention_mask)
     return jax.lax.map(partial(_one_path, model, params, ctx, clean, src_z, metric, read_rows, receiver), pairs,
@@ -260,7 +259,7 @@ def path_patch(model, params, clean, corrupted, pairs: Sequence[tuple[int, int, 
     layer, receiver head)]: the target run (clean for noising) with the sender head's output taken
     from the source run only on its direct path, through the residual stream, into the receiver's
     `receiver` input (attn.q: a query head; attn.k / attn.v: a kv head); every other path, MLPs
-    included, keeps the target's values. Returns the metric per pair [N]; all pairs in one compiled
+    included, keeps the target's values. Returns the metric per pair; all pairs in one compiled
     call (chunks of chunk_size). Bad pairs (out of range, receiver not above sender) are one line."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}: use one of {', '.join(DIRECTIONS)}")

@@ -32,6 +32,8 @@ from capjax.ablation.metrics import Metric, get_metric
 from capjax.ablation.spec import num_ablations
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, apply_layer, layer_context, layer_params, unembed
+from capjax.ablation.readout import answer_values
+from capjax.ablation.single import single_unit_values
 from capjax.sites import Edit, Interventions
 
 Array = jax.Array
@@ -72,18 +74,6 @@ def layer_ablation(spec_one: dict, reps: dict, l) -> Interventions:
     if reps["heads"] is not None:
         edits["attn.z"] = Edit(replace=reps["heads"][l])
     return Interventions(edits)
-
-
-def answer_values(model, params, x: Array, ctx, ans, num_examples: int, metric: Metric, ref=None,
-                  head_mask_l: Array | None = None, ablation: Interventions | None = None) -> Array:
-    """The metric summed per example [B] from the last layer's input x [P, S, E]: the last layer's
-    o_proj and MLP, and the metric, run only at the A answer positions ans = (flat_pos, target,
-    example) [A]."""
-    L = model.config.num_layers
-    flat_pos, target, example = ans
-    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=flat_pos, layer=L - 1,
-                    iv=ablation)
-    return jax.ops.segment_sum(metric.fn(model, params, h, target, ref), example, num_segments=num_examples)
 
 
 def first_ablated_layer(spec_one: dict) -> Array:
@@ -205,8 +195,6 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
 
     keep = single_heads_keep(c, spec) if reuse_prefix else None
     if keep is not None:
-        from capjax.ablation.single import single_unit_values  # it builds on this module
-
         def run(ch):
             return to_host(single_unit_values(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, 0,
                                               c.num_layers, min(ch, c.num_heads), mesh=mesh, keep=keep)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from capjax import sharding
-from capjax.ablation.core import answer_values
+from capjax.ablation.readout import answer_values
 from capjax.ablation.metrics import Metric
 from capjax.model import apply_layer, layer_context, layer_params
 from capjax.sites import Edit, Interventions
