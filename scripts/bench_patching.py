@@ -12,6 +12,7 @@ The two results must agree (max |difference| printed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--site", default="attn.z")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
@@ -67,22 +68,23 @@ def main() -> None:
 
     def ours():
         return patch(model, params, clean, corrupted, args.site, metric, read_at=read).values
+    print(f"{args.site} per head, [{len(clean)}, {clean.shape[1]}] tokens, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    t = time.perf_counter()
+    want = hook_loop(hf, clean, corrupted, answer, wrong, args.site)
+    loop = time.perf_counter() - t
+    print(f"hook loop (transformers, torch)  {loop:8.2f} s   ({want.size} units)", flush=True)
     t = time.perf_counter()
     got = ours()
     cold = time.perf_counter() - t
+    print(f"capjax patch, cold (compile)     {cold:8.2f} s   loop / capjax {loop / cold:6.2f}x", flush=True)
     warm = []
     for _ in range(args.reps):
         t = time.perf_counter()
         ours()
         warm.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    want = hook_loop(hf, clean, corrupted, answer, wrong, args.site)
-    loop = time.perf_counter() - t
-    print(f"{args.site} per head, {got.size} units, [{len(clean)}, {clean.shape[1]}] tokens, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"hook loop (transformers, torch)  {loop:8.2f} s")
-    print(f"capjax patch, cold (compile)     {cold:8.2f} s   loop / capjax {loop / cold:6.2f}x")
     print(f"capjax patch, warm (best of {args.reps})   {min(warm):8.2f} s   loop / capjax {loop / min(warm):6.2f}x")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"max |capjax - hook loop| = {np.abs(got - want).max():.2e} (logit-difference units; "
           f"range of values {np.ptp(want):.2f})")
 
