@@ -8,6 +8,7 @@
 """
 
 from capjax.attribution import HeadScores, head_ablation_losses, score_heads
+from capjax.cache import run_with_cache
 from capjax.config import ModelConfig, UnsupportedConfigError
 from capjax.data import CalibrationBatch, build_calibration, eval_records
 from capjax.evaluate import evaluate, generate, perplexity, wikitext2_perplexity
@@ -20,5 +21,5 @@ __all__ = [
     "CalibrationBatch", "Decoder", "HeadScores", "ModelConfig", "UnsupportedConfigError", "build_calibration",
     "eval_records", "evaluate", "generate", "head_ablation_losses", "init_cache", "init_params", "layer_params",
     "load_config", "load_pretrained", "load_tokenizer", "perplexity", "prune", "recover", "save_pretrained",
-    "score_heads", "sparsity_report", "wikitext2_perplexity",
+    "run_with_cache", "score_heads", "sparsity_report", "wikitext2_perplexity",
 ]

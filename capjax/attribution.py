@@ -39,7 +39,7 @@ from capjax import estimators, sharding
 from capjax.ablation.batch import (AnswerPositions, PreparedBatch, answer_arrays, answer_positions,  # noqa: F401
                                    check_calibration, prepare_batch)
 from capjax.ablation.core import answer_values, gradient_deltas, intact_log_probs
-from capjax.ablation.kinds import KINDS, replacements
+from capjax.ablation.kinds import check_kind, replacements
 from capjax.ablation.metrics import CE, Metric, get_metric
 from capjax.ablation.single import single_unit_values
 from capjax.distributed import checksum, to_host
@@ -392,8 +392,7 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     `metric` ("ce", "kl" or a `capjax.ablation` metric) is what is measured at the answer tokens
     ("loss" above); the default zero / ce is CAP's score.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown ablation kind {kind!r}: use one of {', '.join(KINDS)}")
+    check_kind(kind)
     metric = get_metric(metric)
     check_method_metric(method, metric.name)
     custom = (kind, metric.name) != ("zero", "ce")

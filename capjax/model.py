@@ -30,6 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from capjax.config import ModelConfig
+from capjax.sites import Interventions, at_site, collect_sites, touches, with_head_mask
 from capjax.token_ids import check_token_ids
 
 Array = jax.Array
@@ -168,15 +169,15 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, head_mask, cos, sin, mask, cache=None, cache_index=None, rows=None, ablation=None):
-        """x [B, T, E], head_mask [H], mask [B, T, S] -> ([B, T, E], cache).
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, rows=None, iv: Interventions | None = None):
+        """x [B, T, E], mask [B, T, S] -> ([B, T, E], cache).
 
         cache: {"k", "v": [B, S, K, D]}; the T new keys are written at slot cache_index.
         Without a cache, S = Pf + T > T means a shared prefix (`capjax.packing`): every row's keys
         are row 0's first Pf keys, then its own T.
         rows [R] (flat indices into B * T): only those query positions go through o_proj -> [1, R, E].
-        ablation: see `mix_replacement` and `capjax.ablation` ("heads": replacement of the head
-        outputs, weighted by 1 - head_mask; "attn": (mask, replacement) of this block's output).
+        iv: this layer's `capjax.sites.Interventions` (edits and captures of the attn.* sites; the
+        head mask is its attn.z keep); None runs the plain path.
         """
         c = self.config
         E, H, K, D, G = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.group_size
@@ -187,6 +188,7 @@ class Attention(nn.Module):
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, c.norm_offset, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, c.norm_offset, name="k_norm")(k)
+        q, k, v = (at_site(self, iv, f"attn.{n}", a) for n, a in (("q", q), ("k", k), ("v", v)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
@@ -201,34 +203,16 @@ class Attention(nn.Module):
         logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype)) * scale
         logits = softcap(logits.astype(jnp.float32), c.attn_softcap)
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
+        if touches(iv, "attn.pattern"):  # viewed as [B, H, T, S] only when asked for
+            S = probs.shape[-1]
+            probs = at_site(self, iv, "attn.pattern", probs.reshape(B, H, T, S)).reshape(B, K, G, T, S)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(B, T, H, D)
         if rows is not None:
             out = out.reshape(B * T, H, D)[rows][None]
-        out = out * head_mask.astype(self.dtype)[None, None, :, None]
-        if ablation is not None and ablation.get("heads") is not None:  # [H, D] or [B, T, H, D]
-            keep = head_mask.astype(self.dtype)[:, None]
-            out = out + (1 - keep) * _at_rows(ablation["heads"], 2, rows).astype(self.dtype)
+        out = at_site(self, iv, "attn.z", out, rows)
         y = Proj((H, D, E), "bthd,hde->bte", None, self.dtype, name="o_proj")(out)
-        if ablation is not None and ablation.get("attn") is not None:
-            y = mix_replacement(y, *ablation["attn"], rows)
-        return y, cache
-
-
-def _at_rows(rep: Array, event_ndim: int, rows: Array | None) -> Array:
-    """A replacement per position [B, T, ...] gathered at rows [R] -> [1, R, ...]; a constant
-    replacement (event_ndim dims, e.g. [E] or [H, D]) is returned as is (it broadcasts)."""
-    if rows is None or rep.ndim == event_ndim:
-        return rep
-    return rep.reshape(-1, *rep.shape[2:])[rows][None]
-
-
-def mix_replacement(y: Array, keep: Array, rep: Array, rows: Array | None = None) -> Array:
-    """keep * y + (1 - keep) * rep: a component's output y [B, T, E] (or [1, R, E] at rows) mixed with
-    its replacement rep ([E] constant, or [B, T, E] per position, gathered at rows) by a scalar
-    fractional mask keep (1 = intact, 0 = fully replaced)."""
-    keep = jnp.asarray(keep, y.dtype)
-    return keep * y + (1 - keep) * _at_rows(rep, 1, rows).astype(y.dtype)
+        return at_site(self, iv, "attn.out", y, rows), cache
 
 
 class MLP(nn.Module):
@@ -236,12 +220,14 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, rows: Array | None = None, iv: Interventions | None = None) -> Array:
         E, F = self.config.hidden_size, self.config.intermediate_size
         gate = Proj((E, F), "bte,ef->btf", None, self.dtype, name="gate_proj")(x)
         up = Proj((E, F), "bte,ef->btf", None, self.dtype, name="up_proj")(x)
         act = _ACTIVATIONS[self.config.hidden_act]
-        return Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(act(gate) * up)
+        hidden = at_site(self, iv, "mlp.hidden", act(gate) * up, rows)
+        return at_site(self, iv, "mlp.out", Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(hidden),
+                       rows)
 
 
 class DecoderLayer(nn.Module):
@@ -251,15 +237,14 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, head_mask, ctx, cache=None, cache_index=None, layer=None, rows=None, ablation=None):
-        """x [B, T, E], head_mask [H], ctx from `attention_context` -> ([B, T, E], cache).
+    def __call__(self, x, iv: Interventions | None, ctx, cache=None, cache_index=None, layer=None, rows=None):
+        """x [B, T, E], iv (this layer's `capjax.sites.Interventions` or None), ctx from
+        `attention_context` -> ([B, T, E], cache).
 
         layer: this layer's index (int or traced int32), needed when sliding and global layers
         alternate. rows [R]: compute the output only at these flat positions of B * T -> [1, R, E]
-        (keys and values still come from every position). ablation: None, or a dict with optional
-        "heads" (replacement [H, D] or [B, T, H, D] of the head outputs, weighted by 1 - head_mask),
-        "attn" and "mlp" ((keep scalar, replacement [E] or [B, T, E]) of the block's output);
-        see `mix_replacement` and `capjax.ablation`."""
+        (keys and values still come from every position). The named sites (`capjax.sites.SITES`)
+        are edited / captured as iv says; every site iv does not name costs nothing."""
         c = self.config
         cos, sin, mask = ctx[:3]
         if c.mixed_layers:
@@ -268,29 +253,28 @@ class DecoderLayer(nn.Module):
             sliding = jnp.asarray([t == "sliding_attention" for t in c.layer_types])[layer]
             cos, sin, mask = (jnp.where(sliding, a_local, a) for a, a_local in zip(ctx[:3], ctx[3:]))
         eps, off = c.rms_norm_eps, c.norm_offset
+        x = at_site(self, iv, "resid.pre", x)
         h, cache = Attention(c, self.dtype, name="self_attn")(
-            RMSNorm(eps, off, name="input_layernorm")(x), head_mask, cos, sin, mask, cache, cache_index, rows,
-            ablation)
+            RMSNorm(eps, off, name="input_layernorm")(x), cos, sin, mask, cache, cache_index, rows, iv)
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows][None]
-        mlp_ablated = ablation is not None and ablation.get("mlp") is not None
         if c.sandwich_norms:
-            x = x + RMSNorm(eps, off, name="post_attention_layernorm")(h)
-            h = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="pre_feedforward_layernorm")(x))
+            x = at_site(self, iv, "resid.mid", x + RMSNorm(eps, off, name="post_attention_layernorm")(h), rows)
+            h = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="pre_feedforward_layernorm")(x), rows, iv)
             m = RMSNorm(eps, off, name="post_feedforward_layernorm")(h)
-            return x + (mix_replacement(m, *ablation["mlp"], rows) if mlp_ablated else m), cache
-        x = x + h
-        m = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="post_attention_layernorm")(x))
-        if mlp_ablated:
-            m = mix_replacement(m, *ablation["mlp"], rows)
-        x = x + m
-        return x, cache
+        else:
+            x = at_site(self, iv, "resid.mid", x + h, rows)
+            m = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="post_attention_layernorm")(x), rows, iv)
+        return at_site(self, iv, "resid.post", x + m, rows), cache
 
 
 class Decoder(nn.Module):
     """Causal LM: `apply({"params": p}, tokens, head_mask=None, attention_mask=None) -> logits [B, T, V]`.
 
-    tokens [B, T] int; head_mask [L, H] float (None = all ones, bit-identical to no mask);
+    tokens [B, T] int; head_mask [L, H] float (None = no mask: the o_proj input is not touched), an
+    intervention on the attn.z site; interventions: a `capjax.sites.Interventions` stacked over
+    layers (every leaf [L, ...]) editing / capturing any named site (captures land in the "sites"
+    collection: apply with mutable=["sites"], or use `capjax.cache.run_with_cache`);
     attention_mask [B, T] (1 = real token; right or left padding), or [B, S] over cache slots
     when `cache` is given. With `cache` ({"k", "v": [L, B, S, K, D], "index": int32 scalar}),
     returns (logits, new_cache). Logits are float32.
@@ -304,7 +288,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT)
         self.layers = nn.scan(
             DecoderLayer,
-            variable_axes={"params": 0, "intermediates": 0},
+            variable_axes={"params": 0, "intermediates": 0, "sites": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, 0, nn.broadcast, 0),
             length=c.num_layers,
@@ -331,29 +315,30 @@ class Decoder(nn.Module):
             logits = logits[0] if squeeze else logits
         return softcap(logits.astype(jnp.float32), self.config.final_softcap)
 
-    def hidden_states(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None):
+    def hidden_states(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None,
+                      interventions: Interventions | None = None):
         """The decoder stack without the LM head: (hidden [B, T, E], cache)."""
         c = self.config
         B, T = tokens.shape
-        if head_mask is None:
-            head_mask = jnp.ones((c.num_layers, c.num_heads), self.dtype)
-        elif head_mask.shape != (c.num_layers, c.num_heads):
+        if head_mask is not None and head_mask.shape != (c.num_layers, c.num_heads):
             raise ValueError(
                 f"head_mask has shape {tuple(head_mask.shape)}, expected [L, H] = "
                 f"[{c.num_layers}, {c.num_heads}] (vmap over a leading axis for batches of masks)")
+        iv = with_head_mask(interventions, None if head_mask is None else head_mask.astype(self.dtype))
         index = cache["index"] if cache is not None else 0
         ctx = attention_context(c, self.dtype, B, T, attention_mask, positions,
                                 cache_index=index, cache_len=None if cache is None else cache["k"].shape[2])
         x = self.embed(tokens)
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        x, kv = self.layers(x, head_mask, ctx, kv, index, jnp.arange(c.num_layers))
+        x, kv = self.layers(x, iv, ctx, kv, index, jnp.arange(c.num_layers))
         new_cache = None if cache is None else {**kv, "index": index + T}
         return x, new_cache
 
-    def __call__(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None):
+    def __call__(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None,
+                 interventions: Interventions | None = None):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T] integers, got shape {tuple(tokens.shape)}")
-        x, new_cache = self.hidden_states(tokens, head_mask, attention_mask, positions, cache)
+        x, new_cache = self.hidden_states(tokens, head_mask, attention_mask, positions, cache, interventions)
         logits = self.unembed(x)
         return logits if cache is None else (logits, new_cache)
 
@@ -409,28 +394,30 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
 
 def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,
                 capture: bool = False, rows: Array | None = None, layer: int | Array | None = None,
-                ablation: dict | None = None):
+                iv: Interventions | None = None):
     """Runs one decoder layer: x [B, T, E] -> x [B, T, E].
 
     layer: the layer's index (int or traced int32); required by families whose sliding and global
     layers alternate (`ModelConfig.mixed_layers`), ignored otherwise.
-    ablation: replacements of this layer's components mixed in by fractional masks (`DecoderLayer`;
-    built by `capjax.ablation`); None is today's path, bit for bit.
+    head_mask_l [H]: the attn.z keep (None: untouched). iv: this layer's `capjax.sites.Interventions`
+    (edits of any named site; head_mask_l is multiplied into its attn.z keep); None, with no head
+    mask, is the plain path.
 
     With rows [R] (flat indices into B * T), only those positions' outputs -> [R, E] (the last
     layer, when the loss reads only some positions). With capture, also returns the input of every
     projection: {"self_attn": {"q_proj": [B, T, E], ..., "o_proj": [B, T, H, D]},
-    "mlp": {"gate_proj": [B, T, E], "up_proj": [B, T, E], "down_proj": [B, T, F]}}."""
-    c = model.config
-    if head_mask_l is None:
-        head_mask_l = jnp.ones((c.num_heads,), model.dtype)
-    module, args = DecoderLayer(c, model.dtype), (x, head_mask_l, ctx)
+    "mlp": {"gate_proj": [B, T, E], "up_proj": [B, T, E], "down_proj": [B, T, F]}}. When iv
+    captures sites (and neither rows nor capture is given), returns (x, {site: value})."""
+    iv = with_head_mask(iv, None if head_mask_l is None else jnp.asarray(head_mask_l, model.dtype))
+    module, args = DecoderLayer(model.config, model.dtype), (x, iv, ctx)
     if rows is not None:
-        return module.apply({"params": layer_p}, *args, layer=layer, rows=rows, ablation=ablation)[0][0]
+        return module.apply({"params": layer_p}, *args, layer=layer, rows=rows)[0][0]
+    if iv is not None and iv.capture and not capture:
+        (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["sites"])
+        return x, collect_sites(state["sites"])
     if not capture:
-        return module.apply({"params": layer_p}, *args, layer=layer, ablation=ablation)[0]
-    (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["intermediates"],
-                                 ablation=ablation)
+        return module.apply({"params": layer_p}, *args, layer=layer)[0]
+    (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["intermediates"])
     inputs = {group: {name: v["input"][0] for name, v in mods.items()}
               for group, mods in state["intermediates"].items()}
     return x, inputs

@@ -15,6 +15,14 @@ scoring. The scores' checksums must agree.
     PYTHONPATH=/some/tree python scripts/bench_refactor.py --measure
 
 measures whichever capjax is on PYTHONPATH once and prints one JSON line.
+
+    python scripts/bench_refactor.py --baseline 4a1d61e --cost
+
+compares XLA's cost analysis instead of wall time (`jax.jit(f).lower(...).compile().cost_analysis()`:
+flops and bytes accessed; deterministic, so one round): the plain forward [B, T] = [8, 256], one
+greedy generation call (prefill + decode loop, 4 x 32 prompt tokens, 16 new) and the exact scoring
+kernel (`single_head_nll` over all layers, one packed calibration batch), on SmolLM2's shapes
+(abstract params: nothing is loaded or run).
 """
 
 from __future__ import annotations
@@ -75,6 +83,44 @@ def measure(n: int, seq_len: int, reps: int, only: tuple[str, ...] = MEASURES) -
     return {"capjax": capjax.__file__, "checksum": checksum, **times}
 
 
+def measure_cost() -> dict:
+    """XLA cost analysis (flops, bytes accessed) of the forward, generation and scoring kernel."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import capjax
+    from capjax.attribution import single_head_nll
+    from capjax.ablation.batch import prepare_batch
+    from capjax.evaluate.generate import decode_fn
+    from capjax.model import Decoder, param_shapes
+
+    config = capjax.load_config("smollm2-135m-instruct")
+    model = Decoder(config)
+    params = param_shapes(config)
+
+    def cost(lowered):
+        c = lowered.compile().cost_analysis()
+        c = c[0] if isinstance(c, (list, tuple)) else c
+        return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0))}
+
+    B, T = 8, 256
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    out = {"forward": cost(jax.jit(model.apply).lower({"params": params}, tokens, attention_mask=tokens))}
+    run = decode_fn(config, "float32", 16, (), 0)
+    out["generate"] = cost(run.lower(params, jax.ShapeDtypeStruct((4, 32), jnp.int32),
+                                     jax.ShapeDtypeStruct((4, 32), jnp.int32)))
+    rng = np.random.default_rng(0)
+    calib_tokens = rng.integers(0, config.vocab_size, (6, 128)).astype(np.int32)
+    loss = np.zeros((6, 128), np.float32)
+    loss[:, 96:] = 1
+    batch = prepare_batch(model, calib_tokens, loss)
+    L = config.num_layers
+    out["score"] = cost(single_head_nll.lower(model, params, batch.rows, batch.packed_ans, batch.num_examples, 0,
+                                              L, config.num_heads))
+    return {"capjax": capjax.__file__, **out}
+
+
 def _extract(rev: str, dest: Path) -> Path:
     archive = dest / "tree.tar"
     with open(archive, "wb") as f:
@@ -92,6 +138,25 @@ def _run(tree: Path, args) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"bench_refactor: the run with PYTHONPATH={tree} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def cost_side_by_side(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"baseline": _extract(args.baseline, Path(tmp)), "current": ROOT}
+        res = {}
+        for name, tree in trees.items():
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-cost"]
+            r = subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"bench_refactor: the cost run with PYTHONPATH={tree} failed:\n{r.stderr[-3000:]}")
+            res[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"XLA cost analysis, baseline {args.baseline} vs current tree {ROOT} (SmolLM2 shapes, float32)")
+    print(f"{'':10s} {'':6s} {'baseline':>14s} {'current':>14s} {'current/baseline':>17s}")
+    for k in ("forward", "generate", "score"):
+        for q in ("flops", "bytes"):
+            b, c = res["baseline"][k][q], res["current"][k][q]
+            print(f"{k:10s} {q:6s} {b:14.6g} {c:14.6g} {c / b:16.6f}x")
 
 
 def side_by_side(args) -> None:
@@ -127,13 +192,19 @@ def main() -> None:
     p.add_argument("--n", type=int, default=6)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--cost", action="store_true", help="compare XLA cost analysis (flops, bytes), not time")
+    p.add_argument("--measure-cost", action="store_true", help="cost analysis of the capjax on PYTHONPATH (JSON)")
     p.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}")
     args = p.parse_args()
     args.only = tuple(args.only.split(","))
     if not args.only or any(k not in MEASURES for k in args.only):
         p.error(f"--only takes names from {','.join(MEASURES)}")
-    if args.measure:
+    if args.measure_cost:
+        print(json.dumps(measure_cost()))
+    elif args.measure:
         print(json.dumps(measure(args.n, args.seq_len, args.reps, args.only)))
+    elif args.baseline and args.cost:
+        cost_side_by_side(args)
     elif args.baseline:
         side_by_side(args)
     else:

@@ -32,6 +32,9 @@ from capjax.ablation.metrics import Metric, get_metric
 from capjax.ablation.spec import num_ablations
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, apply_layer, layer_context, layer_params, unembed
+from capjax.ablation.readout import answer_values
+from capjax.ablation.single import single_unit_values
+from capjax.sites import Edit, Interventions
 
 Array = jax.Array
 
@@ -63,24 +66,14 @@ class AblationResult:
         return self.loss() - self.intact_loss()
 
 
-def layer_ablation(spec_one: dict, reps: dict, l) -> dict:
-    """The `capjax.model.apply_layer` ablation of layer l from one spec (heads [L, H], mlp, attn [L])
-    and replacements (`capjax.ablation.kinds`)."""
-    heads = None if reps["heads"] is None else reps["heads"][l]
-    return {"heads": heads, "attn": (spec_one["attn"][l], reps["attn"][l]),
-            "mlp": (spec_one["mlp"][l], reps["mlp"][l])}
-
-
-def answer_values(model, params, x: Array, ctx, ans, num_examples: int, metric: Metric, ref=None,
-                  head_mask_l: Array | None = None, ablation: dict | None = None) -> Array:
-    """The metric summed per example [B] from the last layer's input x [P, S, E]: the last layer's
-    o_proj and MLP, and the metric, run only at the A answer positions ans = (flat_pos, target,
-    example) [A]."""
-    L = model.config.num_layers
-    flat_pos, target, example = ans
-    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=flat_pos, layer=L - 1,
-                    ablation=ablation)
-    return jax.ops.segment_sum(metric.fn(model, params, h, target, ref), example, num_segments=num_examples)
+def layer_ablation(spec_one: dict, reps: dict, l) -> Interventions:
+    """Layer l's interventions (`capjax.sites`) from one spec (heads [L, H], mlp, attn [L]) and
+    replacements (`capjax.ablation.kinds`): attn.z replaced by reps["heads"] (its keep is the head
+    mask, passed beside it), attn.out and mlp.out mixed with theirs by the spec's keep."""
+    edits = {"attn.out": Edit(spec_one["attn"][l], reps["attn"][l]), "mlp.out": Edit(spec_one["mlp"][l], reps["mlp"][l])}
+    if reps["heads"] is not None:
+        edits["attn.z"] = Edit(replace=reps["heads"][l])
+    return Interventions(edits)
 
 
 def first_ablated_layer(spec_one: dict) -> Array:
@@ -108,7 +101,7 @@ def ablated_values(model, params, rows, ans, num_examples: int, metric: Metric, 
 
     def body(l, x):
         return apply_layer(model, layer_params(params, l), x, ctx, spec_one["heads"][l], layer=l,
-                           ablation=layer_ablation(spec_one, reps, l))
+                           iv=layer_ablation(spec_one, reps, l))
     x = jax.lax.fori_loop(start, L - 1, body, x)
     return answer_values(model, params, x, ctx, ans, num_examples, metric, ref, spec_one["heads"][L - 1],
                          layer_ablation(spec_one, reps, L - 1))
@@ -202,8 +195,6 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
 
     keep = single_heads_keep(c, spec) if reuse_prefix else None
     if keep is not None:
-        from capjax.ablation.single import single_unit_values  # it builds on this module
-
         def run(ch):
             return to_host(single_unit_values(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, 0,
                                               c.num_layers, min(ch, c.num_heads), mesh=mesh, keep=keep)

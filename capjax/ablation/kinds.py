@@ -13,11 +13,16 @@ Legend: L layers, P packed rows, S packed columns, H query heads, D head dim, E 
 Replacements are a dict {"heads": None | [L, H, D] | [L, P, S, H, D], "attn": [L, E] | [L, P, S, E],
 "mlp": same} on the packed rows of a `PreparedBatch` (constant for zero / mean, per position for
 resample).
+
+Kinds are a registry like metrics and estimators: `register_kind(name, fn)` with
+fn(model, params, batch, seed) -> replacements makes `kind=name` work in `ablate`, `score_heads`,
+`capjax score --kind` and a config's `calibration.kind` (from `CAPJAX_PLUGINS` too).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +30,37 @@ import numpy as np
 
 from capjax.ablation.batch import PreparedBatch
 from capjax.model import apply_layer, layer_context, layer_params
+from capjax.plugins import load_plugins
 
-KINDS = ("zero", "mean", "resample")
+KINDS = ("zero", "mean", "resample")  # the built-ins; `names()` adds the registered ones
+_REGISTERED: dict = {}
+
+
+def names() -> tuple[str, ...]:
+    """Every ablation kind: the built-ins, then yours and `CAPJAX_PLUGINS`'."""
+    load_plugins()
+    return KINDS + tuple(_REGISTERED)
+
+
+def register_kind(name: str, fn: Callable, replace: bool = False) -> None:
+    """Registers fn(model, params, batch: PreparedBatch, seed) -> replacements (module docstring) as
+    ablation kind `name`."""
+    if name in KINDS or (name in _REGISTERED and not replace):
+        raise ValueError(f"ablation kind {name!r} is already registered; pass replace=True to override it"
+                         if name not in KINDS else f"{name!r} is a built-in ablation kind; pick another name")
+    _REGISTERED[name] = fn
+
+
+def unregister_kind(name: str) -> None:
+    """Removes a registered kind (tests, or replacing a plugin's); the built-ins stay."""
+    _REGISTERED.pop(name, None)
+
+
+def check_kind(kind: str) -> str:
+    if kind not in names():
+        raise ValueError(f"unknown ablation kind {kind!r}: use one of {', '.join(names())}, or register one "
+                         "(capjax.ablation.register_kind)")
+    return kind
 
 
 def resample_pairing(num_examples: int, seed: int = 0) -> np.ndarray:
@@ -103,8 +137,9 @@ def component_outputs(model, params, rows) -> dict[str, jax.Array]:
 def replacements(model, params, batch: PreparedBatch, kind: str = "zero", seed: int = 0) -> dict:
     """The replacements of `kind` (module docstring) for every layer's heads, attention block and MLP."""
     c = model.config
-    if kind not in KINDS:
-        raise ValueError(f"unknown ablation kind {kind!r}: use one of {', '.join(KINDS)}")
+    check_kind(kind)
+    if kind in _REGISTERED:
+        return _REGISTERED[kind](model, params, batch, seed)
     if kind == "zero":
         zeros = jnp.zeros((c.num_layers, c.hidden_size), model.dtype)
         return {"heads": None, "attn": zeros, "mlp": zeros}

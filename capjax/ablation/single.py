@@ -21,17 +21,18 @@ import jax
 import jax.numpy as jnp
 
 from capjax import sharding
-from capjax.ablation.core import answer_values
+from capjax.ablation.readout import answer_values
 from capjax.ablation.metrics import Metric
 from capjax.model import apply_layer, layer_context, layer_params
+from capjax.sites import Edit, Interventions
 
 Array = jax.Array
 
 
-def _heads_ablation(reps: dict, l) -> dict | None:
+def _heads_ablation(reps: dict, l) -> Interventions | None:
     """This layer's head replacement for `apply_layer` (None for zero: the head mask alone, bit for
     bit the unablated code path)."""
-    return None if reps.get("heads") is None else {"heads": reps["heads"][l]}
+    return None if reps.get("heads") is None else Interventions({"attn.z": Edit(replace=reps["heads"][l])})
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples", "metric", "num_layers", "chunk_size", "mesh", "keep",
@@ -70,7 +71,7 @@ def single_unit_values(model, params, rows, ans, num_examples: int, metric: Metr
         ablation = _heads_ablation(reps, l)
 
         def below_last(head_mask_l):
-            y = apply_layer(model, lp, x, ctx, head_mask_l, layer=l, ablation=ablation)
+            y = apply_layer(model, lp, x, ctx, head_mask_l, layer=l, iv=ablation)
             return last_layer(jax.lax.fori_loop(l + 1, L - 1, intact, y), ones)
 
         def at_last(head_mask_l):

@@ -8,7 +8,7 @@ import time
 from capjax.commands.common import (add_calibration_args, add_model_args, check_calibration_data, load_calibration,
                                    load_model, non_negative_int, output_file, positive_int)
 from capjax import estimators
-from capjax.experiment.config import ABLATION_KINDS, SCORING_METHODS, CalibrationConfig, score_metric_names
+from capjax.experiment.config import SCORING_METHODS, CalibrationConfig, ablation_kind_names, score_metric_names
 from capjax.provenance import code_version
 from capjax.stats import MIN_RESAMPLES
 
@@ -24,8 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--aggregate", default=_CALIB.aggregate, choices=estimators.names(),
                    help="a registered estimator (capjax.estimators); gradient scores take median, mean or paired")
     p.add_argument("--method", default=_CALIB.method, choices=SCORING_METHODS)
-    p.add_argument("--kind", default=_CALIB.kind, choices=ABLATION_KINDS,
-                   help="what replaces an ablated head's output (zero: CAP; capjax.ablation.kinds)")
+    p.add_argument("--kind", default=_CALIB.kind, choices=ablation_kind_names(),
+                   help="what replaces an ablated head's output (zero: CAP; or a registered kind, "
+                        "capjax.ablation.register_kind)")
     p.add_argument("--metric", default=_CALIB.metric, choices=score_metric_names(),
                    help="what is measured at the answer tokens (ce: CAP's loss; kl: KL from the intact model; "
                         "or a registered metric, capjax.ablation.register_metric)")

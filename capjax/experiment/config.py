@@ -308,7 +308,7 @@ def build(d: dict) -> RunConfig:
         subsets=_int(c["subsets"], "calibration.subsets"),
         aggregate=_choice(c["aggregate"], _aggregates(c["method"]), "calibration.aggregate"),
         method=_choice(c["method"], SCORING_METHODS, "calibration.method"),
-        kind=_choice(c["kind"], ABLATION_KINDS, "calibration.kind"),
+        kind=_choice(c["kind"], ablation_kind_names(), "calibration.kind"),
         metric=_choice(c["metric"], score_metric_names(), "calibration.metric"),
         chunk_size=_int(c["chunk_size"], "calibration.chunk_size", none=True),
         chat=_bool(c["chat"], "calibration.chat", none=True),
@@ -388,6 +388,13 @@ def _aggregates(method: Any) -> tuple[str, ...]:
     from capjax import estimators
 
     return tuple(estimators.names())
+
+
+def ablation_kind_names() -> tuple[str, ...]:
+    """The registered ablation kinds (capjax.ablation.kinds: built-ins and plugins)."""
+    from capjax.ablation.kinds import names
+
+    return names()
 
 
 def score_metric_names() -> tuple[str, ...]:

@@ -1,0 +1,95 @@
+"""An activation cache: the logits and the values of chosen named sites, stacked over layers.
+
+Legend: B batch, T time, S key time (= T), L layers, H query heads, K kv heads, D head dim, E hidden,
+F MLP width, V vocab.
+
+    logits, cache = capjax.run_with_cache(model, params, tokens, sites=["attn.z", "resid.post"])
+    cache["attn.z"]      [L, B, T, H, D]
+    cache["resid.post"]  [L, B, T, E]
+
+Sites and their shapes: `capjax.sites.SITES` (each cached value gets a leading L). Only the
+requested sites are kept: the others are never written out, so a cache of one site costs that
+site's memory. Before computing, the cache's size is checked against the free memory
+(`capjax.memory.available_bytes`); a cache that would not fit is refused with one line.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from capjax.memory import InsufficientMemoryError, available_bytes
+from capjax.sites import Interventions, check_sites, collect_sites
+
+Array = jax.Array
+
+
+def site_shape(config, site: str, batch: int, seq_len: int) -> tuple[int, ...]:
+    """One layer's value shape of `site` (`capjax.sites.SITES`) for a [batch, seq_len] input."""
+    B, T = batch, seq_len
+    E, F, H, K, D = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
+                     config.head_dim)
+    shapes = {"resid.pre": (B, T, E), "attn.q": (B, T, H, D), "attn.k": (B, T, K, D), "attn.v": (B, T, K, D),
+              "attn.pattern": (B, H, T, T), "attn.z": (B, T, H, D), "attn.out": (B, T, E), "resid.mid": (B, T, E),
+              "mlp.hidden": (B, T, F), "mlp.out": (B, T, E), "resid.post": (B, T, E)}
+    return shapes[check_sites([site])[0]]
+
+
+def cache_bytes(config, sites: Sequence[str], batch: int, seq_len: int, dtype: Any = jnp.float32) -> int:
+    """Bytes of a cache of `sites` over all L layers (the logits [B, T, V] float32 not included)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return sum(config.num_layers * math.prod(site_shape(config, s, batch, seq_len)) * itemsize
+               for s in check_sites(sites))
+
+
+def check_cache_fits(config, sites: Sequence[str], batch: int, seq_len: int, dtype: Any = jnp.float32,
+                     budget_bytes: int | None = None) -> int:
+    """The cache's bytes plus its logits, or InsufficientMemoryError (one line) when that exceeds the
+    budget (default `capjax.memory.available_bytes()`)."""
+    need = cache_bytes(config, sites, batch, seq_len, dtype) + batch * seq_len * config.vocab_size * 4
+    have = available_bytes() if budget_bytes is None else budget_bytes
+    if need > have:
+        raise InsufficientMemoryError(
+            f"run_with_cache: caching {', '.join(sites)} on [{batch}, {seq_len}] tokens needs "
+            f"{_size(need)} (with the logits), but {_size(have)} are free. Fix: cache "
+            "fewer sites, or run fewer / shorter sequences per call")
+    return need
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _run(model, params, tokens, attention_mask, interventions, head_mask):
+    logits, state = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask,
+                                interventions=interventions, mutable=["sites"])
+    return logits, collect_sites(state.get("sites", {}))
+
+
+def run_with_cache(model, params, tokens, sites: Sequence[str], attention_mask=None,
+                   interventions: Interventions | None = None, head_mask=None,
+                   budget_bytes: int | None = None) -> tuple[Array, dict[str, Array]]:
+    """(logits [B, T, V] float32, {site: [L, ...]}) for tokens [B, T] (attention_mask [B, T] as in
+    `capjax.model.Decoder`), with `interventions` (stacked over layers) and `head_mask` [L, H]
+    applied while running; the cached values are the sites' values after those edits.
+
+    One compiled call (jittable itself: the checks read shapes only). An unknown site name lists
+    the known ones; a cache larger than `budget_bytes` (default the free memory) is refused before
+    anything runs."""
+    sites = check_sites(sites)
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T] integers, got shape {tuple(tokens.shape)}")
+    check_cache_fits(model.config, sites, *tokens.shape, model.dtype, budget_bytes)
+    iv = interventions or Interventions()
+    iv = Interventions(iv.edits, iv.capture | frozenset(sites))
+    return _run(model, params, tokens, None if attention_mask is None else jnp.asarray(attention_mask), iv,
+                None if head_mask is None else jnp.asarray(head_mask))
+
+
+__all__ = ["cache_bytes", "check_cache_fits", "run_with_cache", "site_shape"]

@@ -1,0 +1,114 @@
+"""Ablation kinds are a registry: a user's kind works through ablate, score_heads, `capjax score --kind`
+and a config's calibration.kind, and equals PyTorch forward hooks replacing each head by it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import capjax
+from capjax.ablation import ablate, prepare_batch, register_kind, single_spec, unregister_kind
+from conftest import make_hf_model, needs_smollm2
+from test_ablation import D, H, L, make_batch
+
+PLUGIN = '''
+import jax.numpy as jnp
+import numpy as np
+from capjax.ablation import register_kind
+
+
+def constant(model, params, batch, seed):
+    """Every head's output replaced by a fixed random vector per head (seeded)."""
+    c = model.config
+    rng = np.random.default_rng(seed)
+    rep = lambda *s: jnp.asarray(rng.normal(size=s), model.dtype)
+    return {"heads": rep(c.num_layers, c.num_heads, c.head_dim), "attn": rep(c.num_layers, c.hidden_size),
+            "mlp": rep(c.num_layers, c.hidden_size)}
+
+
+register_kind("constant", constant)
+'''
+
+
+def _constant():
+    namespace = {}
+    exec(PLUGIN.replace('register_kind("constant", constant)', ""), namespace)
+    return namespace["constant"]
+
+
+def torch_head_values(hf, tokens, am, loss, heads_rep):
+    """[L * H, B]: answer NLL summed per example with head h of layer l replaced by heads_rep[l, h]."""
+    sel = (loss[:, 1:] > 0) & (am[:, 1:] > 0) & (am[:, :-1] > 0)
+    out = []
+    for l, h in np.ndindex(L, H):
+        def pre(m, a):
+            x = a[0].reshape(*a[0].shape[:2], H, D).clone()
+            x[:, :, h] = torch.tensor(heads_rep[l, h], dtype=x.dtype)
+            return (x.reshape(a[0].shape),) + tuple(a[1:])
+        handle = hf.model.layers[l].self_attn.o_proj.register_forward_pre_hook(pre)
+        try:
+            with torch.no_grad():
+                logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.double()
+        finally:
+            handle.remove()
+        logp = torch.log_softmax(logits[:, :-1], -1)
+        nll = -logp.gather(-1, torch.tensor(tokens[:, 1:])[..., None])[..., 0].numpy()
+        out.append((nll * sel).sum(1))
+    return np.stack(out)
+
+
+def test_registered_kind_through_ablate_and_score_heads_equals_torch(tmp_path):
+    hf = make_hf_model(tmp_path, "llama", initializer_range=0.2)
+    model, params = capjax.load_pretrained(tmp_path)
+    tokens, loss, am = make_batch("padded")
+    fn = _constant()
+    register_kind("constant", fn)
+    try:
+        with pytest.raises(ValueError, match="ablation kind 'constant' is already registered"):
+            register_kind("constant", fn)
+        batch = prepare_batch(model, tokens, loss, am)
+        res = ablate(model, params, batch, single_spec(model.config, "heads"), kind="constant", seed=3)
+        scores = capjax.score_heads(model, params, tokens, loss, subsets=1, aggregate="mean", attention_mask=am,
+                                    progress=False, kind="constant")
+    finally:
+        unregister_kind("constant")
+    reps = fn(model, params, batch, 3)
+    want = torch_head_values(hf, tokens, am, loss, np.asarray(reps["heads"]))
+    np.testing.assert_allclose(res.values, want, atol=2e-4, rtol=1e-5)
+    want0 = torch_head_values(hf, tokens, am, loss, np.asarray(fn(model, params, batch, 0)["heads"]))  # seed 0
+    np.testing.assert_allclose(scores.example_masked.reshape(L * H, -1), want0, atol=2e-4, rtol=1e-5)
+    assert scores.kind == "constant"
+    with pytest.raises(ValueError, match=r"^unknown ablation kind 'constant': use one of zero, mean, resample, or"):
+        capjax.score_heads(model, params, tokens, loss, attention_mask=am, progress=False, kind="constant")
+
+
+@needs_smollm2
+def test_plugin_kind_reaches_score_cli_and_configs(tmp_path, monkeypatch, tiny_with_tokenizer):
+    from capjax.cli import main
+    from capjax.data import build_calibration
+    from capjax.experiment.config import load_run_config
+
+    plugin = tmp_path / "my_kind.py"
+    plugin.write_text(PLUGIN)
+    monkeypatch.setenv("CAPJAX_PLUGINS", str(plugin))
+    out = tmp_path / "scores.npz"
+    try:
+        assert main(["score", "--model", str(tiny_with_tokenizer), "--calib", "synthetic", "--n", "4",
+                     "--seq-len", "128", "--subsets", "2", "--kind", "constant", "--out", str(out)]) == 0
+        saved = capjax.HeadScores.load(out)
+        model, params = capjax.load_pretrained(tiny_with_tokenizer)
+        calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=4, seq_len=128, seed=0)
+        ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
+                                 progress=False, kind="constant")
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(f"model: {tiny_with_tokenizer}\ncalibration: {{kind: constant, tasks: [synthetic]}}\n"
+                       "evaluation: {tasks: [synthetic]}\n")
+        assert load_run_config(cfg).calibration.kind == "constant"
+    finally:
+        unregister_kind("constant")
+    assert saved.kind == "constant"
+    np.testing.assert_allclose(saved.delta, ref.delta, atol=1e-6)
+    zero = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
+                              progress=False)
+    assert np.abs(zero.delta - ref.delta).max() > 1e-3  # the kind was really used

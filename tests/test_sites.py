@@ -1,0 +1,109 @@
+"""Named sites and run_with_cache against transformers' PyTorch model with forward hooks (tests/torch_sites.py):
+every site's cached value per family (GQA), edits through the one Interventions value, and bad input."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import capjax
+from capjax.cache import cache_bytes, run_with_cache
+from capjax.memory import InsufficientMemoryError
+from capjax.sites import SITES, Edit, Interventions
+from conftest import make_hf_model, padded_tokens
+from test_families import CASES
+from torch_sites import hf_run
+
+FAMILIES = {"llama_gqa": ("llama", {}), **{k: CASES[k] for k in ("qwen3_gqa", "gemma2_gqa", "gemma3_gqa", "phi3_gqa")}}
+
+
+def _load(folder, case):
+    model_type, overrides = FAMILIES[case]
+    hf = make_hf_model(folder, model_type, randomize_norms=True, **overrides)
+    hf.config._attn_implementation = "eager"  # the pattern is read from eager attention's weights
+    model, params = capjax.load_pretrained(folder)
+    return hf, model, params
+
+
+@pytest.mark.parametrize("case", sorted(FAMILIES))
+def test_every_site_equals_torch_hooks(tmp_path, case):
+    hf, model, params = _load(tmp_path, case)
+    tokens, am = padded_tokens()
+    valid = am.astype(bool)
+    logits, cache = run_with_cache(model, params, tokens, sites=list(SITES), attention_mask=am)
+    want_logits, want = hf_run(hf, tokens, am)
+    assert set(cache) == set(SITES) == set(want)
+    np.testing.assert_allclose(np.asarray(logits)[valid], want_logits[valid], atol=1e-4, rtol=0)
+    L = model.config.num_layers
+    for site in SITES:
+        ours = np.asarray(cache[site])
+        ref = np.stack(want[site])
+        assert ours.shape == ref.shape == (L, *ref.shape[1:]), site
+        if site == "attn.pattern":  # [L, B, H, T, S]: valid query rows
+            ours, ref = ours.transpose(0, 1, 3, 2, 4)[:, valid], ref.transpose(0, 1, 3, 2, 4)[:, valid]
+        else:
+            ours, ref = ours[:, valid], ref[:, valid]
+        scale = max(1.0, np.abs(ref).max())
+        np.testing.assert_allclose(ours, ref, atol=1e-4 * scale, rtol=0, err_msg=site)
+
+
+def test_edits_equal_torch_hooks(tmp_path):
+    """keep / replace / add at several sites at once, per layer, through the one Interventions value."""
+    hf, model, params = _load(tmp_path, "llama_gqa")
+    c = model.config
+    L, H, K, D, E, F = c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    tokens, am = padded_tokens()
+    B, T = tokens.shape
+    rng = np.random.RandomState(0)
+    keep_z = rng.rand(L, H).astype(np.float32)
+    rep_z = rng.randn(L, H, D).astype(np.float32)
+    add_mid = rng.randn(L, B, T, F).astype(np.float32) * 0.1
+    keep_v = rng.rand(L, K).astype(np.float32)
+    rep_pre = rng.randn(L, B, T, E).astype(np.float32)
+    keep_pre = (rng.rand(L, B, T) > 0.7).astype(np.float32)
+    iv = Interventions({"attn.z": Edit(keep_z, rep_z), "mlp.hidden": Edit(add=add_mid), "attn.v": Edit(keep_v),
+                        "resid.pre": Edit(keep_pre, rep_pre)})
+
+    def edit(name, l, v):
+        import torch
+        t = lambda a: torch.tensor(a, dtype=v.dtype)  # noqa: E731
+        if name == "attn.z":
+            k = t(keep_z[l])[:, None]
+            return k * v + (1 - k) * t(rep_z[l])
+        if name == "mlp.hidden":
+            return v + t(add_mid[l])
+        if name == "attn.v":
+            return t(keep_v[l])[:, None] * v
+        if name == "resid.pre":
+            k = t(keep_pre[l])[..., None]
+            return k * v + (1 - k) * t(rep_pre[l])
+        return None
+    want, _ = hf_run(hf, tokens, am, edit=edit, sites=())
+    plain, _ = hf_run(hf, tokens, am, sites=())
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am),
+                                  interventions=iv))
+    valid = am.astype(bool)
+    assert np.abs(want - plain)[valid].max() > 0.1  # the edits matter
+    np.testing.assert_allclose(ours[valid], want[valid], atol=1e-4, rtol=0)
+    # head_mask is an edit of attn.z: the same as keep_z with no replacement
+    a = model.apply({"params": params}, jnp.asarray(tokens), head_mask=jnp.asarray(keep_z))
+    b = model.apply({"params": params}, jnp.asarray(tokens), interventions=Interventions({"attn.z": Edit(keep_z)}))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cache_keeps_only_requested_sites_and_bad_input_is_one_line(tmp_path):
+    _, model, params = _load(tmp_path, "llama_gqa")
+    tokens, am = padded_tokens()
+    logits, cache = run_with_cache(model, params, tokens, sites=["attn.z"], attention_mask=am)
+    assert set(cache) == {"attn.z"}
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply({"params": params}, jnp.asarray(tokens),
+                                                                          attention_mask=jnp.asarray(am))), atol=1e-5)
+    with pytest.raises(ValueError, match=r"unknown site 'attn.zz': use one of resid.pre, attn.q.*resid.post$"):
+        run_with_cache(model, params, tokens, sites=["attn.zz"])
+    need = cache_bytes(model.config, ["attn.z"], *tokens.shape)
+    assert need == model.config.num_layers * np.prod(tokens.shape) * model.config.num_heads * model.config.head_dim * 4
+    with pytest.raises(InsufficientMemoryError, match=r"^run_with_cache: caching attn.z on \[3, 12\] tokens needs"):
+        run_with_cache(model, params, tokens, sites=["attn.z"], budget_bytes=need)
+    with pytest.raises(ValueError, match="unknown site 'mlp'"):
+        Interventions({"mlp": Edit(1.0)})
