@@ -110,9 +110,16 @@ def _leaves(params):
 
 
 def test_training_loss_decreases():
+    from capjax.model import init_params
+    from capjax.pruning.importance import PRUNABLE, get_path
+
     r = train(_tiny(steps=40), progress=False, log=lambda *_: None)
     loss = r["history"]["loss"]
     assert np.mean(loss[-5:]) < 0.7 * np.mean(loss[:3]), loss
+    start = init_params(r["model"].config, 5)
+    for p in PRUNABLE:  # every projection trained (the dense masks keep them all)
+        w = np.asarray(get_path(r["params"], p))
+        assert np.all(np.any(w != np.asarray(get_path(start, p)), axis=tuple(range(1, w.ndim)))), p
 
 
 def test_training_is_deterministic_from_the_seed():
