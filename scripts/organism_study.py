@@ -217,7 +217,7 @@ def _figures(out: Path, res: dict, labels) -> None:
     for label in labels:
         rs = [res["results"][label][str(s)] for s in sp]
         acc = np.array([r["accuracy"] for r in rs])
-        err = np.array([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]])
+        err = np.clip([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]], 0, None)
         axes[0].errorbar(x, acc, yerr=err, marker="o", capsize=3, label=label)
         if rs[0]["ppl"] is not None:
             axes[1].plot(x, [r["ppl"] for r in rs], marker="o", label=label)
@@ -238,7 +238,7 @@ def _figures(out: Path, res: dict, labels) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label, name in (("cap", "CAP calibrated on word problems"), ("cap_text", "CAP calibrated on text")):
         rs = [res["results"][label][str(s)] for s in sp]
-        err = np.array([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]])
+        err = np.clip([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]], 0, None)
         axes[0].errorbar(x, [r["accuracy"] for r in rs], yerr=err, marker="o", capsize=3, label=name)
         axes[1].plot(x, [r["ppl"] for r in rs], marker="o", label=name)
     axes[0].set(xlabel="sparsity (%)", ylabel="exact match (Wilson 95%)", title="2 x 2: reasoning accuracy")
@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
     ap.add_argument("--n", type=int, default=500, help="held-out problems per evaluation")
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the method labels (default: all)")
+    ap.add_argument("--redraw", action="store_true",
+                    help="only redraw the reasoning table and figures from <out>/reasoning.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,6 +269,12 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
+    if args.redraw:
+        res = json.loads((out / "reasoning.json").read_text())
+        labels = [k for k in res["results"] if k != "dense"]
+        _table(out, res, labels)
+        _figures(out, res, labels)
+        return 0
     timing = {}
     if args.part in ("induction", "both"):
         t = time.perf_counter()

@@ -120,6 +120,7 @@ def test_training_loss_decreases():
     for p in PRUNABLE:  # every projection trained (the dense masks keep them all)
         w = np.asarray(get_path(r["params"], p))
         assert np.all(np.any(w != np.asarray(get_path(start, p)), axis=tuple(range(1, w.ndim)))), p
+        assert np.count_nonzero(w) == w.size, p  # and none held at zero
 
 
 def test_training_is_deterministic_from_the_seed():
@@ -238,3 +239,15 @@ def test_shipped_induction_organism_cap_finds_the_planted_circuit_and_misses_red
     # redundancy: the induction heads together cost far more than the sum of their single ablations
     red = ind.redundancy(model, params, calib, c["induction"])
     assert red["group"] > 5 * red["sum_single"] and red["group"] > 1.0, red
+
+
+def test_organism_run_config_validates_and_finds_the_shipped_weights(tmp_path):
+    from capjax.experiment.config import load_run_config, validate_run_config
+    from capjax.io import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_run_config(root / "configs" / "organism.yaml", [f"out={tmp_path}"])
+    assert cfg.calibration.tasks == ("organism",) and cfg.evaluation.tasks == ("organism",)
+    validate_run_config(cfg)  # the organism task needs no data folder
+    config = load_config(root / cfg.model)
+    assert (config.model_type, config.num_heads, config.num_kv_heads) == ("llama", 4, 2)  # GQA Llama layout
