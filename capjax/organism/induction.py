@@ -1,15 +1,15 @@
 """The induction organism: planted circuits as ground truth for head scores.
 
-Legend: N sequences, T time, S key time (= T), L layers, H query heads, K kv heads, G = H // K,
-D head dim, E hidden, V vocab, P segment length (the repeated random tokens).
+Legend: B rows, T time, S key time (= T), L layers, H query heads, K kv heads, G = H // K,
+D head dim, E hidden, V vocab, J segment length (the repeated random tokens).
 
 Training rows are <s>, a random filler, a segment of random tokens, then the same segment again;
 filler and segment lengths vary, so predicting the repeat needs content matching, not a fixed
 offset: the model forms induction heads (attend to the token after the previous occurrence of the
 current token) fed by previous-token heads (Olsson et al. 2022). Both are identified from the
-attention probabilities alone, with no ablation, on <s> A A sequences (A: P random tokens):
+attention probabilities alone, with no ablation, on <s> A A sequences (A: J random tokens):
 
-    prefix-matching score [L, H]  mean attention from a second-copy position t to t - P + 1
+    prefix-matching score [L, H]  mean attention from a second-copy position t to t - J + 1
     previous-token score  [L, H]  mean attention from every position t >= 1 to t - 1
 
 The circuit is the heads whose prefix-matching score exceeds a threshold (induction heads) and the
@@ -50,8 +50,8 @@ def induction_tokenizer(vocab_size: int):
 
 
 def induction_examples(n: int, segment_len: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """n training rows [N, T = 1 + 3 P]: <s>, filler of 0 .. P random tokens, a segment of
-    P // 2 .. P random tokens, the segment again, right padding; the repeat's predictable tokens
+    """n training rows [B, T = 1 + 3 J]: <s>, filler of 0 .. J random tokens, a segment of
+    J // 2 .. J random tokens, the segment again, right padding; the repeat's predictable tokens
     (all but its first) in the loss."""
     rng = np.random.default_rng([seed, 11])
     T = 1 + 3 * segment_len
@@ -69,7 +69,7 @@ def induction_examples(n: int, segment_len: int, vocab_size: int, seed: int) -> 
 
 
 def repeat_batch(n: int, segment_len: int, vocab_size: int, seed: int = 1) -> dict[str, np.ndarray]:
-    """n rows <s> A A [N, T = 1 + 2 P] (A: P random tokens), the second copy's tokens after its
+    """n rows <s> A A [B, T = 1 + 2 J] (A: J random tokens), the second copy's tokens after its
     first in the loss: the prefix-matching probe and the induction calibration task."""
     rng = np.random.default_rng([seed, 13])
     seg = FIRST + rng.integers(0, vocab_size, (n, segment_len))
@@ -90,7 +90,7 @@ def _check_layout(model: Decoder) -> None:
 
 
 def attention_probs(model: Decoder, params, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-    """Post-softmax attention probabilities [L, N, H, T, S] (float32) of tokens [N, T]."""
+    """Post-softmax attention probabilities [L, B, H, T, S] (float32) of tokens [B, T]."""
     _check_layout(model)
     c = model.config
     fn = _probs_fn(model)
@@ -104,23 +104,23 @@ def _probs_fn(model: Decoder):
 
     @jax.jit
     def fn(params, tokens, attention_mask):
-        x, ctx = layer_context(model, params, tokens, attention_mask)  # x [N, T, E]
-        cos, sin, mask = ctx  # mask [N, T, S]
-        N, T = tokens.shape
+        x, ctx = layer_context(model, params, tokens, attention_mask)  # x [B, T, E]
+        cos, sin, mask = ctx  # mask [B, T, S]
+        B, T = tokens.shape
         probs = []
         for layer in range(c.num_layers):
             lp = layer_params(params, layer)
             att = lp["self_attn"]
             h = rms_norm(x, lp["input_layernorm"]["scale"], c.rms_norm_eps, c.norm_offset)
-            q = jnp.einsum("bte,ehd->bthd", h, att["q_proj"]["kernel"].astype(model.dtype))  # [N, T, H, D]
-            k = jnp.einsum("bte,ekd->btkd", h, att["k_proj"]["kernel"].astype(model.dtype))  # [N, T, K, D]
+            q = jnp.einsum("bte,ehd->bthd", h, att["q_proj"]["kernel"].astype(model.dtype))  # [B, T, H, D]
+            k = jnp.einsum("bte,ekd->btkd", h, att["k_proj"]["kernel"].astype(model.dtype))  # [B, T, K, D]
             if c.qkv_bias:
                 q, k = q + att["q_proj"]["bias"], k + att["k_proj"]["bias"]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             scale = (c.query_pre_attn_scalar or D) ** -0.5
-            logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(N, T, K, G, D), k).astype(jnp.float32) * scale
+            logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(B, T, K, G, D), k).astype(jnp.float32) * scale
             logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-            probs.append(jax.nn.softmax(logits, axis=-1).reshape(N, K * G, T, -1))  # [N, H, T, S]
+            probs.append(jax.nn.softmax(logits, axis=-1).reshape(B, K * G, T, -1))  # [B, H, T, S]
             x = apply_layer(model, lp, x, ctx, layer=layer)
         return jnp.stack(probs)
 
@@ -128,15 +128,15 @@ def _probs_fn(model: Decoder):
 
 
 def prefix_matching_scores(probs: np.ndarray, segment_len: int) -> np.ndarray:
-    """[L, H]: mean attention of each second-copy query t (1 + P .. 2 P, on <s> A A rows) to
-    t - P + 1, the token after the previous occurrence of the current token. probs [L, N, H, T, S]."""
-    P = segment_len
-    t = np.arange(1 + P, 1 + 2 * P)
-    return probs[:, :, :, t, t - P + 1].mean(axis=(1, 3))
+    """[L, H]: mean attention of each second-copy query t (1 + J .. 2 J, on <s> A A rows) to
+    t - J + 1, the token after the previous occurrence of the current token. probs [L, B, H, T, S]."""
+    J = segment_len
+    t = np.arange(1 + J, 1 + 2 * J)
+    return probs[:, :, :, t, t - J + 1].mean(axis=(1, 3))
 
 
 def previous_token_scores(probs: np.ndarray) -> np.ndarray:
-    """[L, H]: mean attention of every query t >= 1 to t - 1. probs [L, N, H, T, S]."""
+    """[L, H]: mean attention of every query t >= 1 to t - 1. probs [L, B, H, T, S]."""
     t = np.arange(1, probs.shape[3])
     return probs[:, :, :, t, t - 1].mean(axis=(1, 3))
 
@@ -165,7 +165,7 @@ def precision_at_k(scores: np.ndarray, heads: list[tuple[int, int]], k: int | No
 def group_ablations(model: Decoder, params, batch: dict[str, np.ndarray], groups: dict[str, list[tuple[int, int]]]
                     ) -> dict[str, float]:
     """Loss increase over the intact loss when each group of heads is zero-ablated together
-    (`capjax.head_ablation_losses`), on batch (tokens, loss_mask [N, T])."""
+    (`capjax.head_ablation_losses`), on batch (tokens, loss_mask [B, T])."""
     from capjax.attribution import head_ablation_losses
 
     c = model.config
@@ -199,7 +199,7 @@ def repeat_accuracy(model: Decoder, params, segment_len: int, vocab_size: int, n
     from capjax.evaluate.perplexity import token_logprobs
 
     b = repeat_batch(n, segment_len, vocab_size, seed=seed + 1000)
-    _, greedy = token_logprobs(model, params, b["tokens"])  # [N, T] bool
-    P = segment_len
-    return {"repeat_accuracy": float(greedy[:, P + 2:].mean()), "first_copy_accuracy": float(greedy[:, 2:P + 1].mean()),
+    _, greedy = token_logprobs(model, params, b["tokens"])  # [B, T] bool
+    J = segment_len
+    return {"repeat_accuracy": float(greedy[:, J + 2:].mean()), "first_copy_accuracy": float(greedy[:, 2:J + 1].mean()),
             "n": n}

@@ -1,6 +1,6 @@
 """Training an organism from scratch with capjax's own optax step.
 
-Legend: N training examples, T their padded length (data.seq_len), V vocab, L layers, H heads.
+Legend: B examples, T their padded length (data.seq_len), V vocab, L layers, H query heads.
 
 The step is `capjax.recover`'s (`capjax.recovery.train`): an organism is a dense model whose
 "pruning masks" keep every weight, so `recover(model, init_params, dense_masks(params), data)`
@@ -169,14 +169,14 @@ def dense_masks(params):
 def problem_examples(tokenizer, n: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
     """n training problems as calibration batches build them (`build_calibration("organism")`:
     prompt, then the answer in the loss), with </s> appended to each answer (in the loss, so the
-    model learns to stop). tokens, loss_mask, attention_mask [N, T]."""
+    model learns to stop). tokens, loss_mask, attention_mask [B, T]."""
     from capjax.data import build_calibration
 
     calib = build_calibration("organism", tokenizer, n=n, seq_len=seq_len, seed=seed, chat=False)
     if calib.n_truncated:
         raise OrganismConfigError(f"data.seq_len={seq_len} cuts {calib.n_truncated} problems: raise it")
     tokens, loss_mask, am = calib.tokens.copy(), calib.loss_mask.copy(), calib.attention_mask.copy()
-    ends = am.sum(axis=1)  # [N]
+    ends = am.sum(axis=1)  # [B]
     if int(ends.max()) >= seq_len:
         raise OrganismConfigError(f"data.seq_len={seq_len} leaves no room for </s>: raise it by one")
     rows = np.arange(len(tokens))
@@ -188,7 +188,7 @@ def text_chunks(tokenizer, text: str, seq_len: int, stride: int) -> dict[str, np
     """Chunks of seq_len tokens starting every `stride` tokens, every token but the first in the loss."""
     ids = np.asarray(tokenizer(text)["input_ids"], np.int32)
     starts = np.arange(0, len(ids) - seq_len + 1, stride)
-    tokens = ids[starts[:, None] + np.arange(seq_len)[None]]  # [N, T]
+    tokens = ids[starts[:, None] + np.arange(seq_len)[None]]  # [B, T]
     loss_mask = np.ones(tokens.shape, np.float32)
     loss_mask[:, 0] = 0
     return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": np.ones(tokens.shape, np.int32)}
