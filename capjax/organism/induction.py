@@ -92,7 +92,6 @@ def _check_layout(model: Decoder) -> None:
 def attention_probs(model: Decoder, params, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
     """Post-softmax attention probabilities [L, B, H, T, S] (float32) of tokens [B, T]."""
     _check_layout(model)
-    c = model.config
     fn = _probs_fn(model)
     out = fn(params, jnp.asarray(tokens), None if attention_mask is None else jnp.asarray(attention_mask))
     return np.asarray(out)
