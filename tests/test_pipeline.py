@@ -214,7 +214,9 @@ def test_config_vocabulary_matches_the_library():
     assert config.prune_method_names() == tuple(METHODS)
     assert config.ABLATION_KINDS == KINDS and config.score_metric_names() == tuple(METRICS)
     assert config.EVAL_TASKS == tuple(TASKS)
-    assert set(config.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic"}
+    from capjax.data.calibration import CALIB_SPLITS
+
+    assert set(config.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic", "organism"} == set(CALIB_SPLITS)
 
 
 @needs_smollm2

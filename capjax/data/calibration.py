@@ -8,6 +8,7 @@ splits, so the two never share a problem:
     strategyqa      train                        dev
     arc_challenge   train                        test
     synthetic       "calib"                      "eval"  (disjoint by construction)
+    organism        "train"                      "eval"  (disjoint by construction)
 
 (ARC's official splits repeat a handful of question stems between train and test,
 always with different choices, so the questions as shown to the model stay distinct.)
@@ -24,15 +25,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from capjax.data.organism import organism_problems
 from capjax.data.sources import load_records
 from capjax.data.synthetic import synthetic_problems
 from capjax.data.templates import format_example, use_chat
 
 CALIB_SPLITS: dict[str, str] = {
-    "gsm8k": "train", "strategyqa": "train", "arc_challenge": "train", "synthetic": "calib",
+    "gsm8k": "train", "strategyqa": "train", "arc_challenge": "train", "synthetic": "calib", "organism": "train",
 }
 EVAL_SPLITS: dict[str, str] = {
-    "gsm8k": "test", "strategyqa": "dev", "arc_challenge": "test", "synthetic": "eval",
+    "gsm8k": "test", "strategyqa": "dev", "arc_challenge": "test", "synthetic": "eval", "organism": "eval",
 }
 SYNTHETIC_EVAL_SIZE = 500  # eval_records("synthetic") size when n is not given
 
@@ -129,6 +131,8 @@ def _take(records: list[dict], n: int, seed: int, what: str) -> list[dict]:
 def _records(task: str, split: str, n: int, seed: int, data_dir: Any) -> list[dict]:
     if task == "synthetic":
         return synthetic_problems(n, seed, split)
+    if task == "organism":
+        return organism_problems(n, seed, split)
     return _take(load_records(task, split, data_dir), n, seed, f"{task} {split}")
 
 
@@ -140,8 +144,8 @@ def eval_records(
     order (synthetic: ``SYNTHETIC_EVAL_SIZE`` problems); else ``n`` in seeded order."""
     _check_task(task)
     split = EVAL_SPLITS[task]
-    if task == "synthetic":
-        return synthetic_problems(SYNTHETIC_EVAL_SIZE if n is None else n, seed, split)
+    if task in ("synthetic", "organism"):
+        return _records(task, split, SYNTHETIC_EVAL_SIZE if n is None else n, seed, data_dir)
     if n is None:
         return load_records(task, split, data_dir)
     return _records(task, split, n, seed, data_dir)

@@ -6,7 +6,7 @@ prompt; evaluation generates from the very same ``build_prompt`` text.
 
 Answer text (``A``)::
 
-    gsm8k, synthetic : "{reasoning}\\nThe answer is {answer}."
+    gsm8k, synthetic, organism : "{reasoning}\\nThe answer is {answer}."
     strategyqa       : "{reasoning}\\nThe answer is {yes|no}."
     arc_challenge    : "The answer is {label}."     (ARC ships no chain of thought)
 
@@ -43,6 +43,7 @@ from capjax.errors import MissingDependencyError
 INSTRUCTIONS: dict[str, str] = {
     "gsm8k": "Solve the problem step by step and end with 'The answer is N.'",
     "synthetic": "Solve the problem step by step and end with 'The answer is N.'",
+    "organism": "Solve the problem step by step and end with 'The answer is N.'",
     "strategyqa": (
         "Answer the yes/no question. Reason step by step and end with "
         "'The answer is yes.' or 'The answer is no.'"

@@ -1,4 +1,5 @@
-"""Task runners: WikiText-2 perplexity, GSM8K, StrategyQA, ARC-Challenge, synthetic arithmetic.
+"""Task runners: WikiText-2 perplexity, GSM8K, StrategyQA, ARC-Challenge, synthetic arithmetic, the
+organism's word problems (`capjax.data.organism`).
 
 Generation tasks build prompts with `capjax.data.build_prompt` (the chat template for
 instruct tokenizers, else "Question: ...\\nAnswer:") from `capjax.data.eval_records`, the
@@ -16,8 +17,8 @@ Metrics per task:
                        " {choice}", no chat template, no special tokens; acc_norm divides the
                        summed log-prob by len(choice text), as lm-eval does)
     arc_challenge_cot  accuracy of the letter extracted from generated CoT, n_unparsed
-    synthetic          accuracy_strict, accuracy_flexible, answer_loss (mean CE over the
-                       reference answer tokens given the prompt, teacher-forced)
+    synthetic,         accuracy_strict, accuracy_flexible, answer_loss (mean CE over the
+    organism           reference answer tokens given the prompt, teacher-forced)
 
 Every generation task also reports n and mean_new_tokens.
 """
@@ -37,7 +38,7 @@ from capjax.evaluate.generate import generate
 from capjax.evaluate.perplexity import continuation_logprobs, wikitext2_perplexity
 from capjax.token_ids import TokenIdError
 
-TASKS: tuple[str, ...] = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic")
+TASKS: tuple[str, ...] = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic", "organism")
 # lm-eval's gsm8k `until` list; with chat models EOS (<|im_end|>) usually ends first.
 STOP: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
 _DATA_TASK = {"arc_challenge_cot": "arc_challenge"}
@@ -48,7 +49,7 @@ def _records(task: str, limit: int | None, seed: int, data_dir: Any) -> list[dic
     from capjax.data import eval_records
 
     name = _DATA_TASK.get(task, task)
-    if name == "synthetic" or limit is None:
+    if name in ("synthetic", "organism") or limit is None:
         return eval_records(name, n=limit, seed=seed, data_dir=data_dir)
     full = eval_records(name, n=None, seed=seed, data_dir=data_dir)
     return full if limit >= len(full) else eval_records(name, n=limit, seed=seed, data_dir=data_dir)
@@ -209,12 +210,12 @@ def _evaluate_task(task, model, params, tokenizer, data_dir, limit, seed, max_ne
         examples[task] = _examples(task, results[task], samples[task])
         return
     score = {"gsm8k": _score_gsm8k, "strategyqa": _score_strategyqa, "arc_challenge_cot": _score_arc_cot,
-             "synthetic": _score_synthetic}[task]
+             "synthetic": _score_synthetic, "organism": _score_synthetic}[task]
     results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, score,
                                                     max_new_tokens, batch_size, chat, progress)
     examples[task] = _examples(task, results[task], samples[task])
-    if task == "synthetic":
-        results[task]["answer_loss"], pairs = answer_loss(model, params, tokenizer, records, "synthetic", chat,
+    if task in ("synthetic", "organism"):
+        results[task]["answer_loss"], pairs = answer_loss(model, params, tokenizer, records, task, chat,
                                                           batch_size, progress, per_example=True)
         examples[task]["answer_loss"] = {"kind": "ratio", "num": [a for a, _ in pairs],
                                          "den": [float(b) for _, b in pairs], "transform": "identity"}

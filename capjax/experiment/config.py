@@ -32,8 +32,9 @@ from typing import Any
 
 import yaml
 
-CALIB_TASKS = ("synthetic", "gsm8k", "strategyqa", "arc_challenge")
-EVAL_TASKS = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic")
+CALIB_TASKS = ("synthetic", "gsm8k", "strategyqa", "arc_challenge", "organism")
+EVAL_TASKS = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic",
+              "organism")
 DTYPES = ("float32", "bfloat16")
 AGGREGATES = ("median", "mean", "paired")
 SCORING_METHODS = ("ablation", "gradient")

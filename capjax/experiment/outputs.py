@@ -18,7 +18,7 @@ from capjax.provenance import describe
 
 HEADLINE = {"wikitext2": ("ppl",), "gsm8k": ("exact_match_strict", "exact_match_flexible"),
             "strategyqa": ("accuracy",), "arc_challenge": ("acc", "acc_norm"), "arc_challenge_cot": ("accuracy",),
-            "synthetic": ("accuracy_flexible", "answer_loss")}
+            "synthetic": ("accuracy_flexible", "answer_loss"), "organism": ("accuracy_strict", "answer_loss")}
 CSV_COLUMNS = ("name", "method", "calib", "target_sparsity", "achieved_sparsity", "metric", "value", "stderr",
                "ci_low", "ci_high", "n", "interval", "diff_vs_dense", "diff_low", "diff_high", "within_noise",
                "fingerprint", "status")

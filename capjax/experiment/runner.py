@@ -37,7 +37,7 @@ from capjax.experiment.store import Store, fingerprint, warn
 from capjax.provenance import code_digest, code_version, environment
 
 # Each evaluation reads only the settings that change its result.
-_GENERATION_TASKS = ("gsm8k", "strategyqa", "arc_challenge_cot", "synthetic")
+_GENERATION_TASKS = ("gsm8k", "strategyqa", "arc_challenge_cot", "synthetic", "organism")
 
 
 def _log(msg: str) -> None:

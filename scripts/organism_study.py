@@ -1,0 +1,294 @@
+"""The paper's experiment on the organisms (docs/organism.md):
+
+    python scripts/organism_study.py                      # both parts, into docs/organism/
+    python scripts/organism_study.py --part induction     # planted circuits only (~1 min)
+    python scripts/organism_study.py --part reasoning --sparsities 0.1 0.3 0.5 0.7 --n 500
+
+induction: on the induction organism, the planted circuit (induction heads by prefix-matching
+score, previous-token heads by previous-token score, both from attention probabilities alone),
+precision@k of CAP's exact scores and of the gradient scores (capjax.score_heads on <s> A A rows,
+the repeat in the loss) against it, and single / pair / group ablations of the circuit's heads.
+
+reasoning: on the reasoning organism, greedy exact match on n held-out problems (Wilson 95%
+intervals) and held-out WikiText-2 perplexity against sparsity, for every method below, each
+also compared with Wanda at the same sparsity on the same problems (paired bootstrap of the
+accuracy difference, capjax.stats.paired_difference); and the 2 x 2: CAP calibrated on word
+problems vs on WikiText-2 text, measured on accuracy and on perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "capjax" / "organism" / "weights"
+CALIB_N, CALIB_SEQ = 64, 80
+
+
+def _f(x, digits=3):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------- induction
+def induction_part(out: Path, folder: Path, log) -> dict:
+    import capjax
+    from capjax.io import load_pretrained
+    from capjax.organism import induction as ind
+
+    spec = json.loads((folder / "organism.json").read_text())["config"]["data"]
+    P, V = spec["segment_len"], spec["vocab_size"]
+    model, params = load_pretrained(folder)
+    c = model.config
+    probe = ind.repeat_batch(64, P, V, seed=1)
+    probs = ind.attention_probs(model, params, probe["tokens"])
+    prefix, previous = ind.prefix_matching_scores(probs, P), ind.previous_token_scores(probs)
+    circ = ind.circuit(prefix, previous)
+    calib = ind.repeat_batch(64, P, V, seed=3)
+    scores = {
+        "cap": capjax.score_heads(model, params, calib["tokens"], calib["loss_mask"], progress=False).delta,
+        "gradient": capjax.score_heads(model, params, calib["tokens"], calib["loss_mask"], method="gradient",
+                                       progress=False).delta,
+    }
+    N = c.num_layers * c.num_heads
+    precision = {}
+    for name, s in scores.items():
+        s = np.asarray(s)
+        precision[name] = {f"circuit@{len(circ['all'])}": ind.precision_at_k(s, circ["all"]),
+                           f"induction@{len(circ['induction'])}": ind.precision_at_k(s, circ["induction"])}
+    chance = {f"circuit@{len(circ['all'])}": len(circ["all"]) / N,
+              f"induction@{len(circ['induction'])}": len(circ["induction"]) / N}
+    red = ind.redundancy(model, params, calib, circ["all"])
+    groups = ind.group_ablations(model, params, calib, {"induction heads": circ["induction"],
+                                                        "previous-token heads": circ["previous"],
+                                                        "circuit": circ["all"]})
+    acc = ind.repeat_accuracy(model, params, P, V)
+    res = {"prefix_matching": prefix.tolist(), "previous_token": previous.tolist(), "circuit": circ,
+           "scores": {k: np.asarray(v).tolist() for k, v in scores.items()}, "precision": precision,
+           "chance_precision": chance, "redundancy": red, "groups": groups, "repeat_accuracy": acc}
+    (out / f"{folder.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    rows = ["| head | prefix-matching | previous-token | role | CAP delta | gradient delta | single ablation |",
+            "|---|---|---|---|---|---|---|"]
+    for layer, head in itertools.product(range(c.num_layers), range(c.num_heads)):
+        h = (layer, head)
+        role = ("induction" if h in circ["induction"] else "previous-token" if h in circ["previous"] else "-")
+        single = red["single"].get(str(h))
+        rows.append(f"| {layer}.{head} | {prefix[h]:.3f} | {previous[h]:.3f} | {role} | {scores['cap'][h]:.4f} | "
+                    f"{scores['gradient'][h]:.4f} | {_f(single, 4)} |")
+    rows += ["", "| ablated together | loss increase | sum of their single-head increases |", "|---|---|---|"]
+    for a, b in itertools.combinations(circ["all"], 2):
+        rows.append(f"| {a[0]}.{a[1]} + {b[0]}.{b[1]} | {red['pairs'][f'{a}+{b}']:.4f} | "
+                    f"{red['single'][str(a)] + red['single'][str(b)]:.4f} |")
+    for name in ("induction heads", "previous-token heads", "circuit"):
+        members = {"induction heads": circ["induction"], "previous-token heads": circ["previous"],
+                   "circuit": circ["all"]}[name]
+        rows.append(f"| {name} ({len(members)}) | {groups[name]:.4f} | "
+                    f"{sum(red['single'][str(h)] for h in members):.4f} |")
+    rows += ["", "| scores | " + " | ".join(chance) + " |", "|---|" + "---|" * len(chance)]
+    for name in precision:
+        rows.append(f"| {name} | " + " | ".join(f"{precision[name][k]:.3f}" for k in chance) + " |")
+    rows.append("| chance (random order) | " + " | ".join(f"{v:.3f}" for v in chance.values()) + " |")
+    (out / f"{folder.name}.md").write_text("\n".join(rows) + "\n")
+    log(f"{folder.name}: circuit {circ}, precision {precision}, intact loss {red['intact']:.4f}")
+    return res
+
+
+# ---------------------------------------------------------------------------- reasoning
+def _text_calibration(tokenizer, text: str, n: int, seq_len: int, seed: int) -> dict:
+    from capjax.organism.train import text_chunks
+
+    chunks = text_chunks(tokenizer, text, seq_len, seq_len)
+    idx = np.sort(np.random.default_rng(seed).permutation(len(chunks["tokens"]))[:n])
+    return {k: v[idx] for k, v in chunks.items()}
+
+
+def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, log) -> dict:
+    import capjax
+    from capjax import stats
+    from capjax.data import build_calibration
+    from capjax.io import load_pretrained, load_tokenizer
+    from capjax.organism.text import wikitext_parts
+    from capjax.organism.train import heldout_perplexity, reasoning_accuracy
+    from capjax.pruning import registry
+
+    cfg = json.loads((folder / "organism.json").read_text())["config"]
+    model, params = load_pretrained(folder)
+    tok = load_tokenizer(folder)
+    parts = wikitext_parts(cfg["data"]["data_dir"], cfg["data"]["heldout_articles"])
+    train_text, heldout = parts if parts is not None else (None, None)
+    if parts is None:
+        log("reasoning: WikiText-2 not found: no perplexity and no text calibration (the 2 x 2 is skipped)")
+    calib = {"reasoning": build_calibration("organism", tok, n=CALIB_N, seq_len=CALIB_SEQ, seed=1, chat=False)}
+    if train_text is not None:
+        calib["text"] = _text_calibration(tok, train_text, CALIB_N, CALIB_SEQ, seed=1)
+
+    def arrays(c):
+        return (c["tokens"], c["loss_mask"], c["attention_mask"]) if isinstance(c, dict) else (
+            c.tokens, c.loss_mask, c.attention_mask)
+
+    def heads(c, **kw):
+        t, lm, am = arrays(c)
+        return capjax.score_heads(model, params, t, lm, attention_mask=am, progress=False, **kw)
+
+    scores = {"cap": heads(calib["reasoning"]), "cap_paired": heads(calib["reasoning"], aggregate="paired"),
+              "gradient": heads(calib["reasoning"], method="gradient")}
+    if "text" in calib:
+        scores["cap_text"] = heads(calib["text"])
+    reason_calib = {"tokens": calib["reasoning"].tokens, "attention_mask": calib["reasoning"].attention_mask}
+    # label -> (registered method, head scores, calibration)
+    plan = {"cap": ("cap", scores["cap"], None), "cap_paired": ("cap", scores["cap_paired"], None),
+            "gradient": ("cap", scores["gradient"], None), "cap_wanda": ("cap_wanda", scores["cap"], reason_calib),
+            "wanda": ("wanda", None, reason_calib), "sparsegpt": ("sparsegpt", None, reason_calib),
+            "magnitude": ("magnitude", None, None), "random": ("random", None, None)}
+    if "cap_text" in scores:
+        plan["cap_text"] = ("cap", scores["cap_text"], None)
+    plan = {k: v for k, v in plan.items() if v[0] in registry.names() and (not methods_wanted or k in methods_wanted)}
+
+    def measure(p):
+        t0 = time.perf_counter()
+        acc = reasoning_accuracy(model, p, tok, n=n)
+        ppl = heldout_perplexity(model, p, tok, heldout)
+        iv = stats.binomial_interval(sum(acc["correct"]), acc["n"])
+        return {"accuracy": acc["accuracy"], "low": iv.low, "high": iv.high, "n": acc["n"],
+                "by_steps": acc["by_steps"], "answer_loss": acc["answer_loss"], "correct": acc["correct"],
+                "ppl": None if ppl is None else ppl["ppl"], "seconds": time.perf_counter() - t0}
+
+    results = {"dense": measure(params)}
+    log(f"dense: accuracy {results['dense']['accuracy']:.3f}, ppl {_f(results['dense']['ppl'], 1)}")
+    for label, (method, hs, cal) in plan.items():
+        results[label] = {}
+        for s in sparsities:
+            pruned, _ = capjax.prune(model, params, method, s, head_scores=hs, calib=cal)
+            r = measure(pruned)
+            results[label][str(s)] = r
+            log(f"{label} {s:.0%}: accuracy {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
+                f"ppl {_f(r['ppl'], 1)} ({r['seconds']:.0f} s)")
+    if "wanda" in results:
+        for label in plan:
+            for s in sparsities:
+                a, b = results["wanda"][str(s)]["correct"], results[label][str(s)]["correct"]
+                d = stats.paired_difference({"num": a, "den": [1] * len(a)}, {"num": b, "den": [1] * len(b)})
+                results[label][str(s)]["vs_wanda"] = {"diff": d.diff, "low": d.low, "high": d.high,
+                                                      "significant": d.significant}
+    res = {"sparsities": list(sparsities), "n": n, "calibration": {"n": CALIB_N, "seq_len": CALIB_SEQ},
+           "head_scores": {k: np.asarray(v.delta).tolist() for k, v in scores.items()}, "results": results}
+    (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
+    _table(out, res, list(plan))
+    _figures(out, res, list(plan))
+    return res
+
+
+def _table(out: Path, res: dict, labels) -> None:
+    sp = res["sparsities"]
+    d = res["results"]["dense"]
+    lines = [f"Dense: accuracy {d['accuracy']:.3f} [{d['low']:.3f}, {d['high']:.3f}] (n = {d['n']}), "
+             f"held-out perplexity {_f(d['ppl'], 1)}.", "",
+             "| method | " + " | ".join(f"{s:.0%} accuracy [95% Wilson] | ppl | vs Wanda" for s in sp) + " |",
+             "|---|" + "---|---|---|" * len(sp)]
+    for label in labels:
+        cells = []
+        for s in sp:
+            r = res["results"][label][str(s)]
+            vw = r.get("vs_wanda")
+            mark = "" if vw is None or label == "wanda" else (
+                f"{vw['diff']:+.3f}{' *' if vw['significant'] else ''}")
+            cells.append(f"{r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | {_f(r['ppl'], 1)} | {mark}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "vs Wanda: accuracy minus Wanda's at the same sparsity on the same problems; * = the paired "
+              "bootstrap 95% interval excludes 0."]
+    (out / "reasoning.md").write_text("\n".join(lines) + "\n")
+
+
+def _figures(out: Path, res: dict, labels) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sp = res["sparsities"]
+    x = np.array(sp) * 100
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label in labels:
+        rs = [res["results"][label][str(s)] for s in sp]
+        acc = np.array([r["accuracy"] for r in rs])
+        err = np.clip([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]], 0, None)
+        axes[0].errorbar(x, acc, yerr=err, marker="o", capsize=3, label=label)
+        if rs[0]["ppl"] is not None:
+            axes[1].plot(x, [r["ppl"] for r in rs], marker="o", label=label)
+    d = res["results"]["dense"]
+    axes[0].axhline(d["accuracy"], color="k", ls=":", label="dense")
+    axes[0].set(xlabel="sparsity (%)", ylabel=f"exact match (n = {res['n']}, Wilson 95%)",
+                title="reasoning organism: accuracy")
+    if d["ppl"] is not None:
+        axes[1].axhline(d["ppl"], color="k", ls=":", label="dense")
+        axes[1].set_yscale("log")
+    axes[1].set(xlabel="sparsity (%)", ylabel="held-out WikiText-2 perplexity", title="perplexity")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_ppl_vs_sparsity.png", dpi=110)
+    plt.close(fig)
+    if "cap_text" not in labels:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label, name in (("cap", "CAP calibrated on word problems"), ("cap_text", "CAP calibrated on text")):
+        rs = [res["results"][label][str(s)] for s in sp]
+        err = np.clip([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]], 0, None)
+        axes[0].errorbar(x, [r["accuracy"] for r in rs], yerr=err, marker="o", capsize=3, label=name)
+        axes[1].plot(x, [r["ppl"] for r in rs], marker="o", label=name)
+    axes[0].set(xlabel="sparsity (%)", ylabel="exact match (Wilson 95%)", title="2 x 2: reasoning accuracy")
+    axes[1].set(xlabel="sparsity (%)", ylabel="held-out perplexity", title="2 x 2: perplexity", yscale="log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "two_by_two.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("induction", "reasoning", "both"), default="both")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "organism"))
+    ap.add_argument("--reasoning", default=str(WEIGHTS / "reasoning"), help="the reasoning organism's folder")
+    ap.add_argument("--induction", nargs="+", default=[str(WEIGHTS / "induction"), str(WEIGHTS / "induction_h8")],
+                    help="induction organisms' folders (results: <out>/<folder name>.json / .md)")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+    ap.add_argument("--n", type=int, default=500, help="held-out problems per evaluation")
+    ap.add_argument("--methods", nargs="*", default=None, help="subset of the method labels (default: all)")
+    ap.add_argument("--redraw", action="store_true",
+                    help="only redraw the reasoning table and figures from <out>/reasoning.json")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    if args.redraw:
+        res = json.loads((out / "reasoning.json").read_text())
+        labels = [k for k in res["results"] if k != "dense"]
+        _table(out, res, labels)
+        _figures(out, res, labels)
+        return 0
+    timing = {}
+    if args.part in ("induction", "both"):
+        t = time.perf_counter()
+        for folder in args.induction:
+            induction_part(out, Path(folder), log)
+        timing["induction_seconds"] = time.perf_counter() - t
+    if args.part in ("reasoning", "both"):
+        t = time.perf_counter()
+        reasoning_part(out, Path(args.reasoning), args.sparsities, args.n, args.methods, log)
+        timing["reasoning_seconds"] = time.perf_counter() - t
+    (out / f"timing_{args.part}.json").write_text(json.dumps({**timing, "argv": sys.argv[1:]}, indent=1) + "\n")
+    log(f"done: {timing}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The organisms (capjax.organism): word-problem generator, tokenizer, training with capjax.recover's
+step (loss, determinism, resume), attention probabilities against transformers, circuit scores,
+and (slow) the shipped organisms' accuracy and induction-head precision."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from capjax.data.organism import MAX_VALUE, organism_problems, vocabulary
+from capjax.organism import induction as ind
+from capjax.organism.train import OrganismConfig, OrganismConfigError, train
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "capjax" / "organism" / "weights"
+
+# ---------------------------------------------------------------------------- problems
+_CLAUSES = [(re.compile(r"(?:He|She|he|she) gets (\d+) more"), lambda x, m: x + m),
+            (re.compile(r"(?:He|She|he|she) finds (\d+)"), lambda x, m: x + m),
+            (re.compile(r"(?:He|She|he|she) gives away (\d+)"), lambda x, m: x - m),
+            (re.compile(r"(?:He|She|he|she) loses (\d+)"), lambda x, m: x - m),
+            (re.compile(r"(?:He|She|he|she) doubles"), lambda x, m: 2 * x)]
+
+
+def _solve(question: str) -> int:
+    """A plain reading of the question: the start count, then each sentence's operation."""
+    sentences = question.split(" . ")
+    x = int(re.match(r"\w+ has (\d+) ", sentences[0]).group(1))
+    for s in sentences[1:-1]:
+        hits = [(f, m) for pattern, f in _CLAUSES if (m := pattern.search(s))]
+        assert len(hits) == 1, s
+        f, m = hits[0]
+        x = f(x, int(m.group(1)) if m.groups() else 0)
+    return x
+
+
+def test_problem_answers_equal_a_plain_evaluation():
+    problems = organism_problems(400, seed=3, split="train") + organism_problems(400, seed=3, split="eval")
+    for p in problems:
+        assert int(p["answer"]) == _solve(p["question"]), p
+        # every written step "a op b = c ." is true, chains from the previous result, and ends at the answer
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+) \.", p["reasoning"])
+        assert len(steps) == p["steps"] and 2 <= p["steps"] <= 4
+        prev = None
+        for a, op, b, c in steps:
+            assert eval(f"{a} {op} {b}") == int(c)  # noqa: S307 (digits and one operator)
+            assert prev is None or int(a) == prev
+            prev = int(c)
+            assert 0 < int(c) < MAX_VALUE
+        assert prev == int(p["answer"])
+
+
+def test_problem_splits_are_disjoint_and_seeded():
+    train = organism_problems(2000, seed=0, split="train")
+    ev = organism_problems(600, seed=0, split="eval")
+    assert not {p["question"] for p in train} & {p["question"] for p in ev}
+    assert organism_problems(50, seed=0, split="eval") == ev[:50]
+    assert organism_problems(50, seed=1, split="eval") != ev[:50]
+    assert {p["steps"] for p in ev} == {2, 3, 4}
+
+
+def test_tokenizer_gives_problems_without_unknown_words_and_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    from capjax.data import format_example
+    from capjax.organism.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("the cat sat on the mat . the end", text_words=3)
+    vocab = tok.get_vocab()
+    assert len(tok) == 4 + len(vocabulary()) + 3  # specials, the problems' words, 3 new text words
+    assert {"cat", "end", "mat"} <= set(vocab) and "sat" not in vocab  # most frequent, ties by the word
+    for p in organism_problems(50, seed=0, split="eval"):
+        prompt, answer = format_example(p, "organism", tok, chat=False)
+        ids = tok(prompt + answer)["input_ids"]
+        assert tok.unk_token_id not in ids
+        # words and isolated punctuation, joined by single spaces
+        assert tok.decode(ids) == " ".join(re.findall(r"\w+|[^\w\s]", prompt + answer))
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Question: Tom has 7 apples . He finds 3 apples . the zebra"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert tok.convert_ids_to_tokens(tok(text)["input_ids"])[-1] == "<unk>"
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(OrganismConfigError, match="model.num_heads=6"):
+        OrganismConfig.from_dict({"model": {"num_heads": 6, "num_kv_heads": 4}})
+    with pytest.raises(OrganismConfigError, match="data.bogus"):
+        OrganismConfig.from_dict({"data": {"bogus": 1}})
+    with pytest.raises(OrganismConfigError, match="train.lr"):
+        OrganismConfig.from_dict({"train": {"lr": -1.0}})
+
+
+# ---------------------------------------------------------------------------- training
+def _tiny(tmp_path=None, **train) -> OrganismConfig:
+    return OrganismConfig.from_dict({
+        "kind": "reasoning", "seed": 5,
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
+                  "intermediate_size": 64, "max_position_embeddings": 128},
+        "data": {"train_problems": 64, "seq_len": 80, "use_text": False},
+        "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": 3, **train},
+        "checkpoint_dir": None if tmp_path is None else str(tmp_path)})
+
+
+def _leaves(params):
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_training_loss_decreases():
+    from capjax.model import init_params
+    from capjax.pruning.importance import PRUNABLE, get_path
+
+    r = train(_tiny(steps=40), progress=False, log=lambda *_: None)
+    loss = r["history"]["loss"]
+    assert np.mean(loss[-5:]) < 0.7 * np.mean(loss[:3]), loss
+    start = init_params(r["model"].config, 5)
+    for p in PRUNABLE:  # every projection trained (the dense masks keep them all)
+        w = np.asarray(get_path(r["params"], p))
+        assert np.all(np.any(w != np.asarray(get_path(start, p)), axis=tuple(range(1, w.ndim)))), p
+        assert np.count_nonzero(w) == w.size, p  # and none held at zero
+
+
+def test_training_is_deterministic_from_the_seed():
+    a = train(_tiny(), progress=False, log=lambda *_: None)
+    b = train(_tiny(), progress=False, log=lambda *_: None)
+    for x, y in zip(_leaves(a["params"]), _leaves(b["params"])):
+        np.testing.assert_array_equal(x, y)
+    assert a["history"]["loss"] == b["history"]["loss"]
+    c = train(OrganismConfig.from_dict({**_tiny().to_dict(), "seed": 6}), progress=False, log=lambda *_: None)
+    assert any(not np.array_equal(x, y) for x, y in zip(_leaves(a["params"]), _leaves(c["params"])))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_from_orbax_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    whole = train(_tiny(), progress=False, log=lambda *_: None)
+
+    def stop_after_4(step, _):
+        if step == 4:  # the checkpoint of step 3 is on disk, step 4's is not
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(_tiny(tmp_path), progress=False, log=lambda *_: None, callback=stop_after_4)
+    resumed = train(_tiny(tmp_path), progress=False, log=lambda *_: None)
+    assert resumed["history"]["resumed_from"] == 3
+    for x, y in zip(_leaves(whole["params"]), _leaves(resumed["params"])):
+        np.testing.assert_array_equal(x, y)
+    assert resumed["history"]["loss"] == whole["history"]["loss"]
+
+
+# ---------------------------------------------------------------------------- attention and circuits
+def test_attention_probs_equal_transformers_output_attentions(tmp_path):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from capjax.io import save_pretrained
+    from capjax.model import Decoder, init_params
+    from capjax.organism.train import model_config
+
+    cfg = OrganismConfig.from_dict({"kind": "induction", "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                                                                   "num_kv_heads": 2, "head_dim": 8,
+                                                                   "intermediate_size": 48}})
+    config = model_config(cfg, 40)
+    model = Decoder(config)
+    params = jax.tree.map(lambda a: a * 4.0, init_params(config, 1))  # sharper attention than at init
+    save_pretrained(model, params, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(0, 40, (3, 11)).astype(np.int32)
+    probs = ind.attention_probs(model, params, tokens)  # [L, N, H, T, S]
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(tokens, dtype=torch.long), output_attentions=True).attentions
+    ref = np.stack([a.numpy() for a in ref])
+    assert probs.shape == ref.shape
+    np.testing.assert_allclose(probs, ref, atol=2e-5)
+    assert probs[0, 0, 0].std() > 1e-3  # not uniform: the comparison can tell heads apart
+
+
+def test_attention_scores_and_precision_by_hand():
+    L, N, H, P = 2, 3, 4, 5
+    T = 1 + 2 * P
+    probs = np.zeros((L, N, H, T, T), np.float32)
+    for t in range(T):
+        probs[:, :, :, t, 0] = 1.0  # every head rests on <s> ...
+    t = np.arange(1, T)
+    probs[0, :, 2, t, 0], probs[0, :, 2, t, t - 1] = 0.0, 1.0  # ... but head (0, 2) looks one back
+    q = np.arange(1 + P, 1 + 2 * P)
+    probs[1, :, 1, q, 0], probs[1, :, 1, q, q - P + 1] = 0.2, 0.8  # and (1, 1) at the token after the match
+    prev, prefix = ind.previous_token_scores(probs), ind.prefix_matching_scores(probs, P)
+    assert prev[0, 2] == 1.0 and prefix[1, 1] == pytest.approx(0.8) and prefix.sum() == pytest.approx(0.8)
+    c = ind.circuit(prefix, prev, threshold=0.3)
+    assert c["induction"] == [(1, 1)] and c["previous"] == [(0, 2)]
+    scores = np.array([[0.0, 0.5, 0.9, 0.1], [0.2, 0.8, 0.0, 0.3]])
+    assert ind.precision_at_k(scores, c["all"]) == 1.0
+    assert ind.precision_at_k(scores, c["all"], k=3) == pytest.approx(2 / 3)
+
+
+def test_induction_examples_repeat_their_segment():
+    b = ind.induction_examples(20, 8, 30, seed=0)
+    for toks, loss, am in zip(b["tokens"], b["loss_mask"], b["attention_mask"]):
+        n = int(am.sum())
+        k = int(loss.sum()) + 1  # segment length
+        assert np.array_equal(toks[n - k:n], toks[n - 2 * k:n - k]) and loss[n - k] == 0 and loss[n - 1] == 1
+
+
+# ---------------------------------------------------------------------------- the shipped organisms
+@pytest.mark.slow
+def test_shipped_reasoning_organism_solves_500_heldout_problems():
+    from capjax.io import load_pretrained, load_tokenizer
+    from capjax.organism.train import reasoning_accuracy
+
+    folder = WEIGHTS / "reasoning"
+    model, params = load_pretrained(folder)
+    acc = reasoning_accuracy(model, params, load_tokenizer(folder), n=500)
+    assert acc["n"] == 500 and acc["accuracy"] >= 0.95, acc
+    assert set(acc["by_steps"]) == {"2", "3", "4"}
+
+
+@pytest.mark.slow
+def test_shipped_induction_organism_cap_finds_the_planted_circuit_and_misses_redundancy():
+    import capjax
+    from capjax.io import load_pretrained
+
+    model, params = load_pretrained(WEIGHTS / "induction")
+    probe = ind.repeat_batch(64, 16, 128, seed=1)
+    probs = ind.attention_probs(model, params, probe["tokens"])
+    c = ind.circuit(ind.prefix_matching_scores(probs, 16), ind.previous_token_scores(probs))
+    assert len(c["induction"]) >= 2 and c["previous"], c
+    calib = ind.repeat_batch(64, 16, 128, seed=3)
+    for method in ("ablation", "gradient"):
+        s = capjax.score_heads(model, params, calib["tokens"], calib["loss_mask"], method=method, progress=False)
+        # every circuit head ranks above every other head (chance: |circuit| / heads)
+        assert ind.precision_at_k(np.asarray(s.delta), c["all"]) == 1.0, method
+    # redundancy: the induction heads together cost far more than the sum of their single ablations
+    red = ind.redundancy(model, params, calib, c["induction"])
+    assert red["group"] > 5 * red["sum_single"] and red["group"] > 1.0, red
+
+
+def test_organism_run_config_validates_and_finds_the_shipped_weights(tmp_path):
+    from capjax.experiment.config import load_run_config, validate_run_config
+    from capjax.io import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_run_config(root / "configs" / "organism.yaml", [f"out={tmp_path}"])
+    assert cfg.calibration.tasks == ("organism",) and cfg.evaluation.tasks == ("organism",)
+    validate_run_config(cfg)  # the organism task needs no data folder
+    config = load_config(root / cfg.model)
+    assert (config.model_type, config.num_heads, config.num_kv_heads) == ("llama", 4, 2)  # GQA Llama layout
