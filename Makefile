@@ -6,7 +6,7 @@ BASE := $(VENV)/.capjax-core
 DEMO := $(VENV)/.capjax-demo
 TEST := $(VENV)/.capjax-test
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo demo-organism test test-slow clean
 
 setup: $(TEST)
 
@@ -29,6 +29,10 @@ $(TEST): $(DEMO)
 
 demo: $(DEMO)
 	$(VENV)/bin/capjax run configs/smollm2_demo.yaml
+
+# The pruning experiment on the committed reasoning organism (a model that can lose its reasoning).
+demo-organism: $(BASE)
+	$(VENV)/bin/capjax run configs/organism.yaml
 
 test: $(TEST)
 	$(PY) -m pytest -q
