@@ -51,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--layers", type=int, default=0, help="number of whole layers removed")
     s.add_argument("--head-groups", default="auto", choices=("auto", "query", "kv"),
                    help="remove query heads within every kv group (query) or whole kv groups (kv)")
-    s.add_argument("--mlp-score", default="gradient", choices=("gradient", "activation"))
+    s.add_argument("--mlp-score", default="activation", choices=("gradient", "taylor", "activation"),
+                   help="MLP channel score (docs/structured.md: measured quality per score)")
     s.add_argument("--layer-score", default="ablation", choices=("ablation", "influence"))
     p.set_defaults(func=run)
     return p

@@ -163,9 +163,9 @@ register_method("magnitude", _M + "magnitude", options={"scope": "matrix"},
                 choices={"scope": ("matrix", "global")}, description="|W|")
 register_method("random", _M + "random", options={"seed": 0}, description="uniform random scores")
 register_method("cap_structured", "capjax.structured.method:cap_structured",
-                options={"heads": 0.0, "mlp": 0.0, "layers": 0, "head_groups": "auto", "mlp_score": "gradient",
+                options={"heads": 0.0, "mlp": 0.0, "layers": 0, "head_groups": "auto", "mlp_score": "activation",
                          "layer_score": "ablation", "batch_size": 8},
-                choices={"head_groups": ("auto", "query", "kv"), "mlp_score": ("gradient", "activation"),
+                choices={"head_groups": ("auto", "query", "kv"), "mlp_score": ("gradient", "taylor", "activation"),
                          "layer_score": ("ablation", "influence")}, needs_scores=True, needs_calib=True,
                 description="structured: heads, MLP channels, layers removed (a smaller model via capjax prune)")
 

@@ -4,7 +4,8 @@ the pruning registry: the masked dense model computes what the shrunken one does
 Legend: L layers, H query heads, K kv heads, F MLP width, B calibration examples, T time.
 
 Heads by CAP head scores (delta [L, H]); MLP channels by `mlp_score` ("gradient": the causal
-first-order estimate, "activation": Minitron's baseline); layers by `layer_score` ("ablation":
+first-order estimate of the loss increase, "taylor": its absolute value, "activation": Minitron's
+baseline); layers by `layer_score` ("ablation":
 CAP block ablation, "influence": ShortGPT's baseline). Only the scores a target needs are computed.
 """
 
@@ -30,7 +31,7 @@ def shape_for(config, sparsity: float | None, options: dict[str, Any]) -> Shape:
 
 
 def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens=None, loss_mask=None,
-                    attention_mask=None, mlp_score: str = "gradient", layer_score: str = "ablation",
+                    attention_mask=None, mlp_score: str = "activation", layer_score: str = "ablation",
                     batch_size: int = 8) -> Plan:
     """The plan keeping the highest-scoring heads, channels and layers (scores only where removed)."""
     c = model.config
@@ -40,7 +41,7 @@ def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens
     cut_heads = shape.num_heads < c.num_heads
     cut_mlp = shape.intermediate_size < c.intermediate_size
     cut_layers = shape.num_layers < c.num_layers
-    needs_answers = (cut_mlp and mlp_score == "gradient") or (cut_layers and layer_score == "ablation")
+    needs_answers = (cut_mlp and mlp_score != "activation") or (cut_layers and layer_score == "ablation")
     if cut_heads and head_scores is None:
         raise PlanError("removing heads needs CAP head scores (capjax score -> scores.npz, key 'delta' [L, H])")
     if (cut_mlp or cut_layers) and tokens is None:
@@ -50,9 +51,11 @@ def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens
     delta = getattr(head_scores, "delta", head_scores)
     chan = lay = None
     if cut_mlp:
-        chan = (S.channel_gradient_scores(model, params, tokens, loss_mask, attention_mask, batch_size)
-                if mlp_score == "gradient" else
-                S.channel_activation_scores(model, params, tokens, attention_mask, batch_size))
+        if mlp_score == "activation":
+            chan = S.channel_activation_scores(model, params, tokens, attention_mask, batch_size)
+        else:
+            chan = S.channel_gradient_scores(model, params, tokens, loss_mask, attention_mask, batch_size)
+            chan = np.abs(chan) if mlp_score == "taylor" else chan
     if cut_layers:
         lay = (S.layer_ablation_scores(model, params, tokens, loss_mask, attention_mask)
                if layer_score == "ablation" else S.layer_influence_scores(model, params, tokens, attention_mask,

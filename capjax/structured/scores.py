@@ -7,6 +7,7 @@ Heads use CAP's head scores (`capjax.score_heads`, delta [L, H]). Here:
     channel_gradient_scores    [L, F]  first-order loss increase when channel f of layer l is removed:
                                        -d loss / d m at m = 1, m [L, F] multiplying each channel's
                                        activation (down_proj's input); loss = answer NLL per answer token
+                               ("taylor": its absolute value, Molchanov et al.'s first-order Taylor importance)
     channel_activation_scores  [L, F]  Minitron's activation magnitude: mean |act(gate) * up| over real
                                        tokens (baseline)
     layer_ablation_scores      [L]     CAP block ablation: answer loss with layer l's attention and MLP
@@ -29,7 +30,7 @@ from capjax.errors import NonFiniteError
 from capjax.model import Decoder, apply_layer, layer_context, layer_params, token_nll
 from capjax.structured.mask import channel_masked_params
 
-CHANNEL_SCORES = ("gradient", "activation")
+CHANNEL_SCORES = ("gradient", "taylor", "activation")
 LAYER_SCORES = ("ablation", "influence")
 
 
