@@ -135,7 +135,7 @@ def test_clear_errors(tiny, tmp_path):
         CapjaxLM(model=model, params=params, tokenizer=tok, batch_size="many")
 
 
-def test_unknown_model_args_are_refused(tiny, tmp_path):
+def test_unknown_model_args_are_refused(tiny, tmp_path, capsys):
     """`--model_args pretrained=X,mask=Y` (a typo for masks=) used to evaluate the dense model with exit 0:
     an unknown key is one error naming the known ones, before the model loads; the keys the harness
     itself adds (device, max_batch_size) are still accepted."""
@@ -144,9 +144,14 @@ def test_unknown_model_args_are_refused(tiny, tmp_path):
     src, out, model, params, _, tok = tiny
     with pytest.raises(ValueError, match=r"unknown key\(s\) mask; the capjax model takes pretrained, masks"):
         CapjaxLM(pretrained=str(tmp_path / "never-loaded"), mask=str(out / "masks.npz"))
-    with pytest.raises(ValueError, match="unknown key"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the harness CLI: one line and status 2, no traceback
         main(["run", "--model", "capjax", "--model_args", f"pretrained={src},mask={out / 'masks.npz'}",
               "--tasks", "tiny_choice", "--include_path", str(TASKS)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "unknown key(s) mask" in err
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        line for line in err.splitlines() if "unknown key(s) mask" in line], err
     lm = CapjaxLM(model=model, params=params, tokenizer=tok, device="cpu", max_batch_size=4)
     assert lm.batch_size == 8
 

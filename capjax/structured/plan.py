@@ -1,7 +1,7 @@
 """What structured compression removes: the kept layers, kv heads, query heads and MLP channels.
 
-Legend: L layers, H query heads, K kv heads, G = H // K query heads per kv head, F MLP width;
-primed letters (L', H', K', G', F') are the kept counts, the same in every kept layer so that the
+Legend: L layers, H query heads, K kv heads, G = H // K query heads per kv head, F MLP width.
+Primed letters (L', H', K', G', F') are the kept counts, the same in every kept layer so that the
 result is a standard config (stacked params, one `num_attention_heads` for all layers).
 
     shape = target_shape(config, heads=0.25, mlp=0.25, layers=2)   # counts; refused before compute

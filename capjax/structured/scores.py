@@ -1,6 +1,7 @@
 """Structured scores: how much each MLP channel and each whole layer matters (higher = keep).
 
-Legend: B calibration examples, T time, L layers, F MLP width, E hidden, A answer tokens, N chunk.
+Legend: B calibration examples (or one chunk of them), T time, L layers, F MLP width, E hidden,
+A answer tokens.
 
 Heads use CAP's head scores (`capjax.score_heads`, delta [L, H]). Here:
 
@@ -51,7 +52,7 @@ def answer_rows(loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _nll_sum(model: Decoder, params, tokens, attention_mask, rows_b, rows_t, targets, channel_mask):
-    """Summed answer NLL of a chunk [N, T] with each MLP channel scaled by channel_mask [L, F]; the
+    """Summed answer NLL of a chunk [B, T] with each MLP channel scaled by channel_mask [L, F]; the
     answer rows (example rows_b [A], position rows_t [A]) predict targets [A]."""
     p = channel_masked_params(params, channel_mask)
     x, _ = model.apply({"params": p}, tokens, attention_mask=attention_mask, method=Decoder.hidden_states)
@@ -113,11 +114,11 @@ def _layer_walk(model: Decoder, params, tokens, attention_mask, per_layer):
 @partial(jax.jit, static_argnames=("model",))
 def _activation_sums(model, params, tokens, attention_mask):
     """sum over real tokens of |down_proj input| [L, F]; 1 - cos(input, output) summed [L]."""
-    real = attention_mask.astype(jnp.float32)  # [N, T]
+    real = attention_mask.astype(jnp.float32)  # [B, T]
     act, bi = [], []
 
     def per_layer(l, x, y, inputs):
-        a = jnp.abs(inputs["mlp"]["down_proj"].astype(jnp.float32))  # [N, T, F]
+        a = jnp.abs(inputs["mlp"]["down_proj"].astype(jnp.float32))  # [B, T, F]
         act.append(jnp.einsum("ntf,nt->f", a, real))
         xf, yf = x.astype(jnp.float32), y.astype(jnp.float32)
         cos = (xf * yf).sum(-1) / (jnp.linalg.norm(xf, axis=-1) * jnp.linalg.norm(yf, axis=-1))

@@ -1,7 +1,7 @@
 """Shrink: params + ModelConfig -> the smaller params + ModelConfig a `Plan` describes.
 
-Legend: L layers, E hidden, H query heads, K kv heads, D head dim (kept), F MLP width; primes are
-the kept counts. Every stacked [L, ...] leaf keeps the plan's layers; then
+Legend: L layers, E hidden, H query heads, K kv heads, D head dim (kept), F MLP width.
+Primes are the kept counts. Every stacked [L, ...] leaf keeps the plan's layers; then
 
     self_attn/q_proj/kernel [L', E, H, D] -> [L', E, H', D]    (bias [L', H, D] -> [L', H', D])
     self_attn/k_proj, v_proj [L', E, K, D] -> [L', E, K', D]    (bias [L', K, D] -> [L', K', D])
