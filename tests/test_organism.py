@@ -123,6 +123,7 @@ def test_training_loss_decreases():
         assert np.count_nonzero(w) == w.size, p  # and none held at zero
 
 
+@pytest.mark.slow  # ~20 s of training each: in `make test-slow`, which CI runs too
 def test_training_is_deterministic_from_the_seed():
     a = train(_tiny(), progress=False, log=lambda *_: None)
     b = train(_tiny(), progress=False, log=lambda *_: None)
@@ -137,6 +138,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow  # ~20 s of training each: in `make test-slow`, which CI runs too
 def test_resume_from_orbax_checkpoint_equals_an_uninterrupted_run(tmp_path):
     whole = train(_tiny(), progress=False, log=lambda *_: None)
 
