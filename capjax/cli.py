@@ -24,14 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
         text += f": {e.filename}"
     return text
 
 
-def _expected(e: BaseException) -> bool:
+def expected_error(e: BaseException) -> bool:
     """Bad input (files, paths, numbers, non-finite weights or results, a missing package, too little
     memory): one clear line. Anything else is a bug and keeps its traceback."""
     from capjax.errors import MissingDependencyError
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(130)
         return 130
     except Exception as e:
-        if not _expected(e) or os.environ.get("CAPJAX_DEBUG") == "1":  # CAPJAX_DEBUG=1: every traceback
+        if not expected_error(e) or os.environ.get("CAPJAX_DEBUG") == "1":  # CAPJAX_DEBUG=1: every traceback
             raise
         where = "capjax" if args is None else f"capjax {args.command}"
-        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{where}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

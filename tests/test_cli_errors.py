@@ -12,15 +12,7 @@ import pytest
 import capjax
 from capjax.cli import main
 from conftest import make_hf_model, needs_smollm2
-
-
-def _one_error_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if "error:" in l]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+from worker_common import one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +28,26 @@ def test_run_rejects_a_bad_option_before_loading_in_seconds(tmp_path, capsys):
     t0 = time.perf_counter()
     assert main(["run", str(cfg), f"out={tmp_path}/o", "pruning.options.cap.kv_rule=bogus"]) == 2
     assert time.perf_counter() - t0 < 10
-    _one_error_line(capsys, "pruning.options.cap", "kv_rule='bogus'", "mean, max")
+    one_error_line(capsys, "pruning.options.cap", "kv_rule='bogus'", "mean, max")
     out_file = tmp_path / "file"
     out_file.write_text("x")
     # synthetic only: without ../shared/data the missing WikiText-2 file would be reported first
     assert main(["run", str(cfg), f"out={out_file}", "evaluation.tasks=[synthetic]"]) == 2
-    _one_error_line(capsys, f"out={out_file} is a file")
+    one_error_line(capsys, f"out={out_file} is a file")
     assert main(["run", str(cfg), f"out={tmp_path}/o", "calibration.tasks=[gsm8k]", "data_dir=/no/such"]) == 2
-    _one_error_line(capsys, "calibration.tasks gsm8k needs gsm8k/train.jsonl", "data_dir=/no/such")
+    one_error_line(capsys, "calibration.tasks gsm8k needs gsm8k/train.jsonl", "data_dir=/no/such")
 
 
 def test_score_checks_its_output_before_scoring(tmp_path, tiny_folder, capsys):
     (tmp_path / "taken.npz").mkdir()
     assert main(["score", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "taken.npz")]) == 2
     # the output is refused first: the (missing) model is never looked at
-    line = _one_error_line(capsys, "taken.npz is a folder")
+    line = one_error_line(capsys, "taken.npz is a folder")
     assert "no-model" not in line
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     assert main(["score", "--model", str(tiny_folder), "--out", str(blocker / "s.npz")]) == 2
-    _one_error_line(capsys, "--out folder", "blocker")
+    one_error_line(capsys, "--out folder", "blocker")
     with pytest.raises(SystemExit) as e:
         main(["score", "--model", str(tiny_folder), "--chunk-size", "0", "--out", str(tmp_path / "s.npz")])
     assert e.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
@@ -82,23 +74,23 @@ def test_prune_refuses_bad_inputs_in_one_line(tmp_path, tiny_folder, capsys, mon
     bad.write_bytes(data[: len(data) // 2])
     assert main(["prune", "--model", str(tiny_folder), "--method", "cap", "--scores", str(bad),
                  "--out", str(tmp_path / "p")]) == 2
-    _one_error_line(capsys, str(bad), "not a readable .npz")
+    one_error_line(capsys, str(bad), "not a readable .npz")
     other = tmp_path / "other_model.npz"
     np.savez(other, delta=np.zeros((3, 4)))
     with monkeypatch.context() as m:  # refused from config.json alone, before the weights load
         m.setattr(capjax, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
         assert main(["prune", "--model", str(tiny_folder), "--method", "cap", "--scores", str(other),
                      "--out", str(tmp_path / "p")]) == 2
-    _one_error_line(capsys, str(other), "'delta' is [3, 4]", "has [2, 4] heads")
+    one_error_line(capsys, str(other), "'delta' is [3, 4]", "has [2, 4] heads")
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4", "--sparsity", "0.7",
                  "--out", str(tmp_path / "p")]) == 2
-    _one_error_line(capsys, "--nm 2:4 fixes the sparsity at 0.5", "drop --sparsity 0.7")
+    one_error_line(capsys, "--nm 2:4 fixes the sparsity at 0.5", "drop --sparsity 0.7")
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "4:2",
                  "--out", str(tmp_path / "p")]) == 2
-    _one_error_line(capsys, "--nm: need 0 < N < M")
+    one_error_line(capsys, "--nm: need 0 < N < M")
     (tmp_path / "f").write_text("")
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "f")]) == 2
-    _one_error_line(capsys, "is a file")
+    one_error_line(capsys, "is a file")
     # 2:4 alone is fine, and the sparsity it reports is the achieved one
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4",
                  "--out", str(tmp_path / "nm")]) == 0
@@ -113,7 +105,7 @@ def test_damaged_weights_and_nonfinite_results(tmp_path, tiny_folder, capsys, mo
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert main(["eval", "--model", str(broken), "--tasks", "synthetic", "--out", str(tmp_path / "r.json")]) == 2
-    _one_error_line(capsys, str(broken / "model.safetensors"), "unreadable", "re-export")
+    one_error_line(capsys, str(broken / "model.safetensors"), "unreadable", "re-export")
 
 
 
@@ -129,15 +121,15 @@ def test_nan_weights_are_an_error_not_a_number(tmp_path, tiny_with_tokenizer, ca
     w["model.layers.0.mlp.up_proj.weight"][0, 0] = np.nan
     save_file(w, nan / "model.safetensors", metadata={"format": "pt"})
     assert main(["prune", "--model", str(nan), "--method", "magnitude", "--out", str(tmp_path / "p")]) == 2
-    _one_error_line(capsys, "NaN or Inf weights in layers/mlp/up_proj/kernel")
+    one_error_line(capsys, "NaN or Inf weights in layers/mlp/up_proj/kernel")
     assert main(["score", "--model", str(nan), "--n", "3", "--seq-len", "96", "--out", str(tmp_path / "s")]) == 2
-    _one_error_line(capsys, "non-finite loss", "NaN weights?")
+    one_error_line(capsys, "non-finite loss", "NaN weights?")
     out = tmp_path / "r.json"
     argv = ["eval", "--model", str(nan), "--tasks", "synthetic", "--limit", "1", "--max-new-tokens", "2",
             "--out", str(out)]
     assert main(argv) == 2
     # found where the logits are made (generation), before any metric is computed from them
-    _one_error_line(capsys, f"{nan} on synthetic: generation: the model's logits are NaN/Inf")
+    one_error_line(capsys, f"{nan} on synthetic: generation: the model's logits are NaN/Inf")
     assert not out.exists()
     monkeypatch.setenv("CAPJAX_DEBUG", "1")
     with pytest.raises(ValueError, match="NaN/Inf"):
@@ -164,11 +156,11 @@ def test_recover_checks_its_output_and_data_before_training(tmp_path, tiny_folde
     monkeypatch.setattr(capjax, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     base = ["recover", "--model", str(pruned), "--data", "synthetic", "--steps", "1", "--n", "2", "--seq-len", "16"]
     assert main([*base, "--out", str(blocker / "r")]) == 2
-    _one_error_line(capsys, f"--out={blocker / 'r'} is not a writable folder", "choose another --out")
+    one_error_line(capsys, f"--out={blocker / 'r'} is not a writable folder", "choose another --out")
     assert main([*base, "--out", str(tmp_path / "r"), "--checkpoint-dir", str(blocker)]) == 2
-    _one_error_line(capsys, f"--checkpoint-dir={blocker} is a file")
+    one_error_line(capsys, f"--checkpoint-dir={blocker} is a file")
     assert main([*base[:4], "text:/no/such.txt", *base[5:], "--out", str(tmp_path / "r")]) == 2
-    _one_error_line(capsys, "recovery.data='text:/no/such.txt': text file /no/such.txt not found")
+    one_error_line(capsys, "recovery.data='text:/no/such.txt': text file /no/such.txt not found")
 
 
 def test_eval_checks_every_tasks_data_before_loading(tmp_path, tiny_folder, capsys, monkeypatch):
@@ -179,14 +171,14 @@ def test_eval_checks_every_tasks_data_before_loading(tmp_path, tiny_folder, caps
     out = str(tmp_path / "r.json")
     assert main(["eval", "--model", str(tiny_folder), "--tasks", "wikitext2", "--data-dir", "/nonexistent",
                  "--out", out]) == 2
-    _one_error_line(capsys, "missing data in --data-dir /nonexistent", "wikitext2 needs wikitext2/wiki.test.raw",
+    one_error_line(capsys, "missing data in --data-dir /nonexistent", "wikitext2 needs wikitext2/wiki.test.raw",
                     "pass --data-dir DIR")
     half = tmp_path / "data"
     (half / "gsm8k").mkdir(parents=True)
     (half / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     assert main(["eval", "--model", str(tiny_folder), "--tasks", "gsm8k,strategyqa,synthetic", "--data-dir",
                  str(half), "--out", out]) == 2
-    line = _one_error_line(capsys, "strategyqa needs strategyqa/dev.json")
+    line = one_error_line(capsys, "strategyqa needs strategyqa/dev.json")
     assert "gsm8k needs" not in line
     assert not (tmp_path / "r.json").exists()
 

@@ -21,6 +21,7 @@ import pytest
 import capjax
 from capjax.cli import main
 from conftest import char_tokenizer, make_hf_model
+from worker_common import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,15 +48,6 @@ def _mode(path: Path) -> int:
 def _digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_error_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if "error:" in l]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _no_load(monkeypatch):
@@ -93,14 +85,14 @@ def _enospc_after_half(data: bytes):
 
 
 def test_a_full_disk_names_the_path_and_leaves_no_truncated_file(tmp_path, monkeypatch):
-    from capjax.cli import _one_line
+    from capjax.cli import one_line
     from capjax.experiment.store import atomic_write
 
     target = tmp_path / "results.json"
     target.write_text('{"old": 1}')
     with pytest.raises(OSError) as e:
         atomic_write(target, _enospc_after_half(b"x" * 100))
-    assert e.value.errno == errno.ENOSPC and str(target) in _one_line(e.value)
+    assert e.value.errno == errno.ENOSPC and str(target) in one_line(e.value)
     assert target.read_text() == '{"old": 1}' and sorted(os.listdir(tmp_path)) == ["results.json"]
 
     # a figure: matplotlib writes part of the PNG, then the disk is full
@@ -116,7 +108,7 @@ def test_a_full_disk_names_the_path_and_leaves_no_truncated_file(tmp_path, monke
     png = tmp_path / "figures" / "head_scores.png"
     with pytest.raises(OSError) as e:
         plot_head_scores(np.ones((2, 3)), png)
-    assert "No space left on device" in _one_line(e.value) and str(png) in _one_line(e.value)
+    assert "No space left on device" in one_line(e.value) and str(png) in one_line(e.value)
     assert list((tmp_path / "figures").iterdir()) == []
 
     # the three result files: the third fails, so none of them is replaced
@@ -194,7 +186,7 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path,
                        "evaluation: {tasks: [synthetic], limit: 1, max_new_tokens: 2, bootstrap: 0}\n")
         _no_load(monkeypatch)
         assert main(["run", str(cfg)]) == 2
-        _one_error_line(capsys, f"results folder {out} is in use by pid {os.getpid()}", "started",
+        one_error_line(capsys, f"results folder {out} is in use by pid {os.getpid()}", "started",
                         "choose another out=")
     with results_lock(out):  # released: free again, without a note
         pass
@@ -281,7 +273,7 @@ def test_an_export_that_fails_midway_leaves_the_old_export(tmp_path, tiny_folder
     monkeypatch.setattr(np, "savez_compressed", zero_bytes_then_fail)
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.3",
                  "--out", str(out)]) == 2
-    line = _one_error_line(capsys, "No space left on device")
+    line = one_error_line(capsys, "No space left on device")
     assert "masks.npz" in line
     assert _digests(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["p"]
@@ -303,7 +295,7 @@ def test_a_full_disk_while_writing_the_weights_is_one_line_and_keeps_the_old_exp
 
     monkeypatch.setattr(safetensors.flax, "save_file", full)
     assert _prune(tiny_folder, out) == 2
-    _one_error_line(capsys, "[Errno 28] No space left on device", "model-part-00000.safetensors")
+    one_error_line(capsys, "[Errno 28] No space left on device", "model-part-00000.safetensors")
     assert _digests(out) == before and [p.name for p in tmp_path.iterdir()] == ["p"]
 
 
@@ -345,12 +337,12 @@ def test_prune_out_must_not_overwrite_the_model_or_other_files(tmp_path, tiny_fo
     for out, relation in [(model, "is the --model"), (link, "is the --model"), (model / "sub", "is inside"),
                           (tmp_path, "holds")]:
         assert _prune(model, out) == 2
-        _one_error_line(capsys, f"--out {out} {relation}", "choose another --out")
+        one_error_line(capsys, f"--out {out} {relation}", "choose another --out")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     assert _prune(model, mine) == 2
-    _one_error_line(capsys, f"--out {mine} holds files and is not an earlier export", "choose a new or empty")
+    one_error_line(capsys, f"--out {mine} holds files and is not an earlier export", "choose a new or empty")
     assert _digests(model) == before and (mine / "notes.txt").read_text() == "keep me"
 
 
@@ -359,9 +351,9 @@ def test_prune_checks_sparsity_and_nm_before_loading_weights(tmp_path, tiny_fold
     for s in ("1.5", "-0.1", "1"):
         assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", s,
                      "--out", str(tmp_path / "p")]) == 2
-        _one_error_line(capsys, "--sparsity must be in [0, 1)", f"got {float(s):g}")
+        one_error_line(capsys, "--sparsity must be in [0, 1)", f"got {float(s):g}")
     # hidden 32, MLP 48: M=5 divides neither
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "1:5",
                  "--out", str(tmp_path / "p")]) == 2
-    _one_error_line(capsys, "M=5 needs input widths divisible by 5", "layers/self_attn/q_proj/kernel (32)",
+    one_error_line(capsys, "M=5 needs input widths divisible by 5", "layers/self_attn/q_proj/kernel (32)",
                     "layers/mlp/down_proj/kernel (48)")

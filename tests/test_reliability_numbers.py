@@ -13,6 +13,7 @@ import pytest
 import capjax
 from capjax.cli import main
 from conftest import char_tokenizer, make_hf_model
+from worker_common import one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -327,15 +328,6 @@ def test_recovery_text_file_content_enters_the_fingerprint(tmp_path, tiny_char):
 
 
 # ---------------------------------------------------------------------------- scores and masks of another model
-def _one_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if "error:" in l]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
 def test_prune_refuses_scores_of_another_model(tmp_path, tiny_char, scored_once, capsys):
     """`capjax prune --model A2 --scores s.npz` where s.npz scored model A (same shape) was accepted."""
     from capjax.identity import model_identity
@@ -348,7 +340,7 @@ def test_prune_refuses_scores_of_another_model(tmp_path, tiny_char, scored_once,
     capsys.readouterr()
     assert main(["prune", "--model", str(other), "--method", "cap", "--scores", str(scores),
                  "--out", str(tmp_path / "p2")]) == 2
-    _one_error(capsys, f"--scores {scores} scored {tiny_char}", f"not --model {other}", "score this model")
+    one_error_line(capsys, f"--scores {scores} scored {tiny_char}", f"not --model {other}", "score this model")
     assert not (tmp_path / "p2" / "config.json").exists()
     assert main(["prune", "--model", str(tiny_char), "--method", "cap", "--scores", str(scores),
                  "--out", str(tmp_path / "p1")]) == 0
@@ -379,10 +371,10 @@ def test_recover_refuses_masks_of_another_pruning(tmp_path, tiny_char, capsys):
             "--batch-size", "2", "--mode", "full", "--warmup-steps", "0"]
     capsys.readouterr()
     assert main([*args, "--masks", str(theirs / "masks.npz"), "--out", str(tmp_path / "r1")]) == 2
-    _one_error(capsys, f"--masks {theirs / 'masks.npz'} are not the masks of this pruning", str(mine / "masks.npz"))
+    one_error_line(capsys, f"--masks {theirs / 'masks.npz'} are not the masks of this pruning", str(mine / "masks.npz"))
     (mine / "capjax_prune.json").unlink()  # no record: the weights themselves say the masks do not fit
     assert main([*args, "--masks", str(theirs / "masks.npz"), "--out", str(tmp_path / "r2")]) == 2
-    _one_error(capsys, "that", "keeps (nonzero): the masks come from another pruning")
+    one_error_line(capsys, "that", "keeps (nonzero): the masks come from another pruning")
     copy = tmp_path / "copy.npz"
     with np.load(mine / "masks.npz") as z:
         np.savez(copy, **{k: z[k] for k in z.files})
@@ -434,7 +426,7 @@ def test_nan_logits_are_an_error_in_every_task_mode(nan_folder):
 def test_capjax_eval_of_a_nan_model_is_one_line(nan_folder, tmp_path, capsys):
     assert main(["eval", "--model", str(nan_folder), "--tasks", "synthetic", "--limit", "2", "--max-new-tokens", "2",
                  "--out", str(tmp_path / "r.json")]) == 2
-    _one_error(capsys, f"{nan_folder} on synthetic: generation: the model's logits are NaN/Inf")
+    one_error_line(capsys, f"{nan_folder} on synthetic: generation: the model's logits are NaN/Inf")
     assert not (tmp_path / "r.json").exists()
 
 

@@ -56,3 +56,13 @@ class FakeAccelerator:
 
     def memory_stats(self):
         return self.stats
+
+
+def one_error_line(capsys, *needles: str) -> str:
+    """The one "error:" line a CLI printed to stderr (no traceback), holding every needle."""
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if "error:" in l]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    from capjax.cli import _expected, _one_line
+    from capjax.cli import expected_error, one_line
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         print("capjax-lm-eval: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:  # bad model_args, paths, masks: one line and status 2, as the capjax CLI
-        if not _expected(e) or os.environ.get("CAPJAX_DEBUG") == "1":
+        if not expected_error(e) or os.environ.get("CAPJAX_DEBUG") == "1":
             raise
-        print(f"capjax-lm-eval: error: {_one_line(e)}", file=sys.stderr)
+        print(f"capjax-lm-eval: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
