@@ -25,9 +25,13 @@ from typing import Callable
 import numpy as np
 
 from capjax.plugins import load_plugins
+from capjax.registry import Registry
 
 Estimator = Callable[..., np.ndarray]
-_ESTIMATORS: dict[str, Estimator] = {}
+# the built-ins computed from per-subset losses alone (all gradient scoring has: no per-example values)
+SUBSET_AGGREGATES = ("median", "mean", "paired")
+_ESTIMATORS: Registry[Estimator] = Registry("estimator", on_read=load_plugins,
+                                            unknown="unknown estimator {name!r}; registered: {known}")
 
 
 def subset_groups(num_examples: int, subsets: int) -> list[np.ndarray]:
@@ -58,38 +62,33 @@ def subset_losses(values: np.ndarray, intact: np.ndarray, count: np.ndarray,
 
 def register_estimator(name: str, fn: Estimator, replace: bool = False) -> None:
     """Registers fn(values [N, B], intact [B], count [B], subsets=3, **options) -> scores [N]."""
-    if name in _ESTIMATORS and not replace:
-        raise ValueError(f"estimator {name!r} is already registered; pass replace=True to override it")
-    _ESTIMATORS[name] = fn
+    _ESTIMATORS.register(name, fn, replace=replace)
 
 
 def unregister_estimator(name: str) -> None:
     """Removes a registered estimator (tests, or replacing a plugin's)."""
-    _ESTIMATORS.pop(name, None)
+    _ESTIMATORS.unregister(name, builtins=True)
 
 
 def get(name: str) -> Estimator:
-    """The registered estimator function `name` (KeyError when there is none)."""
-    names()
-    return _ESTIMATORS[name]
+    """The registered estimator function `name` (an unknown name: a ValueError listing the known ones)."""
+    return _ESTIMATORS.lookup(name)
 
 
 def names() -> tuple[str, ...]:
-    """Registered estimator names (built-ins, then yours and `CAPJAX_PLUGINS`')."""
-    load_plugins()
-    return tuple(_ESTIMATORS)
+    """Registered estimator names (built-ins, then yours and plugins')."""
+    return _ESTIMATORS.names()
 
 
 def estimate(name: str, values: np.ndarray, intact: np.ndarray, count: np.ndarray, subsets: int = 3,
              **options) -> np.ndarray:
     """Scores [N] (higher = more important) by the registered estimator `name`."""
-    if name not in names():
-        raise ValueError(f"unknown estimator {name!r}; registered: {', '.join(_ESTIMATORS)}")
+    fn = get(name)
     values = np.asarray(values, np.float64)
     if values.ndim != 2 or np.shape(intact) != values.shape[1:] or np.shape(count) != values.shape[1:]:
         raise ValueError(f"estimate needs values [N, B], intact [B], count [B]; got {values.shape}, "
                          f"{np.shape(intact)}, {np.shape(count)}")
-    return _ESTIMATORS[name](values, np.asarray(intact, np.float64), np.asarray(count, np.float64),
+    return fn(values, np.asarray(intact, np.float64), np.asarray(count, np.float64),
                              subsets=subsets, **options)
 
 
@@ -120,7 +119,8 @@ def bootstrap(values, intact, count, subsets=3, resamples: int = 200, seed: int 
 
 
 for _name, _fn in (("median", median), ("mean", mean), ("paired", paired), ("bootstrap", bootstrap)):
-    register_estimator(_name, _fn)
+    _ESTIMATORS.register(_name, _fn, builtin=True)
 
-__all__ = ["bootstrap", "estimate", "mean", "median", "names", "paired", "register_estimator", "subset_groups",
+__all__ = ["SUBSET_AGGREGATES", "bootstrap", "estimate", "mean", "median", "names", "paired", "register_estimator",
+           "subset_groups",
            "subset_losses", "unregister_estimator"]

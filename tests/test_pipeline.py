@@ -212,7 +212,7 @@ def test_config_vocabulary_matches_the_library():
     from capjax.pruning.methods import METHODS
 
     assert config.prune_method_names() == tuple(METHODS)
-    assert config.ABLATION_KINDS == KINDS and config.score_metric_names() == tuple(METRICS)
+    assert config.ablation_kind_names() == KINDS and config.score_metric_names() == tuple(METRICS)
     assert config.EVAL_TASKS == tuple(TASKS)
     from capjax.data.calibration import CALIB_SPLITS
 

@@ -31,35 +31,36 @@ import numpy as np
 from capjax.ablation.batch import PreparedBatch
 from capjax.model import apply_layer, layer_context, layer_params
 from capjax.plugins import load_plugins
+from capjax.registry import Registry
 
 KINDS = ("zero", "mean", "resample")  # the built-ins; `names()` adds the registered ones
-_REGISTERED: dict = {}
+# name -> fn(model, params, batch, seed) -> replacements; the built-ins' entry is None (`replacements`
+# computes them itself)
+_REGISTERED: Registry[Callable | None] = Registry(
+    "ablation kind", on_read=load_plugins, replace_builtins=False,
+    unknown="unknown ablation kind {name!r}: use one of {known}, or register one (capjax.ablation.register_kind)")
+for _kind in KINDS:
+    _REGISTERED.register(_kind, None, builtin=True)
 
 
 def names() -> tuple[str, ...]:
-    """Every ablation kind: the built-ins, then yours and `CAPJAX_PLUGINS`'."""
-    load_plugins()
-    return KINDS + tuple(_REGISTERED)
+    """Every ablation kind: the built-ins, then yours and plugins'."""
+    return _REGISTERED.names()
 
 
 def register_kind(name: str, fn: Callable, replace: bool = False) -> None:
     """Registers fn(model, params, batch: PreparedBatch, seed) -> replacements (module docstring) as
     ablation kind `name`."""
-    if name in KINDS or (name in _REGISTERED and not replace):
-        raise ValueError(f"ablation kind {name!r} is already registered; pass replace=True to override it"
-                         if name not in KINDS else f"{name!r} is a built-in ablation kind; pick another name")
-    _REGISTERED[name] = fn
+    _REGISTERED.register(name, fn, replace=replace)
 
 
 def unregister_kind(name: str) -> None:
     """Removes a registered kind (tests, or replacing a plugin's); the built-ins stay."""
-    _REGISTERED.pop(name, None)
+    _REGISTERED.unregister(name)
 
 
 def check_kind(kind: str) -> str:
-    if kind not in names():
-        raise ValueError(f"unknown ablation kind {kind!r}: use one of {', '.join(names())}, or register one "
-                         "(capjax.ablation.register_kind)")
+    _REGISTERED.lookup(kind)
     return kind
 
 
@@ -137,9 +138,9 @@ def component_outputs(model, params, rows) -> dict[str, jax.Array]:
 def replacements(model, params, batch: PreparedBatch, kind: str = "zero", seed: int = 0) -> dict:
     """The replacements of `kind` (module docstring) for every layer's heads, attention block and MLP."""
     c = model.config
-    check_kind(kind)
-    if kind in _REGISTERED:
-        return _REGISTERED[kind](model, params, batch, seed)
+    registered = _REGISTERED.lookup(kind)
+    if registered is not None:
+        return registered(model, params, batch, seed)
     if kind == "zero":
         zeros = jnp.zeros((c.num_layers, c.hidden_size), model.dtype)
         return {"heads": None, "attn": zeros, "mlp": zeros}

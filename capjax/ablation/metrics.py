@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from capjax.model import token_nll, unembed
 from capjax.plugins import load_plugins
+from capjax.registry import Registry
 
 Array = jax.Array
 
@@ -47,7 +48,13 @@ def _kl(model, params, hidden, target, ref):
 
 CE = Metric("ce", _ce)
 KL = Metric("kl", _kl, needs_ref=True)
-METRICS = {"ce": CE, "kl": KL}  # the registry: built-ins, then `register_metric`'s
+# the registry: built-ins, then `register_metric`'s
+METRICS: Registry[Metric] = Registry(
+    "metric", on_read=load_plugins,
+    unknown="unknown metric {name!r}: use one of {known}, register one (capjax.ablation.register_metric), or "
+            "pass capjax.ablation.logits_metric(fn) for fn(logits [A, V], target [A]) -> [A]")
+METRICS.register("ce", CE, builtin=True)
+METRICS.register("kl", KL, builtin=True)
 
 
 def register_metric(metric: Metric | Callable[[Array, Array], Array], name: str | None = None,
@@ -58,22 +65,17 @@ def register_metric(metric: Metric | Callable[[Array, Array], Array], name: str 
     metric = metric if isinstance(metric, Metric) else logits_metric(metric, name)
     if name is not None and metric.name != name:
         metric = dataclasses.replace(metric, name=name)
-    if metric.name in METRICS and not replace:
-        raise ValueError(f"metric {metric.name!r} is already registered; pass replace=True to override it")
-    METRICS[metric.name] = metric
-    return metric
+    return METRICS.register(metric.name, metric, replace=replace)
 
 
 def unregister_metric(name: str) -> None:
     """Removes a registered metric (tests, or replacing a plugin's); the built-ins stay."""
-    if name not in ("ce", "kl"):
-        METRICS.pop(name, None)
+    METRICS.unregister(name)
 
 
 def names() -> tuple[str, ...]:
     """Registered metric names (built-ins, then yours and `CAPJAX_PLUGINS`')."""
-    load_plugins()
-    return tuple(METRICS)
+    return METRICS.names()
 
 
 def logits_metric(fn: Callable[[Array, Array], Array], name: str | None = None) -> Metric:
@@ -89,11 +91,7 @@ def get_metric(metric: str | Metric | Callable) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
-        if metric not in names():
-            raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}, register one "
-                             "(capjax.ablation.register_metric), or pass capjax.ablation.logits_metric(fn) "
-                             "for fn(logits [A, V], target [A]) -> [A]")
-        return METRICS[metric]
+        return METRICS.lookup(metric)
     if callable(metric):
         return logits_metric(metric)
     raise ValueError(f"metric must be a name, a Metric or a function, got {metric!r}")

@@ -36,10 +36,7 @@ CALIB_TASKS = ("synthetic", "gsm8k", "strategyqa", "arc_challenge", "organism")
 EVAL_TASKS = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic",
               "organism")
 DTYPES = ("float32", "bfloat16")
-AGGREGATES = ("median", "mean", "paired")
 SCORING_METHODS = ("ablation", "gradient")
-# capjax.ablation's KINDS by name (that package imports jax; a test keeps them equal)
-ABLATION_KINDS = ("zero", "mean", "resample")
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.5)
 
 
@@ -384,10 +381,10 @@ def build(d: dict) -> RunConfig:
 def _aggregates(method: Any) -> tuple[str, ...]:
     """Exact ablation takes any registered estimator (capjax.estimators); gradient scores have
     no per-example losses, so only the per-subset aggregates."""
-    if method == "gradient":
-        return AGGREGATES
     from capjax import estimators
 
+    if method == "gradient":
+        return estimators.SUBSET_AGGREGATES
     return tuple(estimators.names())
 
 

@@ -238,7 +238,7 @@ class Experiment:
         changed, e.g. SparseGPT's) are reused when every input matches."""
         from capjax.pruning import prune
         from capjax.pruning.methods import METHODS
-        from capjax.pruning.prune import apply_masks, flat_masks
+        from capjax.pruning.prune import apply_masks
 
         spec = METHODS[run["method"]]
         options = method_options(self.cfg, run["method"])
@@ -270,11 +270,11 @@ class Experiment:
         pruned, masks = prune(self.model, self.params, run["method"], 0.0 if run["nm"] else run["sparsity"],
                               head_scores=scores[1] if spec.needs_scores else None, calib=calib, nm=run["nm"],
                               mesh=self.mesh, **options)
-        if run["method"] == "cap_heads":
-            removed = int(np.sum(~to_host(flat_masks(masks)["layers/self_attn/o_proj/kernel"]).any(axis=(2, 3))))
-            _log(f"{run['name']}: removed {removed} of {self.model.config.num_layers * self.model.config.num_heads} "
-                 "heads")
-        arrays, meta = pack_masks(masks, pruned if run["method"] == "sparsegpt" else None)
+        summary = spec.summarize(self.model.config, to_host(masks)) if spec.summary is not None else None
+        if summary:
+            _log(f"{run['name']}: {summary}")
+        # what the method declares it produces is what is saved (and reused): masks, and new kept weights
+        arrays, meta = pack_masks(masks, pruned if spec.changes_weights else None)
         meta["run"] = run["name"]
         path = self.store.save_npz("masks", fp, arrays, meta)
         self._event("computed", f"masks/{run['name']}", path)
@@ -406,12 +406,10 @@ class Experiment:
             raise ValueError("no evaluation task left to run (all need data that is missing)")
         self.load()
         runs = plan_runs(cfg)
-        for r in runs:  # a structured target the model cannot take is refused before any compute
-            if r["method"] == "cap_structured":
-                from capjax.structured.method import shape_for
-
-                shape = shape_for(self.model.config, r["sparsity"], method_options(cfg, "cap_structured"))
-                _log(f"{r['name']}: {shape.describe(self.model.config)}")
+        for r in runs:  # a target the model cannot take (e.g. structured) is refused before any compute
+            line = METHODS[r["method"]].planned(self.model.config, r["sparsity"], method_options(cfg, r["method"]))
+            if line:
+                _log(f"{r['name']}: {line}")
         scores: dict[str, tuple[str, Any]] = {}
         for task in cfg.calibration.tasks if any(METHODS[r["method"]].needs_scores for r in runs) else []:
             scores[task] = self.scores(task)

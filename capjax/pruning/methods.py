@@ -150,6 +150,15 @@ def cap_heads(job: Job) -> tuple[Kernels, Kernels]:
 
 
 # ---------------------------------------------------------------------------- layer by layer
+def heads_removed(config, masks) -> str:
+    """cap_heads' summary: how many whole heads its masks remove."""
+    from capjax.pruning.prune import flat_masks
+
+    o_proj = np.asarray(flat_masks(masks)["layers/self_attn/o_proj/kernel"])  # [L, H, D, E]
+    removed = int(np.sum(~o_proj.any(axis=(2, 3))))
+    return f"removed {removed} of {config.num_layers * config.num_heads} heads"
+
+
 def _input_stats(model, kind: str, lp: dict, layer: Array, x: Array, ctx, w: Array) -> dict[str, Array]:
     """Statistics of every projection's input over real tokens (w [B, T] = attention mask):
     kind "norm": sum of x_j^2 [n_in]; kind "hessian": sum of x x^T [n_in, n_in]."""

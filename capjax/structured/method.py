@@ -30,6 +30,12 @@ def shape_for(config, sparsity: float | None, options: dict[str, Any]) -> Shape:
     return budget_shape(config, 1.0 - sparsity, layers=layers, head_groups=groups)
 
 
+def describe_shape(config, sparsity: float | None, options: dict[str, Any]) -> str:
+    """cap_structured's plan line for `capjax run`: what `shape_for` removes (a PlanError when the
+    model cannot take it)."""
+    return shape_for(config, sparsity, options).describe(config)
+
+
 def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens=None, loss_mask=None,
                     attention_mask=None, mlp_score: str = "activation", layer_score: str = "ablation",
                     batch_size: int = 8) -> Plan:
