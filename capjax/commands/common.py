@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from capjax.experiment.config import CALIB_TASKS, DTYPES, CalibrationConfig, RunConfig
+from capjax.experiment.config import DTYPES, CalibrationConfig, RunConfig, calibration_task_names
 
 _CALIB = CalibrationConfig()
 
@@ -34,7 +34,7 @@ def add_model_args(p) -> None:
 
 
 def add_calibration_args(p) -> None:
-    p.add_argument("--calib", default=_CALIB.tasks[0], choices=CALIB_TASKS, help="calibration set")
+    p.add_argument("--calib", default=_CALIB.tasks[0], choices=calibration_task_names(), help="calibration set")
     p.add_argument("--data-dir", default=None, help="folder with gsm8k/, strategyqa/, arc_challenge/ "
                    "(default: $CAPJAX_DATA)")
     p.add_argument("--n", type=positive_int, default=_CALIB.n, help="calibration examples")
@@ -58,12 +58,14 @@ def output_file(path: str, suffix: str) -> Path:
 
 def check_calibration_data(task: str, data_dir: str | None) -> None:
     """The calibration set's data file exists (before the model loads), or a one-line error."""
-    from capjax.data.sources import FILES, resolve_data_dir
+    from capjax.data.sources import resolve_data_dir
+    from capjax.data.task import get_task
 
-    if task not in FILES:
+    t = get_task(task)
+    rel = t.file(t.calib_split)
+    if rel is None:
         return
     root = resolve_data_dir(data_dir)
-    rel = FILES[task]["train"]
     if root is None or not (root / rel).is_file():
         import importlib.util
 
@@ -80,13 +82,15 @@ def check_eval_data(tasks: list[str], data_dir: str | None) -> None:
     import importlib.util
 
     from capjax.data.sources import resolve_data_dir
+    from capjax.data.task import TASKS
     from capjax.experiment.config import eval_data_file
 
+    downloadable = set(TASKS.builtin_names()) - {"strategyqa"}  # capjax.data's `datasets` fallback
     root = resolve_data_dir(data_dir)
     downloads = data_dir is None and importlib.util.find_spec("datasets") is not None
     missing = [f"{t} needs {eval_data_file(t)}" for t in tasks if eval_data_file(t) is not None
                and (root is None or not (root / eval_data_file(t)).is_file())
-               and not (downloads and not t.startswith("strategyqa"))]
+               and not (downloads and t in downloadable)]
     if missing:
         where = f"--data-dir {root}" if root is not None else "$CAPJAX_DATA and ../shared/data"
         raise FileNotFoundError(f"missing data in {where}: {'; '.join(missing)}; pass --data-dir DIR holding "

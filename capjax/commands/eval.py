@@ -11,14 +11,14 @@ _EVAL = EvaluationConfig()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from capjax.evaluate.tasks import TASKS
+    from capjax.experiment.config import eval_task_names
 
     p = subparsers.add_parser("eval", help="evaluate a (pruned) model on benchmark tasks",
                               description=__doc__)
     p.add_argument("--model", required=True, metavar="SRC_OR_PRUNED_DIR",
                    help="HF folder, .gguf file, hub id, 'smollm2-135m-instruct', or a pruned model folder")
     p.add_argument("--tasks", default="wikitext2,gsm8k,strategyqa,arc_challenge",
-                   help=f"comma-separated, from: {','.join(TASKS)} (default: %(default)s)")
+                   help=f"comma-separated, from: {','.join(eval_task_names())} (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CAPJAX_DATA or ../shared/data)")
     p.add_argument("--limit", type=positive_int, default=None, help="examples per task (WikiText-2: windows)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the --limit subset")
@@ -44,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
     from capjax import stats
     from capjax.errors import NonFiniteError
-    from capjax.evaluate.tasks import TASKS, evaluate, format_table, write_results
+    from capjax.evaluate.tasks import evaluate, format_table, write_results
+    from capjax.experiment.config import eval_task_names
     from capjax.io import load_pretrained, load_tokenizer
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in eval_task_names()]
     if unknown or not tasks:  # before the (slow) model load
-        raise ValueError(f"unknown or no task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown or no task(s) {unknown}; known tasks: {', '.join(eval_task_names())}")
     out = output_file(args.out, ".json")
     check_eval_data(tasks, args.data_dir)  # every task's data, before the model loads
     model, params = load_pretrained(args.model, dtype=args.dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from capjax.commands.common import check_calibration_data, non_negative_int, positive_int
-from capjax.experiment.config import CALIB_TASKS, CalibrationConfig, ConfigError, parse_nm_text
+from capjax.experiment.config import CalibrationConfig, ConfigError, calibration_task_names, parse_nm_text
 from capjax.experiment.store import atomic_write, file_digest, strict_json, write_text
 from capjax.provenance import code_version
 from capjax.pruning import registry
@@ -31,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "or N/M with --nm")
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
     p.add_argument("--scores", default=None, help="scores.npz with key 'delta' [L, H] (cap methods)")
-    p.add_argument("--calib", default=None, choices=CALIB_TASKS, help="calibration task (wanda, sparsegpt, cap_wanda)")
+    p.add_argument("--calib", default=None, choices=calibration_task_names(),
+                   help="calibration task (wanda, sparsegpt, cap_wanda)")
     p.add_argument("--n", type=positive_int, default=_CALIB.n, help="calibration examples")
     p.add_argument("--seq-len", type=positive_int, default=_CALIB.seq_len)
     p.add_argument("--data-dir", default=None)
@@ -112,7 +113,7 @@ def run_structured(args: argparse.Namespace) -> int:
     if needs_calib:
         if args.calib is None:
             raise ValueError(f"--method cap_structured removing MLP channels or layers needs --calib "
-                             f"({', '.join(CALIB_TASKS)})")
+                             f"({', '.join(calibration_task_names())})")
         check_calibration_data(args.calib, args.data_dir)
     model, params = capjax.load_pretrained(args.model, dtype=args.dtype)
     tokenizer = capjax.load_tokenizer(args.model)
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     if spec.needs_scores and args.scores is None:
         raise ValueError(f"--method {args.method} needs --scores scores.npz (key 'delta' [L, H])")
     if spec.needs_calib and args.calib is None:
-        raise ValueError(f"--method {args.method} needs --calib ({', '.join(CALIB_TASKS)})")
+        raise ValueError(f"--method {args.method} needs --calib ({', '.join(calibration_task_names())})")
     options = {}
     if args.kv_rule is not None:
         options["kv_rule"] = args.kv_rule

@@ -1,14 +1,15 @@
 """Tokenized calibration batches for CAP and the evaluation records they never overlap.
 
-Calibration draws from the train split of each task and evaluation from held-out
-splits, so the two never share a problem:
+Calibration draws from each task's `calib_split` and evaluation from its held-out
+`eval_split` (`capjax.data.task.Task`; the built-ins' in `capjax.data.builtin_tasks`),
+so the two never share a problem:
 
-    task            calibration (CALIB_SPLITS)   evaluation (EVAL_SPLITS)
-    gsm8k           train                        test
-    strategyqa      train                        dev
-    arc_challenge   train                        test
-    synthetic       "calib"                      "eval"  (disjoint by construction)
-    organism        "train"                      "eval"  (disjoint by construction)
+    task            calibration   evaluation
+    gsm8k           train         test
+    strategyqa      train         dev
+    arc_challenge   train         test
+    synthetic       "calib"       "eval"  (disjoint by construction)
+    organism        "train"       "eval"  (disjoint by construction)
 
 (ARC's official splits repeat a handful of question stems between train and test,
 always with different choices, so the questions as shown to the model stay distinct.)
@@ -25,17 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from capjax.data.organism import organism_problems
-from capjax.data.sources import load_records
-from capjax.data.synthetic import synthetic_problems
+from capjax.data.task import Task, calibration_task_names, get_task
 from capjax.data.templates import format_example, use_chat
 
-CALIB_SPLITS: dict[str, str] = {
-    "gsm8k": "train", "strategyqa": "train", "arc_challenge": "train", "synthetic": "calib", "organism": "train",
-}
-EVAL_SPLITS: dict[str, str] = {
-    "gsm8k": "test", "strategyqa": "dev", "arc_challenge": "test", "synthetic": "eval", "organism": "eval",
-}
 SYNTHETIC_EVAL_SIZE = 500  # eval_records("synthetic") size when n is not given
 
 
@@ -115,40 +108,23 @@ class CalibrationBatch:
         )
 
 
-def _check_task(task: str) -> None:
-    if task not in CALIB_SPLITS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(CALIB_SPLITS)}")
-
-
-def _take(records: list[dict], n: int, seed: int, what: str) -> list[dict]:
-    """``n`` records in a seeded random order."""
-    if n > len(records):
-        raise ValueError(f"requested n={n} examples but {what} has only {len(records)}")
-    order = np.random.default_rng(seed).permutation(len(records))[:n]
-    return [records[i] for i in order]
-
-
-def _records(task: str, split: str, n: int, seed: int, data_dir: Any) -> list[dict]:
-    if task == "synthetic":
-        return synthetic_problems(n, seed, split)
-    if task == "organism":
-        return organism_problems(n, seed, split)
-    return _take(load_records(task, split, data_dir), n, seed, f"{task} {split}")
+def _calibration_task(task: str) -> Task:
+    t = get_task(task) if task in calibration_task_names() else None
+    if t is None:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(calibration_task_names())}")
+    return t
 
 
 def eval_records(
     task: str, n: int | None = None, seed: int = 0, data_dir: str | os.PathLike | None = None
 ) -> list[dict]:
-    """Evaluation records (gsm8k test, strategyqa dev, arc_challenge test, synthetic
-    eval), disjoint from every calibration set. ``n=None``: the whole split in file
-    order (synthetic: ``SYNTHETIC_EVAL_SIZE`` problems); else ``n`` in seeded order."""
-    _check_task(task)
-    split = EVAL_SPLITS[task]
-    if task in ("synthetic", "organism"):
-        return _records(task, split, SYNTHETIC_EVAL_SIZE if n is None else n, seed, data_dir)
-    if n is None:
-        return load_records(task, split, data_dir)
-    return _records(task, split, n, seed, data_dir)
+    """Evaluation records of ``task``'s held-out ``eval_split`` (gsm8k test, strategyqa dev,
+    arc_challenge test, synthetic eval), disjoint from every calibration set. ``n=None``: the
+    whole split in file order (a generated task: its ``eval_size``); else ``n`` in seeded order."""
+    t = get_task(task)
+    if t.eval_split is None or (t.load is None and t.generate is None):
+        raise ValueError(f"task {task!r} ({t.mode}) has no evaluation records")
+    return t.records(t.eval_split, n, seed, data_dir)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -170,19 +146,19 @@ def build_calibration(
 ) -> CalibrationBatch:
     """Tokenize ``n`` seeded-random records of ``task`` into a [B, T=seq_len] batch.
 
-    Records come from ``split`` (default ``CALIB_SPLITS[task]``, the train split).
+    Records come from ``split`` (default: the task's ``calib_split``, its train split).
     Prompt and answer are tokenized separately and concatenated: the prompt with the
     tokenizer's own special tokens in plain mode, without in chat mode (the template
     text has them); the answer without. ``loss_mask`` covers the answer ids.
     Sequences longer than ``seq_len`` are cut on the right and counted in
     ``n_truncated``; one whose answer is cut completely keeps no loss tokens (warned).
     """
-    _check_task(task)
+    t = _calibration_task(task)
     if n < 1:
         raise ValueError(f"empty calibration set: n={n}, need n >= 1")
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} too small: need at least one prompt and one answer token")
-    records = _records(task, split or CALIB_SPLITS[task], n, seed, data_dir)
+    records = t.records(split or t.calib_split, n, seed, data_dir)
     texts = [format_example(r, task, tokenizer, chat) for r in records]
     prompt_ids = tokenizer(
         [p for p, _ in texts], add_special_tokens=not use_chat(tokenizer, chat)

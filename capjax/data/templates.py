@@ -25,7 +25,7 @@ Prompt, plain mode (no chat template, or ``chat=False``)::
 
     "Question: {Q}\\nAnswer:"      and the answer text is " " + A
 
-Instructions::
+Instructions (each task's ``instruction``, `capjax.data.task.Task`)::
 
     gsm8k, synthetic : "Solve the problem step by step and end with 'The answer is N.'"
     strategyqa       : "Answer the yes/no question. Reason step by step and end with
@@ -40,25 +40,10 @@ from typing import Any
 
 from capjax.errors import MissingDependencyError
 
-INSTRUCTIONS: dict[str, str] = {
-    "gsm8k": "Solve the problem step by step and end with 'The answer is N.'",
-    "synthetic": "Solve the problem step by step and end with 'The answer is N.'",
-    "organism": "Solve the problem step by step and end with 'The answer is N.'",
-    "strategyqa": (
-        "Answer the yes/no question. Reason step by step and end with "
-        "'The answer is yes.' or 'The answer is no.'"
-    ),
-    "arc_challenge": (
-        "Choose the correct option. End with 'The answer is X.' where X is the label "
-        "of the option."
-    ),
-}
-TEMPLATE_TASKS: tuple[str, ...] = tuple(INSTRUCTIONS)
+def _task(task: str):
+    from capjax.data.task import get_task
 
-
-def _check_task(task: str) -> None:
-    if task not in INSTRUCTIONS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TEMPLATE_TASKS)}")
+    return get_task(task)
 
 
 def use_chat(tokenizer: Any, chat: bool | None = None) -> bool:
@@ -70,21 +55,13 @@ def use_chat(tokenizer: Any, chat: bool | None = None) -> bool:
 
 
 def question_text(record: dict, task: str) -> str:
-    """The question body: the question, plus lettered choices for ARC."""
-    _check_task(task)
-    if task == "arc_challenge":
-        lines = [record["question"]] + [f"{label}. {text}" for label, text in record["choices"]]
-        return "\n".join(lines)
-    return record["question"]
+    """The question body: the question, plus lettered choices for ARC (the task's `question`)."""
+    return _task(task).question_text(record)
 
 
 def answer_body(record: dict, task: str) -> str:
-    """The answer text without the plain-mode leading space."""
-    _check_task(task)
-    if task == "arc_challenge":
-        return f"The answer is {record['answer_label']}."
-    final = f"The answer is {record['answer']}."
-    return f"{record['reasoning']}\n{final}" if record["reasoning"] else final
+    """The answer text without the plain-mode leading space (the task's `answer`)."""
+    return _task(task).answer_text(record)
 
 
 def _require_jinja2() -> None:
@@ -98,10 +75,11 @@ def _require_jinja2() -> None:
 def build_prompt(record: dict, task: str, tokenizer: Any, chat: bool | None = None) -> str:
     """The prompt text (chat template or ``"Question: ...\\nAnswer:"``), as used for both
     calibration and generation at evaluation."""
-    body = question_text(record, task)
+    t = _task(task)
+    body = t.question_text(record)
     if use_chat(tokenizer, chat):
         _require_jinja2()
-        content = f"{INSTRUCTIONS[task]}\n\n{body}"
+        content = f"{t.instruction}\n\n{body}"
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )

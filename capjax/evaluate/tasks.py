@@ -1,5 +1,8 @@
 """Task runners: WikiText-2 perplexity, GSM8K, StrategyQA, ARC-Challenge, synthetic arithmetic, the
-organism's word problems (`capjax.data.organism`).
+organism's word problems (`capjax.data.organism`), and any task registered with
+`capjax.data.register_task` (docs/adding_a_task.md): each `Task` says its mode, and this module runs
+the mode (generation: prompts, greedy decoding, the task's `score`; loglikelihood and perplexity:
+the task's `run`).
 
 Generation tasks build prompts with `capjax.data.build_prompt` (the chat template for
 instruct tokenizers, else "Question: ...\\nAnswer:") from `capjax.data.eval_records`, the
@@ -32,27 +35,25 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from capjax.data.task import TASKS, get_task, resolve  # TASKS: the task registry, name -> Task
 from capjax.errors import NonFiniteError
 from capjax.evaluate.extract import choice_letter, gsm8k_flexible, gsm8k_strict, normalize_number, yes_no
 from capjax.evaluate.generate import generate
 from capjax.evaluate.perplexity import continuation_logprobs, wikitext2_perplexity
 from capjax.token_ids import TokenIdError
 
-TASKS: tuple[str, ...] = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic", "organism")
 # lm-eval's gsm8k `until` list; with chat models EOS (<|im_end|>) usually ends first.
 STOP: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
-_DATA_TASK = {"arc_challenge_cot": "arc_challenge"}
 
 
 def _records(task: str, limit: int | None, seed: int, data_dir: Any) -> list[dict]:
     """Evaluation records: the whole held-out split, or `limit` of them in seeded order."""
     from capjax.data import eval_records
 
-    name = _DATA_TASK.get(task, task)
-    if name in ("synthetic", "organism") or limit is None:
-        return eval_records(name, n=limit, seed=seed, data_dir=data_dir)
-    full = eval_records(name, n=None, seed=seed, data_dir=data_dir)
-    return full if limit >= len(full) else eval_records(name, n=limit, seed=seed, data_dir=data_dir)
+    if get_task(task).generate is not None or limit is None:
+        return eval_records(task, n=limit, seed=seed, data_dir=data_dir)
+    full = eval_records(task, n=None, seed=seed, data_dir=data_dir)
+    return full if limit >= len(full) else eval_records(task, n=limit, seed=seed, data_dir=data_dir)
 
 
 def _prompt_ids(records: list[dict], task: str, tokenizer: Any, chat: bool | None) -> list[list[int]]:
@@ -86,8 +87,7 @@ def _generate_texts(model, params, tokenizer, prompts: list[list[int]], max_new_
 def _generation_task(task: str, records, model, params, tokenizer, score: Callable[[str, dict], dict],
                      max_new_tokens, batch_size, chat, progress):
     """Runs generation over records; score(text, record) -> per-example dict of floats."""
-    template = _DATA_TASK.get(task, task)
-    prompts = _prompt_ids(records, template, tokenizer, chat)
+    prompts = _prompt_ids(records, task, tokenizer, chat)
     texts, counts = _generate_texts(model, params, tokenizer, prompts, max_new_tokens, batch_size, progress)
     rows = [score(t, r) for t, r in zip(texts, records)]
     # "n_*" flags are counted, the other per-example values averaged; "_*" are samples only.
@@ -101,24 +101,28 @@ def _generation_task(task: str, records, model, params, tokenizer, score: Callab
     return metrics, samples
 
 
-def _score_gsm8k(text: str, record: dict) -> dict:
+def score_gsm8k(text: str, record: dict) -> dict:
+    """gsm8k's scorer: lm-eval's strict and flexible number extraction against the answer."""
     target = normalize_number(record["answer"])
     strict, flexible = gsm8k_strict(text), gsm8k_flexible(text)
     return {"exact_match_strict": float(strict == target), "exact_match_flexible": float(flexible == target),
             "_strict": strict, "_flexible": flexible}
 
 
-def _score_strategyqa(text: str, record: dict) -> dict:
+def score_strategyqa(text: str, record: dict) -> dict:
+    """strategyqa's scorer: the yes / no read from the text."""
     pred = yes_no(text)
     return {"accuracy": float(pred == record["answer"]), "n_unparsed": float(pred is None), "_pred": pred}
 
 
-def _score_arc_cot(text: str, record: dict) -> dict:
+def score_arc_cot(text: str, record: dict) -> dict:
+    """arc_challenge_cot's scorer: the choice letter read from the text."""
     pred = choice_letter(text, [lab for lab, _ in record["choices"]])
     return {"accuracy": float(pred == record["answer_label"]), "n_unparsed": float(pred is None), "_pred": pred}
 
 
-def _score_synthetic(text: str, record: dict) -> dict:
+def score_answer(text: str, record: dict) -> dict:
+    """synthetic's and organism's scorer: strict and flexible number extraction."""
     target = normalize_number(record["answer"])
     strict, flexible = gsm8k_strict(text), gsm8k_flexible(text)
     return {"accuracy_strict": float(strict == target), "accuracy_flexible": float(flexible == target),
@@ -181,40 +185,52 @@ def _proportion(values: Sequence[float]) -> dict:
             "transform": "identity"}
 
 
-def _examples(task: str, metrics: dict, samples: list[dict]) -> dict[str, dict]:
+def _examples(metrics: dict, samples: list[dict]) -> dict[str, dict]:
     """Per-example values of the headline metrics ({"num", "den", "transform", "kind"}, see
     capjax.stats): every number the report shows can be given an interval from these."""
-    if task == "arc_challenge":
-        return {"acc": _proportion([float(s["pred"] == s["target"]) for s in samples]),
-                "acc_norm": _proportion([float(s["pred_norm"] == s["target"]) for s in samples])}
     keys = [k for k in metrics if k in samples[0] and not k.startswith("n_") and k not in ("n", "mean_new_tokens")]
     return {k: _proportion([s[k] for s in samples]) for k in keys}
 
 
+def arc_task(model, params, tokenizer, records: list[dict], batch_size: int = 8,
+             progress: bool = False) -> tuple[dict, list[dict], dict]:
+    """arc_challenge's `run` (loglikelihood mode): `arc_loglikelihood`'s (metrics, samples) and the
+    per-example acc / acc_norm."""
+    metrics, samples = arc_loglikelihood(model, params, tokenizer, records, batch_size, progress)
+    return metrics, samples, {"acc": _proportion([float(s["pred"] == s["target"]) for s in samples]),
+                              "acc_norm": _proportion([float(s["pred_norm"] == s["target"]) for s in samples])}
+
+
+def wikitext2_task(model, params, tokenizer, data_dir=None, seq_len: int = 2048, limit: int | None = None,
+                   progress: bool = False) -> tuple[dict, dict]:
+    """wikitext2's `run` (perplexity mode): metrics and the per-window values of ppl and nll."""
+    metrics = wikitext2_perplexity(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
+                                   limit_windows=limit, progress=progress)
+    windows = metrics.pop("window_nll")
+    tokens = [float(metrics["seq_len"] - 1)] * len(windows)
+    return metrics, {"ppl": {"kind": "ratio", "num": windows, "den": tokens, "transform": "exp"},
+                     "nll": {"kind": "ratio", "num": windows, "den": tokens, "transform": "identity"}}
+
+
 def _evaluate_task(task, model, params, tokenizer, data_dir, limit, seed, max_new_tokens, batch_size, chat,
                    seq_len, progress, results: dict, samples: dict, examples: dict) -> None:
-    """One task of `evaluate`: fills results[task], examples[task] (and samples[task])."""
-    if task == "wikitext2":
-        results[task] = wikitext2_perplexity(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
-                                             limit_windows=limit, progress=progress)
-        windows = results[task].pop("window_nll")
-        tokens = [float(results[task]["seq_len"] - 1)] * len(windows)
-        examples[task] = {"ppl": {"kind": "ratio", "num": windows, "den": tokens, "transform": "exp"},
-                          "nll": {"kind": "ratio", "num": windows, "den": tokens, "transform": "identity"}}
+    """One task of `evaluate`, by its mode: fills results[task], examples[task] (and samples[task])."""
+    t = get_task(task)
+    if t.mode == "perplexity":
+        results[task], examples[task] = resolve(t.run)(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
+                                                       limit=limit, progress=progress)
         return
     records = _records(task, limit, seed, data_dir)
     if not records:
         raise ValueError(f"no {task} examples to evaluate (limit={limit})")
-    if task == "arc_challenge":
-        results[task], samples[task] = arc_loglikelihood(model, params, tokenizer, records, batch_size, progress)
-        examples[task] = _examples(task, results[task], samples[task])
+    if t.mode == "loglikelihood":
+        results[task], samples[task], examples[task] = resolve(t.run or arc_task)(
+            model, params, tokenizer, records, batch_size=batch_size, progress=progress)
         return
-    score = {"gsm8k": _score_gsm8k, "strategyqa": _score_strategyqa, "arc_challenge_cot": _score_arc_cot,
-             "synthetic": _score_synthetic, "organism": _score_synthetic}[task]
-    results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, score,
+    results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, resolve(t.score),
                                                     max_new_tokens, batch_size, chat, progress)
-    examples[task] = _examples(task, results[task], samples[task])
-    if task in ("synthetic", "organism"):
+    examples[task] = _examples(results[task], samples[task])
+    if t.answer_loss:
         results[task]["answer_loss"], pairs = answer_loss(model, params, tokenizer, records, task, chat,
                                                           batch_size, progress, per_example=True)
         examples[task]["answer_loss"] = {"kind": "ratio", "num": [a for a, _ in pairs],
@@ -237,7 +253,7 @@ def evaluate(
     log_samples: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Runs `tasks` (see TASKS) and returns {"settings": {...}, "results": {task: metrics},
+    """Runs `tasks` (registered names, see TASKS) and returns {"settings": {...}, "results": {task: metrics},
     "examples": {task: {metric: per-example values}}} (plus "samples": {task: [per-example
     dicts]} with log_samples). "examples" holds, per headline metric, {"num": [B], "den": [B],
     "transform", "kind"}: the metric is transform(sum num / sum den) (capjax.stats gives its
@@ -252,9 +268,9 @@ def evaluate(
     tasks = [t.strip() for t in tasks if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASKS.names())}")
     if not tasks:
-        raise ValueError(f"no tasks given; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"no tasks given; known tasks: {', '.join(TASKS.names())}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} leaves nothing to evaluate (use limit >= 1, or none for all)")
     results: dict[str, dict] = {}

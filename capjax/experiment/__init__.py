@@ -7,14 +7,18 @@
 `runner` (Experiment) loads it when first used.
 """
 
-from capjax.experiment.config import (CALIB_TASKS, EVAL_TASKS, CalibrationConfig, ConfigError, EvaluationConfig,
-                                      PruningConfig, RunConfig, load_run_config, parse_overrides)
+from capjax.experiment.config import (CalibrationConfig, ConfigError, EvaluationConfig, PruningConfig, RunConfig,
+                                      load_run_config, parse_overrides)
 
 __all__ = ["CALIB_TASKS", "EVAL_TASKS", "CalibrationConfig", "ConfigError", "EvaluationConfig", "Experiment",
            "PruningConfig", "RunConfig", "load_run_config", "parse_overrides", "plan_runs"]
 
 
 def __getattr__(name: str):
+    if name in ("CALIB_TASKS", "EVAL_TASKS"):  # the task registry's names, read when asked
+        from capjax.experiment import config
+
+        return getattr(config, name)
     if name in ("Experiment", "plan_runs"):
         from capjax.experiment import runner
 

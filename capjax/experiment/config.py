@@ -3,6 +3,7 @@
     model: smollm2-135m-instruct      # HF folder, .gguf, hub id
     dtype: float32                    # float32 | bfloat16
     data_dir: null                    # gsm8k/, strategyqa/, arc_challenge/, wikitext2/ (or $CAPJAX_DATA)
+                                      # tasks: capjax.data.task's registry (docs/adding_a_task.md)
     out: results/NAME                 # results folder (artifacts and checkpoints live there too)
     seed: 0
     mesh: null                        # e.g. {data: -1, model: 2} (docs/scale_out.md)
@@ -32,9 +33,6 @@ from typing import Any
 
 import yaml
 
-CALIB_TASKS = ("synthetic", "gsm8k", "strategyqa", "arc_challenge", "organism")
-EVAL_TASKS = ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic",
-              "organism")
 DTYPES = ("float32", "bfloat16")
 SCORING_METHODS = ("ablation", "gradient")
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.5)
@@ -175,7 +173,7 @@ def _merge(base: Any, update: Any, where: str) -> Any:
         return copy.deepcopy(update)
     if where.rstrip(".") in _PER_TASK and not isinstance(base, dict):
         # a scalar is every task's value; a per-task update keeps the others
-        base = {t: base for t in _PER_TASK[where.rstrip(".")]}
+        base = {t: base for t in eval_task_names()}
     if not isinstance(base, dict):
         if _is_open(where.rstrip(".")) or base is None:
             base = {}
@@ -195,7 +193,7 @@ def _merge(base: Any, update: Any, where: str) -> Any:
 # mappings whose keys are the user's (open), not the schema's
 _OPEN_MAPPINGS = {"mesh", "evaluation.limit", "pruning.options", "recovery"}
 # fields that take one value for every task or a {task: value} mapping
-_PER_TASK = {"evaluation.limit": EVAL_TASKS}
+_PER_TASK = {"evaluation.limit"}
 
 
 def _is_open(where: str) -> bool:
@@ -301,7 +299,7 @@ def build(d: dict) -> RunConfig:
         if d[key] is not None and not isinstance(d[key], (str, os.PathLike)):
             raise ConfigError(f"{key} must be a path, got {d[key]!r}")
     calib = CalibrationConfig(
-        tasks=_names(c["tasks"], CALIB_TASKS, "calibration.tasks"),
+        tasks=_names(c["tasks"], calibration_task_names(), "calibration.tasks"),
         n=_int(c["n"], "calibration.n"), seq_len=_int(c["seq_len"], "calibration.seq_len", 2),
         subsets=_int(c["subsets"], "calibration.subsets"),
         aggregate=_choice(c["aggregate"], _aggregates(c["method"]), "calibration.aggregate"),
@@ -346,14 +344,15 @@ def build(d: dict) -> RunConfig:
                           sparsities=sparsities, nm=nm, options=copy.deepcopy(options))
     limit = e["limit"]
     if isinstance(limit, dict):
-        unknown = [t for t in limit if t not in EVAL_TASKS]
+        unknown = [t for t in limit if t not in eval_task_names()]
         if unknown:
-            raise ConfigError(f"evaluation.limit names unknown task(s) {unknown}; known: {', '.join(EVAL_TASKS)}")
+            raise ConfigError(f"evaluation.limit names unknown task(s) {unknown}; known: "
+                              f"{', '.join(eval_task_names())}")
         limit = {t: _int(v, f"evaluation.limit.{t}", none=True) for t, v in limit.items()}
     else:
         limit = _int(limit, "evaluation.limit", none=True)
     ev = EvaluationConfig(
-        tasks=_names(e["tasks"], EVAL_TASKS, "evaluation.tasks"), limit=limit,
+        tasks=_names(e["tasks"], eval_task_names(), "evaluation.tasks"), limit=limit,
         max_new_tokens=_int(e["max_new_tokens"], "evaluation.max_new_tokens"),
         batch_size=_int(e["batch_size"], "evaluation.batch_size"),
         ppl_seq_len=_int(e["ppl_seq_len"], "evaluation.ppl_seq_len", 2),
@@ -386,6 +385,29 @@ def _aggregates(method: Any) -> tuple[str, ...]:
     if method == "gradient":
         return estimators.SUBSET_AGGREGATES
     return tuple(estimators.names())
+
+
+def eval_task_names() -> tuple[str, ...]:
+    """The registered evaluation tasks (capjax.data.task: built-ins and plugins)."""
+    from capjax.data.task import task_names
+
+    return task_names()
+
+
+def calibration_task_names() -> tuple[str, ...]:
+    """The registered tasks calibration can draw from (those with a calib_split)."""
+    from capjax.data.task import calibration_task_names as names
+
+    return names()
+
+
+def __getattr__(name: str):
+    # CALIB_TASKS / EVAL_TASKS: the registries' names, read when asked (plugins' tasks included)
+    if name == "CALIB_TASKS":
+        return calibration_task_names()
+    if name == "EVAL_TASKS":
+        return eval_task_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ablation_kind_names() -> tuple[str, ...]:
@@ -425,14 +447,15 @@ def method_options(cfg: RunConfig, method: str) -> dict[str, Any]:
 
 def data_files(cfg: RunConfig) -> dict[str, str]:
     """{what: file relative to the data folder} for every data file the config's tasks read."""
-    from capjax.data.sources import FILES
+    from capjax.data.task import TASKS
 
     need = {}
     for t in cfg.calibration.tasks:
-        if t in FILES:
-            need[f"calibration.tasks {t}"] = FILES[t]["train"]
-    if cfg.recovery is not None and cfg.recovery.data in FILES:
-        need[f"recovery.data {cfg.recovery.data}"] = FILES[cfg.recovery.data]["train"]
+        if TASKS[t].file(TASKS[t].calib_split) is not None:
+            need[f"calibration.tasks {t}"] = TASKS[t].file(TASKS[t].calib_split)
+    data = cfg.recovery.data if cfg.recovery is not None else None
+    if data in TASKS and TASKS[data].file(TASKS[data].calib_split) is not None:
+        need[f"recovery.data {data}"] = TASKS[data].file(TASKS[data].calib_split)
     for t in cfg.evaluation.tasks:
         if eval_data_file(t) is not None:
             need[f"evaluation.tasks {t}"] = eval_data_file(t)
@@ -441,12 +464,10 @@ def data_files(cfg: RunConfig) -> dict[str, str]:
 
 def eval_data_file(task: str) -> str | None:
     """The file (relative to the data folder) that evaluating `task` reads; None: no file (synthetic)."""
-    from capjax.data.sources import FILES, WIKITEXT2_FILE
+    from capjax.data.task import get_task
 
-    eval_split = {"gsm8k": "test", "strategyqa": "dev", "arc_challenge": "test", "arc_challenge_cot": "test"}
-    if task == "wikitext2":
-        return WIKITEXT2_FILE
-    return FILES[task.replace("_cot", "")][eval_split[task]] if task in eval_split else None
+    t = get_task(task)
+    return t.file(t.eval_split)
 
 
 def missing_eval_tasks(cfg: RunConfig) -> list[str]:

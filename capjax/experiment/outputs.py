@@ -16,9 +16,6 @@ from capjax import report, stats
 from capjax.experiment.store import strict_json, write_texts
 from capjax.provenance import describe
 
-HEADLINE = {"wikitext2": ("ppl",), "gsm8k": ("exact_match_strict", "exact_match_flexible"),
-            "strategyqa": ("accuracy",), "arc_challenge": ("acc", "acc_norm"), "arc_challenge_cot": ("accuracy",),
-            "synthetic": ("accuracy_flexible", "answer_loss"), "organism": ("accuracy_strict", "answer_loss")}
 CSV_COLUMNS = ("name", "method", "calib", "target_sparsity", "achieved_sparsity", "metric", "value", "stderr",
                "ci_low", "ci_high", "n", "interval", "diff_vs_dense", "diff_low", "diff_high", "within_noise",
                "fingerprint", "status")
@@ -31,6 +28,15 @@ def sparsity_label(s: float) -> str:
     return two if float(two) == float(s) else repr(float(s))
 
 
+def headline(task: str, ev: dict) -> tuple[str, ...]:
+    """The metrics of `task` the report shows: its Task's `headline`, else every metric with
+    per-example values (a task no longer registered: the latter)."""
+    from capjax.data.task import TASKS
+
+    shown = TASKS[task].headline if task in TASKS else ()
+    return shown or tuple(ev.get("examples", {}))
+
+
 def annotate(rows: list[dict], resamples: int = 1000, seed: int = 0) -> None:
     """Adds to each row metrics {task/metric: value}, intervals {task/metric: Estimate},
     vs_dense {task/metric: PairedDifference} and status (computed / reused / partly reused)."""
@@ -38,7 +44,7 @@ def annotate(rows: list[dict], resamples: int = 1000, seed: int = 0) -> None:
     for row in rows:
         row["metrics"], row["intervals"], row["vs_dense"], row["eval_status"] = {}, {}, {}, {}
         for task, ev in row["eval"].items():
-            for m in HEADLINE.get(task, ()):
+            for m in headline(task, ev):
                 if m not in ev["metrics"]:
                     continue
                 key = f"{task}/{m}"

@@ -36,9 +36,6 @@ from capjax.experiment.outputs import sparsity_label, write_outputs
 from capjax.experiment.store import Store, fingerprint, warn
 from capjax.provenance import code_digest, code_version, environment
 
-# Each evaluation reads only the settings that change its result.
-_GENERATION_TASKS = ("gsm8k", "strategyqa", "arc_challenge_cot", "synthetic", "organism")
-
 
 def _log(msg: str) -> None:
     if is_writer():
@@ -169,7 +166,7 @@ class Experiment:
 
     def calibration(self, task: str):
         from capjax.data import build_calibration
-        from capjax.data.calibration import CALIB_SPLITS
+        from capjax.data.task import get_task
 
         if task not in self.calibs:
             c = self.cfg.calibration
@@ -179,7 +176,7 @@ class Experiment:
                 _log(f"calibration {task}: {batch.n_truncated} of {c.n} examples truncated to {c.seq_len} tokens")
             self.calibs[task] = batch
             self.calib_fps[task] = fingerprint({
-                "task": task, "split": CALIB_SPLITS[task], "n": c.n, "seq_len": c.seq_len, "seed": self.cfg.seed,
+                "task": task, "split": get_task(task).calib_split, "n": c.n, "seq_len": c.seq_len, "seed": self.cfg.seed,
                 "chat": c.chat, "data": self._data_digest(f"calibration.tasks {task}"),
                 "tokens": _array_digest(batch.tokens, batch.loss_mask, batch.attention_mask)})
         return self.calibs[task]
@@ -336,15 +333,20 @@ class Experiment:
         return row, recovered["history"]
 
     def eval_fingerprint(self, params_fp: str, task: str) -> str:
+        """Each evaluation reads only the settings that change its result (its task's
+        `fingerprint_settings`; padded batches: batch size can move results in the last digits),
+        and a plugin task's code."""
+        from capjax.data.task import TASKS, resolve
+
         e = self.cfg.evaluation
+        t = TASKS.lookup(task)
         inputs = {"model": params_fp, "task": task, "limit": e.limit_for(task), "seed": self.cfg.seed,
                   "chat": self.cfg.calibration.chat, "data": self._data_digest(f"evaluation.tasks {task}")}
-        if task == "wikitext2":
-            inputs["ppl_seq_len"] = e.ppl_seq_len
-        else:  # padded batches: batch size can move results in the last digits
-            inputs["batch_size"] = e.batch_size
-        if task in _GENERATION_TASKS:
-            inputs["max_new_tokens"] = e.max_new_tokens
+        inputs.update({k: getattr(e, k) for k in t.fingerprint_settings})
+        if task not in TASKS.builtin_names():  # a registered task: its code and prompt text count too
+            inputs["code"] = {"instruction": t.instruction, "functions": [
+                code_digest(resolve(f)) for f in (t.load, t.generate, t.question, t.answer, t.score, t.run)
+                if f is not None]}
         return fingerprint(inputs)
 
     def evaluate(self, name: str, params, params_fp: str, tasks: list[str]) -> dict[str, dict]:

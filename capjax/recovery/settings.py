@@ -142,10 +142,11 @@ def check_settings(s: RecoverySettings) -> None:
         bad("mode", f"use one of {', '.join(MODES)}")
     if not isinstance(s.remat, (bool, np.bool_)):
         bad("remat", "need true or false")
-    from capjax.data.calibration import CALIB_SPLITS
+    from capjax.data.task import calibration_task_names
 
-    if not isinstance(s.data, str) or not (s.data in CALIB_SPLITS or (s.data.startswith("text:") and len(s.data) > 5)):
-        bad("data", f"use a calibration task ({', '.join(CALIB_SPLITS)}) or text:PATH")
+    tasks = calibration_task_names()
+    if not isinstance(s.data, str) or not (s.data in tasks or (s.data.startswith("text:") and len(s.data) > 5)):
+        bad("data", f"use a calibration task ({', '.join(tasks)}) or text:PATH")
     if s.compute_dtype not in (None, "float32", "bfloat16"):
         bad("compute_dtype", "use float32, bfloat16 or None (the model's)")
     if not isinstance(s.distil, bool):
