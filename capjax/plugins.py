@@ -1,6 +1,11 @@
-"""User plugins: the modules or .py files named in `CAPJAX_PLUGINS` (comma-separated), imported
-once, the first time any registry is read (pruning methods, estimators, metrics), so that what
-a plugin registers is seen by the CLI's choices, config validation and the runner alike.
+"""User plugins, imported once, the first time any registry is read (pruning methods, estimators,
+metrics, ablation kinds, model families, tasks), so that what a plugin registers is seen by the
+CLI's choices, config validation and the runner alike:
+
+  - installed packages' entry points in the group `capjax.plugins` (in the package's pyproject:
+    `[project.entry-points."capjax.plugins"] mine = "my_pkg.capjax_plugin"`); an entry point naming
+    a module imports it, one naming a function ("my_pkg.plugin:register") also calls it;
+  - then the modules or .py files named in `CAPJAX_PLUGINS` (comma-separated).
 
 A plugin that cannot be imported is a `PluginError` (a ValueError): one line naming the entry
 and the fix. This module imports no jax.
@@ -13,7 +18,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+GROUP = "capjax.plugins"
 _LOADED: set[str] = set()
+_ENTRY_POINTS_LOADED: set[str] = set()
+_SCANNED_PATH: list[tuple[str, ...]] = []  # the sys.path entry points were last looked up on
 
 
 class PluginError(ValueError):
@@ -22,7 +30,8 @@ class PluginError(ValueError):
 
 
 def load_plugins() -> None:
-    """Imports every `CAPJAX_PLUGINS` entry not imported yet."""
+    """Loads every `capjax.plugins` entry point and imports every `CAPJAX_PLUGINS` entry not loaded yet."""
+    _load_entry_points()
     for entry in filter(None, (s.strip() for s in os.environ.get("CAPJAX_PLUGINS", "").split(","))):
         if entry in _LOADED:
             continue
@@ -41,6 +50,34 @@ def load_plugins() -> None:
         # Whatever a user's plugin raises while it is imported is that file's problem: one line naming it.
         except Exception as e:
             raise PluginError(f"CAPJAX_PLUGINS: {entry}: {_plugin_failure(e, entry)}") from e
+
+
+def _load_entry_points() -> None:
+    """Loads the group's entry points; looked up again only when sys.path changed (a registry is
+    read often, and scanning every installed package each time would cost milliseconds)."""
+    import sys
+    from importlib.metadata import entry_points
+
+    if _SCANNED_PATH and _SCANNED_PATH[0] == tuple(sys.path):
+        return
+    _SCANNED_PATH[:] = [tuple(sys.path)]
+    for ep in entry_points(group=GROUP):
+        dist = getattr(ep, "dist", None)
+        key = f"{ep.name}={ep.value}@{dist.locate_file('') if dist is not None else ''}"  # where it is installed
+        if key in _ENTRY_POINTS_LOADED:
+            continue
+        _ENTRY_POINTS_LOADED.add(key)
+        try:
+            target = ep.load()
+            if callable(target):
+                target()
+        # Whatever an installed plugin raises while it loads is that package's problem: one line naming it.
+        except Exception as e:
+            text = " ".join(str(e).split()) or type(e).__name__
+            package = getattr(dist, "name", None)
+            raise PluginError(f"entry point {ep.name} = {ep.value!r} (group {GROUP}"
+                              f"{f', package {package}' if package else ''}): {type(e).__name__}: {text}; fix or "
+                              "uninstall that package") from e
 
 
 def _plugin_failure(e: Exception, entry: str) -> str:
