@@ -203,9 +203,10 @@ def test_shipped_configs_are_valid(name):
 
 
 def test_config_vocabulary_matches_the_library():
-    """The config spells the task names out (validating a config imports no model code); no drift."""
+    """The config, the CLI and the library read one registry per extension point; no drift."""
     from capjax.ablation.kinds import KINDS
     from capjax.ablation.metrics import METRICS
+    from capjax.data import CALIB_SPLITS
     from capjax.data import TASKS as DATA_TASKS
     from capjax.evaluate.tasks import TASKS
     from capjax.experiment import config
@@ -213,9 +214,8 @@ def test_config_vocabulary_matches_the_library():
 
     assert config.prune_method_names() == tuple(METHODS)
     assert config.ablation_kind_names() == KINDS and config.score_metric_names() == tuple(METRICS)
-    assert config.EVAL_TASKS == tuple(TASKS)
-    from capjax.data.calibration import CALIB_SPLITS
-
+    assert config.EVAL_TASKS == tuple(TASKS) == ("wikitext2", "gsm8k", "strategyqa", "arc_challenge",
+                                                 "arc_challenge_cot", "synthetic", "organism")
     assert set(config.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic", "organism"} == set(CALIB_SPLITS)
 
 

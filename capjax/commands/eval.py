@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from capjax.commands.common import check_eval_data, non_negative_int, output_file, positive_int
-from capjax.experiment.config import EvaluationConfig
+from capjax.experiment.config import DTYPES, EvaluationConfig
 
 _EVAL = EvaluationConfig()
 
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="WikiText-2 window length (default: %(default)s)")
     p.add_argument("--bootstrap", type=non_negative_int, default=_EVAL.bootstrap,
                    help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="force the chat template (default: when the tokenizer has one)")

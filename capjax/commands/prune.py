@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from capjax.commands.common import check_calibration_data, non_negative_int, positive_int
-from capjax.experiment.config import CalibrationConfig, ConfigError, calibration_task_names, parse_nm_text
+from capjax.experiment.config import DTYPES, CalibrationConfig, ConfigError, calibration_task_names, parse_nm_text
 from capjax.experiment.store import atomic_write, file_digest, strict_json, write_text
 from capjax.provenance import code_version
 from capjax.pruning import registry
@@ -37,9 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=_CALIB.seq_len)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=non_negative_int, default=0, help="calibration sampling (and random pruning) seed")
-    p.add_argument("--kv-rule", default=None, choices=("mean", "max"), help="cap / cap_wanda kv head rule")
+    p.add_argument("--kv-rule", default=None, choices=registry.spec("cap").choices["kv_rule"],
+                   help="cap / cap_wanda kv head rule")
     p.add_argument("--scope", default=None, help="cap: global | layer; magnitude: matrix | global")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sparsity-format", default=None, choices=("compressed-tensors",),
                    help="store the pruned matrices compressed (2:4 or bitmask; pip install capjax[compressed]) "
@@ -50,11 +51,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--heads", type=float, default=0.0, help="fraction of query heads removed per layer")
     s.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP channels removed per layer")
     s.add_argument("--layers", type=int, default=0, help="number of whole layers removed")
-    s.add_argument("--head-groups", default="auto", choices=("auto", "query", "kv"),
+    structured = registry.spec("cap_structured")  # its options' defaults and choices
+    s.add_argument("--head-groups", default=structured.options["head_groups"],
+                   choices=structured.choices["head_groups"],
                    help="remove query heads within every kv group (query) or whole kv groups (kv)")
-    s.add_argument("--mlp-score", default="activation", choices=("gradient", "taylor", "activation"),
+    s.add_argument("--mlp-score", default=structured.options["mlp_score"], choices=structured.choices["mlp_score"],
                    help="MLP channel score (docs/structured.md: measured quality per score)")
-    s.add_argument("--layer-score", default="ablation", choices=("ablation", "influence"))
+    s.add_argument("--layer-score", default=structured.options["layer_score"],
+                   choices=structured.choices["layer_score"])
     p.set_defaults(func=run)
     return p
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from capjax.experiment.config import DTYPES
 from capjax.recovery.settings import DEFAULTS, MODES
 
 
@@ -17,7 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__)
     p.add_argument("--model", required=True, help="pruned HF folder (from `capjax prune`)")
     p.add_argument("--masks", default=None, help="masks.npz (default: MODEL/masks.npz)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--data", default=DEFAULTS["data"],
                    help="calibration task (gsm8k, strategyqa, arc_challenge, synthetic) or text:PATH")
     p.add_argument("--data-dir", default=None)
