@@ -15,9 +15,13 @@ one call, runs through `capjax prune` and `capjax run` with no edit to capjax:
 This module imports no jax: built-in methods are lazy "module:function" entries, imported only
 when a method runs, so building the CLI parser and validating a config stay fast.
 
-Plugins: `CAPJAX_PLUGINS` (comma-separated module names or .py paths) are imported the first
-time the registry is read (`capjax.plugins`), so a shell `capjax prune --method mine` can see a
-user's method.
+Plugins: `CAPJAX_PLUGINS` (comma-separated module names or .py paths) and installed packages'
+`capjax.plugins` entry points are imported the first time the registry is read (`capjax.plugins`),
+so a shell `capjax prune --method mine` can see a user's method.
+
+A method that changes the kept weights (as SparseGPT's updates do) registers with
+`produces="masks+weights"`; `capjax run` then saves its new weights beside its masks and reuses both.
+The registry is a `capjax.registry.Registry`, the shape every extension point shares.
 """
 
 from __future__ import annotations
