@@ -124,6 +124,15 @@ def test_every_extension_point_reads_one_registry_and_lists_names_in_one_line():
     assert family_for("qwen3").name == "qwen3"
 
 
+def test_methods_declare_what_they_produce():
+    from capjax.pruning import registry
+
+    assert [n for n in registry.names() if registry.spec(n).changes_weights] == ["sparsegpt"]
+    with pytest.raises(ValueError, match=r"^method 'x': produces must be one of masks, masks\+weights, got 'weights'"):
+        registry.register_method("x", "capjax.pruning.methods:magnitude", produces="weights")
+    assert "x" not in registry.names()
+
+
 def test_broken_entry_point_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("CAPJAX_PLUGINS", raising=False)
     monkeypatch.delenv("CAPJAX_DEBUG", raising=False)
