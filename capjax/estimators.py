@@ -122,5 +122,4 @@ for _name, _fn in (("median", median), ("mean", mean), ("paired", paired), ("boo
     _ESTIMATORS.register(_name, _fn, builtin=True)
 
 __all__ = ["SUBSET_AGGREGATES", "bootstrap", "estimate", "mean", "median", "names", "paired", "register_estimator",
-           "subset_groups",
-           "subset_losses", "unregister_estimator"]
+           "subset_groups", "subset_losses", "unregister_estimator"]
