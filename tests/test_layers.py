@@ -187,3 +187,23 @@ def test_families_read_only_the_config_fields_they_declare():
             read |= {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)
                      and isinstance(n.value, ast.Name) and n.value.id in configs}
     assert read and read <= set(declared), sorted(read - set(declared))
+
+
+def test_moved_names_still_import():
+    """Names that moved down a floor stay importable where users found them."""
+    from capjax import artifacts, compressed, errors, mesh
+    from capjax.cli import expected_error, one_line
+    from capjax.experiment.store import atomic_write, file_digest, fingerprint, read_npz, strict_json, write_texts
+    from capjax.integrations.compressed import SparsityFormatError, is_target, save_compressed
+    from capjax.memory import InsufficientMemoryError
+    from capjax.sharding import DATA, axis_size, batch_sharding, fit_spec
+
+    assert (one_line, expected_error, InsufficientMemoryError) == (errors.one_line, errors.expected_error,
+                                                                   errors.InsufficientMemoryError)
+    assert (atomic_write, file_digest, fingerprint, read_npz, strict_json, write_texts) == (
+        artifacts.atomic_write, artifacts.file_digest, artifacts.fingerprint, artifacts.read_npz,
+        artifacts.strict_json, artifacts.write_texts)
+    assert (SparsityFormatError, is_target, save_compressed) == (compressed.SparsityFormatError, compressed.is_target,
+                                                                 compressed.save_compressed)
+    assert (DATA, axis_size, batch_sharding, fit_spec) == (mesh.DATA, mesh.axis_size, mesh.batch_sharding,
+                                                           mesh.fit_spec)
