@@ -43,6 +43,6 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], axis: int = 0, mesh_axis: str = DATA) -> NamedSharding:
     """Splits dim `axis` of an array of `shape` over `mesh_axis` (replicated when not divisible)."""
-    spec = [None] * len(shape)
+    spec: list[str | None] = [None] * len(shape)
     spec[axis] = mesh_axis
     return NamedSharding(mesh, fit_spec(P(*spec), shape, mesh))
