@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from functools import partial
 from pathlib import Path
@@ -42,6 +41,7 @@ from capjax.ablation.core import answer_values, gradient_deltas, intact_log_prob
 from capjax.ablation.kinds import check_kind, replacements
 from capjax.ablation.metrics import CE, Metric, get_metric
 from capjax.ablation.single import single_unit_values
+from capjax.artifacts import Digest, read_scores_npz, scores_settings, write_scores_npz
 from capjax.distributed import checksum, to_host
 from capjax.errors import NonFiniteError
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
@@ -88,13 +88,7 @@ class HeadScores:
 
     def save(self, path: str | Path, **settings: Any) -> Path:
         """Writes an .npz (".npz" appended when missing, as numpy does); returns the real path."""
-        from capjax.experiment.store import atomic_write
-
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")
-        payload = {**self.arrays(), "settings": np.asarray(json.dumps({**self.settings(), **settings}))}
-        return atomic_write(path, lambda f: np.savez(f, **payload))
+        return write_scores_npz(path, self.arrays(), {**self.settings(), **settings})
 
     def settings(self) -> dict[str, str]:
         """What the arrays mean: aggregate, method, kind and metric (saved beside them)."""
@@ -108,8 +102,7 @@ class HeadScores:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "HeadScores":
         """From `save`'s file ("settings") or a results folder's artifact ("meta"); files written
         before kind and metric were recorded are zero / ce, the only scores capjax made then."""
-        key = "settings" if "settings" in arrays else "meta" if "meta" in arrays else None
-        settings = json.loads(str(arrays[key])) if key else {}
+        settings = scores_settings(arrays)
         return cls(arrays["delta"], arrays["masked"], arrays["baseline"], settings.get("aggregate", "median"),
                    settings.get("method", "ablation"), **{k: arrays.get(k) for k in cls.OPTIONAL},
                    kind=settings.get("kind", "zero"), metric=settings.get("metric", "ce"))
@@ -117,9 +110,7 @@ class HeadScores:
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":
         """Reads a scores .npz; an unreadable file is an ArtifactError naming it."""
-        from capjax.experiment.store import read_npz
-
-        return cls.from_arrays(read_npz(path, required=("delta", "masked", "baseline")))
+        return cls.from_arrays(read_scores_npz(path))
 
     def with_aggregate(self, aggregate: str) -> "HeadScores":
         """The same losses aggregated another way, with no forward pass: any registered estimator
@@ -346,13 +337,12 @@ def _mask_gradient(model, params, rows, ans, num_examples, subset_onehot, subset
 
 
 def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str:
-    h = hashlib.sha256()
-    h.update(repr((model.config, str(model.dtype), extra)).encode())
+    d = Digest().text(repr((model.config, str(model.dtype), extra)))
     for a in (tokens, loss_mask, attention_mask):
-        h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
+        d.array(a, layout=False)
     for leaf in jax.tree.leaves(params):  # cheap: a checksum per leaf, not the bytes; layout-independent
-        h.update(checksum(leaf).tobytes())
-    return h.hexdigest()[:16]
+        d.raw(checksum(leaf).tobytes())
+    return d.hex(16)
 
 
 def check_method_metric(method: str, metric: str) -> None:
@@ -551,7 +541,7 @@ class _GroupStore:
         return self.dir / f"layers_{start:04d}.code"
 
     def load(self, start: int) -> np.ndarray | None:
-        from capjax.experiment.store import warn
+        from capjax.artifacts import warn
 
         path = self._path(start)
         if not self.resume or not path.exists():
@@ -571,7 +561,7 @@ class _GroupStore:
 
     def save(self, start: int, nll: np.ndarray) -> None:
         from capjax.distributed import is_writer
-        from capjax.experiment.store import write_text
+        from capjax.artifacts import write_text
 
         stamp = self._stamp(start)
         if is_writer():  # no stamp while the group is rewritten: a crash in between leaves it unstamped

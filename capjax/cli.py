@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from capjax.errors import expected_error, one_line  # noqa: F401  (public here too: capjax.cli.one_line)
+
 COMMANDS = ("score", "prune", "eval", "run", "demo", "recover")
 
 
@@ -22,22 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.add_parser(sub)
     return parser
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
-        text += f": {e.filename}"
-    return text
-
-
-def expected_error(e: BaseException) -> bool:
-    """Bad input (files, paths, numbers, non-finite weights or results, a missing package, too little
-    memory): one clear line. Anything else is a bug and keeps its traceback."""
-    from capjax.errors import MissingDependencyError
-    from capjax.memory import InsufficientMemoryError
-
-    return isinstance(e, (ValueError, OSError, InsufficientMemoryError, MissingDependencyError))
 
 
 def main(argv: list[str] | None = None) -> int:

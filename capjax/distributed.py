@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax.mesh import DATA, axis_size, batch_sharding
+
 ENABLE = "CAPJAX_DISTRIBUTED"
 TRUE = ("1", "true", "yes", "on")
 # Each setting: the variables read, first set wins. torchrun sets MASTER_ADDR / MASTER_PORT /
@@ -172,8 +174,6 @@ def _batch_mesh(params: Any) -> Any:
     with a "data" axis of size > 1, else None."""
     from jax.sharding import NamedSharding
 
-    from capjax.sharding import DATA, axis_size
-
     leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
     sh = getattr(leaf, "sharding", None)
     if not isinstance(sh, NamedSharding) or axis_size(sh.mesh, DATA) == 1:
@@ -184,8 +184,6 @@ def _batch_mesh(params: Any) -> Any:
 def batch_multiple(params: Any) -> int:
     """The row count `place_batch` pads a batch to a multiple of: the "data" axis size of the
     mesh params sit on, 1 when batches are not split."""
-    from capjax.sharding import DATA, axis_size
-
     mesh = _batch_mesh(params)
     return 1 if mesh is None else axis_size(mesh, DATA)
 
@@ -200,8 +198,6 @@ def place_batch(params: Any, *arrays: Any) -> tuple[jax.Array, ...]:
     [B + (-B % d), ...]; callers keep their first B rows (after `to_host`). Otherwise the arrays
     are plain device arrays, unchanged.
     """
-    from capjax.sharding import DATA, axis_size, batch_sharding
-
     mesh = _batch_mesh(params)
     if mesh is None:
         return tuple(jnp.asarray(a) for a in arrays)

@@ -14,9 +14,10 @@ identity.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from capjax.artifacts import Digest
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 HEAD_BYTES = 1 << 20
@@ -27,14 +28,14 @@ BLOCK_BYTES = 1 << 16
 def sampled_digest(path: Path) -> str:
     """SHA-256 over a file's size, first HEAD_BYTES and BLOCKS evenly spread BLOCK_BYTES blocks."""
     size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
+    d = Digest().text(str(size))
     with path.open("rb") as f:
-        h.update(f.read(HEAD_BYTES))
+        d.raw(f.read(HEAD_BYTES))
         if size > HEAD_BYTES:
             for i in range(BLOCKS):
                 f.seek(HEAD_BYTES + (size - HEAD_BYTES - BLOCK_BYTES) * i // max(1, BLOCKS - 1))
-                h.update(f.read(BLOCK_BYTES))
-    return h.hexdigest()
+                d.raw(f.read(BLOCK_BYTES))
+    return d.hex(64)
 
 
 def model_identity(source: str | os.PathLike) -> str:
@@ -42,11 +43,10 @@ def model_identity(source: str | os.PathLike) -> str:
     20 hex digits over its config.json and weight files (names and sampled contents)."""
     from capjax.io import model_files
 
-    h = hashlib.sha256()
+    d = Digest()
     files = [p for p in model_files(source) if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES]
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
         raise FileNotFoundError(f"{source}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to identify the model by")
     for p in files:
-        h.update(p.name.encode())
-        h.update(sampled_digest(p).encode())
-    return h.hexdigest()[:20]
+        d.text(p.name).text(sampled_digest(p))
+    return d.hex(20)

@@ -170,7 +170,7 @@ def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype,
                              progress: str | None) -> dict:
     from safetensors import SafetensorError
 
-    from capjax.integrations.compressed import decompressed_tensors, is_compressed_folder
+    from capjax.compressed import decompressed_tensors, is_compressed_folder
 
     if is_compressed_folder(folder):  # sparse compressed-tensors export: decompressed by that library
         dense = decompressed_tensors(folder)
@@ -225,7 +225,7 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, to
 
     Tensors are written in the params' dtype, streamed shard by shard. sparsity_format=
     "compressed-tensors" stores the pruned matrices with that library's 2:4 or bitmask
-    compressor (`capjax.integrations.compressed.save_compressed`, whose docstring says which
+    compressor (`capjax.compressed.save_compressed`, whose docstring says which
     readers take it); None: the plain dense folder.
     """
     import re
@@ -235,7 +235,7 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, to
     from safetensors.flax import save_file
 
     if sparsity_format == "compressed-tensors":
-        from capjax.integrations.compressed import save_compressed
+        from capjax.compressed import save_compressed
 
         return save_compressed(model, params, out_dir, tokenizer, max_shard_bytes=max_shard_bytes)
     if sparsity_format is not None:

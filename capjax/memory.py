@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from capjax.errors import InsufficientMemoryError
 from capjax.families import family_of
 from capjax.model import param_shapes
 
@@ -85,10 +86,6 @@ def available_bytes(device: Any = None) -> int:
         return max(0, int(ACCELERATOR_FRACTION * free))
     host = host_available_bytes()
     return DEFAULT_BUDGET if host is None else int(min(host // 2, HOST_BUDGET))
-
-
-class InsufficientMemoryError(MemoryError):
-    """The params would not fit where they are loaded; raised before anything is read."""
 
 
 def params_bytes(config: Any, dtype: Any) -> tuple[int, int]:

@@ -69,7 +69,7 @@ def _plt():
 def save_figure(fig, path: str | Path) -> Path:
     """Writes a matplotlib figure to `path` (format by suffix) atomically, with the umask's mode,
     and closes it: a full disk leaves no truncated image and names the path."""
-    from capjax.experiment.store import atomic_write  # store imports no jax nor report
+    from capjax.artifacts import atomic_write
 
     path = Path(path)
     try:

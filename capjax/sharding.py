@@ -30,10 +30,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from capjax.families import DEFAULT, Family
+from capjax.mesh import DATA, MODEL, axis_size, batch_sharding, fit_spec  # noqa: F401  (public here too)
 
 Params = dict[str, Any]
 Rules = Sequence[tuple[str, P]]
-DATA, MODEL = "data", "model"  # the names `capjax.families.base` uses
 
 
 def family_rules(family: Family) -> Rules:
@@ -76,27 +76,6 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
                          devices=devices[:used])
 
 
-def axis_size(mesh: Mesh, axis: str | None) -> int:
-    """Size of a mesh axis; 1 when the mesh has no such axis."""
-    return int(mesh.shape[axis]) if axis is not None and axis in mesh.axis_names else 1
-
-
-def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """`spec` with every entry dropped whose mesh axis is absent or does not divide the dim."""
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    if len(entries) > len(shape):
-        raise ValueError(f"partition spec {spec} has more entries than the array has dims {tuple(shape)}")
-    out = []
-    for dim, entry in zip(shape, entries):
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        axes = tuple(a for a in axes if a in mesh.axis_names)
-        size = math.prod(mesh.shape[a] for a in axes)
-        out.append(None if not axes or dim % size else (axes[0] if len(axes) == 1 else axes))
-    while out and out[-1] is None:
-        out.pop()
-    return P(*out)
-
-
 # ---------------------------------------------------------------------------- params
 def _path_name(path: Iterable[Any]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -137,13 +116,6 @@ def shard_params(params: Params, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Pa
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: Mesh, shape: Sequence[int], axis: int = 0, mesh_axis: str = DATA) -> NamedSharding:
-    """Splits dim `axis` of an array of `shape` over `mesh_axis` (replicated when not divisible)."""
-    spec = [None] * len(shape)
-    spec[axis] = mesh_axis
-    return NamedSharding(mesh, fit_spec(P(*spec), shape, mesh))
 
 
 def shard_batch(tree: Any, mesh: Mesh, axis: int = 0, mesh_axis: str = DATA) -> Any:

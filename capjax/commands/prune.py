@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from capjax.artifacts import file_digest, strict_json, write_masks_npz, write_text
 from capjax.commands.common import check_calibration_data, non_negative_int, positive_int
 from capjax.experiment.config import DTYPES, CalibrationConfig, ConfigError, calibration_task_names, parse_nm_text
-from capjax.experiment.store import atomic_write, file_digest, strict_json, write_text
 from capjax.provenance import code_version
 from capjax.pruning import registry
 
@@ -260,11 +260,11 @@ def run(args: argparse.Namespace) -> int:
 
     with replaced_folder(args.out, EXPORT_MARKER) as staging:  # written beside --out, then swapped in whole
         capjax.save_pretrained(model, pruned, staging, tokenizer, sparsity_format=args.sparsity_format)
-        atomic_write(staging / "masks.npz", lambda f: np.savez_compressed(f, **flat))
+        write_masks_npz(staging / "masks.npz", flat)
         if args.hf_masks:
             from capjax.io import hf_masks
 
-            atomic_write(staging / "masks_hf.npz", lambda f: np.savez_compressed(f, **hf_masks(model.config, flat)))
+            write_masks_npz(staging / "masks_hf.npz", hf_masks(model.config, flat))
         write_text(staging / EXPORT_MARKER, strict_json({
             "model": str(args.model), "method": args.method, "sparsity": sparsity, "nm": args.nm,
             "achieved_sparsity": report.total, "options": options, "dtype": args.dtype,

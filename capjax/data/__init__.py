@@ -12,6 +12,8 @@ from capjax.data.synthetic import synthetic_problems
 from capjax.data.task import Task, calibration_task_names, get_task, register_task, task_names, unregister_task
 from capjax.data.templates import build_prompt, format_example, use_chat
 
+import capjax.data.builtin_tasks  # noqa: E402,F401,I001  (registers the built-in tasks; see capjax.data.task)
+
 
 def __getattr__(name: str):
     # Read from the task registry when asked (so registered tasks are in them): {task: split / instruction}.

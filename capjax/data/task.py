@@ -139,14 +139,10 @@ class Task:
         return f"{record['reasoning']}\n{final}" if record["reasoning"] else final
 
 
-def _load_builtins_and_plugins() -> None:
-    import capjax.data.builtin_tasks  # noqa: F401  (registers the built-ins)
-
-    load_plugins()
-
-
+# The built-ins are registered by capjax/data/__init__.py (it imports capjax.data.builtin_tasks),
+# which runs before any module of the package: the registry holds them before anyone reads it.
 TASKS: Registry[Task] = Registry(
-    "task", on_read=_load_builtins_and_plugins,
+    "task", on_read=load_plugins,
     unknown="unknown task {name!r}; known tasks: {known} (add one: docs/adding_a_task.md)")
 
 
@@ -154,8 +150,6 @@ def register_task(task: Task, replace: bool = False) -> Task:
     """Files `task` under its name (a taken name: ValueError unless `replace`); returns it."""
     if not isinstance(task, Task):
         raise ValueError(f"register_task takes a capjax.data.task.Task, got {type(task).__name__}")
-    import capjax.data.builtin_tasks  # noqa: F401  (built-ins first, so a clash is seen)
-
     return TASKS.register(task.name, task, replace=replace)
 
 

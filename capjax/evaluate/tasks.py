@@ -306,7 +306,7 @@ def evaluate(
 def write_results(results: dict, path: str | os.PathLike) -> Path:
     """Writes the results dict as indented JSON (creating parent folders, atomically); returns the
     path. NaN / Inf are refused: they are not JSON, and a non-finite result is an error."""
-    from capjax.experiment.store import strict_json, write_text
+    from capjax.artifacts import strict_json, write_text
 
     return write_text(Path(path), strict_json(results))
 

@@ -20,7 +20,6 @@ pruning and evaluation settings. A rerun reuses exactly the artifacts whose inpu
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -29,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from capjax import estimators, report
+from capjax.artifacts import array_digest as _array_digest, fingerprint, warn
 from capjax.distributed import barrier, is_writer, to_host
 from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
 from capjax.experiment.outputs import sparsity_label, write_outputs
-from capjax.experiment.store import Store, fingerprint, warn
+from capjax.experiment.store import Store
 from capjax.provenance import code_digest, code_version, environment
 
 
@@ -98,15 +98,6 @@ def plan_runs(cfg: RunConfig) -> list[dict]:
                     name += "_nm" + p.nm.replace(":", "-")
                 runs.append({"name": name, "method": method, "calib": calib, "sparsity": float(s), "nm": p.nm})
     return runs
-
-
-def _array_digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:20]
 
 
 class Experiment:

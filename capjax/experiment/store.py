@@ -17,171 +17,20 @@ but `code_of` lets the caller say so (and `Store(read=False)` recomputes everyth
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
+# The file helpers live in `capjax.artifacts` (the floor below every layer); the names stay importable here.
+from capjax.artifacts import (_json_default, atomic_write, file_digest, file_mode, fingerprint,  # noqa: F401
+                              read_npz, strict_json, umask, warn, write_text, write_texts)
 from capjax.errors import ArtifactError
 from capjax.provenance import code_version
 
 SUFFIXES = {"scores": ".npz", "masks": ".npz", "evals": ".json", "recovery": ".json"}  # artifact kind -> file
-
-
-def fingerprint(inputs: Any) -> str:
-    """The first 20 hex digits of SHA-256 over the canonical JSON of `inputs`."""
-    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=_json_default)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.integer, np.floating, np.bool_)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (Path, tuple)):
-        return str(x) if isinstance(x, Path) else list(x)
-    raise TypeError(f"not JSON-serializable: {type(x).__name__}")
-
-
-def strict_json(obj: Any) -> str:
-    """JSON with NaN / Inf refused (they are not JSON): a ValueError names the first one."""
-    try:
-        return json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n"
-    except ValueError as e:
-        raise ArtifactError(f"refusing to write a non-finite number as JSON ({e}); {_first_nonfinite(obj)}") from e
-
-
-def _first_nonfinite(obj: Any, path: str = "") -> str:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return f"{path or 'value'} = {obj}"
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
-        found = _first_nonfinite(v, f"{path}/{k}" if path else str(k))
-        if found:
-            return found
-    return ""
-
-
-def umask() -> int:
-    """This process's umask: read from /proc (Linux) so that no other thread ever sees it
-    changed; elsewhere by setting it and setting it back."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode `open()` would give a new file under this process's umask (0644 under umask 022).
-    mkstemp creates its files 0600; every file capjax writes gets this mode instead, so the
-    results folder that several hosts (or users) share stays readable by them."""
-    return 0o666 & ~umask()
-
-
-def _named(e: OSError, path: Path) -> OSError:
-    """`e` with `path` as its filename ("[Errno 28] No space left on device: 'out/results.json'")."""
-    if e.errno is None or e.filename is not None:
-        return e
-    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> Path:
-    """Writes through write(file) into a temporary file beside `path`, then renames it over
-    `path`: a reader sees the old file or the whole new one, never a part. The file gets the
-    umask's mode (`file_mode`); a failed write (a full disk) removes the temporary file and raises
-    an OSError that names `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temp(path, write, binary)
-    try:
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _named(e, path) from e
-    return path
-
-
-def _write_temp(path: Path, write: Callable[[Any], None], binary: bool) -> str:
-    """A complete temporary file beside `path` (written, flushed, synced, mode `file_mode()`)."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise _named(e, path) from e
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _named(e, path) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def write_texts(files: dict[Path, str]) -> None:
-    """Writes several text files as one unit: every one is complete on disk (temporary files
-    beside them) before the first replaces its old version, so a failure or a kill while writing
-    leaves all the old files; the replacements then follow back to back (a rename each)."""
-    temps: dict[Path, str] = {}
-    try:
-        for path, text in files.items():
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temps[path] = _write_temp(path, lambda f, text=text: f.write(text), binary=False)
-    except BaseException:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    for path, tmp in temps.items():
-        try:
-            os.replace(tmp, path)
-        except OSError as e:
-            for t in temps.values():
-                Path(t).unlink(missing_ok=True)
-            raise _named(e, path) from e
-
-
-def write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def file_digest(path: Path, cache: dict | None = None) -> str:
-    """The first 20 hex digits of the SHA-256 of a file's bytes (memoised in `cache` by path, size and mtime)."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    if cache is not None and key in cache:
-        return cache[key]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()[:20]
-    if cache is not None:
-        cache[key] = digest
-    return digest
-
-
-def warn(msg: str) -> None:
-    print(f"capjax: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def agreed(found: bool, what: Path) -> bool:
@@ -298,20 +147,3 @@ class Store:
                                                                 "code": code_version()}, default=_json_default))}
             atomic_write(path, lambda f: np.savez(f, **payload))
         return path
-
-
-def read_npz(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file a user passes in, or an ArtifactError naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} not found" if not p.exists() else f"{p} is not a file")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ArtifactError(f"{p} is not a readable .npz file ({type(e).__name__}: {e}); rewrite it "
-                            "(e.g. with capjax score --out)") from e
-    missing = [k for k in required if k not in arrays]
-    if missing:
-        raise ArtifactError(f"{p} has no {', '.join(map(repr, missing))} array (keys: {', '.join(arrays)})")
-    return arrays

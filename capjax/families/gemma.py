@@ -16,13 +16,10 @@ Here post_attention_layernorm normalizes the attention output (not the MLP input
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from capjax.families import llama
-from capjax.families.base import Family, Rule, refuse
-
-if TYPE_CHECKING:
-    from capjax.config import ModelConfig
+from capjax.families.base import Family, ModelConfig, Rule, refuse
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 

@@ -20,12 +20,9 @@ Params (stacked over L; the layout every other family starts from):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from capjax.families.base import DATA, MODEL, Family, Kernel, Rule, refuse
-
-if TYPE_CHECKING:
-    from capjax.config import ModelConfig
+from capjax.families.base import DATA, MODEL, Family, Kernel, ModelConfig, Rule, refuse
 
 KERNELS = (
     Kernel("layers/self_attn/q_proj/kernel", 1, "query", 2),  # [L, E, H, D]

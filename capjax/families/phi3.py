@@ -11,15 +11,12 @@ Legend: H query heads, K kv heads, D head dim, E hidden, F MLP width.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from capjax.families import llama
-from capjax.families.base import Family, Rule, refuse
-
-if TYPE_CHECKING:
-    from capjax.config import ModelConfig
+from capjax.families.base import Family, ModelConfig, Rule, refuse
 
 
 def read_config(c: dict) -> dict:

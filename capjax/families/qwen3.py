@@ -10,13 +10,10 @@ head_dim is free (not hidden_size / heads). attention_bias (q/k/v/o biases) is r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from capjax.families import llama
-from capjax.families.base import Family, Rule, refuse
-
-if TYPE_CHECKING:
-    from capjax.config import ModelConfig
+from capjax.families.base import Family, ModelConfig, Rule, refuse
 
 
 def read_config(c: dict) -> dict:

@@ -71,8 +71,7 @@ class CapjaxLM(TemplateLM):
             known = ("pretrained", "masks", "dtype", "batch_size", "max_length", "max_gen_toks", "add_bos_token")
             raise ValueError(f"model_args: unknown key(s) {', '.join(unknown)}; the capjax model takes "
                              f"{', '.join(known)} (from Python also model, params, tokenizer)")
-        import capjax
-
+        from capjax.io import load_pretrained, load_tokenizer
         from capjax.pruning.prune import apply_masks, masks_from_flat, read_masks_npz
 
         flat = read_masks_npz(masks) if masks else None  # a bad masks file is said before the model loads
@@ -80,7 +79,7 @@ class CapjaxLM(TemplateLM):
             if pretrained is None:
                 raise ValueError("model_args needs pretrained=<HF folder | .gguf | hub id | smollm2-135m-instruct> "
                                  "(or, from Python, model=, params=, tokenizer=)")
-            model, params = capjax.load_pretrained(pretrained, dtype=dtype)
+            model, params = load_pretrained(pretrained, dtype=dtype)
         elif params is None:
             raise ValueError("model= needs params= too (the capjax params tree)")
         if flat is not None:
@@ -89,7 +88,7 @@ class CapjaxLM(TemplateLM):
             source = tokenizer or pretrained
             if source is None:
                 raise ValueError("pass tokenizer= (a transformers tokenizer or its source) with model=")
-            tokenizer = capjax.load_tokenizer(source)
+            tokenizer = load_tokenizer(source)
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.batch_size = _batch_size(batch_size)
         self._max_length = int(max_length) if max_length else model.config.max_position_embeddings
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    from capjax.cli import expected_error, one_line
+    from capjax.errors import expected_error, one_line
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

@@ -152,9 +152,7 @@ def cap_heads(job: Job) -> tuple[Kernels, Kernels]:
 # ---------------------------------------------------------------------------- layer by layer
 def heads_removed(config, masks) -> str:
     """cap_heads' summary: how many whole heads its masks remove."""
-    from capjax.pruning.prune import flat_masks
-
-    o_proj = np.asarray(flat_masks(masks)["layers/self_attn/o_proj/kernel"])  # [L, H, D, E]
+    o_proj = np.asarray(get_path(masks, "layers/self_attn/o_proj/kernel"))  # [L, H, D, E]
     removed = int(np.sum(~o_proj.any(axis=(2, 3))))
     return f"removed {removed} of {config.num_layers * config.num_heads} heads"
 

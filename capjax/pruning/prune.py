@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax import artifacts
 from capjax.distributed import to_host
 from capjax.errors import NonFiniteError
 from capjax.token_ids import check_token_ids
@@ -86,30 +86,13 @@ def flat_masks(masks: Params) -> dict[str, Any]:
 def read_masks_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The keep masks of a masks.npz that `capjax prune` writes, by prunable path; a missing,
     unreadable or incomplete file is one error naming it (read before any model loads)."""
-    from capjax.experiment.store import read_npz
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"masks file not found: {p} (`capjax prune` writes OUT/masks.npz; pass its path)")
-    arrays = read_npz(p)
-    missing = [k for k in PRUNABLE if k not in arrays]
-    if missing:
-        raise ValueError(f"{p} lacks the mask(s) {', '.join(missing)} (keys: {', '.join(list(arrays)[:4])}...): "
-                         "use the masks.npz written by `capjax prune`")
-    return {k: arrays[k] for k in PRUNABLE}
+    return artifacts.read_masks(path, PRUNABLE)
 
 
 def masks_digest(flat: dict[str, Any]) -> str:
     """20 hex digits of SHA-256 over the keep masks {prunable path: bool array} (paths, shapes and
     bits), so two masks files are compared by content however they were saved."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in PRUNABLE:
-        m = np.asarray(flat[p]).astype(bool)
-        h.update(f"{p}{m.shape}".encode())
-        h.update(np.packbits(m.reshape(-1)).tobytes())
-    return h.hexdigest()[:20]
+    return artifacts.masks_digest(flat, PRUNABLE)
 
 
 def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:

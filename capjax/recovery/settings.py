@@ -168,7 +168,9 @@ def check_data_file(s: RecoverySettings) -> None:
                                     "plain text file (relative paths are from the current folder)")
 
 
-DEFAULTS: dict[str, Any] = RecoverySettings().to_dict()
+# The declared defaults, read without validating (validation reads the task registry, which loads
+# plugins: not at import time).
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RecoverySettings)}
 
 
 def lora_params(config: Any, rank: int) -> int:

@@ -21,7 +21,6 @@ forward and in the final merge.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import optax
 
 from capjax import sharding
+from capjax.artifacts import Digest
 from capjax.model import Decoder, apply_layer, layer_context, token_nll, unembed
 from capjax.pruning.importance import PRUNABLE, get_path
 from capjax.pruning.prune import apply_masks
@@ -266,18 +266,17 @@ def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: op
 # ---------------------------------------------------------------------------- run
 def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: str, optimizer,
                  distil: Distillation | None = None, teacher: Params | None = None) -> str:
-    h = hashlib.sha256()
     kept = {k: v for k, v in settings.to_dict().items()
             if k not in ("checkpoint_every", "max_loss_ratio", *DISTIL_FIELDS)}  # distillation: from `distil`
-    h.update(json.dumps([repr(model.config), str(model.dtype), mode, kept, optimizer is None], sort_keys=True,
-                        default=str).encode())
+    d = Digest().text(json.dumps([repr(model.config), str(model.dtype), mode, kept, optimizer is None],
+                                 sort_keys=True, default=str))
     if distil is not None:
-        h.update(repr((distil.teacher.config, distil.temperature, distil.ce_weight)).encode())
-    h.update(hashlib.sha256(data.fingerprint()).digest())
+        d.text(repr((distil.teacher.config, distil.temperature, distil.ce_weight)))
+    d.raw(Digest().raw(data.fingerprint()).digest())
     for leaf in jax.tree.leaves(params) + [m for m in jax.tree.leaves(masks)] + jax.tree.leaves(teacher):
         f = jnp.asarray(leaf).astype(jnp.float32)
-        h.update(np.asarray(jnp.stack([jnp.sum(f), jnp.sum(jnp.abs(f))])).tobytes())
-    return h.hexdigest()[:16]
+        d.array(jnp.stack([jnp.sum(f), jnp.sum(jnp.abs(f))]), layout=False)
+    return d.hex(16)
 
 
 def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int | None = None,
