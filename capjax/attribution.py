@@ -519,53 +519,41 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
 
 
 class _GroupStore:
-    """Orbax checkpoints of finished layer groups under dir/<fingerprint>/layers_<start>, each stamped
-    with the capjax code that computed it (layers_<start>.code). A group of other code, or one from
-    before the stamps, is recomputed with a log line; with resume=False every group is."""
+    """Checkpoints of finished layer groups under dir/<fingerprint>/layers_<start> (`capjax.checkpoints`:
+    orbax's CheckpointManager, atomic steps), each stamped with the capjax code that computed it. A
+    group of other code, or one recording none, is recomputed with a log line; with resume=False every
+    group is (the folder's groups are deleted first). A folder in the layout of capjax before
+    CheckpointManager is refused in one line (resume=False deletes it instead)."""
 
     def __init__(self, root: Path, fingerprint: str, resume: bool = True):
-        import orbax.checkpoint as ocp
-
+        from capjax.checkpoints import Checkpoints
         from capjax.provenance import code_version
 
-        self.dir = (root / fingerprint).absolute()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt = ocp.PyTreeCheckpointer()
+        self.dir = (Path(root) / fingerprint).absolute()
         self.resume = resume
         self.code = code_version()
+        self.ckpt = Checkpoints(self.dir, "layers", code=self.code, digits=4, clear=not resume,
+                                fix="delete it, or rerun with --recompute (score_heads(resume=False))")
 
     def _path(self, start: int) -> Path:
-        return self.dir / f"layers_{start:04d}"
-
-    def _stamp(self, start: int) -> Path:
-        return self.dir / f"layers_{start:04d}.code"
+        return self.ckpt.path(start)
 
     def load(self, start: int) -> np.ndarray | None:
         from capjax.artifacts import warn
 
         path = self._path(start)
-        if not self.resume or not path.exists():
-            return None
-        stamp = self._stamp(start)
-        code = stamp.read_text().strip() if stamp.is_file() else None
-        if code != self.code:
-            warn(f"{path} was computed by capjax {code or 'of an unrecorded version'} (this is {self.code}); "
-                 f"recomputing layers from {start}")
+        if not self.resume or start not in self.ckpt.steps():
             return None
         try:
-            nll = np.asarray(self.ckpt.restore(path)["nll"])
+            code = self.ckpt.code_of(start)
+            nll = np.asarray(self.ckpt.restore(start)["nll"]) if code == self.code else None
         except Exception as e:  # orbax raises many types for a damaged folder; all mean "redo this group"
             warn(f"{path} is unreadable ({type(e).__name__}); recomputing layers from {start}")
             return None
+        if code != self.code:
+            warn(f"{path} was computed by capjax {code or 'of an unrecorded version'} (this is {self.code}); "
+                 f"recomputing layers from {start}")
         return nll
 
     def save(self, start: int, nll: np.ndarray) -> None:
-        from capjax.distributed import is_writer
-        from capjax.artifacts import write_text
-
-        stamp = self._stamp(start)
-        if is_writer():  # no stamp while the group is rewritten: a crash in between leaves it unstamped
-            stamp.unlink(missing_ok=True)
-        self.ckpt.save(self._path(start), {"nll": np.asarray(nll)}, force=True)
-        if is_writer():
-            write_text(stamp, self.code + "\n")
+        self.ckpt.save(start, {"nll": np.asarray(nll)})

@@ -253,18 +253,12 @@ def exists(path: str | os.PathLike) -> bool:
 
 
 def restore_numpy(path: str | os.PathLike) -> Any:
-    """An orbax PyTree checkpoint restored as host numpy arrays on every process, whatever
-    shardings (and device ids) it was saved with; every process reads the whole checkpoint."""
-    from pathlib import Path
+    """A checkpoint step folder of `capjax.checkpoints` (e.g. checkpoints/scores/<fp>/layers_0000)
+    restored as host numpy arrays on every process, whatever shardings (and device ids) it was
+    saved with; every process reads the whole step."""
+    from capjax.checkpoints import restore_numpy as restore
 
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.PyTreeCheckpointer()
-    path = Path(path).absolute()
-    meta = ckptr.metadata(path)
-    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    return restore(path)
 
 
 @jax.jit

@@ -197,6 +197,41 @@ def test_resume_after_kill_is_bit_identical(tiny, tmp_path):
     assert h_res["loss"] == h_full["loss"]
 
 
+def test_a_checkpoint_killed_before_its_commit_is_not_resumed(tiny, tmp_path, monkeypatch):
+    """A run killed while orbax commits step 3's checkpoint (its files written, the rename not done)
+    resumes from step 2, not from the partial step, and ends bit-identical to an uninterrupted run."""
+    from orbax.checkpoint._src.path import atomicity
+
+    _, _, model, params = tiny
+    pruned, masks = capjax.prune(model, params, "magnitude", 0.5)
+    kw = dict(FAST, steps=4, checkpoint_every=1, mode="full")
+    full, h_full = recover(model, pruned, masks, _data(), checkpoint_dir=tmp_path / "a", **kw)
+
+    class Killed(BaseException):
+        pass
+
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def killed(self):
+        if self.get_final().name == "step_0000003":
+            raise Killed
+        return await finalize(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", killed)
+        with pytest.raises(Killed):
+            recover(model, pruned, masks, _data(), checkpoint_dir=tmp_path / "b", **kw)
+    [run] = (tmp_path / "b").iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["step_0000001", "step_0000002",
+                                                     "step_0000003.orbax-checkpoint-tmp"]
+    resumed, h_res = recover(model, pruned, masks, _data(), checkpoint_dir=tmp_path / "b", **kw)
+    assert h_res["resumed_from"] == 2
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert h_res["loss"] == h_full["loss"]
+    assert sorted(p.name for p in run.iterdir()) == ["step_0000003", "step_0000004"]  # KEEP = 2, no leftover
+
+
 class _NaNAtStep:
     """An optax transformation that turns the update of step `at` (0-based) into NaN."""
 

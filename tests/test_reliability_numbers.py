@@ -176,10 +176,9 @@ def test_scoring_checkpoints_are_stamped_with_the_code_and_resume_false_reads_no
     kw = dict(subsets=1, progress=False, checkpoint_dir=ckpt, layers_per_call=1)
     truth = capjax.score_heads(model, params, tokens, loss, **kw)
     [fp_dir] = ckpt.iterdir()
-    assert sorted(p.name for p in fp_dir.iterdir()) == ["layers_0000", "layers_0000.code", "layers_0001",
-                                                          "layers_0001.code"]
+    assert sorted(p.name for p in fp_dir.iterdir()) == ["layers_0000", "layers_0001"]  # the stamps are inside
 
-    def tamper(code: str) -> None:  # a group whose numbers are not what this code computes
+    def tamper(code: str | None) -> None:  # a group whose numbers are not what this code computes
         with monkeypatch.context() as m:
             m.setattr(provenance, "code_version", lambda: code)
             store = attribution._GroupStore(ckpt, fp_dir.name)
@@ -196,7 +195,7 @@ def test_scoring_checkpoints_are_stamped_with_the_code_and_resume_false_reads_no
     other = capjax.score_heads(model, params, tokens, loss, **kw)
     np.testing.assert_array_equal(other.example_masked, truth.example_masked)
     assert "was computed by capjax 0.0.1+gdeadbeef" in capsys.readouterr().err
-    (fp_dir / "layers_0001.code").unlink()  # from before the stamps
+    tamper(None)  # a group that records no code
     capjax.score_heads(model, params, tokens, loss, **kw)
     assert "computed by capjax of an unrecorded version" in capsys.readouterr().err
 
@@ -237,6 +236,34 @@ def test_run_recompute_restores_no_scoring_checkpoint(tmp_path, tiny_char):
     again = json.loads((out / "results.json").read_text())
     assert "computed scores/synthetic" in again["events"]
     np.testing.assert_allclose(again["scores"]["synthetic"]["delta"], first["delta"], rtol=1e-12)
+
+
+def test_run_refuses_old_layout_scoring_checkpoints_in_one_line_and_recompute_replaces_them(tmp_path, tiny_char,
+                                                                                          capsys):
+    """Layer groups written by capjax before orbax's CheckpointManager (PyTreeCheckpointer folders,
+    `.code` stamps) are refused in one line naming the folder and the fix; `--recompute` replaces them."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from capjax.checkpoints import old_layout
+    from capjax.provenance import code_version
+
+    path = _run_config(tmp_path, tiny_char)
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    [fp_dir] = (out / "checkpoints" / "scores").iterdir()
+    groups = sorted(p.name for p in fp_dir.iterdir())
+    shutil.rmtree(fp_dir)
+    for name in groups:  # what the old _GroupStore wrote
+        ocp.PyTreeCheckpointer().save(fp_dir / name, {"nll": np.zeros((1, 4, 3))}, force=True)
+        (fp_dir / f"{name}.code").write_text(code_version() + "\n")
+    shutil.rmtree(out / "artifacts" / "scores")  # so the scores are computed again
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    one_error_line(capsys, str(fp_dir), "old layout", "delete it, or rerun with --recompute")
+    assert main(["run", str(path), "--recompute"]) == 0
+    assert old_layout(fp_dir, "layers") == [] and sorted(p.name for p in fp_dir.iterdir()) == groups
 
 
 # ---------------------------------------------------------------------------- plugin code and data files

@@ -1,19 +1,23 @@
-"""Orbax checkpoints of a recovery run's state under dir/<fingerprint>/step_<n>.
+"""Checkpoints of a recovery run's state under dir/<fingerprint>/step_<n> (`capjax.checkpoints`:
+orbax's CheckpointManager, atomic steps, the newest KEEP kept, each stamped with the code version).
 
 The state (trainable params, optimizer state, step, RNG key, per-step losses) is saved as its
 flat list of leaves; a restore unflattens them into the structure of a freshly built state, so
 optax's named tuples and None leaves need no orbax type handling. A checkpoint is only written
-after a step whose loss and gradient were finite, so the newest one is always a good one.
+after a step whose loss and gradient were finite, so the newest one is always a good one. Steps
+written by other capjax code are not resumed: a warning line, and the run starts over (its steps
+are replaced). A folder in the layout of capjax before CheckpointManager is refused in one line.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+
+from capjax.checkpoints import Checkpoints
 
 KEEP = 2  # newest checkpoints kept per run
 
@@ -22,18 +26,18 @@ class RecoveryCheckpoints:
     """Save / find / restore the state of one run (one fingerprint)."""
 
     def __init__(self, root: str | Path, fingerprint: str):
-        import orbax.checkpoint as ocp
+        from capjax.provenance import code_version
 
         self.dir = (Path(root) / fingerprint).absolute()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt = ocp.PyTreeCheckpointer()
+        self.ckpt = Checkpoints(self.dir, "step", code=code_version(), keep=KEEP,
+                                fix="delete the folder (capjax run --recompute deletes it)")
 
     def _path(self, step: int) -> Path:
-        return self.dir / f"step_{step:07d}"
+        return self.ckpt.path(step)
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first (orbax writes to a temporary name first)."""
-        return sorted(int(p.name[5:]) for p in self.dir.glob("step_*") if p.name[5:].isdigit())
+        return self.ckpt.steps()
 
     def latest(self) -> Path | None:
         s = self.steps()
@@ -41,18 +45,22 @@ class RecoveryCheckpoints:
 
     def save(self, step: int, state: Any) -> Path:
         leaves = jax.tree.leaves(state)
-        path = self._path(step)
-        self.ckpt.save(path, {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}, force=True)
-        for old in self.steps()[:-KEEP]:
-            shutil.rmtree(self._path(old), ignore_errors=True)
-        return path
+        return self.ckpt.save(step, {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)})
 
     def restore(self, template: Any) -> tuple[int, Any] | None:
         """(step, state shaped like `template`, each leaf placed like the template's) or None."""
         s = self.steps()
         if not s:
             return None
-        flat = self.ckpt.restore(self._path(s[-1]))
+        code = self.ckpt.code_of(s[-1])
+        if code != self.ckpt.code:
+            from capjax.artifacts import warn
+
+            warn(f"{self._path(s[-1])} was written by capjax {code or 'of an unrecorded version'} (this is "
+                 f"{self.ckpt.code}); recovery starts over from step 0")
+            self.ckpt.clear()
+            return None
+        flat = self.ckpt.restore(s[-1])
         leaves, treedef = jax.tree.flatten(template)
         if len(flat) != len(leaves):
             raise ValueError(f"checkpoint {self._path(s[-1])} has {len(flat)} arrays, the run's state has "
@@ -60,3 +68,6 @@ class RecoveryCheckpoints:
         out = [jax.device_put(np.asarray(flat[f"leaf_{i:05d}"]).astype(t.dtype), t.sharding)
                for i, t in enumerate(leaves)]
         return s[-1], jax.tree.unflatten(treedef, out)
+
+    def close(self) -> None:
+        self.ckpt.close()

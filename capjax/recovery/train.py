@@ -393,6 +393,8 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     finally:
         if bar is not None:
             bar.close()
+        if store is not None:
+            store.close()
     elapsed = time.perf_counter() - (t0 or t_first)
     if mode == "full":
         out = apply_masks(jax.tree.map(lambda a, d: a.astype(d), state["trainable"], dtypes), masks)
