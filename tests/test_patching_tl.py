@@ -70,13 +70,15 @@ TL_SWEEPS = {
     "mlp.out": (_per_layer("mlp_out"), tlp.get_act_patch_mlp_out),
 }
 
-FAMILY_KW = {"llama": {}, "llama_mha": {"num_key_value_heads": 4}, "qwen2": {}, "qwen3": {}, "gemma2": {"head_dim": 8},
-             "gemma3_text": {"head_dim": 8}, "phi3": {"pad_token_id": 0}}  # Phi-3's default pad id is >= V
+FAMILY_KW = {"llama": {}, "llama_mha": {"num_key_value_heads": 4}, "qwen2": {}, "qwen3": {},
+             "gemma2": {"head_dim": 8}, "gemma3_text": {"head_dim": 8},
+             "phi3": {"pad_token_id": 0}}  # Phi-3's default pad id is >= V
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    """family -> (transformer-lens bridge, capjax model, params) of one tiny random model (GQA: H 4, K 2)."""
+    """family -> (transformer-lens bridge, capjax model, params) of one tiny random model (H 4, K 2;
+    llama_mha: K 4)."""
     out = {}
 
     def get(family):
