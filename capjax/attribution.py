@@ -234,7 +234,8 @@ _ans_arrays = answer_arrays
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
                          chunk_size: int | None = None, answer_only: bool = True, mesh=None,
                          per_example: bool = False) -> np.ndarray:
-    """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H]; with
+    """Loss [N] of the calibration batch (tokens, loss_mask, attention_mask [B, T], as in `score_heads`)
+    under each head mask in `masks` [N, L, H]; with
     `per_example`, the summed answer-token NLL of each example instead, [N, B] (divide by
     `prepare_batch(...).count` for per-example means). Any ablation kind / component / metric:
     `capjax.ablation.ablate`.
@@ -372,6 +373,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                 resume: bool = True) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [U, L, H], baseline [U]).
 
+    tokens, loss_mask, attention_mask [B, T]: the calibration batch (`capjax.CalibrationBatch`);
+    loss_mask marks the answer tokens whose loss is measured.
     Subsets are the U contiguous near-equal splits of the batch (numpy.array_split), each with its
     own token-level loss; `aggregate` names a registered estimator (`capjax.estimators`: median,
     mean, paired, bootstrap, or your own), computed from the per-example losses [L * H, B]

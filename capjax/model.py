@@ -277,7 +277,8 @@ class Decoder(nn.Module):
     collection: apply with mutable=["sites"], or use `capjax.cache.run_with_cache`);
     attention_mask [B, T] (1 = real token; right or left padding), or [B, S] over cache slots
     when `cache` is given. With `cache` ({"k", "v": [L, B, S, K, D], "index": int32 scalar}),
-    returns (logits, new_cache). Logits are float32.
+    returns (logits, new_cache). Logits are float32. positions [B, T] int: the RoPE positions
+    (default: the number of real tokens before each token, right and left padding alike).
     """
 
     config: ModelConfig
@@ -350,7 +351,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.f
 
 
 def layer_params(params: Params, layer: int | Array) -> Params:
-    """One layer's params (the slice `DecoderLayer` expects) from the stacked tree."""
+    """One layer's params (the slice `DecoderLayer` expects) from the stacked tree; layer [] is an
+    int or a traced int32 scalar."""
     return jax.tree.map(lambda a: a[layer], params["layers"])
 
 

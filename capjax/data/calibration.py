@@ -82,7 +82,7 @@ class CalibrationBatch:
         }
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> CalibrationBatch:
-        """The examples at ``idx`` (indices or a boolean mask over B), in that order."""
+        """The examples at ``idx``: indices [n], or a boolean mask ``idx`` [B]; in that order."""
         idx = np.arange(len(self))[np.asarray(idx)]
         truncated = None if self.truncated is None else self.truncated[idx]
         # Without per-example flags the count can only be bounded.

@@ -90,7 +90,7 @@ def perplexity(
     limit_windows: int | None = None,
     progress: bool = False,
 ) -> dict[str, float | int]:
-    """Perplexity of a 1-D token stream, as Wanda and SparseGPT measure it.
+    """Perplexity of a 1-D token stream, token_ids [n_stream], as Wanda and SparseGPT measure it.
 
     The stream is cut into non-overlapping windows of `seq_len` tokens (capped at
     `max_position_embeddings`; the remainder is dropped; at most `limit_windows`), each
