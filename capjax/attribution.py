@@ -94,7 +94,7 @@ class HeadScores:
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
         payload = {**self.arrays(), "settings": np.asarray(json.dumps({**self.settings(), **settings}))}
-        return atomic_write(path, lambda f: np.savez(f, **payload))
+        return atomic_write(path, lambda f: np.savez(f, **payload))  # type: ignore[arg-type]  # numpy's stub
 
     def settings(self) -> dict[str, str]:
         """What the arrays mean: aggregate, method, kind and metric (saved beside them)."""
@@ -129,6 +129,7 @@ class HeadScores:
             return dataclasses.replace(self, delta=aggregate_scores(self.masked, self.baseline, aggregate),
                                        aggregate=aggregate)
         L, H, B = self.example_masked.shape
+        assert self.example_baseline is not None and self.answer_count is not None  # kept with example_masked
         delta = estimators.estimate(aggregate, self.example_masked.reshape(L * H, B), self.example_baseline,
                                     self.answer_count, self.masked.shape[0])
         return dataclasses.replace(self, delta=np.asarray(delta).reshape(L, H), aggregate=aggregate)
@@ -141,6 +142,7 @@ class HeadScores:
         if self.example_masked is None:
             raise ValueError(f"no per-example losses to bootstrap (method={self.method!r}; "
                              "intervals need method='ablation')")
+        assert self.example_baseline is not None and self.answer_count is not None  # kept with example_masked
         return dataclasses.replace(self, interval=head_interval(self.example_masked, self.example_baseline,
                                                                 self.answer_count, resamples, seed, level))
 
@@ -171,7 +173,7 @@ def _last_layer_nll(model: Decoder, params, x: Array, ctx, head_mask_l: Array, a
 
 def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, ans) -> Array:
     """The obvious path: full logits [B, T, V], then the same per-example NLL sums [B]."""
-    logits = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask)
+    logits: Any = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask)
     B, T, V = logits.shape
     flat_pos, target, example = ans
     logp = jax.nn.log_softmax(logits, axis=-1).reshape(B * T, V)[flat_pos]
@@ -253,9 +255,9 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
         raise ValueError(f"masks must be [N, L, H] = [N, {c.num_layers}, {c.num_heads}], got {tuple(masks.shape)}")
     prep = _prepare(model, tokens, loss_mask, attention_mask)
     ans = prep.ans
-    shape = prep.shape if answer_only else prep.tokens.shape
-    chunk = chunk_size or (default_chunk_size(c, *shape, model.dtype, answer_tokens=len(ans.target)) if answer_only
-                           else default_chunk_size(c, *shape, model.dtype, vocab_chunk=None))
+    rows, cols = prep.shape if answer_only else prep.tokens.shape
+    chunk = chunk_size or (default_chunk_size(c, rows, cols, model.dtype, answer_tokens=len(ans.target)) if answer_only
+                           else default_chunk_size(c, rows, cols, model.dtype, vocab_chunk=None))
     n = masks.shape[0]
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
@@ -444,7 +446,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method,
                           kind=kind, metric=metric.name)
     # The delta comes from the per-example results through the estimator registry (capjax.estimators).
-    scores = HeadScores(None, masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,
+    # delta None until with_aggregate computes it
+    scores = HeadScores(None, masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,  # type: ignore[arg-type]
                         np.asarray(ans.count, np.float64), kind=kind, metric=metric.name).with_aggregate(aggregate)
     return scores.with_interval(bootstrap) if bootstrap else scores
 
@@ -477,7 +480,7 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
 
 
 def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, layers_per_call, progress,
-                  fingerprint_args, mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None,
+                  fingerprint_args: tuple[Any, Any, Any], mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None,
                   resume: bool = True) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads

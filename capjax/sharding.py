@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from capjax.families import DEFAULT, Family
 
@@ -76,7 +76,7 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
                          devices=devices[:used])
 
 
-def axis_size(mesh: Mesh, axis: str | None) -> int:
+def axis_size(mesh: Mesh | AbstractMesh, axis: str | None) -> int:
     """Size of a mesh axis; 1 when the mesh has no such axis."""
     return int(mesh.shape[axis]) if axis is not None and axis in mesh.axis_names else 1
 
@@ -141,7 +141,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], axis: int = 0, mesh_axis: str = DATA) -> NamedSharding:
     """Splits dim `axis` of an array of `shape` over `mesh_axis` (replicated when not divisible)."""
-    spec = [None] * len(shape)
+    spec: list[str | None] = [None] * len(shape)
     spec[axis] = mesh_axis
     return NamedSharding(mesh, fit_spec(P(*spec), shape, mesh))
 

@@ -85,7 +85,7 @@ def check_eval_data(tasks: list[str], data_dir: str | None) -> None:
     root = resolve_data_dir(data_dir)
     downloads = data_dir is None and importlib.util.find_spec("datasets") is not None
     missing = [f"{t} needs {eval_data_file(t)}" for t in tasks if eval_data_file(t) is not None
-               and (root is None or not (root / eval_data_file(t)).is_file())
+               and (root is None or not (root / eval_data_file(t)).is_file())  # type: ignore[operator]
                and not (downloads and not t.startswith("strategyqa"))]
     if missing:
         where = f"--data-dir {root}" if root is not None else "$CAPJAX_DATA and ../shared/data"

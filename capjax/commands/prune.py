@@ -120,8 +120,9 @@ def run_structured(args: argparse.Namespace) -> int:
     if needs_calib:
         calib = capjax.build_calibration(args.calib, tokenizer, n=args.n, seq_len=args.seq_len, seed=args.seed,
                                          data_dir=args.data_dir)
-    plan = structured_plan(model, params, shape, delta, *((calib.tokens, calib.loss_mask, calib.attention_mask)
-                                                         if calib is not None else (None, None, None)),
+    tokens, loss_mask, am = ((calib.tokens, calib.loss_mask, calib.attention_mask) if calib is not None
+                             else (None, None, None))
+    plan = structured_plan(model, params, shape, delta, tokens, loss_mask, am,
                            mlp_score=args.mlp_score, layer_score=args.layer_score)
     small, small_params = shrink(model, params, plan)
     with replaced_folder(args.out, EXPORT_MARKER) as staging:  # written beside --out, then swapped in whole
@@ -255,11 +256,12 @@ def run(args: argparse.Namespace) -> int:
 
     with replaced_folder(args.out, EXPORT_MARKER) as staging:  # written beside --out, then swapped in whole
         capjax.save_pretrained(model, pruned, staging, tokenizer, sparsity_format=args.sparsity_format)
-        atomic_write(staging / "masks.npz", lambda f: np.savez_compressed(f, **flat))
+        atomic_write(staging / "masks.npz", lambda f: np.savez_compressed(f, **flat))  # type: ignore[arg-type]
         if args.hf_masks:
             from capjax.io import hf_masks
 
-            atomic_write(staging / "masks_hf.npz", lambda f: np.savez_compressed(f, **hf_masks(model.config, flat)))
+            hf = hf_masks(model.config, flat)
+            atomic_write(staging / "masks_hf.npz", lambda f: np.savez_compressed(f, **hf))  # type: ignore[arg-type]
         write_text(staging / EXPORT_MARKER, strict_json({
             "model": str(args.model), "method": args.method, "sparsity": sparsity, "nm": args.nm,
             "achieved_sparsity": report.total, "options": options, "dtype": args.dtype,

@@ -101,7 +101,7 @@ class CalibrationBatch:
     def trim(self, multiple: int = 1) -> CalibrationBatch:
         """Drop trailing all-padding columns, keeping T a multiple of ``multiple`` (for
         shape bucketing); never grows T."""
-        used = int(self.attention_mask.any(axis=0).nonzero()[0].max(initial=-1)) + 1
+        used = int(np.flatnonzero(self.attention_mask.any(axis=0)).max(initial=-1)) + 1
         t = min(self.tokens.shape[1], -(-max(used, 1) // multiple) * multiple)
         return CalibrationBatch(
             tokens=self.tokens[:, :t],

@@ -145,7 +145,7 @@ def write_texts(files: dict[Path, str]) -> None:
         for path, text in files.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            temps[path] = _write_temp(path, lambda f, text=text: f.write(text), binary=False)
+            temps[path] = _write_temp(path, lambda f, text=text: f.write(text), binary=False)  # type: ignore[misc]
     except BaseException:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
@@ -296,7 +296,7 @@ class Store:
         if self.writer:
             payload = {**arrays, "meta": np.asarray(json.dumps({**(meta or {}), "fingerprint": fp,
                                                                 "code": code_version()}, default=_json_default))}
-            atomic_write(path, lambda f: np.savez(f, **payload))
+            atomic_write(path, lambda f: np.savez(f, **payload))  # type: ignore[arg-type]  # numpy's stub
         return path
 
 
