@@ -28,7 +28,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import yaml
 
@@ -234,6 +234,10 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
 
 
 # ---------------------------------------------------------------------------- typing
+@overload
+def _int(v: Any, where: str, low: int | None = 1, none: Literal[False] = False) -> int: ...
+@overload
+def _int(v: Any, where: str, low: int | None = 1, *, none: bool) -> int | None: ...
 def _int(v: Any, where: str, low: int | None = 1, none: bool = False) -> int | None:
     if v is None and none:
         return None
@@ -244,6 +248,10 @@ def _int(v: Any, where: str, low: int | None = 1, none: bool = False) -> int | N
     return v
 
 
+@overload
+def _bool(v: Any, where: str, none: Literal[False] = False) -> bool: ...
+@overload
+def _bool(v: Any, where: str, *, none: bool) -> bool | None: ...
 def _bool(v: Any, where: str, none: bool = False) -> bool | None:
     if v is None and none:
         return None
@@ -437,8 +445,8 @@ def data_files(cfg: RunConfig) -> dict[str, str]:
     if cfg.recovery is not None and cfg.recovery.data in FILES:
         need[f"recovery.data {cfg.recovery.data}"] = FILES[cfg.recovery.data]["train"]
     for t in cfg.evaluation.tasks:
-        if eval_data_file(t) is not None:
-            need[f"evaluation.tasks {t}"] = eval_data_file(t)
+        if (file := eval_data_file(t)) is not None:
+            need[f"evaluation.tasks {t}"] = file
     return need
 
 
@@ -494,7 +502,8 @@ def validate_run_config(cfg: RunConfig, check_files: bool = True) -> None:
             check_data_file(cfg.recovery)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-    check_writable_dir(Path(cfg.out), "out")
+    if cfg.out is not None:  # load_run_config always sets it; Experiment refuses a RunConfig without
+        check_writable_dir(Path(cfg.out), "out")
 
 
 def check_writable_dir(path: Path, field: str) -> None:
