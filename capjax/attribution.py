@@ -446,8 +446,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method,
                           kind=kind, metric=metric.name)
     # The delta comes from the per-example results through the estimator registry (capjax.estimators).
-    # delta None until with_aggregate computes it
-    scores = HeadScores(None, masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,  # type: ignore[arg-type]
+    # delta: a placeholder that with_aggregate replaces
+    scores = HeadScores(np.empty(0), masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,
                         np.asarray(ans.count, np.float64), kind=kind, metric=metric.name).with_aggregate(aggregate)
     return scores.with_interval(bootstrap) if bootstrap else scores
 
