@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.capjax-core
 DEMO := $(VENV)/.capjax-demo
 TEST := $(VENV)/.capjax-test
+LINT := $(VENV)/.capjax-lint
+DOCS := $(VENV)/.capjax-docs
 
-.PHONY: setup demo demo-organism test test-slow clean
+.PHONY: setup demo demo-organism test test-slow lint docs clean
 
 setup: $(TEST)
 
@@ -27,6 +29,15 @@ $(TEST): $(DEMO)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(TEST)
 
+# ruff, mypy (pinned in the lint extra); mkdocs, mkdocstrings (the docs extra). docs/habits.md.
+$(LINT): $(BASE)
+	$(PY) -m pip install -q -e '.[lint]'
+	touch $(LINT)
+
+$(DOCS): $(BASE)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS)
+
 demo: $(DEMO)
 	$(VENV)/bin/capjax run configs/smollm2_demo.yaml
 
@@ -42,5 +53,15 @@ test: $(TEST)
 test-slow: $(TEST)
 	$(PY) -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
+# ruff's lint rules and formatting on all Python; mypy (basic mode) on the library.
+lint: $(LINT)
+	$(VENV)/bin/ruff check capjax tests scripts
+	$(VENV)/bin/ruff format --check capjax tests scripts
+	$(VENV)/bin/mypy capjax
+
+# The API reference from the docstrings (mkdocs.yml); --strict: every warning is an error.
+docs: $(DOCS)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results site

@@ -120,6 +120,7 @@ class HeadScores:
             return dataclasses.replace(self, delta=aggregate_scores(self.masked, self.baseline, aggregate),
                                        aggregate=aggregate)
         L, H, B = self.example_masked.shape
+        assert self.example_baseline is not None and self.answer_count is not None  # kept with example_masked
         delta = estimators.estimate(aggregate, self.example_masked.reshape(L * H, B), self.example_baseline,
                                     self.answer_count, self.masked.shape[0])
         return dataclasses.replace(self, delta=np.asarray(delta).reshape(L, H), aggregate=aggregate)
@@ -132,6 +133,7 @@ class HeadScores:
         if self.example_masked is None:
             raise ValueError(f"no per-example losses to bootstrap (method={self.method!r}; "
                              "intervals need method='ablation')")
+        assert self.example_baseline is not None and self.answer_count is not None  # kept with example_masked
         return dataclasses.replace(self, interval=head_interval(self.example_masked, self.example_baseline,
                                                                 self.answer_count, resamples, seed, level))
 
@@ -162,7 +164,7 @@ def _last_layer_nll(model: Decoder, params, x: Array, ctx, head_mask_l: Array, a
 
 def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, ans) -> Array:
     """The obvious path: full logits [B, T, V], then the same per-example NLL sums [B]."""
-    logits = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask)
+    logits: Any = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask)
     B, T, V = logits.shape
     flat_pos, target, example = ans
     logp = jax.nn.log_softmax(logits, axis=-1).reshape(B * T, V)[flat_pos]
@@ -225,7 +227,8 @@ _ans_arrays = answer_arrays
 def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
                          chunk_size: int | None = None, answer_only: bool = True, mesh=None,
                          per_example: bool = False) -> np.ndarray:
-    """Loss [N] of the calibration batch under each head mask in `masks` [N, L, H]; with
+    """Loss [N] of the calibration batch (tokens, loss_mask, attention_mask [B, T], as in `score_heads`)
+    under each head mask in `masks` [N, L, H]; with
     `per_example`, the summed answer-token NLL of each example instead, [N, B] (divide by
     `prepare_batch(...).count` for per-example means). Any ablation kind / component / metric:
     `capjax.ablation.ablate`.
@@ -243,9 +246,9 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
         raise ValueError(f"masks must be [N, L, H] = [N, {c.num_layers}, {c.num_heads}], got {tuple(masks.shape)}")
     prep = _prepare(model, tokens, loss_mask, attention_mask)
     ans = prep.ans
-    shape = prep.shape if answer_only else prep.tokens.shape
-    chunk = chunk_size or (default_chunk_size(c, *shape, model.dtype, answer_tokens=len(ans.target)) if answer_only
-                           else default_chunk_size(c, *shape, model.dtype, vocab_chunk=None))
+    rows, cols = prep.shape if answer_only else prep.tokens.shape
+    chunk = chunk_size or (default_chunk_size(c, rows, cols, model.dtype, answer_tokens=len(ans.target)) if answer_only
+                           else default_chunk_size(c, rows, cols, model.dtype, vocab_chunk=None))
     n = masks.shape[0]
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
@@ -362,6 +365,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                 resume: bool = True) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [U, L, H], baseline [U]).
 
+    tokens, loss_mask, attention_mask [B, T]: the calibration batch (`capjax.CalibrationBatch`);
+    loss_mask marks the answer tokens whose loss is measured.
     Subsets are the U contiguous near-equal splits of the batch (numpy.array_split), each with its
     own token-level loss; `aggregate` names a registered estimator (`capjax.estimators`: median,
     mean, paired, bootstrap, or your own), computed from the per-example losses [L * H, B]
@@ -431,7 +436,8 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
         return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method,
                           kind=kind, metric=metric.name)
     # The delta comes from the per-example results through the estimator registry (capjax.estimators).
-    scores = HeadScores(None, masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,
+    # delta: a placeholder that with_aggregate replaces
+    scores = HeadScores(np.empty(0), masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,
                         np.asarray(ans.count, np.float64), kind=kind, metric=metric.name).with_aggregate(aggregate)
     return scores.with_interval(bootstrap) if bootstrap else scores
 
@@ -464,7 +470,7 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
 
 
 def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, layers_per_call, progress,
-                  fingerprint_args, mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None,
+                  fingerprint_args: tuple[Any, Any, Any], mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None,
                   resume: bool = True) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads

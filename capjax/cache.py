@@ -85,7 +85,7 @@ def run_with_cache(model, params, tokens, sites: Sequence[str], attention_mask=N
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [B, T] integers, got shape {tuple(tokens.shape)}")
-    check_cache_fits(model.config, sites, *tokens.shape, model.dtype, budget_bytes)
+    check_cache_fits(model.config, sites, tokens.shape[0], tokens.shape[1], model.dtype, budget_bytes)
     iv = interventions or Interventions()
     iv = Interventions(iv.edits, iv.capture | frozenset(sites))
     return _run(model, params, tokens, None if attention_mask is None else jnp.asarray(attention_mask), iv,

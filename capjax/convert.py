@@ -21,7 +21,7 @@ def _rules(c: ModelConfig) -> list[Rule]:
 
 def hf_keys(config: ModelConfig) -> set[str]:
     """Every HF state-dict key the config implies (what save_pretrained writes)."""
-    keys = set()
+    keys: set[str] = set()
     for name, *_ in _rules(config):
         keys.update(name.format(i=i) for i in range(config.num_layers)) if "{i}" in name else keys.add(name)
     return keys
@@ -80,6 +80,7 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], n
                     stacked = [np.empty((config.num_layers, *a.shape), dtype) for a in parts]
                 for s, a in zip(stacked, parts):
                     s[i] = a
+            assert stacked is not None  # num_layers >= 1
             for p, s in zip(paths, stacked):
                 _set(params, p, place(p, s))
             del stacked

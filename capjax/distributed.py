@@ -113,8 +113,10 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> DistributedSettin
     n = _int(env, COUNT_VARS, 1)
     i = _int(env, ID_VARS, 0)
     if n is not None and i is not None and i >= n:
-        raise DistributedConfigError(f"process id {i} ({_first(env, ID_VARS)[0]}) must be below the process "
-                                     f"count {n} ({_first(env, COUNT_VARS)[0]})")
+        id_var, count_var = _first(env, ID_VARS), _first(env, COUNT_VARS)
+        assert id_var is not None and count_var is not None  # both were read above
+        raise DistributedConfigError(f"process id {i} ({id_var[0]}) must be below the process "
+                                     f"count {n} ({count_var[0]})")
     return DistributedSettings(addr, n, i, _int(env, (HEARTBEAT_VAR,), 1) or DEFAULT_HEARTBEAT_S,
                                _int(env, (INIT_TIMEOUT_VAR,), 1) or DEFAULT_INIT_TIMEOUT_S)
 

@@ -82,14 +82,15 @@ def gguf_config(path: str | os.PathLike) -> dict:
         raise GGUFFormatError(f"{path}: GGUF architecture {arch!r} has no transformers config mapping; "
                               "convert the model to an HF folder instead")
     config: dict[str, Any] = {"tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors)}
-    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}).items():
-        config.setdefault(key, value)
+    for key, default in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}).items():
+        config.setdefault(key, default)
     for key, field in reader.fields.items():
         prefix, _, rest = key.replace(arch, updated).partition(".")
-        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        section: Any = GGUF_CONFIG_MAPPING.get(prefix, {})
+        renamed = section.get(rest)
         if renamed is None or renamed == -1:
             continue
-        value = _value(field)
+        value: Any = _value(field)
         if isinstance(value, str) and arch in value:
             value = value.replace(arch, updated)
         config[renamed] = value

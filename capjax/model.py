@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ def softcap(x: Array, cap: float | None) -> Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-_ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu_pytorch_tanh": partial(nn.gelu, approximate=True)}
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {"silu": nn.silu, "swish": nn.silu, "gelu_pytorch_tanh": partial(nn.gelu, approximate=True)}
 
 
 def rope_tables(config: ModelConfig, positions: Array, dtype: Any) -> tuple[Array, Array]:
@@ -250,7 +250,7 @@ class DecoderLayer(nn.Module):
         if c.mixed_layers:
             if layer is None:
                 raise ValueError(f"{c.model_type} alternates sliding and global layers: pass the layer index")
-            sliding = jnp.asarray([t == "sliding_attention" for t in c.layer_types])[layer]
+            sliding = jnp.asarray([t == "sliding_attention" for t in c.layer_types or ()])[layer]
             cos, sin, mask = (jnp.where(sliding, a_local, a) for a, a_local in zip(ctx[:3], ctx[3:]))
         eps, off = c.rms_norm_eps, c.norm_offset
         x = at_site(self, iv, "resid.pre", x)
@@ -277,7 +277,8 @@ class Decoder(nn.Module):
     collection: apply with mutable=["sites"], or use `capjax.cache.run_with_cache`);
     attention_mask [B, T] (1 = real token; right or left padding), or [B, S] over cache slots
     when `cache` is given. With `cache` ({"k", "v": [L, B, S, K, D], "index": int32 scalar}),
-    returns (logits, new_cache). Logits are float32.
+    returns (logits, new_cache). Logits are float32. positions [B, T] int: the RoPE positions
+    (default: the number of real tokens before each token, right and left padding alike).
     """
 
     config: ModelConfig
@@ -350,7 +351,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.f
 
 
 def layer_params(params: Params, layer: int | Array) -> Params:
-    """One layer's params (the slice `DecoderLayer` expects) from the stacked tree."""
+    """One layer's params (the slice `DecoderLayer` expects) from the stacked tree; layer [] is an
+    int or a traced int32 scalar."""
     return jax.tree.map(lambda a: a[layer], params["layers"])
 
 
@@ -428,7 +430,8 @@ VOCAB_CHUNK = 4096  # token_nll's vocabulary chunk; capjax.memory counts [A, VOC
 
 def unembed(model: Decoder, params: Params, hidden: Array) -> Array:
     """Final norm + LM head on hidden states [..., E] -> float32 logits [..., V]."""
-    return model.apply({"params": params}, hidden, method=Decoder.unembed)
+    logits: Any = model.apply({"params": params}, hidden, method=Decoder.unembed)  # flax: Any | (out, state)
+    return logits
 
 
 def token_nll(model: Decoder, params: Params, hidden: Array, target: Array, vocab_chunk: int = VOCAB_CHUNK) -> Array:

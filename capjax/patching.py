@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,7 @@ def answer_ce(answer) -> Callable[[Array], Array]:
 
 
 # ---------------------------------------------------------------------------- units
-def unit_axes(config, site: str, positions: bool) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+def unit_axes(config, site: str, positions: bool) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(axis names after L, unit dims over the site's keep without T) of a site's units."""
     if site not in PATCHABLE:
         known = ", ".join(PATCHABLE)
@@ -237,7 +237,7 @@ def _one_path(model, params, ctx, clean, src_z, metric, read_rows, receiver: str
     delta = apply_layer(model, layer_params(params, ls), pre[ls], ctx, layer=ls, iv=sender) - pre[ls + 1]
     # The receiver's q / k / v computed from the clean stream plus that change (every path in between frozen).
     _, got = apply_layer(model, layer_params(params, lr), pre[lr] + delta, ctx, layer=lr,
-                         iv=Interventions({}, {receiver}))
+                         iv=Interventions({}, frozenset({receiver})))
     iv = Interventions({receiver: Edit(1.0 - jax.nn.one_hot(hr, n, dtype=jnp.float32), got[receiver])})
     return _finish(model, params, pre[lr], ctx, lr, metric, read_rows, iv)
 
@@ -332,7 +332,7 @@ def attribution_patch(model, params, clean, corrupted, site: str, metric: Callab
     target, source_tokens = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     _, source = run_with_cache(model, params, source_tokens, [site], attention_mask=am)
     delta, base = _attribution(model, params, target, am, source[site], metric, site, positions, rows)
-    out = {"values": float(base) + np.asarray(delta, np.float64), "baseline": float(base)}
+    out: dict[str, Any] = {"values": float(base) + np.asarray(delta, np.float64), "baseline": float(base)}
     if exact is not None:
         if exact.values.shape != out["values"].shape:
             raise ValueError(f"exact has shape {list(exact.values.shape)}, expected {list(out['values'].shape)}: "

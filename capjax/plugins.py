@@ -43,6 +43,7 @@ def load_plugins() -> None:
             if entry.endswith(".py"):
                 path = Path(entry)
                 module_spec = importlib.util.spec_from_file_location(f"capjax_plugin_{path.stem}", path)
+                assert module_spec is not None and module_spec.loader is not None  # a .py path has both
                 module = importlib.util.module_from_spec(module_spec)
                 module_spec.loader.exec_module(module)
             else:

@@ -88,7 +88,10 @@ def code_digest(obj: Any) -> str | None:
         module = getattr(o, "__module__", "") or ""
         if not (module == "capjax" or module.startswith("capjax.")):
             try:
-                parts.append(hashlib.sha256(Path(inspect.getsourcefile(o)).read_bytes()).hexdigest())
+                source = inspect.getsourcefile(o)
+                if source is None:
+                    raise TypeError(f"{o!r} has no source file")
+                parts.append(hashlib.sha256(Path(source).read_bytes()).hexdigest())
             except (TypeError, OSError):
                 code = getattr(o, "__code__", None)
                 parts.append(hashlib.sha256(marshal.dumps(code) if code is not None

@@ -121,7 +121,7 @@ def plot_metric_curves(rows: Sequence[dict], path: str | Path) -> Path:
         for label, rs in curves.items():
             rs = sorted((r for r in rs if r["metrics"].get(name) is not None), key=lambda r: r["sparsity"])
             xs = ([0.0] if dense and dense["metrics"].get(name) is not None else []) + [r["sparsity"] for r in rs]
-            ys = ([dense["metrics"][name]] if len(xs) > len(rs) else []) + [r["metrics"][name] for r in rs]
+            ys = ([dense["metrics"][name]] if dense and len(xs) > len(rs) else []) + [r["metrics"][name] for r in rs]
             ax.plot(xs, ys, marker="o", label=label)
         if dense and dense["metrics"].get(name) is not None:
             ax.axhline(dense["metrics"][name], color="gray", ls="--", lw=1, label="dense")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from capjax.families import DEFAULT, Family
 from capjax.mesh import DATA, MODEL, axis_size, batch_sharding, fit_spec  # noqa: F401  (public here too)

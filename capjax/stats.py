@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-TRANSFORMS = {"identity": lambda x: x, "exp": np.exp}
+TRANSFORMS: dict[str, Callable[[Any], Any]] = {"identity": lambda x: x, "exp": np.exp}
 # Fewest resamples behind a bootstrap interval or test: a 95% percentile interval from fewer puts
 # its ends on the two or three most extreme draws. Below it capjax gives no interval and says
 # "no test" (never "n.s." or "significant" from a handful of draws).

@@ -73,7 +73,7 @@ def main() -> None:
     heads = single_spec(c, "heads")
     kinds = {}
     for kind in ("zero", "mean", "resample"):
-        res, _ = timed(f"{L * H} head ablations, {kind}", lambda: ablate(model, params, batch, heads, kind=kind))
+        res, _ = timed(f"{L * H} head ablations, {kind}", lambda kind=kind: ablate(model, params, batch, heads, kind=kind))
         kinds[kind] = score(res).reshape(L, H)
     names = list(kinds)
     for i, a in enumerate(names):
@@ -123,7 +123,7 @@ def main() -> None:
     blocks = {}
     for component in ("mlp", "attn"):
         res, _ = timed(f"{L} {component}-block ablations",
-                       lambda: ablate(model, params, batch, single_spec(c, component)))
+                       lambda component=component: ablate(model, params, batch, single_spec(c, component)))
         blocks[component] = score(res)
     assert [u[1] for u in units(c, "mlp")] == list(range(L))
     fig, ax = plt.subplots(figsize=(10, 4))

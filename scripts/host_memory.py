@@ -7,7 +7,8 @@
 Each process loads the whole checkpoint (`load_pretrained`), places it on a {"data": -1} mesh of
 all global devices (`shard_params`), drops the host copy, and reports the peak RSS
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) before reading any tensor (transformers imported,
-config read), after loading, and after sharding, the current RSS (VmRSS) at the end, and the bytes of the params its own devices
+config read), after loading, and after sharding, the current RSS (VmRSS) at the end, and the bytes
+of the params its own devices
 hold. With --streamed it loads as `capjax run` does with a mesh, `load_pretrained(mesh=)`:
 each param placed as soon as it is read (so "after load" is also "after sharding"). Peak RSS
 cannot be reset, so compare the two ways in separate runs. Process 0 prints one line per

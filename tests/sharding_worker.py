@@ -354,7 +354,7 @@ def check_families_sharded_logits():
         model = Decoder(config)
         # Random values in init_params' shapes (tracing it is cheaper than compiling it); norms are
         # 1 + noise, so a misplaced leaf changes the logits.
-        shapes = jax.eval_shape(lambda: init_params(config, seed=1))
+        shapes = jax.eval_shape(lambda config=config: init_params(config, seed=1))
         params = jax.tree_util.tree_map_with_path(
             lambda p, a: jnp.asarray((_name(p).endswith("scale")) + rng.normal(0, 0.3, a.shape), a.dtype), shapes)
         sharded = sharding.shard_params(params, m)
@@ -385,7 +385,7 @@ def check_streamed_load_equals_shard_params():
     with tempfile.TemporaryDirectory() as tmp:
         for name, fields in {"llama": dict(model_type="llama"), **FAMILIES}.items():
             config = ModelConfig.from_hf({**TINY_HF, **fields})
-            shapes = jax.eval_shape(lambda: init_params(config, seed=1))
+            shapes = jax.eval_shape(lambda config=config: init_params(config, seed=1))
             params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype), shapes)
             sources.append(capjax.save_pretrained(Decoder(config), params, os.path.join(tmp, name)))
         try:

@@ -42,7 +42,7 @@ def torch_head_values(hf, tokens, am, loss, heads_rep):
     sel = (loss[:, 1:] > 0) & (am[:, 1:] > 0) & (am[:, :-1] > 0)
     out = []
     for l, h in np.ndindex(L, H):
-        def pre(m, a):
+        def pre(m, a, l=l, h=h):
             x = a[0].reshape(*a[0].shape[:2], H, D).clone()
             x[:, :, h] = torch.tensor(heads_rep[l, h], dtype=x.dtype)
             return (x.reshape(a[0].shape),) + tuple(a[1:])

@@ -235,7 +235,7 @@ def torch_wanda(hf, tokens, am, sparsity, nm=None, factor=None):
         lins = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         sq = {n: torch.zeros(m.in_features) for n, m in lins.items()}
 
-        def hook(name):
+        def hook(name, sq=sq):
             def f(_, args):
                 x = args[0].reshape(-1, args[0].shape[-1])[real].float()
                 sq[name] += (x ** 2).sum(0)
@@ -414,8 +414,10 @@ def test_cap_heads_structure(tiny):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_masks_and_untouched_leaves(tiny, calib, delta, method):
     pruned, masks = prune(tiny.model, tiny.params, method, 0.3, head_scores=delta, calib=calib)
-    paths = lambda t: ["/".join(str(k.key) for k in p)  # noqa: E731
-                       for p, _ in jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: x is None)[0]]
+    def paths(t):
+        return ["/".join(str(k.key) for k in p)
+                for p, _ in jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: x is None)[0]]
+
     assert paths(pruned) == paths(tiny.params) == paths(masks)
     for path, p0, p1, m in zip(paths(tiny.params), jax.tree.leaves(tiny.params), jax.tree.leaves(pruned),
                                jax.tree.leaves(masks, is_leaf=lambda x: x is None)):

@@ -150,5 +150,6 @@ def prepare_batch(model, tokens, loss_mask, attention_mask=None, pack: bool = Tr
               else one_per_row(tokens, loss_mask, attention_mask))
     packed_ans = answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
                                   num_examples=packed.num_examples)
-    rows = tuple(jnp.asarray(a) for a in (packed.tokens, packed.segment_ids, packed.positions, packed.prefix))
+    rows = (jnp.asarray(packed.tokens), jnp.asarray(packed.segment_ids), jnp.asarray(packed.positions),
+            jnp.asarray(packed.prefix))
     return PreparedBatch(ans, tokens, attention_mask, packed, rows, answer_arrays(packed_ans))

@@ -94,7 +94,7 @@ def ablated_values(model, params, rows, ans, num_examples: int, metric: Metric, 
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-    start = 0
+    start: int | Array = 0
     if inputs is not None:
         start = first_ablated_layer(spec_one)
         x = inputs[start]

@@ -99,7 +99,7 @@ def resample_source(batch: PreparedBatch, perm: np.ndarray) -> np.ndarray:
     src = np.arange(seg.size)
     w = kept_weights(batch).reshape(-1)
     where = {}  # (example, position) -> flat index
-    last = {}
+    last: dict[int, int] = {}  # example -> its last kept position
     for i in np.flatnonzero(seg != 0):
         where[(int(seg[i]) - 1 if seg[i] > 0 else -1, int(pos[i]))] = i
         if seg[i] > 0 and w[i] > 0:

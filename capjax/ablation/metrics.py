@@ -83,7 +83,7 @@ def logits_metric(fn: Callable[[Array, Array], Array], name: str | None = None) 
     returning [A] (e.g. lambda z, y: (z.argmax(-1) == y).astype(jnp.float32) for accuracy)."""
     def values(model, params, hidden, target, ref):
         return fn(unembed(model, params, hidden), target)
-    return Metric(name or getattr(fn, "__name__", "custom"), values)
+    return Metric(str(name or getattr(fn, "__name__", "custom")), values)
 
 
 def get_metric(metric: str | Metric | Callable) -> Metric:

@@ -125,8 +125,9 @@ def run_structured(args: argparse.Namespace) -> int:
     if needs_calib:
         calib = capjax.build_calibration(args.calib, tokenizer, n=args.n, seq_len=args.seq_len, seed=args.seed,
                                          data_dir=args.data_dir)
-    plan = structured_plan(model, params, shape, delta, *((calib.tokens, calib.loss_mask, calib.attention_mask)
-                                                         if calib is not None else (None, None, None)),
+    tokens, loss_mask, am = ((calib.tokens, calib.loss_mask, calib.attention_mask) if calib is not None
+                             else (None, None, None))
+    plan = structured_plan(model, params, shape, delta, tokens, loss_mask, am,
                            mlp_score=args.mlp_score, layer_score=args.layer_score)
     small, small_params = shrink(model, params, plan)
     with replaced_folder(args.out, EXPORT_MARKER) as staging:  # written beside --out, then swapped in whole

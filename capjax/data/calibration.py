@@ -75,7 +75,7 @@ class CalibrationBatch:
         }
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> CalibrationBatch:
-        """The examples at ``idx`` (indices or a boolean mask over B), in that order."""
+        """The examples at ``idx``: indices [n], or a boolean mask ``idx`` [B]; in that order."""
         idx = np.arange(len(self))[np.asarray(idx)]
         truncated = None if self.truncated is None else self.truncated[idx]
         # Without per-example flags the count can only be bounded.
@@ -94,7 +94,7 @@ class CalibrationBatch:
     def trim(self, multiple: int = 1) -> CalibrationBatch:
         """Drop trailing all-padding columns, keeping T a multiple of ``multiple`` (for
         shape bucketing); never grows T."""
-        used = int(self.attention_mask.any(axis=0).nonzero()[0].max(initial=-1)) + 1
+        used = int(np.flatnonzero(self.attention_mask.any(axis=0)).max(initial=-1)) + 1
         t = min(self.tokens.shape[1], -(-max(used, 1) // multiple) * multiple)
         return CalibrationBatch(
             tokens=self.tokens[:, :t],

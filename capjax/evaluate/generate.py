@@ -66,7 +66,7 @@ def decode_fn(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids
         B, T = tokens.shape
         X = max_new_tokens
         valid = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((B, X), jnp.int32)], axis=1)
-        cache = init_cache(config, B, T + X, model.dtype)
+        cache: Any = init_cache(config, B, T + X, model.dtype)
         logits, cache = model.apply({"params": params}, tokens, attention_mask=valid, cache=cache)
         first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         out = jnp.full((B, X), pad_id, jnp.int32).at[:, 0].set(first)

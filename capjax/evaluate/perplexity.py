@@ -33,7 +33,7 @@ def _token_logprobs_fn(config: ModelConfig, dtype_name: str):
     model = Decoder(config, dtype=jnp.dtype(dtype_name))
 
     @jax.jit
-    def fn(params: Params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    def fn(params: Params, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         B, T = tokens.shape
         hidden, _ = model.apply({"params": params}, tokens, attention_mask=mask, method=Decoder.hidden_states)
         C = min(_CHUNK, T)
@@ -89,8 +89,8 @@ def perplexity(
     batch_size: int = 1,
     limit_windows: int | None = None,
     progress: bool = False,
-) -> dict[str, float | int]:
-    """Perplexity of a 1-D token stream, as Wanda and SparseGPT measure it.
+) -> dict[str, float | int | list[float]]:
+    """Perplexity of a 1-D token stream, token_ids [n_stream], as Wanda and SparseGPT measure it.
 
     The stream is cut into non-overlapping windows of `seq_len` tokens (capped at
     `max_position_embeddings`; the remainder is dropped; at most `limit_windows`), each
@@ -136,7 +136,7 @@ def wikitext2_perplexity(
     limit_windows: int | None = None,
     batch_size: int = 1,
     progress: bool = False,
-) -> dict[str, float | int]:
+) -> dict[str, float | int | list[float]]:
     """`perplexity` on the WikiText-2 test text (capjax.data.load_wikitext2_text), tokenized
     once with the tokenizer's defaults (special tokens included, as Wanda does)."""
     from capjax.data import load_wikitext2_text

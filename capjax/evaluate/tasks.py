@@ -150,7 +150,7 @@ def arc_loglikelihood(model, params, tokenizer, records: list[dict], batch_size:
     scores = continuation_logprobs(model, params, requests, batch_size=batch_size, progress=progress)
     acc, acc_norm, samples = [], [], []
     start = 0
-    for i, r in enumerate(records):
+    for r in records:
         k = len(r["choices"])
         ll = np.array([s[0] for s in scores[start:start + k]])
         lengths = np.array([float(len(text)) for _, text in r["choices"]])

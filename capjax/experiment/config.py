@@ -29,7 +29,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import yaml
 
@@ -229,6 +229,10 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
 
 
 # ---------------------------------------------------------------------------- typing
+@overload
+def _int(v: Any, where: str, low: int | None = 1, none: Literal[False] = False) -> int: ...
+@overload
+def _int(v: Any, where: str, low: int | None = 1, *, none: bool) -> int | None: ...
 def _int(v: Any, where: str, low: int | None = 1, none: bool = False) -> int | None:
     if v is None and none:
         return None
@@ -239,6 +243,10 @@ def _int(v: Any, where: str, low: int | None = 1, none: bool = False) -> int | N
     return v
 
 
+@overload
+def _bool(v: Any, where: str, none: Literal[False] = False) -> bool: ...
+@overload
+def _bool(v: Any, where: str, *, none: bool) -> bool | None: ...
 def _bool(v: Any, where: str, none: bool = False) -> bool | None:
     if v is None and none:
         return None
@@ -457,8 +465,8 @@ def data_files(cfg: RunConfig) -> dict[str, str]:
     if data in TASKS and TASKS[data].file(TASKS[data].calib_split) is not None:
         need[f"recovery.data {data}"] = TASKS[data].file(TASKS[data].calib_split)
     for t in cfg.evaluation.tasks:
-        if eval_data_file(t) is not None:
-            need[f"evaluation.tasks {t}"] = eval_data_file(t)
+        if (file := eval_data_file(t)) is not None:
+            need[f"evaluation.tasks {t}"] = file
     return need
 
 
@@ -512,7 +520,8 @@ def validate_run_config(cfg: RunConfig, check_files: bool = True) -> None:
             check_data_file(cfg.recovery)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-    check_writable_dir(Path(cfg.out), "out")
+    if cfg.out is not None:  # load_run_config always sets it; Experiment refuses a RunConfig without
+        check_writable_dir(Path(cfg.out), "out")
 
 
 def check_writable_dir(path: Path, field: str) -> None:

@@ -48,7 +48,8 @@ def pack_masks(masks, pruned=None) -> tuple[dict[str, np.ndarray], dict]:
     from capjax.pruning.importance import get_kernels
     from capjax.pruning.prune import flat_masks
 
-    arrays, meta = {}, {"shapes": {}}
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"shapes": {}}
     for path, m in flat_masks(masks).items():
         m = np.asarray(to_host(m), bool)
         arrays[f"mask:{path}"] = np.packbits(m.reshape(-1))
@@ -106,10 +107,15 @@ class Experiment:
 
     def __init__(self, cfg: RunConfig, recompute: bool = False):
         self.cfg = cfg
+        if cfg.out is None:
+            raise ValueError("RunConfig.out is not set: set out= (load_run_config sets results/NAME)")
         self.out = Path(cfg.out)
         self.store = Store(self.out, writer=is_writer(), read=not recompute)
-        self.model = self.params = self.tokenizer = None
-        self.model_fp: str | None = None
+        # set by load()
+        self.model: Any = None
+        self.params: Any = None
+        self.tokenizer: Any = None
+        self.model_fp: Any = None
         self.calibs: dict[str, Any] = {}
         self.calib_fps: dict[str, str] = {}
         self.events: list[str] = []  # "computed scores/synthetic", "reused evals/dense/..." (observable reuse)
@@ -124,7 +130,7 @@ class Experiment:
         code computed is recorded as "reused X (computed by capjax V)" and said in one line."""
         note = ""
         if status == "reused":
-            code = Store.code_of(saved)
+            code = Store.code_of(saved or {})
             if code == code_version():
                 _log(f"{what}: reusing {path}")
             else:
@@ -176,8 +182,8 @@ class Experiment:
     def scores_fingerprint(self, task: str) -> str:
         c = self.cfg.calibration
         self.calibration(task)
-        inputs = {"model": self.model_fp, "calibration": self.calib_fps[task], "subsets": c.subsets,
-                  "method": c.method}
+        inputs: dict[str, Any] = {"model": self.model_fp, "calibration": self.calib_fps[task], "subsets": c.subsets,
+                                  "method": c.method}
         if (c.kind, c.metric) != ("zero", "ce"):  # so that zero / ce artifacts from before still match
             inputs["ablation"] = {"kind": c.kind, "metric": c.metric}
         from capjax.ablation.metrics import get_metric
@@ -230,12 +236,13 @@ class Experiment:
 
         spec = METHODS[run["method"]]
         options = method_options(self.cfg, run["method"])
-        inputs = {"model": self.model_fp, "method": run["method"], "sparsity": run["sparsity"] if not run["nm"]
-                  else 0.0, "nm": run["nm"], "options": options}
+        inputs: dict[str, Any] = {"model": self.model_fp, "method": run["method"],
+                                  "sparsity": run["sparsity"] if not run["nm"] else 0.0, "nm": run["nm"], "options": options}
         plugin = code_digest(spec.fn)  # a plugin method's code (None: capjax's own, see code_version)
         if plugin is not None:
             inputs["code"] = plugin
         if spec.needs_scores:
+            assert scores is not None  # run() passes the scores of every run that needs them
             inputs["scores"] = {"fingerprint": scores[0], "aggregate": scores[1].aggregate}
             if scores[1].aggregate in estimators.names():
                 plugin = code_digest(estimators.get(scores[1].aggregate))
@@ -256,7 +263,7 @@ class Experiment:
                 return fp, apply_masks(params, masks), masks
         calib = self.calibs[run["calib"]] if spec.needs_calib else None
         pruned, masks = prune(self.model, self.params, run["method"], 0.0 if run["nm"] else run["sparsity"],
-                              head_scores=scores[1] if spec.needs_scores else None, calib=calib, nm=run["nm"],
+                              head_scores=scores[1] if spec.needs_scores and scores else None, calib=calib, nm=run["nm"],
                               mesh=self.mesh, **options)
         summary = spec.summarize(self.model.config, to_host(masks)) if spec.summary is not None else None
         if summary:
@@ -316,6 +323,7 @@ class Experiment:
             params()
         evals = self.evaluate(name, params, fp, tasks)
         if not recovered:
+            assert saved is not None  # params() ran (and filled recovered) unless it was saved
             recovered.update(history=saved["history"], achieved_sparsity=saved.get("achieved_sparsity"))
             self._event("reused", f"recovery/{name}", self.store.path("recovery", fp), saved)
         row = {**run, "name": name, "method": f"{run['method']}+{suffix}", "fingerprint": fp,
@@ -412,7 +420,7 @@ class Experiment:
                                         title=f"CAP head scores: {cfg.model} on {task} ({s.describe()})",
                                         interval=s.interval)
         _log(f"[1/{len(runs) + 1}] dense model: evaluating {', '.join(tasks)}")
-        rows = [{"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None,
+        rows: list[dict[str, Any]] = [{"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None,
                  "fingerprint": self.model_fp, "achieved_sparsity": sparsity_report(self.params).total,
                  "eval": self.evaluate("dense", self.params, self.model_fp, tasks)}]
         histories: dict[str, dict] = {}

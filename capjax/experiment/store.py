@@ -145,5 +145,5 @@ class Store:
         if self.writer:
             payload = {**arrays, "meta": np.asarray(json.dumps({**(meta or {}), "fingerprint": fp,
                                                                 "code": code_version()}, default=_json_default))}
-            atomic_write(path, lambda f: np.savez(f, **payload))
+            atomic_write(path, lambda f: np.savez(f, **payload))  # type: ignore[arg-type]  # numpy's stub
         return path

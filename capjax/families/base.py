@@ -68,7 +68,7 @@ class ModelConfig(Protocol):
 # (HF name with {i} for the layer, capjax path, HF -> capjax, capjax -> HF); per-layer entries map
 # one layer's slice of the stacked [L, ...] array. A fused HF tensor gives a tuple of paths: its
 # HF -> capjax map returns one array per path and its capjax -> HF map takes them in that order.
-Rule = tuple[str, tuple[str, ...], Callable, Callable]
+Rule = tuple[str, tuple[str, ...] | tuple[tuple[str, ...], ...], Callable, Callable]
 
 
 class UnsupportedConfigError(ValueError):

@@ -67,11 +67,12 @@ def write_config(config: "ModelConfig", common: dict) -> Any:
     import transformers
 
     kw = {k: v for k, v in common.items() if k != "hidden_act"}
+    assert config.layer_types is not None  # read_config always sets Gemma's layer types
     kw.update(head_dim=config.head_dim, hidden_activation=config.hidden_act, layer_types=list(config.layer_types),
               sliding_window=config.sliding_window, query_pre_attn_scalar=config.query_pre_attn_scalar,
               final_logit_softcapping=config.final_softcap)
     if config.model_type == "gemma2":
-        cfg = transformers.Gemma2Config(attn_logit_softcapping=config.attn_softcap, **kw)
+        cfg: Any = transformers.Gemma2Config(attn_logit_softcapping=config.attn_softcap, **kw)
         cfg.architectures = ["Gemma2ForCausalLM"]
         return cfg
     local = {"rope_type": "default", "rope_theta": config.local_rope_theta or config.rope_theta}

@@ -91,7 +91,7 @@ def write_config(config: "ModelConfig", common: dict) -> Any:
     if config.model_type == "mistral":
         return transformers.MistralConfig(head_dim=config.head_dim, sliding_window=config.sliding_window, **common)
     # transformers' Qwen2 reads an explicit head_dim (a model with heads removed keeps its head_dim).
-    return transformers.Qwen2Config(use_sliding_window=False, head_dim=config.head_dim, **common)
+    return transformers.Qwen2Config(use_sliding_window=False, head_dim=config.head_dim, **common)  # type: ignore[call-arg]
 
 
 def checkpoint(c: "ModelConfig") -> list[Rule]:

@@ -32,7 +32,7 @@ def write_config(config: "ModelConfig", common: dict) -> Any:
     import transformers
 
     # transformers' Phi-3 reads an explicit head_dim (a model with heads removed keeps its head_dim).
-    return transformers.Phi3Config(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)
+    return transformers.Phi3Config(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)  # type: ignore[call-arg]
 
 
 def checkpoint(c: "ModelConfig") -> list[Rule]:

@@ -201,7 +201,7 @@ class CapjaxLM(TemplateLM):
         groups: dict[tuple, list[int]] = {}
         settings = []
         for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
-            kw = dict(gen_kwargs or {})
+            kw: dict[str, Any] = dict(gen_kwargs or {})
             if kw.get("do_sample") and float(kw.get("temperature", 1.0)) > 0:
                 raise ValueError(f"generation_kwargs do_sample=True, temperature={kw.get('temperature', 1.0)}: "
                                  "capjax decodes greedily; set do_sample: false (or temperature: 0)")

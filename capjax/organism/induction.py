@@ -140,7 +140,7 @@ def previous_token_scores(probs: np.ndarray) -> np.ndarray:
     return probs[:, :, :, t, t - 1].mean(axis=(1, 3))
 
 
-def circuit(prefix: np.ndarray, previous: np.ndarray, threshold: float = 0.3) -> dict[str, list[tuple[int, int]]]:
+def circuit(prefix: np.ndarray, previous: np.ndarray, threshold: float = 0.3) -> dict[str, list[tuple[int, ...]]]:
     """The planted circuit from the two attention scores [L, H]: induction heads (prefix-matching
     > threshold) and previous-token heads (previous-token score > threshold, in a layer below the
     last induction head's). Heads as (layer, head)."""

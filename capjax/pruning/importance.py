@@ -102,9 +102,11 @@ def kv_importance(importance: Array, num_kv_heads: int, kv_rule: str = "mean") -
     return grouped.mean(-1) if kv_rule == "mean" else grouped.max(-1)
 
 
-def head_factor(values: Array, ndim: int, head_axis: int) -> Array:
+def head_factor(values: Array, ndim: int, head_axis: int | None) -> Array:
     """values [L, H] or [L, K] (one per layer and head) shaped to broadcast against a stacked kernel with
     `ndim` axes whose heads are on `head_axis`."""
+    if head_axis is None:
+        raise ValueError("head_factor needs the kernel's head_axis (a head-structured family Kernel)")
     shape = [1] * ndim
     shape[0], shape[head_axis] = values.shape
     return values.reshape(shape)
@@ -141,6 +143,7 @@ def weight_scores(params: Params, importance: Array, kv_rule: str = "mean",
     """
     kernels = get_kernels(params, family)
     q, kv = family.head_kernels("query")[0], family.head_kernels("kv")[0]
+    assert q.head_axis is not None and kv.head_axis is not None  # head kernels name their head axis
     L, H = kernels[q.path].shape[0], kernels[q.path].shape[q.head_axis]
     K = kernels[kv.path].shape[kv.head_axis]
     if tuple(importance.shape) != (L, H):

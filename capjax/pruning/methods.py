@@ -59,11 +59,11 @@ class Job:
     nm: tuple[int, int] | None
     importance: Array | None
     delta: np.ndarray | None
-    tokens: Array | None
-    attention_mask: Array | None
+    tokens: Array | np.ndarray | None
+    attention_mask: Array | np.ndarray | None
     options: dict[str, Any]
     mesh: Any = None  # a jax Mesh: calibration chunks are split over its "data" axis
-    loss_mask: Array | None = None  # [B, T] calibration answer tokens, when the calibration has them
+    loss_mask: Array | np.ndarray | None = None  # [B, T] calibration answer tokens, when the calibration has them
 
     @property
     def family(self) -> Family:
@@ -72,6 +72,7 @@ class Job:
     @property
     def num_kv_heads(self) -> int:
         kv = self.family.head_kernels("kv")[0]
+        assert kv.head_axis is not None  # head kernels name their head axis
         return self.kernels[kv.path].shape[kv.head_axis]
 
 
@@ -114,6 +115,7 @@ def random(job: Job) -> tuple[Kernels, Kernels]:
 
 
 def cap(job: Job) -> tuple[Kernels, Kernels]:
+    assert job.importance is not None  # prune() requires head scores for the cap family
     scores = weight_scores(job.params, job.importance, job.options["kv_rule"], job.family)
     if job.nm:
         return job.kernels, _nm_masks(scores, job.nm)
@@ -136,6 +138,7 @@ def cap_heads(job: Job) -> tuple[Kernels, Kernels]:
     """Structured CAP: `sparsity` is the fraction of the L * H attention heads removed (not of
     weights). A removed head loses its q columns [l, :, h, :] and o rows [l, h, :, :]; k / v of
     kv head k are removed only when all G heads of its group are. MLPs are untouched."""
+    assert job.delta is not None  # prune() requires head scores for the cap family
     L, H = job.delta.shape
     K = job.num_kv_heads
     kept = jnp.asarray(~heads_to_remove(job.delta, job.sparsity))
@@ -157,7 +160,7 @@ def heads_removed(config, masks) -> str:
     return f"removed {removed} of {config.num_layers * config.num_heads} heads"
 
 
-def _input_stats(model, kind: str, lp: dict, layer: Array, x: Array, ctx, w: Array) -> dict[str, Array]:
+def _input_stats(model, kind: str, lp: dict, layer: Array | None, x: Array, ctx, w: Array) -> dict[str, Array]:
     """Statistics of every projection's input over real tokens (w [B, T] = attention mask):
     kind "norm": sum of x_j^2 [n_in]; kind "hessian": sum of x x^T [n_in, n_in]."""
     _, inputs = apply_layer(model, lp, x, ctx, capture=True, layer=layer)
@@ -193,7 +196,7 @@ def _set_kernels(lp: dict, kernels: Kernels) -> dict:
 def _layer_forward(model, lp: dict, layer: Array, new: Kernels, keep: Kernels, xs: Array, ctxs) -> Array:
     """The pruned layer (kernels `new`, zero where not `keep`) applied to every chunk of xs."""
     lp = _set_kernels(lp, {p: jnp.where(keep[p], v, jnp.zeros((), v.dtype)) for p, v in new.items()})
-    return jax.lax.map(lambda c: apply_layer(model, lp, *c, layer=layer), (xs, ctxs))
+    return jax.lax.map(lambda c: apply_layer(model, lp, c[0], c[1], layer=layer), (xs, ctxs))
 
 
 layer_slice = jax.jit(layer_params)
@@ -266,6 +269,7 @@ def wanda(job: Job) -> tuple[Kernels, Kernels]:
 
 
 def cap_wanda(job: Job) -> tuple[Kernels, Kernels]:
+    assert job.importance is not None  # prune() requires head scores for the cap family
     return _wanda_like(job, region_factors(job.importance, job.num_kv_heads, job.options["kv_rule"], job.family))
 
 

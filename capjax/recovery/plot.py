@@ -10,7 +10,7 @@ import numpy as np
 
 def plot_loss_curves(histories: Mapping[str, Mapping[str, Any]], path: str | Path,
                      title: str = "recovery loss", smooth: int = 1) -> Path:
-    """One line per method: history["loss"] [steps] against the step (a running mean over `smooth`
+    """One line per method: `history["loss"]` [steps] against the step (a running mean over `smooth`
     steps when > 1). Writes `path` (png / pdf / svg by suffix) and returns it."""
     import matplotlib
 

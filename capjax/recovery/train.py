@@ -68,8 +68,8 @@ def check_masks(params: Params, masks: Params) -> None:
         if m is None or tuple(np.shape(m)) != tuple(w.shape):
             raise MaskTreeError(f"mask {p} has shape {None if m is None else list(np.shape(m))}, the kernel has "
                                 f"{list(w.shape)}: masks must come from pruning these params")
-    extra = jax.tree_util.tree_structure(params, is_leaf=lambda x: x is None)
-    got = jax.tree_util.tree_structure(masks, is_leaf=lambda x: x is None)
+    extra: Any = jax.tree_util.tree_structure(params, is_leaf=lambda x: x is None)
+    got: Any = jax.tree_util.tree_structure(masks, is_leaf=lambda x: x is None)
     if extra.num_leaves != got.num_leaves:
         raise MaskTreeError(f"masks have {got.num_leaves} leaves, the params {extra.num_leaves}: masks must have "
                             "the params' tree (None at the unpruned leaves)")
@@ -151,13 +151,14 @@ def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers
     C = min(LOSS_ROWS, Q)
     pad = -Q % C
     h, target, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(target, (0, pad)), jnp.pad(w, (0, pad))
-    xs = (h.reshape(-1, C, h.shape[-1]), target.reshape(-1, C), w.reshape(-1, C))
+    xs: tuple[jax.Array, ...] = (h.reshape(-1, C, h.shape[-1]), target.reshape(-1, C), w.reshape(-1, C))
     if distil is None:
         @jax.checkpoint
         def chunk(total, xs):
             hc, tc, wc = xs
             return total + jnp.sum(token_nll(model, params, hc, tc) * wc), None
     else:
+        assert teacher is not None  # distil is set only with a teacher
         tp = jax.lax.stop_gradient(teacher)
         xt = _hidden(distil.teacher, tp, batch, tp["layers"], lambda lp: lp, remat)
         ht = jnp.pad(xt[:, :-1].reshape(-1, xt.shape[-1]), ((0, pad), (0, 0)))
@@ -399,6 +400,7 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     if mode == "full":
         out = apply_masks(jax.tree.map(lambda a, d: a.astype(d), state["trainable"], dtypes), masks)
     else:
+        assert frozen is not None  # lora keeps the frozen params
         out = merge_lora(frozen, state["trainable"], masks, settings.alpha / settings.rank)
     schedule = lr_schedule(settings)
     history = {

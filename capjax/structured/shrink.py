@@ -44,7 +44,7 @@ def _take(a: jax.Array, idx, axis: int) -> jax.Array:
 
 def axis_table(config) -> dict[str, tuple[str, int]]:
     """path -> (what indexes the axis: "query" | "kv" | "channel", axis of the stacked leaf)."""
-    table = {k.path: (k.heads, k.head_axis) for k in family_of(config).kernels if k.heads}
+    table = {k.path: (k.heads, k.head_axis) for k in family_of(config).kernels if k.heads and k.head_axis is not None}
     table.update({p: ("channel", axis) for p, axis in CHANNEL_AXES.items()})
     table.update({p: (heads, 1) for p, heads in BIAS_HEADS.items()})
     return table
