@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -149,6 +150,10 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
     return path
 
 
+def _write_to(text: str, f: Any) -> None:
+    f.write(text)
+
+
 def _write_temp(path: Path, write: Callable[[Any], None], binary: bool) -> str:
     """A complete temporary file beside `path` (written, flushed, synced, mode `file_mode()`)."""
     try:
@@ -179,7 +184,7 @@ def write_texts(files: dict[Path, str]) -> None:
         for path, text in files.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            temps[path] = _write_temp(path, lambda f, text=text: f.write(text), binary=False)
+            temps[path] = _write_temp(path, partial(_write_to, text), binary=False)
     except BaseException:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
@@ -248,7 +253,7 @@ def write_scores_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], set
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     payload = {**arrays, "settings": np.asarray(json.dumps(settings))}
-    return atomic_write(path, lambda f: np.savez(f, **payload))
+    return atomic_write(path, lambda f: np.savez(f, **payload))  # type: ignore[arg-type]  # numpy's stub
 
 
 def read_scores_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -268,7 +273,7 @@ def scores_settings(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
 def write_masks_npz(path: str | os.PathLike, flat: dict[str, Any]) -> Path:
     """Keep masks {kernel path: bool array} as a compressed .npz, written atomically."""
     arrays = {k: np.asarray(v) for k, v in flat.items()}
-    return atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))
+    return atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]  # numpy's stub
 
 
 def read_masks(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ Legend: B rows (examples), W processes.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -260,7 +261,7 @@ def restore_numpy(path: str | os.PathLike) -> Any:
     saved with; every process reads the whole step."""
     from capjax.checkpoints import restore_numpy as restore
 
-    return restore(path)
+    return restore(Path(path))
 
 
 @jax.jit

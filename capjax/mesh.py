@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from capjax.families.base import DATA, MODEL
 
 __all__ = ["DATA", "MODEL", "axis_size", "batch_sharding", "fit_spec"]
 
 
-def axis_size(mesh: Mesh, axis: str | None) -> int:
+def axis_size(mesh: Mesh | AbstractMesh, axis: str | None) -> int:
     """Size of a mesh axis; 1 when the mesh has no such axis."""
     return int(mesh.shape[axis]) if axis is not None and axis in mesh.axis_names else 1
 

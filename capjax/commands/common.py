@@ -88,8 +88,9 @@ def check_eval_data(tasks: list[str], data_dir: str | None) -> None:
     downloadable = set(TASKS.builtin_names()) - {"strategyqa"}  # capjax.data's `datasets` fallback
     root = resolve_data_dir(data_dir)
     downloads = data_dir is None and importlib.util.find_spec("datasets") is not None
-    missing = [f"{t} needs {eval_data_file(t)}" for t in tasks if eval_data_file(t) is not None
-               and (root is None or not (root / eval_data_file(t)).is_file())
+    files = {t: eval_data_file(t) for t in tasks}
+    missing = [f"{t} needs {file}" for t, file in files.items() if file is not None
+               and (root is None or not (root / file).is_file())
                and not (downloads and t in downloadable)]
     if missing:
         where = f"--data-dir {root}" if root is not None else "$CAPJAX_DATA and ../shared/data"

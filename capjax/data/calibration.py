@@ -158,7 +158,10 @@ def build_calibration(
         raise ValueError(f"empty calibration set: n={n}, need n >= 1")
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} too small: need at least one prompt and one answer token")
-    records = t.records(split or t.calib_split, n, seed, data_dir)
+    split = split or t.calib_split
+    if split is None:
+        raise ValueError(f"task {task!r} has no calibration split; give split=")
+    records = t.records(split, n, seed, data_dir)
     texts = [format_example(r, task, tokenizer, chat) for r in records]
     prompt_ids = tokenizer(
         [p for p, _ in texts], add_special_tokens=not use_chat(tokenizer, chat)

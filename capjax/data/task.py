@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, overload
 
 from capjax.plugins import load_plugins
 from capjax.registry import Registry
@@ -46,6 +46,10 @@ SETTINGS = ("batch_size", "max_new_tokens", "ppl_seq_len")  # evaluation setting
 Fn = Callable[..., Any] | str
 
 
+@overload
+def resolve(target: None) -> None: ...
+@overload
+def resolve(target: Fn) -> Callable[..., Any]: ...
 def resolve(target: Fn | None) -> Callable[..., Any] | None:
     """A callable, or the function a "module:function" string names (imported now)."""
     if target is None or callable(target):

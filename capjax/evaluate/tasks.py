@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 
@@ -206,8 +206,8 @@ def wikitext2_task(model, params, tokenizer, data_dir=None, seq_len: int = 2048,
     """wikitext2's `run` (perplexity mode): metrics and the per-window values of ppl and nll."""
     metrics = wikitext2_perplexity(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
                                    limit_windows=limit, progress=progress)
-    windows = metrics.pop("window_nll")
-    tokens = [float(metrics["seq_len"] - 1)] * len(windows)
+    windows = cast(list[float], metrics.pop("window_nll"))
+    tokens = [float(cast(int, metrics["seq_len"]) - 1)] * len(windows)
     return metrics, {"ppl": {"kind": "ratio", "num": windows, "den": tokens, "transform": "exp"},
                      "nll": {"kind": "ratio", "num": windows, "den": tokens, "transform": "identity"}}
 
@@ -217,6 +217,8 @@ def _evaluate_task(task, model, params, tokenizer, data_dir, limit, seed, max_ne
     """One task of `evaluate`, by its mode: fills results[task], examples[task] (and samples[task])."""
     t = get_task(task)
     if t.mode == "perplexity":
+        if t.run is None:
+            raise ValueError(f"task {task!r}: a perplexity task needs run=")
         results[task], examples[task] = resolve(t.run)(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
                                                        limit=limit, progress=progress)
         return
@@ -227,6 +229,7 @@ def _evaluate_task(task, model, params, tokenizer, data_dir, limit, seed, max_ne
         results[task], samples[task], examples[task] = resolve(t.run or arc_task)(
             model, params, tokenizer, records, batch_size=batch_size, progress=progress)
         return
+    assert t.score is not None  # Task refuses a generation task without score=
     results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, resolve(t.score),
                                                     max_new_tokens, batch_size, chat, progress)
     examples[task] = _examples(results[task], samples[task])

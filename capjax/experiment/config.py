@@ -457,13 +457,13 @@ def data_files(cfg: RunConfig) -> dict[str, str]:
     """{what: file relative to the data folder} for every data file the config's tasks read."""
     from capjax.data.task import TASKS
 
-    need = {}
+    need: dict[str, str] = {}
     for t in cfg.calibration.tasks:
-        if TASKS[t].file(TASKS[t].calib_split) is not None:
-            need[f"calibration.tasks {t}"] = TASKS[t].file(TASKS[t].calib_split)
+        if (file := TASKS[t].file(TASKS[t].calib_split)) is not None:
+            need[f"calibration.tasks {t}"] = file
     data = cfg.recovery.data if cfg.recovery is not None else None
-    if data in TASKS and TASKS[data].file(TASKS[data].calib_split) is not None:
-        need[f"recovery.data {data}"] = TASKS[data].file(TASKS[data].calib_split)
+    if data is not None and data in TASKS and (file := TASKS[data].file(TASKS[data].calib_split)) is not None:
+        need[f"recovery.data {data}"] = file
     for t in cfg.evaluation.tasks:
         if (file := eval_data_file(t)) is not None:
             need[f"evaluation.tasks {t}"] = file

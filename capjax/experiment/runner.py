@@ -339,7 +339,7 @@ class Experiment:
 
         e = self.cfg.evaluation
         t = TASKS.lookup(task)
-        inputs = {"model": params_fp, "task": task, "limit": e.limit_for(task), "seed": self.cfg.seed,
+        inputs: dict[str, Any] = {"model": params_fp, "task": task, "limit": e.limit_for(task), "seed": self.cfg.seed,
                   "chat": self.cfg.calibration.chat, "data": self._data_digest(f"evaluation.tasks {task}")}
         inputs.update({k: getattr(e, k) for k in t.fingerprint_settings})
         if task not in TASKS.builtin_names():  # a registered task: its code and prompt text count too

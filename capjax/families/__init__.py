@@ -41,7 +41,7 @@ for _family in (llama.FAMILY, qwen3.FAMILY, gemma.FAMILY, phi3.FAMILY):
 
 def family_for(model_type: str | None) -> Family:
     """The family implementing a transformers `model_type`; refuses an unknown one by name."""
-    return FAMILIES.lookup(model_type)
+    return FAMILIES.lookup(str(model_type))
 
 
 def family_of(config) -> Family:

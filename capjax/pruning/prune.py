@@ -86,13 +86,13 @@ def flat_masks(masks: Params) -> dict[str, Any]:
 def read_masks_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The keep masks of a masks.npz that `capjax prune` writes, by prunable path; a missing,
     unreadable or incomplete file is one error naming it (read before any model loads)."""
-    return artifacts.read_masks(path, PRUNABLE)
+    return artifacts.read_masks(path, tuple(PRUNABLE))
 
 
 def masks_digest(flat: dict[str, Any]) -> str:
     """20 hex digits of SHA-256 over the keep masks {prunable path: bool array} (paths, shapes and
     bits), so two masks files are compared by content however they were saved."""
-    return artifacts.masks_digest(flat, PRUNABLE)
+    return artifacts.masks_digest(flat, tuple(PRUNABLE))
 
 
 def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:
