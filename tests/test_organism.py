@@ -243,6 +243,94 @@ def test_shipped_induction_organism_cap_finds_the_planted_circuit_and_misses_red
     assert red["group"] > 5 * red["sum_single"] and red["group"] > 1.0, red
 
 
+def _hook_head_patch(hf, target, source, layer, head, head_dim):
+    """One transformers run of `target` whose o_proj input (the heads' concatenated z) at `layer`
+    has head `head`'s slice taken from a run of `source` (a forward pre-hook): logits [B, T, V]."""
+    import torch
+
+    o_proj = hf.model.layers[layer].self_attn.o_proj
+    got = {}
+    sl = slice(head * head_dim, (head + 1) * head_dim)
+    h = o_proj.register_forward_pre_hook(lambda m, a: got.__setitem__("z", a[0].clone()))
+    with torch.no_grad():
+        hf(torch.as_tensor(source, dtype=torch.long))
+    h.remove()
+
+    def swap(m, a):
+        z = a[0].clone()
+        z[..., sl] = got["z"][..., sl]
+        return (z,)
+    h = o_proj.register_forward_pre_hook(swap)
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(target, dtype=torch.long)).logits.numpy()
+    h.remove()
+    return logits
+
+
+def _np_repeat_loss(logits, batch):
+    """The repeat's mean next-token loss of batch's tokens at its loss_mask, in numpy."""
+    x = logits[:, :-1].astype(np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    w = batch["loss_mask"][:, 1:]
+    return float((nll * w).sum() / w.sum())
+
+
+def test_induction_patching_scores_equal_a_transformers_hook_loop():
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from capjax.io import load_pretrained
+
+    folder = WEIGHTS / "induction"
+    model, params = load_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    c = model.config
+    batch = ind.repeat_batch(8, 16, 128, seed=3)
+    corrupted = ind.corrupt_first_copy(batch, 16, 128)
+    assert (corrupted["tokens"][:, 17:] == batch["tokens"][:, 17:]).all()  # the second copy is kept
+    assert (corrupted["tokens"][:, 1:17] != batch["tokens"][:, 1:17]).mean() > 0.9  # the first resampled
+    got = ind.patching_scores(model, params, batch, 16, 128)
+    with torch.no_grad():
+        clean = _np_repeat_loss(hf(torch.as_tensor(batch["tokens"], dtype=torch.long)).logits.numpy(), batch)
+        bad = _np_repeat_loss(hf(torch.as_tensor(corrupted["tokens"], dtype=torch.long)).logits.numpy(), batch)
+    np.testing.assert_allclose([got["clean_loss"], got["corrupted_loss"]], [clean, bad], rtol=1e-4)
+    assert bad > clean + 1.0  # the corruption breaks the repeat
+    noising = np.zeros((c.num_layers, c.num_heads))
+    denoising = np.zeros((c.num_layers, c.num_heads))
+    for layer in range(c.num_layers):
+        for head in range(c.num_heads):
+            noising[layer, head] = _np_repeat_loss(
+                _hook_head_patch(hf, batch["tokens"], corrupted["tokens"], layer, head, c.head_dim), batch) - clean
+            denoising[layer, head] = bad - _np_repeat_loss(
+                _hook_head_patch(hf, corrupted["tokens"], batch["tokens"], layer, head, c.head_dim), batch)
+    np.testing.assert_allclose(got["noising"], noising, atol=2e-4)
+    np.testing.assert_allclose(got["denoising"], denoising, atol=2e-4)
+    assert np.abs(noising).max() > 0.5 and np.abs(denoising).max() > 0.5  # the patches move the loss
+
+
+@pytest.mark.slow
+def test_shipped_induction_organisms_activation_patching_precision():
+    """Noising (a clean run with one head from the corrupted run) finds the 2 x 4 circuit but, like
+    single-head ablation, misses redundant induction heads on the 2 x 8 organism; denoising (the
+    corrupted run with one head's clean output) ranks every induction head first on both."""
+    from capjax.io import load_pretrained
+
+    for name, H in (("induction", 4), ("induction_h8", 8)):
+        model, params = load_pretrained(WEIGHTS / name)
+        probs = ind.attention_probs(model, params, ind.repeat_batch(64, 16, 128, seed=1)["tokens"])
+        c = ind.circuit(ind.prefix_matching_scores(probs, 16), ind.previous_token_scores(probs))
+        r = ind.patching_scores(model, params, ind.repeat_batch(64, 16, 128, seed=3), 16, 128)
+        assert r["corrupted_loss"] > r["clean_loss"] + 1.0, (name, r)
+        assert ind.precision_at_k(r["denoising"], c["induction"]) == 1.0, (name, c, r)
+        if H == 4:
+            assert ind.precision_at_k(r["noising"], c["all"]) == 1.0, (name, c, r)
+        else:  # 8 redundant induction heads: patching one at a time barely moves the loss
+            assert len(c["induction"]) == 8, c
+            assert ind.precision_at_k(r["noising"], c["induction"]) < len(c["induction"]) / (2 * H), (name, c, r)
+
+
 def test_organism_run_config_validates_and_finds_the_shipped_weights(tmp_path):
     from capjax.experiment.config import load_run_config, validate_run_config
     from capjax.io import load_config
