@@ -143,21 +143,22 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         t, lm, am = arrays(c)
         return capjax.score_heads(model, params, t, lm, attention_mask=am, progress=False, **kw)
 
-    scores = {"cap": heads(calib["reasoning"]), "cap_paired": heads(calib["reasoning"], aggregate="paired"),
-              "gradient": heads(calib["reasoning"], method="gradient")}
-    if "text" in calib:
-        scores["cap_text"] = heads(calib["text"])
     reason_calib = {"tokens": calib["reasoning"].tokens, "attention_mask": calib["reasoning"].attention_mask}
-    # label -> (registered method, head scores, calibration)
-    plan = {"cap": ("cap", scores["cap"], None), "cap_paired": ("cap", scores["cap_paired"], None),
-            "gradient": ("cap", scores["gradient"], None), "cap_wanda": ("cap_wanda", scores["cap"], reason_calib),
-            "wanda": ("wanda", None, reason_calib), "sparsegpt": ("sparsegpt", None, reason_calib),
-            "magnitude": ("magnitude", None, None), "random": ("random", None, None)}
-    if "cap_text" in scores:
-        plan["cap_text"] = ("cap", scores["cap_text"], None)
-    # structured: CAP's head scores choose heads, Minitron activations MLP channels (the defaults)
-    plan["cap_structured"] = ("cap_structured", scores["cap"], {**reason_calib, "loss_mask": calib["reasoning"].loss_mask})
-    plan = {k: v for k, v in plan.items() if v[0] in registry.names() and (not methods_wanted or k in methods_wanted)}
+    # label -> (registered method, the head scores it ranks by, calibration); structured: CAP's head
+    # scores choose heads, Minitron activations MLP channels (cap_structured's defaults)
+    specs = {"cap": ("cap", "cap", None), "cap_paired": ("cap", "cap_paired", None),
+             "gradient": ("cap", "gradient", None), "cap_wanda": ("cap_wanda", "cap", reason_calib),
+             "wanda": ("wanda", None, reason_calib), "sparsegpt": ("sparsegpt", None, reason_calib),
+             "magnitude": ("magnitude", None, None), "random": ("random", None, None),
+             "cap_text": ("cap", "cap_text", None),
+             "cap_structured": ("cap_structured", "cap", {**reason_calib, "loss_mask": calib["reasoning"].loss_mask})}
+    if "text" not in calib:
+        del specs["cap_text"]
+    specs = {k: v for k, v in specs.items() if v[0] in registry.names() and (not methods_wanted or k in methods_wanted)}
+    score_fns = {"cap": lambda: heads(calib["reasoning"]), "cap_paired": lambda: heads(calib["reasoning"], aggregate="paired"),
+                 "gradient": lambda: heads(calib["reasoning"], method="gradient"), "cap_text": lambda: heads(calib["text"])}
+    scores = {k: score_fns[k]() for k in score_fns if any(v[1] == k for v in specs.values())}  # only those needed
+    plan = {k: (m, None if hs is None else scores[hs], cal) for k, (m, hs, cal) in specs.items()}
 
     def measure(p):
         t0 = time.perf_counter()
@@ -167,6 +168,12 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         return {"accuracy": acc["accuracy"], "low": iv.low, "high": iv.high, "n": acc["n"],
                 "by_steps": acc["by_steps"], "answer_loss": acc["answer_loss"], "correct": acc["correct"],
                 "ppl": None if ppl is None else ppl["ppl"], "seconds": time.perf_counter() - t0}
+
+    def save():
+        res = {"sparsities": list(sparsities), "n": n, "calibration": {"n": CALIB_N, "seq_len": CALIB_SEQ},
+               "head_scores": {k: np.asarray(v.delta).tolist() for k, v in scores.items()}, "results": results}
+        (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
+        return res
 
     results = {"dense": measure(params)}
     log(f"dense: accuracy {results['dense']['accuracy']:.3f}, ppl {_f(results['dense']['ppl'], 1)}")
@@ -186,22 +193,61 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
             if options:
                 r["options"] = options
             results[label][str(s)] = r
+            save()  # partial results survive an interrupted run
             log(f"{label} {s:.0%}: accuracy {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
                 f"ppl {_f(r['ppl'], 1)} ({r['seconds']:.0f} s)")
-    if "wanda" in results:
-        for label in plan:
-            for s in sparsities:
-                if "correct" not in results[label][str(s)]:
-                    continue
-                a, b = results["wanda"][str(s)]["correct"], results[label][str(s)]["correct"]
-                d = stats.paired_difference({"num": a, "den": [1] * len(a)}, {"num": b, "den": [1] * len(b)})
-                results[label][str(s)]["vs_wanda"] = {"diff": d.diff, "low": d.low, "high": d.high,
-                                                      "significant": d.significant}
-    res = {"sparsities": list(sparsities), "n": n, "calibration": {"n": CALIB_N, "seq_len": CALIB_SEQ},
-           "head_scores": {k: np.asarray(v.delta).tolist() for k, v in scores.items()}, "results": results}
-    (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
+    _paired_with_wanda(results, sparsities)
+    res = save()
     _table(out, res, list(plan))
     _figures(out, res, list(plan))
+    return res
+
+
+def _paired_with_wanda(results: dict, sparsities) -> None:
+    """Adds "vs_wanda" (paired bootstrap of the accuracy difference on the same problems) to every
+    measured cell, when Wanda was measured."""
+    from capjax import stats
+
+    if "wanda" not in results:
+        return
+    for label, cells in results.items():
+        for s in sparsities if label != "dense" else ():
+            if "correct" not in cells.get(str(s), {}) or "correct" not in results["wanda"].get(str(s), {}):
+                continue
+            a, b = results["wanda"][str(s)]["correct"], cells[str(s)]["correct"]
+            d = stats.paired_difference({"num": a, "den": [1] * len(a)}, {"num": b, "den": [1] * len(b)})
+            cells[str(s)]["vs_wanda"] = {"diff": d.diff, "low": d.low, "high": d.high, "significant": d.significant}
+
+
+LABELS = ("cap", "cap_paired", "gradient", "cap_wanda", "wanda", "sparsegpt", "magnitude", "random", "cap_text",
+          "cap_structured")
+
+
+def merge(out: Path, parts: list[Path]) -> dict:
+    """One reasoning.json (and its table and figures) from the reasoning.json files of runs that
+    measured disjoint methods with the same sparsities, n and calibration (their dense results must
+    agree); the paired tests against Wanda are recomputed across them."""
+    runs = [json.loads((p / "reasoning.json").read_text()) for p in parts]
+    first = runs[0]
+    for p, r in zip(parts, runs):
+        for key in ("sparsities", "n", "calibration"):
+            if r[key] != first[key]:
+                raise SystemExit(f"{p}/reasoning.json: {key} {r[key]} differs from {parts[0]}'s {first[key]}")
+        if r["results"]["dense"]["correct"] != first["results"]["dense"]["correct"]:
+            raise SystemExit(f"{p}/reasoning.json: the dense model's answers differ from {parts[0]}'s")
+    results, scores = {"dense": first["results"]["dense"]}, {}
+    for p, r in zip(parts, runs):
+        scores.update(r["head_scores"])
+        for label, cells in r["results"].items():
+            if label != "dense" and label in results:
+                raise SystemExit(f"{p}/reasoning.json: {label} was measured by another part too")
+            results.setdefault(label, cells)
+    _paired_with_wanda(results, first["sparsities"])
+    res = {**first, "head_scores": scores, "results": results, "merged_from": [str(p) for p in parts]}
+    (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
+    labels = [k for k in LABELS if k in results] + [k for k in results if k not in LABELS and k != "dense"]
+    _table(out, res, labels)
+    _figures(out, res, labels)
     return res
 
 
@@ -334,6 +380,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the method labels (default: all)")
     ap.add_argument("--redraw", action="store_true",
                     help="only redraw the reasoning table and figures from <out>/reasoning.json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="only merge the reasoning.json of these --out folders (runs of disjoint --methods) into --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +390,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
+    if args.merge:
+        merge(out, [Path(p) for p in args.merge])
+        return 0
     if args.redraw:
         res = json.loads((out / "reasoning.json").read_text())
         labels = [k for k in res["results"] if k != "dense"]

@@ -341,3 +341,28 @@ def test_organism_run_config_validates_and_finds_the_shipped_weights(tmp_path):
     validate_run_config(cfg)  # the organism task needs no data folder
     config = load_config(root / cfg.model)
     assert (config.model_type, config.num_heads, config.num_kv_heads) == ("llama", 4, 2)  # GQA Llama layout
+
+
+def test_compare_weights_finds_a_one_ulp_change_and_names_a_missing_file(tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from capjax.organism.train import compare_weights
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(WEIGHTS / "induction", a)
+    shutil.copytree(WEIGHTS / "induction", b)
+    same = compare_weights(a, b)
+    assert same["identical"] and same["tensors"] == len(load_file(str(a / "model.safetensors")))
+    tensors = load_file(str(b / "model.safetensors"))
+    name = sorted(tensors)[3]
+    w = tensors[name].copy()
+    w.flat[7] = np.nextafter(w.flat[7], np.inf, dtype=w.dtype)  # one ulp
+    tensors[name] = w
+    save_file(tensors, str(b / "model.safetensors"), metadata={"format": "pt"})
+    diff = compare_weights(a, b)
+    assert not diff["identical"] and list(diff["differing"]) == [name], diff
+    assert 0 < diff["differing"][name] < 1e-6
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "c" / "model.safetensors")):
+        compare_weights(a, tmp_path / "c")
