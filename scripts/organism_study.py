@@ -319,7 +319,25 @@ def _table(out: Path, res: dict, labels) -> None:
              "Held-out WikiText-2 perplexity:", "", *ppl]
     if shapes:
         lines += ["", "Structured shapes:", "", *shapes]
+    if "cap" in labels and "cap_text" in labels:
+        lines += ["", *_two_by_two(res)]
     (out / "reasoning.md").write_text("\n".join(lines) + "\n")
+
+
+def _two_by_two(res: dict) -> list[str]:
+    """The 2 x 2 as markdown: CAP calibrated on problems (cap) vs on text (cap_text), accuracy with
+    the paired difference on the same problems, and perplexity."""
+    from capjax import stats
+
+    lines = ["The 2 x 2 (CAP calibrated on word problems vs on text, same budget):", "",
+             "| sparsity | accuracy: problems | accuracy: text | difference [paired 95%] | ppl: problems | ppl: text |",
+             "|---|---|---|---|---|---|"]
+    for s in res["sparsities"]:
+        a, b = res["results"]["cap"][str(s)], res["results"]["cap_text"][str(s)]
+        d = stats.paired_difference({"num": b["correct"], "den": [1] * b["n"]}, {"num": a["correct"], "den": [1] * a["n"]})
+        lines.append(f"| {s:.0%} | {a['accuracy']:.3f} | {b['accuracy']:.3f} | {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+                     f"{' *' if d.significant else ''} | {_f(a['ppl'], 2)} | {_f(b['ppl'], 2)} |")
+    return lines
 
 
 def _figures(out: Path, res: dict, labels) -> None:
