@@ -115,7 +115,7 @@ def _text_calibration(tokenizer, text: str, n: int, seq_len: int, seed: int) -> 
     return {k: v[idx] for k, v in chunks.items()}
 
 
-def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, log) -> dict:
+def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, log, dense: bool = True) -> dict:
     import capjax
     from capjax import stats
     from capjax.data import build_calibration
@@ -175,8 +175,10 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
         return res
 
-    results = {"dense": measure(params)}
-    log(f"dense: accuracy {results['dense']['accuracy']:.3f}, ppl {_f(results['dense']['ppl'], 1)}")
+    results = {}
+    if dense:
+        results["dense"] = measure(params)
+        log(f"dense: accuracy {results['dense']['accuracy']:.3f}, ppl {_f(results['dense']['ppl'], 1)}")
     for label, (method, hs, cal) in plan.items():
         results[label] = {}
         for s in sparsities:
@@ -198,8 +200,9 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
                 f"ppl {_f(r['ppl'], 1)} ({r['seconds']:.0f} s)")
     _paired_with_wanda(results, sparsities)
     res = save()
-    _table(out, res, list(plan))
-    _figures(out, res, list(plan))
+    if dense:
+        _table(out, res, list(plan))
+        _figures(out, res, list(plan))
     return res
 
 
@@ -229,19 +232,30 @@ def merge(out: Path, parts: list[Path]) -> dict:
     agree); the paired tests against Wanda are recomputed across them."""
     runs = [json.loads((p / "reasoning.json").read_text()) for p in parts]
     first = runs[0]
+    if "dense" not in first["results"]:
+        raise SystemExit(f"{parts[0]}/reasoning.json: no dense result; list a part run without --no-dense first")
     for p, r in zip(parts, runs):
         for key in ("sparsities", "n", "calibration"):
             if r[key] != first[key]:
                 raise SystemExit(f"{p}/reasoning.json: {key} {r[key]} differs from {parts[0]}'s {first[key]}")
-        if r["results"]["dense"]["correct"] != first["results"]["dense"]["correct"]:
+        if "dense" in r["results"] and r["results"]["dense"]["correct"] != first["results"]["dense"]["correct"]:
             raise SystemExit(f"{p}/reasoning.json: the dense model's answers differ from {parts[0]}'s")
-    results, scores = {"dense": first["results"]["dense"]}, {}
+    complete = {}  # label -> (part, cells) with every sparsity measured (an interrupted part's last label is not)
     for p, r in zip(parts, runs):
-        scores.update(r["head_scores"])
         for label, cells in r["results"].items():
-            if label != "dense" and label in results:
-                raise SystemExit(f"{p}/reasoning.json: {label} was measured by another part too")
-            results.setdefault(label, cells)
+            if label == "dense" or len(cells) < len(first["sparsities"]):
+                continue
+            if label in complete:
+                raise SystemExit(f"{p}/reasoning.json: {label} was measured by {complete[label][0]} too")
+            complete[label] = (p, cells)
+    for p, r in zip(parts, runs):
+        for label, cells in r["results"].items():
+            if label != "dense" and label not in complete:
+                raise SystemExit(f"{p}/reasoning.json: {label} lacks sparsities and no other part measured it all")
+    results = {"dense": first["results"]["dense"], **{k: v[1] for k, v in complete.items()}}
+    scores = {}
+    for r in runs:
+        scores.update(r["head_scores"])
     _paired_with_wanda(results, first["sparsities"])
     res = {**first, "head_scores": scores, "results": results, "merged_from": [str(p) for p in parts]}
     (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -400,6 +414,8 @@ def main(argv=None) -> int:
                     help="only redraw the reasoning table and figures from <out>/reasoning.json")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="only merge the reasoning.json of these --out folders (runs of disjoint --methods) into --out")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip the dense evaluation (a part of a split run; merge it after a part that has it)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -425,7 +441,7 @@ def main(argv=None) -> int:
         timing["induction_seconds"] = time.perf_counter() - t
     if args.part in ("reasoning", "both"):
         t = time.perf_counter()
-        reasoning_part(out, Path(args.reasoning), args.sparsities, args.n, args.methods, log)
+        reasoning_part(out, Path(args.reasoning), args.sparsities, args.n, args.methods, log, dense=not args.no_dense)
         timing["reasoning_seconds"] = time.perf_counter() - t
     (out / f"timing_{args.part}.json").write_text(json.dumps({**timing, "argv": sys.argv[1:]}, indent=1) + "\n")
     log(f"done: {timing}")

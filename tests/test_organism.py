@@ -366,3 +366,34 @@ def test_compare_weights_finds_a_one_ulp_change_and_names_a_missing_file(tmp_pat
     assert 0 < diff["differing"][name] < 1e-6
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "c" / "model.safetensors")):
         compare_weights(a, tmp_path / "c")
+
+
+def test_study_maps_sparsity_to_structured_shapes_by_parameter_count():
+    """scripts/organism_study.py's cap_structured shapes on the reasoning organism (4 layers, 4
+    heads in 2 kv groups, MLP 256): the fraction of decoder-layer parameters each removes, counted by
+    hand, is within 1 point of the sparsity, or the sparsity is refused."""
+    import importlib.util
+
+    from capjax.io import load_config
+    from capjax.structured.method import shape_for
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "organism_study.py"
+    spec = importlib.util.spec_from_file_location("organism_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    config = load_config(WEIGHTS / "reasoning")
+    E, D = config.hidden_size, config.head_dim
+
+    def by_hand(shape):  # q, k, v, o, gate / up / down, two norms, per kept layer
+        per = E * D * (2 * shape.num_heads + 2 * shape.num_kv_heads) + 3 * E * shape.intermediate_size + 2 * E
+        return shape.num_layers * per
+
+    full = config.num_layers * (E * D * (2 * 4 + 2 * 2) + 3 * E * 256 + 2 * E)
+    for s, layers in ((0.3, 0), (0.5, 0), (0.6, 0), (0.7, 1)):
+        options, _ = study.structured_options(config, s)
+        assert options == {"layers": layers}, (s, options)
+        removed = 1 - by_hand(shape_for(config, s, options)) / full
+        assert s <= removed <= s + study.STRUCTURED_TOLERANCE, (s, removed)
+    for s in (0.1, 0.2):  # the smallest cut halves each kv group's heads: 27.7% at least
+        options, note = study.structured_options(config, s)
+        assert options is None and "27.7%" in note, note
