@@ -397,3 +397,56 @@ def test_study_maps_sparsity_to_structured_shapes_by_parameter_count():
     for s in (0.1, 0.2):  # the smallest cut halves each kv group's heads: 27.7% at least
         options, note = study.structured_options(config, s)
         assert options is None and "27.7%" in note, note
+
+
+def test_study_merge_joins_parts_and_recomputes_the_paired_tests(tmp_path):
+    """scripts/organism_study.py --merge: cells from disjoint parts, an interrupted part's incomplete
+    label dropped, the paired difference with Wanda equal to capjax.stats on the same answers, and
+    one-line refusals of mismatched parts."""
+    import importlib.util
+    import json
+
+    from capjax import stats
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "organism_study.py"
+    spec = importlib.util.spec_from_file_location("organism_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rng = np.random.default_rng(0)
+
+    def cell(p):
+        correct = (rng.random(40) < p).astype(int).tolist()
+        iv = stats.binomial_interval(sum(correct), 40)
+        return {"accuracy": sum(correct) / 40, "low": iv.low, "high": iv.high, "n": 40, "correct": correct,
+                "ppl": 20.0}
+
+    sp = [0.1, 0.5]
+    dense = cell(0.99)
+    parts = {"a": {"dense": dense, "wanda": {str(s): cell(0.8) for s in sp}, "cap": {"0.1": cell(0.9)}},
+             "b": {"cap": {str(s): cell(0.9) for s in sp}}}
+    for name, results in parts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "reasoning.json").write_text(json.dumps(
+            {"sparsities": sp, "n": 40, "calibration": {"n": 64, "seq_len": 80}, "head_scores": {}, "results": results}))
+    out = tmp_path / "out"
+    out.mkdir()
+    res = study.merge(out, [tmp_path / "a", tmp_path / "b"])
+    assert set(res["results"]) == {"dense", "wanda", "cap"}
+    for s in map(str, sp):
+        got = res["results"]["cap"][s]
+        assert got["correct"] == parts["b"]["cap"][s]["correct"]  # the complete part's cells, not a's partial one
+        a, b = parts["a"]["wanda"][s]["correct"], got["correct"]
+        want = stats.paired_difference({"num": a, "den": [1] * 40}, {"num": b, "den": [1] * 40})
+        assert got["vs_wanda"]["diff"] == pytest.approx(np.mean(b) - np.mean(a))
+        assert (got["vs_wanda"]["low"], got["vs_wanda"]["high"]) == (want.low, want.high)
+    assert (out / "reasoning.md").is_file() and (out / "accuracy_ppl_vs_sparsity.png").is_file()
+    # the same label complete in two parts, or other dense answers: refused, naming the file
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "reasoning.json").write_text((tmp_path / "b" / "reasoning.json").read_text())
+    with pytest.raises(SystemExit, match="c/reasoning.json: cap was measured by .*b too"):
+        study.merge(out, [tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    other = json.loads((tmp_path / "a" / "reasoning.json").read_text())
+    other["results"] = {"dense": cell(0.5)}
+    (tmp_path / "c" / "reasoning.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="c/reasoning.json: the dense model's answers differ"):
+        study.merge(out, [tmp_path / "a", tmp_path / "b", tmp_path / "c"])
