@@ -7,7 +7,9 @@
 induction: on the induction organism, the planted circuit (induction heads by prefix-matching
 score, previous-token heads by previous-token score, both from attention probabilities alone),
 precision@k of CAP's exact scores and of the gradient scores (capjax.score_heads on <s> A A rows,
-the repeat in the loss) against it, and single / pair / group ablations of the circuit's heads.
+the repeat in the loss) and of activation patching (capjax.patching.patch of every head at all
+positions, clean <s> A A vs corrupted <s> A' A, metric the repeat's loss; noising and denoising)
+against it, and single / pair / group ablations of the circuit's heads.
 
 reasoning: on the reasoning organism, greedy exact match on n held-out problems (Wilson 95%
 intervals) and held-out WikiText-2 perplexity against sparsity, for every method below, each
@@ -56,6 +58,9 @@ def induction_part(out: Path, folder: Path, log) -> dict:
         "gradient": capjax.score_heads(model, params, calib["tokens"], calib["loss_mask"], method="gradient",
                                        progress=False).delta,
     }
+    patching = ind.patching_scores(model, params, calib, P, V)  # clean <s> A A vs corrupted <s> A' A
+    scores["patching_noising"] = patching["noising"]
+    scores["patching_denoising"] = patching["denoising"]
     N = c.num_layers * c.num_heads
     precision = {}
     for name, s in scores.items():
@@ -71,16 +76,18 @@ def induction_part(out: Path, folder: Path, log) -> dict:
     acc = ind.repeat_accuracy(model, params, P, V)
     res = {"prefix_matching": prefix.tolist(), "previous_token": previous.tolist(), "circuit": circ,
            "scores": {k: np.asarray(v).tolist() for k, v in scores.items()}, "precision": precision,
-           "chance_precision": chance, "redundancy": red, "groups": groups, "repeat_accuracy": acc}
+           "chance_precision": chance, "patching_losses": {k: patching[k] for k in ("clean_loss", "corrupted_loss")},
+           "redundancy": red, "groups": groups, "repeat_accuracy": acc}
     (out / f"{folder.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    rows = ["| head | prefix-matching | previous-token | role | CAP delta | gradient delta | single ablation |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| head | prefix-matching | previous-token | role | CAP delta | gradient delta | patching (noising) | "
+            "patching (denoising) | single ablation |", "|---|---|---|---|---|---|---|---|---|"]
     for layer, head in itertools.product(range(c.num_layers), range(c.num_heads)):
         h = (layer, head)
         role = ("induction" if h in circ["induction"] else "previous-token" if h in circ["previous"] else "-")
         single = red["single"].get(str(h))
         rows.append(f"| {layer}.{head} | {prefix[h]:.3f} | {previous[h]:.3f} | {role} | {scores['cap'][h]:.4f} | "
-                    f"{scores['gradient'][h]:.4f} | {_f(single, 4)} |")
+                    f"{scores['gradient'][h]:.4f} | {scores['patching_noising'][h]:.4f} | "
+                    f"{scores['patching_denoising'][h]:.4f} | {_f(single, 4)} |")
     rows += ["", "| ablated together | loss increase | sum of their single-head increases |", "|---|---|---|"]
     for a, b in itertools.combinations(circ["all"], 2):
         rows.append(f"| {a[0]}.{a[1]} + {b[0]}.{b[1]} | {red['pairs'][f'{a}+{b}']:.4f} | "
@@ -108,7 +115,7 @@ def _text_calibration(tokenizer, text: str, n: int, seq_len: int, seed: int) -> 
     return {k: v[idx] for k, v in chunks.items()}
 
 
-def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, log) -> dict:
+def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, log, dense: bool = True) -> dict:
     import capjax
     from capjax import stats
     from capjax.data import build_calibration
@@ -136,19 +143,22 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         t, lm, am = arrays(c)
         return capjax.score_heads(model, params, t, lm, attention_mask=am, progress=False, **kw)
 
-    scores = {"cap": heads(calib["reasoning"]), "cap_paired": heads(calib["reasoning"], aggregate="paired"),
-              "gradient": heads(calib["reasoning"], method="gradient")}
-    if "text" in calib:
-        scores["cap_text"] = heads(calib["text"])
     reason_calib = {"tokens": calib["reasoning"].tokens, "attention_mask": calib["reasoning"].attention_mask}
-    # label -> (registered method, head scores, calibration)
-    plan = {"cap": ("cap", scores["cap"], None), "cap_paired": ("cap", scores["cap_paired"], None),
-            "gradient": ("cap", scores["gradient"], None), "cap_wanda": ("cap_wanda", scores["cap"], reason_calib),
-            "wanda": ("wanda", None, reason_calib), "sparsegpt": ("sparsegpt", None, reason_calib),
-            "magnitude": ("magnitude", None, None), "random": ("random", None, None)}
-    if "cap_text" in scores:
-        plan["cap_text"] = ("cap", scores["cap_text"], None)
-    plan = {k: v for k, v in plan.items() if v[0] in registry.names() and (not methods_wanted or k in methods_wanted)}
+    # label -> (registered method, the head scores it ranks by, calibration); structured: CAP's head
+    # scores choose heads, Minitron activations MLP channels (cap_structured's defaults)
+    specs = {"cap": ("cap", "cap", None), "cap_paired": ("cap", "cap_paired", None),
+             "gradient": ("cap", "gradient", None), "cap_wanda": ("cap_wanda", "cap", reason_calib),
+             "wanda": ("wanda", None, reason_calib), "sparsegpt": ("sparsegpt", None, reason_calib),
+             "magnitude": ("magnitude", None, None), "random": ("random", None, None),
+             "cap_text": ("cap", "cap_text", None),
+             "cap_structured": ("cap_structured", "cap", {**reason_calib, "loss_mask": calib["reasoning"].loss_mask})}
+    if "text" not in calib:
+        del specs["cap_text"]
+    specs = {k: v for k, v in specs.items() if v[0] in registry.names() and (not methods_wanted or k in methods_wanted)}
+    score_fns = {"cap": lambda: heads(calib["reasoning"]), "cap_paired": lambda: heads(calib["reasoning"], aggregate="paired"),
+                 "gradient": lambda: heads(calib["reasoning"], method="gradient"), "cap_text": lambda: heads(calib["text"])}
+    scores = {k: score_fns[k]() for k in score_fns if any(v[1] == k for v in specs.values())}  # only those needed
+    plan = {k: (m, None if hs is None else scores[hs], cal) for k, (m, hs, cal) in specs.items()}
 
     def measure(p):
         t0 = time.perf_counter()
@@ -159,50 +169,189 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
                 "by_steps": acc["by_steps"], "answer_loss": acc["answer_loss"], "correct": acc["correct"],
                 "ppl": None if ppl is None else ppl["ppl"], "seconds": time.perf_counter() - t0}
 
-    results = {"dense": measure(params)}
-    log(f"dense: accuracy {results['dense']['accuracy']:.3f}, ppl {_f(results['dense']['ppl'], 1)}")
+    def save():
+        res = {"sparsities": list(sparsities), "n": n, "calibration": {"n": CALIB_N, "seq_len": CALIB_SEQ},
+               "head_scores": {k: np.asarray(v.delta).tolist() for k, v in scores.items()}, "results": results}
+        (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
+        return res
+
+    results = {}
+    if dense:
+        results["dense"] = measure(params)
+        log(f"dense: accuracy {results['dense']['accuracy']:.3f}, ppl {_f(results['dense']['ppl'], 1)}")
     for label, (method, hs, cal) in plan.items():
         results[label] = {}
         for s in sparsities:
-            pruned, _ = capjax.prune(model, params, method, s, head_scores=hs, calib=cal)
+            options = {}
+            if method == "cap_structured":
+                options, note = structured_options(model.config, s)
+                if options is None:
+                    results[label][str(s)] = {"expressible": False, "note": note}
+                    log(f"{label} {s:.0%}: not run: {note}")
+                    continue
+            pruned, masks = capjax.prune(model, params, method, s, head_scores=hs, calib=cal, **options)
             r = measure(pruned)
+            r["removed"] = removed_fraction(masks)
+            if options:
+                r["options"] = options
             results[label][str(s)] = r
+            save()  # partial results survive an interrupted run
             log(f"{label} {s:.0%}: accuracy {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
                 f"ppl {_f(r['ppl'], 1)} ({r['seconds']:.0f} s)")
-    if "wanda" in results:
-        for label in plan:
-            for s in sparsities:
-                a, b = results["wanda"][str(s)]["correct"], results[label][str(s)]["correct"]
-                d = stats.paired_difference({"num": a, "den": [1] * len(a)}, {"num": b, "den": [1] * len(b)})
-                results[label][str(s)]["vs_wanda"] = {"diff": d.diff, "low": d.low, "high": d.high,
-                                                      "significant": d.significant}
-    res = {"sparsities": list(sparsities), "n": n, "calibration": {"n": CALIB_N, "seq_len": CALIB_SEQ},
-           "head_scores": {k: np.asarray(v.delta).tolist() for k, v in scores.items()}, "results": results}
-    (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
-    _table(out, res, list(plan))
-    _figures(out, res, list(plan))
+    _paired_with_wanda(results, sparsities)
+    res = save()
+    if dense:
+        _table(out, res, list(plan))
+        _figures(out, res, list(plan))
     return res
 
 
+def _paired_with_wanda(results: dict, sparsities) -> None:
+    """Adds "vs_wanda" (paired bootstrap of the accuracy difference on the same problems) to every
+    measured cell, when Wanda was measured."""
+    from capjax import stats
+
+    if "wanda" not in results:
+        return
+    for label, cells in results.items():
+        for s in sparsities if label != "dense" else ():
+            if "correct" not in cells.get(str(s), {}) or "correct" not in results["wanda"].get(str(s), {}):
+                continue
+            a, b = results["wanda"][str(s)]["correct"], cells[str(s)]["correct"]
+            d = stats.paired_difference({"num": a, "den": [1] * len(a)}, {"num": b, "den": [1] * len(b)})
+            cells[str(s)]["vs_wanda"] = {"diff": d.diff, "low": d.low, "high": d.high, "significant": d.significant}
+
+
+LABELS = ("cap", "cap_paired", "gradient", "cap_wanda", "wanda", "sparsegpt", "magnitude", "random", "cap_text",
+          "cap_structured")
+
+
+def merge(out: Path, parts: list[Path]) -> dict:
+    """One reasoning.json (and its table and figures) from the reasoning.json files of runs that
+    measured disjoint methods with the same sparsities, n and calibration (their dense results must
+    agree); the paired tests against Wanda are recomputed across them."""
+    runs = [json.loads((p / "reasoning.json").read_text()) for p in parts]
+    first = runs[0]
+    if "dense" not in first["results"]:
+        raise SystemExit(f"{parts[0]}/reasoning.json: no dense result; list a part run without --no-dense first")
+    for p, r in zip(parts, runs):
+        for key in ("sparsities", "n", "calibration"):
+            if r[key] != first[key]:
+                raise SystemExit(f"{p}/reasoning.json: {key} {r[key]} differs from {parts[0]}'s {first[key]}")
+        if "dense" in r["results"] and r["results"]["dense"]["correct"] != first["results"]["dense"]["correct"]:
+            raise SystemExit(f"{p}/reasoning.json: the dense model's answers differ from {parts[0]}'s")
+    complete = {}  # label -> (part, cells) with every sparsity measured (an interrupted part's last label is not)
+    for p, r in zip(parts, runs):
+        for label, cells in r["results"].items():
+            if label == "dense" or len(cells) < len(first["sparsities"]):
+                continue
+            if label in complete:
+                raise SystemExit(f"{p}/reasoning.json: {label} was measured by {complete[label][0]} too")
+            complete[label] = (p, cells)
+    for p, r in zip(parts, runs):
+        for label, cells in r["results"].items():
+            if label != "dense" and label not in complete:
+                raise SystemExit(f"{p}/reasoning.json: {label} lacks sparsities and no other part measured it all")
+    results = {"dense": first["results"]["dense"], **{k: v[1] for k, v in complete.items()}}
+    scores = {}
+    for r in runs:
+        scores.update(r["head_scores"])
+    _paired_with_wanda(results, first["sparsities"])
+    res = {**first, "head_scores": scores, "results": results, "merged_from": [str(p) for p in parts]}
+    (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
+    labels = [k for k in LABELS if k in results] + [k for k in results if k not in LABELS and k != "dense"]
+    _table(out, res, labels)
+    _figures(out, res, labels)
+    return res
+
+
+def removed_fraction(masks) -> float:
+    """The fraction of the prunable kernels' weights that `masks` (True = kept) remove."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(masks)
+    return 1.0 - sum(float(np.sum(m)) for m in leaves) / sum(int(np.size(m)) for m in leaves)
+
+
+STRUCTURED_TOLERANCE = 0.01  # a structured shape "matches" sparsity s when it removes s .. s + 1 point
+
+
+def structured_options(config, sparsity: float) -> tuple[dict | None, str]:
+    """cap_structured's options at `sparsity`: a parameter budget (heads and MLP channels cut alike,
+    `capjax.structured.budget_shape`) removing the fewest whole layers (0, 1, 2) that makes the
+    removed fraction of the decoder layers' parameters within STRUCTURED_TOLERANCE of `sparsity`;
+    (None, why) when no shape does (the budget rounds to whole heads per kv group)."""
+    from capjax.structured.method import shape_for
+    from capjax.structured.plan import PlanError, layer_params
+
+    total = layer_params(config)
+    nearest = []
+    for layers in (0, 1, 2):
+        try:
+            shape = shape_for(config, sparsity, {"layers": layers})
+        except PlanError as e:
+            nearest.append(f"layers={layers}: {e}")
+            continue
+        removed = 1.0 - layer_params(shape.config(config)) / total
+        if removed - sparsity <= STRUCTURED_TOLERANCE:
+            return {"layers": layers}, shape.describe(config)
+        nearest.append(f"layers={layers}: the largest shape within the budget removes {removed:.1%} "
+                       f"({shape.describe(config)})")
+    return None, "; ".join(nearest)
+
+
 def _table(out: Path, res: dict, labels) -> None:
+    """reasoning.md: an accuracy table (Wilson 95% and the paired difference with Wanda), a
+    perplexity table, and the structured shapes."""
     sp = res["sparsities"]
     d = res["results"]["dense"]
-    lines = [f"Dense: accuracy {d['accuracy']:.3f} [{d['low']:.3f}, {d['high']:.3f}] (n = {d['n']}), "
-             f"held-out perplexity {_f(d['ppl'], 1)}.", "",
-             "| method | " + " | ".join(f"{s:.0%} accuracy [95% Wilson] | ppl | vs Wanda" for s in sp) + " |",
-             "|---|" + "---|---|---|" * len(sp)]
+    head = ["| method | " + " | ".join(f"{s:.0%}" for s in sp) + " |", "|---|" + "---|" * len(sp)]
+    acc, ppl, shapes = list(head), list(head), []
     for label in labels:
-        cells = []
+        a_cells, p_cells = [], []
         for s in sp:
             r = res["results"][label][str(s)]
+            if "accuracy" not in r:
+                a_cells.append("n/a")
+                p_cells.append("n/a")
+                shapes.append(f"- {label} at {s:.0%}: not run: {r['note']}")
+                continue
             vw = r.get("vs_wanda")
             mark = "" if vw is None or label == "wanda" else (
-                f"{vw['diff']:+.3f}{' *' if vw['significant'] else ''}")
-            cells.append(f"{r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | {_f(r['ppl'], 1)} | {mark}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "vs Wanda: accuracy minus Wanda's at the same sparsity on the same problems; * = the paired "
-              "bootstrap 95% interval excludes 0."]
+                f" ({vw['diff']:+.3f}{'*' if vw['significant'] else ''})")
+            a_cells.append(f"{r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}]{mark}")
+            p_cells.append(_f(r["ppl"], 1))
+            if "options" in r:
+                shapes.append(f"- {label} at {s:.0%}: options {r['options']}, removes {r['removed']:.1%} of the "
+                              "prunable weights")
+        acc.append(f"| {label} | " + " | ".join(a_cells) + " |")
+        ppl.append(f"| {label} | " + " | ".join(p_cells) + " |")
+    lines = [f"Dense: accuracy {d['accuracy']:.3f} [{d['low']:.3f}, {d['high']:.3f}] (n = {d['n']}), "
+             f"held-out perplexity {_f(d['ppl'], 1)}.", "",
+             f"Greedy exact match on {res['n']} held-out problems [Wilson 95%] (accuracy minus Wanda's on the same "
+             "problems; * = the paired bootstrap 95% interval excludes 0):", "", *acc, "",
+             "Held-out WikiText-2 perplexity:", "", *ppl]
+    if shapes:
+        lines += ["", "Structured shapes:", "", *shapes]
+    if "cap" in labels and "cap_text" in labels:
+        lines += ["", *_two_by_two(res)]
     (out / "reasoning.md").write_text("\n".join(lines) + "\n")
+
+
+def _two_by_two(res: dict) -> list[str]:
+    """The 2 x 2 as markdown: CAP calibrated on problems (cap) vs on text (cap_text), accuracy with
+    the paired difference on the same problems, and perplexity."""
+    from capjax import stats
+
+    lines = ["The 2 x 2 (CAP calibrated on word problems vs on text, same budget):", "",
+             "| sparsity | accuracy: problems | accuracy: text | difference [paired 95%] | ppl: problems | ppl: text |",
+             "|---|---|---|---|---|---|"]
+    for s in res["sparsities"]:
+        a, b = res["results"]["cap"][str(s)], res["results"]["cap_text"][str(s)]
+        d = stats.paired_difference({"num": b["correct"], "den": [1] * b["n"]}, {"num": a["correct"], "den": [1] * a["n"]})
+        lines.append(f"| {s:.0%} | {a['accuracy']:.3f} | {b['accuracy']:.3f} | {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+                     f"{' *' if d.significant else ''} | {_f(a['ppl'], 2)} | {_f(b['ppl'], 2)} |")
+    return lines
 
 
 def _figures(out: Path, res: dict, labels) -> None:
@@ -215,12 +364,14 @@ def _figures(out: Path, res: dict, labels) -> None:
     x = np.array(sp) * 100
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for label in labels:
-        rs = [res["results"][label][str(s)] for s in sp]
+        xs = np.array([100 * s for s in sp if "accuracy" in res["results"][label][str(s)]])
+        rs = [res["results"][label][str(s)] for s in sp if "accuracy" in res["results"][label][str(s)]]
         acc = np.array([r["accuracy"] for r in rs])
         err = np.clip([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]], 0, None)
-        axes[0].errorbar(x, acc, yerr=err, marker="o", capsize=3, label=label)
+        style = dict(ls="--") if label == "cap_structured" else {}
+        axes[0].errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=label, **style)
         if rs[0]["ppl"] is not None:
-            axes[1].plot(x, [r["ppl"] for r in rs], marker="o", label=label)
+            axes[1].plot(xs, [r["ppl"] for r in rs], marker="o", label=label, **style)
     d = res["results"]["dense"]
     axes[0].axhline(d["accuracy"], color="k", ls=":", label="dense")
     axes[0].set(xlabel="sparsity (%)", ylabel=f"exact match (n = {res['n']}, Wilson 95%)",
@@ -256,11 +407,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reasoning", default=str(WEIGHTS / "reasoning"), help="the reasoning organism's folder")
     ap.add_argument("--induction", nargs="+", default=[str(WEIGHTS / "induction"), str(WEIGHTS / "induction_h8")],
                     help="induction organisms' folders (results: <out>/<folder name>.json / .md)")
-    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     ap.add_argument("--n", type=int, default=500, help="held-out problems per evaluation")
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the method labels (default: all)")
     ap.add_argument("--redraw", action="store_true",
                     help="only redraw the reasoning table and figures from <out>/reasoning.json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="only merge the reasoning.json of these --out folders (runs of disjoint --methods) into --out")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip the dense evaluation (a part of a split run; merge it after a part that has it)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +424,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
+    if args.merge:
+        merge(out, [Path(p) for p in args.merge])
+        return 0
     if args.redraw:
         res = json.loads((out / "reasoning.json").read_text())
         labels = [k for k in res["results"] if k != "dense"]
@@ -283,7 +441,7 @@ def main(argv=None) -> int:
         timing["induction_seconds"] = time.perf_counter() - t
     if args.part in ("reasoning", "both"):
         t = time.perf_counter()
-        reasoning_part(out, Path(args.reasoning), args.sparsities, args.n, args.methods, log)
+        reasoning_part(out, Path(args.reasoning), args.sparsities, args.n, args.methods, log, dense=not args.no_dense)
         timing["reasoning_seconds"] = time.perf_counter() - t
     (out / f"timing_{args.part}.json").write_text(json.dumps({**timing, "argv": sys.argv[1:]}, indent=1) + "\n")
     log(f"done: {timing}")

@@ -243,6 +243,94 @@ def test_shipped_induction_organism_cap_finds_the_planted_circuit_and_misses_red
     assert red["group"] > 5 * red["sum_single"] and red["group"] > 1.0, red
 
 
+def _hook_head_patch(hf, target, source, layer, head, head_dim):
+    """One transformers run of `target` whose o_proj input (the heads' concatenated z) at `layer`
+    has head `head`'s slice taken from a run of `source` (a forward pre-hook): logits [B, T, V]."""
+    import torch
+
+    o_proj = hf.model.layers[layer].self_attn.o_proj
+    got = {}
+    sl = slice(head * head_dim, (head + 1) * head_dim)
+    h = o_proj.register_forward_pre_hook(lambda m, a: got.__setitem__("z", a[0].clone()))
+    with torch.no_grad():
+        hf(torch.as_tensor(source, dtype=torch.long))
+    h.remove()
+
+    def swap(m, a):
+        z = a[0].clone()
+        z[..., sl] = got["z"][..., sl]
+        return (z,)
+    h = o_proj.register_forward_pre_hook(swap)
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(target, dtype=torch.long)).logits.numpy()
+    h.remove()
+    return logits
+
+
+def _np_repeat_loss(logits, batch):
+    """The repeat's mean next-token loss of batch's tokens at its loss_mask, in numpy."""
+    x = logits[:, :-1].astype(np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    w = batch["loss_mask"][:, 1:]
+    return float((nll * w).sum() / w.sum())
+
+
+def test_induction_patching_scores_equal_a_transformers_hook_loop():
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from capjax.io import load_pretrained
+
+    folder = WEIGHTS / "induction"
+    model, params = load_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    c = model.config
+    batch = ind.repeat_batch(8, 16, 128, seed=3)
+    corrupted = ind.corrupt_first_copy(batch, 16, 128)
+    assert (corrupted["tokens"][:, 17:] == batch["tokens"][:, 17:]).all()  # the second copy is kept
+    assert (corrupted["tokens"][:, 1:17] != batch["tokens"][:, 1:17]).mean() > 0.9  # the first resampled
+    got = ind.patching_scores(model, params, batch, 16, 128)
+    with torch.no_grad():
+        clean = _np_repeat_loss(hf(torch.as_tensor(batch["tokens"], dtype=torch.long)).logits.numpy(), batch)
+        bad = _np_repeat_loss(hf(torch.as_tensor(corrupted["tokens"], dtype=torch.long)).logits.numpy(), batch)
+    np.testing.assert_allclose([got["clean_loss"], got["corrupted_loss"]], [clean, bad], rtol=1e-4)
+    assert bad > clean + 1.0  # the corruption breaks the repeat
+    noising = np.zeros((c.num_layers, c.num_heads))
+    denoising = np.zeros((c.num_layers, c.num_heads))
+    for layer in range(c.num_layers):
+        for head in range(c.num_heads):
+            noising[layer, head] = _np_repeat_loss(
+                _hook_head_patch(hf, batch["tokens"], corrupted["tokens"], layer, head, c.head_dim), batch) - clean
+            denoising[layer, head] = bad - _np_repeat_loss(
+                _hook_head_patch(hf, corrupted["tokens"], batch["tokens"], layer, head, c.head_dim), batch)
+    np.testing.assert_allclose(got["noising"], noising, atol=2e-4)
+    np.testing.assert_allclose(got["denoising"], denoising, atol=2e-4)
+    assert np.abs(noising).max() > 0.5 and np.abs(denoising).max() > 0.5  # the patches move the loss
+
+
+@pytest.mark.slow
+def test_shipped_induction_organisms_activation_patching_precision():
+    """Noising (a clean run with one head from the corrupted run) finds the 2 x 4 circuit but, like
+    single-head ablation, misses redundant induction heads on the 2 x 8 organism; denoising (the
+    corrupted run with one head's clean output) ranks every induction head first on both."""
+    from capjax.io import load_pretrained
+
+    for name, H in (("induction", 4), ("induction_h8", 8)):
+        model, params = load_pretrained(WEIGHTS / name)
+        probs = ind.attention_probs(model, params, ind.repeat_batch(64, 16, 128, seed=1)["tokens"])
+        c = ind.circuit(ind.prefix_matching_scores(probs, 16), ind.previous_token_scores(probs))
+        r = ind.patching_scores(model, params, ind.repeat_batch(64, 16, 128, seed=3), 16, 128)
+        assert r["corrupted_loss"] > r["clean_loss"] + 1.0, (name, r)
+        assert ind.precision_at_k(r["denoising"], c["induction"]) == 1.0, (name, c, r)
+        if H == 4:
+            assert ind.precision_at_k(r["noising"], c["all"]) == 1.0, (name, c, r)
+        else:  # 8 redundant induction heads: patching one at a time barely moves the loss
+            assert len(c["induction"]) == 8, c
+            assert ind.precision_at_k(r["noising"], c["induction"]) < len(c["induction"]) / (2 * H), (name, c, r)
+
+
 def test_organism_run_config_validates_and_finds_the_shipped_weights(tmp_path):
     from capjax.experiment.config import load_run_config, validate_run_config
     from capjax.io import load_config
@@ -253,3 +341,112 @@ def test_organism_run_config_validates_and_finds_the_shipped_weights(tmp_path):
     validate_run_config(cfg)  # the organism task needs no data folder
     config = load_config(root / cfg.model)
     assert (config.model_type, config.num_heads, config.num_kv_heads) == ("llama", 4, 2)  # GQA Llama layout
+
+
+def test_compare_weights_finds_a_one_ulp_change_and_names_a_missing_file(tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from capjax.organism.train import compare_weights
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(WEIGHTS / "induction", a)
+    shutil.copytree(WEIGHTS / "induction", b)
+    same = compare_weights(a, b)
+    assert same["identical"] and same["tensors"] == len(load_file(str(a / "model.safetensors")))
+    tensors = load_file(str(b / "model.safetensors"))
+    name = sorted(tensors)[3]
+    w = tensors[name].copy()
+    w.flat[7] = np.nextafter(w.flat[7], np.inf, dtype=w.dtype)  # one ulp
+    tensors[name] = w
+    save_file(tensors, str(b / "model.safetensors"), metadata={"format": "pt"})
+    diff = compare_weights(a, b)
+    assert not diff["identical"] and list(diff["differing"]) == [name], diff
+    assert 0 < diff["differing"][name] < 1e-6
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "c" / "model.safetensors")):
+        compare_weights(a, tmp_path / "c")
+
+
+def test_study_maps_sparsity_to_structured_shapes_by_parameter_count():
+    """scripts/organism_study.py's cap_structured shapes on the reasoning organism (4 layers, 4
+    heads in 2 kv groups, MLP 256): the fraction of decoder-layer parameters each removes, counted by
+    hand, is within 1 point of the sparsity, or the sparsity is refused."""
+    import importlib.util
+
+    from capjax.io import load_config
+    from capjax.structured.method import shape_for
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "organism_study.py"
+    spec = importlib.util.spec_from_file_location("organism_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    config = load_config(WEIGHTS / "reasoning")
+    E, D = config.hidden_size, config.head_dim
+
+    def by_hand(shape):  # q, k, v, o, gate / up / down, two norms, per kept layer
+        per = E * D * (2 * shape.num_heads + 2 * shape.num_kv_heads) + 3 * E * shape.intermediate_size + 2 * E
+        return shape.num_layers * per
+
+    full = config.num_layers * (E * D * (2 * 4 + 2 * 2) + 3 * E * 256 + 2 * E)
+    for s, layers in ((0.3, 0), (0.5, 0), (0.6, 0), (0.7, 1)):
+        options, _ = study.structured_options(config, s)
+        assert options == {"layers": layers}, (s, options)
+        removed = 1 - by_hand(shape_for(config, s, options)) / full
+        assert s <= removed <= s + study.STRUCTURED_TOLERANCE, (s, removed)
+    for s in (0.1, 0.2):  # the smallest cut halves each kv group's heads: 27.7% at least
+        options, note = study.structured_options(config, s)
+        assert options is None and "27.7%" in note, note
+
+
+def test_study_merge_joins_parts_and_recomputes_the_paired_tests(tmp_path):
+    """scripts/organism_study.py --merge: cells from disjoint parts, an interrupted part's incomplete
+    label dropped, the paired difference with Wanda equal to capjax.stats on the same answers, and
+    one-line refusals of mismatched parts."""
+    import importlib.util
+    import json
+
+    from capjax import stats
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "organism_study.py"
+    spec = importlib.util.spec_from_file_location("organism_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rng = np.random.default_rng(0)
+
+    def cell(p):
+        correct = (rng.random(40) < p).astype(int).tolist()
+        iv = stats.binomial_interval(sum(correct), 40)
+        return {"accuracy": sum(correct) / 40, "low": iv.low, "high": iv.high, "n": 40, "correct": correct,
+                "ppl": 20.0}
+
+    sp = [0.1, 0.5]
+    dense = cell(0.99)
+    parts = {"a": {"dense": dense, "wanda": {str(s): cell(0.8) for s in sp}, "cap": {"0.1": cell(0.9)}},
+             "b": {"cap": {str(s): cell(0.9) for s in sp}}}
+    for name, results in parts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "reasoning.json").write_text(json.dumps(
+            {"sparsities": sp, "n": 40, "calibration": {"n": 64, "seq_len": 80}, "head_scores": {}, "results": results}))
+    out = tmp_path / "out"
+    out.mkdir()
+    res = study.merge(out, [tmp_path / "a", tmp_path / "b"])
+    assert set(res["results"]) == {"dense", "wanda", "cap"}
+    for s in map(str, sp):
+        got = res["results"]["cap"][s]
+        assert got["correct"] == parts["b"]["cap"][s]["correct"]  # the complete part's cells, not a's partial one
+        a, b = parts["a"]["wanda"][s]["correct"], got["correct"]
+        want = stats.paired_difference({"num": a, "den": [1] * 40}, {"num": b, "den": [1] * 40})
+        assert got["vs_wanda"]["diff"] == pytest.approx(np.mean(b) - np.mean(a))
+        assert (got["vs_wanda"]["low"], got["vs_wanda"]["high"]) == (want.low, want.high)
+    assert (out / "reasoning.md").is_file() and (out / "accuracy_ppl_vs_sparsity.png").is_file()
+    # the same label complete in two parts, or other dense answers: refused, naming the file
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "reasoning.json").write_text((tmp_path / "b" / "reasoning.json").read_text())
+    with pytest.raises(SystemExit, match="c/reasoning.json: cap was measured by .*b too"):
+        study.merge(out, [tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    other = json.loads((tmp_path / "a" / "reasoning.json").read_text())
+    other["results"] = {"dense": cell(0.5)}
+    (tmp_path / "c" / "reasoning.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="c/reasoning.json: the dense model's answers differ"):
+        study.merge(out, [tmp_path / "a", tmp_path / "b", tmp_path / "c"])

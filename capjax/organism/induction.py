@@ -202,3 +202,48 @@ def repeat_accuracy(model: Decoder, params, segment_len: int, vocab_size: int, n
     J = segment_len
     return {"repeat_accuracy": float(greedy[:, J + 2:].mean()), "first_copy_accuracy": float(greedy[:, 2:J + 1].mean()),
             "n": n}
+
+
+# ---------------------------------------------------------------------------- activation patching
+def corrupt_first_copy(batch: dict[str, np.ndarray], segment_len: int, vocab_size: int, seed: int = 5
+                       ) -> dict[str, np.ndarray]:
+    """The <s> A A rows of `batch` (repeat_batch) as <s> A' A: the first copy resampled (A' : J new
+    random tokens), the second kept, so the second copy no longer repeats anything."""
+    rng = np.random.default_rng([seed, 17])
+    tokens = np.array(batch["tokens"])  # [B, T]
+    J = segment_len
+    tokens[:, 1:1 + J] = FIRST + rng.integers(0, vocab_size, (tokens.shape[0], J))
+    return {**batch, "tokens": tokens.astype(np.int32)}
+
+
+def repeat_loss_metric(batch: dict[str, np.ndarray]):
+    """A patching metric (logits [B, T, V] -> scalar): the mean next-token loss of the clean
+    tokens of `batch` at its loss_mask positions (the second copy after its first token)."""
+    tokens = jnp.asarray(batch["tokens"])  # [B, T]
+    weight = jnp.asarray(batch["loss_mask"], jnp.float32)[:, 1:]  # [B, T - 1] targets in the loss
+
+    def metric(logits):
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, T - 1, V]
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T - 1]
+        return jnp.sum(nll * weight) / jnp.sum(weight)
+
+    return metric
+
+
+def patching_scores(model: Decoder, params, batch: dict[str, np.ndarray], segment_len: int, vocab_size: int,
+                    seed: int = 5) -> dict[str, Any]:
+    """Activation patching of every head (attn.z, all positions at once; `capjax.patching.patch`)
+    between clean <s> A A rows (batch) and corrupted <s> A' A rows, metric the repeat's loss on the
+    clean tokens. noising [L, H]: loss increase when the head's output on the clean rows is taken
+    from the corrupted run; denoising [L, H]: loss decrease when the corrupted run gets the head's
+    clean output. Both are head scores (higher = more of the circuit's work)."""
+    from capjax.patching import patch
+
+    corrupted = corrupt_first_copy(batch, segment_len, vocab_size, seed)
+    metric = repeat_loss_metric(batch)
+    kw = dict(attention_mask=batch.get("attention_mask"))
+    noise = patch(model, params, batch["tokens"], corrupted["tokens"], "attn.z", metric, direction="noising", **kw)
+    denoise = patch(model, params, batch["tokens"], corrupted["tokens"], "attn.z", metric, direction="denoising",
+                    **kw)
+    return {"clean_loss": noise.clean, "corrupted_loss": noise.corrupted,
+            "noising": noise.values - noise.clean, "denoising": denoise.corrupted - denoise.values}

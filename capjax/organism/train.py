@@ -291,3 +291,23 @@ def save(result: dict[str, Any], cfg: OrganismConfig, metrics: dict[str, Any], o
               "loss": [round(x, 5) for x in h["loss"]], "train_seconds": h["seconds"]}
     (folder / "organism.json").write_text(json.dumps(record, indent=1) + "\n")
     return folder
+
+
+def compare_weights(a: str | Path, b: str | Path) -> dict[str, Any]:
+    """Every tensor of two HF folders' model.safetensors compared bit for bit: {"identical": bool,
+    "tensors": count, "differing": {name: max |a - b|}, "only_in_a" / "only_in_b": names}."""
+    from safetensors.numpy import load_file
+
+    files = [Path(x) / "model.safetensors" for x in (a, b)]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no such file; give a folder written by capjax.save_pretrained")
+    ta, tb = (load_file(str(f)) for f in files)
+    shared = sorted(set(ta) & set(tb))
+    differing = {k: float(np.max(np.abs(ta[k].astype(np.float64) - tb[k].astype(np.float64))))
+                 if ta[k].shape == tb[k].shape else float("nan")
+                 for k in shared if ta[k].shape != tb[k].shape or ta[k].dtype != tb[k].dtype
+                 or ta[k].tobytes() != tb[k].tobytes()}
+    only_a, only_b = sorted(set(ta) - set(tb)), sorted(set(tb) - set(ta))
+    return {"identical": not (differing or only_a or only_b), "tensors": len(shared), "differing": differing,
+            "only_in_a": only_a, "only_in_b": only_b}
