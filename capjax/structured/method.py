@@ -49,6 +49,8 @@ def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens
         raise PlanError("removing MLP channels or layers needs calibration tokens")
     if needs_answers and (loss_mask is None or not np.any(np.asarray(loss_mask))):
         raise PlanError("the gradient / block-ablation scores need calibration answers (loss_mask)")
+    if cut_mlp and mlp_score == "ablation" and not 1 <= int(mlp_group) <= c.intermediate_size:
+        raise PlanError(f"mlp_group={mlp_group}: channels per ablated group must be 1 to {c.intermediate_size}")
     delta = getattr(head_scores, "delta", head_scores)
     chan = lay = None
     if cut_mlp:
