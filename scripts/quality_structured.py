@@ -82,6 +82,29 @@ def torch_pruning_row(heads: int, mlp: int, timeout: float) -> tuple[str | None,
     return out, f"pruned in {time.perf_counter() - t0:.0f} s: {shapes}"
 
 
+def print_table(rows: list[dict], args) -> None:
+    """The markdown table of the rows (also from a saved --out JSON: --table FILE)."""
+    print(f"\nSmolLM2-135M-Instruct; scores from {args.n_calib} GSM8K train examples; WikiText-2 perplexity on "
+          f"{args.wiki_windows} windows of {args.wiki_seq} tokens; GSM8K answer loss on {args.n_eval} test examples; "
+          f"ARC-Challenge accuracy (log-likelihood) on {args.n_arc} test questions; 95% intervals (bootstrap / "
+          f"Wilson); recovery {args.steps} steps x {args.recover_batch} rows x {args.recover_seq} tokens of GSM8K "
+          f"train, lr {args.lr:g}\n")
+    print("| removed | model | stage | params | WikiText-2 ppl | GSM8K answer loss | ARC-Challenge acc | note |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def cell(q, fmt):
+        return f"{q['value']:{fmt}} [{q['low']:{fmt}}, {q['high']:{fmt}}]"
+
+    for r in rows:
+        size = "" if r["params"] is None else f"{r['params'] / 1e6:.1f}M"
+        r = {**r, "stage": "" if r["fraction"] == 0 else r["stage"]}
+        if "ppl" not in r:
+            print(f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | - | - | - | {r['note']} |")
+            continue
+        print(f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | {cell(r['ppl'], '.1f')} | "
+              f"{cell(r['answer_loss'], '.3f')} | {cell(r['arc'], '.3f')} | {r['note']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fractions", default="0.25,0.5", help="fractions of the decoder layers' parameters removed")
@@ -99,8 +122,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--tp-timeout", type=float, default=120.0)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=None, help="JSON of every row")
+    parser.add_argument("--out", default=None, help="JSON of every row (written after each row)")
+    parser.add_argument("--table", default=None, help="only print the table of a saved --out JSON")
     args = parser.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print_table(saved["rows"], argparse.Namespace(**saved["args"]))
+        return
 
     import jax.numpy as jnp  # noqa: F401  (jax first: one backend for the whole run)
 
@@ -186,24 +214,7 @@ def main() -> None:
             add(f"unstructured {method.upper() if method == 'cap' else 'Wanda'}", frac, size, model, p,
                 note=f"sparsity {sparsity:.4f} of the kernels (zeros, dense shapes)")
 
-    print(f"\nSmolLM2-135M-Instruct; scores from {args.n_calib} GSM8K train examples; WikiText-2 perplexity on "
-          f"{args.wiki_windows} windows of {args.wiki_seq} tokens; GSM8K answer loss on {args.n_eval} test examples; "
-          f"ARC-Challenge accuracy (log-likelihood) on {args.n_arc} test questions; 95% intervals (bootstrap / "
-          f"Wilson); recovery {args.steps} steps x {args.recover_batch} rows x {args.recover_seq} tokens of GSM8K "
-          f"train, lr {args.lr:g}\n")
-    print("| removed | model | stage | params | WikiText-2 ppl | GSM8K answer loss | ARC-Challenge acc | note |")
-    print("|---|---|---|---|---|---|---|---|")
-
-    def cell(q, fmt):
-        return f"{q['value']:{fmt}} [{q['low']:{fmt}}, {q['high']:{fmt}}]"
-
-    for r in rows:
-        size = "" if r["params"] is None else f"{r['params'] / 1e6:.1f}M"
-        if "ppl" not in r:
-            print(f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | - | - | - | {r['note']} |")
-            continue
-        print(f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | {cell(r['ppl'], '.1f')} | "
-              f"{cell(r['answer_loss'], '.3f')} | {cell(r['arc'], '.3f')} | {r['note']} |")
+    print_table(rows, args)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s (wall)")
 
 
