@@ -1,7 +1,7 @@
 """Structured scores: how much each MLP channel and each whole layer matters (higher = keep).
 
 Legend: B calibration examples (or one chunk of them), T time, L layers, H heads, D head dim, F MLP width, E hidden,
-A answer tokens.
+A answer tokens, Y channel groups per layer, N ablations (masked models).
 
 Heads use CAP's head scores (`capjax.score_heads`, delta [L, H]). Here:
 
@@ -9,7 +9,7 @@ Heads use CAP's head scores (`capjax.score_heads`, delta [L, H]). Here:
                                        -d loss / d m at m = 1, m [L, F] multiplying each channel's
                                        activation (down_proj's input); loss = answer NLL per answer token
                                ("taylor": its absolute value, Molchanov et al.'s first-order Taylor importance)
-    channel_group_ablation_scores [L, M]  exact: answer loss with the channels of group m of layer l zeroed
+    channel_group_ablation_scores [L, Y]  exact: answer loss with the channels of group m of layer l zeroed
                                        together, minus the intact loss (N = L M masked forward passes,
                                        vmapped); groups [L, F] from `contiguous_groups` or `rank_groups`
     channel_activation_scores  [L, F]  Minitron's activation magnitude: mean |act(gate) * up| over real
@@ -135,8 +135,8 @@ def rank_groups(scores, size: int) -> np.ndarray:
 
 def channel_group_ablation_scores(model: Decoder, params, tokens, loss_mask, groups, attention_mask=None,
                                   batch_size: int = 8, ablation_batch: int = 8) -> np.ndarray:
-    """[L, M] exact answer-loss increase (token-level, as `answer_loss`) when every channel of group m
-    of layer l is zeroed (groups [L, F] ints in [0, M)); `ablation_batch` masked models per vmapped
+    """[L, Y] exact answer-loss increase (token-level, as `answer_loss`) when every channel of group m
+    of layer l is zeroed (groups [L, F] ints in [0, Y)); `ablation_batch` masked models per vmapped
     call (padded to one compiled shape), float64."""
     c = model.config
     groups = np.asarray(groups)
@@ -144,7 +144,7 @@ def channel_group_ablation_scores(model: Decoder, params, tokens, loss_mask, gro
         raise ValueError(f"groups must be [L, F] = {[c.num_layers, c.intermediate_size]} non-negative group ids, "
                          f"got shape {list(groups.shape)}")
     M = int(groups.max()) + 1
-    masks = np.ones((c.num_layers * M, c.num_layers, c.intermediate_size), np.float32)  # [N, L, F], n = l M + m
+    masks = np.ones((c.num_layers * M, c.num_layers, c.intermediate_size), np.float32)  # [N, L, F], n = l Y + m
     for l in range(c.num_layers):
         for m in range(M):
             masks[l * M + m, l, groups[l] == m] = 0.0
@@ -162,11 +162,11 @@ def channel_group_ablation_scores(model: Decoder, params, tokens, loss_mask, gro
 
 
 def group_scores_to_channels(delta, groups, tiebreak) -> np.ndarray:
-    """[L, F] channel scores ordering channels by their group's delta [L, M], then by tiebreak [L, F]
+    """[L, F] channel scores ordering channels by their group's delta [L, Y], then by tiebreak [L, F]
     inside a group (for `choose`: only the order matters)."""
     delta, groups, tiebreak = np.asarray(delta), np.asarray(groups), np.asarray(tiebreak)
     L, F = groups.shape
-    group_rank = np.argsort(np.argsort(delta, axis=1, kind="stable"), axis=1, kind="stable")  # [L, M]
+    group_rank = np.argsort(np.argsort(delta, axis=1, kind="stable"), axis=1, kind="stable")  # [L, Y]
     inner = np.argsort(np.argsort(tiebreak, axis=1, kind="stable"), axis=1, kind="stable")  # [L, F]
     return np.take_along_axis(group_rank, groups, axis=1).astype(np.float64) * F + inner
 
