@@ -1,117 +1,223 @@
-"""Quality of structured SmolLM2-135M-Instruct at equal shapes, by the scores that chose what to remove.
+"""Quality of structured SmolLM2-135M-Instruct, one run: which scores choose what to remove, at equal
+parameter counts, before and after recovery, beside unstructured pruning and torch-pruning.
 
-Scores from GSM8K train (--n-calib examples); quality = answer loss (NLL per answer token) on
---n-eval held-out GSM8K test examples with a 95% bootstrap interval over examples, and its paired
-difference to the CAP-guided model. No recovery.
+For each target (--fractions, default 25% and 50% of the decoder layers' parameters removed:
+`budget_shape(config, 1 - f)`, heads and MLP channels alike):
 
-    heads 25% + MLP 25%:  CAP (head deltas, gradient estimate; channel gradient)
-                          CAP heads + |channel gradient| (first-order Taylor importance)
-                          CAP heads + Minitron activation channels
-                          random heads and channels (seed 0)
-    layers (--layers):    CAP block ablation, ShortGPT block influence, random
+    CAP heads + Minitron channels   CAP head scores (gradient estimate) + mean |activation| channels
+                                    (`cap_structured`'s default)
+    CAP heads + Taylor channels     (--taylor) CAP head scores + |d answer loss / d channel| (causal,
+                                    first order)
+    Minitron (activation)           mean ||attn.z|| heads + mean |activation| channels
+    random                          random heads and channels (seed 0)
+    torch-pruning (magnitude)       scripts/torch_pruning_peer.py in a subprocess (--tp-timeout s), at
+                                    the first fraction (where it does not finish, not again)
+    unstructured CAP / Wanda        `capjax.prune` at the sparsity of the kernels that removes the same
+                                    number of parameters (same count, dense shapes)
+    + CE / + distil                 --recover rows: `capjax.recover` --steps steps on GSM8K train
+                                    answers, CE only vs logit distillation from the dense model
+                                    (temperature 1, KL only), same steps, data, lr and batch
 
-    nice -n 10 python scripts/quality_structured.py [--n-calib 8] [--n-eval 32] [--layers 4]
+Scores from --n-calib GSM8K train examples. Quality, each with a 95% interval: WikiText-2 perplexity
+(--wiki-windows windows of --wiki-seq tokens, bootstrap over windows), GSM8K answer loss (NLL per
+answer token of --n-eval test examples, bootstrap over examples), ARC-Challenge accuracy by
+log-likelihood as lm-eval's arc_challenge (--n-arc test questions, Wilson interval).
+
+    nice -n 10 python scripts/quality_structured.py --data-dir ../shared/data --out quality.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
-from functools import partial
+from pathlib import Path
 
-import jax
 import numpy as np
 
-from capjax.model import Decoder, token_nll
+HERE = Path(__file__).resolve().parent
 
 
-CHUNK = 8  # examples per call (one compile per model)
+def log(t0: float, msg: str) -> None:
+    print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
 
-@partial(jax.jit, static_argnames=("model",))
-def example_nll(model, params, tokens, attention_mask, loss_mask):
-    """Answer NLL summed per example [N] of a chunk [N, T]."""
-    x, _ = model.apply({"params": params}, tokens, attention_mask=attention_mask, method=Decoder.hidden_states)
-    N, T, E = x.shape
-    nll = token_nll(model, params, x[:, :-1].reshape(-1, E), tokens[:, 1:].reshape(-1)).reshape(N, T - 1)
-    return (nll * loss_mask[:, 1:]).sum(axis=1)
+def evaluate(model, params, tok, args, recs) -> dict:
+    """{"ppl", "answer_loss", "arc"}: each {"value", "low", "high", "n"}."""
+    from capjax.evaluate.perplexity import wikitext2_perplexity
+    from capjax.evaluate.tasks import answer_loss, arc_loglikelihood
+    from capjax.stats import binomial_interval, bootstrap_ratio
+
+    w = wikitext2_perplexity(model, params, tok, data_dir=args.data_dir, seq_len=args.wiki_seq,
+                             limit_windows=args.wiki_windows, batch_size=4)
+    ppl = bootstrap_ratio(w["window_nll"], [w["seq_len"] - 1.0] * w["n_windows"], transform="exp")
+    _, pairs = answer_loss(model, params, tok, recs["gsm8k"], task="gsm8k", batch_size=8, per_example=True)
+    al = bootstrap_ratio([a for a, _ in pairs], [float(b) for _, b in pairs])
+    arc, samples = arc_loglikelihood(model, params, tok, recs["arc"], batch_size=16)
+    acc = binomial_interval(sum(s["pred"] == s["target"] for s in samples), len(samples))
+    return {k: {"value": e.value, "low": e.low, "high": e.high, "n": e.n}
+            for k, e in (("ppl", ppl), ("answer_loss", al), ("arc", acc))}
+
+
+def torch_pruning_row(heads: int, mlp: int, timeout: float) -> tuple[str | None, str]:
+    """(folder of the pruned model or None, what happened in one line)."""
+    out = tempfile.mkdtemp(prefix="tp_peer_")
+    cmd = [sys.executable, str(HERE / "torch_pruning_peer.py"), "--heads", str(heads), "--mlp", str(mlp),
+           "--out", out]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
+        return None, (f"did not finish in {timeout:.0f} s: BasePruner construction (dependency-graph walk) "
+                      f"never ended; last output: {last[0]}")
+    if p.returncode != 0:
+        return None, f"failed (exit {p.returncode}): {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+    shapes = json.loads(p.stdout.strip().splitlines()[-1])
+    return out, f"pruned in {time.perf_counter() - t0:.0f} s: {shapes}"
+
+
+def print_table(rows: list[dict], args) -> None:
+    """The markdown table of the rows (also from a saved --out JSON: --table FILE)."""
+    print(f"\nSmolLM2-135M-Instruct; scores from {args.n_calib} GSM8K train examples; WikiText-2 perplexity on "
+          f"{args.wiki_windows} windows of {args.wiki_seq} tokens; GSM8K answer loss on {args.n_eval} test examples; "
+          f"ARC-Challenge accuracy (log-likelihood) on {args.n_arc} test questions; 95% intervals (bootstrap / "
+          f"Wilson); recovery {args.steps} steps x {args.recover_batch} rows x {args.recover_seq} tokens of GSM8K "
+          f"train, lr {args.lr:g}\n")
+    print("| removed | model | stage | params | WikiText-2 ppl | GSM8K answer loss | ARC-Challenge acc | note |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def cell(q, fmt):
+        return f"{q['value']:{fmt}} [{q['low']:{fmt}}, {q['high']:{fmt}}]"
+
+    for r in rows:
+        size = "" if r["params"] is None else f"{r['params'] / 1e6:.1f}M"
+        r = {**r, "stage": "" if r["fraction"] == 0 else r["stage"]}
+        if "ppl" not in r:
+            print(f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | - | - | - | {r['note']} |")
+            continue
+        print(f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | {cell(r['ppl'], '.1f')} | "
+              f"{cell(r['answer_loss'], '.3f')} | {cell(r['arc'], '.3f')} | {r['note']} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fractions", default="0.25,0.5", help="fractions of the decoder layers' parameters removed")
     parser.add_argument("--n-calib", type=int, default=8)
-    parser.add_argument("--n-eval", type=int, default=32, help="a multiple of 8")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256, help="calibration length")
+    parser.add_argument("--n-eval", type=int, default=16, help="GSM8K test examples (answer loss)")
+    parser.add_argument("--n-arc", type=int, default=100)
+    parser.add_argument("--wiki-windows", type=int, default=4)
+    parser.add_argument("--wiki-seq", type=int, default=256)
+    parser.add_argument("--taylor", action="store_true", help="also CAP heads + Taylor channels")
+    parser.add_argument("--recover", default="0.25", help="fractions whose CAP-guided model is recovered")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--recover-batch", type=int, default=4)
+    parser.add_argument("--recover-seq", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--tp-timeout", type=float, default=120.0)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default=None, help="JSON of every row (written after each row)")
+    parser.add_argument("--table", default=None, help="only print the table of a saved --out JSON")
     args = parser.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print_table(saved["rows"], argparse.Namespace(**saved["args"]))
+        return
 
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # noqa: F401  (jax first: one backend for the whole run)
 
     import capjax
-    from capjax.stats import bootstrap_ratio, resample_weights
-    from capjax.structured import choose, shrink, target_shape
+    from capjax.data import eval_records
+    from capjax.structured import budget_shape, choose, shrink
     from capjax.structured import scores as S
+    from capjax.structured.plan import layer_params
 
     t0 = time.perf_counter()
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     tok = capjax.load_tokenizer("smollm2-135m-instruct")
     c = model.config
-    cal = capjax.build_calibration("gsm8k", tok, n=args.n_calib, seq_len=args.seq_len, seed=0, data_dir=args.data_dir)
-    ev = capjax.build_calibration("gsm8k", tok, n=args.n_eval, seq_len=args.seq_len, seed=1, data_dir=args.data_dir,
-                                  split="test")
-    calib = (cal.tokens, cal.loss_mask, cal.attention_mask)
-    delta = capjax.score_heads(model, params, *calib[:2], attention_mask=cal.attention_mask, method="gradient",
-                               subsets=1, progress=False).delta
-    grad = S.channel_gradient_scores(model, params, *calib, batch_size=4)
+    cal = capjax.build_calibration("gsm8k", tok, n=args.n_calib, seq_len=args.seq_len, seed=0,
+                                   data_dir=args.data_dir)
+    recs = {"gsm8k": eval_records("gsm8k", n=args.n_eval, seed=1, data_dir=args.data_dir),
+            "arc": eval_records("arc_challenge", n=args.n_arc, seed=1, data_dir=args.data_dir)}
+    delta = capjax.score_heads(model, params, cal.tokens, cal.loss_mask, attention_mask=cal.attention_mask,
+                               method="gradient", subsets=1, progress=False).delta
+    grad = S.channel_gradient_scores(model, params, cal.tokens, cal.loss_mask, cal.attention_mask,
+                                     batch_size=4) if args.taylor else None
     act = S.channel_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4)
-    block = S.layer_ablation_scores(model, params, *calib)
-    influence = S.layer_influence_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4)
-    print(f"scores done in {time.perf_counter() - t0:.0f} s", flush=True)
+    head_act = S.head_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4)
+    log(t0, "scores done")
     rng = np.random.default_rng(0)
-    rand_h, rand_c, rand_l = (rng.normal(size=(c.num_layers, c.num_heads)),
-                              rng.normal(size=(c.num_layers, c.intermediate_size)), rng.normal(size=c.num_layers))
-    hm = target_shape(c, heads=0.25, mlp=0.25)
-    ly = target_shape(c, layers=args.layers)
-    variants = {
-        "dense": None,
-        "heads+MLP: CAP heads, gradient channels": choose(c, hm, delta, grad),
-        "heads+MLP: CAP heads, abs(gradient) channels (Taylor)": choose(c, hm, delta, np.abs(grad)),
-        "heads+MLP: CAP heads, activation channels (Minitron)": choose(c, hm, delta, act),
-        "heads+MLP: random": choose(c, hm, rand_h, rand_c),
-        f"{args.layers} layers: CAP block ablation": choose(c, ly, layer_scores=block),
-        f"{args.layers} layers: block influence (ShortGPT)": choose(c, ly, layer_scores=influence),
-        f"{args.layers} layers: random": choose(c, ly, layer_scores=rand_l),
-    }
-    per_example = {}
-    den = ev.loss_mask[:, 1:].sum(1).astype(np.float64)  # answer tokens per example [N]
-    for name, plan in variants.items():
-        m, p = (model, params) if plan is None else shrink(model, params, plan)
-        num = np.concatenate([np.asarray(example_nll(m, p, *(jnp.asarray(a[i:i + CHUNK]) for a in (
-            ev.tokens, ev.attention_mask, ev.loss_mask)))) for i in range(0, args.n_eval, CHUNK)])
-        per_example[name] = (num.astype(np.float64), den)
-        params_m = m.config.num_params()
-        e = bootstrap_ratio(*per_example[name])
-        print(f"{name}: {params_m / 1e6:.1f}M params, answer loss {e.value:.3f} [{e.low:.3f}, {e.high:.3f}]",
-              flush=True)
-    print(f"\nGSM8K answer loss, {args.n_eval} test examples, scores from {args.n_calib} train examples; "
-          "95% bootstrap intervals over examples; paired difference to the first row of each group\n")
-    print("| model | params | answer loss [95% CI] | diff vs group's first [95% CI] |")
-    print("|---|---|---|---|")
-    w = resample_weights(args.n_eval, 1000, 0)
-    first = None
-    for name, (num, den) in per_example.items():
-        if name == "dense" or name.endswith(("gradient channels", "block ablation")):
-            first = (num, den)
-        e = bootstrap_ratio(num, den)
-        base = first[0].sum() / first[1].sum()
-        diff = (w @ num) / (w @ den) - (w @ first[0]) / (w @ first[1])
-        plan = variants[name]
-        size = c.num_params() if plan is None else plan.config(c).num_params()
-        print(f"| {name} | {size / 1e6:.1f}M | {e.value:.3f} [{e.low:.3f}, {e.high:.3f}] | "
-              f"{e.value - base:+.3f} [{np.quantile(diff, 0.025):+.3f}, {np.quantile(diff, 0.975):+.3f}] |")
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    rand_h, rand_c = rng.normal(size=(c.num_layers, c.num_heads)), rng.normal(size=(c.num_layers,
+                                                                                    c.intermediate_size))
+    kernels = sum(int(np.prod(v["kernel"].shape)) for block in ("self_attn", "mlp")
+                  for v in params["layers"][block].values() if isinstance(v, dict) and "kernel" in v)  # 7 projections
+    rows: list[dict] = []
+
+    def add(name, frac, size, m, p, stage="pruned", note=""):
+        q = evaluate(m, p, tok, args, recs)
+        rows.append({"model": name, "fraction": frac, "params": size, "stage": stage, "note": note, **q})
+        log(t0, f"{name} ({stage}): ppl {q['ppl']['value']:.2f}, answer loss {q['answer_loss']['value']:.3f}, "
+                f"ARC {q['arc']['value']:.3f}")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+    add("dense", 0.0, c.num_params(), model, params)
+    recover_fracs = {float(f) for f in args.recover.split(",") if f}
+    train = capjax.build_calibration("gsm8k", tok, n=args.recover_batch * args.steps, seq_len=args.recover_seq,
+                                     seed=2, data_dir=args.data_dir)
+    tp_failed = None
+    for frac in (float(f) for f in args.fractions.split(",")):
+        shape = budget_shape(c, 1.0 - frac)
+        small_cfg = shape.config(c)
+        size = small_cfg.num_params()
+        log(t0, f"{frac:.0%}: {shape.describe(c)}")
+        plans = {"CAP heads + Minitron channels": choose(c, shape, delta, act),
+                 **({"CAP heads + Taylor channels": choose(c, shape, delta, np.abs(grad))} if args.taylor else {}),
+                 "Minitron (activation heads + channels)": choose(c, shape, head_act, act),
+                 "random": choose(c, shape, rand_h, rand_c)}
+        for name, plan in plans.items():
+            m, p = shrink(model, params, plan)
+            add(name, frac, size, m, p)
+            if name == "CAP heads + Minitron channels" and frac in recover_fracs:
+                for how, teacher in (("+ CE", None), ("+ distil", (model, params))):
+                    t1 = time.perf_counter()
+                    rp, hist = capjax.recover(m, p, None, train, steps=args.steps, teacher=teacher,
+                                              temperature=1.0, ce_weight=0.0, progress=False, mode="full",
+                                              lr=args.lr, batch_size=args.recover_batch, remat=False)
+                    note = (f"{args.steps} steps in {time.perf_counter() - t1:.0f} s, train loss "
+                            f"{hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}")
+                    add(name, frac, size, m, rp, stage=how, note=note)
+        if tp_failed is None:
+            folder, what = torch_pruning_row(shape.num_heads, shape.intermediate_size, args.tp_timeout)
+            tp_failed = what if folder is None else None
+        else:
+            folder, what = None, f"not run again (at the first fraction it {tp_failed[:40]}...)"
+        log(t0, f"torch-pruning {frac:.0%}: {what}")
+        if folder is None:
+            rows.append({"model": "torch-pruning (magnitude)", "fraction": frac, "params": None, "stage": "pruned",
+                         "note": what})
+        else:
+            m, p = capjax.load_pretrained(folder)
+            add("torch-pruning (magnitude)", frac, m.config.num_params(), m, p, note=what)
+        removed = layer_params(c) - layer_params(small_cfg)
+        sparsity = removed / kernels
+        calib = {"tokens": cal.tokens, "attention_mask": cal.attention_mask}
+        for method in ("cap", "wanda"):
+            p, _ = capjax.prune(model, params, method, sparsity, head_scores=delta, calib=calib)
+            add(f"unstructured {method.upper() if method == 'cap' else 'Wanda'}", frac, size, model, p,
+                note=f"sparsity {sparsity:.4f} of the kernels (zeros, dense shapes)")
+
+    print_table(rows, args)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s (wall)")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -5,7 +5,8 @@ Legend: L layers, H query heads, K kv heads, F MLP width, B calibration examples
 
 Heads by CAP head scores (delta [L, H]); MLP channels by `mlp_score` ("gradient": the causal
 first-order estimate of the loss increase, "taylor": its absolute value, "activation": Minitron's
-baseline); layers by `layer_score` ("ablation":
+baseline, "ablation": exact ablation of groups of `mlp_group` channels of neighbouring activation rank,
+ordered by the group's loss increase, then by activation); layers by `layer_score` ("ablation":
 CAP block ablation, "influence": ShortGPT's baseline). Only the scores a target needs are computed.
 """
 
@@ -38,7 +39,7 @@ def describe_shape(config, sparsity: float | None, options: dict[str, Any]) -> s
 
 def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens=None, loss_mask=None,
                     attention_mask=None, mlp_score: str = "activation", layer_score: str = "ablation",
-                    batch_size: int = 8) -> Plan:
+                    batch_size: int = 8, mlp_group: int = 64) -> Plan:
     """The plan keeping the highest-scoring heads, channels and layers (scores only where removed)."""
     c = model.config
     if mlp_score not in S.CHANNEL_SCORES or layer_score not in S.LAYER_SCORES:
@@ -54,11 +55,18 @@ def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens
         raise PlanError("removing MLP channels or layers needs calibration tokens")
     if needs_answers and (loss_mask is None or not np.any(np.asarray(loss_mask))):
         raise PlanError("the gradient / block-ablation scores need calibration answers (loss_mask)")
+    if cut_mlp and mlp_score == "ablation" and not 1 <= int(mlp_group) <= c.intermediate_size:
+        raise PlanError(f"mlp_group={mlp_group}: channels per ablated group must be 1 to {c.intermediate_size}")
     delta = getattr(head_scores, "delta", head_scores)
     chan = lay = None
     if cut_mlp:
-        if mlp_score == "activation":
+        if mlp_score in ("activation", "ablation"):
             chan = S.channel_activation_scores(model, params, tokens, attention_mask, batch_size)
+            if mlp_score == "ablation":
+                groups = S.rank_groups(chan, mlp_group)
+                delta_g = S.channel_group_ablation_scores(model, params, tokens, loss_mask, groups, attention_mask,
+                                                          batch_size)
+                chan = S.group_scores_to_channels(delta_g, groups, chan)
         else:
             chan = S.channel_gradient_scores(model, params, tokens, loss_mask, attention_mask, batch_size)
             chan = np.abs(chan) if mlp_score == "taylor" else chan

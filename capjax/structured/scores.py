@@ -1,7 +1,7 @@
 """Structured scores: how much each MLP channel and each whole layer matters (higher = keep).
 
-Legend: B calibration examples (or one chunk of them), T time, L layers, F MLP width, E hidden,
-A answer tokens.
+Legend: B calibration examples (or one chunk of them), T time, L layers, H heads, D head dim, F MLP width, E hidden,
+A answer tokens, Y channel groups per layer, N ablations (masked models).
 
 Heads use CAP's head scores (`capjax.score_heads`, delta [L, H]). Here:
 
@@ -9,8 +9,13 @@ Heads use CAP's head scores (`capjax.score_heads`, delta [L, H]). Here:
                                        -d loss / d m at m = 1, m [L, F] multiplying each channel's
                                        activation (down_proj's input); loss = answer NLL per answer token
                                ("taylor": its absolute value, Molchanov et al.'s first-order Taylor importance)
+    channel_group_ablation_scores [L, Y]  exact: answer loss with the channels of group m of layer l zeroed
+                                       together, minus the intact loss (N = L M masked forward passes,
+                                       vmapped); groups [L, F] from `contiguous_groups` or `rank_groups`
     channel_activation_scores  [L, F]  Minitron's activation magnitude: mean |act(gate) * up| over real
                                        tokens (baseline)
+    head_activation_scores     [L, H]  Minitron's head activation: mean over real tokens of the L2 norm of
+                                       head h's attention output before o_proj (`attn.z`) (baseline)
     layer_ablation_scores      [L]     CAP block ablation: answer loss with layer l's attention and MLP
                                        removed (the layer skipped) minus the intact loss
     layer_influence_scores     [L]     ShortGPT's block influence: mean over real tokens of
@@ -31,7 +36,7 @@ from capjax.errors import NonFiniteError
 from capjax.model import Decoder, apply_layer, layer_context, layer_params, token_nll
 from capjax.structured.mask import channel_masked_params
 
-CHANNEL_SCORES = ("gradient", "taylor", "activation")
+CHANNEL_SCORES = ("gradient", "taylor", "activation", "ablation")
 LAYER_SCORES = ("ablation", "influence")
 
 
@@ -102,6 +107,70 @@ def channel_gradient_scores(model: Decoder, params, tokens, loss_mask, attention
     return _finite("channel gradient scores", -np.asarray(total, np.float64) / count)
 
 
+def _nll_sums(model, params, tokens, attention_mask, rows_b, rows_t, targets, masks):
+    """[N] summed answer NLL of a chunk under each channel mask of masks [N, L, F]."""
+    return jax.vmap(lambda m: _nll_sum(model, params, tokens, attention_mask, rows_b, rows_t, targets, m))(masks)
+
+
+answer_nll_sums = jax.jit(_nll_sums, static_argnames=("model",))
+
+
+def contiguous_groups(config, size: int) -> np.ndarray:
+    """[L, F] group of each channel: blocks of `size` consecutive channels (the last may be smaller)."""
+    if not 1 <= int(size) <= config.intermediate_size:
+        raise ValueError(f"group size {size}: use 1 to {config.intermediate_size} (the MLP width)")
+    return np.broadcast_to(np.arange(config.intermediate_size) // int(size),
+                           (config.num_layers, config.intermediate_size)).copy()
+
+
+def rank_groups(scores, size: int) -> np.ndarray:
+    """[L, F] groups of `size` channels of neighbouring rank in scores [L, F] (group 0: the lowest)."""
+    scores = np.asarray(scores)
+    L, F = scores.shape
+    if not 1 <= int(size) <= F:
+        raise ValueError(f"group size {size}: use 1 to {F} (the MLP width)")
+    rank = np.argsort(np.argsort(scores, axis=1, kind="stable"), axis=1, kind="stable")  # [L, F]
+    return rank // int(size)
+
+
+def channel_group_ablation_scores(model: Decoder, params, tokens, loss_mask, groups, attention_mask=None,
+                                  batch_size: int = 8, ablation_batch: int = 8) -> np.ndarray:
+    """[L, Y] exact answer-loss increase (token-level, as `answer_loss`) when every channel of group m
+    of layer l is zeroed (groups [L, F] ints in [0, Y)); `ablation_batch` masked models per vmapped
+    call (padded to one compiled shape), float64."""
+    c = model.config
+    groups = np.asarray(groups)
+    if groups.shape != (c.num_layers, c.intermediate_size) or groups.min() < 0:
+        raise ValueError(f"groups must be [L, F] = {[c.num_layers, c.intermediate_size]} non-negative group ids, "
+                         f"got shape {list(groups.shape)}")
+    M = int(groups.max()) + 1
+    masks = np.ones((c.num_layers * M, c.num_layers, c.intermediate_size), np.float32)  # [N, L, F], n = l Y + m
+    for l in range(c.num_layers):
+        for m in range(M):
+            masks[l * M + m, l, groups[l] == m] = 0.0
+    nb = max(1, min(int(ablation_batch), len(masks)))
+    pad = -len(masks) % nb
+    padded = np.concatenate([masks, np.ones((pad, *masks.shape[1:]), np.float32)])
+    total = np.zeros(len(padded), np.float64)
+    for i in range(0, len(padded), nb):
+        chunk = jnp.asarray(padded[i:i + nb])
+        s, count = _per_chunk(model, params, tokens, loss_mask, attention_mask, batch_size,
+                              lambda *a: answer_nll_sums(model, params, *a, chunk))
+        total[i:i + nb] = np.asarray(s, np.float64) / count
+    intact = answer_loss(model, params, tokens, loss_mask, attention_mask, batch_size=batch_size)
+    return _finite("channel group ablation scores", total[:len(masks)].reshape(c.num_layers, M) - intact)
+
+
+def group_scores_to_channels(delta, groups, tiebreak) -> np.ndarray:
+    """[L, F] channel scores ordering channels by their group's delta [L, Y], then by tiebreak [L, F]
+    inside a group (for `choose`: only the order matters)."""
+    delta, groups, tiebreak = np.asarray(delta), np.asarray(groups), np.asarray(tiebreak)
+    L, F = groups.shape
+    group_rank = np.argsort(np.argsort(delta, axis=1, kind="stable"), axis=1, kind="stable")  # [L, Y]
+    inner = np.argsort(np.argsort(tiebreak, axis=1, kind="stable"), axis=1, kind="stable")  # [L, F]
+    return np.take_along_axis(group_rank, groups, axis=1).astype(np.float64) * F + inner
+
+
 def _layer_walk(model: Decoder, params, tokens, attention_mask, per_layer):
     """Runs the layers on one chunk, calling per_layer(l, x_in, x_out, captured inputs) for each."""
     x, ctx = layer_context(model, params, tokens, attention_mask)
@@ -147,6 +216,29 @@ def channel_activation_scores(model: Decoder, params, tokens, attention_mask=Non
                                                                  batch_size)[0])
 
 
+@partial(jax.jit, static_argnames=("model",))
+def _head_norm_sums(model, params, tokens, attention_mask):
+    """sum over real tokens of ||attn.z|| per head [L, H]."""
+    from capjax.cache import run_with_cache
+
+    _, cache = run_with_cache(model, params, tokens, ["attn.z"], attention_mask=attention_mask)
+    z = cache["attn.z"].astype(jnp.float32)  # [L, B, T, H, D]
+    return jnp.einsum("lbth,bt->lh", jnp.linalg.norm(z, axis=-1), attention_mask.astype(jnp.float32))
+
+
+def head_activation_scores(model: Decoder, params, tokens, attention_mask=None, batch_size: int = 8) -> np.ndarray:
+    """[L, H] Minitron's head importance: mean over real tokens of ||attn.z[l, h]||_2, float64."""
+    tokens = np.asarray(tokens)
+    am = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    total = 0.0
+    for s in _chunks(tokens.shape[0], batch_size):
+        total = total + np.asarray(_head_norm_sums(model, params, jnp.asarray(tokens[s]), jnp.asarray(am[s])),
+                                   np.float64)
+    if am.sum() == 0:
+        raise ValueError("attention_mask marks no real tokens")
+    return _finite("head activation scores", total / float(am.sum()))
+
+
 def layer_influence_scores(model: Decoder, params, tokens, attention_mask=None, batch_size: int = 8) -> np.ndarray:
     """[L] ShortGPT's block influence, mean over real tokens of 1 - cos(x_in, x_out), float64."""
     return _finite("layer influence scores", _activation_pass(model, params, tokens, attention_mask,
@@ -165,4 +257,5 @@ def layer_ablation_scores(model: Decoder, params, tokens, loss_mask, attention_m
 
 
 __all__ = ["CHANNEL_SCORES", "LAYER_SCORES", "answer_loss", "channel_activation_scores", "channel_gradient_scores",
-           "layer_ablation_scores", "layer_influence_scores"]
+           "channel_group_ablation_scores", "contiguous_groups", "group_scores_to_channels", "head_activation_scores",
+           "rank_groups", "layer_ablation_scores", "layer_influence_scores"]

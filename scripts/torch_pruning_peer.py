@@ -1,0 +1,99 @@
+"""torch-pruning's magnitude LLM recipe (examples/LLMs/prune_llm.py of VainF/Torch-Pruning v1.6.1:
+`BasePruner` with `GroupMagnitudeImportance(p=2, group_reduction="mean")`, local pruning, heads pruned
+whole, head_dim kept) on SmolLM2-135M-Instruct, aimed at capjax's structured shapes: query heads
+9 -> --heads, MLP 1536 -> --mlp, hidden size kept (embeddings, LM head, o_proj and down_proj outputs
+ignored as roots). Writes a transformers folder to --out and a JSON line with the shapes.
+
+    python scripts/torch_pruning_peer.py --heads 6 --mlp 1151 --out /tmp/tp25
+    python scripts/torch_pruning_peer.py --tiny      # a 1-layer, 64-wide Llama: does the graph build end?
+
+With transformers 5 the pruner's construction (`DependencyGraph.get_all_groups`) does not end: the
+dependency walk keeps adding entries to the first group (`--tiny` prints its size every 2,000 adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, default=6, help="query heads kept per layer")
+    parser.add_argument("--mlp", type=int, default=1151, help="MLP channels kept per layer")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    import torch_pruning as tp
+    import transformers
+    from torch_pruning.dependency import group as tp_group
+
+    print(f"torch-pruning {tp.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
+          flush=True)
+    t0 = time.perf_counter()
+    if args.tiny:
+        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                       tie_word_embeddings=True)
+        model, tokenizer = transformers.LlamaForCausalLM(cfg).eval(), None
+        H, F = 4, 128
+        heads, mlp = 3, 96
+        adds = [0]
+        add_dep = tp_group.Group.add_dep
+
+        def counting(self, dep, idxs):  # progress of the dependency walk
+            adds[0] += 1
+            if adds[0] % 2000 == 0:
+                print(f"{time.perf_counter() - t0:.0f} s: first group has {len(self._group)} entries", flush=True)
+            return add_dep(self, dep, idxs)
+
+        tp_group.Group.add_dep = counting
+    else:
+        from capjax.io import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        H, F = model.config.num_attention_heads, model.config.intermediate_size
+        heads, mlp = args.heads, args.mlp
+    cfg = model.config
+    num_heads, ignored = {}, [model.lm_head, model.model.embed_tokens]
+    for name, m in model.named_modules():
+        if name.endswith("self_attn"):
+            num_heads[m.q_proj] = cfg.num_attention_heads
+            num_heads[m.k_proj] = cfg.num_key_value_heads
+            num_heads[m.v_proj] = cfg.num_key_value_heads
+            ignored.append(m.o_proj)
+        if name.endswith("mlp"):
+            ignored.append(m.down_proj)
+    print(f"building the pruner (load {time.perf_counter() - t0:.0f} s)", flush=True)
+    pruner = tp.pruner.BasePruner(
+        model, example_inputs=torch.arange(8).unsqueeze(0),
+        importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
+        global_pruning=False, output_transform=lambda x: x.logits, pruning_ratio=1 - mlp / F,
+        ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=1 - heads / H, round_to=1)
+    print(f"pruner built in {time.perf_counter() - t0:.0f} s", flush=True)
+    for g in pruner.step(interactive=True):
+        g.prune()
+    a = model.model.layers[0]
+    cfg.num_attention_heads = a.self_attn.q_proj.out_features // cfg.head_dim
+    cfg.num_key_value_heads = a.self_attn.k_proj.out_features // cfg.head_dim
+    cfg.intermediate_size = a.mlp.gate_proj.out_features
+    shapes = {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+              "mlp": cfg.intermediate_size, "hidden": cfg.hidden_size,
+              "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0}
+    if args.out:
+        model.save_pretrained(args.out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+    print(json.dumps(shapes), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
