@@ -241,9 +241,10 @@ def patching_scores(model: Decoder, params, batch: dict[str, np.ndarray], segmen
 
     corrupted = corrupt_first_copy(batch, segment_len, vocab_size, seed)
     metric = repeat_loss_metric(batch)
-    kw = dict(attention_mask=batch.get("attention_mask"))
-    noise = patch(model, params, batch["tokens"], corrupted["tokens"], "attn.z", metric, direction="noising", **kw)
+    mask = batch.get("attention_mask")
+    noise = patch(model, params, batch["tokens"], corrupted["tokens"], "attn.z", metric, direction="noising",
+                  attention_mask=mask)
     denoise = patch(model, params, batch["tokens"], corrupted["tokens"], "attn.z", metric, direction="denoising",
-                    **kw)
+                    attention_mask=mask)
     return {"clean_loss": noise.clean, "corrupted_loss": noise.corrupted,
             "noising": noise.values - noise.clean, "denoising": denoise.corrupted - denoise.values}

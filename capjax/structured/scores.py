@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from functools import partial
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,7 +232,7 @@ def head_activation_scores(model: Decoder, params, tokens, attention_mask=None, 
     """[L, H] Minitron's head importance: mean over real tokens of ||attn.z[l, h]||_2, float64."""
     tokens = np.asarray(tokens)
     am = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
-    total = 0.0
+    total: Any = 0.0  # then [L, H]
     for s in _chunks(tokens.shape[0], batch_size):
         total = total + np.asarray(_head_norm_sums(model, params, jnp.asarray(tokens[s]), jnp.asarray(am[s])),
                                    np.float64)
