@@ -140,6 +140,42 @@ def test_pattern_edits_equal_torch_eager_attention(tmp_path, monkeypatch):
         assert np.abs(want - plain)[valid].max() > 100 * 1e-4, name  # the edit matters (100 x the tolerance)
 
 
+def test_cache_of_packed_rows_equals_each_example_alone(tmp_path):
+    """run_with_cache on packed rows (capjax.packing, several examples per row): every site's values at an
+    example's positions equal the cache of that example run alone (itself checked against torch hooks);
+    the pattern's keys outside the example's segment are zero."""
+    from capjax.packing import pack_examples
+
+    _, model, params = _load(tmp_path, "llama_gqa")
+    rng = np.random.RandomState(2)
+    lengths = [7, 3, 4, 2]
+    T = max(lengths)
+    tokens = rng.randint(1, model.config.vocab_size, (len(lengths), T)).astype(np.int32)
+    am = (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    packed = pack_examples(tokens, am, am, share_prefix=False)
+    assert packed.tokens.shape[0] < len(lengths)  # really packed: fewer rows than examples
+    sites = sorted(SITES)
+    hm = np.random.RandomState(3).rand(model.config.num_layers, model.config.num_heads).astype(np.float32)
+    logits, cache = run_with_cache(model, params, packed.tokens, sites, head_mask=hm,
+                                   segment_ids=packed.segment_ids, positions=packed.positions)
+    for b, n in enumerate(lengths):
+        r, cols = np.nonzero(packed.segment_ids == b + 1)
+        assert len(cols) == n and len(set(r)) == 1
+        r = r[0]
+        alone_logits, alone = run_with_cache(model, params, tokens[b:b + 1, :n], sites, head_mask=hm)
+        np.testing.assert_allclose(np.asarray(logits)[r, cols], np.asarray(alone_logits)[0], atol=1e-5, rtol=0)
+        for s in sites:
+            got = np.asarray(cache[s])[:, r]
+            if s == "attn.pattern":  # [L, H, T, S]
+                block = got[:, :, cols][..., cols]
+                np.testing.assert_allclose(block, np.asarray(alone[s])[:, 0], atol=1e-6, rtol=0, err_msg=s)
+                assert np.abs(got[:, :, cols].sum(-1) - 1).max() < 1e-5, s  # no weight outside the segment
+            else:
+                np.testing.assert_allclose(got[:, cols], np.asarray(alone[s])[:, 0], atol=1e-5, rtol=0, err_msg=s)
+    with pytest.raises(ValueError, match=r"^run_with_cache: packed rows take segment_ids and positions"):
+        run_with_cache(model, params, packed.tokens, ["attn.z"], segment_ids=packed.segment_ids)
+
+
 def test_cache_keeps_only_requested_sites_and_bad_input_is_one_line(tmp_path):
     _, model, params = _load(tmp_path, "llama_gqa")
     tokens, am = padded_tokens()
