@@ -6,7 +6,10 @@ L layers, H query heads, U calibration subsets (K is kept for kv heads), E hidde
 Loss: token-level cross-entropy = total NLL of the answer tokens / their count. `loss_mask[b, t]`
 marks token t as an answer token; it is predicted from position t - 1.
 
-Two exact paths, equal to 1e-5 in float32 (tests prove it):
+The kernels are `capjax.ablation`'s (one layer scan, `capjax.scan`; interventions as
+`capjax.sites.Interventions`); this module keeps what is CAP's: `HeadScores` and `score_heads`'
+orchestration (subsets, layer groups, checkpoints, progress). Two exact paths, equal to 1e-5 in
+float32 (tests prove it):
 - `head_ablation_losses`: any batch of masks [N, L, H], one jitted `vmap` over masks in chunks.
 - `score_heads(method="ablation")`: every single-head ablation, with prefix reuse (the layers
   below the ablated layer are computed once and shared by its H ablations), the last layer and
