@@ -6,7 +6,10 @@ L layers, H query heads, U calibration subsets (K is kept for kv heads), E hidde
 Loss: token-level cross-entropy = total NLL of the answer tokens / their count. `loss_mask[b, t]`
 marks token t as an answer token; it is predicted from position t - 1.
 
-Two exact paths, equal to 1e-5 in float32 (tests prove it):
+The kernels are `capjax.ablation`'s (one layer scan, `capjax.scan`; interventions as
+`capjax.sites.Interventions`); this module keeps what is CAP's: `HeadScores` and `score_heads`'
+orchestration (subsets, layer groups, checkpoints, progress). Two exact paths, equal to 1e-5 in
+float32 (tests prove it):
 - `head_ablation_losses`: any batch of masks [N, L, H], one jitted `vmap` over masks in chunks.
 - `score_heads(method="ablation")`: every single-head ablation, with prefix reuse (the layers
   below the ablated layer are computed once and shared by its H ablations), the last layer and
@@ -37,7 +40,7 @@ import numpy as np
 from capjax import estimators, sharding
 from capjax.ablation.batch import (AnswerPositions, PreparedBatch, answer_arrays, answer_positions,  # noqa: F401
                                    check_calibration, prepare_batch)
-from capjax.ablation.core import answer_values, gradient_deltas, intact_log_probs
+from capjax.ablation.core import gradient_deltas, intact_log_probs, intact_values, values_batch
 from capjax.ablation.kinds import check_kind, replacements
 from capjax.ablation.metrics import CE, Metric, get_metric
 from capjax.ablation.single import single_unit_values
@@ -45,11 +48,11 @@ from capjax.artifacts import Digest, read_scores_npz, scores_settings, write_sco
 from capjax.distributed import checksum, to_host
 from capjax.errors import NonFiniteError
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
-from capjax.model import VOCAB_CHUNK, Decoder, apply_layer, layer_context, layer_params, token_nll
+from capjax.model import VOCAB_CHUNK, Decoder
 from capjax.stats import MIN_RESAMPLES, head_interval
 
 Array = jax.Array
-AGGREGATES = ("median", "mean", "paired")
+AGGREGATES = estimators.SUBSET_AGGREGATES
 METHODS = ("ablation", "gradient")
 
 
@@ -139,27 +142,12 @@ class HeadScores:
 
 
 def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = "median") -> np.ndarray:
-    """delta [L, H] from masked [U, L, H] and baseline [U].
+    """delta [L, H] from masked [U, L, H] and baseline [U]: `capjax.estimators.from_subsets`.
 
     median: median_k masked[k] - mean_k baseline[k] (the paper); mean: mean_k masked - mean_k baseline;
     paired: median_k (masked[k] - baseline[k]), which cancels between-subset difficulty.
     """
-    if aggregate == "median":
-        return np.median(masked, axis=0) - baseline.mean()
-    if aggregate == "mean":
-        return masked.mean(axis=0) - baseline.mean()
-    if aggregate == "paired":
-        return np.median(masked - baseline[:, None, None], axis=0)
-    raise ValueError(f"unknown aggregate {aggregate!r}: use one of {AGGREGATES}")
-
-
-def _last_layer_nll(model: Decoder, params, x: Array, ctx, head_mask_l: Array, ans, num_examples: int) -> Array:
-    """Summed NLL per example [B] from the last layer's input x [P, S, E]: the last layer's o_proj
-    and MLP, and the LM head, run only at the A answer positions."""
-    L = model.config.num_layers
-    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=ans[0], layer=L - 1)  # [A, E]
-    _, target, example = ans
-    return jax.ops.segment_sum(token_nll(model, params, h, target), example, num_segments=num_examples)
+    return estimators.from_subsets(aggregate, masked, baseline)
 
 
 def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, ans) -> Array:
@@ -184,20 +172,6 @@ def default_chunk_size(config, batch: int, seq_len: int, dtype: Any = jnp.float3
                                  vocab_chunk=vocab_chunk)
 
 
-# ---------------------------------------------------------------------------- general primitive
-def _packed_nll(model: Decoder, params, rows, ans, num_examples: int, head_mask: Array) -> Array:
-    """Summed NLL per example [B] under head_mask [L, H], on packed rows (tokens, segment_ids,
-    positions) [P, S] and the shared prefix's tokens [Pf] (its shape is what counts); the last
-    layer and the LM head run only at the answer positions."""
-    L = model.config.num_layers
-    tokens, segment_ids, positions, prefix = rows
-    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
-                           prefix_len=prefix.shape[0])
-    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, head_mask[l],
-                                                             layer=l), x)
-    return _last_layer_nll(model, params, x, ctx, head_mask[L - 1], ans, num_examples)
-
-
 def _map_masks(one, masks, chunk_size, mesh):
     if mesh is not None:
         return sharding.sharded_map(one, masks, chunk_size, mesh)
@@ -206,8 +180,10 @@ def _map_masks(one, masks, chunk_size, mesh):
 
 @partial(jax.jit, static_argnames=("model", "num_examples", "chunk_size", "mesh"))
 def masked_nll(model, params, rows, ans, num_examples, masks, chunk_size, mesh=None):
-    """Per-example NLL sums [N, B] under each of masks [N, L, H]."""
-    return _map_masks(partial(_packed_nll, model, params, rows, ans, num_examples), masks, chunk_size, mesh)
+    """Per-example NLL sums [N, B] under each of masks [N, L, H] on packed rows:
+    `capjax.ablation.values_batch` of head masks (zero ablation, answer cross-entropy)."""
+    return values_batch(model, params, rows, ans, num_examples, CE, None, {}, {"heads": masks}, chunk_size,
+                        mesh=mesh)
 
 
 @partial(jax.jit, static_argnames=("model", "chunk_size", "mesh"))
@@ -311,32 +287,7 @@ def _progress_tick(layer) -> None:
 @partial(jax.jit, static_argnames=("model", "num_examples"))
 def intact_nll(model, params, rows, ans, num_examples):
     """Intact per-example NLL sums [B] on packed rows (`PreparedBatch.rows`, `.packed_ans`)."""
-    c = model.config
-    return _packed_nll(model, params, rows, ans, num_examples, jnp.ones((c.num_layers, c.num_heads), model.dtype))
-
-
-@partial(jax.jit, static_argnames=("model", "num_examples", "metric"))
-def _intact_values(model, params, rows, ans, num_examples, metric, ref):
-    """Intact per-example metric sums [B] (any metric; `intact_nll` is the "ce" one)."""
-    c = model.config
-    tokens, segment_ids, positions, prefix = rows
-    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
-                           prefix_len=prefix.shape[0])
-    x = jax.lax.fori_loop(0, c.num_layers - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx,
-                                                                        layer=l), x)
-    return answer_values(model, params, x, ctx, ans, num_examples, metric, ref)
-
-
-@partial(jax.jit, static_argnames=("model", "num_examples"))
-def _mask_gradient(model, params, rows, ans, num_examples, subset_onehot, subset_count):
-    """d loss_k / d head_mask at all ones, per subset k: [U, L, H]."""
-    c = model.config
-
-    def losses(head_mask):
-        per_example = _packed_nll(model, params, rows, ans, num_examples, head_mask.astype(model.dtype))
-        return subset_onehot @ per_example / subset_count
-
-    return jax.jacrev(losses)(jnp.ones((c.num_layers, c.num_heads), jnp.float32))
+    return intact_values(model, params, rows, ans, num_examples, CE)
 
 
 def _fingerprint(model, params, tokens, loss_mask, attention_mask, extra) -> str:
@@ -390,7 +341,6 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     check_kind(kind)
     metric = get_metric(metric)
     check_method_metric(method, metric.name)
-    custom = (kind, metric.name) != ("zero", "ce")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     if aggregate not in (AGGREGATES if method == "gradient" else estimators.names()):
@@ -409,27 +359,25 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
                          "shuffle the calibration set or use fewer subsets")
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
+    # One path for every kind and metric: the kind's replacements (zero: no head replacement, the
+    # head mask alone), the metric at the answer tokens.
+    reps = replacements(model, params, prep, kind)
     ref = intact_log_probs(model, params, prep.rows, prep.packed_ans) if metric.needs_ref else None
-    if metric is CE:
-        intact = to_host(intact_nll(model, params, prep.rows, prep.packed_ans, B)).astype(np.float64)  # [B]
-    else:
-        intact = to_host(_intact_values(model, params, prep.rows, prep.packed_ans, B, metric, ref)).astype(np.float64)
+    intact = to_host(intact_values(model, params, prep.rows, prep.packed_ans, B, metric, ref)).astype(np.float64)  # [B]
     baseline = onehot @ intact / subset_count
     _check_finite(baseline, "intact calibration loss")
 
-    if method == "gradient" and custom:  # per-example first-order deltas [B, L, H], summed per subset
-        deltas = gradient_deltas(model, params, prep, kind, metric)["heads"]
-        masked = baseline[:, None, None] + np.einsum("blh,kb->klh", deltas, onehot) / subset_count[:, None, None]
-    elif method == "gradient":
-        grad = to_host(_mask_gradient(model, params, prep.rows, prep.packed_ans, B, jnp.asarray(onehot),
-                                    jnp.asarray(subset_count)))
-        masked = baseline[:, None, None] - grad
+    if method == "gradient":  # -d loss_k / d head keep at the intact model, per subset k: [U, L, H]
+        masked = baseline[:, None, None] + gradient_deltas(model, params, prep, metric=metric, components=("heads",),
+                                                           weights=onehot, norm=subset_count,
+                                                           replacements=reps)["heads"]
     else:
         nll = _ablation_nll(model, params, prep, chunk_size, checkpoint_dir, layers_per_call, progress,
                             fingerprint_args=(tokens, loss_mask, prep.attention_mask),
-                            mesh=mesh, metric=metric, ref=ref,
-                            reps=replacements(model, params, prep, kind) if kind != "zero" else None,
-                            custom=(kind, metric.name) if custom else None, resume=resume)  # [L, H, B]
+                            mesh=mesh, metric=metric, ref=ref, reps=reps,
+                            # zero / ce keep their old fingerprint, so their checkpoint folders stay where they were
+                            custom=None if (kind, metric.name) == ("zero", "ce") else (kind, metric.name),
+                            resume=resume)  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     if method == "gradient":

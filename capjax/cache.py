@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from capjax.memory import InsufficientMemoryError, available_bytes
-from capjax.sites import Interventions, check_sites, collect_sites
+from capjax.model import layer_context, unembed
+from capjax.scan import scan_layers
+from capjax.sites import Interventions, check_sites, collect_sites, with_head_mask
 
 Array = jax.Array
 
@@ -71,12 +73,30 @@ def _run(model, params, tokens, attention_mask, interventions, head_mask):
     return logits, collect_sites(state.get("sites", {}))
 
 
+@partial(jax.jit, static_argnames=("model",))
+def _run_packed(model, params, tokens, segment_ids, positions, interventions, head_mask):
+    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids)
+    iv = with_head_mask(interventions, None if head_mask is None else head_mask.astype(model.dtype))
+    if iv.capture:
+        x, cached = scan_layers(model, params, x, ctx, iv=iv, collect="sites")
+    else:
+        x, cached = scan_layers(model, params, x, ctx, iv=iv), {}
+    return unembed(model, params, x), cached
+
+
 def run_with_cache(model, params, tokens, sites: Sequence[str], attention_mask=None,
                    interventions: Interventions | None = None, head_mask=None,
-                   budget_bytes: int | None = None) -> tuple[Array, dict[str, Array]]:
+                   budget_bytes: int | None = None, segment_ids=None,
+                   positions=None) -> tuple[Array, dict[str, Array]]:
     """(logits [B, T, V] float32, {site: [L, ...]}) for tokens [B, T] (attention_mask [B, T] as in
     `capjax.model.Decoder`), with `interventions` (stacked over layers) and `head_mask` [L, H]
     applied while running; the cached values are the sites' values after those edits.
+
+    Packed rows (`capjax.packing`: several examples per row): pass segment_ids [B, T] (0 = padding)
+    and positions [B, T] (restarting at 0 in each segment) instead of attention_mask; each example
+    then sees only its own tokens, and its values equal those of the example run alone (the
+    pattern's keys are the row's T, zero outside the example's segment). A shared prefix is not
+    supported here.
 
     One compiled call (jittable itself: the checks read shapes only). An unknown site name lists
     the known ones; a cache larger than `budget_bytes` (default the free memory) is refused before
@@ -88,6 +108,20 @@ def run_with_cache(model, params, tokens, sites: Sequence[str], attention_mask=N
     check_cache_fits(model.config, sites, tokens.shape[0], tokens.shape[1], model.dtype, budget_bytes)
     iv = interventions or Interventions()
     iv = Interventions(iv.edits, iv.capture | frozenset(sites))
+    if segment_ids is not None or positions is not None:
+        if segment_ids is None or positions is None or attention_mask is not None:
+            raise ValueError("run_with_cache: packed rows take segment_ids and positions (both [B, T]) and no "
+                             "attention_mask (padding is segment 0)")
+        segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
+        c = model.config
+        if head_mask is not None and jnp.shape(head_mask) != (c.num_layers, c.num_heads):
+            raise ValueError(f"head_mask has shape {tuple(jnp.shape(head_mask))}, expected [L, H] = "
+                             f"[{c.num_layers}, {c.num_heads}]")
+        if segment_ids.shape != tokens.shape or positions.shape != tokens.shape:
+            raise ValueError(f"run_with_cache: segment_ids {tuple(segment_ids.shape)} and positions "
+                             f"{tuple(positions.shape)} must have the tokens' shape {tuple(tokens.shape)}")
+        return _run_packed(model, params, tokens, segment_ids, positions, iv,
+                           None if head_mask is None else jnp.asarray(head_mask))
     return _run(model, params, tokens, None if attention_mask is None else jnp.asarray(attention_mask), iv,
                 None if head_mask is None else jnp.asarray(head_mask))
 

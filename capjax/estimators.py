@@ -92,19 +92,28 @@ def estimate(name: str, values: np.ndarray, intact: np.ndarray, count: np.ndarra
                              subsets=subsets, **options)
 
 
+def from_subsets(name: str, masked: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """median / mean / paired (module docstring) from per-subset losses masked [U, ...] and baseline
+    [U] -> [...] (what gradient scores have, which keep no per-example losses)."""
+    if name == "median":
+        return np.median(masked, axis=0) - baseline.mean()
+    if name == "mean":
+        return masked.mean(axis=0) - baseline.mean()
+    if name == "paired":
+        return np.median(masked - baseline.reshape(-1, *(1,) * (masked.ndim - 1)), axis=0)
+    raise ValueError(f"unknown aggregate {name!r}: use one of {SUBSET_AGGREGATES}")
+
+
 def median(values, intact, count, subsets=3):
-    masked, baseline = subset_losses(values, intact, count, subsets)
-    return np.median(masked, axis=0) - baseline.mean()
+    return from_subsets("median", *subset_losses(values, intact, count, subsets))
 
 
 def mean(values, intact, count, subsets=3):
-    masked, baseline = subset_losses(values, intact, count, subsets)
-    return masked.mean(axis=0) - baseline.mean()
+    return from_subsets("mean", *subset_losses(values, intact, count, subsets))
 
 
 def paired(values, intact, count, subsets=3):
-    masked, baseline = subset_losses(values, intact, count, subsets)
-    return np.median(masked - baseline[:, None], axis=0)
+    return from_subsets("paired", *subset_losses(values, intact, count, subsets))
 
 
 def bootstrap(values, intact, count, subsets=3, resamples: int = 200, seed: int = 0):
@@ -121,5 +130,5 @@ def bootstrap(values, intact, count, subsets=3, resamples: int = 200, seed: int 
 for _name, _fn in (("median", median), ("mean", mean), ("paired", paired), ("bootstrap", bootstrap)):
     _ESTIMATORS.register(_name, _fn, builtin=True)
 
-__all__ = ["SUBSET_AGGREGATES", "bootstrap", "estimate", "mean", "median", "names", "paired", "register_estimator",
-           "subset_groups", "subset_losses", "unregister_estimator"]
+__all__ = ["SUBSET_AGGREGATES", "bootstrap", "estimate", "from_subsets", "mean", "median", "names", "paired",
+           "register_estimator", "subset_groups", "subset_losses", "unregister_estimator"]

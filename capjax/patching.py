@@ -36,6 +36,7 @@ import numpy as np
 from capjax.cache import run_with_cache
 from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import apply_layer, layer_context, layer_params, unembed
+from capjax.scan import scan_layers
 from capjax.sites import SITES, Edit, Interventions, check_sites, collect_sites
 
 Array = jax.Array
@@ -112,9 +113,6 @@ def _finish(model, params, y: Array, ctx, start, metric, read_rows, layer_iv=Non
     when given; layer_iv edits layer `start`) and the metric."""
     L = model.config.num_layers
 
-    def intact(i, x):
-        return apply_layer(model, layer_params(params, i), x, ctx, layer=i)
-
     def last(x, iv):
         lp = layer_params(params, L - 1)
         if read_rows is None:
@@ -125,7 +123,7 @@ def _finish(model, params, y: Array, ctx, start, metric, read_rows, layer_iv=Non
 
     def below(x):
         x = apply_layer(model, layer_params(params, start), x, ctx, layer=start, iv=layer_iv)
-        return last(jax.lax.fori_loop(start + 1, L - 1, intact, x), None)
+        return last(scan_layers(model, params, x, ctx, start + 1, L - 1), None)
 
     def at_last(x):
         return last(x, layer_iv)

@@ -8,9 +8,10 @@ measurement in fresh subprocesses, alternately importing the baseline's capjax a
 median over the rounds and the ratio baseline / current (> 1: the current tree is faster).
 
 Measured, each as the best of `reps` warm (compiled) wall times: exact head scoring (score_heads,
-all L * H heads), a full-logits forward over the calibration batch (evaluation's path), and greedy
+all L * H heads), gradient head scores (score_heads(method="gradient")), every single MLP block
+ablated by its mean with the KL metric (`capjax.ablation.ablate`), a full-logits forward over the calibration batch (evaluation's path), and greedy
 generation of 16 tokens for 4 prompts (the KV-cache path); `--only forward,generate` skips the
-scoring. The scores' checksums must agree.
+scoring. The checksums (sum of |delta|) of the three scorings must agree.
 
     PYTHONPATH=/some/tree python scripts/bench_refactor.py --measure
 
@@ -21,7 +22,8 @@ measures whichever capjax is on PYTHONPATH once and prints one JSON line.
 compares XLA's cost analysis instead of wall time (`jax.jit(f).lower(...).compile().cost_analysis()`:
 flops and bytes accessed; deterministic, so one round): the plain forward [B, T] = [8, 256], one
 greedy generation call (prefill + decode loop, 4 x 32 prompt tokens, 16 new) and the exact scoring
-kernel (`single_head_nll` over all layers, one packed calibration batch), on SmolLM2's shapes
+kernel (`single_head_nll` over all layers, one packed calibration batch) and `masked_nll` on 8 head
+masks (head_ablation_losses' kernel), on SmolLM2's shapes
 (abstract params: nothing is loaded or run).
 """
 
@@ -39,7 +41,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURES = ("score_heads", "forward", "generate")
+MEASURES = ("score_heads", "gradient", "ablate", "forward", "generate")
 
 
 def _best(f, reps: int) -> float:
@@ -69,6 +71,16 @@ def measure(n: int, seq_len: int, reps: int, only: tuple[str, ...] = MEASURES) -
     def score():
         out["s"] = score_heads(model, params, calib.tokens, calib.loss_mask, 2,
                                attention_mask=calib.attention_mask, progress=False)
+
+    def gradient():
+        out["g"] = score_heads(model, params, calib.tokens, calib.loss_mask, 2, method="gradient",
+                               attention_mask=calib.attention_mask, progress=False)
+
+    def ablate_mlp():
+        from capjax.ablation import ablate, prepare_batch, single_spec
+
+        batch = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask)
+        out["a"] = ablate(model, params, batch, single_spec(model.config, "mlp"), kind="mean", metric="kl")
     fwd = jax.jit(model.apply)
 
     def forward():
@@ -77,10 +89,12 @@ def measure(n: int, seq_len: int, reps: int, only: tuple[str, ...] = MEASURES) -
 
     def gen():
         generate(model, params, prompts, 16, batch_size=4, eos_ids=[])
-    fns = {"score_heads": score, "forward": forward, "generate": gen}
+    fns = {"score_heads": score, "gradient": gradient, "ablate": ablate_mlp, "forward": forward, "generate": gen}
     times = {k: _best(fns[k], reps) for k in only}
-    checksum = float(np.abs(out["s"].delta).sum()) if "s" in out else None
-    return {"capjax": capjax.__file__, "checksum": checksum, **times}
+    sums = {"score_heads": ("s", lambda r: r.delta), "gradient": ("g", lambda r: r.delta),
+            "ablate": ("a", lambda r: r.delta())}
+    checksums = {k: float(np.abs(get(out[key])).sum()) for k, (key, get) in sums.items() if key in out}
+    return {"capjax": capjax.__file__, "checksums": checksums, **times}
 
 
 def measure_cost() -> dict:
@@ -118,6 +132,10 @@ def measure_cost() -> dict:
     L = config.num_layers
     out["score"] = cost(single_head_nll.lower(model, params, batch.rows, batch.packed_ans, batch.num_examples, 0,
                                               L, config.num_heads))
+    from capjax.attribution import masked_nll
+
+    masks = jax.ShapeDtypeStruct((8, L, config.num_heads), jnp.float32)
+    out["masks"] = cost(masked_nll.lower(model, params, batch.rows, batch.packed_ans, batch.num_examples, masks, 8))
     return {"capjax": capjax.__file__, **out}
 
 
@@ -153,7 +171,7 @@ def cost_side_by_side(args) -> None:
             res[name] = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"XLA cost analysis, baseline {args.baseline} vs current tree {ROOT} (SmolLM2 shapes, float32)")
     print(f"{'':10s} {'':6s} {'baseline':>14s} {'current':>14s} {'current/baseline':>17s}")
-    for k in ("forward", "generate", "score"):
+    for k in ("forward", "generate", "score", "masks"):
         for q in ("flops", "bytes"):
             b, c = res["baseline"][k][q], res["current"][k][q]
             print(f"{k:10s} {q:6s} {b:14.6g} {c:14.6g} {c / b:16.6f}x")
@@ -171,17 +189,18 @@ def side_by_side(args) -> None:
                 m = _run(trees[name], args)
                 runs[name].append(m)
                 print(f"round {r + 1} {name:8s} " + "  ".join(f"{k} {m[k]:7.3f} s" for k in args.only)
-                      + (f"  checksum {m['checksum']:.6f}" if m["checksum"] is not None else ""), flush=True)
+                      + "".join(f"  checksum {k} {v:.6f}" for k, v in m["checksums"].items()), flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"{'':12s} {'baseline':>10s} {'current':>10s} {'baseline/current':>17s}")
     for k in args.only:
         b = statistics.median(m[k] for m in runs["baseline"])
         c = statistics.median(m[k] for m in runs["current"])
         print(f"{k:12s} {b:9.3f}s {c:9.3f}s {b / c:16.3f}x")
-    sums = {m["checksum"] for ms in runs.values() for m in ms if m["checksum"] is not None}
-    if sums:  # float32 sums of 270 |delta|: summation order moves the last digits
-        same = max(sums) - min(sums) <= 1e-5 * max(sums)
-        print(f"score checksums: {sorted(sums)} ({'equal within 1e-5 relative' if same else 'DIFFERENT'})")
+    for k in ("score_heads", "gradient", "ablate"):
+        sums = {m["checksums"][k] for ms in runs.values() for m in ms if k in m.get("checksums", {})}
+        if sums:  # float32 sums of |delta|: summation order moves the last digits
+            same = max(sums) - min(sums) <= 1e-5 * max(sums)
+            print(f"{k} checksums: {sorted(sums)} ({'equal within 1e-5 relative' if same else 'DIFFERENT'})")
 
 
 def main() -> None:

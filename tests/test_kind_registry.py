@@ -112,3 +112,109 @@ def test_plugin_kind_reaches_score_cli_and_configs(tmp_path, monkeypatch, tiny_w
     zero = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
                               progress=False)
     assert np.abs(zero.delta - ref.delta).max() > 1e-3  # the kind was really used
+
+
+CORRUPTED_PLUGIN = '''
+from capjax.ablation import component_outputs, register_kind
+
+
+def corrupted(model, params, batch, seed):
+    """Each component's output on a corrupted copy of the calibration batch: every token id + 1
+    (mod V), same packed layout, so position p is replaced by the corrupted run's position p."""
+    tokens, segment_ids, positions, prefix = batch.rows
+    return component_outputs(model, params, ((tokens + 1) % model.config.vocab_size, segment_ids, positions, prefix))
+
+
+register_kind("corrupted", corrupted)
+'''
+
+
+def torch_patched_head_values(hf, tokens, am, loss):
+    """[L, H, B] oracle of the "corrupted" kind with transformers forward hooks: the clean batch with
+    head h of layer l's output (o_proj's input) at every position taken from the run on tokens + 1."""
+    cfg = hf.config
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    seen = {}
+    hooks = [hf.model.layers[l].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a, l=l: seen.__setitem__(l, a[0].detach().clone())) for l in range(L)]
+    try:
+        with torch.no_grad():
+            hf(torch.tensor((tokens + 1) % cfg.vocab_size), attention_mask=torch.tensor(am))
+    finally:
+        for h in hooks:
+            h.remove()
+    sel = (loss[:, 1:] > 0) & (am[:, 1:] > 0) & (am[:, :-1] > 0)
+    out = np.zeros((L, H, tokens.shape[0]))
+    for l, h in np.ndindex(L, H):
+        def pre(m, a, l=l, h=h):
+            x = a[0].reshape(*a[0].shape[:2], H, D).clone()
+            x[:, :, h] = seen[l].reshape(*a[0].shape[:2], H, D)[:, :, h]
+            return (x.reshape(a[0].shape),) + tuple(a[1:])
+        handle = hf.model.layers[l].self_attn.o_proj.register_forward_pre_hook(pre)
+        try:
+            with torch.no_grad():
+                logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.double()
+        finally:
+            handle.remove()
+        logp = torch.log_softmax(logits[:, :-1], -1)
+        nll = -logp.gather(-1, torch.tensor(tokens[:, 1:])[..., None])[..., 0].numpy()
+        out[l, h] = (nll * sel).sum(1)
+    return out
+
+
+@needs_smollm2
+def test_user_corrupted_kind_from_a_plugin_file_through_ablate_score_and_run(tmp_path, monkeypatch,
+                                                                            tiny_with_tokenizer):
+    """A user's kind ("replace by the output on a corrupted batch") in their own file, loaded through
+    CAPJAX_PLUGINS, works in `ablate`, `score_heads`, `capjax score --kind` and `capjax run`
+    (calibration.kind), each equal to a transformers forward-hook loop."""
+    import json
+
+    import transformers
+    import yaml
+
+    from capjax.ablation.kinds import names
+    from capjax.cli import main
+    from capjax.data import build_calibration
+
+    plugin = tmp_path / "corrupt_kind.py"
+    plugin.write_text(CORRUPTED_PLUGIN)
+    monkeypatch.setenv("CAPJAX_PLUGINS", str(plugin))
+    n, T, U = 4, 128, 2
+    model, params = capjax.load_pretrained(tiny_with_tokenizer)
+    calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=n, seq_len=T, seed=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32).eval()
+    want = torch_patched_head_values(hf, calib.tokens, calib.attention_mask, calib.loss_mask)  # [L, H, B]
+    c = model.config
+    out = tmp_path / "out"
+    try:
+        assert "corrupted" in names()  # registered by the plugin file alone
+        batch = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask)
+        res = ablate(model, params, batch, single_spec(c, "heads"), kind="corrupted")
+        scores = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, U,
+                                    attention_mask=calib.attention_mask, progress=False, kind="corrupted")
+        assert main(["score", "--model", str(tiny_with_tokenizer), "--calib", "synthetic", "--n", str(n),
+                     "--seq-len", str(T), "--subsets", str(U), "--kind", "corrupted",
+                     "--out", str(tmp_path / "scores.npz")]) == 0
+        cfg = {"model": str(tiny_with_tokenizer), "out": str(out), "seed": 0,
+               "calibration": {"tasks": ["synthetic"], "n": n, "seq_len": T, "subsets": U, "kind": "corrupted",
+                               "bootstrap": 0},
+               "pruning": {"methods": ["cap"], "sparsities": [0.5]},
+               "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "bootstrap": 0}}
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    finally:
+        unregister_kind("corrupted")
+    np.testing.assert_allclose(res.values.reshape(c.num_layers, c.num_heads, n), want, atol=2e-4, rtol=1e-5)
+    np.testing.assert_allclose(scores.example_masked, want, atol=2e-4, rtol=1e-5)
+    cli = capjax.HeadScores.load(tmp_path / "scores.npz")
+    assert cli.kind == "corrupted"
+    np.testing.assert_allclose(cli.example_masked, want, atol=2e-4, rtol=1e-5)
+    results = json.loads((out / "results.json").read_text())
+    ran = capjax.HeadScores.load(out / "artifacts" / "scores" / f"{results['scores']['synthetic']['fingerprint']}.npz")
+    assert ran.kind == "corrupted"
+    np.testing.assert_allclose(ran.example_masked, want, atol=2e-4, rtol=1e-5)
+    zero = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, U, attention_mask=calib.attention_mask,
+                              progress=False)
+    assert np.abs(zero.example_masked - want).max() > 1e-2  # the corrupted outputs were really used

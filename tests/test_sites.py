@@ -92,6 +92,90 @@ def test_edits_equal_torch_hooks(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_pattern_edits_equal_torch_eager_attention(tmp_path, monkeypatch):
+    """attn.pattern keep / replace (per head and per batch x head) against transformers' eager attention
+    with the same edit applied to its post-softmax weights before they multiply the values."""
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    hf, model, params = _load(tmp_path, "llama_gqa")
+    c = model.config
+    L, H = c.num_layers, c.num_heads
+    tokens, am = padded_tokens()
+    B, T = tokens.shape
+    rng = np.random.RandomState(1)
+    allowed = np.tril(np.ones((T, T), bool))[None] & (am[:, None, :] > 0)  # [B, T, S]: keys a query may see
+    rep = rng.rand(L, B, H, T, T).astype(np.float32) * allowed[None, :, None]
+    rep /= np.maximum(rep.sum(-1, keepdims=True), 1e-9)  # another attention pattern on the same keys
+    cases = {"keep [H] + replace": (rng.rand(L, H).astype(np.float32), rep),
+             "keep [B, H]": ((rng.rand(L, B, H) > 0.5).astype(np.float32), None)}
+    edit = {}
+    eager = modeling_llama.eager_attention_forward
+
+    def edited_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        G = module.num_key_value_groups
+        k, v = (modeling_llama.repeat_kv(a, G) for a in (key, value))
+        w = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, H, T, S]
+        keep, replace = edit["keep"], edit["replace"]
+        kp = torch.tensor(keep[module.layer_idx])
+        kp = kp[None, :, None, None] if kp.ndim == 1 else kp[:, :, None, None]
+        w = kp * w + (0 if replace is None else (1 - kp) * torch.tensor(replace[module.layer_idx]))
+        return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", edited_eager)
+    valid = am.astype(bool)
+    for name, (keep, replace) in cases.items():
+        edit.update(keep=keep, replace=replace)
+        want, _ = hf_run(hf, tokens, am, sites=())
+        iv = Interventions({"attn.pattern": Edit(keep, replace)})
+        ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am),
+                                      interventions=iv))
+        np.testing.assert_allclose(ours[valid], want[valid], atol=1e-4, rtol=0, err_msg=name)
+        monkeypatch.setattr(modeling_llama, "eager_attention_forward", eager)
+        plain, _ = hf_run(hf, tokens, am, sites=())
+        monkeypatch.setattr(modeling_llama, "eager_attention_forward", edited_eager)
+        assert np.abs(want - plain)[valid].max() > 100 * 1e-4, name  # the edit matters (100 x the tolerance)
+
+
+def test_cache_of_packed_rows_equals_each_example_alone(tmp_path):
+    """run_with_cache on packed rows (capjax.packing, several examples per row): every site's values at an
+    example's positions equal the cache of that example run alone (itself checked against torch hooks);
+    the pattern's keys outside the example's segment are zero."""
+    from capjax.packing import pack_examples
+
+    _, model, params = _load(tmp_path, "llama_gqa")
+    rng = np.random.RandomState(2)
+    lengths = [7, 3, 4, 2]
+    T = max(lengths)
+    tokens = rng.randint(1, model.config.vocab_size, (len(lengths), T)).astype(np.int32)
+    am = (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    packed = pack_examples(tokens, am, am, share_prefix=False)
+    assert packed.tokens.shape[0] < len(lengths)  # really packed: fewer rows than examples
+    sites = sorted(SITES)
+    hm = np.random.RandomState(3).rand(model.config.num_layers, model.config.num_heads).astype(np.float32)
+    logits, cache = run_with_cache(model, params, packed.tokens, sites, head_mask=hm,
+                                   segment_ids=packed.segment_ids, positions=packed.positions)
+    for b, n in enumerate(lengths):
+        r, cols = np.nonzero(packed.segment_ids == b + 1)
+        assert len(cols) == n and len(set(r)) == 1
+        r = r[0]
+        alone_logits, alone = run_with_cache(model, params, tokens[b:b + 1, :n], sites, head_mask=hm)
+        np.testing.assert_allclose(np.asarray(logits)[r, cols], np.asarray(alone_logits)[0], atol=1e-5, rtol=0)
+        for s in sites:
+            got = np.asarray(cache[s])[:, r]
+            if s == "attn.pattern":  # [L, H, T, S]
+                block = got[:, :, cols][..., cols]
+                np.testing.assert_allclose(block, np.asarray(alone[s])[:, 0], atol=1e-6, rtol=0, err_msg=s)
+                assert np.abs(got[:, :, cols].sum(-1) - 1).max() < 1e-5, s  # no weight outside the segment
+            else:
+                np.testing.assert_allclose(got[:, cols], np.asarray(alone[s])[:, 0], atol=1e-5, rtol=0, err_msg=s)
+    with pytest.raises(ValueError, match=r"^run_with_cache: packed rows take segment_ids and positions"):
+        run_with_cache(model, params, packed.tokens, ["attn.z"], segment_ids=packed.segment_ids)
+
+
 def test_cache_keeps_only_requested_sites_and_bad_input_is_one_line(tmp_path):
     _, model, params = _load(tmp_path, "llama_gqa")
     tokens, am = padded_tokens()

@@ -17,6 +17,7 @@ last layer and the metric run only at the answer positions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 from typing import Callable
 
@@ -34,6 +35,7 @@ from capjax.memory import chunk_size_for_memory, run_with_oom_fallback
 from capjax.model import VOCAB_CHUNK, apply_layer, layer_context, layer_params, unembed
 from capjax.ablation.readout import answer_values
 from capjax.ablation.single import single_unit_values
+from capjax.scan import scan_layers
 from capjax.sites import Edit, Interventions
 
 Array = jax.Array
@@ -66,61 +68,94 @@ class AblationResult:
         return self.loss() - self.intact_loss()
 
 
-def layer_ablation(spec_one: dict, reps: dict, l) -> Interventions:
-    """Layer l's interventions (`capjax.sites`) from one spec (heads [L, H], mlp, attn [L]) and
-    replacements (`capjax.ablation.kinds`): attn.z replaced by reps["heads"] (its keep is the head
-    mask, passed beside it), attn.out and mlp.out mixed with theirs by the spec's keep."""
-    edits = {"attn.out": Edit(spec_one["attn"][l], reps["attn"][l]), "mlp.out": Edit(spec_one["mlp"][l], reps["mlp"][l])}
-    if reps["heads"] is not None:
-        edits["attn.z"] = Edit(replace=reps["heads"][l])
+def spec_interventions(spec_one: dict, reps: dict) -> Interventions:
+    """The interventions (`capjax.sites`, stacked over layers) of one spec (any of heads [L, H],
+    mlp [L], attn [L]) with replacements (`capjax.ablation.kinds`): attn.z keeps spec["heads"] and
+    is replaced by reps["heads"] (zero when None), attn.out / mlp.out are mixed with theirs by the
+    spec's keep. A component the spec leaves out adds no operation (a head mask alone is bit for bit
+    `Decoder(head_mask=...)`)."""
+    edits = {}
+    if "heads" in spec_one:
+        edits["attn.z"] = Edit(spec_one["heads"], reps.get("heads"))
+    for component, site in (("attn", "attn.out"), ("mlp", "mlp.out")):
+        if component in spec_one:
+            edits[site] = Edit(spec_one[component], reps[component])
     return Interventions(edits)
+
+
+def layer_ablation(spec_one: dict, reps: dict, l) -> Interventions:
+    """Layer l's slice of `spec_interventions`."""
+    return spec_interventions(spec_one, reps).at(l)
 
 
 def first_ablated_layer(spec_one: dict) -> Array:
     """The lowest layer whose components are not all intact (L - 1 when none is), int32 scalar."""
-    L = spec_one["mlp"].shape[0]
-    touched = jnp.any(spec_one["heads"] != 1, axis=1) | (spec_one["mlp"] != 1) | (spec_one["attn"] != 1)
+    parts = [spec_one[k] != 1 for k in ("mlp", "attn") if k in spec_one]
+    if "heads" in spec_one:
+        parts.append(jnp.any(spec_one["heads"] != 1, axis=1))
+    touched = parts[0]
+    for p in parts[1:]:
+        touched = touched | p
+    L = touched.shape[0]
     return jnp.minimum(jnp.where(jnp.any(touched), jnp.argmax(touched), L - 1), L - 1).astype(jnp.int32)
 
 
-def ablated_values(model, params, rows, ans, num_examples: int, metric: Metric, ref, reps: dict,
-                   spec_one: dict, inputs: Array | None = None) -> Array:
-    """The metric summed per example [B] under one ablation spec_one ({"heads": [L, H], "mlp": [L],
-    "attn": [L]}) on packed rows (tokens, segment_ids, positions [P, S], prefix [Pf]).
+def intervened_values(model, params, rows, ans, num_examples: int, metric: Metric, ref,
+                      iv: Interventions | None = None, start=0, inputs: Array | None = None) -> Array:
+    """The one scoring kernel: the metric summed per example [B] on packed rows (tokens,
+    segment_ids, positions [P, S], prefix [Pf]) under interventions iv (`capjax.sites`, stacked
+    over layers; None: intact), the last layer and the metric only at the answer positions ans.
 
-    With `inputs` [L, P, S, E] (every layer's intact input, `intact_inputs`), the layers below the
-    first ablated one are not recomputed (prefix reuse; not differentiable in spec_one)."""
+    With `inputs` [L, P, S, E] (every layer's intact input, `intact_inputs`), the layers below
+    `start` (the first one iv touches) are not recomputed: prefix reuse."""
     L = model.config.num_layers
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-    start: int | Array = 0
     if inputs is not None:
-        start = first_ablated_layer(spec_one)
         x = inputs[start]
+    x = scan_layers(model, params, x, ctx, start, L - 1, iv)
+    return answer_values(model, params, x, ctx, ans, num_examples, metric, ref,
+                         ablation=None if iv is None else iv.at(L - 1))
 
-    def body(l, x):
-        return apply_layer(model, layer_params(params, l), x, ctx, spec_one["heads"][l], layer=l,
-                           iv=layer_ablation(spec_one, reps, l))
-    x = jax.lax.fori_loop(start, L - 1, body, x)
-    return answer_values(model, params, x, ctx, ans, num_examples, metric, ref, spec_one["heads"][L - 1],
-                         layer_ablation(spec_one, reps, L - 1))
+
+def ablated_values(model, params, rows, ans, num_examples: int, metric: Metric, ref, reps: dict,
+                   spec_one: dict, inputs: Array | None = None) -> Array:
+    """The metric summed per example [B] under one ablation spec_one (any of {"heads": [L, H],
+    "mlp": [L], "attn": [L]}) with replacements reps, on packed rows: `intervened_values` of
+    `spec_interventions`. With `inputs` (`intact_inputs`), the layers below the first ablated one
+    are not recomputed (prefix reuse; not differentiable in spec_one)."""
+    spec_one = {k: v.astype(model.dtype) for k, v in spec_one.items()}
+    start = 0 if inputs is None else first_ablated_layer(spec_one)
+    return intervened_values(model, params, rows, ans, num_examples, metric, ref,
+                             spec_interventions(spec_one, reps), start, inputs)
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size", "mesh"))
-def _values_batch(model, params, rows, ans, num_examples, metric, ref, reps, specs, chunk_size, inputs=None,
-                  mesh=None):
+def values_batch(model, params, rows, ans, num_examples, metric, ref, reps, specs, chunk_size, inputs=None,
+                 mesh=None):
+    """`ablated_values` [N, B] for every ablation of specs (any of heads [N, L, H], mlp / attn
+    [N, L]): `lax.map` over chunks of chunk_size, or split over the mesh's "data" axis."""
     def one(spec_one):
         return ablated_values(model, params, rows, ans, num_examples, metric, ref, reps, spec_one, inputs)
     if mesh is None:
         return jax.lax.map(one, specs, batch_size=chunk_size)
-    # sharded_map splits one array: the spec's components side by side [N, L * H + 2 L], split back per row.
-    L, H = model.config.num_layers, model.config.num_heads
-    flat = jnp.concatenate([specs["heads"].reshape(-1, L * H), specs["mlp"], specs["attn"]], axis=1)
+    # sharded_map splits one array: the spec's components side by side [N, sum of sizes], split back per row.
+    keys = sorted(specs)
+    shapes = [specs[k].shape[1:] for k in keys]
+    sizes = [math.prod(s) for s in shapes]
+    flat = jnp.concatenate([specs[k].reshape(specs[k].shape[0], -1) for k in keys], axis=1)
 
     def one_flat(row):
-        return one({"heads": row[:L * H].reshape(L, H), "mlp": row[L * H:L * H + L], "attn": row[L * H + L:]})
+        parts = jnp.split(row, np.cumsum(sizes)[:-1])
+        return one({k: p.reshape(s) for k, p, s in zip(keys, parts, shapes)})
     return sharding.sharded_map(one_flat, flat, chunk_size, mesh)
+
+
+@partial(jax.jit, static_argnames=("model", "num_examples", "metric"))
+def intact_values(model, params, rows, ans, num_examples, metric: Metric, ref=None) -> Array:
+    """Intact per-example metric sums [B] on packed rows."""
+    return intervened_values(model, params, rows, ans, num_examples, metric, ref)
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -129,10 +164,7 @@ def intact_inputs(model, params, rows) -> Array:
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-
-    def step(x, l):
-        return apply_layer(model, layer_params(params, l), x, ctx, layer=l), x
-    return jax.lax.scan(step, x, jnp.arange(model.config.num_layers))[1]
+    return scan_layers(model, params, x, ctx, collect="inputs")[1]
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -142,7 +174,7 @@ def intact_log_probs(model, params, rows, ans) -> Array:
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-    x = jax.lax.fori_loop(0, L - 1, lambda l, x: apply_layer(model, layer_params(params, l), x, ctx, layer=l), x)
+    x = scan_layers(model, params, x, ctx, 0, L - 1)
     h = apply_layer(model, layer_params(params, L - 1), x, ctx, rows=ans[0], layer=L - 1)
     return jax.nn.log_softmax(unembed(model, params, h), axis=-1)
 
@@ -183,8 +215,9 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
     n = num_ablations(spec)
-    full = {k: jnp.asarray(v, model.dtype) for k, v in _ones_spec(c, n).items()}
-    specs = {k: jnp.asarray(spec.get(k, full[k]), model.dtype) for k in full}
+    # Only the components the spec has are edited (a component left out costs nothing).
+    specs = {k: jnp.asarray(v, model.dtype) for k, v in spec.items() if k in ("heads", "mlp", "attn")}
+    specs = specs or {"heads": jnp.ones((n, c.num_layers, c.num_heads), model.dtype)}
     metric = get_metric(metric)
     reps = replacements if replacements is not None else make_replacements(model, params, batch, kind, seed)
     ref = intact_log_probs(model, params, batch.rows, batch.packed_ans) if metric.needs_ref else None
@@ -203,12 +236,10 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
         inputs = intact_inputs(model, params, batch.rows) if reuse_prefix else None
 
         def run(ch):
-            return to_host(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, specs,
+            return to_host(values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, specs,
                                          min(ch, n), inputs, mesh=mesh)).astype(np.float64)
     values = run_with_oom_fallback(run, chunk)
-    ones = {k: v.astype(model.dtype) for k, v in _ones_spec(c).items()}
-    intact = np.asarray(_values_batch(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, ones, 1),
-                        np.float64)[0]
+    intact = np.asarray(intact_values(model, params, batch.rows, batch.packed_ans, B, metric, ref), np.float64)
     if not (np.all(np.isfinite(values)) and np.all(np.isfinite(intact))):
         raise FloatingPointError(f"ablate: non-finite {metric.name} values; check the params (NaN weights?) "
                                  "or use float32")
@@ -216,22 +247,33 @@ def ablate(model, params, batch: PreparedBatch, spec: dict, kind: str = "zero",
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples", "metric"))
-def _values_jacobian(model, params, rows, ans, num_examples, metric, ref, reps, spec_one):
-    return jax.jacrev(partial(ablated_values, model, params, rows, ans, num_examples, metric, ref, reps))(spec_one)
+def values_jacobian(model, params, rows, ans, num_examples, metric, ref, reps, spec_one, weights, norm):
+    """d (weights @ values / norm) / d spec_one at spec_one: {component: [U, ...]} for weights [U, B]
+    and norm [U] (the identity and ones: per example; a subset one-hot and its answer counts: per
+    subset token-level losses). One reverse pass per row of weights."""
+    def losses(spec):
+        return weights @ ablated_values(model, params, rows, ans, num_examples, metric, ref, reps, spec) / norm
+    return jax.jacrev(losses)(spec_one)
 
 
 def gradient_deltas(model, params, batch: PreparedBatch, kind: str = "zero", metric: str | Metric | Callable = "ce",
-                    seed: int = 0) -> dict[str, np.ndarray]:
-    """First-order per-example estimate of values(ablated) - values(intact) for every single unit:
-    -d values_b / d keep at all ones (Michel et al. 2019), by one reverse pass per example:
-    {"heads": [B, L, H], "mlp": [B, L], "attn": [B, L]}."""
+                    seed: int = 0, components=("heads", "mlp", "attn"), weights=None, norm=None,
+                    replacements: dict | None = None) -> dict[str, np.ndarray]:
+    """First-order estimate of values(ablated) - values(intact) for every single unit: -d values_b /
+    d keep at all ones (Michel et al. 2019), one reverse pass per example: {"heads": [B, L, H],
+    "mlp": [B, L], "attn": [B, L]} (the `components` asked for). With weights [U, B] and norm [U],
+    the same for weights @ values / norm instead of values: [U, ...] (one reverse pass per row)."""
     metric = get_metric(metric)
-    reps = make_replacements(model, params, batch, kind, seed)
+    reps = replacements if replacements is not None else make_replacements(model, params, batch, kind, seed)
     ref = intact_log_probs(model, params, batch.rows, batch.packed_ans) if metric.needs_ref else None
-    ones = {k: v[0] for k, v in _ones_spec(model.config).items()}
-    jac = _values_jacobian(model, params, batch.rows, batch.packed_ans, batch.num_examples, metric, ref, reps, ones)
-    return {k: -np.asarray(v, np.float64) for k, v in jac.items()}
+    ones = {k: v[0] for k, v in _ones_spec(model.config).items() if k in components}
+    B = batch.num_examples
+    weights = jnp.eye(B, dtype=jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    norm = jnp.ones((weights.shape[0],), jnp.float32) if norm is None else jnp.asarray(norm, jnp.float32)
+    jac = values_jacobian(model, params, batch.rows, batch.packed_ans, B, metric, ref, reps, ones, weights, norm)
+    return {k: -np.asarray(to_host(v), np.float64) for k, v in jac.items()}
 
 
 __all__ = ["AblationResult", "ablate", "ablated_values", "answer_values", "first_ablated_layer", "gradient_deltas",
-           "intact_inputs", "intact_log_probs", "layer_ablation", "single_heads_keep"]
+           "intact_inputs", "intact_log_probs", "intact_values", "intervened_values", "layer_ablation",
+           "single_heads_keep", "spec_interventions", "values_batch", "values_jacobian"]

@@ -29,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.ablation.batch import PreparedBatch
-from capjax.model import apply_layer, layer_context, layer_params
+from capjax.model import layer_context
 from capjax.plugins import load_plugins
 from capjax.registry import Registry
+from capjax.scan import scan_layers
+from capjax.sites import Interventions
 
 KINDS = ("zero", "mean", "resample")  # the built-ins; `names()` adds the registered ones
 # name -> fn(model, params, batch, seed) -> replacements; the built-ins' entry is None (`replacements`
@@ -115,24 +117,20 @@ def resample_source(batch: PreparedBatch, perm: np.ndarray) -> np.ndarray:
     return src.reshape(p.segment_ids.shape)
 
 
+_COMPONENT_SITES = {"heads": "attn.z", "attn": "attn.out", "mlp": "mlp.out"}
+
+
 @partial(jax.jit, static_argnames=("model",))
 def component_outputs(model, params, rows) -> dict[str, jax.Array]:
-    """The intact outputs of every component on packed rows (`PreparedBatch.rows`):
-    {"heads": [L, P, S, H, D] (before o_proj), "attn": [L, P, S, E] (after o_proj), "mlp": [L, P, S, E]}."""
+    """The intact outputs of every component on packed rows (`PreparedBatch.rows`), the values of the
+    sites their ablations edit: {"heads": [L, P, S, H, D] (attn.z, before o_proj), "attn": [L, P, S, E]
+    (attn.out), "mlp": [L, P, S, E] (mlp.out)}."""
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-
-    def step(x, l):
-        lp = layer_params(params, l)
-        y, inputs = apply_layer(model, lp, x, ctx, capture=True, layer=l)
-        heads = inputs["self_attn"]["o_proj"]
-        attn = jnp.einsum("pshd,hde->pse", heads, lp["self_attn"]["o_proj"]["kernel"].astype(model.dtype))
-        mlp = jnp.einsum("psf,fe->pse", inputs["mlp"]["down_proj"],
-                         lp["mlp"]["down_proj"]["kernel"].astype(model.dtype))
-        return y, {"heads": heads, "attn": attn, "mlp": mlp}
-
-    return jax.lax.scan(step, x, jnp.arange(model.config.num_layers))[1]
+    iv = Interventions(capture=set(_COMPONENT_SITES.values()))
+    sites = scan_layers(model, params, x, ctx, iv=iv, collect="sites")[1]
+    return {k: sites[site] for k, site in _COMPONENT_SITES.items()}
 
 
 def replacements(model, params, batch: PreparedBatch, kind: str = "zero", seed: int = 0) -> dict:

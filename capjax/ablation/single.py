@@ -24,6 +24,7 @@ from capjax import sharding
 from capjax.ablation.readout import answer_values
 from capjax.ablation.metrics import Metric
 from capjax.model import apply_layer, layer_context, layer_params
+from capjax.scan import scan_layers
 from capjax.sites import Edit, Interventions
 
 Array = jax.Array
@@ -56,15 +57,14 @@ def single_unit_values(model, params, rows, ans, num_examples: int, metric: Metr
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-    ones = jnp.ones((H,), model.dtype)
 
-    def intact(i, x):
-        return sharding.constrain_replicated(apply_layer(model, layer_params(params, i), x, ctx, ones, layer=i), mesh)
+    def replicated(y):
+        return sharding.constrain_replicated(y, mesh)
 
-    def last_layer(y, head_mask_l, ablation=None):
+    def last_layer(y, head_mask_l=None, ablation=None):
         return answer_values(model, params, y, ctx, ans, num_examples, metric, ref, head_mask_l, ablation)
 
-    x = jax.lax.fori_loop(0, start, intact, x)
+    x = scan_layers(model, params, x, ctx, 0, start, constrain=replicated)
 
     def ablate_layer(x, l):
         lp = layer_params(params, l)
@@ -72,7 +72,7 @@ def single_unit_values(model, params, rows, ans, num_examples: int, metric: Metr
 
         def below_last(head_mask_l):
             y = apply_layer(model, lp, x, ctx, head_mask_l, layer=l, iv=ablation)
-            return last_layer(jax.lax.fori_loop(l + 1, L - 1, intact, y), ones)
+            return last_layer(scan_layers(model, params, y, ctx, l + 1, L - 1, constrain=replicated))
 
         def at_last(head_mask_l):
             return last_layer(x, head_mask_l, ablation)
@@ -87,7 +87,7 @@ def single_unit_values(model, params, rows, ans, num_examples: int, metric: Metr
             values = jax.lax.map(one, single, batch_size=chunk_size)  # [H, B]
         if on_layer is not None:
             jax.debug.callback(on_layer, l)
-        return apply_layer(model, lp, x, ctx, ones, layer=l), values
+        return apply_layer(model, lp, x, ctx, layer=l), values
 
     _, values = jax.lax.scan(ablate_layer, x, start + jnp.arange(num_layers))
     return values

@@ -17,21 +17,23 @@ heads below the last induction layer whose previous-token score does (previous-t
 scores are then judged by precision@k against it, and pair / group ablations show what
 single-head ablation cannot see when heads are redundant.
 
-`attention_probs` computes the post-softmax attention of every layer from the model's own
-functions (`layer_context`, `rms_norm`, `apply_rope`, `apply_layer`); tests check it against
-transformers' `output_attentions=True`.
+`attention_probs` reads the post-softmax attention of every layer (the attn.pattern site, captured
+on `capjax.scan.scan_layers`); tests check it against transformers' `output_attentions=True`.
 """
 
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capjax.model import Decoder, apply_layer, apply_rope, layer_context, layer_params, rms_norm
+from capjax.model import Decoder, layer_context
+from capjax.scan import scan_layers
+from capjax.sites import Interventions
 
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>")
 FIRST = len(SPECIAL)  # id of token "t0"
@@ -80,50 +82,18 @@ def repeat_batch(n: int, segment_len: int, vocab_size: int, seed: int = 1) -> di
 
 
 # ---------------------------------------------------------------------------- attention
-def _check_layout(model: Decoder) -> None:
-    c = model.config
-    unsupported = [name for name, on in (("qk_norm", c.qk_norm), ("attn_softcap", c.attn_softcap is not None),
-                                         ("layer_types", c.mixed_layers), ("sliding_window", c.sliding_window))
-                   if on]
-    if unsupported:
-        raise ValueError(f"attention_probs covers the Llama attention; {c.model_type} sets {unsupported[0]}")
-
-
 def attention_probs(model: Decoder, params, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-    """Post-softmax attention probabilities [L, B, H, T, S] (float32) of tokens [B, T]."""
-    _check_layout(model)
-    fn = _probs_fn(model)
-    out = fn(params, jnp.asarray(tokens), None if attention_mask is None else jnp.asarray(attention_mask))
-    return np.asarray(out)
+    """Post-softmax attention probabilities [L, B, H, T, S] of tokens [B, T]: the attn.pattern site
+    (`capjax.sites`) of every layer, captured on the one layer scan."""
+    return np.asarray(_attention_probs(model, params, jnp.asarray(tokens),
+                                       None if attention_mask is None else jnp.asarray(attention_mask)))
 
 
-def _probs_fn(model: Decoder):
-    c = model.config
-    K, G, D = c.num_kv_heads, c.group_size, c.head_dim
-
-    @jax.jit
-    def fn(params, tokens, attention_mask):
-        x, ctx = layer_context(model, params, tokens, attention_mask)  # x [B, T, E]
-        cos, sin, mask = ctx  # mask [B, T, S]
-        B, T = tokens.shape
-        probs = []
-        for layer in range(c.num_layers):
-            lp = layer_params(params, layer)
-            att = lp["self_attn"]
-            h = rms_norm(x, lp["input_layernorm"]["scale"], c.rms_norm_eps, c.norm_offset)
-            q = jnp.einsum("bte,ehd->bthd", h, att["q_proj"]["kernel"].astype(model.dtype))  # [B, T, H, D]
-            k = jnp.einsum("bte,ekd->btkd", h, att["k_proj"]["kernel"].astype(model.dtype))  # [B, T, K, D]
-            if c.qkv_bias:
-                q, k = q + att["q_proj"]["bias"], k + att["k_proj"]["bias"]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            scale = (c.query_pre_attn_scalar or D) ** -0.5
-            logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(B, T, K, G, D), k).astype(jnp.float32) * scale
-            logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-            probs.append(jax.nn.softmax(logits, axis=-1).reshape(B, K * G, T, -1))  # [B, H, T, S]
-            x = apply_layer(model, lp, x, ctx, layer=layer)
-        return jnp.stack(probs)
-
-    return fn
+@partial(jax.jit, static_argnames=("model",))
+def _attention_probs(model: Decoder, params, tokens, attention_mask):
+    x, ctx = layer_context(model, params, tokens, attention_mask)
+    iv = Interventions(capture={"attn.pattern"})
+    return scan_layers(model, params, x, ctx, iv=iv, collect="sites")[1]["attn.pattern"]
 
 
 def prefix_matching_scores(probs: np.ndarray, segment_len: int) -> np.ndarray:

@@ -35,7 +35,8 @@ import optax
 
 from capjax import sharding
 from capjax.artifacts import Digest
-from capjax.model import Decoder, apply_layer, layer_context, token_nll, unembed
+from capjax.model import Decoder, layer_context, token_nll, unembed
+from capjax.scan import scan_layers
 from capjax.pruning.importance import PRUNABLE, get_path
 from capjax.pruning.prune import apply_masks
 from capjax.recovery.checkpoint import RecoveryCheckpoints
@@ -116,13 +117,7 @@ def _hidden(model: Decoder, params: Params, batch: dict[str, jax.Array], layers:
     x, ctx = layer_context(model, params, batch["tokens"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"])
 
-    def body(x, item):
-        layer, index = item  # the index: families whose sliding and global layers alternate
-        return apply_layer(model, layer_fn(layer), x, ctx, layer=index), None
-
-    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
-                        (layers, jnp.arange(model.config.num_layers)))
-    return x
+    return scan_layers(model, params, x, ctx, layers=(layers, layer_fn), remat=remat)
 
 
 def distil_position_loss(student_logits: jax.Array, teacher_logits: jax.Array, target: jax.Array,
