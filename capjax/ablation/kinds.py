@@ -128,7 +128,7 @@ def component_outputs(model, params, rows) -> dict[str, jax.Array]:
     tokens, segment_ids, positions, prefix = rows
     x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
                            prefix_len=prefix.shape[0])
-    iv = Interventions(capture=set(_COMPONENT_SITES.values()))
+    iv = Interventions(capture=frozenset(_COMPONENT_SITES.values()))
     sites = scan_layers(model, params, x, ctx, iv=iv, collect="sites")[1]
     return {k: sites[site] for k, site in _COMPONENT_SITES.items()}
 

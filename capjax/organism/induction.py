@@ -92,7 +92,7 @@ def attention_probs(model: Decoder, params, tokens: np.ndarray, attention_mask: 
 @partial(jax.jit, static_argnames=("model",))
 def _attention_probs(model: Decoder, params, tokens, attention_mask):
     x, ctx = layer_context(model, params, tokens, attention_mask)
-    iv = Interventions(capture={"attn.pattern"})
+    iv = Interventions(capture=frozenset({"attn.pattern"}))
     return scan_layers(model, params, x, ctx, iv=iv, collect="sites")[1]["attn.pattern"]
 
 
