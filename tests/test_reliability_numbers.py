@@ -518,6 +518,35 @@ def test_plugin_metric_code_enters_the_scores_fingerprint(tmp_path):
         unregister_metric("gap")
 
 
+def test_plugin_kind_code_enters_the_scores_fingerprint(tmp_path):
+    """Scores under a plugin ablation kind are filed under its code: changed code, other scores."""
+    import importlib.util
+
+    from capjax.ablation.kinds import register_kind, unregister_kind
+    from capjax.experiment.config import CalibrationConfig, RunConfig
+    from capjax.experiment.runner import Experiment
+
+    def fingerprint_with(scale: str) -> str:
+        path = tmp_path / "kind_plugin.py"
+        path.write_text("from capjax.ablation.kinds import replacements\n\n"
+                        "def half(model, params, batch, seed):\n"
+                        f"    return {{k: {scale} * v for k, v in replacements(model, params, batch, 'mean', seed).items()}}\n")
+        spec = importlib.util.spec_from_file_location("capjax_plugin_kind_plugin", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        register_kind("half", module.half, replace=True)
+        exp = Experiment(RunConfig(model="m", out=str(tmp_path / "out"), calibration=CalibrationConfig(kind="half")))
+        exp.model_fp, exp.calibs["synthetic"], exp.calib_fps["synthetic"] = "model", object(), "calibration"
+        return exp.scores_fingerprint("synthetic")
+
+    try:
+        first = fingerprint_with("0.5")
+        assert fingerprint_with("0.5") == first
+        assert fingerprint_with("0.25") != first
+    finally:
+        unregister_kind("half")
+
+
 def test_run_recompute_does_not_resume_recovery(tmp_path, tiny_char):
     """`--recompute` resumed a recovery run from its orbax checkpoints (a finished run's last step
     came back without training); the run's checkpoint folder is cleared and the steps are trained."""

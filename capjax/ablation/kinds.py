@@ -61,6 +61,11 @@ def unregister_kind(name: str) -> None:
     _REGISTERED.unregister(name)
 
 
+def kind_function(name: str) -> Callable | None:
+    """The function registered as kind `name` (None for the built-ins, which `replacements` computes)."""
+    return _REGISTERED.lookup(name)
+
+
 def check_kind(kind: str) -> str:
     _REGISTERED.lookup(kind)
     return kind

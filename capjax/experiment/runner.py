@@ -188,9 +188,14 @@ class Experiment:
             inputs["ablation"] = {"kind": c.kind, "metric": c.metric}
         from capjax.ablation.metrics import get_metric
 
+        from capjax.ablation.kinds import kind_function
+
         plugin = code_digest(get_metric(c.metric).fn)  # a plugin metric's code (None: capjax's own)
         if plugin is not None:
             inputs["ablation"]["metric_code"] = plugin
+        kind_fn = kind_function(c.kind)  # a plugin kind's code (None: a built-in)
+        if kind_fn is not None and (kind_code := code_digest(kind_fn)) is not None:
+            inputs["ablation"]["kind_code"] = kind_code
         return fingerprint(inputs)
 
     def scores(self, task: str):
