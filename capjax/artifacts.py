@@ -21,9 +21,10 @@ import os
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,18 +39,18 @@ class Digest:
     def __init__(self) -> None:
         self._h = hashlib.sha256()
 
-    def raw(self, data: bytes) -> "Digest":
+    def raw(self, data: bytes) -> Digest:
         self._h.update(data)
         return self
 
-    def text(self, text: str) -> "Digest":
+    def text(self, text: str) -> Digest:
         return self.raw(text.encode())
 
-    def json(self, obj: Any) -> "Digest":
+    def json(self, obj: Any) -> Digest:
         """The canonical JSON of `obj` (sorted keys, no spaces; numpy scalars and arrays, tuples and paths allowed)."""
         return self.text(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default))
 
-    def array(self, a: Any, layout: bool = True) -> "Digest":
+    def array(self, a: Any, layout: bool = True) -> Digest:
         """The bytes of `a` (C order), preceded by its dtype and shape when `layout`."""
         a = np.ascontiguousarray(np.asarray(a))
         if layout:
@@ -233,8 +234,9 @@ def read_npz(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[st
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ArtifactError(f"{p} is not a readable .npz file ({type(e).__name__}: {e}); rewrite it "
-                            "(e.g. with capjax score --out)") from e
+        raise ArtifactError(
+            f"{p} is not a readable .npz file ({type(e).__name__}: {e}); rewrite it (e.g. with capjax score --out)"
+        ) from e
     missing = [k for k in required if k not in arrays]
     if missing:
         raise ArtifactError(f"{p} has no {', '.join(map(repr, missing))} array (keys: {', '.join(arrays)})")
@@ -285,8 +287,10 @@ def read_masks(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.nd
     arrays = read_npz(p)
     missing = [k for k in names if k not in arrays]
     if missing:
-        raise ValueError(f"{p} lacks the mask(s) {', '.join(missing)} (keys: {', '.join(list(arrays)[:4])}...): "
-                         "use the masks.npz written by `capjax prune`")
+        raise ValueError(
+            f"{p} lacks the mask(s) {', '.join(missing)} (keys: {', '.join(list(arrays)[:4])}...): "
+            "use the masks.npz written by `capjax prune`"
+        )
     return {k: arrays[k] for k in names}
 
 

@@ -29,17 +29,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from capjax import estimators, sharding
-from capjax.ablation.batch import (AnswerPositions, PreparedBatch, answer_arrays, answer_positions,  # noqa: F401
-                                   check_calibration, prepare_batch)
+from capjax.ablation.batch import (  # noqa: F401
+    AnswerPositions,
+    PreparedBatch,
+    answer_arrays,
+    answer_positions,
+    check_calibration,
+    prepare_batch,
+)
 from capjax.ablation.core import gradient_deltas, intact_log_probs, intact_values, values_batch
 from capjax.ablation.kinds import check_kind, replacements
 from capjax.ablation.metrics import CE, Metric, get_metric
@@ -102,43 +109,61 @@ class HeadScores:
         return f"{self.aggregate}, {self.kind} ablation, {self.metric}"
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "HeadScores":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> HeadScores:
         """From `save`'s file ("settings") or a results folder's artifact ("meta"); files written
         before kind and metric were recorded are zero / ce, the only scores capjax made then."""
         settings = scores_settings(arrays)
-        return cls(arrays["delta"], arrays["masked"], arrays["baseline"], settings.get("aggregate", "median"),
-                   settings.get("method", "ablation"), **{k: arrays.get(k) for k in cls.OPTIONAL},
-                   kind=settings.get("kind", "zero"), metric=settings.get("metric", "ce"))
+        return cls(
+            arrays["delta"],
+            arrays["masked"],
+            arrays["baseline"],
+            settings.get("aggregate", "median"),
+            settings.get("method", "ablation"),
+            **{k: arrays.get(k) for k in cls.OPTIONAL},
+            kind=settings.get("kind", "zero"),
+            metric=settings.get("metric", "ce"),
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeadScores":
+    def load(cls, path: str | Path) -> HeadScores:
         """Reads a scores .npz; an unreadable file is an ArtifactError naming it."""
         return cls.from_arrays(read_scores_npz(path))
 
-    def with_aggregate(self, aggregate: str) -> "HeadScores":
+    def with_aggregate(self, aggregate: str) -> HeadScores:
         """The same losses aggregated another way, with no forward pass: any registered estimator
         (`capjax.estimators`) from the per-example losses, or median / mean / paired from the
         per-subset ones when only those exist (gradient scores)."""
         if self.example_masked is None:
-            return dataclasses.replace(self, delta=aggregate_scores(self.masked, self.baseline, aggregate),
-                                       aggregate=aggregate)
+            return dataclasses.replace(
+                self, delta=aggregate_scores(self.masked, self.baseline, aggregate), aggregate=aggregate
+            )
         L, H, B = self.example_masked.shape
         assert self.example_baseline is not None and self.answer_count is not None  # kept with example_masked
-        delta = estimators.estimate(aggregate, self.example_masked.reshape(L * H, B), self.example_baseline,
-                                    self.answer_count, self.masked.shape[0])
+        delta = estimators.estimate(
+            aggregate,
+            self.example_masked.reshape(L * H, B),
+            self.example_baseline,
+            self.answer_count,
+            self.masked.shape[0],
+        )
         return dataclasses.replace(self, delta=np.asarray(delta).reshape(L, H), aggregate=aggregate)
 
-    def with_interval(self, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "HeadScores":
+    def with_interval(self, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> HeadScores:
         """A bootstrap interval [2, L, H] over calibration examples (exact ablation only); none
         (interval None: no test) below `capjax.stats.MIN_RESAMPLES` resamples."""
         if resamples < MIN_RESAMPLES:
             return dataclasses.replace(self, interval=None)
         if self.example_masked is None:
-            raise ValueError(f"no per-example losses to bootstrap (method={self.method!r}; "
-                             "intervals need method='ablation')")
+            raise ValueError(
+                f"no per-example losses to bootstrap (method={self.method!r}; intervals need method='ablation')"
+            )
         assert self.example_baseline is not None and self.answer_count is not None  # kept with example_masked
-        return dataclasses.replace(self, interval=head_interval(self.example_masked, self.example_baseline,
-                                                                self.answer_count, resamples, seed, level))
+        return dataclasses.replace(
+            self,
+            interval=head_interval(
+                self.example_masked, self.example_baseline, self.answer_count, resamples, seed, level
+            ),
+        )
 
 
 def aggregate_scores(masked: np.ndarray, baseline: np.ndarray, aggregate: str = "median") -> np.ndarray:
@@ -161,15 +186,20 @@ def _full_logits_nll(model: Decoder, params, tokens, attention_mask, head_mask, 
 
 
 # ---------------------------------------------------------------------------- chunk size
-def default_chunk_size(config, batch: int, seq_len: int, dtype: Any = jnp.float32,
-                       budget_bytes: float | None = None, answer_tokens: int | None = None,
-                       vocab_chunk: int | None = VOCAB_CHUNK) -> int:
+def default_chunk_size(
+    config,
+    batch: int,
+    seq_len: int,
+    dtype: Any = jnp.float32,
+    budget_bytes: float | None = None,
+    answer_tokens: int | None = None,
+    vocab_chunk: int | None = VOCAB_CHUNK,
+) -> int:
     """Ablations evaluated at once (per device) so that their activations fit in the free device
     memory, or `budget_bytes`: `capjax.memory.chunk_size_for_memory` (formula there). The default
     `vocab_chunk` is the fast paths' (`token_nll`); None counts full [A, V] logits. Callers
     run it under `run_with_oom_fallback`, which halves it after an out-of-memory error."""
-    return chunk_size_for_memory(config, batch, seq_len, dtype, budget_bytes, answer_tokens,
-                                 vocab_chunk=vocab_chunk)
+    return chunk_size_for_memory(config, batch, seq_len, dtype, budget_bytes, answer_tokens, vocab_chunk=vocab_chunk)
 
 
 def _map_masks(one, masks, chunk_size, mesh):
@@ -182,15 +212,15 @@ def _map_masks(one, masks, chunk_size, mesh):
 def masked_nll(model, params, rows, ans, num_examples, masks, chunk_size, mesh=None):
     """Per-example NLL sums [N, B] under each of masks [N, L, H] on packed rows:
     `capjax.ablation.values_batch` of head masks (zero ablation, answer cross-entropy)."""
-    return values_batch(model, params, rows, ans, num_examples, CE, None, {}, {"heads": masks}, chunk_size,
-                        mesh=mesh)
+    return values_batch(model, params, rows, ans, num_examples, CE, None, {}, {"heads": masks}, chunk_size, mesh=mesh)
 
 
 @partial(jax.jit, static_argnames=("model", "chunk_size", "mesh"))
 def _naive_masked_nll(model, params, tokens, attention_mask, ans, masks, chunk_size, mesh=None):
     """The same from full [B, T, V] logits of the unpacked batch: the reference for the fast path."""
-    return _map_masks(lambda m: _full_logits_nll(model, params, tokens, attention_mask, m, ans), masks, chunk_size,
-                      mesh)
+    return _map_masks(
+        lambda m: _full_logits_nll(model, params, tokens, attention_mask, m, ans), masks, chunk_size, mesh
+    )
 
 
 # The prepared calibration batch is public in capjax.ablation.batch; these names keep old callers working.
@@ -200,9 +230,18 @@ _check_calibration = check_calibration
 _ans_arrays = answer_arrays
 
 
-def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, attention_mask=None,
-                         chunk_size: int | None = None, answer_only: bool = True, mesh=None,
-                         per_example: bool = False) -> np.ndarray:
+def head_ablation_losses(
+    model: Decoder,
+    params,
+    tokens,
+    loss_mask,
+    masks,
+    attention_mask=None,
+    chunk_size: int | None = None,
+    answer_only: bool = True,
+    mesh=None,
+    per_example: bool = False,
+) -> np.ndarray:
     """Loss [N] of the calibration batch (tokens, loss_mask, attention_mask [B, T], as in `score_heads`)
     under each head mask in `masks` [N, L, H]; with
     `per_example`, the summed answer-token NLL of each example instead, [N, B] (divide by
@@ -223,21 +262,31 @@ def head_ablation_losses(model: Decoder, params, tokens, loss_mask, masks, atten
     prep = _prepare(model, tokens, loss_mask, attention_mask)
     ans = prep.ans
     rows, cols = prep.shape if answer_only else prep.tokens.shape
-    chunk = chunk_size or (default_chunk_size(c, rows, cols, model.dtype, answer_tokens=len(ans.target)) if answer_only
-                           else default_chunk_size(c, rows, cols, model.dtype, vocab_chunk=None))
+    chunk = chunk_size or (
+        default_chunk_size(c, rows, cols, model.dtype, answer_tokens=len(ans.target))
+        if answer_only
+        else default_chunk_size(c, rows, cols, model.dtype, vocab_chunk=None)
+    )
     n = masks.shape[0]
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
         masks, _ = sharding.pad_to_multiple(masks, sharding.axis_size(mesh, sharding.DATA))
         masks = jax.device_put(masks, sharding.batch_sharding(mesh, masks.shape))
     if answer_only:
+
         def run(ch):
-            return to_host(masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
-                                     masks, ch, mesh=mesh))
+            return to_host(
+                masked_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples, masks, ch, mesh=mesh)
+            )
     else:
+
         def run(ch):
-            return to_host(_naive_masked_nll(model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans),
-                                           masks, ch, mesh=mesh))
+            return to_host(
+                _naive_masked_nll(
+                    model, params, prep.tokens, prep.attention_mask, _ans_arrays(ans), masks, ch, mesh=mesh
+                )
+            )
+
     nll = run_with_oom_fallback(run, chunk)
     if per_example:
         _check_finite(nll[:n], "head_ablation_losses")
@@ -251,13 +300,27 @@ def _check_finite(x: np.ndarray, what: str) -> None:
     if not np.all(np.isfinite(x)):
         raise NonFiniteError(
             f"{what}: non-finite loss ({int((~np.isfinite(x)).sum())} of {x.size} values are NaN/inf). "
-            "Check the params (NaN weights?), use float32 instead of bfloat16, or shorten seq_len.")
+            "Check the params (NaN weights?), use float32 instead of bfloat16, or shorten seq_len."
+        )
 
 
 # ---------------------------------------------------------------------------- prefix reuse
 @partial(jax.jit, static_argnames=("model", "num_examples", "num_layers", "chunk_size", "progress", "mesh", "metric"))
-def single_head_nll(model, params, packed, ans, num_examples, start, num_layers, chunk_size, progress=False,
-                    mesh=None, metric: Metric = CE, ref=None, reps: dict | None = None):
+def single_head_nll(
+    model,
+    params,
+    packed,
+    ans,
+    num_examples,
+    start,
+    num_layers,
+    chunk_size,
+    progress=False,
+    mesh=None,
+    metric: Metric = CE,
+    ref=None,
+    reps: dict | None = None,
+):
     """Per-example NLL sums [num_layers, H, B] for ablating each head of layers start..start+num_layers-1:
     `capjax.ablation.single_unit_values` (the layer scan whose H ablations share each layer's intact
     hidden state; last layer only at the answer positions), zero ablation and answer cross-entropy
@@ -268,8 +331,21 @@ def single_head_nll(model, params, packed, ans, num_examples, start, num_layers,
     examples. With `mesh`, the H ablations of each layer are split over "data".
     """
     reps = {"heads": None} if reps is None else reps
-    return single_unit_values(model, params, packed, ans, num_examples, metric, ref, reps, start, num_layers,
-                              chunk_size, mesh=mesh, on_layer=_progress_tick if progress else None)
+    return single_unit_values(
+        model,
+        params,
+        packed,
+        ans,
+        num_examples,
+        metric,
+        ref,
+        reps,
+        start,
+        num_layers,
+        chunk_size,
+        mesh=mesh,
+        on_layer=_progress_tick if progress else None,
+    )
 
 
 _single_head_nll = single_head_nll  # score_heads calls it by this name (tests wrap it to count calls)
@@ -304,16 +380,33 @@ def check_method_metric(method: str, metric: str) -> None:
     intact model is zero there with zero gradient, so gradient x kl scores are float noise (about
     1e-11) that CAP's min-max scaling would stretch over importance 1-10: refused by name."""
     if method == "gradient" and metric == "kl":
-        raise ValueError("method=gradient with metric=kl measures float noise (the KL from the intact model has "
-                         "zero gradient at the intact model): use method=ablation with metric=kl, or metric=ce")
+        raise ValueError(
+            "method=gradient with metric=kl measures float noise (the KL from the intact model has "
+            "zero gradient at the intact model): use method=ablation with metric=kl, or metric=ce"
+        )
 
 
-def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, aggregate: str = "median",
-                method: str = "ablation", attention_mask=None, chunk_size: int | None = None,
-                checkpoint_dir: str | Path | None = None, layers_per_call: int | None = None,
-                progress: bool = True, mesh=None, pack: bool = True, share_prefix: bool = True,
-                bootstrap: int = 0, kind: str = "zero", metric: str | Metric | Callable = "ce",
-                resume: bool = True) -> HeadScores:
+def score_heads(
+    model: Decoder,
+    params,
+    tokens,
+    loss_mask,
+    subsets: int = 3,
+    aggregate: str = "median",
+    method: str = "ablation",
+    attention_mask=None,
+    chunk_size: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    layers_per_call: int | None = None,
+    progress: bool = True,
+    mesh=None,
+    pack: bool = True,
+    share_prefix: bool = True,
+    bootstrap: int = 0,
+    kind: str = "zero",
+    metric: str | Metric | Callable = "ce",
+    resume: bool = True,
+) -> HeadScores:
     """Scores every head: HeadScores(delta [L, H], masked [U, L, H], baseline [U]).
 
     tokens, loss_mask, attention_mask [B, T]: the calibration batch (`capjax.CalibrationBatch`);
@@ -355,8 +448,10 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     subset_count = onehot @ ans.count
     if np.any(subset_count == 0):
         k = int(np.argmin(subset_count))
-        raise ValueError(f"subset {k} (examples {groups[k][0]}..{groups[k][-1]}) has no answer tokens: "
-                         "shuffle the calibration set or use fewer subsets")
+        raise ValueError(
+            f"subset {k} (examples {groups[k][0]}..{groups[k][-1]}) has no answer tokens: "
+            "shuffle the calibration set or use fewer subsets"
+        )
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
     # One path for every kind and metric: the kind's replacements (zero: no head replacement, the
@@ -368,30 +463,75 @@ def score_heads(model: Decoder, params, tokens, loss_mask, subsets: int = 3, agg
     _check_finite(baseline, "intact calibration loss")
 
     if method == "gradient":  # -d loss_k / d head keep at the intact model, per subset k: [U, L, H]
-        masked = baseline[:, None, None] + gradient_deltas(model, params, prep, metric=metric, components=("heads",),
-                                                           weights=onehot, norm=subset_count,
-                                                           replacements=reps)["heads"]
+        masked = (
+            baseline[:, None, None]
+            + gradient_deltas(
+                model,
+                params,
+                prep,
+                metric=metric,
+                components=("heads",),
+                weights=onehot,
+                norm=subset_count,
+                replacements=reps,
+            )["heads"]
+        )
     else:
-        nll = _ablation_nll(model, params, prep, chunk_size, checkpoint_dir, layers_per_call, progress,
-                            fingerprint_args=(tokens, loss_mask, prep.attention_mask),
-                            mesh=mesh, metric=metric, ref=ref, reps=reps,
-                            # zero / ce keep their old fingerprint, so their checkpoint folders stay where they were
-                            custom=None if (kind, metric.name) == ("zero", "ce") else (kind, metric.name),
-                            resume=resume)  # [L, H, B]
+        nll = _ablation_nll(
+            model,
+            params,
+            prep,
+            chunk_size,
+            checkpoint_dir,
+            layers_per_call,
+            progress,
+            fingerprint_args=(tokens, loss_mask, prep.attention_mask),
+            mesh=mesh,
+            metric=metric,
+            ref=ref,
+            reps=reps,
+            # zero / ce keep their old fingerprint, so their checkpoint folders stay where they were
+            custom=None if (kind, metric.name) == ("zero", "ce") else (kind, metric.name),
+            resume=resume,
+        )  # [L, H, B]
         masked = np.einsum("lhb,kb->klh", nll, onehot) / subset_count[:, None, None]
     _check_finite(masked, "masked calibration loss")
     if method == "gradient":
-        return HeadScores(aggregate_scores(masked, baseline, aggregate), masked, baseline, aggregate, method,
-                          kind=kind, metric=metric.name)
+        return HeadScores(
+            aggregate_scores(masked, baseline, aggregate),
+            masked,
+            baseline,
+            aggregate,
+            method,
+            kind=kind,
+            metric=metric.name,
+        )
     # The delta comes from the per-example results through the estimator registry (capjax.estimators).
     # delta: a placeholder that with_aggregate replaces
-    scores = HeadScores(np.empty(0), masked, baseline, aggregate, method, np.asarray(nll, np.float64), intact,
-                        np.asarray(ans.count, np.float64), kind=kind, metric=metric.name).with_aggregate(aggregate)
+    scores = HeadScores(
+        np.empty(0),
+        masked,
+        baseline,
+        aggregate,
+        method,
+        np.asarray(nll, np.float64),
+        intact,
+        np.asarray(ans.count, np.float64),
+        kind=kind,
+        metric=metric.name,
+    ).with_aggregate(aggregate)
     return scores.with_interval(bootstrap) if bootstrap else scores
 
 
-def scoring_flops(config, rows: int, seq_len: int, answer_tokens: int, layers: range | None = None,
-                  baseline: bool = True, prefix: int = 0) -> float:
+def scoring_flops(
+    config,
+    rows: int,
+    seq_len: int,
+    answer_tokens: int,
+    layers: range | None = None,
+    baseline: bool = True,
+    prefix: int = 0,
+) -> float:
     """Matmul FLOPs of exact scoring as `score_heads` schedules it, on a packed batch [rows, seq_len]
     (the shared prefix's row included) with A = answer_tokens and Pf = `prefix` shared tokens: the
     intact layers below the first scored layer; per scored layer l its intact carry and H ablations
@@ -399,8 +539,15 @@ def scoring_flops(config, rows: int, seq_len: int, answer_tokens: int, layers: r
     head on A rows; plus, with `baseline`, the intact forward. Attention is counted dense
     (4 N (Pf + S) H D per layer on N = rows * seq_len tokens)."""
     c = config
-    E, F, H, K, D, L, V = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                           c.num_layers, c.vocab_size)
+    E, F, H, K, D, L, V = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.num_layers,
+        c.vocab_size,
+    )
     layers = range(L) if layers is None else layers
     N, A = rows * seq_len, answer_tokens
     attention = 4 * N * (prefix + seq_len) * H * D
@@ -417,16 +564,30 @@ def _layer_groups(L: int, per_call: int) -> list[tuple[int, int]]:
     return [(s, size) for s in range(0, L, size)]
 
 
-def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, layers_per_call, progress,
-                  fingerprint_args: tuple[Any, Any, Any], mesh=None, metric: Metric = CE, ref=None, reps=None, custom=None,
-                  resume: bool = True) -> np.ndarray:
+def _ablation_nll(
+    model,
+    params,
+    prep: _Prepared,
+    chunk_size,
+    checkpoint_dir,
+    layers_per_call,
+    progress,
+    fingerprint_args: tuple[Any, Any, Any],
+    mesh=None,
+    metric: Metric = CE,
+    ref=None,
+    reps=None,
+    custom=None,
+    resume: bool = True,
+) -> np.ndarray:
     c = model.config
     L, H = c.num_layers, c.num_heads
     packed, rows, ans = prep.packed, prep.rows, prep.packed_ans
     B = packed.num_examples
     per_device = H if mesh is None else -(-H // sharding.axis_size(mesh, sharding.DATA))
-    chunk = min(chunk_size or default_chunk_size(c, *prep.shape, model.dtype,
-                                                 answer_tokens=ans[0].shape[0]), per_device)
+    chunk = min(
+        chunk_size or default_chunk_size(c, *prep.shape, model.dtype, answer_tokens=ans[0].shape[0]), per_device
+    )
     if layers_per_call is None:
         layers_per_call = L if checkpoint_dir is None else max(1, math.ceil(L / 8))
     groups = _layer_groups(L, layers_per_call)
@@ -452,19 +613,35 @@ def _ablation_nll(model, params, prep: _Prepared, chunk_size, checkpoint_dir, la
             if done is not None and (done.shape != (size, H, B) or not np.all(np.isfinite(done))):
                 done = None  # a damaged or foreign group: recompute it
             if done is None:
+
                 def run(ch, start=start, size=size):
                     state["chunk"] = ch  # keep a chunk reduced after an out-of-memory error
                     if bar is not None:  # a failed attempt may have ticked some layers
                         bar.n = start
-                    return to_host(_single_head_nll(model, params, rows, ans, B, start, size, ch,
-                                                  progress=bar is not None, mesh=mesh, metric=metric, ref=ref,
-                                                  reps=reps))
+                    return to_host(
+                        _single_head_nll(
+                            model,
+                            params,
+                            rows,
+                            ans,
+                            B,
+                            start,
+                            size,
+                            ch,
+                            progress=bar is not None,
+                            mesh=mesh,
+                            metric=metric,
+                            ref=ref,
+                            reps=reps,
+                        )
+                    )
+
                 done = run_with_oom_fallback(run, state["chunk"])
                 if store:
                     store.save(start, done)
             elif bar is not None:
                 bar.update(size)
-            out[start:start + size] = done
+            out[start : start + size] = done
     finally:
         _PROGRESS.pop("bar", None)
         if bar is not None:
@@ -486,8 +663,14 @@ class _GroupStore:
         self.dir = (Path(root) / fingerprint).absolute()
         self.resume = resume
         self.code = code_version()
-        self.ckpt = Checkpoints(self.dir, "layers", code=self.code, digits=4, clear=not resume,
-                                fix="delete it, or rerun with --recompute (score_heads(resume=False))")
+        self.ckpt = Checkpoints(
+            self.dir,
+            "layers",
+            code=self.code,
+            digits=4,
+            clear=not resume,
+            fix="delete it, or rerun with --recompute (score_heads(resume=False))",
+        )
 
     def _path(self, start: int) -> Path:
         return self.ckpt.path(start)
@@ -505,8 +688,10 @@ class _GroupStore:
             warn(f"{path} is unreadable ({type(e).__name__}); recomputing layers from {start}")
             return None
         if code != self.code:
-            warn(f"{path} was computed by capjax {code or 'of an unrecorded version'} (this is {self.code}); "
-                 f"recomputing layers from {start}")
+            warn(
+                f"{path} was computed by capjax {code or 'of an unrecorded version'} (this is {self.code}); "
+                f"recomputing layers from {start}"
+            )
         return nll
 
     def save(self, start: int, nll: np.ndarray) -> None:

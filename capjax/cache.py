@@ -16,8 +16,9 @@ site's memory. Before computing, the cache's size is checked against the free me
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,23 +34,40 @@ Array = jax.Array
 def site_shape(config, site: str, batch: int, seq_len: int) -> tuple[int, ...]:
     """One layer's value shape of `site` (`capjax.sites.SITES`) for a [batch, seq_len] input."""
     B, T = batch, seq_len
-    E, F, H, K, D = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
-                     config.head_dim)
-    shapes = {"resid.pre": (B, T, E), "attn.q": (B, T, H, D), "attn.k": (B, T, K, D), "attn.v": (B, T, K, D),
-              "attn.pattern": (B, H, T, T), "attn.z": (B, T, H, D), "attn.out": (B, T, E), "resid.mid": (B, T, E),
-              "mlp.hidden": (B, T, F), "mlp.out": (B, T, E), "resid.post": (B, T, E)}
+    E, F, H, K, D = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+    )
+    shapes = {
+        "resid.pre": (B, T, E),
+        "attn.q": (B, T, H, D),
+        "attn.k": (B, T, K, D),
+        "attn.v": (B, T, K, D),
+        "attn.pattern": (B, H, T, T),
+        "attn.z": (B, T, H, D),
+        "attn.out": (B, T, E),
+        "resid.mid": (B, T, E),
+        "mlp.hidden": (B, T, F),
+        "mlp.out": (B, T, E),
+        "resid.post": (B, T, E),
+    }
     return shapes[check_sites([site])[0]]
 
 
 def cache_bytes(config, sites: Sequence[str], batch: int, seq_len: int, dtype: Any = jnp.float32) -> int:
     """Bytes of a cache of `sites` over all L layers (the logits [B, T, V] float32 not included)."""
     itemsize = jnp.dtype(dtype).itemsize
-    return sum(config.num_layers * math.prod(site_shape(config, s, batch, seq_len)) * itemsize
-               for s in check_sites(sites))
+    return sum(
+        config.num_layers * math.prod(site_shape(config, s, batch, seq_len)) * itemsize for s in check_sites(sites)
+    )
 
 
-def check_cache_fits(config, sites: Sequence[str], batch: int, seq_len: int, dtype: Any = jnp.float32,
-                     budget_bytes: int | None = None) -> int:
+def check_cache_fits(
+    config, sites: Sequence[str], batch: int, seq_len: int, dtype: Any = jnp.float32, budget_bytes: int | None = None
+) -> int:
     """The cache's bytes plus its logits, or InsufficientMemoryError (one line) when that exceeds the
     budget (default `capjax.memory.available_bytes()`)."""
     need = cache_bytes(config, sites, batch, seq_len, dtype) + batch * seq_len * config.vocab_size * 4
@@ -58,7 +76,8 @@ def check_cache_fits(config, sites: Sequence[str], batch: int, seq_len: int, dty
         raise InsufficientMemoryError(
             f"run_with_cache: caching {', '.join(sites)} on [{batch}, {seq_len}] tokens needs "
             f"{_size(need)} (with the logits), but {_size(have)} are free. Fix: cache "
-            "fewer sites, or run fewer / shorter sequences per call")
+            "fewer sites, or run fewer / shorter sequences per call"
+        )
     return need
 
 
@@ -68,8 +87,14 @@ def _size(n: int) -> str:
 
 @partial(jax.jit, static_argnames=("model",))
 def _run(model, params, tokens, attention_mask, interventions, head_mask):
-    logits, state = model.apply({"params": params}, tokens, head_mask=head_mask, attention_mask=attention_mask,
-                                interventions=interventions, mutable=["sites"])
+    logits, state = model.apply(
+        {"params": params},
+        tokens,
+        head_mask=head_mask,
+        attention_mask=attention_mask,
+        interventions=interventions,
+        mutable=["sites"],
+    )
     return logits, collect_sites(state.get("sites", {}))
 
 
@@ -84,10 +109,18 @@ def _run_packed(model, params, tokens, segment_ids, positions, interventions, he
     return unembed(model, params, x), cached
 
 
-def run_with_cache(model, params, tokens, sites: Sequence[str], attention_mask=None,
-                   interventions: Interventions | None = None, head_mask=None,
-                   budget_bytes: int | None = None, segment_ids=None,
-                   positions=None) -> tuple[Array, dict[str, Array]]:
+def run_with_cache(
+    model,
+    params,
+    tokens,
+    sites: Sequence[str],
+    attention_mask=None,
+    interventions: Interventions | None = None,
+    head_mask=None,
+    budget_bytes: int | None = None,
+    segment_ids=None,
+    positions=None,
+) -> tuple[Array, dict[str, Array]]:
     """(logits [B, T, V] float32, {site: [L, ...]}) for tokens [B, T] (attention_mask [B, T] as in
     `capjax.model.Decoder`), with `interventions` (stacked over layers) and `head_mask` [L, H]
     applied while running; the cached values are the sites' values after those edits.
@@ -110,20 +143,32 @@ def run_with_cache(model, params, tokens, sites: Sequence[str], attention_mask=N
     iv = Interventions(iv.edits, iv.capture | frozenset(sites))
     if segment_ids is not None or positions is not None:
         if segment_ids is None or positions is None or attention_mask is not None:
-            raise ValueError("run_with_cache: packed rows take segment_ids and positions (both [B, T]) and no "
-                             "attention_mask (padding is segment 0)")
+            raise ValueError(
+                "run_with_cache: packed rows take segment_ids and positions (both [B, T]) and no "
+                "attention_mask (padding is segment 0)"
+            )
         segment_ids, positions = jnp.asarray(segment_ids), jnp.asarray(positions)
         c = model.config
         if head_mask is not None and jnp.shape(head_mask) != (c.num_layers, c.num_heads):
-            raise ValueError(f"head_mask has shape {tuple(jnp.shape(head_mask))}, expected [L, H] = "
-                             f"[{c.num_layers}, {c.num_heads}]")
+            raise ValueError(
+                f"head_mask has shape {tuple(jnp.shape(head_mask))}, expected [L, H] = [{c.num_layers}, {c.num_heads}]"
+            )
         if segment_ids.shape != tokens.shape or positions.shape != tokens.shape:
-            raise ValueError(f"run_with_cache: segment_ids {tuple(segment_ids.shape)} and positions "
-                             f"{tuple(positions.shape)} must have the tokens' shape {tuple(tokens.shape)}")
-        return _run_packed(model, params, tokens, segment_ids, positions, iv,
-                           None if head_mask is None else jnp.asarray(head_mask))
-    return _run(model, params, tokens, None if attention_mask is None else jnp.asarray(attention_mask), iv,
-                None if head_mask is None else jnp.asarray(head_mask))
+            raise ValueError(
+                f"run_with_cache: segment_ids {tuple(segment_ids.shape)} and positions "
+                f"{tuple(positions.shape)} must have the tokens' shape {tuple(tokens.shape)}"
+            )
+        return _run_packed(
+            model, params, tokens, segment_ids, positions, iv, None if head_mask is None else jnp.asarray(head_mask)
+        )
+    return _run(
+        model,
+        params,
+        tokens,
+        None if attention_mask is None else jnp.asarray(attention_mask),
+        iv,
+        None if head_mask is None else jnp.asarray(head_mask),
+    )
 
 
 __all__ = ["cache_bytes", "check_cache_fits", "run_with_cache", "site_shape"]

@@ -24,8 +24,9 @@ writes each file once); all arrays are restored as host numpy arrays on every pr
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -41,27 +42,47 @@ def old_layout(folder: str | Path, prefix: str) -> list[Path]:
     if not folder.is_dir():
         return []
     step = re.compile(rf"{re.escape(prefix)}_\d+")
-    return sorted(p for p in folder.iterdir() if step.fullmatch(p.name.removesuffix(".code"))
-                  and (p.name.endswith(".code") or (p / "_METADATA").exists()))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if step.fullmatch(p.name.removesuffix(".code")) and (p.name.endswith(".code") or (p / "_METADATA").exists())
+    )
 
 
 class Checkpoints:
     """The steps `<prefix>_<n>` (n padded to `digits`) under `folder`, each stamped with `code`;
     `keep` newest kept (None: all). See the module docstring for the layout and its guarantees."""
 
-    def __init__(self, folder: str | Path, prefix: str, *, code: str, digits: int = 7, keep: int | None = None,
-                 clear: bool = False, fix: str = "delete it"):
+    def __init__(
+        self,
+        folder: str | Path,
+        prefix: str,
+        *,
+        code: str,
+        digits: int = 7,
+        keep: int | None = None,
+        clear: bool = False,
+        fix: str = "delete it",
+    ):
         import orbax.checkpoint as ocp
 
         self.folder = Path(folder).absolute()
         self.prefix, self.digits, self.code = prefix, digits, code
         old = old_layout(self.folder, prefix)
         if old and not clear:
-            raise ArtifactError(f"{self.folder} holds checkpoints in capjax's old layout ({old[0].name}, orbax's "
-                                f"legacy PyTreeCheckpointer) that this capjax does not read: {fix}")
+            raise ArtifactError(
+                f"{self.folder} holds checkpoints in capjax's old layout ({old[0].name}, orbax's "
+                f"legacy PyTreeCheckpointer) that this capjax does not read: {fix}"
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, step_prefix=prefix, step_format_fixed_length=digits, create=True,
-            cleanup_tmp_directories=True, enable_async_checkpointing=False, save_root_metadata=False)
+            max_to_keep=keep,
+            step_prefix=prefix,
+            step_format_fixed_length=digits,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=False,
+            save_root_metadata=False,
+        )
         registry = ocp.handlers.create_default_handler_registry(**{ITEM: ocp.PyTreeCheckpointHandler()})
         self._manager = ocp.CheckpointManager(self.folder, options=options, handler_registry=registry)
         if clear:
@@ -92,8 +113,9 @@ class Checkpoints:
 
         tree = self._manager.metadata(step).item_metadata[ITEM].tree
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            **{ITEM: ocp.args.PyTreeRestore(restore_args=args)}))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{ITEM: ocp.args.PyTreeRestore(restore_args=args)})
+        )
         return dict(restored[ITEM])
 
     # ------------------------------------------------------------------ writing
@@ -104,8 +126,12 @@ class Checkpoints:
 
         if step in self._manager.all_steps():
             self._manager.delete(step)
-        self._manager.save(step, args=ocp.args.Composite(**{ITEM: ocp.args.PyTreeSave(dict(arrays))}),
-                           custom_metadata={"code": self.code}, force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(**{ITEM: ocp.args.PyTreeSave(dict(arrays))}),
+            custom_metadata={"code": self.code},
+            force=True,
+        )
         return self.path(step)
 
     def clear(self) -> None:
@@ -116,7 +142,7 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.close()
 
-    def __enter__(self) -> "Checkpoints":
+    def __enter__(self) -> Checkpoints:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from capjax.errors import expected_error, one_line  # noqa: F401  (public here too: capjax.cli.one_line)
+from capjax.errors import expected_error, one_line
 
 COMMANDS = ("score", "prune", "eval", "run", "demo", "recover")
 
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: the conventional status, one line, no traceback
         where = "capjax" if args is None else f"capjax {args.command}"
-        again = "; rerun the same command to resume (finished steps are reused)" if args and args.command == "run" \
-            else ""
+        again = (
+            "; rerun the same command to resume (finished steps are reused)" if args and args.command == "run" else ""
+        )
         print(f"{where}: interrupted{again}", file=sys.stderr)
         if argv is None:  # the process's own command line: end it now. XLA threads may still be
             sys.stdout.flush()  # compiling, and a normal interpreter exit then crashed (SIGSEGV, seen)

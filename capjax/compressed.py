@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,15 @@ from capjax.config import ModelConfig
 from capjax.convert import iter_hf_tensors
 
 # The HF module names capjax prunes (one per layer each): the compression targets.
-PRUNABLE_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PRUNABLE_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 FORMATS = ("sparse-24-bitmask", "sparse-bitmask")
 
 
@@ -45,15 +53,19 @@ def _import():
         from compressed_tensors.compressors import BaseCompressor, ModelCompressor
         from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
     except ImportError as e:
-        raise ImportError(f"compressed-tensors export needs `pip install capjax[compressed]` "
-                          f"(compressed-tensors<=0.13 and torch): {e}") from e
+        raise ImportError(
+            f"compressed-tensors export needs `pip install capjax[compressed]` "
+            f"(compressed-tensors<=0.13 and torch): {e}"
+        ) from e
     try:
         from compressed_tensors.compressors import Sparse24BitMaskCompressor  # noqa: F401
     except ImportError as e:  # 0.15+ dropped the sparsity compressors
         import compressed_tensors
 
-        raise ImportError(f"compressed-tensors {compressed_tensors.__version__} has no sparsity compressors; "
-                          "install compressed-tensors==0.13.0 (pip install capjax[compressed])") from e
+        raise ImportError(
+            f"compressed-tensors {compressed_tensors.__version__} has no sparsity compressors; "
+            "install compressed-tensors==0.13.0 (pip install capjax[compressed])"
+        ) from e
     return torch, BaseCompressor, ModelCompressor, BitmaskConfig, Sparse24BitMaskConfig
 
 
@@ -90,8 +102,10 @@ def choose_format(config: ModelConfig, params: dict, structure: str | None = Non
         if not_24 is None and not is_24(w):
             not_24 = name
     if structure == "2:4" and not_24 is not None:
-        raise SparsityFormatError(f"{not_24} is not 2:4 sparse along its input axis: prune with nm='2:4' "
-                                  "or export with structure='unstructured'")
+        raise SparsityFormatError(
+            f"{not_24} is not 2:4 sparse along its input axis: prune with nm='2:4' "
+            "or export with structure='unstructured'"
+        )
     fmt = "sparse-bitmask" if structure == "unstructured" or not_24 is not None else "sparse-24-bitmask"
     return fmt, zeros / max(total, 1)
 
@@ -105,8 +119,14 @@ def _compressed_tensors(config: ModelConfig, params: dict, compressor, torch) ->
             yield name, t
 
 
-def save_compressed(model, params: dict, out_dir: str | os.PathLike, tokenizer: Any = None,
-                    structure: str | None = None, max_shard_bytes: int = 4 << 30) -> Path:
+def save_compressed(
+    model,
+    params: dict,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    structure: str | None = None,
+    max_shard_bytes: int = 4 << 30,
+) -> Path:
     """Writes an HF folder whose prunable matrices are stored by compressed-tensors.
 
     transformers (with compressed-tensors installed) and vLLM load it as a dense model;
@@ -119,8 +139,12 @@ def save_compressed(model, params: dict, out_dir: str | os.PathLike, tokenizer: 
     config: ModelConfig = model.config
     fmt, sparsity = choose_format(config, params, structure)
     cfg_cls = Sparse24BitMaskConfig if fmt == "sparse-24-bitmask" else BitmaskConfig
-    sconfig = cfg_cls(global_sparsity=sparsity, targets=["Linear"], ignore=["lm_head"],
-                      sparsity_structure="2:4" if fmt == "sparse-24-bitmask" else "unstructured")
+    sconfig = cfg_cls(
+        global_sparsity=sparsity,
+        targets=["Linear"],
+        ignore=["lm_head"],
+        sparsity_structure="2:4" if fmt == "sparse-24-bitmask" else "unstructured",
+    )
     compressor = BaseCompressor.load_from_registry(fmt, config=sconfig)
 
     out = Path(out_dir)
@@ -175,8 +199,10 @@ def decompressed_tensors(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     if mc is None or mc.sparsity_compressor is None:
         raise ValueError(f"{folder / 'config.json'} has no compressed-tensors sparsity_config")
     if mc.quantization_config is not None:
-        raise ValueError(f"{folder} is quantized (quantization_config.config_groups); capjax reads "
-                         "sparse-only compressed-tensors folders: decompress it with llm-compressor first")
+        raise ValueError(
+            f"{folder} is quantized (quantization_config.config_groups); capjax reads "
+            "sparse-only compressed-tensors folders: decompress it with llm-compressor first"
+        )
     out = {}
     for name, t in mc.sparsity_compressor.decompress(str(folder)):
         out[name] = t.float().numpy() if t.dtype.is_floating_point else t.numpy()

@@ -60,8 +60,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedConfigError(
-                f"num_attention_heads={self.num_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_kv_heads}"
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
             )
 
     @property
@@ -83,15 +82,27 @@ class ModelConfig:
         return tuple(self.eos_token_id)
 
     def num_params(self) -> int:
-        E, F, H, K, D, L, V = (self.hidden_size, self.intermediate_size, self.num_heads,
-                               self.num_kv_heads, self.head_dim, self.num_layers, self.vocab_size)
-        per_layer = (E * H * D * 2 + E * K * D * 2 + 3 * E * F + (4 if self.sandwich_norms else 2) * E
-                     + (2 * D if self.qk_norm else 0))
+        E, F, H, K, D, L, V = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.num_layers,
+            self.vocab_size,
+        )
+        per_layer = (
+            E * H * D * 2
+            + E * K * D * 2
+            + 3 * E * F
+            + (4 if self.sandwich_norms else 2) * E
+            + (2 * D if self.qk_norm else 0)
+        )
         return L * per_layer + V * E * (1 if self.tie_word_embeddings else 2) + E
 
     # ------------------------------------------------------------------ transformers
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "ModelConfig":
+    def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Builds a ModelConfig from a transformers config (object or dict); refuses unhandled fields."""
         c = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         model_type = c.get("model_type")
@@ -103,8 +114,11 @@ class ModelConfig:
         rope_theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            refuse("rope_parameters.rope_type", rope_type,
-                   f"capjax implements RoPE types {', '.join(SUPPORTED_ROPE_TYPES)}")
+            refuse(
+                "rope_parameters.rope_type",
+                rope_type,
+                f"capjax implements RoPE types {', '.join(SUPPORTED_ROPE_TYPES)}",
+            )
         scaling: dict[str, float] = {}
         if rope_type == "llama3":
             for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
@@ -135,8 +149,7 @@ class ModelConfig:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
             bos_token_id=c.get("bos_token_id"),
-            eos_token_id=tuple(c["eos_token_id"]) if isinstance(c.get("eos_token_id"), list)
-            else c.get("eos_token_id"),
+            eos_token_id=tuple(c["eos_token_id"]) if isinstance(c.get("eos_token_id"), list) else c.get("eos_token_id"),
             pad_token_id=c.get("pad_token_id"),
         )
         return cls(**{**fields, **family})  # the family's fields win (e.g. Gemma ties by default)

@@ -8,12 +8,14 @@ HF Linear weights are [out, in]; capjax kernels are [in, ...out] with head axes 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from capjax.config import ModelConfig
 from capjax.families import Rule, family_of
+
 
 def _rules(c: ModelConfig) -> list[Rule]:
     return family_of(c).checkpoint(c)
@@ -42,8 +44,14 @@ def _get(tree: dict, path: tuple[str, ...]):
 Place = Callable[[tuple[str, ...], np.ndarray], Any]
 
 
-def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], names: set[str],
-                        dtype: np.dtype, place: Place | None = None, progress: str | None = None) -> dict:
+def params_from_tensors(
+    config: ModelConfig,
+    get: Callable[[str], np.ndarray],
+    names: set[str],
+    dtype: np.dtype,
+    place: Place | None = None,
+    progress: str | None = None,
+) -> dict:
     """Builds the params tree by pulling HF-named tensors one at a time.
 
     get(name) returns one tensor as numpy; each stacked [L, ...] array is allocated once in the
@@ -61,8 +69,10 @@ def params_from_tensors(config: ModelConfig, get: Callable[[str], np.ndarray], n
     needed = hf_keys(config)
     missing = sorted(needed - names)
     if missing:
-        raise ValueError(f"checkpoint lacks tensors the config requires, e.g. {missing[:3]} "
-                         f"({len(missing)} missing): is the config from this checkpoint?")
+        raise ValueError(
+            f"checkpoint lacks tensors the config requires, e.g. {missing[:3]} "
+            f"({len(missing)} missing): is the config from this checkpoint?"
+        )
     bar = tqdm(total=len(needed), desc=progress, unit="tensor", disable=progress is None, leave=False)
 
     def read(name: str) -> np.ndarray:

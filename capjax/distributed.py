@@ -25,9 +25,10 @@ Legend: B rows (examples), W processes.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +63,10 @@ class DistributedSettings:
     init_timeout_s: int = DEFAULT_INIT_TIMEOUT_S
 
     def kwargs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"initialization_timeout": self.init_timeout_s,
-                               "heartbeat_timeout_seconds": self.heartbeat_timeout_s}
+        out: dict[str, Any] = {
+            "initialization_timeout": self.init_timeout_s,
+            "heartbeat_timeout_seconds": self.heartbeat_timeout_s,
+        }
         for k in ("coordinator_address", "num_processes", "process_id"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
@@ -116,10 +119,16 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> DistributedSettin
     if n is not None and i is not None and i >= n:
         id_var, count_var = _first(env, ID_VARS), _first(env, COUNT_VARS)
         assert id_var is not None and count_var is not None  # both were read above
-        raise DistributedConfigError(f"process id {i} ({id_var[0]}) must be below the process "
-                                     f"count {n} ({count_var[0]})")
-    return DistributedSettings(addr, n, i, _int(env, (HEARTBEAT_VAR,), 1) or DEFAULT_HEARTBEAT_S,
-                               _int(env, (INIT_TIMEOUT_VAR,), 1) or DEFAULT_INIT_TIMEOUT_S)
+        raise DistributedConfigError(
+            f"process id {i} ({id_var[0]}) must be below the process count {n} ({count_var[0]})"
+        )
+    return DistributedSettings(
+        addr,
+        n,
+        i,
+        _int(env, (HEARTBEAT_VAR,), 1) or DEFAULT_HEARTBEAT_S,
+        _int(env, (INIT_TIMEOUT_VAR,), 1) or DEFAULT_INIT_TIMEOUT_S,
+    )
 
 
 def initialize(settings: DistributedSettings | None = None, force: bool = False) -> bool:
@@ -237,7 +246,7 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     width = process_rows(n, 0, count).stop  # process 0 has the largest share
     pad = np.zeros((width - local.shape[0], *local.shape[1:]), local.dtype)
     stacked = np.asarray(multihost_utils.process_allgather(np.concatenate([local, pad])))  # [W, width, ...]
-    return np.concatenate([stacked[p, :len(range(n)[process_rows(n, p, count)])] for p in range(count)])
+    return np.concatenate([stacked[p, : len(range(n)[process_rows(n, p, count)])] for p in range(count)])
 
 
 def process0_says(flag: bool) -> bool:
@@ -287,7 +296,20 @@ def barrier(name: str) -> None:
 
 
 __all__ = [
-    "DistributedConfigError", "DistributedSettings", "barrier", "batch_multiple", "checksum", "enabled", "exists",
-    "gather_rows", "initialize", "is_writer", "place_batch", "process0_says", "process_rows", "restore_numpy",
-    "settings_from_env", "to_host",
+    "DistributedConfigError",
+    "DistributedSettings",
+    "barrier",
+    "batch_multiple",
+    "checksum",
+    "enabled",
+    "exists",
+    "gather_rows",
+    "initialize",
+    "is_writer",
+    "place_batch",
+    "process0_says",
+    "process_rows",
+    "restore_numpy",
+    "settings_from_env",
+    "to_host",
 ]

@@ -20,7 +20,7 @@ fn(values, intact, count, subsets=3, **options) -> [N].
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,8 +30,9 @@ from capjax.registry import Registry
 Estimator = Callable[..., np.ndarray]
 # the built-ins computed from per-subset losses alone (all gradient scoring has: no per-example values)
 SUBSET_AGGREGATES = ("median", "mean", "paired")
-_ESTIMATORS: Registry[Estimator] = Registry("estimator", on_read=load_plugins,
-                                            unknown="unknown estimator {name!r}; registered: {known}")
+_ESTIMATORS: Registry[Estimator] = Registry(
+    "estimator", on_read=load_plugins, unknown="unknown estimator {name!r}; registered: {known}"
+)
 
 
 def subset_groups(num_examples: int, subsets: int) -> list[np.ndarray]:
@@ -39,13 +40,16 @@ def subset_groups(num_examples: int, subsets: int) -> list[np.ndarray]:
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
     if subsets > num_examples:
-        raise ValueError(f"subsets={subsets} is larger than the calibration set ({num_examples} examples): "
-                         "use fewer subsets or more examples")
+        raise ValueError(
+            f"subsets={subsets} is larger than the calibration set ({num_examples} examples): "
+            "use fewer subsets or more examples"
+        )
     return np.array_split(np.arange(num_examples), subsets)
 
 
-def subset_losses(values: np.ndarray, intact: np.ndarray, count: np.ndarray,
-                  subsets: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def subset_losses(
+    values: np.ndarray, intact: np.ndarray, count: np.ndarray, subsets: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
     """(masked [U, N], baseline [U]): token-level loss of each subset under each ablation, and intact."""
     values, intact, count = np.asarray(values, np.float64), np.asarray(intact, np.float64), np.asarray(count)
     groups = subset_groups(values.shape[1], subsets)
@@ -55,8 +59,10 @@ def subset_losses(values: np.ndarray, intact: np.ndarray, count: np.ndarray,
     n = onehot @ count
     if np.any(n == 0):
         k = int(np.argmin(n))
-        raise ValueError(f"subset {k} (examples {groups[k][0]}..{groups[k][-1]}) has no answer tokens: "
-                         "shuffle the calibration set or use fewer subsets")
+        raise ValueError(
+            f"subset {k} (examples {groups[k][0]}..{groups[k][-1]}) has no answer tokens: "
+            "shuffle the calibration set or use fewer subsets"
+        )
     return (onehot @ values.T) / n[:, None], onehot @ intact / n
 
 
@@ -80,16 +86,18 @@ def names() -> tuple[str, ...]:
     return _ESTIMATORS.names()
 
 
-def estimate(name: str, values: np.ndarray, intact: np.ndarray, count: np.ndarray, subsets: int = 3,
-             **options) -> np.ndarray:
+def estimate(
+    name: str, values: np.ndarray, intact: np.ndarray, count: np.ndarray, subsets: int = 3, **options
+) -> np.ndarray:
     """Scores [N] (higher = more important) by the registered estimator `name`."""
     fn = get(name)
     values = np.asarray(values, np.float64)
     if values.ndim != 2 or np.shape(intact) != values.shape[1:] or np.shape(count) != values.shape[1:]:
-        raise ValueError(f"estimate needs values [N, B], intact [B], count [B]; got {values.shape}, "
-                         f"{np.shape(intact)}, {np.shape(count)}")
-    return fn(values, np.asarray(intact, np.float64), np.asarray(count, np.float64),
-                             subsets=subsets, **options)
+        raise ValueError(
+            f"estimate needs values [N, B], intact [B], count [B]; got {values.shape}, "
+            f"{np.shape(intact)}, {np.shape(count)}"
+        )
+    return fn(values, np.asarray(intact, np.float64), np.asarray(count, np.float64), subsets=subsets, **options)
 
 
 def from_subsets(name: str, masked: np.ndarray, baseline: np.ndarray) -> np.ndarray:
@@ -130,5 +138,17 @@ def bootstrap(values, intact, count, subsets=3, resamples: int = 200, seed: int 
 for _name, _fn in (("median", median), ("mean", mean), ("paired", paired), ("bootstrap", bootstrap)):
     _ESTIMATORS.register(_name, _fn, builtin=True)
 
-__all__ = ["SUBSET_AGGREGATES", "bootstrap", "estimate", "from_subsets", "mean", "median", "names", "paired",
-           "register_estimator", "subset_groups", "subset_losses", "unregister_estimator"]
+__all__ = [
+    "SUBSET_AGGREGATES",
+    "bootstrap",
+    "estimate",
+    "from_subsets",
+    "mean",
+    "median",
+    "names",
+    "paired",
+    "register_estimator",
+    "subset_groups",
+    "subset_losses",
+    "unregister_estimator",
+]

@@ -50,8 +50,9 @@ def _parsed(path: str, mtime_ns: int, size: int):
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
-        raise GGUFFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
-                              "re-download it or pass an HF folder") from e
+        raise GGUFFormatError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it or pass an HF folder"
+        ) from e
 
 
 def _value(field) -> Any:
@@ -79,8 +80,10 @@ def gguf_config(path: str | os.PathLike) -> dict:
     updated = "mistral" if "llama" in arch and name is not None and name.contents() == "mistral" else arch
     updated = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(arch, updated)
     if updated not in GGUF_CONFIG_MAPPING:
-        raise GGUFFormatError(f"{path}: GGUF architecture {arch!r} has no transformers config mapping; "
-                              "convert the model to an HF folder instead")
+        raise GGUFFormatError(
+            f"{path}: GGUF architecture {arch!r} has no transformers config mapping; "
+            "convert the model to an HF folder instead"
+        )
     config: dict[str, Any] = {"tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors)}
     for key, default in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}).items():
         config.setdefault(key, default)
@@ -111,29 +114,38 @@ def gguf_tokenizer(path: str | os.PathLike):
     arch = _architecture(reader, path)
     metadata = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in metadata:
-        raise GGUFFormatError(f"{path} has no tokenizer.ggml.tokens: it carries no tokenizer; pass an HF "
-                              "folder with tokenizer files instead")
+        raise GGUFFormatError(
+            f"{path} has no tokenizer.ggml.tokens: it carries no tokenizer; pass an HF "
+            "folder with tokenizer files instead"
+        )
     # As transformers.integrations.gguf.get_gguf_tokenizer, whose metadata reader needs torch.
-    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
-                       if f"tokenizer.{key}" in metadata}
-               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
     tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if tokenizer_dict.get("tokenizer_type") == "llama":
         tokenizer_config.setdefault("add_bos_token", True)
     elif tokenizer_dict.get("tokenizer_type") == "gemma4":
         tokenizer_config["add_bos_token"] = False
-    for special, key in {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-                         "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}.items():
+    for special, key in {
+        "bos_token": "bos_token_id",
+        "eos_token": "eos_token_id",
+        "unk_token": "unknown_token_id",
+        "pad_token": "padding_token_id",
+    }.items():
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         tokenizer_config[special] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
     # name_or_path: the folder, as AutoTokenizer.from_pretrained(folder, gguf_file=...) sets it
-    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(Path(path).parent),
-                                   **tokenizer_config, **extra)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, name_or_path=str(Path(path).parent), **tokenizer_config, **extra
+    )
 
 
-def gguf_params(config, path: str | os.PathLike, dtype: np.dtype, place: Place | None = None,
-                progress: str | None = None) -> dict:
+def gguf_params(
+    config, path: str | os.PathLike, dtype: np.dtype, place: Place | None = None, progress: str | None = None
+) -> dict:
     """capjax params from a GGUF file: each tensor dequantized by `gguf` (numpy), llama's q/k row
     permutation undone as transformers' LlamaTensorProcessor does, stacked and placed by
     `params_from_tensors`."""
@@ -145,7 +157,8 @@ def gguf_params(config, path: str | os.PathLike, dtype: np.dtype, place: Place |
         raise GGUFFormatError(
             f"{path}: capjax reads the tensors of GGUF architectures {', '.join(TENSOR_ARCHITECTURES)}, not "
             f"{arch!r}; convert it to an HF folder (transformers: AutoModelForCausalLM.from_pretrained(folder, "
-            "gguf_file=...).save_pretrained(out)) and pass that folder")
+            "gguf_file=...).save_pretrained(out)) and pass that folder"
+        )
     permuted = arch in _PERMUTED_QK
     tensors = {}
     for t in reader.tensors:

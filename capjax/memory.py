@@ -41,7 +41,8 @@ import math
 import os
 import re
 import warnings
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -101,13 +102,22 @@ def sharded_params_bytes(config: Any, dtype: Any, mesh: Mesh, rules: Sequence[tu
 
     shapes = param_shapes(config)
     shardings = sharding.param_shardings(shapes, mesh, sharding.DEFAULT_RULES if rules is None else rules)
-    return sum(math.prod(s.shard_shape(leaf.shape)) for leaf, s in zip(jax.tree.leaves(shapes),
-                                                                        jax.tree.leaves(shardings))
-               ) * jnp.dtype(dtype).itemsize
+    return (
+        sum(
+            math.prod(s.shard_shape(leaf.shape)) for leaf, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings))
+        )
+        * jnp.dtype(dtype).itemsize
+    )
 
 
-def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: int | None = None,
-                     mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None) -> None:
+def check_params_fit(
+    config: Any,
+    dtype: Any,
+    device: Any = None,
+    host_bytes: int | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+) -> None:
     """Raises InsufficientMemoryError when the params of `config` in `dtype` cannot be loaded.
 
     The loader stages one stacked [L, ...] leaf in host RAM, then places it on `device` (default
@@ -135,30 +145,52 @@ def check_params_fit(config: Any, dtype: Any, device: Any = None, host_bytes: in
         if host is not None:
             checks.append((largest, host, "host RAM", "its largest stacked tensor (staged on the host)"))
     elif host is not None:
-        checks.append((local * per_device + largest, host, "host RAM",
-                       f"{what} plus the largest stacked tensor (staged while loading)"))
+        checks.append(
+            (
+                local * per_device + largest,
+                host,
+                "host RAM",
+                f"{what} plus the largest stacked tensor (staged while loading)",
+            )
+        )
     name = jnp.dtype(dtype).name
     for need, have, where, what in checks:
         if need > have:
-            hint = ("load it in bfloat16 (`--dtype bfloat16`, or `dtype: bfloat16` in a config), which halves it, "
-                    if name != "bfloat16" else "")
+            hint = (
+                "load it in bfloat16 (`--dtype bfloat16`, or `dtype: bfloat16` in a config), which halves it, "
+                if name != "bfloat16"
+                else ""
+            )
             raise InsufficientMemoryError(
                 f"not enough memory to load this model: {what} need {need / 2**30:.2f} GiB in {name} "
                 f"({total / jnp.dtype(dtype).itemsize / 1e6:,.0f} M params), but {where} has "
                 f"{have / 2**30:.2f} GiB free. Fix: {hint}free memory, or use a machine with more; "
-                "CAPJAX_SKIP_MEMORY_CHECK=1 skips this check")
+                "CAPJAX_SKIP_MEMORY_CHECK=1 skips this check"
+            )
 
 
-def ablation_bytes(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float32,
-                   answer_tokens: int | None = None, vocab_chunk: int | None = None) -> int:
+def ablation_bytes(
+    config: Any,
+    batch: int,
+    seq_len: int,
+    dtype: Any = jnp.float32,
+    answer_tokens: int | None = None,
+    vocab_chunk: int | None = None,
+) -> int:
     """Live activation bytes of one ablation (formula in the module docstring).
 
     answer_tokens: A, the tokens the LM head runs on (default B * T, an upper bound).
     vocab_chunk: the LM head's vocabulary chunk (default None: full [A, V] logits).
     """
     c = jnp.dtype(dtype).itemsize
-    E, F, H, K, D, V = (config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
-                        config.head_dim, config.vocab_size)
+    E, F, H, K, D, V = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.vocab_size,
+    )
     A = batch * seq_len if answer_tokens is None else answer_tokens
     W = family_of(config).mlp_width_activations
     layer = batch * seq_len * (c * (4 * E + 2 * (H + K) * D + W * F) + (8 + c) * H * seq_len)
@@ -166,9 +198,16 @@ def ablation_bytes(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float
     return int(max(layer, lm_head))
 
 
-def chunk_size_for_memory(config: Any, batch: int, seq_len: int, dtype: Any = jnp.float32,
-                          budget_bytes: float | None = None, answer_tokens: int | None = None,
-                          max_chunk: int | None = None, vocab_chunk: int | None = None) -> int:
+def chunk_size_for_memory(
+    config: Any,
+    batch: int,
+    seq_len: int,
+    dtype: Any = jnp.float32,
+    budget_bytes: float | None = None,
+    answer_tokens: int | None = None,
+    max_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+) -> int:
     """Ablations per device per step so that their activations fit in `budget_bytes` (default
     `available_bytes()`, at most `CPU_CHUNK_BYTES` on CPU); at least 1, at most `max_chunk`
     (default L * H)."""
@@ -201,11 +240,20 @@ def run_with_oom_fallback(fn: Callable[[int], R], chunk: int) -> R:
         except Exception as e:  # noqa: BLE001 - filtered by is_oom
             if chunk <= 1 or not is_oom(e):
                 raise
-            warnings.warn(f"out of memory at chunk={chunk}; retrying with {chunk // 2}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(f"out of memory at chunk={chunk}; retrying with {chunk // 2}", RuntimeWarning, stacklevel=2)
             chunk //= 2
 
 
-__all__ = ["InsufficientMemoryError", "ablation_bytes", "available_bytes", "check_params_fit", "chunk_size_for_memory",
-           "device_free_bytes", "host_available_bytes", "is_oom", "params_bytes", "run_with_oom_fallback",
-           "sharded_params_bytes"]
+__all__ = [
+    "InsufficientMemoryError",
+    "ablation_bytes",
+    "available_bytes",
+    "check_params_fit",
+    "chunk_size_for_memory",
+    "device_free_bytes",
+    "host_available_bytes",
+    "is_oom",
+    "params_bytes",
+    "run_with_oom_fallback",
+    "sharded_params_bytes",
+]

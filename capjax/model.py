@@ -21,8 +21,9 @@ generation cannot diverge.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,11 @@ def softcap(x: Array, cap: float | None) -> Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {"silu": nn.silu, "swish": nn.silu, "gelu_pytorch_tanh": partial(nn.gelu, approximate=True)}
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu_pytorch_tanh": partial(nn.gelu, approximate=True),
+}
 
 
 def rope_tables(config: ModelConfig, positions: Array, dtype: Any) -> tuple[Array, Array]:
@@ -79,9 +84,18 @@ def attention_mask_bool(q_slots: Array, k_slots: Array, key_valid: Array, window
     return allowed
 
 
-def attention_context(config: ModelConfig, dtype: Any, B: int, T: int, attention_mask: Array | None = None,
-                      positions: Array | None = None, segment_ids: Array | None = None, prefix_len: int = 0,
-                      cache_index: Array | int = 0, cache_len: int | None = None) -> tuple[Array, ...]:
+def attention_context(
+    config: ModelConfig,
+    dtype: Any,
+    B: int,
+    T: int,
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
+    prefix_len: int = 0,
+    cache_index: Array | int = 0,
+    cache_len: int | None = None,
+) -> tuple[Array, ...]:
     """ctx = (cos, sin [B, T, D], mask [B, T, S]): what every layer needs, for T new tokens per row.
     When sliding and global layers alternate (`ModelConfig.mixed_layers`), ctx is the global
     layers' triple followed by the sliding layers' (their window and RoPE base).
@@ -98,8 +112,12 @@ def attention_context(config: ModelConfig, dtype: Any, B: int, T: int, attention
     if config.mixed_layers:
         # Global layers see every earlier key; sliding layers also get their own window and RoPE.
         glob = dataclasses.replace(config, sliding_window=None, layer_types=None)
-        local = dataclasses.replace(config, layer_types=None, rope_theta=config.local_rope_theta or config.rope_theta,
-                                    rope_type="default" if config.local_rope_theta else config.rope_type)
+        local = dataclasses.replace(
+            config,
+            layer_types=None,
+            rope_theta=config.local_rope_theta or config.rope_theta,
+            rope_type="default" if config.local_rope_theta else config.rope_type,
+        )
         args = (dtype, B, T, attention_mask, positions, segment_ids, prefix_len, cache_index, cache_len)
         return attention_context(glob, *args) + attention_context(local, *args)
     window = config.sliding_window
@@ -226,8 +244,9 @@ class MLP(nn.Module):
         up = Proj((E, F), "bte,ef->btf", None, self.dtype, name="up_proj")(x)
         act = _ACTIVATIONS[self.config.hidden_act]
         hidden = at_site(self, iv, "mlp.hidden", act(gate) * up, rows)
-        return at_site(self, iv, "mlp.out", Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(hidden),
-                       rows)
+        return at_site(
+            self, iv, "mlp.out", Proj((F, E), "btf,fe->bte", None, self.dtype, name="down_proj")(hidden), rows
+        )
 
 
 class DecoderLayer(nn.Module):
@@ -255,7 +274,8 @@ class DecoderLayer(nn.Module):
         eps, off = c.rms_norm_eps, c.norm_offset
         x = at_site(self, iv, "resid.pre", x)
         h, cache = Attention(c, self.dtype, name="self_attn")(
-            RMSNorm(eps, off, name="input_layernorm")(x), cos, sin, mask, cache, cache_index, rows, iv)
+            RMSNorm(eps, off, name="input_layernorm")(x), cos, sin, mask, cache, cache_index, rows, iv
+        )
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows][None]
         if c.sandwich_norms:
@@ -303,7 +323,7 @@ class Decoder(nn.Module):
         Concrete ids outside the vocabulary are refused (`capjax.token_ids`; traced ones pass)."""
         check_token_ids(tokens, self.config.vocab_size)
         x = self.embed_tokens(tokens).astype(self.dtype)
-        return x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype) if self.config.embed_scale else x
+        return x * jnp.asarray(self.config.hidden_size**0.5, self.dtype) if self.config.embed_scale else x
 
     def unembed(self, hidden: Array) -> Array:
         """Final norm and LM head: hidden [..., E] -> float32 logits [..., V]."""
@@ -316,27 +336,50 @@ class Decoder(nn.Module):
             logits = logits[0] if squeeze else logits
         return softcap(logits.astype(jnp.float32), self.config.final_softcap)
 
-    def hidden_states(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None,
-                      interventions: Interventions | None = None):
+    def hidden_states(
+        self,
+        tokens,
+        head_mask=None,
+        attention_mask=None,
+        positions=None,
+        cache=None,
+        interventions: Interventions | None = None,
+    ):
         """The decoder stack without the LM head: (hidden [B, T, E], cache)."""
         c = self.config
         B, T = tokens.shape
         if head_mask is not None and head_mask.shape != (c.num_layers, c.num_heads):
             raise ValueError(
                 f"head_mask has shape {tuple(head_mask.shape)}, expected [L, H] = "
-                f"[{c.num_layers}, {c.num_heads}] (vmap over a leading axis for batches of masks)")
+                f"[{c.num_layers}, {c.num_heads}] (vmap over a leading axis for batches of masks)"
+            )
         iv = with_head_mask(interventions, None if head_mask is None else head_mask.astype(self.dtype))
         index = cache["index"] if cache is not None else 0
-        ctx = attention_context(c, self.dtype, B, T, attention_mask, positions,
-                                cache_index=index, cache_len=None if cache is None else cache["k"].shape[2])
+        ctx = attention_context(
+            c,
+            self.dtype,
+            B,
+            T,
+            attention_mask,
+            positions,
+            cache_index=index,
+            cache_len=None if cache is None else cache["k"].shape[2],
+        )
         x = self.embed(tokens)
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         x, kv = self.layers(x, iv, ctx, kv, index, jnp.arange(c.num_layers))
         new_cache = None if cache is None else {**kv, "index": index + T}
         return x, new_cache
 
-    def __call__(self, tokens, head_mask=None, attention_mask=None, positions=None, cache=None,
-                 interventions: Interventions | None = None):
+    def __call__(
+        self,
+        tokens,
+        head_mask=None,
+        attention_mask=None,
+        positions=None,
+        cache=None,
+        interventions: Interventions | None = None,
+    ):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T] integers, got shape {tuple(tokens.shape)}")
         x, new_cache = self.hidden_states(tokens, head_mask, attention_mask, positions, cache, interventions)
@@ -377,8 +420,16 @@ def numpy_dtype(dtype: Any) -> np.dtype:
 # ---------------------------------------------------------------------------- layer by layer
 # Sequential algorithms (prefix reuse, Wanda, SparseGPT) walk the stack one layer at a time.
 
-def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask: Array | None = None,
-                  positions: Array | None = None, segment_ids: Array | None = None, prefix_len: int = 0):
+
+def layer_context(
+    model: Decoder,
+    params: Params,
+    tokens: Array,
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
+    prefix_len: int = 0,
+):
     """(embeddings [B, T, E], ctx) where ctx = (cos, sin, mask) is what every layer needs.
 
     segment_ids [B, T] (0 = padding) packs several sequences into one row: a token attends only
@@ -394,9 +445,17 @@ def layer_context(model: Decoder, params: Params, tokens: Array, attention_mask:
     return model.apply({"params": params}, tokens, method=Decoder.embed), ctx
 
 
-def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Array | None = None,
-                capture: bool = False, rows: Array | None = None, layer: int | Array | None = None,
-                iv: Interventions | None = None):
+def apply_layer(
+    model: Decoder,
+    layer_p: Params,
+    x: Array,
+    ctx,
+    head_mask_l: Array | None = None,
+    capture: bool = False,
+    rows: Array | None = None,
+    layer: int | Array | None = None,
+    iv: Interventions | None = None,
+):
     """Runs one decoder layer: x [B, T, E] -> x [B, T, E].
 
     layer: the layer's index (int or traced int32); required by families whose sliding and global
@@ -420,8 +479,9 @@ def apply_layer(model: Decoder, layer_p: Params, x: Array, ctx, head_mask_l: Arr
     if not capture:
         return module.apply({"params": layer_p}, *args, layer=layer)[0]
     (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["intermediates"])
-    inputs = {group: {name: v["input"][0] for name, v in mods.items()}
-              for group, mods in state["intermediates"].items()}
+    inputs = {
+        group: {name: v["input"][0] for name, v in mods.items()} for group, mods in state["intermediates"].items()
+    }
     return x, inputs
 
 

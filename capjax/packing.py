@@ -42,7 +42,7 @@ class PackedBatch:
     @property
     def prefix(self) -> np.ndarray:
         """The shared prefix's tokens [Pf]."""
-        return self.tokens[0, :self.prefix_len]
+        return self.tokens[0, : self.prefix_len]
 
 
 # A shared prefix is split off when it removes at least this fraction of the kept tokens: below
@@ -58,8 +58,10 @@ def kept_tokens(attention_mask: np.ndarray, loss_mask: np.ndarray) -> list[np.nd
         real = np.flatnonzero(attention_mask[b] > 0)
         keep = real[real <= answer.max()] if answer.size else real[:0]
         if keep.size and np.any(np.diff(keep) != 1):
-            raise ValueError(f"example {b}: its real tokens are not contiguous (attention_mask has holes); "
-                             "only left or right padding can be packed")
+            raise ValueError(
+                f"example {b}: its real tokens are not contiguous (attention_mask has holes); "
+                "only left or right padding can be packed"
+            )
         kept.append(keep)
     return kept
 
@@ -78,8 +80,9 @@ def shared_prefix_length(tokens: np.ndarray, loss_mask: np.ndarray, kept: list[n
     return max(0, min(length, first_answer - 1))
 
 
-def pack_examples(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None,
-                  share_prefix: bool = True) -> PackedBatch:
+def pack_examples(
+    tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None, share_prefix: bool = True
+) -> PackedBatch:
     """Packs a padded batch [B, T] into [P, S] rows (first-fit decreasing, S = longest kept suffix).
 
     With `share_prefix`, the tokens all examples start with are stored once, at the start of row 0,
@@ -113,28 +116,35 @@ def pack_examples(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.
         rows[r].append(b)
         room[r] -= len(kept[b])
     P = max(1, len(rows))
-    out = {name: np.zeros((P, S), dtype) for name, dtype in
-           (("tokens", np.int32), ("segment_ids", np.int32), ("positions", np.int32), ("loss_mask", np.float32))}
+    out = {
+        name: np.zeros((P, S), dtype)
+        for name, dtype in (
+            ("tokens", np.int32),
+            ("segment_ids", np.int32),
+            ("positions", np.int32),
+            ("loss_mask", np.float32),
+        )
+    }
     out["tokens"][0, :pf], out["segment_ids"][0, :pf], out["positions"][0, :pf] = prefix, -1, np.arange(pf)
     for r, members in enumerate(rows):
         at = pf if r == 0 else 0
         for b in members:
             keep, n = kept[b], len(kept[b])
-            out["tokens"][r, at:at + n] = tokens[b, keep]
-            out["segment_ids"][r, at:at + n] = b + 1
-            out["positions"][r, at:at + n] = pf + np.arange(n)
-            out["loss_mask"][r, at + 1:at + n] = loss_mask[b, keep[1:]] > 0
+            out["tokens"][r, at : at + n] = tokens[b, keep]
+            out["segment_ids"][r, at : at + n] = b + 1
+            out["positions"][r, at : at + n] = pf + np.arange(n)
+            out["loss_mask"][r, at + 1 : at + n] = loss_mask[b, keep[1:]] > 0
             at += n
     return PackedBatch(**out, num_examples=tokens.shape[0], prefix_len=pf)
 
 
-def one_per_row(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None
-                ) -> PackedBatch:
+def one_per_row(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None) -> PackedBatch:
     """The same layout as the padded batch (example b alone in row b), for comparison with packing."""
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     attention_mask = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
     real = attention_mask > 0
     segment_ids = (real * (np.arange(len(tokens)) + 1)[:, None]).astype(np.int32)
     positions = np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
-    return PackedBatch(tokens.astype(np.int32), segment_ids, positions, loss_mask.astype(np.float32),
-                       num_examples=len(tokens))
+    return PackedBatch(
+        tokens.astype(np.int32), segment_ids, positions, loss_mask.astype(np.float32), num_examples=len(tokens)
+    )

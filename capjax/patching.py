@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +93,11 @@ def unit_axes(config, site: str, positions: bool) -> tuple[tuple[str, ...], tupl
     """(axis names after L, unit dims over the site's keep without T) of a site's units."""
     if site not in PATCHABLE:
         known = ", ".join(PATCHABLE)
-        raise ValueError(f"site {site!r} cannot be patched here: use one of {known}" if site in SITES
-                         else f"unknown site {site!r}: use one of {', '.join(SITES)}")
+        raise ValueError(
+            f"site {site!r} cannot be patched here: use one of {known}"
+            if site in SITES
+            else f"unknown site {site!r}: use one of {', '.join(SITES)}"
+        )
     if site in HEAD_SITES:
         n = config.num_heads if HEAD_SITES[site] == "H" else config.num_kv_heads
         return (("T",) if positions else ()) + (HEAD_SITES[site],), (n,)
@@ -127,12 +131,25 @@ def _finish(model, params, y: Array, ctx, start, metric, read_rows, layer_iv=Non
 
     def at_last(x):
         return last(x, layer_iv)
+
     return jax.lax.cond(start < L - 1, below, at_last, y)
 
 
 @partial(jax.jit, static_argnames=("model", "metric", "site", "positions", "chunk_size"))
-def patch_values(model, params, tokens, attention_mask, inputs, source, layers, metric, site: str,
-                 positions: bool, chunk_size: int, read_rows=None) -> Array:
+def patch_values(
+    model,
+    params,
+    tokens,
+    attention_mask,
+    inputs,
+    source,
+    layers,
+    metric,
+    site: str,
+    positions: bool,
+    chunk_size: int,
+    read_rows=None,
+) -> Array:
     """The metric for every unit of `site` at each of `layers` -> [layers, units]: target tokens [B, T] run
     from their layer inputs `inputs` [L, B, T, E] with the unit's value replaced by `source`
     [L, B, T, ...] (the other input's values of the site)."""
@@ -145,7 +162,9 @@ def patch_values(model, params, tokens, attention_mask, inputs, source, layers, 
         def one(u):
             iv = Interventions({site: Edit(_keep(u, B, T, heads, positions), source[l])})
             return _finish(model, params, inputs[l], ctx, l, metric, read_rows, iv)
+
         return None, jax.lax.map(one, jnp.arange(units), batch_size=chunk_size)
+
     return jax.lax.scan(per_layer, None, layers)[1]
 
 
@@ -161,8 +180,10 @@ def check_patch_inputs(config, clean, corrupted, attention_mask, read_at, layers
     """(clean, corrupted [B, T] int32, attention_mask, read rows [B] or None, layer indices) or one-line errors."""
     clean, corrupted = np.asarray(clean), np.asarray(corrupted)
     if clean.ndim != 2 or clean.shape != corrupted.shape:
-        raise ValueError(f"clean and corrupted tokens must both be [B, T] of one shape, got {list(clean.shape)} and "
-                         f"{list(corrupted.shape)}: pad them to one length (patching matches positions)")
+        raise ValueError(
+            f"clean and corrupted tokens must both be [B, T] of one shape, got {list(clean.shape)} and "
+            f"{list(corrupted.shape)}: pad them to one length (patching matches positions)"
+        )
     B, T = clean.shape
     if attention_mask is not None and np.shape(attention_mask) != (B, T):
         raise ValueError(f"attention_mask has shape {list(np.shape(attention_mask))}, expected [B, T] = {[B, T]}")
@@ -172,8 +193,10 @@ def check_patch_inputs(config, clean, corrupted, attention_mask, read_at, layers
         if read_at.shape != (B,):
             raise ValueError(f"read_at must give one position per row, [B] = [{B}], got shape {list(read_at.shape)}")
         if read_at.min() < -T or read_at.max() >= T:
-            raise ValueError(f"read_at position {int(read_at.max() if read_at.max() >= T else read_at.min())} is out "
-                             f"of range for T = {T}")
+            raise ValueError(
+                f"read_at position {int(read_at.max() if read_at.max() >= T else read_at.min())} is out "
+                f"of range for T = {T}"
+            )
         rows = jnp.asarray(np.arange(B) * T + read_at % T, jnp.int32)
     L = config.num_layers
     layers = np.arange(L) if layers is None else np.asarray(layers).reshape(-1)
@@ -184,9 +207,20 @@ def check_patch_inputs(config, clean, corrupted, attention_mask, read_at, layers
     return jnp.asarray(clean, jnp.int32), jnp.asarray(corrupted, jnp.int32), am, rows, jnp.asarray(layers, jnp.int32)
 
 
-def patch(model, params, clean, corrupted, site: str, metric: Callable[[Array], Array], positions: bool = False,
-          direction: str = "noising", read_at=None, attention_mask=None, layers: Sequence[int] | None = None,
-          chunk_size: int | None = None) -> PatchResult:
+def patch(
+    model,
+    params,
+    clean,
+    corrupted,
+    site: str,
+    metric: Callable[[Array], Array],
+    positions: bool = False,
+    direction: str = "noising",
+    read_at=None,
+    attention_mask=None,
+    layers: Sequence[int] | None = None,
+    chunk_size: int | None = None,
+) -> PatchResult:
     """Activation patching of every unit of `site` (module docstring): values [L, (T,) (H | K)].
 
     clean, corrupted [B, T] tokens of one shape (one attention_mask [B, T] for both); read_at [B]
@@ -205,12 +239,28 @@ def patch(model, params, clean, corrupted, site: str, metric: Callable[[Array], 
     _, source = run_with_cache(model, params, source_tokens, [site], attention_mask=am)
     _, inputs = run_with_cache(model, params, target, ["resid.pre"], attention_mask=am)
     units = math.prod(((T,) if positions else ()) + heads)
-    chunk = chunk_size or chunk_size_for_memory(c, B, T, model.dtype, answer_tokens=B if rows is not None else B * T,
-                                                max_chunk=units)
+    chunk = chunk_size or chunk_size_for_memory(
+        c, B, T, model.dtype, answer_tokens=B if rows is not None else B * T, max_chunk=units
+    )
 
     def run(ch):
-        return np.asarray(patch_values(model, params, target, am, inputs["resid.pre"], source[site], layer_ids,
-                                       metric, site, positions, min(ch, units), rows))
+        return np.asarray(
+            patch_values(
+                model,
+                params,
+                target,
+                am,
+                inputs["resid.pre"],
+                source[site],
+                layer_ids,
+                metric,
+                site,
+                positions,
+                min(ch, units),
+                rows,
+            )
+        )
+
     values = run_with_oom_fallback(run, chunk)
     dims = ((T,) if positions else ()) + heads
     values = values.reshape(len(layer_ids), *dims)
@@ -230,29 +280,46 @@ def _one_path(model, params, ctx, clean, src_z, metric, read_rows, receiver: str
     n = H if receiver == "attn.q" else model.config.num_kv_heads
     pre, mlp_out = clean["resid.pre"], clean["mlp.out"]
     # The sender's change alone (its MLP frozen at the clean output): delta [B, T, E] of the residual stream.
-    sender = Interventions({"attn.z": Edit(1.0 - jax.nn.one_hot(hs, H, dtype=jnp.float32), src_z[ls]),
-                            "mlp.out": Edit(jnp.zeros(()), mlp_out[ls])})
+    sender = Interventions(
+        {
+            "attn.z": Edit(1.0 - jax.nn.one_hot(hs, H, dtype=jnp.float32), src_z[ls]),
+            "mlp.out": Edit(jnp.zeros(()), mlp_out[ls]),
+        }
+    )
     delta = apply_layer(model, layer_params(params, ls), pre[ls], ctx, layer=ls, iv=sender) - pre[ls + 1]
     # The receiver's q / k / v computed from the clean stream plus that change (every path in between frozen).
-    _, got = apply_layer(model, layer_params(params, lr), pre[lr] + delta, ctx, layer=lr,
-                         iv=Interventions({}, frozenset({receiver})))
+    _, got = apply_layer(
+        model, layer_params(params, lr), pre[lr] + delta, ctx, layer=lr, iv=Interventions({}, frozenset({receiver}))
+    )
     iv = Interventions({receiver: Edit(1.0 - jax.nn.one_hot(hr, n, dtype=jnp.float32), got[receiver])})
     return _finish(model, params, pre[lr], ctx, lr, metric, read_rows, iv)
 
 
 @partial(jax.jit, static_argnames=("model", "metric", "receiver", "chunk_size"))
-def path_values(model, params, tokens, attention_mask, clean, src_z, pairs, metric, receiver: str, chunk_size: int,
-                read_rows=None) -> Array:
+def path_values(
+    model, params, tokens, attention_mask, clean, src_z, pairs, metric, receiver: str, chunk_size: int, read_rows=None
+) -> Array:
     """The metric for each of the pairs [pairs, 4] (sender layer, head, receiver layer, head); clean:
     the target's cached {"resid.pre", "mlp.out"} [L, ...]; src_z the source's attn.z [L, B, T, H, D]."""
     _, ctx = layer_context(model, params, tokens, attention_mask)
-    return jax.lax.map(partial(_one_path, model, params, ctx, clean, src_z, metric, read_rows, receiver), pairs,
-                       batch_size=chunk_size)
+    return jax.lax.map(
+        partial(_one_path, model, params, ctx, clean, src_z, metric, read_rows, receiver), pairs, batch_size=chunk_size
+    )
 
 
-def path_patch(model, params, clean, corrupted, pairs: Sequence[tuple[int, int, int, int]],
-               metric: Callable[[Array], Array], receiver: str = "attn.q", direction: str = "noising",
-               read_at=None, attention_mask=None, chunk_size: int | None = None) -> np.ndarray:
+def path_patch(
+    model,
+    params,
+    clean,
+    corrupted,
+    pairs: Sequence[tuple[int, int, int, int]],
+    metric: Callable[[Array], Array],
+    receiver: str = "attn.q",
+    direction: str = "noising",
+    read_at=None,
+    attention_mask=None,
+    chunk_size: int | None = None,
+) -> np.ndarray:
     """Path patching (the IOI paper's construction) for pairs [(sender layer, sender head, receiver
     layer, receiver head)]: the target run (clean for noising) with the sender head's output taken
     from the source run only on its direct path, through the residual stream, into the receiver's
@@ -271,20 +338,37 @@ def path_patch(model, params, clean, corrupted, pairs: Sequence[tuple[int, int, 
         raise ValueError("pairs is empty: give (sender layer, sender head, receiver layer, receiver head) tuples")
     for i, (ls, hs, lr, hr) in enumerate(pairs_np.tolist()):
         if not (0 <= ls < L and 0 <= lr < L and 0 <= hs < H and 0 <= hr < n and lr > ls):
-            raise ValueError(f"pair {i} {(ls, hs, lr, hr)} is out of range: layers 0 .. {L - 1} with the receiver "
-                             f"above the sender, sender heads 0 .. {H - 1}, receiver heads 0 .. {n - 1} ({receiver})")
+            raise ValueError(
+                f"pair {i} {(ls, hs, lr, hr)} is out of range: layers 0 .. {L - 1} with the receiver "
+                f"above the sender, sender heads 0 .. {H - 1}, receiver heads 0 .. {n - 1} ({receiver})"
+            )
     clean, corrupted, am, rows, _ = check_patch_inputs(c, clean, corrupted, attention_mask, read_at, None)
     target, source_tokens = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     _, src = run_with_cache(model, params, source_tokens, ["attn.z"], attention_mask=am)
     _, cache = run_with_cache(model, params, target, ["resid.pre", "mlp.out"], attention_mask=am)
     B, T = clean.shape
     N = len(pairs_np)
-    chunk = chunk_size or chunk_size_for_memory(c, B, T, model.dtype, answer_tokens=B if rows is not None else B * T,
-                                                max_chunk=N)
+    chunk = chunk_size or chunk_size_for_memory(
+        c, B, T, model.dtype, answer_tokens=B if rows is not None else B * T, max_chunk=N
+    )
 
     def run(ch):
-        return np.asarray(path_values(model, params, target, am, cache, src["attn.z"], jnp.asarray(pairs_np, jnp.int32),
-                                      metric, receiver, min(ch, N), rows))
+        return np.asarray(
+            path_values(
+                model,
+                params,
+                target,
+                am,
+                cache,
+                src["attn.z"],
+                jnp.asarray(pairs_np, jnp.int32),
+                metric,
+                receiver,
+                min(ch, N),
+                rows,
+            )
+        )
+
     return run_with_oom_fallback(run, chunk)
 
 
@@ -302,21 +386,38 @@ def _unit_sum(a: Array, site: str, positions: bool) -> Array:
 @partial(jax.jit, static_argnames=("model", "metric", "site", "positions"))
 def _attribution(model, params, target, attention_mask, source, metric, site: str, positions: bool, read_rows=None):
     """(sum over each unit of (source - target value) * d metric / d value at the target run, metric)."""
+
     def run(add):
-        logits, cache = model.apply({"params": params}, target, attention_mask=attention_mask,
-                                    interventions=Interventions({site: Edit(add=add)}, {site}), mutable=["sites"])
+        logits, cache = model.apply(
+            {"params": params},
+            target,
+            attention_mask=attention_mask,
+            interventions=Interventions({site: Edit(add=add)}, {site}),
+            mutable=["sites"],
+        )
         if read_rows is not None:
             logits = logits.reshape(-1, logits.shape[-1])[read_rows]
         return metric(logits), cache
+
     zeros = jnp.zeros_like(source)
     (value, state), grad = jax.value_and_grad(run, has_aux=True)(zeros)
     here = collect_sites(state["sites"])[site]
     return _unit_sum((source - here) * grad, site, positions), value
 
 
-def attribution_patch(model, params, clean, corrupted, site: str, metric: Callable[[Array], Array],
-                      positions: bool = False, direction: str = "noising", read_at=None, attention_mask=None,
-                      exact: PatchResult | None = None) -> dict:
+def attribution_patch(
+    model,
+    params,
+    clean,
+    corrupted,
+    site: str,
+    metric: Callable[[Array], Array],
+    positions: bool = False,
+    direction: str = "noising",
+    read_at=None,
+    attention_mask=None,
+    exact: PatchResult | None = None,
+) -> dict:
     """Attribution patching (the gradient approximation of `patch`): for every unit,
     metric(target) + (source value - target value) . d metric / d value, all units from one
     forward and one backward pass of the target. {"values": [L, (T,) (H | K)] the estimated patched
@@ -333,13 +434,30 @@ def attribution_patch(model, params, clean, corrupted, site: str, metric: Callab
     out: dict[str, Any] = {"values": float(base) + np.asarray(delta, np.float64), "baseline": float(base)}
     if exact is not None:
         if exact.values.shape != out["values"].shape:
-            raise ValueError(f"exact has shape {list(exact.values.shape)}, expected {list(out['values'].shape)}: "
-                             "pass patch() of the same site, positions and layers")
+            raise ValueError(
+                f"exact has shape {list(exact.values.shape)}, expected {list(out['values'].shape)}: "
+                "pass patch() of the same site, positions and layers"
+            )
         base_exact = exact.clean if exact.direction == "noising" else exact.corrupted
-        out["correlation"] = float(np.corrcoef((out["values"] - base).ravel(),
-                                               (exact.values - base_exact).ravel())[0, 1])
+        out["correlation"] = float(
+            np.corrcoef((out["values"] - base).ravel(), (exact.values - base_exact).ravel())[0, 1]
+        )
     return out
 
 
-__all__ = ["DIRECTIONS", "PATCHABLE", "PatchResult", "RECEIVERS", "answer_ce", "attribution_patch", "check_patch_inputs", "logit_diff",
-           "normalized_logit_diff", "patch", "patch_values", "path_patch", "path_values", "unit_axes"]
+__all__ = [
+    "DIRECTIONS",
+    "PATCHABLE",
+    "PatchResult",
+    "RECEIVERS",
+    "answer_ce",
+    "attribution_patch",
+    "check_patch_inputs",
+    "logit_diff",
+    "normalized_logit_diff",
+    "patch",
+    "patch_values",
+    "path_patch",
+    "path_values",
+    "unit_axes",
+]

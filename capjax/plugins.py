@@ -37,8 +37,9 @@ def load_plugins() -> None:
             continue
         _LOADED.add(entry)
         if entry.endswith(".py") and not Path(entry).is_file():
-            raise FileNotFoundError(f"CAPJAX_PLUGINS: {entry}: plugin file not found; fix the path or remove it "
-                                    "from CAPJAX_PLUGINS")
+            raise FileNotFoundError(
+                f"CAPJAX_PLUGINS: {entry}: plugin file not found; fix the path or remove it from CAPJAX_PLUGINS"
+            )
         try:
             if entry.endswith(".py"):
                 path = Path(entry)
@@ -76,9 +77,11 @@ def _load_entry_points() -> None:
         except Exception as e:
             text = " ".join(str(e).split()) or type(e).__name__
             package = getattr(dist, "name", None)
-            raise PluginError(f"entry point {ep.name} = {ep.value!r} (group {GROUP}"
-                              f"{f', package {package}' if package else ''}): {type(e).__name__}: {text}; fix or "
-                              "uninstall that package") from e
+            raise PluginError(
+                f"entry point {ep.name} = {ep.value!r} (group {GROUP}"
+                f"{f', package {package}' if package else ''}): {type(e).__name__}: {text}; fix or "
+                "uninstall that package"
+            ) from e
 
 
 def _plugin_failure(e: Exception, entry: str) -> str:
@@ -86,8 +89,10 @@ def _plugin_failure(e: Exception, entry: str) -> str:
     if isinstance(e, SyntaxError):
         return f"syntax error at line {e.lineno}: {e.msg}; fix the file or remove it from CAPJAX_PLUGINS"
     if isinstance(e, ModuleNotFoundError) and e.name == entry.split(".")[0] and not entry.endswith(".py"):
-        return (f"no module named {entry!r}; put its folder on PYTHONPATH, give the .py file's path, "
-                "or remove it from CAPJAX_PLUGINS")
+        return (
+            f"no module named {entry!r}; put its folder on PYTHONPATH, give the .py file's path, "
+            "or remove it from CAPJAX_PLUGINS"
+        )
     where = ""
     tb = e.__traceback__
     while tb is not None:  # the plugin's own line that raised (not capjax's)

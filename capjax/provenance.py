@@ -94,8 +94,7 @@ def code_digest(obj: Any) -> str | None:
                 parts.append(hashlib.sha256(Path(source).read_bytes()).hexdigest())
             except (TypeError, OSError):
                 code = getattr(o, "__code__", None)
-                parts.append(hashlib.sha256(marshal.dumps(code) if code is not None
-                                            else repr(o).encode()).hexdigest())
+                parts.append(hashlib.sha256(marshal.dumps(code) if code is not None else repr(o).encode()).hexdigest())
         for cell in getattr(o, "__closure__", None) or ():
             try:
                 value = cell.cell_contents
@@ -129,5 +128,7 @@ def describe(env: dict[str, Any]) -> str:
     """One line: "capjax 0.1.0+g1a2b3c4d5e6f, jax 0.10.2, transformers 5.24.0; cpu: 1 x cpu, 1 process"."""
     p = env["packages"]
     d = env["devices"]
-    return (f"capjax {env['code']}, jax {p['jax']}, transformers {p['transformers']}; {env['backend']}: "
-            f"{d['count']} x {d['kind']}, {env['processes']} process{'es' if env['processes'] > 1 else ''}")
+    return (
+        f"capjax {env['code']}, jax {p['jax']}, transformers {p['transformers']}; {env['backend']}: "
+        f"{d['count']} x {d['kind']}, {env['processes']} process{'es' if env['processes'] > 1 else ''}"
+    )

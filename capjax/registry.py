@@ -16,8 +16,8 @@ nothing from capjax (floor one).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -29,9 +29,16 @@ class UnknownNameError(ValueError):
 class Registry(Mapping, Generic[T]):
     """name -> entry, in registration order; see the module docstring."""
 
-    def __init__(self, what: str, *, hint: str = "", error: type[ValueError] = UnknownNameError,
-                 on_read: Callable[[], None] | None = None, replace_builtins: bool = True,
-                 unknown: str | None = None):
+    def __init__(
+        self,
+        what: str,
+        *,
+        hint: str = "",
+        error: type[ValueError] = UnknownNameError,
+        on_read: Callable[[], None] | None = None,
+        replace_builtins: bool = True,
+        unknown: str | None = None,
+    ):
         self.what = what  # "pruning method": how errors name an entry
         self.hint = hint  # how to add one, appended to the unknown-name error
         # the unknown-name message, a format string of {name!r} and {known} (default: `unknown_message`'s)

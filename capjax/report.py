@@ -8,8 +8,9 @@ optionally with "achieved_sparsity", "intervals" {"task/metric": {"stderr", "low
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +82,9 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_head_scores(delta: np.ndarray, path: str | Path, title: str = "CAP head scores",
-                     interval: np.ndarray | None = None) -> Path:
+def plot_head_scores(
+    delta: np.ndarray, path: str | Path, title: str = "CAP head scores", interval: np.ndarray | None = None
+) -> Path:
     """Heatmap of delta [L, H]: layers down, heads across (the paper's Figure 2). With a bootstrap
     interval [2, L, H], a dot marks each head whose interval excludes zero (distinguishable)."""
     plt = _plt()
@@ -127,7 +129,7 @@ def plot_metric_curves(rows: Sequence[dict], path: str | Path) -> Path:
             ax.axhline(dense["metrics"][name], color="gray", ls="--", lw=1, label="dense")
         ax.set_title(name + (" (lower is better)" if name.split("/")[-1] in LOWER_IS_BETTER else ""))
         ax.set_xlabel("sparsity")
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()

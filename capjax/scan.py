@@ -19,7 +19,8 @@ recovery's training forward use it; `capjax.model.Decoder` (evaluation, generati
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,20 @@ Array = jax.Array
 COLLECT = (None, "inputs", "sites")
 
 
-def scan_layers(model, params, x: Array, ctx, start: int | Array = 0, stop: int | Array | None = None,
-                iv: Interventions | None = None, *, collect: str | None = None,
-                layers: tuple[Any, Callable] | None = None, remat: bool = False,
-                constrain: Callable[[Array], Array] | None = None):
+def scan_layers(
+    model,
+    params,
+    x: Array,
+    ctx,
+    start: int | Array = 0,
+    stop: int | Array | None = None,
+    iv: Interventions | None = None,
+    *,
+    collect: str | None = None,
+    layers: tuple[Any, Callable] | None = None,
+    remat: bool = False,
+    constrain: Callable[[Array], Array] | None = None,
+):
     """Layers start .. stop - 1 (default all L) on x [B, T, E] -> x [B, T, E]; with `collect`,
     (x, ys) where ys is stacked over the n layers run.
 

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from capjax.families import DEFAULT, Family
-from capjax.mesh import DATA, MODEL, axis_size, batch_sharding, fit_spec  # noqa: F401  (public here too)
+from capjax.mesh import DATA, MODEL, axis_size, batch_sharding, fit_spec
 
 Params = dict[str, Any]
 Rules = Sequence[tuple[str, P]]
@@ -67,13 +69,15 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
         raise ValueError(f"mesh shape {shape}: sizes must be positive integers or -1, got {bad}")
     fixed = math.prod(v for v in shape.values() if v != -1)
     if n % fixed:
-        raise ValueError(f"mesh shape {shape}: the product of the fixed sizes ({fixed}) does not divide "
-                         f"the device count ({n})")
+        raise ValueError(
+            f"mesh shape {shape}: the product of the fixed sizes ({fixed}) does not divide the device count ({n})"
+        )
     if free:
         shape[free[0]] = n // fixed
     used = math.prod(shape.values())
-    return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape),
-                         devices=devices[:used])
+    return jax.make_mesh(
+        tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape), devices=devices[:used]
+    )
 
 
 # ---------------------------------------------------------------------------- params
@@ -86,7 +90,7 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT
     for pattern, spec in rules:
         if re.search(pattern, name):
             if len(spec) > len(shape):  # a stacked [L, ...] rule applied to one layer's slice
-                spec = P(*list(spec)[len(spec) - len(shape):])
+                spec = P(*list(spec)[len(spec) - len(shape) :])
             return fit_spec(spec, shape, mesh)
     return P()
 
@@ -94,17 +98,20 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT
 def param_shardings(params: Params, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
     """A tree like `params` of NamedShardings (None leaves stay None; works on ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(_path_name(path), np.shape(x), mesh, rules)), params)
+        lambda path, x: NamedSharding(mesh, spec_for(_path_name(path), np.shape(x), mesh, rules)), params
+    )
 
 
 def leaf_placer(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable[[tuple[str, ...], Any], jax.Array]:
     """place(path, array): one param leaf (path as key tuple) put on `mesh` by `rules`, as
     `shard_params` would place it (`capjax.convert.params_from_tensors` streams leaves through it)."""
+
     def place(path: tuple[str, ...], a: Any) -> jax.Array:
         sharding = NamedSharding(mesh, spec_for("/".join(path), np.shape(a), mesh, rules))
         # Each process supplies the shards of its own devices (device_put refuses a host array
         # for a sharding with other processes' devices).
         return jax.make_array_from_callback(np.shape(a), sharding, lambda index: a[index])
+
     return place
 
 
@@ -130,7 +137,7 @@ def pad_to_multiple(x: np.ndarray | jax.Array, multiple: int, fill_row: int = 0)
     if pad == 0:
         return x, n
     xp = jnp if isinstance(x, jax.Array) else np
-    return xp.concatenate([x, xp.repeat(x[fill_row:fill_row + 1], pad, axis=0)]), n
+    return xp.concatenate([x, xp.repeat(x[fill_row : fill_row + 1], pad, axis=0)]), n
 
 
 # ---------------------------------------------------------------------------- inside jit
@@ -170,8 +177,9 @@ def sharded_map(f: Callable, xs: jax.Array, batch_size: int, mesh: Mesh, axis: s
 
 
 # ---------------------------------------------------------------------------- init
-def init_params_sharded(config: Any, mesh: Mesh | None = None, dtype: Any = jnp.bfloat16, seed: int = 0,
-                        rules: Rules = DEFAULT_RULES) -> Params:
+def init_params_sharded(
+    config: Any, mesh: Mesh | None = None, dtype: Any = jnp.bfloat16, seed: int = 0, rules: Rules = DEFAULT_RULES
+) -> Params:
     """Random params (normal 0.02 kernels and embedding, norms 1, biases 0) created directly in
     `dtype` and directly sharded (one jitted call with out_shardings: no float32 or host copy).
 
@@ -214,8 +222,23 @@ def maybe_initialize_distributed() -> bool:
 
 
 __all__ = [
-    "DATA", "DEFAULT_RULES", "MODEL", "axis_size", "batch_sharding", "constrain_replicated", "family_rules",
-    "fit_spec", "init_params_sharded", "leaf_placer", "make_mesh", "maybe_initialize_distributed",
-    "pad_to_multiple", "param_shardings", "replicated", "shard_batch", "shard_params", "sharded_map",
+    "DATA",
+    "DEFAULT_RULES",
+    "MODEL",
+    "axis_size",
+    "batch_sharding",
+    "constrain_replicated",
+    "family_rules",
+    "fit_spec",
+    "init_params_sharded",
+    "leaf_placer",
+    "make_mesh",
+    "maybe_initialize_distributed",
+    "pad_to_multiple",
+    "param_shardings",
+    "replicated",
+    "shard_batch",
+    "shard_params",
+    "sharded_map",
     "spec_for",
 ]

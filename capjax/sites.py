@@ -54,8 +54,19 @@ SITES = {
     "resid.post": "[B, T, E]",
 }
 # Trailing axes of a site's value that a keep mask does not cover (D of a head; E; T, S of a pattern).
-KEEP_EVENT_NDIM = {"resid.pre": 1, "attn.q": 1, "attn.k": 1, "attn.v": 1, "attn.pattern": 2, "attn.z": 1,
-                   "attn.out": 1, "resid.mid": 1, "mlp.hidden": 0, "mlp.out": 1, "resid.post": 1}
+KEEP_EVENT_NDIM = {
+    "resid.pre": 1,
+    "attn.q": 1,
+    "attn.k": 1,
+    "attn.v": 1,
+    "attn.pattern": 2,
+    "attn.z": 1,
+    "attn.out": 1,
+    "resid.mid": 1,
+    "mlp.hidden": 0,
+    "mlp.out": 1,
+    "resid.post": 1,
+}
 
 
 def check_sites(names) -> tuple[str, ...]:
@@ -117,11 +128,11 @@ class Interventions:
         check_sites(self.capture)
         object.__setattr__(self, "capture", frozenset(self.capture))
 
-    def at(self, layer) -> "Interventions":
+    def at(self, layer) -> Interventions:
         """One layer's slice of interventions stacked over layers (every leaf [L, ...])."""
         return jax.tree.map(lambda a: a[layer], self)
 
-    def with_edit(self, site: str, edit: Edit | None) -> "Interventions":
+    def with_edit(self, site: str, edit: Edit | None) -> Interventions:
         edits = {k: v for k, v in self.edits.items() if k != site}
         if edit is not None:
             edits[site] = edit
@@ -167,9 +178,19 @@ def collect_sites(tree) -> dict[str, Array]:
                 out[key] = value[0]
             elif isinstance(value, dict):
                 walk(value)
+
     walk(tree)
     return out
 
 
-__all__ = ["Edit", "Interventions", "KEEP_EVENT_NDIM", "SITES", "at_site", "check_sites", "collect_sites",
-           "touches", "with_head_mask"]
+__all__ = [
+    "Edit",
+    "Interventions",
+    "KEEP_EVENT_NDIM",
+    "SITES",
+    "at_site",
+    "check_sites",
+    "collect_sites",
+    "touches",
+    "with_head_mask",
+]

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +59,7 @@ def binomial_interval(successes: float, n: int, level: float = 0.95) -> Estimate
     z = _z(level)
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return Estimate(p, math.sqrt(p * (1 - p) / n), max(0.0, center - half), min(1.0, center + half), n, "wilson",
-                    level)
+    return Estimate(p, math.sqrt(p * (1 - p) / n), max(0.0, center - half), min(1.0, center + half), n, "wilson", level)
 
 
 def resample_weights(n: int, resamples: int, seed: int = 0) -> np.ndarray:
@@ -72,8 +72,9 @@ def _ratio(num: np.ndarray, den: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (weights @ num) / (weights @ den)
 
 
-def bootstrap_ratio(num, den, transform: str = "identity", resamples: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> Estimate:
+def bootstrap_ratio(
+    num, den, transform: str = "identity", resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> Estimate:
     """transform(sum num / sum den) with a percentile bootstrap interval over examples [B]; no
     interval (NaN) with one example or fewer than MIN_RESAMPLES resamples."""
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
@@ -87,8 +88,15 @@ def bootstrap_ratio(num, den, transform: str = "identity", resamples: int = 1000
     if boot.size < 2:  # one example, too few resamples (0: no intervals asked for), or no finite resample
         return Estimate(value, math.nan, math.nan, math.nan, int(num.size), "bootstrap", level)
     a = (1 - level) / 2
-    return Estimate(value, float(boot.std(ddof=1)), float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a)),
-                    int(num.size), "bootstrap", level)
+    return Estimate(
+        value,
+        float(boot.std(ddof=1)),
+        float(np.quantile(boot, a)),
+        float(np.quantile(boot, 1 - a)),
+        int(num.size),
+        "bootstrap",
+        level,
+    )
 
 
 def estimate(values: dict[str, Any], resamples: int = 1000, seed: int = 0, level: float = 0.95) -> Estimate:
@@ -115,8 +123,9 @@ class PairedDifference:
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def paired_difference(a: dict[str, Any], b: dict[str, Any], resamples: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> PairedDifference:
+def paired_difference(
+    a: dict[str, Any], b: dict[str, Any], resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> PairedDifference:
     """metric(b) - metric(a) for two per-example records over the same B examples, resampled
     jointly (the same resample indices for both), percentile interval at `level`."""
     na, da, nb, db = (np.asarray(x, np.float64) for x in (a["num"], a["den"], b["num"], b["den"]))
@@ -136,8 +145,14 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any], resamples: int = 100
     return PairedDifference(diff, low, high, bool(low > 0 or high < 0), level)
 
 
-def head_interval(example_masked: np.ndarray, example_baseline: np.ndarray, answer_count: np.ndarray,
-                  resamples: int = 1000, seed: int = 0, level: float = 0.95) -> np.ndarray:
+def head_interval(
+    example_masked: np.ndarray,
+    example_baseline: np.ndarray,
+    answer_count: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> np.ndarray:
     """[2, L, H] percentile bootstrap interval of each head's loss increase, resampling
     calibration examples: per resample, sum_b w_b (nll_lhb - nll0_b) / sum_b w_b count_b.
 

@@ -40,5 +40,7 @@ def check_token_ids(tokens: Any, vocab_size: int, where: str = "tokens") -> None
         lo, hi = int(a.min()), int(a.max())
     if lo < 0 or hi >= vocab_size:
         bad = hi if hi >= vocab_size else lo
-        raise TokenIdError(f"{where}: token id {bad} is outside the model's vocabulary [0, {vocab_size}): the "
-                         "tokenizer does not belong to this model; use the model's own tokenizer")
+        raise TokenIdError(
+            f"{where}: token id {bad} is outside the model's vocabulary [0, {vocab_size}): the "
+            "tokenizer does not belong to this model; use the model's own tokenizer"
+        )

@@ -62,9 +62,11 @@ def main() -> None:
     batch = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask)
     c = model.config
     L, H = c.num_layers, c.num_heads
-    print(f"{args.model}: {L} layers x {H} heads; {args.task} N={args.n} T={args.seq_len}: "
-          f"{batch.packed.tokens.shape[0]} packed rows x {batch.packed.tokens.shape[1]}, "
-          f"prefix {batch.packed.prefix_len}, {batch.num_answer_tokens} answer tokens")
+    print(
+        f"{args.model}: {L} layers x {H} heads; {args.task} N={args.n} T={args.seq_len}: "
+        f"{batch.packed.tokens.shape[0]} packed rows x {batch.packed.tokens.shape[1]}, "
+        f"prefix {batch.packed.prefix_len}, {batch.num_answer_tokens} answer tokens"
+    )
 
     def score(res):  # the paper's estimator, from the per-example results
         return estimators.estimate("median", res.values, res.intact, res.count, subsets=args.subsets)
@@ -73,11 +75,13 @@ def main() -> None:
     heads = single_spec(c, "heads")
     kinds = {}
     for kind in ("zero", "mean", "resample"):
-        res, _ = timed(f"{L * H} head ablations, {kind}", lambda kind=kind: ablate(model, params, batch, heads, kind=kind))
+        res, _ = timed(
+            f"{L * H} head ablations, {kind}", lambda kind=kind: ablate(model, params, batch, heads, kind=kind)
+        )
         kinds[kind] = score(res).reshape(L, H)
     names = list(kinds)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             rho = spearmanr(kinds[a].ravel(), kinds[b].ravel())[0]
             print(f"Spearman({a}, {b}) over {L * H} heads: {rho:.3f}")
     fig, axes = plt.subplots(1, 3, figsize=(12, 0.22 * L + 2))
@@ -93,11 +97,12 @@ def main() -> None:
     plt.close(fig)
 
     # 2. pairwise interactions of the top heads, all pairs in one call
-    order = np.argsort(-kinds["zero"].ravel())[:args.top]
+    order = np.argsort(-kinds["zero"].ravel())[: args.top]
     top = [("heads", int(k // H), int(k % H)) for k in order]
     spec, pairs = pairs_spec(c, top)
-    res, _ = timed(f"{len(pairs)} pair ablations of the top {len(top)} heads",
-                   lambda: ablate(model, params, batch, spec))
+    res, _ = timed(
+        f"{len(pairs)} pair ablations of the top {len(top)} heads", lambda: ablate(model, params, batch, spec)
+    )
     pair_delta = score(res)
     single = kinds["zero"].ravel()[order]
     inter = np.zeros((len(top), len(top)))
@@ -105,8 +110,10 @@ def main() -> None:
         inter[i, j] = inter[j, i] = pair_delta[n] - single[i] - single[j]
     k = np.unravel_index(np.argmin(inter), inter.shape)
     m = np.unravel_index(np.argmax(inter), inter.shape)
-    print(f"most redundant pair: {top[k[0]][1:]} & {top[k[1]][1:]} ({inter[k]:+.4f}); "
-          f"most synergistic: {top[m[0]][1:]} & {top[m[1]][1:]} ({inter[m]:+.4f})")
+    print(
+        f"most redundant pair: {top[k[0]][1:]} & {top[k[1]][1:]} ({inter[k]:+.4f}); "
+        f"most synergistic: {top[m[0]][1:]} & {top[m[1]][1:]} ({inter[m]:+.4f})"
+    )
     fig, ax = plt.subplots(figsize=(8, 7))
     lim = float(np.abs(inter).max()) or 1.0
     im = ax.imshow(inter, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
@@ -122,8 +129,10 @@ def main() -> None:
     # 3. MLP blocks and whole attention blocks beside the heads
     blocks = {}
     for component in ("mlp", "attn"):
-        res, _ = timed(f"{L} {component}-block ablations",
-                       lambda component=component: ablate(model, params, batch, single_spec(c, component)))
+        res, _ = timed(
+            f"{L} {component}-block ablations",
+            lambda component=component: ablate(model, params, batch, single_spec(c, component)),
+        )
         blocks[component] = score(res)
     assert [u[1] for u in units(c, "mlp")] == list(range(L))
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -139,12 +148,21 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "block_scores.png", dpi=110)
     plt.close(fig)
-    print(f"most important MLP block: layer {int(np.argmax(blocks['mlp']))} ({blocks['mlp'].max():+.4f}); "
-          f"attention block: layer {int(np.argmax(blocks['attn']))} ({blocks['attn'].max():+.4f})")
-    np.savez(out / "study.npz", **{f"heads_{k}": v for k, v in kinds.items()}, interactions=inter,
-             top=np.array([[l, h] for _, l, h in top]), **{f"{k}_blocks": v for k, v in blocks.items()})
-    print(f"figures and study.npz in {out}; whole study {time.perf_counter() - t_start:.1f} s "
-          "(model load and calibration included)")
+    print(
+        f"most important MLP block: layer {int(np.argmax(blocks['mlp']))} ({blocks['mlp'].max():+.4f}); "
+        f"attention block: layer {int(np.argmax(blocks['attn']))} ({blocks['attn'].max():+.4f})"
+    )
+    np.savez(
+        out / "study.npz",
+        **{f"heads_{k}": v for k, v in kinds.items()},
+        interactions=inter,
+        top=np.array([[l, h] for _, l, h in top]),
+        **{f"{k}_blocks": v for k, v in blocks.items()},
+    )
+    print(
+        f"figures and study.npz in {out}; whole study {time.perf_counter() - t_start:.1f} s "
+        "(model load and calibration included)"
+    )
 
 
 if __name__ == "__main__":

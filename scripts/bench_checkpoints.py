@@ -55,8 +55,11 @@ def before_scoring(root: Path, groups: list[np.ndarray]) -> list[np.ndarray]:
         (root / f"layers_{start:04d}.code").unlink(missing_ok=True)
         ckpt.save(root / f"layers_{start:04d}", {"nll": nll}, force=True)
         (root / f"layers_{start:04d}.code").write_text("bench\n")
-    return [np.asarray(ckpt.restore(root / f"layers_{s:04d}")["nll"]) for s in range(len(groups))
-            if (root / f"layers_{s:04d}.code").read_text().strip() == "bench"]
+    return [
+        np.asarray(ckpt.restore(root / f"layers_{s:04d}")["nll"])
+        for s in range(len(groups))
+        if (root / f"layers_{s:04d}.code").read_text().strip() == "bench"
+    ]
 
 
 def after_scoring(root: Path, groups: list[np.ndarray]) -> list[np.ndarray]:
@@ -80,11 +83,15 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=512)
     a = ap.parse_args()
     rng = np.random.default_rng(0)
-    states = [{f"leaf_{i:05d}": rng.standard_normal(a.size, dtype=np.float32) for i in range(a.leaves)}
-              for _ in range(a.steps)]
+    states = [
+        {f"leaf_{i:05d}": rng.standard_normal(a.size, dtype=np.float32) for i in range(a.leaves)}
+        for _ in range(a.steps)
+    ]
     groups = [rng.standard_normal((1, a.heads, a.examples)) for _ in range(a.groups)]
-    runs = {"recovery": (before_recovery, after_recovery, (states, 2)), "scoring": (before_scoring, after_scoring,
-                                                                                     (groups,))}
+    runs = {
+        "recovery": (before_recovery, after_recovery, (states, 2)),
+        "scoring": (before_scoring, after_scoring, (groups,)),
+    }
     mib = a.leaves * a.size * 4 / 2**20
     print(f"recovery: {a.steps} saves of {a.leaves} x {a.size} float32 ({mib:.1f} MiB each), keep 2, then a restore")
     print(f"scoring: {a.groups} groups of [1, {a.heads}, {a.examples}] float64 saved, then each restored")

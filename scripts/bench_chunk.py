@@ -37,21 +37,29 @@ def main():
 
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     tokenizer = capjax.load_tokenizer("smollm2-135m-instruct")
-    calib = build_calibration(args.task, tokenizer, n=args.n, seq_len=args.seq_len, seed=0,
-                              chat=False if args.plain else None)
+    calib = build_calibration(
+        args.task, tokenizer, n=args.n, seq_len=args.seq_len, seed=0, chat=False if args.plain else None
+    )
     prep = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask)
     c, A = model.config, len(prep.packed_ans[1])
     default = default_chunk_size(c, *prep.shape, model.dtype, answer_tokens=A)
     per = ablation_bytes(c, *prep.shape, model.dtype, A, vocab_chunk=VOCAB_CHUNK)
-    print(f"SmolLM2-135M-Instruct, {args.task} N={args.n} T={args.seq_len}: layout {prep.shape} (rows, keys), "
-          f"{per / 2**20:.1f} MiB of activations per ablation; default chunk here {min(default, c.num_heads)} "
-          f"(CPU cap {CPU_CHUNK_BYTES >> 20} MiB); jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(
+        f"SmolLM2-135M-Instruct, {args.task} N={args.n} T={args.seq_len}: layout {prep.shape} (rows, keys), "
+        f"{per / 2**20:.1f} MiB of activations per ablation; default chunk here {min(default, c.num_heads)} "
+        f"(CPU cap {CPU_CHUNK_BYTES >> 20} MiB); jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
 
     times, results = {}, {}
     for chunk in sorted(set(args.chunks + [c.num_heads])):
+
         def run(chunk=chunk):
-            return np.asarray(single_head_nll(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
-                                               0, args.layers, chunk))
+            return np.asarray(
+                single_head_nll(
+                    model, params, prep.rows, prep.packed_ans, prep.packed.num_examples, 0, args.layers, chunk
+                )
+            )
+
         run()
         t = time.perf_counter()
         results[chunk] = run()
@@ -59,8 +67,10 @@ def main():
     ref = times[c.num_heads]
     for chunk, t in times.items():
         diff = np.abs(results[chunk] / results[c.num_heads] - 1).max()
-        print(f"chunk {chunk:3d}: {t:7.1f} s  ({ref / t:.2f}x vs chunk {c.num_heads}; per-example NLL sums "
-              f"equal to {diff:.1e} relative)")
+        print(
+            f"chunk {chunk:3d}: {t:7.1f} s  ({ref / t:.2f}x vs chunk {c.num_heads}; per-example NLL sums "
+            f"equal to {diff:.1e} relative)"
+        )
 
 
 if __name__ == "__main__":

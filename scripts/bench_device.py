@@ -34,18 +34,44 @@ from capjax.memory import run_with_oom_fallback
 from capjax.model import Decoder
 from capjax.pruning import prune
 
-LLAMA3_8B = ModelConfig("llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                        max_position_embeddings=8192)
-SMALL = ModelConfig("llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-                    num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+LLAMA3_8B = ModelConfig(
+    "llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+)
+SMALL = ModelConfig(
+    "llama",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
 
 # Peak dense bfloat16 TFLOP/s per chip (vendor figures, without sparsity), matched in order
 # against the lower-cased device_kind.
 PEAK_TFLOPS = (
-    ("h200", 989.0), ("h100 pcie", 756.0), ("h100", 989.0), ("a100", 312.0),
-    ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("tpu v5", 459.0),
-    ("v6 lite", 918.0), ("v6e", 918.0), ("tpu v4", 275.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0),
+    ("h100", 989.0),
+    ("a100", 312.0),
+    ("v5 lite", 197.0),
+    ("v5e", 197.0),
+    ("v5p", 459.0),
+    ("tpu v5", 459.0),
+    ("v6 lite", 918.0),
+    ("v6e", 918.0),
+    ("tpu v4", 275.0),
 )
 
 
@@ -67,7 +93,7 @@ def peak_tflops(device, n: int) -> tuple[float, str]:
     for _ in range(reps):
         out = f(a)
     out.block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12, f"measured {n}x{n} bf16 matmul ({device.device_kind})"
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12, f"measured {n}x{n} bf16 matmul ({device.device_kind})"
 
 
 def memory_note(device) -> str:
@@ -75,8 +101,10 @@ def memory_note(device) -> str:
     if not stats:
         return "memory stats: n/a"
     gb = {k: stats.get(k, 0) / 1e9 for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
-    return (f"memory: in use {gb['bytes_in_use']:.1f} GB, peak {gb['peak_bytes_in_use']:.1f} GB, "
-            f"limit {gb['bytes_limit']:.1f} GB")
+    return (
+        f"memory: in use {gb['bytes_in_use']:.1f} GB, peak {gb['peak_bytes_in_use']:.1f} GB, "
+        f"limit {gb['bytes_limit']:.1f} GB"
+    )
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -104,11 +132,15 @@ def main() -> None:
     mesh = sharding.make_mesh(parse_mesh(a.mesh))
     peak, source = peak_tflops(devices[0], 1024 if a.small else 8192)
     n_dev = mesh.devices.size
-    log(f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}; "
-        f"peak {peak:.1f} TFLOP/s per chip ({source})")
-    log(f"model: {'small' if a.small else 'Llama-3-8B shapes'} L={L} H={H} K={c.num_kv_heads} E={c.hidden_size} "
+    log(
+        f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}; "
+        f"peak {peak:.1f} TFLOP/s per chip ({source})"
+    )
+    log(
+        f"model: {'small' if a.small else 'Llama-3-8B shapes'} L={L} H={H} K={c.num_kv_heads} E={c.hidden_size} "
         f"F={c.intermediate_size} V={c.vocab_size}, {c.num_params() / 1e6:,.1f} M params, bf16; "
-        f"calibration {B} x {T}, K={a.subsets}")
+        f"calibration {B} x {T}, K={a.subsets}"
+    )
 
     t = time.perf_counter()
     params = sharding.init_params_sharded(c, mesh, jnp.bfloat16)
@@ -118,7 +150,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, c.vocab_size, (B, T)).astype(np.int32)
     loss_mask = np.zeros((B, T), np.float32)
-    loss_mask[:, T - T // 4:] = 1
+    loss_mask[:, T - T // 4 :] = 1
     am = np.ones((B, T), np.int32)
     prep = prepare_batch(model, tokens, loss_mask, am)  # every row is full: packing keeps B x T
     rows, ans_j = prep.rows, prep.packed_ans
@@ -135,16 +167,24 @@ def main() -> None:
     per_device = -(-H // sharding.axis_size(mesh, sharding.DATA))
     chunk = min(a.chunk or default_chunk_size(c, B, T, jnp.bfloat16, answer_tokens=A), per_device)
     total_flops = scoring_flops(c, B, T, A, baseline=False)
-    log(f"scoring {L * H} heads: chunk {chunk} ablations per device per step; "
-        f"{total_flops:.3g} FLOP with prefix reuse")
+    log(f"scoring {L * H} heads: chunk {chunk} ablations per device per step; {total_flops:.3g} FLOP with prefix reuse")
 
     scores = None
     if a.full or a.small:
         from capjax.attribution import score_heads
 
         t = time.perf_counter()
-        scores = score_heads(model, params, tokens, loss_mask, subsets=a.subsets, attention_mask=am,
-                             chunk_size=chunk, progress=True, mesh=mesh)
+        scores = score_heads(
+            model,
+            params,
+            tokens,
+            loss_mask,
+            subsets=a.subsets,
+            attention_mask=am,
+            chunk_size=chunk,
+            progress=True,
+            mesh=mesh,
+        )
         wall = time.perf_counter() - t
         report("all heads, score_heads (with compile)", wall, total_flops, L * H * B * T, peak, n_dev)
     if not a.full:
@@ -162,8 +202,10 @@ def main() -> None:
 
         t = time.perf_counter()
         _, dt = run_with_oom_fallback(run, chunk)
-        log(f"layers 0..{n - 1} ({n * H} heads, chunk {state['chunk']}): compile {time.perf_counter() - t - dt:.1f} s, "
-            f"run {dt:.1f} s")
+        log(
+            f"layers 0..{n - 1} ({n * H} heads, chunk {state['chunk']}): compile {time.perf_counter() - t - dt:.1f} s, "
+            f"run {dt:.1f} s"
+        )
         report(f"layers 0..{n - 1}, measured", dt, sample_flops, n * H * B * T, peak, n_dev)
         est = dt * total_flops / sample_flops
         report(f"all {L * H} heads, extrapolated by FLOPs", est, total_flops, L * H * B * T, peak, n_dev)
@@ -183,8 +225,10 @@ def main() -> None:
 
 def report(what: str, seconds: float, flops: float, ablation_tokens: float, peak: float, n_dev: int) -> None:
     mfu = flops / seconds / (peak * 1e12 * n_dev)
-    log(f"{what}: {seconds:.1f} s, {ablation_tokens / seconds:,.0f} ablation-tokens/s, "
-        f"{flops / seconds / 1e12:.1f} TFLOP/s, MFU {100 * mfu:.1f}%")
+    log(
+        f"{what}: {seconds:.1f} s, {ablation_tokens / seconds:,.0f} ablation-tokens/s, "
+        f"{flops / seconds / 1e12:.1f} TFLOP/s, MFU {100 * mfu:.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -44,11 +44,12 @@ def main() -> None:
     tok = capjax.load_tokenizer("smollm2-135m-instruct")
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     p = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     questions = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[: args.prompts]
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in questions]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     eos = set(model.config.eos_ids)
     B, N = len(ids), args.new_tokens
@@ -67,20 +68,26 @@ def main() -> None:
         out = hf.generate(**batch, max_new_tokens=N, do_sample=False, pad_token_id=tok.pad_token_id)
     hf_s = time.perf_counter() - t0
     theirs = []
-    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
         cut = [i for i, t in enumerate(row) if t in eos]
         theirs.append(row[: cut[0]] if cut else row)
 
     n_ours, n_theirs = sum(map(len, ours)), sum(map(len, theirs))
-    print(f"device: {jax.devices()[0].platform}, torch threads: {torch.get_num_threads()}, "
-          f"{B} prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens), max {N} new tokens, float32")
-    print(f"capjax:       {n_ours} tokens in {ours_s:.2f} s = {n_ours / ours_s:8.1f} tok/s "
-          f"(first call incl. compile: {compile_s:.2f} s)")
+    print(
+        f"device: {jax.devices()[0].platform}, torch threads: {torch.get_num_threads()}, "
+        f"{B} prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens), max {N} new tokens, float32"
+    )
+    print(
+        f"capjax:       {n_ours} tokens in {ours_s:.2f} s = {n_ours / ours_s:8.1f} tok/s "
+        f"(first call incl. compile: {compile_s:.2f} s)"
+    )
     print(f"transformers: {n_theirs} tokens in {hf_s:.2f} s = {n_theirs / hf_s:8.1f} tok/s")
     print(f"ratio capjax/transformers: {(n_ours / ours_s) / (n_theirs / hf_s):.2f}x")
     same = ours == theirs
-    print(f"identical outputs: {same}" + ("" if same else
-          f" ({sum(a == b for a, b in zip(ours, theirs))}/{B} rows equal)"))
+    print(
+        f"identical outputs: {same}"
+        + ("" if same else f" ({sum(a == b for a, b in zip(ours, theirs))}/{B} rows equal)")
+    )
     print(f"sample: {tok.decode(ours[0])!r}")
 
 

@@ -35,18 +35,30 @@ def main():
     calib = load_calibration(args, tokenizer)
     packed = pack_examples(calib.tokens, calib.loss_mask, calib.attention_mask, share_prefix=False)
     c = model.config
-    print(f"{args.model}: {c.num_layers * c.num_heads} heads; calibration {args.calib} N={args.n} T={args.seq_len} "
-          f"K={args.subsets}; jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"padded batch {calib.tokens.shape[0]} x {calib.tokens.shape[1]} ({calib.attention_mask.mean():.0%} real "
-          f"tokens); packed {packed.tokens.shape[0]} x {packed.tokens.shape[1]} "
-          f"({(packed.segment_ids > 0).mean():.0%} real)")
+    print(
+        f"{args.model}: {c.num_layers * c.num_heads} heads; calibration {args.calib} N={args.n} T={args.seq_len} "
+        f"K={args.subsets}; jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
+    print(
+        f"padded batch {calib.tokens.shape[0]} x {calib.tokens.shape[1]} ({calib.attention_mask.mean():.0%} real "
+        f"tokens); packed {packed.tokens.shape[0]} x {packed.tokens.shape[1]} "
+        f"({(packed.segment_ids > 0).mean():.0%} real)"
+    )
 
     times, scores = {}, {}
     for pack in (False, True):
         t = time.perf_counter()
-        scores[pack] = score_heads(model, params, calib.tokens, calib.loss_mask, args.subsets,
-                                   attention_mask=calib.attention_mask, progress=False, pack=pack,
-                                   share_prefix=False)
+        scores[pack] = score_heads(
+            model,
+            params,
+            calib.tokens,
+            calib.loss_mask,
+            args.subsets,
+            attention_mask=calib.attention_mask,
+            progress=False,
+            pack=pack,
+            share_prefix=False,
+        )
         times[pack] = time.perf_counter() - t
     print(f"one example per row: {times[False]:8.1f} s")
     print(f"packed             : {times[True]:8.1f} s")

@@ -24,11 +24,12 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import capjax  # noqa: E402
-from capjax.io import smollm2_gguf_path  # noqa: E402
-from capjax.patching import logit_diff, patch  # noqa: E402
-from patching_study import prompts  # noqa: E402
-from torch_sites import hf_run  # noqa: E402
+from patching_study import prompts
+
+import capjax
+from capjax.io import smollm2_gguf_path
+from capjax.patching import logit_diff, patch
+from torch_sites import hf_run
 
 
 def hook_loop(hf, clean, corrupted, answer, wrong, site):
@@ -39,11 +40,13 @@ def hook_loop(hf, clean, corrupted, answer, wrong, site):
     for l in range(L):
         s = torch.tensor(src[site][l], dtype=torch.float32)
         for h in range(H):
+
             def edit(name, layer, v, l=l, h=h, s=s):
                 if name == site and layer == l:
                     v = v.clone()
                     v[:, :, h] = s[:, :, h]
                     return v
+
             logits, _ = hf_run(hf, clean, edit=edit, sites=())
             z = logits[:, -1]
             out[l, h] = np.mean(z[np.arange(B), answer] - z[np.arange(B), wrong])
@@ -60,16 +63,21 @@ def main() -> None:
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     tok = capjax.load_tokenizer("smollm2-135m-instruct")
     path = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-    clean, corrupted, answer, wrong = (a[:args.prompts] for a in prompts(tok))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    clean, corrupted, answer, wrong = (a[: args.prompts] for a in prompts(tok))
     metric = logit_diff(answer, wrong)
     read = [-1] * len(clean)
 
     def ours():
         return patch(model, params, clean, corrupted, args.site, metric, read_at=read).values
-    print(f"{args.site} per head, [{len(clean)}, {clean.shape[1]}] tokens, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    print(
+        f"{args.site} per head, [{len(clean)}, {clean.shape[1]}] tokens, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     t = time.perf_counter()
     want = hook_loop(hf, clean, corrupted, answer, wrong, args.site)
     loop = time.perf_counter() - t
@@ -85,8 +93,10 @@ def main() -> None:
         warm.append(time.perf_counter() - t)
     print(f"capjax patch, warm (best of {args.reps})   {min(warm):8.2f} s   loop / capjax {loop / min(warm):6.2f}x")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
-    print(f"max |capjax - hook loop| = {np.abs(got - want).max():.2e} (logit-difference units; "
-          f"range of values {np.ptp(want):.2f})")
+    print(
+        f"max |capjax - hook loop| = {np.abs(got - want).max():.2e} (logit-difference units; "
+        f"range of values {np.ptp(want):.2f})"
+    )
 
 
 if __name__ == "__main__":

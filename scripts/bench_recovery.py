@@ -67,14 +67,26 @@ def main() -> None:
     n = args.steps + 1
 
     t = time.perf_counter()
-    _, hist = recover(model, pruned, masks, data, steps=n, mode="full", batch_size=args.batch, lr=args.lr,
-                      warmup_steps=0, final_lr_fraction=1.0, grad_clip=None, remat=args.remat, progress=False)
+    _, hist = recover(
+        model,
+        pruned,
+        masks,
+        data,
+        steps=n,
+        mode="full",
+        batch_size=args.batch,
+        lr=args.lr,
+        warmup_steps=0,
+        final_lr_fraction=1.0,
+        grad_clip=None,
+        remat=args.remat,
+        progress=False,
+    )
     cj_total = time.perf_counter() - t
     cj_step = hist["seconds"] / args.steps
 
     path = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     hf.train()
     with torch.no_grad():  # the same pruned weights
         state = dict(iter_hf_tensors(model.config, pruned))
@@ -106,12 +118,18 @@ def main() -> None:
         step()
     th_step = (time.perf_counter() - t) / args.steps
 
-    print(f"batch {args.batch} x {args.seq_len} tokens, float32, remat={args.remat}, {args.steps} timed steps, "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s), torch threads {torch.get_num_threads()}")
-    print(f"capjax: {cj_step:.3f} s/step ({tokens_per_step / cj_step:.0f} tok/s); whole call incl. compile "
-          f"{cj_total:.1f} s; first loss {hist['loss'][0]:.5f}")
-    print(f"torch:  {th_step:.3f} s/step ({tokens_per_step / th_step:.0f} tok/s); first step {warm:.1f} s; "
-          f"first loss {first_torch:.5f}")
+    print(
+        f"batch {args.batch} x {args.seq_len} tokens, float32, remat={args.remat}, {args.steps} timed steps, "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"capjax: {cj_step:.3f} s/step ({tokens_per_step / cj_step:.0f} tok/s); whole call incl. compile "
+        f"{cj_total:.1f} s; first loss {hist['loss'][0]:.5f}"
+    )
+    print(
+        f"torch:  {th_step:.3f} s/step ({tokens_per_step / th_step:.0f} tok/s); first step {warm:.1f} s; "
+        f"first loss {first_torch:.5f}"
+    )
     print(f"ratio (torch s/step / capjax s/step): {th_step / cj_step:.2f}x")
     print(start_load)
     print(load_line("end"))

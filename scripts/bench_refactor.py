@@ -9,7 +9,8 @@ median over the rounds and the ratio baseline / current (> 1: the current tree i
 
 Measured, each as the best of `reps` warm (compiled) wall times: exact head scoring (score_heads,
 all L * H heads), gradient head scores (score_heads(method="gradient")), every single MLP block
-ablated by its mean with the KL metric (`capjax.ablation.ablate`), a full-logits forward over the calibration batch (evaluation's path), and greedy
+ablated by its mean with the KL metric (`capjax.ablation.ablate`), a full-logits forward over the
+calibration batch (evaluation's path), and greedy
 generation of 16 tokens for 4 prompts (the KV-cache path); `--only forward,generate` skips the
 scoring. The checksums (sum of |delta|) of the three scorings must agree.
 
@@ -69,30 +70,45 @@ def measure(n: int, seq_len: int, reps: int, only: tuple[str, ...] = MEASURES) -
     out = {}
 
     def score():
-        out["s"] = score_heads(model, params, calib.tokens, calib.loss_mask, 2,
-                               attention_mask=calib.attention_mask, progress=False)
+        out["s"] = score_heads(
+            model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask, progress=False
+        )
 
     def gradient():
-        out["g"] = score_heads(model, params, calib.tokens, calib.loss_mask, 2, method="gradient",
-                               attention_mask=calib.attention_mask, progress=False)
+        out["g"] = score_heads(
+            model,
+            params,
+            calib.tokens,
+            calib.loss_mask,
+            2,
+            method="gradient",
+            attention_mask=calib.attention_mask,
+            progress=False,
+        )
 
     def ablate_mlp():
         from capjax.ablation import ablate, prepare_batch, single_spec
 
         batch = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask)
         out["a"] = ablate(model, params, batch, single_spec(model.config, "mlp"), kind="mean", metric="kl")
+
     fwd = jax.jit(model.apply)
 
     def forward():
         fwd({"params": params}, calib.tokens, attention_mask=calib.attention_mask).block_until_ready()
+
     prompts = [list(r[m > 0][:24]) for r, m in zip(calib.tokens[:4], calib.attention_mask[:4])]
 
     def gen():
         generate(model, params, prompts, 16, batch_size=4, eos_ids=[])
+
     fns = {"score_heads": score, "gradient": gradient, "ablate": ablate_mlp, "forward": forward, "generate": gen}
     times = {k: _best(fns[k], reps) for k in only}
-    sums = {"score_heads": ("s", lambda r: r.delta), "gradient": ("g", lambda r: r.delta),
-            "ablate": ("a", lambda r: r.delta())}
+    sums = {
+        "score_heads": ("s", lambda r: r.delta),
+        "gradient": ("g", lambda r: r.delta),
+        "ablate": ("a", lambda r: r.delta()),
+    }
     checksums = {k: float(np.abs(get(out[key])).sum()) for k, (key, get) in sums.items() if key in out}
     return {"capjax": capjax.__file__, "checksums": checksums, **times}
 
@@ -104,8 +120,8 @@ def measure_cost() -> dict:
     import numpy as np
 
     import capjax
-    from capjax.attribution import single_head_nll
     from capjax.ablation.batch import prepare_batch
+    from capjax.attribution import single_head_nll
     from capjax.evaluate.generate import decode_fn
     from capjax.model import Decoder, param_shapes
 
@@ -122,16 +138,18 @@ def measure_cost() -> dict:
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
     out = {"forward": cost(jax.jit(model.apply).lower({"params": params}, tokens, attention_mask=tokens))}
     run = decode_fn(config, "float32", 16, (), 0)
-    out["generate"] = cost(run.lower(params, jax.ShapeDtypeStruct((4, 32), jnp.int32),
-                                     jax.ShapeDtypeStruct((4, 32), jnp.int32)))
+    out["generate"] = cost(
+        run.lower(params, jax.ShapeDtypeStruct((4, 32), jnp.int32), jax.ShapeDtypeStruct((4, 32), jnp.int32))
+    )
     rng = np.random.default_rng(0)
     calib_tokens = rng.integers(0, config.vocab_size, (6, 128)).astype(np.int32)
     loss = np.zeros((6, 128), np.float32)
     loss[:, 96:] = 1
     batch = prepare_batch(model, calib_tokens, loss)
     L = config.num_layers
-    out["score"] = cost(single_head_nll.lower(model, params, batch.rows, batch.packed_ans, batch.num_examples, 0,
-                                              L, config.num_heads))
+    out["score"] = cost(
+        single_head_nll.lower(model, params, batch.rows, batch.packed_ans, batch.num_examples, 0, L, config.num_heads)
+    )
     from capjax.attribution import masked_nll
 
     masks = jax.ShapeDtypeStruct((8, L, config.num_heads), jnp.float32)
@@ -150,8 +168,19 @@ def _extract(rev: str, dest: Path) -> Path:
 
 def _run(tree: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--n", str(args.n),
-           "--seq-len", str(args.seq_len), "--reps", str(args.reps), "--only", ",".join(args.only)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--measure",
+        "--n",
+        str(args.n),
+        "--seq-len",
+        str(args.seq_len),
+        "--reps",
+        str(args.reps),
+        "--only",
+        ",".join(args.only),
+    ]
     res = subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"bench_refactor: the run with PYTHONPATH={tree} failed:\n{res.stderr[-3000:]}")
@@ -181,15 +210,22 @@ def side_by_side(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"baseline": _extract(args.baseline, Path(tmp)), "current": ROOT}
         runs: dict[str, list[dict]] = {"baseline": [], "current": []}
-        print(f"baseline {args.baseline} vs current tree {ROOT}; N={args.n} T={args.seq_len}, "
-              f"{args.rounds} rounds, load average at start {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"baseline {args.baseline} vs current tree {ROOT}; N={args.n} T={args.seq_len}, "
+            f"{args.rounds} rounds, load average at start {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         for r in range(args.rounds):
             order = ["baseline", "current"] if r % 2 == 0 else ["current", "baseline"]
             for name in order:
                 m = _run(trees[name], args)
                 runs[name].append(m)
-                print(f"round {r + 1} {name:8s} " + "  ".join(f"{k} {m[k]:7.3f} s" for k in args.only)
-                      + "".join(f"  checksum {k} {v:.6f}" for k, v in m["checksums"].items()), flush=True)
+                print(
+                    f"round {r + 1} {name:8s} "
+                    + "  ".join(f"{k} {m[k]:7.3f} s" for k in args.only)
+                    + "".join(f"  checksum {k} {v:.6f}" for k, v in m["checksums"].items()),
+                    flush=True,
+                )
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"{'':12s} {'baseline':>10s} {'current':>10s} {'baseline/current':>17s}")
     for k in args.only:

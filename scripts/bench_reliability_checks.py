@@ -26,7 +26,7 @@ from capjax.evaluate.generate import decode_fn
 from capjax.model import Decoder, init_cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unchecked_decode_fn(config, dtype_name: str, max_new_tokens: int, pad_id: int):
     """The decode loop as it was before the finite-logits flag (no EOS: every step runs)."""
     model = Decoder(config, dtype=jnp.dtype(dtype_name))
@@ -78,8 +78,13 @@ def main() -> None:
     placed = place_batch(params, tokens, mask)
     checked = decode_fn(c, "float32", a.new, (), 0)  # no EOS: both loops run every step
     plain = unchecked_decode_fn(c, "float32", a.new, 0)
-    rows = [("generate (decode loop)", best(lambda: checked(params, *placed)[0], a.repeats),
-             best(lambda: plain(params, *placed)[0], a.repeats))]
+    rows = [
+        (
+            "generate (decode loop)",
+            best(lambda: checked(params, *placed)[0], a.repeats),
+            best(lambda: plain(params, *placed)[0], a.repeats),
+        )
+    ]
 
     jitted = jax.jit(lambda p, t: model.apply({"params": p}, t))
     device_tokens = jnp.asarray(tokens)
@@ -97,8 +102,10 @@ def main() -> None:
     rows.append(("jitted forward", *timed_pair(lambda: jitted(params, device_tokens))))
     rows.append(("eager model.apply, numpy ids", *timed_pair(lambda: model.apply({"params": params}, tokens))))
     rows.append(("eager model.apply, device ids", *timed_pair(lambda: model.apply({"params": params}, device_tokens))))
-    print(f"SmolLM2-135M float32 on {jax.devices()[0].device_kind}: B={a.batch}, prompt {a.prompt}, "
-          f"{a.new} new tokens, best of {a.repeats}")
+    print(
+        f"SmolLM2-135M float32 on {jax.devices()[0].device_kind}: B={a.batch}, prompt {a.prompt}, "
+        f"{a.new} new tokens, best of {a.repeats}"
+    )
     print(f"{'path':32s} {'checked s':>10s} {'unchecked s':>12s} {'ratio':>7s}")
     for name, t_checked, t_plain in rows:
         print(f"{name:32s} {t_checked:10.4f} {t_plain:12.4f} {t_checked / t_plain:7.3f}")

@@ -54,8 +54,13 @@ def worker(framework: str, folder: str, reps: int, new_tokens: int) -> dict:
 
         def greedy():
             with torch.inference_mode():
-                out = model.generate(torch.as_tensor(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     do_sample=False, pad_token_id=0)
+                out = model.generate(
+                    torch.as_tensor(prompt),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             assert out.shape[1] == PROMPT + new_tokens
     else:
         import jax
@@ -87,8 +92,12 @@ def worker(framework: str, folder: str, reps: int, new_tokens: int) -> dict:
         s = time.perf_counter()
         greedy()
         rates.append(new_tokens / (time.perf_counter() - s))
-    return {"load_s": load_s, "forward_ms": 1000 * statistics.median(times), "greedy_tok_s": statistics.median(rates),
-            "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "load_s": load_s,
+        "forward_ms": 1000 * statistics.median(times),
+        "greedy_tok_s": statistics.median(rates),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def _peak_rss_mb() -> float:
@@ -101,10 +110,23 @@ def _peak_rss_mb() -> float:
 
 
 def _run_worker(framework: str, folder: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", framework, str(folder), "--reps", str(args.reps),
-           "--new-tokens", str(args.new_tokens)]
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), OMP_NUM_THREADS="1",
-               XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        framework,
+        str(folder),
+        "--reps",
+        str(args.reps),
+        "--new-tokens",
+        str(args.new_tokens),
+    ]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+        OMP_NUM_THREADS="1",
+        XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{framework} worker on {folder} failed:\n{proc.stderr[-3000:]}")
@@ -141,39 +163,53 @@ def main() -> None:
         folder = folders[name] = root / name.replace(" ", "_").replace("%", "")
         capjax.save_pretrained(m, p, folder, tokenizer)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        rows.append({"model": name, "shape": (m.config.num_layers, m.config.num_heads, m.config.num_kv_heads,
-                                              m.config.intermediate_size),
-                     "params": m.config.num_params(), "layer_params": layer_params(m.config),
-                     "file_mb": size / 2 ** 20, "rounds": {"torch": [], "capjax": []}})
+        rows.append(
+            {
+                "model": name,
+                "shape": (m.config.num_layers, m.config.num_heads, m.config.num_kv_heads, m.config.intermediate_size),
+                "params": m.config.num_params(),
+                "layer_params": layer_params(m.config),
+                "file_mb": size / 2**20,
+                "rounds": {"torch": [], "capjax": []},
+            }
+        )
     del variants, model, params
     # Rounds in alternating order (load on a shared machine drifts); each cell keeps its best round.
     cells = [(r, fw) for r in rows for fw in ("torch", "capjax")]
     for k in range(args.rounds):
-        for r, fw in (cells if k % 2 == 0 else cells[::-1]):
+        for r, fw in cells if k % 2 == 0 else cells[::-1]:
             print(f"round {k + 1}: measuring {r['model']} in {fw} ...", flush=True)
             r["rounds"][fw].append(_run_worker(fw, folders[r["model"]], args))
     for r in rows:
         for fw, runs in r["rounds"].items():
-            r[fw] = {"forward_ms": min(x["forward_ms"] for x in runs),
-                     "greedy_tok_s": max(x["greedy_tok_s"] for x in runs),
-                     "peak_rss_mb": max(x["peak_rss_mb"] for x in runs)}
+            r[fw] = {
+                "forward_ms": min(x["forward_ms"] for x in runs),
+                "greedy_tok_s": max(x["greedy_tok_s"] for x in runs),
+                "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
+            }
     dense = rows[0]
-    print(f"\nSmolLM2-135M-Instruct, float32, CPU, one thread per framework ({os.cpu_count()} cores shared), "
-          f"forward [{B}, {T}] (median of {args.reps}), greedy batch 1 ({args.new_tokens} new tokens), best of "
-          f"{args.rounds} rounds; x = speed-up over dense in the same framework, % = of dense\n")
-    head = ("| model | L, H, K, F | params (layers) | file MB | framework | forward ms | x | greedy tok/s | x | "
-            "peak RSS MB | x |")
+    print(
+        f"\nSmolLM2-135M-Instruct, float32, CPU, one thread per framework ({os.cpu_count()} cores shared), "
+        f"forward [{B}, {T}] (median of {args.reps}), greedy batch 1 ({args.new_tokens} new tokens), best of "
+        f"{args.rounds} rounds; x = speed-up over dense in the same framework, % = of dense\n"
+    )
+    head = (
+        "| model | L, H, K, F | params (layers) | file MB | framework | forward ms | x | greedy tok/s | x | "
+        "peak RSS MB | x |"
+    )
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for r in rows:
         for fw in ("torch", "capjax"):
             m, d = r[fw], dense[fw]
-            print(f"| {r['model']} | {', '.join(map(str, r['shape']))} | {r['params'] / 1e6:.1f}M "
-                  f"({r['layer_params'] / 1e6:.1f}M, {r['layer_params'] / dense['layer_params']:.0%}) | "
-                  f"{r['file_mb']:.0f} ({r['file_mb'] / dense['file_mb']:.0%}) | {fw} | {m['forward_ms']:.0f} | "
-                  f"{d['forward_ms'] / m['forward_ms']:.2f}x | {m['greedy_tok_s']:.1f} | "
-                  f"{m['greedy_tok_s'] / d['greedy_tok_s']:.2f}x | {m['peak_rss_mb']:.0f} | "
-                  f"{m['peak_rss_mb'] / d['peak_rss_mb']:.0%} |")
+            print(
+                f"| {r['model']} | {', '.join(map(str, r['shape']))} | {r['params'] / 1e6:.1f}M "
+                f"({r['layer_params'] / 1e6:.1f}M, {r['layer_params'] / dense['layer_params']:.0%}) | "
+                f"{r['file_mb']:.0f} ({r['file_mb'] / dense['file_mb']:.0%}) | {fw} | {m['forward_ms']:.0f} | "
+                f"{d['forward_ms'] / m['forward_ms']:.2f}x | {m['greedy_tok_s']:.1f} | "
+                f"{m['greedy_tok_s'] / d['greedy_tok_s']:.2f}x | {m['peak_rss_mb']:.0f} | "
+                f"{m['peak_rss_mb'] / d['peak_rss_mb']:.0%} |"
+            )
     (root / "bench_structured.json").write_text(json.dumps(rows, indent=2))
     print(f"\nraw numbers: {root / 'bench_structured.json'}")
 

@@ -25,8 +25,15 @@ import capjax
 def score(dtype: str, calib, subsets: int):
     model, params = capjax.load_pretrained("smollm2-135m-instruct", dtype=dtype)
     t = time.perf_counter()
-    s = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, subsets=subsets,
-                           attention_mask=calib.attention_mask, progress=False)
+    s = capjax.score_heads(
+        model,
+        params,
+        calib.tokens,
+        calib.loss_mask,
+        subsets=subsets,
+        attention_mask=calib.attention_mask,
+        progress=False,
+    )
     return s, time.perf_counter() - t
 
 
@@ -44,9 +51,11 @@ def main() -> None:
     a = p.parse_args()
     tok = capjax.load_tokenizer("smollm2-135m-instruct")
     calib = capjax.data.build_calibration("synthetic", tok, n=a.n, seq_len=a.seq_len, seed=0)
-    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {platform.processor() or platform.machine()}"
-          f"  jax {jax.__version__}  {jax.devices()[0].device_kind}  n={a.n} seq_len={a.seq_len} K={a.subsets}",
-          flush=True)
+    print(
+        f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {platform.processor() or platform.machine()}"
+        f"  jax {jax.__version__}  {jax.devices()[0].device_kind}  n={a.n} seq_len={a.seq_len} K={a.subsets}",
+        flush=True,
+    )
     f32, t32 = score("float32", calib, a.subsets)
     print(f"float32 scoring: {t32:.1f} s, baseline {np.round(f32.baseline, 4).tolist()}", flush=True)
     b16, t16 = score("bfloat16", calib, a.subsets)
@@ -57,8 +66,10 @@ def main() -> None:
     for k in range(a.subsets):
         rho = spearmanr(f32.masked[k].reshape(-1), b16.masked[k].reshape(-1)).statistic
         print(f"Spearman(masked loss, subset {k}): {rho:.4f}")
-    print(f"max |delta f32 - delta bf16|: {np.abs(d32 - d16).max():.4g} "
-          f"(delta f32 range {d32.min():.4g} .. {d32.max():.4g})")
+    print(
+        f"max |delta f32 - delta bf16|: {np.abs(d32 - d16).max():.4g} "
+        f"(delta f32 range {d32.min():.4g} .. {d32.max():.4g})"
+    )
     for frac in (0.2, 0.5):
         print(f"overlap of the lowest {int(frac * 100)}% heads: {lowest_overlap(d32, d16, frac):.3f}")
 

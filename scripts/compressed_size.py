@@ -26,8 +26,11 @@ def main(base: Path) -> None:
             c = capjax.save_pretrained(model, pruned, base / f"ct_{dtype}", sparsity_format="compressed-tensors")
             w = time.time() - t
             fmt = json.loads((c / "config.json").read_text())["quantization_config"]["sparsity_config"]["format"]
-            print(f"{dtype} {label}: dense {size(d) / 2**20:.1f} MiB, compressed ({fmt}) {size(c) / 2**20:.1f} MiB, "
-                  f"ratio {size(c) / size(d):.3f}, write {w:.1f} s", flush=True)
+            print(
+                f"{dtype} {label}: dense {size(d) / 2**20:.1f} MiB, compressed ({fmt}) {size(c) / 2**20:.1f} MiB, "
+                f"ratio {size(c) / size(d):.3f}, write {w:.1f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

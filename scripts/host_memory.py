@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from capjax import distributed  # noqa: E402
+from capjax import distributed
 
 MIB = 2**20
 
@@ -85,16 +85,27 @@ def main() -> None:
         return
     where = str(smollm2_gguf_path() if args.model == SMOLLM2 else args.model)
     kind = "gguf" if where.endswith(".gguf") else "safetensors"
-    size = os.path.getsize(where) if os.path.isfile(where) else sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(where) for f in fs if f.endswith(
-            (".safetensors", ".gguf")))
-    print(f"# {args.model} ({kind}, {size / MIB:.1f} MiB on disk), params {total / MIB:.1f} MiB in {args.dtype}; "
-          f"{jax.process_count()} process(es) x {jax.local_device_count()} device(s), mesh {dict(mesh.shape)}, "
-          f"{'streamed (load_pretrained(mesh=))' if args.streamed else 'load_pretrained, then shard_params'}")
+    size = (
+        os.path.getsize(where)
+        if os.path.isfile(where)
+        else sum(
+            os.path.getsize(os.path.join(d, f))
+            for d, _, fs in os.walk(where)
+            for f in fs
+            if f.endswith((".safetensors", ".gguf"))
+        )
+    )
+    print(
+        f"# {args.model} ({kind}, {size / MIB:.1f} MiB on disk), params {total / MIB:.1f} MiB in {args.dtype}; "
+        f"{jax.process_count()} process(es) x {jax.local_device_count()} device(s), mesh {dict(mesh.shape)}, "
+        f"{'streamed (load_pretrained(mesh=))' if args.streamed else 'load_pretrained, then shard_params'}"
+    )
     print("process  peak RSS before load  after load  after sharding  RSS at end  params on its devices (MiB)")
     for i, r in enumerate(rows):
-        print(f"{i:7d}  {r[0] / MIB:20.1f}  {r[1] / MIB:10.1f}  {r[2] / MIB:14.1f}  {r[3] / MIB:10.1f}  "
-              f"{r[4] / MIB:10.1f}")
+        print(
+            f"{i:7d}  {r[0] / MIB:20.1f}  {r[1] / MIB:10.1f}  {r[2] / MIB:14.1f}  {r[3] / MIB:10.1f}  "
+            f"{r[4] / MIB:10.1f}"
+        )
 
 
 if __name__ == "__main__":

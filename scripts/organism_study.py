@@ -55,8 +55,9 @@ def induction_part(out: Path, folder: Path, log) -> dict:
     calib = ind.repeat_batch(64, P, V, seed=3)
     scores = {
         "cap": capjax.score_heads(model, params, calib["tokens"], calib["loss_mask"], progress=False).delta,
-        "gradient": capjax.score_heads(model, params, calib["tokens"], calib["loss_mask"], method="gradient",
-                                       progress=False).delta,
+        "gradient": capjax.score_heads(
+            model, params, calib["tokens"], calib["loss_mask"], method="gradient", progress=False
+        ).delta,
     }
     patching = ind.patching_scores(model, params, calib, P, V)  # clean <s> A A vs corrupted <s> A' A
     scores["patching_noising"] = patching["noising"]
@@ -65,38 +66,64 @@ def induction_part(out: Path, folder: Path, log) -> dict:
     precision = {}
     for name, s in scores.items():
         s = np.asarray(s)
-        precision[name] = {f"circuit@{len(circ['all'])}": ind.precision_at_k(s, circ["all"]),
-                           f"induction@{len(circ['induction'])}": ind.precision_at_k(s, circ["induction"])}
-    chance = {f"circuit@{len(circ['all'])}": len(circ["all"]) / N,
-              f"induction@{len(circ['induction'])}": len(circ["induction"]) / N}
+        precision[name] = {
+            f"circuit@{len(circ['all'])}": ind.precision_at_k(s, circ["all"]),
+            f"induction@{len(circ['induction'])}": ind.precision_at_k(s, circ["induction"]),
+        }
+    chance = {
+        f"circuit@{len(circ['all'])}": len(circ["all"]) / N,
+        f"induction@{len(circ['induction'])}": len(circ["induction"]) / N,
+    }
     red = ind.redundancy(model, params, calib, circ["all"])
-    groups = ind.group_ablations(model, params, calib, {"induction heads": circ["induction"],
-                                                        "previous-token heads": circ["previous"],
-                                                        "circuit": circ["all"]})
+    groups = ind.group_ablations(
+        model,
+        params,
+        calib,
+        {"induction heads": circ["induction"], "previous-token heads": circ["previous"], "circuit": circ["all"]},
+    )
     acc = ind.repeat_accuracy(model, params, P, V)
-    res = {"prefix_matching": prefix.tolist(), "previous_token": previous.tolist(), "circuit": circ,
-           "scores": {k: np.asarray(v).tolist() for k, v in scores.items()}, "precision": precision,
-           "chance_precision": chance, "patching_losses": {k: patching[k] for k in ("clean_loss", "corrupted_loss")},
-           "redundancy": red, "groups": groups, "repeat_accuracy": acc}
+    res = {
+        "prefix_matching": prefix.tolist(),
+        "previous_token": previous.tolist(),
+        "circuit": circ,
+        "scores": {k: np.asarray(v).tolist() for k, v in scores.items()},
+        "precision": precision,
+        "chance_precision": chance,
+        "patching_losses": {k: patching[k] for k in ("clean_loss", "corrupted_loss")},
+        "redundancy": red,
+        "groups": groups,
+        "repeat_accuracy": acc,
+    }
     (out / f"{folder.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    rows = ["| head | prefix-matching | previous-token | role | CAP delta | gradient delta | patching (noising) | "
-            "patching (denoising) | single ablation |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| head | prefix-matching | previous-token | role | CAP delta | gradient delta | patching (noising) | "
+        "patching (denoising) | single ablation |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for layer, head in itertools.product(range(c.num_layers), range(c.num_heads)):
         h = (layer, head)
-        role = ("induction" if h in circ["induction"] else "previous-token" if h in circ["previous"] else "-")
+        role = "induction" if h in circ["induction"] else "previous-token" if h in circ["previous"] else "-"
         single = red["single"].get(str(h))
-        rows.append(f"| {layer}.{head} | {prefix[h]:.3f} | {previous[h]:.3f} | {role} | {scores['cap'][h]:.4f} | "
-                    f"{scores['gradient'][h]:.4f} | {scores['patching_noising'][h]:.4f} | "
-                    f"{scores['patching_denoising'][h]:.4f} | {_f(single, 4)} |")
+        rows.append(
+            f"| {layer}.{head} | {prefix[h]:.3f} | {previous[h]:.3f} | {role} | {scores['cap'][h]:.4f} | "
+            f"{scores['gradient'][h]:.4f} | {scores['patching_noising'][h]:.4f} | "
+            f"{scores['patching_denoising'][h]:.4f} | {_f(single, 4)} |"
+        )
     rows += ["", "| ablated together | loss increase | sum of their single-head increases |", "|---|---|---|"]
     for a, b in itertools.combinations(circ["all"], 2):
-        rows.append(f"| {a[0]}.{a[1]} + {b[0]}.{b[1]} | {red['pairs'][f'{a}+{b}']:.4f} | "
-                    f"{red['single'][str(a)] + red['single'][str(b)]:.4f} |")
+        rows.append(
+            f"| {a[0]}.{a[1]} + {b[0]}.{b[1]} | {red['pairs'][f'{a}+{b}']:.4f} | "
+            f"{red['single'][str(a)] + red['single'][str(b)]:.4f} |"
+        )
     for name in ("induction heads", "previous-token heads", "circuit"):
-        members = {"induction heads": circ["induction"], "previous-token heads": circ["previous"],
-                   "circuit": circ["all"]}[name]
-        rows.append(f"| {name} ({len(members)}) | {groups[name]:.4f} | "
-                    f"{sum(red['single'][str(h)] for h in members):.4f} |")
+        members = {
+            "induction heads": circ["induction"],
+            "previous-token heads": circ["previous"],
+            "circuit": circ["all"],
+        }[name]
+        rows.append(
+            f"| {name} ({len(members)}) | {groups[name]:.4f} | {sum(red['single'][str(h)] for h in members):.4f} |"
+        )
     rows += ["", "| scores | " + " | ".join(chance) + " |", "|---|" + "---|" * len(chance)]
     for name in precision:
         rows.append(f"| {name} | " + " | ".join(f"{precision[name][k]:.3f}" for k in chance) + " |")
@@ -136,8 +163,11 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         calib["text"] = _text_calibration(tok, train_text, CALIB_N, CALIB_SEQ, seed=1)
 
     def arrays(c):
-        return (c["tokens"], c["loss_mask"], c["attention_mask"]) if isinstance(c, dict) else (
-            c.tokens, c.loss_mask, c.attention_mask)
+        return (
+            (c["tokens"], c["loss_mask"], c["attention_mask"])
+            if isinstance(c, dict)
+            else (c.tokens, c.loss_mask, c.attention_mask)
+        )
 
     def heads(c, **kw):
         t, lm, am = arrays(c)
@@ -146,17 +176,27 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
     reason_calib = {"tokens": calib["reasoning"].tokens, "attention_mask": calib["reasoning"].attention_mask}
     # label -> (registered method, the head scores it ranks by, calibration); structured: CAP's head
     # scores choose heads, Minitron activations MLP channels (cap_structured's defaults)
-    specs = {"cap": ("cap", "cap", None), "cap_paired": ("cap", "cap_paired", None),
-             "gradient": ("cap", "gradient", None), "cap_wanda": ("cap_wanda", "cap", reason_calib),
-             "wanda": ("wanda", None, reason_calib), "sparsegpt": ("sparsegpt", None, reason_calib),
-             "magnitude": ("magnitude", None, None), "random": ("random", None, None),
-             "cap_text": ("cap", "cap_text", None),
-             "cap_structured": ("cap_structured", "cap", {**reason_calib, "loss_mask": calib["reasoning"].loss_mask})}
+    specs = {
+        "cap": ("cap", "cap", None),
+        "cap_paired": ("cap", "cap_paired", None),
+        "gradient": ("cap", "gradient", None),
+        "cap_wanda": ("cap_wanda", "cap", reason_calib),
+        "wanda": ("wanda", None, reason_calib),
+        "sparsegpt": ("sparsegpt", None, reason_calib),
+        "magnitude": ("magnitude", None, None),
+        "random": ("random", None, None),
+        "cap_text": ("cap", "cap_text", None),
+        "cap_structured": ("cap_structured", "cap", {**reason_calib, "loss_mask": calib["reasoning"].loss_mask}),
+    }
     if "text" not in calib:
         del specs["cap_text"]
     specs = {k: v for k, v in specs.items() if v[0] in registry.names() and (not methods_wanted or k in methods_wanted)}
-    score_fns = {"cap": lambda: heads(calib["reasoning"]), "cap_paired": lambda: heads(calib["reasoning"], aggregate="paired"),
-                 "gradient": lambda: heads(calib["reasoning"], method="gradient"), "cap_text": lambda: heads(calib["text"])}
+    score_fns = {
+        "cap": lambda: heads(calib["reasoning"]),
+        "cap_paired": lambda: heads(calib["reasoning"], aggregate="paired"),
+        "gradient": lambda: heads(calib["reasoning"], method="gradient"),
+        "cap_text": lambda: heads(calib["text"]),
+    }
     scores = {k: score_fns[k]() for k in score_fns if any(v[1] == k for v in specs.values())}  # only those needed
     plan = {k: (m, None if hs is None else scores[hs], cal) for k, (m, hs, cal) in specs.items()}
 
@@ -165,13 +205,26 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         acc = reasoning_accuracy(model, p, tok, n=n)
         ppl = heldout_perplexity(model, p, tok, heldout)
         iv = stats.binomial_interval(sum(acc["correct"]), acc["n"])
-        return {"accuracy": acc["accuracy"], "low": iv.low, "high": iv.high, "n": acc["n"],
-                "by_steps": acc["by_steps"], "answer_loss": acc["answer_loss"], "correct": acc["correct"],
-                "ppl": None if ppl is None else ppl["ppl"], "seconds": time.perf_counter() - t0}
+        return {
+            "accuracy": acc["accuracy"],
+            "low": iv.low,
+            "high": iv.high,
+            "n": acc["n"],
+            "by_steps": acc["by_steps"],
+            "answer_loss": acc["answer_loss"],
+            "correct": acc["correct"],
+            "ppl": None if ppl is None else ppl["ppl"],
+            "seconds": time.perf_counter() - t0,
+        }
 
     def save():
-        res = {"sparsities": list(sparsities), "n": n, "calibration": {"n": CALIB_N, "seq_len": CALIB_SEQ},
-               "head_scores": {k: np.asarray(v.delta).tolist() for k, v in scores.items()}, "results": results}
+        res = {
+            "sparsities": list(sparsities),
+            "n": n,
+            "calibration": {"n": CALIB_N, "seq_len": CALIB_SEQ},
+            "head_scores": {k: np.asarray(v.delta).tolist() for k, v in scores.items()},
+            "results": results,
+        }
         (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
         return res
 
@@ -196,8 +249,10 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
                 r["options"] = options
             results[label][str(s)] = r
             save()  # partial results survive an interrupted run
-            log(f"{label} {s:.0%}: accuracy {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
-                f"ppl {_f(r['ppl'], 1)} ({r['seconds']:.0f} s)")
+            log(
+                f"{label} {s:.0%}: accuracy {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
+                f"ppl {_f(r['ppl'], 1)} ({r['seconds']:.0f} s)"
+            )
     _paired_with_wanda(results, sparsities)
     res = save()
     if dense:
@@ -222,8 +277,18 @@ def _paired_with_wanda(results: dict, sparsities) -> None:
             cells[str(s)]["vs_wanda"] = {"diff": d.diff, "low": d.low, "high": d.high, "significant": d.significant}
 
 
-LABELS = ("cap", "cap_paired", "gradient", "cap_wanda", "wanda", "sparsegpt", "magnitude", "random", "cap_text",
-          "cap_structured")
+LABELS = (
+    "cap",
+    "cap_paired",
+    "gradient",
+    "cap_wanda",
+    "wanda",
+    "sparsegpt",
+    "magnitude",
+    "random",
+    "cap_text",
+    "cap_structured",
+)
 
 
 def merge(out: Path, parts: list[Path]) -> dict:
@@ -249,7 +314,7 @@ def merge(out: Path, parts: list[Path]) -> dict:
                 raise SystemExit(f"{p}/reasoning.json: {label} was measured by {complete[label][0]} too")
             complete[label] = (p, cells)
     for p, r in zip(parts, runs):
-        for label, cells in r["results"].items():
+        for label in r["results"]:
             if label != "dense" and label not in complete:
                 raise SystemExit(f"{p}/reasoning.json: {label} lacks sparsities and no other part measured it all")
     results = {"dense": first["results"]["dense"], **{k: v[1] for k, v in complete.items()}}
@@ -295,8 +360,9 @@ def structured_options(config, sparsity: float) -> tuple[dict | None, str]:
         removed = 1.0 - layer_params(shape.config(config)) / total
         if removed - sparsity <= STRUCTURED_TOLERANCE:
             return {"layers": layers}, shape.describe(config)
-        nearest.append(f"layers={layers}: the largest shape within the budget removes {removed:.1%} "
-                       f"({shape.describe(config)})")
+        nearest.append(
+            f"layers={layers}: the largest shape within the budget removes {removed:.1%} ({shape.describe(config)})"
+        )
     return None, "; ".join(nearest)
 
 
@@ -317,20 +383,28 @@ def _table(out: Path, res: dict, labels) -> None:
                 shapes.append(f"- {label} at {s:.0%}: not run: {r['note']}")
                 continue
             vw = r.get("vs_wanda")
-            mark = "" if vw is None or label == "wanda" else (
-                f" ({vw['diff']:+.3f}{'*' if vw['significant'] else ''})")
+            mark = "" if vw is None or label == "wanda" else (f" ({vw['diff']:+.3f}{'*' if vw['significant'] else ''})")
             a_cells.append(f"{r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}]{mark}")
             p_cells.append(_f(r["ppl"], 1))
             if "options" in r:
-                shapes.append(f"- {label} at {s:.0%}: options {r['options']}, removes {r['removed']:.1%} of the "
-                              "prunable weights")
+                shapes.append(
+                    f"- {label} at {s:.0%}: options {r['options']}, removes {r['removed']:.1%} of the prunable weights"
+                )
         acc.append(f"| {label} | " + " | ".join(a_cells) + " |")
         ppl.append(f"| {label} | " + " | ".join(p_cells) + " |")
-    lines = [f"Dense: accuracy {d['accuracy']:.3f} [{d['low']:.3f}, {d['high']:.3f}] (n = {d['n']}), "
-             f"held-out perplexity {_f(d['ppl'], 1)}.", "",
-             f"Greedy exact match on {res['n']} held-out problems [Wilson 95%] (accuracy minus Wanda's on the same "
-             "problems; * = the paired bootstrap 95% interval excludes 0):", "", *acc, "",
-             "Held-out WikiText-2 perplexity:", "", *ppl]
+    lines = [
+        f"Dense: accuracy {d['accuracy']:.3f} [{d['low']:.3f}, {d['high']:.3f}] (n = {d['n']}), "
+        f"held-out perplexity {_f(d['ppl'], 1)}.",
+        "",
+        f"Greedy exact match on {res['n']} held-out problems [Wilson 95%] (accuracy minus Wanda's on the same "
+        "problems; * = the paired bootstrap 95% interval excludes 0):",
+        "",
+        *acc,
+        "",
+        "Held-out WikiText-2 perplexity:",
+        "",
+        *ppl,
+    ]
     if shapes:
         lines += ["", "Structured shapes:", "", *shapes]
     if "cap" in labels and "cap_text" in labels:
@@ -343,14 +417,21 @@ def _two_by_two(res: dict) -> list[str]:
     the paired difference on the same problems, and perplexity."""
     from capjax import stats
 
-    lines = ["The 2 x 2 (CAP calibrated on word problems vs on text, same budget):", "",
-             "| sparsity | accuracy: problems | accuracy: text | difference [paired 95%] | ppl: problems | ppl: text |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "The 2 x 2 (CAP calibrated on word problems vs on text, same budget):",
+        "",
+        "| sparsity | accuracy: problems | accuracy: text | difference [paired 95%] | ppl: problems | ppl: text |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in res["sparsities"]:
         a, b = res["results"]["cap"][str(s)], res["results"]["cap_text"][str(s)]
-        d = stats.paired_difference({"num": b["correct"], "den": [1] * b["n"]}, {"num": a["correct"], "den": [1] * a["n"]})
-        lines.append(f"| {s:.0%} | {a['accuracy']:.3f} | {b['accuracy']:.3f} | {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
-                     f"{' *' if d.significant else ''} | {_f(a['ppl'], 2)} | {_f(b['ppl'], 2)} |")
+        d = stats.paired_difference(
+            {"num": b["correct"], "den": [1] * b["n"]}, {"num": a["correct"], "den": [1] * a["n"]}
+        )
+        lines.append(
+            f"| {s:.0%} | {a['accuracy']:.3f} | {b['accuracy']:.3f} | {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+            f"{' *' if d.significant else ''} | {_f(a['ppl'], 2)} | {_f(b['ppl'], 2)} |"
+        )
     return lines
 
 
@@ -374,8 +455,9 @@ def _figures(out: Path, res: dict, labels) -> None:
             axes[1].plot(xs, [r["ppl"] for r in rs], marker="o", label=label, **style)
     d = res["results"]["dense"]
     axes[0].axhline(d["accuracy"], color="k", ls=":", label="dense")
-    axes[0].set(xlabel="sparsity (%)", ylabel=f"exact match (n = {res['n']}, Wilson 95%)",
-                title="reasoning organism: accuracy")
+    axes[0].set(
+        xlabel="sparsity (%)", ylabel=f"exact match (n = {res['n']}, Wilson 95%)", title="reasoning organism: accuracy"
+    )
     if d["ppl"] is not None:
         axes[1].axhline(d["ppl"], color="k", ls=":", label="dense")
         axes[1].set_yscale("log")
@@ -405,17 +487,30 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=("induction", "reasoning", "both"), default="both")
     ap.add_argument("--out", default=str(ROOT / "docs" / "organism"))
     ap.add_argument("--reasoning", default=str(WEIGHTS / "reasoning"), help="the reasoning organism's folder")
-    ap.add_argument("--induction", nargs="+", default=[str(WEIGHTS / "induction"), str(WEIGHTS / "induction_h8")],
-                    help="induction organisms' folders (results: <out>/<folder name>.json / .md)")
+    ap.add_argument(
+        "--induction",
+        nargs="+",
+        default=[str(WEIGHTS / "induction"), str(WEIGHTS / "induction_h8")],
+        help="induction organisms' folders (results: <out>/<folder name>.json / .md)",
+    )
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     ap.add_argument("--n", type=int, default=500, help="held-out problems per evaluation")
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the method labels (default: all)")
-    ap.add_argument("--redraw", action="store_true",
-                    help="only redraw the reasoning table and figures from <out>/reasoning.json")
-    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                    help="only merge the reasoning.json of these --out folders (runs of disjoint --methods) into --out")
-    ap.add_argument("--no-dense", action="store_true",
-                    help="skip the dense evaluation (a part of a split run; merge it after a part that has it)")
+    ap.add_argument(
+        "--redraw", action="store_true", help="only redraw the reasoning table and figures from <out>/reasoning.json"
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="only merge the reasoning.json of these --out folders (runs of disjoint --methods) into --out",
+    )
+    ap.add_argument(
+        "--no-dense",
+        action="store_true",
+        help="skip the dense evaluation (a part of a split run; merge it after a part that has it)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

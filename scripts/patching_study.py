@@ -19,8 +19,16 @@ import numpy as np
 import capjax
 from capjax.patching import attribution_patch, logit_diff, patch
 
-EXAMPLES = [(2, 3, 3, 4, 1), (1, 5, 2, 6, 0), (4, 1, 3, 3, 2), (2, 2, 1, 7, 1),
-            (3, 1, 4, 4, 1), (1, 1, 5, 2, 3), (2, 4, 6, 1, 2), (3, 3, 2, 5, 1)]  # a, b, c, d, corrupted d
+EXAMPLES = [
+    (2, 3, 3, 4, 1),
+    (1, 5, 2, 6, 0),
+    (4, 1, 3, 3, 2),
+    (2, 2, 1, 7, 1),
+    (3, 1, 4, 4, 1),
+    (1, 1, 5, 2, 3),
+    (2, 4, 6, 1, 2),
+    (3, 3, 2, 5, 1),
+]  # a, b, c, d, corrupted d
 
 
 def prompts(tok):
@@ -45,16 +53,23 @@ def main() -> None:
     t_heads = time.perf_counter() - t
     resid = patch(model, params, clean, corrupted, "resid.pre", metric, positions=True, read_at=[-1] * len(clean))
     mlp = patch(model, params, clean, corrupted, "mlp.out", metric, read_at=[-1] * len(clean))
-    approx = attribution_patch(model, params, clean, corrupted, "attn.z", metric, read_at=[-1] * len(clean),
-                               exact=heads)
-    print(f"logit diff clean {heads.clean:.3f}, corrupted {heads.corrupted:.3f}; "
-          f"{heads.values.size} heads patched in {t_heads:.1f} s (compile included)")
+    approx = attribution_patch(
+        model, params, clean, corrupted, "attn.z", metric, read_at=[-1] * len(clean), exact=heads
+    )
+    print(
+        f"logit diff clean {heads.clean:.3f}, corrupted {heads.corrupted:.3f}; "
+        f"{heads.values.size} heads patched in {t_heads:.1f} s (compile included)"
+    )
     drop = 1 - heads.normalized()  # how much of the clean behaviour each head's corrupted output removes
     order = np.argsort(drop.ravel())[::-1][:5]
-    print("heads whose corrupted output removes most of the answer (layer, head, share):",
-          [(int(i // drop.shape[1]), int(i % drop.shape[1]), round(float(drop.ravel()[i]), 3)) for i in order])
-    print("MLP blocks (layer, share):", [(int(l), round(float(v), 3))
-                                         for l, v in sorted(enumerate(1 - mlp.normalized()), key=lambda x: -x[1])[:3]])
+    print(
+        "heads whose corrupted output removes most of the answer (layer, head, share):",
+        [(int(i // drop.shape[1]), int(i % drop.shape[1]), round(float(drop.ravel()[i]), 3)) for i in order],
+    )
+    print(
+        "MLP blocks (layer, share):",
+        [(int(l), round(float(v), 3)) for l, v in sorted(enumerate(1 - mlp.normalized()), key=lambda x: -x[1])[:3]],
+    )
     print(f"attribution patching vs exact over the {heads.values.size} heads: correlation {approx['correlation']:.3f}")
     tokens = [tok.decode([int(i)]) for i in clean[0]]
     import matplotlib

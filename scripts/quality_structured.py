@@ -52,30 +52,34 @@ def evaluate(model, params, tok, args, recs) -> dict:
     from capjax.evaluate.tasks import answer_loss, arc_loglikelihood
     from capjax.stats import binomial_interval, bootstrap_ratio
 
-    w = wikitext2_perplexity(model, params, tok, data_dir=args.data_dir, seq_len=args.wiki_seq,
-                             limit_windows=args.wiki_windows, batch_size=4)
+    w = wikitext2_perplexity(
+        model, params, tok, data_dir=args.data_dir, seq_len=args.wiki_seq, limit_windows=args.wiki_windows, batch_size=4
+    )
     ppl = bootstrap_ratio(w["window_nll"], [w["seq_len"] - 1.0] * w["n_windows"], transform="exp")
     _, pairs = answer_loss(model, params, tok, recs["gsm8k"], task="gsm8k", batch_size=8, per_example=True)
     al = bootstrap_ratio([a for a, _ in pairs], [float(b) for _, b in pairs])
     arc, samples = arc_loglikelihood(model, params, tok, recs["arc"], batch_size=16)
     acc = binomial_interval(sum(s["pred"] == s["target"] for s in samples), len(samples))
-    return {k: {"value": e.value, "low": e.low, "high": e.high, "n": e.n}
-            for k, e in (("ppl", ppl), ("answer_loss", al), ("arc", acc))}
+    return {
+        k: {"value": e.value, "low": e.low, "high": e.high, "n": e.n}
+        for k, e in (("ppl", ppl), ("answer_loss", al), ("arc", acc))
+    }
 
 
 def torch_pruning_row(heads: int, mlp: int, timeout: float) -> tuple[str | None, str]:
     """(folder of the pruned model or None, what happened in one line)."""
     out = tempfile.mkdtemp(prefix="tp_peer_")
-    cmd = [sys.executable, str(HERE / "torch_pruning_peer.py"), "--heads", str(heads), "--mlp", str(mlp),
-           "--out", out]
+    cmd = [sys.executable, str(HERE / "torch_pruning_peer.py"), "--heads", str(heads), "--mlp", str(mlp), "--out", out]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
-        return None, (f"did not finish in {timeout:.0f} s: BasePruner construction (dependency-graph walk) "
-                      f"never ended; last output: {last[0]}")
+        return None, (
+            f"did not finish in {timeout:.0f} s: BasePruner construction (dependency-graph walk) "
+            f"never ended; last output: {last[0]}"
+        )
     if p.returncode != 0:
         return None, f"failed (exit {p.returncode}): {(p.stderr.strip().splitlines() or ['?'])[-1]}"
     shapes = json.loads(p.stdout.strip().splitlines()[-1])
@@ -84,11 +88,13 @@ def torch_pruning_row(heads: int, mlp: int, timeout: float) -> tuple[str | None,
 
 def print_table(rows: list[dict], args) -> None:
     """The markdown table of the rows (also from a saved --out JSON: --table FILE)."""
-    print(f"\nSmolLM2-135M-Instruct; scores from {args.n_calib} GSM8K train examples; WikiText-2 perplexity on "
-          f"{args.wiki_windows} windows of {args.wiki_seq} tokens; GSM8K answer loss on {args.n_eval} test examples; "
-          f"ARC-Challenge accuracy (log-likelihood) on {args.n_arc} test questions; 95% intervals (bootstrap / "
-          f"Wilson); recovery {args.steps} steps x {args.recover_batch} rows x {args.recover_seq} tokens of GSM8K "
-          f"train, lr {args.lr:g}\n")
+    print(
+        f"\nSmolLM2-135M-Instruct; scores from {args.n_calib} GSM8K train examples; WikiText-2 perplexity on "
+        f"{args.wiki_windows} windows of {args.wiki_seq} tokens; GSM8K answer loss on {args.n_eval} test examples; "
+        f"ARC-Challenge accuracy (log-likelihood) on {args.n_arc} test questions; 95% intervals (bootstrap / "
+        f"Wilson); recovery {args.steps} steps x {args.recover_batch} rows x {args.recover_seq} tokens of GSM8K "
+        f"train, lr {args.lr:g}\n"
+    )
     print("| removed | model | stage | params | WikiText-2 ppl | GSM8K answer loss | ARC-Challenge acc | note |")
     print("|---|---|---|---|---|---|---|---|")
 
@@ -101,8 +107,10 @@ def print_table(rows: list[dict], args) -> None:
         if "ppl" not in r:
             print(f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | - | - | - | {r['note']} |")
             continue
-        print(f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | {cell(r['ppl'], '.1f')} | "
-              f"{cell(r['answer_loss'], '.3f')} | {cell(r['arc'], '.3f')} | {r['note']} |")
+        print(
+            f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | {cell(r['ppl'], '.1f')} | "
+            f"{cell(r['answer_loss'], '.3f')} | {cell(r['arc'], '.3f')} | {r['note']} |"
+        )
 
 
 def main() -> None:
@@ -142,57 +150,92 @@ def main() -> None:
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     tok = capjax.load_tokenizer("smollm2-135m-instruct")
     c = model.config
-    cal = capjax.build_calibration("gsm8k", tok, n=args.n_calib, seq_len=args.seq_len, seed=0,
-                                   data_dir=args.data_dir)
-    recs = {"gsm8k": eval_records("gsm8k", n=args.n_eval, seed=1, data_dir=args.data_dir),
-            "arc": eval_records("arc_challenge", n=args.n_arc, seed=1, data_dir=args.data_dir)}
-    delta = capjax.score_heads(model, params, cal.tokens, cal.loss_mask, attention_mask=cal.attention_mask,
-                               method="gradient", subsets=1, progress=False).delta
-    grad = S.channel_gradient_scores(model, params, cal.tokens, cal.loss_mask, cal.attention_mask,
-                                     batch_size=4) if args.taylor else None
+    cal = capjax.build_calibration("gsm8k", tok, n=args.n_calib, seq_len=args.seq_len, seed=0, data_dir=args.data_dir)
+    recs = {
+        "gsm8k": eval_records("gsm8k", n=args.n_eval, seed=1, data_dir=args.data_dir),
+        "arc": eval_records("arc_challenge", n=args.n_arc, seed=1, data_dir=args.data_dir),
+    }
+    delta = capjax.score_heads(
+        model,
+        params,
+        cal.tokens,
+        cal.loss_mask,
+        attention_mask=cal.attention_mask,
+        method="gradient",
+        subsets=1,
+        progress=False,
+    ).delta
+    grad = (
+        S.channel_gradient_scores(model, params, cal.tokens, cal.loss_mask, cal.attention_mask, batch_size=4)
+        if args.taylor
+        else None
+    )
     act = S.channel_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4)
     head_act = S.head_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4)
     log(t0, "scores done")
     rng = np.random.default_rng(0)
-    rand_h, rand_c = rng.normal(size=(c.num_layers, c.num_heads)), rng.normal(size=(c.num_layers,
-                                                                                    c.intermediate_size))
-    kernels = sum(int(np.prod(v["kernel"].shape)) for block in ("self_attn", "mlp")
-                  for v in params["layers"][block].values() if isinstance(v, dict) and "kernel" in v)  # 7 projections
+    rand_h, rand_c = rng.normal(size=(c.num_layers, c.num_heads)), rng.normal(size=(c.num_layers, c.intermediate_size))
+    kernels = sum(
+        int(np.prod(v["kernel"].shape))
+        for block in ("self_attn", "mlp")
+        for v in params["layers"][block].values()
+        if isinstance(v, dict) and "kernel" in v
+    )  # 7 projections
     rows: list[dict] = []
 
     def add(name, frac, size, m, p, stage="pruned", note=""):
         q = evaluate(m, p, tok, args, recs)
         rows.append({"model": name, "fraction": frac, "params": size, "stage": stage, "note": note, **q})
-        log(t0, f"{name} ({stage}): ppl {q['ppl']['value']:.2f}, answer loss {q['answer_loss']['value']:.3f}, "
-                f"ARC {q['arc']['value']:.3f}")
+        log(
+            t0,
+            f"{name} ({stage}): ppl {q['ppl']['value']:.2f}, answer loss {q['answer_loss']['value']:.3f}, "
+            f"ARC {q['arc']['value']:.3f}",
+        )
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
     add("dense", 0.0, c.num_params(), model, params)
     recover_fracs = {float(f) for f in args.recover.split(",") if f}
-    train = capjax.build_calibration("gsm8k", tok, n=args.recover_batch * args.steps, seq_len=args.recover_seq,
-                                     seed=2, data_dir=args.data_dir)
+    train = capjax.build_calibration(
+        "gsm8k", tok, n=args.recover_batch * args.steps, seq_len=args.recover_seq, seed=2, data_dir=args.data_dir
+    )
     tp_failed = None
     for frac in (float(f) for f in args.fractions.split(",")):
         shape = budget_shape(c, 1.0 - frac)
         small_cfg = shape.config(c)
         size = small_cfg.num_params()
         log(t0, f"{frac:.0%}: {shape.describe(c)}")
-        plans = {"CAP heads + Minitron channels": choose(c, shape, delta, act),
-                 **({"CAP heads + Taylor channels": choose(c, shape, delta, np.abs(grad))} if args.taylor else {}),
-                 "Minitron (activation heads + channels)": choose(c, shape, head_act, act),
-                 "random": choose(c, shape, rand_h, rand_c)}
+        plans = {
+            "CAP heads + Minitron channels": choose(c, shape, delta, act),
+            **({"CAP heads + Taylor channels": choose(c, shape, delta, np.abs(grad))} if args.taylor else {}),
+            "Minitron (activation heads + channels)": choose(c, shape, head_act, act),
+            "random": choose(c, shape, rand_h, rand_c),
+        }
         for name, plan in plans.items():
             m, p = shrink(model, params, plan)
             add(name, frac, size, m, p)
             if name == "CAP heads + Minitron channels" and frac in recover_fracs:
                 for how, teacher in (("+ CE", None), ("+ distil", (model, params))):
                     t1 = time.perf_counter()
-                    rp, hist = capjax.recover(m, p, None, train, steps=args.steps, teacher=teacher,
-                                              temperature=1.0, ce_weight=0.0, progress=False, mode="full",
-                                              lr=args.lr, batch_size=args.recover_batch, remat=False)
-                    note = (f"{args.steps} steps in {time.perf_counter() - t1:.0f} s, train loss "
-                            f"{hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}")
+                    rp, hist = capjax.recover(
+                        m,
+                        p,
+                        None,
+                        train,
+                        steps=args.steps,
+                        teacher=teacher,
+                        temperature=1.0,
+                        ce_weight=0.0,
+                        progress=False,
+                        mode="full",
+                        lr=args.lr,
+                        batch_size=args.recover_batch,
+                        remat=False,
+                    )
+                    note = (
+                        f"{args.steps} steps in {time.perf_counter() - t1:.0f} s, train loss "
+                        f"{hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}"
+                    )
                     add(name, frac, size, m, rp, stage=how, note=note)
         if tp_failed is None:
             folder, what = torch_pruning_row(shape.num_heads, shape.intermediate_size, args.tp_timeout)
@@ -201,8 +244,15 @@ def main() -> None:
             folder, what = None, f"not run again (at the first fraction it {tp_failed[:40]}...)"
         log(t0, f"torch-pruning {frac:.0%}: {what}")
         if folder is None:
-            rows.append({"model": "torch-pruning (magnitude)", "fraction": frac, "params": None, "stage": "pruned",
-                         "note": what})
+            rows.append(
+                {
+                    "model": "torch-pruning (magnitude)",
+                    "fraction": frac,
+                    "params": None,
+                    "stage": "pruned",
+                    "note": what,
+                }
+            )
         else:
             m, p = capjax.load_pretrained(folder)
             add("torch-pruning (magnitude)", frac, m.config.num_params(), m, p, note=what)
@@ -211,8 +261,14 @@ def main() -> None:
         calib = {"tokens": cal.tokens, "attention_mask": cal.attention_mask}
         for method in ("cap", "wanda"):
             p, _ = capjax.prune(model, params, method, sparsity, head_scores=delta, calib=calib)
-            add(f"unstructured {method.upper() if method == 'cap' else 'Wanda'}", frac, size, model, p,
-                note=f"sparsity {sparsity:.4f} of the kernels (zeros, dense shapes)")
+            add(
+                f"unstructured {method.upper() if method == 'cap' else 'Wanda'}",
+                frac,
+                size,
+                model,
+                p,
+                note=f"sparsity {sparsity:.4f} of the kernels (zeros, dense shapes)",
+            )
 
     print_table(rows, args)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s (wall)")

@@ -40,8 +40,9 @@ def wikitext_windows(tokenizer, n_windows: int, T: int) -> np.ndarray:
 
 
 def ppl_with_error(model, params, windows) -> tuple[float, float]:
-    nll = np.array([-float(token_logprobs(model, params, w[None])[0][0, 1:].astype(np.float64).mean())
-                    for w in windows])
+    nll = np.array(
+        [-float(token_logprobs(model, params, w[None])[0][0, 1:].astype(np.float64).mean()) for w in windows]
+    )
     ppl = float(np.exp(nll.mean()))
     return ppl, ppl * float(nll.std(ddof=1) / np.sqrt(len(nll)))
 
@@ -63,11 +64,13 @@ def exact_cap_scores(model, params, calib, n: int, cache_dir: Path = Path("runs"
         h.update(np.ascontiguousarray(a).tobytes())
     path = cache_dir / f"cap_scores_{h.hexdigest()[:16]}.npz"
     if path.exists():
-        return capjax.HeadScores.load(path).delta, (f"exact ablation head scores, {n} calibration problems "
-                                                    f"(cached {path})")
+        return capjax.HeadScores.load(path).delta, (
+            f"exact ablation head scores, {n} calibration problems (cached {path})"
+        )
     t = time.perf_counter()
-    scores = capjax.score_heads(model, params, tokens, loss_mask, attention_mask=attn, method="ablation",
-                                aggregate="median", progress=False)
+    scores = capjax.score_heads(
+        model, params, tokens, loss_mask, attention_mask=attn, method="ablation", aggregate="median", progress=False
+    )
     secs = time.perf_counter() - t
     cache_dir.mkdir(parents=True, exist_ok=True)
     scores.save(path, n=n, seconds=secs)
@@ -99,12 +102,22 @@ def main() -> None:
     heldout = build_calibration("gsm8k", tokenizer, n=args.eval_n, seq_len=256, seed=0, split="test")
     windows = wikitext_windows(tokenizer, args.windows, 512)
     train = build_recovery_data("gsm8k", tokenizer, n=64, seq_len=args.seq_len, seed=1)
-    settings = RecoverySettings(steps=args.steps, lr=args.lr, warmup_steps=min(2, args.steps - 1),
-                                mode=args.mode, batch_size=args.batch, seq_len=args.seq_len, n=64, seed=1)
+    settings = RecoverySettings(
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=min(2, args.steps - 1),
+        mode=args.mode,
+        batch_size=args.batch,
+        seq_len=args.seq_len,
+        n=64,
+        seed=1,
+    )
 
     def evaluate(p):
-        return {"wikitext2_ppl": ppl_with_error(model, params if p is None else p, windows),
-                "gsm8k_answer_loss": answer_loss_with_error(model, params if p is None else p, heldout)}
+        return {
+            "wikitext2_ppl": ppl_with_error(model, params if p is None else p, windows),
+            "gsm8k_answer_loss": answer_loss_with_error(model, params if p is None else p, heldout),
+        }
 
     rows = [{"method": "dense", **{f"before/{k}": v for k, v in evaluate(None).items()}}]
     if args.scores:
@@ -124,8 +137,9 @@ def main() -> None:
         row["recovery_seconds"] = time.perf_counter() - t
         row.update({f"after/{k}": v for k, v in evaluate(recovered).items()})
         row["sparsity_after"] = capjax.sparsity_report(recovered).total
-        row["pruned_entries_all_zero"] = all(bool(np.all(np.asarray(get_path(recovered, p))[~np.asarray(get_path(masks, p))] == 0))
-                                             for p in PRUNABLE)
+        row["pruned_entries_all_zero"] = all(
+            bool(np.all(np.asarray(get_path(recovered, p))[~np.asarray(get_path(masks, p))] == 0)) for p in PRUNABLE
+        )
         histories[method] = hist
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -133,11 +147,20 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter() - t_start
-    meta = {"args": vars(args), "settings": settings.to_dict(), "scores": score_note, "total_seconds": total,
-            "recovery_train_rows": len(train), "recovery_loss_tokens": train.loss_tokens}
+    meta = {
+        "args": vars(args),
+        "settings": settings.to_dict(),
+        "scores": score_note,
+        "total_seconds": total,
+        "recovery_train_rows": len(train),
+        "recovery_loss_tokens": train.loss_tokens,
+    }
     Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": rows, "histories": histories}, indent=1))
-    plot_loss_curves(histories, f"{out}_loss.png",
-                     title=f"SmolLM2-135M at {args.sparsity:.0%}: recovery loss ({args.mode}, GSM8K train answers)")
+    plot_loss_curves(
+        histories,
+        f"{out}_loss.png",
+        title=f"SmolLM2-135M at {args.sparsity:.0%}: recovery loss ({args.mode}, GSM8K train answers)",
+    )
 
     def cell(v):
         return f"{v[0]:.2f} ± {v[1]:.2f}" if v[0] > 10 else f"{v[0]:.3f} ± {v[1]:.3f}"
@@ -148,8 +171,10 @@ def main() -> None:
     for r in rows:
         after = [cell(r[f"after/{k}"]) if f"after/{k}" in r else "-" for k in ("wikitext2_ppl", "gsm8k_answer_loss")]
         secs = f"{r['recovery_seconds']:.0f}" if "recovery_seconds" in r else "-"
-        print(f"| {r['method']} | {cell(r['before/wikitext2_ppl'])} | {after[0]} | "
-              f"{cell(r['before/gsm8k_answer_loss'])} | {after[1]} | {secs} |")
+        print(
+            f"| {r['method']} | {cell(r['before/wikitext2_ppl'])} | {after[0]} | "
+            f"{cell(r['before/gsm8k_answer_loss'])} | {after[1]} | {secs} |"
+        )
 
 
 if __name__ == "__main__":

@@ -37,18 +37,28 @@ def main() -> None:
     exact = []
     for i, half in enumerate(halves):
         t0 = time.perf_counter()
-        exact.append(score_heads(model, params, half.tokens, half.loss_mask, args.subsets,
-                                 attention_mask=half.attention_mask))
+        exact.append(
+            score_heads(model, params, half.tokens, half.loss_mask, args.subsets, attention_mask=half.attention_mask)
+        )
         print(f"half {i}: exact scores in {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"{args.model}, {args.task}, halves of N={args.n}, T={args.seq_len}, K={args.subsets}")
     for agg in ("median", "mean", "paired"):
         a, b = (aggregate_scores(s.masked, s.baseline, agg).ravel() for s in exact)
         print(f"split-half Spearman, {agg:>6}: {spearmanr(a, b).statistic:.3f}")
     t0 = time.perf_counter()
-    grad = score_heads(model, params, halves[0].tokens, halves[0].loss_mask, args.subsets, method="gradient",
-                       attention_mask=halves[0].attention_mask)
-    print(f"gradient scores in {time.perf_counter() - t0:.1f} s; Spearman with exact ablation (same half, median): "
-          f"{spearmanr(grad.delta.ravel(), exact[0].delta.ravel()).statistic:.3f}")
+    grad = score_heads(
+        model,
+        params,
+        halves[0].tokens,
+        halves[0].loss_mask,
+        args.subsets,
+        method="gradient",
+        attention_mask=halves[0].attention_mask,
+    )
+    print(
+        f"gradient scores in {time.perf_counter() - t0:.1f} s; Spearman with exact ablation (same half, median): "
+        f"{spearmanr(grad.delta.ravel(), exact[0].delta.ravel()).statistic:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,22 @@ def main() -> None:
     import transformers
     from torch_pruning.dependency import group as tp_group
 
-    print(f"torch-pruning {tp.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
-          flush=True)
+    print(
+        f"torch-pruning {tp.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     if args.tiny:
-        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                                       tie_word_embeddings=True)
+        cfg = transformers.LlamaConfig(
+            vocab_size=100,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=16,
+            tie_word_embeddings=True,
+        )
         model, tokenizer = transformers.LlamaForCausalLM(cfg).eval(), None
         H, F = 4, 128
         heads, mlp = 3, 96
@@ -56,8 +65,9 @@ def main() -> None:
         from capjax.io import smollm2_gguf_path
 
         path = smollm2_gguf_path()
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                  dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         H, F = model.config.num_attention_heads, model.config.intermediate_size
         heads, mlp = args.heads, args.mlp
@@ -73,11 +83,19 @@ def main() -> None:
             ignored.append(m.down_proj)
     print(f"building the pruner (load {time.perf_counter() - t0:.0f} s)", flush=True)
     pruner = tp.pruner.BasePruner(
-        model, example_inputs=torch.arange(8).unsqueeze(0),
+        model,
+        example_inputs=torch.arange(8).unsqueeze(0),
         importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
-        global_pruning=False, output_transform=lambda x: x.logits, pruning_ratio=1 - mlp / F,
-        ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=1 - heads / H, round_to=1)
+        global_pruning=False,
+        output_transform=lambda x: x.logits,
+        pruning_ratio=1 - mlp / F,
+        ignored_layers=ignored,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=1 - heads / H,
+        round_to=1,
+    )
     print(f"pruner built in {time.perf_counter() - t0:.0f} s", flush=True)
     for g in pruner.step(interactive=True):
         g.prune()
@@ -85,9 +103,14 @@ def main() -> None:
     cfg.num_attention_heads = a.self_attn.q_proj.out_features // cfg.head_dim
     cfg.num_key_value_heads = a.self_attn.k_proj.out_features // cfg.head_dim
     cfg.intermediate_size = a.mlp.gate_proj.out_features
-    shapes = {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
-              "mlp": cfg.intermediate_size, "hidden": cfg.hidden_size,
-              "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0}
+    shapes = {
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "mlp": cfg.intermediate_size,
+        "hidden": cfg.hidden_size,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": time.perf_counter() - t0,
+    }
     if args.out:
         model.save_pretrained(args.out)
         if tokenizer is not None:

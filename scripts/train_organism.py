@@ -27,11 +27,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="organism config YAML (configs/organism_train.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value or section.key=value (values read as YAML)")
-    ap.add_argument("--compare-to", default=None, metavar="FOLDER",
-                    help="after saving, compare every weight tensor with this HF folder (exit 1 unless bit-identical)")
+    ap.add_argument(
+        "--compare-to",
+        default=None,
+        metavar="FOLDER",
+        help="after saving, compare every weight tensor with this HF folder (exit 1 unless bit-identical)",
+    )
     args = ap.parse_args(argv)
-    from capjax.organism.train import (OrganismConfig, compare_weights, heldout_perplexity, reasoning_accuracy, save,
-                                       train)
+    from capjax.organism.train import (
+        OrganismConfig,
+        compare_weights,
+        heldout_perplexity,
+        reasoning_accuracy,
+        save,
+        train,
+    )
 
     overrides = {}
     for item in args.overrides:
@@ -49,10 +59,14 @@ def main(argv=None) -> int:
     if cfg.kind == "reasoning":
         acc = reasoning_accuracy(model, params, tok, cfg.eval.n, cfg.eval.batch_size, cfg.eval.max_new_tokens)
         ppl = heldout_perplexity(model, params, tok, result["heldout_text"], cfg.eval.ppl_seq_len)
-        metrics = {"accuracy": acc["accuracy"], "n": acc["n"], "by_steps": acc["by_steps"],
-                   "answer_loss": acc["answer_loss"],
-                   "heldout_ppl": None if ppl is None else ppl["ppl"],
-                   "heldout_ppl_tokens": None if ppl is None else ppl["n_tokens"]}
+        metrics = {
+            "accuracy": acc["accuracy"],
+            "n": acc["n"],
+            "by_steps": acc["by_steps"],
+            "answer_loss": acc["answer_loss"],
+            "heldout_ppl": None if ppl is None else ppl["ppl"],
+            "heldout_ppl_tokens": None if ppl is None else ppl["n_tokens"],
+        }
     else:
         from capjax.organism.induction import repeat_accuracy
 
@@ -63,8 +77,14 @@ def main(argv=None) -> int:
     print(f"saved {folder} (train {result['seconds']:.0f} s, total {time.perf_counter() - t0:.0f} s)")
     if args.compare_to:
         cmp = compare_weights(folder, args.compare_to)
-        print(f"weights vs {args.compare_to}: " + (f"bit-identical ({cmp['tensors']} tensors)" if cmp["identical"]
-              else f"DIFFERENT: {json.dumps({k: v for k, v in cmp.items() if k != 'identical'})}"))
+        print(
+            f"weights vs {args.compare_to}: "
+            + (
+                f"bit-identical ({cmp['tensors']} tensors)"
+                if cmp["identical"]
+                else f"DIFFERENT: {json.dumps({k: v for k, v in cmp.items() if k != 'identical'})}"
+            )
+        )
         return 0 if cmp["identical"] else 1
     return 0
 

@@ -17,13 +17,13 @@ import traceback
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from capjax import sharding  # noqa: E402
-from capjax.ablation import ablate, ablation_spec, prepare_batch, single_spec  # noqa: E402
-from capjax.config import ModelConfig  # noqa: E402
-from capjax.model import Decoder, init_params  # noqa: E402
+from capjax import sharding
+from capjax.ablation import ablate, ablation_spec, prepare_batch, single_spec
+from capjax.config import ModelConfig
+from capjax.model import Decoder, init_params
 
 L, E, F, H, K, D, V = 3, 32, 48, 4, 2, 8, 101
 CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
@@ -40,14 +40,16 @@ def main(out_path: str) -> None:
     am[1, 9:] = 0
     loss = np.zeros((B, T), np.float32)
     for b in range(B):
-        loss[b, 4 + b % 3:am[b].sum()] = 1
+        loss[b, 4 + b % 3 : am[b].sum()] = 1
     batch = prepare_batch(MODEL, tokens, loss, am)
     mixed = ablation_spec(CONFIG, 5, heads=rng.random((5, L, H)), mlp=rng.random((5, L)), attn=rng.random((5, L)))
     specs = {"mixed5": mixed, "single_heads": single_spec(CONFIG, "heads")}  # N = 5 and 12: padded on 8 devices
     results = {}
-    checks = [(m, s, "zero", "ce") for m in ("data8",) for s in specs] + \
-             [("data8", s, "resample", "kl") for s in specs] + [("data4_model2", "single_heads", "mean", "ce"),
-                                                               ("data4_model2", "mixed5", "mean", "ce")]
+    checks = (
+        [(m, s, "zero", "ce") for m in ("data8",) for s in specs]
+        + [("data8", s, "resample", "kl") for s in specs]
+        + [("data4_model2", "single_heads", "mean", "ce"), ("data4_model2", "mixed5", "mean", "ce")]
+    )
     meshes = {"data8": {"data": -1}, "data4_model2": {"data": 4, "model": 2}}
     for mesh_name, spec_name, kind, metric in checks:
         mesh, spec = sharding.make_mesh(meshes[mesh_name]), specs[spec_name]
@@ -56,9 +58,12 @@ def main(out_path: str) -> None:
             want = ablate(MODEL, params, batch, spec, kind=kind, metric=metric, chunk_size=2)
             got = ablate(MODEL, params, batch, spec, kind=kind, metric=metric, chunk_size=2, mesh=mesh)
             moved = float(np.abs(want.values - want.intact).min())
-            results[key] = {"diff": float(np.abs(got.values - want.values).max()),
-                            "scale": float(max(np.abs(want.values).max(), np.abs(want.intact).max())),
-                            "intact_diff": float(np.abs(got.intact - want.intact).max()), "moved": moved}
+            results[key] = {
+                "diff": float(np.abs(got.values - want.values).max()),
+                "scale": float(max(np.abs(want.values).max(), np.abs(want.intact).max())),
+                "intact_diff": float(np.abs(got.intact - want.intact).max()),
+                "moved": moved,
+            }
         except Exception:
             results[key] = {"error": traceback.format_exc()}
     with open(out_path, "w") as f:

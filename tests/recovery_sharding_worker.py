@@ -46,16 +46,28 @@ def main(out: str) -> None:
     ref, ref_hist = recover(model, pruned, masks, data, **kw)
     mesh = sharding.make_mesh(MESH)
     got, got_hist = recover(model, pruned, masks, data, mesh=mesh, **kw)
-    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(ref),
-                                                                                   jax.tree.leaves(got)))
+    diff = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))
+    )
     nonzero = sum(int(np.sum(np.asarray(get_path(got, p))[~np.asarray(get_path(masks, p))] != 0)) for p in PRUNABLE)
     q = get_path(got, "layers/self_attn/q_proj/kernel")
-    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(pruned),
-                                                                                    jax.tree.leaves(got)))
+    moved = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(pruned), jax.tree.leaves(got))
+    )
     loss_diff = float(np.abs(np.asarray(ref_hist["loss"]) - np.asarray(got_hist["loss"])).max())
-    json.dump({"max_diff": diff, "max_loss_diff": loss_diff, "moved": moved, "mode": got_hist["mode"],
-               "pruned_nonzero": nonzero, "devices": len(q.sharding.device_set),
-               "spec": str(q.sharding.spec)}, open(out, "w"))
+    json.dump(
+        {
+            "max_diff": diff,
+            "max_loss_diff": loss_diff,
+            "moved": moved,
+            "mode": got_hist["mode"],
+            "pruned_nonzero": nonzero,
+            "devices": len(q.sharding.device_set),
+            "spec": str(q.sharding.spec),
+        },
+        open(out, "w"),
+    )
 
 
 if __name__ == "__main__":

@@ -16,21 +16,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # worker_common, whatever the cwd
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from capjax import sharding  # noqa: E402
-from capjax.attribution import head_ablation_losses, score_heads  # noqa: E402
-from capjax.config import ModelConfig  # noqa: E402
-from capjax.model import Decoder, init_params  # noqa: E402
-from capjax.packing import pack_examples  # noqa: E402
-from capjax.pruning import global_threshold, prune, weight_scores  # noqa: E402
-from capjax.pruning.importance import importance_from_scores  # noqa: E402
-from capjax.pruning.threshold import count_at_or_below  # noqa: E402
-
-from worker_common import FakeAccelerator, make_batch, run_checks  # noqa: E402
+from capjax import sharding
+from capjax.attribution import head_ablation_losses, score_heads
+from capjax.config import ModelConfig
+from capjax.model import Decoder, init_params
+from capjax.packing import pack_examples
+from capjax.pruning import global_threshold, prune, weight_scores
+from capjax.pruning.importance import importance_from_scores
+from capjax.pruning.threshold import count_at_or_below
+from worker_common import FakeAccelerator, make_batch, run_checks
 
 L, E, F, H, K, D, V = 3, 32, 48, 4, 2, 8, 101  # V = 101 is divisible by nothing: its dims stay whole
 CONFIG = ModelConfig("qwen2", V, E, F, L, H, K, D, qkv_bias=True, max_position_embeddings=64)
@@ -44,8 +43,13 @@ def _params():
     rng = np.random.default_rng(0)
     # Non-trivial biases and norms, so that a wrongly sharded leaf would change the numbers.
     return jax.tree_util.tree_map_with_path(
-        lambda p, a: a + jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype)
-        if sharding._path_name(p).endswith(("bias", "scale")) else a, params)
+        lambda p, a: (
+            a + jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype)
+            if sharding._path_name(p).endswith(("bias", "scale"))
+            else a
+        ),
+        params,
+    )
 
 
 PARAMS = _params()
@@ -71,8 +75,12 @@ def check_make_mesh():
     assert dict(m.shape) == {"data": 4, "model": 2}, m.shape
     assert dict(sharding.make_mesh().shape) == {"data": 8}
     assert dict(sharding.make_mesh({"data": 2, "model": 2}).shape) == {"data": 2, "model": 2}
-    for bad, msg in [({"data": 3}, "does not divide"), ({"data": -1, "model": 3}, "does not divide"),
-                     ({"data": -1, "model": -1}, "only one axis"), ({"data": 0}, "positive")]:
+    for bad, msg in [
+        ({"data": 3}, "does not divide"),
+        ({"data": -1, "model": 3}, "does not divide"),
+        ({"data": -1, "model": -1}, "only one axis"),
+        ({"data": 0}, "positive"),
+    ]:
         try:
             sharding.make_mesh(bad)
         except ValueError as e:
@@ -86,11 +94,15 @@ def check_param_specs_and_shard_shapes():
         "layers/self_attn/q_proj/kernel": (P(None, "data", "model"), (L, 8, 2, D), P(None, "data"), (L, 4, H, D)),
         "layers/self_attn/k_proj/kernel": (P(None, "data", "model"), (L, 8, 1, D), P(None, "data"), (L, 4, K, D)),
         "layers/self_attn/q_proj/bias": (P(None, "model"), (L, 2, D), P(), (L, H, D)),
-        "layers/self_attn/o_proj/kernel": (P(None, "model", None, "data"), (L, 2, D, 8), P(None, None, None, "data"),
-                                           (L, H, D, 4)),
+        "layers/self_attn/o_proj/kernel": (
+            P(None, "model", None, "data"),
+            (L, 2, D, 8),
+            P(None, None, None, "data"),
+            (L, H, D, 4),
+        ),
         "layers/mlp/gate_proj/kernel": (P(None, "data", "model"), (L, 8, 24), P(None, "data"), (L, 4, F)),
         "layers/mlp/down_proj/kernel": (P(None, "model", "data"), (L, 24, 8), P(None, None, "data"), (L, F, 4)),
-        "embed_tokens/embedding": (P(None, "data"), (V, 8), P(None, "data"), (V, 4)),   # V = 101: not split
+        "embed_tokens/embedding": (P(None, "data"), (V, 8), P(None, "data"), (V, 4)),  # V = 101: not split
         "lm_head/kernel": (P("data"), (8, V), P("data"), (4, V)),
         "layers/input_layernorm/scale": (P(), (L, E), P(), (L, E)),
         "norm/scale": (P(), (E,), P(), (E,)),
@@ -133,8 +145,9 @@ def check_score_heads_sharded():
     ref = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, progress=False)
     REF["scores"] = ref
     for name, chunk in (("data4_model2", None), ("data8", 1)):
-        got = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=chunk,
-                          progress=False, mesh=mesh(name))
+        got = score_heads(
+            MODEL, PARAMS, TOKENS, LOSS, subsets=3, attention_mask=AM, chunk_size=chunk, progress=False, mesh=mesh(name)
+        )
         for f in ("delta", "masked", "baseline"):
             np.testing.assert_allclose(getattr(got, f), getattr(ref, f), atol=1e-5, err_msg=f"{name} {f}")
 
@@ -144,23 +157,41 @@ def check_shared_prefix_sharded():
     tokens[:, :3] = tokens[0, :3]  # a 3-token prefix shared by every example, computed once
     assert pack_examples(tokens, LOSS, AM).prefix_len == 3
     ref = score_heads(MODEL, PARAMS, tokens, LOSS, subsets=3, attention_mask=AM, progress=False, share_prefix=False)
-    got = score_heads(MODEL, PARAMS, tokens, LOSS, subsets=3, attention_mask=AM, chunk_size=1, progress=False,
-                      mesh=mesh("data4_model2"))
+    got = score_heads(
+        MODEL,
+        PARAMS,
+        tokens,
+        LOSS,
+        subsets=3,
+        attention_mask=AM,
+        chunk_size=1,
+        progress=False,
+        mesh=mesh("data4_model2"),
+    )
     for f in ("delta", "masked", "baseline"):
         np.testing.assert_allclose(getattr(got, f), getattr(ref, f), atol=1e-5, err_msg=f)
 
 
 def check_gradient_scores_sharded():
     ref = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=2, method="gradient", attention_mask=AM, progress=False)
-    got = score_heads(MODEL, PARAMS, TOKENS, LOSS, subsets=2, method="gradient", attention_mask=AM, progress=False,
-                      mesh=mesh("data4_model2"))
+    got = score_heads(
+        MODEL,
+        PARAMS,
+        TOKENS,
+        LOSS,
+        subsets=2,
+        method="gradient",
+        attention_mask=AM,
+        progress=False,
+        mesh=mesh("data4_model2"),
+    )
     np.testing.assert_allclose(got.masked, ref.masked, atol=1e-5)
 
 
 def check_ablations_are_split_over_data():
     """The per-device program of the sharded primitive does ~1/8 of the single-device FLOPs."""
-    from capjax.attribution import masked_nll
     from capjax.ablation import prepare_batch
+    from capjax.attribution import masked_nll
 
     masks = jnp.ones((16, L, H), jnp.float32)
     prep = prepare_batch(MODEL, TOKENS, LOSS, AM)
@@ -168,8 +199,9 @@ def check_ablations_are_split_over_data():
     def flops(m, chunk):  # one step (a while loop's body is counted once): 16 masks at once
         p = PARAMS if m is None else sharding.shard_params(PARAMS, m)
         x = masks if m is None else jax.device_put(masks, sharding.batch_sharding(m, masks.shape))
-        compiled = masked_nll.lower(MODEL, p, prep.rows, prep.packed_ans, prep.packed.num_examples, x, chunk,
-                                     mesh=m).compile()
+        compiled = masked_nll.lower(
+            MODEL, p, prep.rows, prep.packed_ans, prep.packed.num_examples, x, chunk, mesh=m
+        ).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return float(cost["flops"])
@@ -187,19 +219,26 @@ def check_prune_sharded_masks_identical():
     scores = _scores_and_delta()
     calib = {"tokens": TOKENS, "attention_mask": AM}
     both = tuple(MESHES)
-    cases = [("cap", dict(head_scores=scores), both), ("cap", dict(head_scores=scores, nm="2:4"), ("data8",)),
-             ("wanda", dict(calib=calib, batch_size=4), both),
-             ("wanda", dict(calib=calib, nm="2:4", batch_size=4), ("data4_model2",))]
+    cases = [
+        ("cap", dict(head_scores=scores), both),
+        ("cap", dict(head_scores=scores, nm="2:4"), ("data8",)),
+        ("wanda", dict(calib=calib, batch_size=4), both),
+        ("wanda", dict(calib=calib, nm="2:4", batch_size=4), ("data4_model2",)),
+    ]
     for method, kw, names in cases:
         sparsity = 0.5
         ref_p, ref_m = prune(MODEL, PARAMS, method, sparsity, **kw)
         for name in names:
             m = mesh(name)
             got_p, got_m = prune(MODEL, PARAMS, method, sparsity, mesh=m, **kw)
-            assert jax.tree.structure(got_m, is_leaf=lambda x: x is None) == \
-                jax.tree.structure(ref_m, is_leaf=lambda x: x is None)
-            for path in ("layers/self_attn/q_proj/kernel", "layers/self_attn/o_proj/kernel",
-                         "layers/mlp/down_proj/kernel"):
+            assert jax.tree.structure(got_m, is_leaf=lambda x: x is None) == jax.tree.structure(
+                ref_m, is_leaf=lambda x: x is None
+            )
+            for path in (
+                "layers/self_attn/q_proj/kernel",
+                "layers/self_attn/o_proj/kernel",
+                "layers/mlp/down_proj/kernel",
+            ):
                 gm, rm = leaf(got_m, path), leaf(ref_m, path)
                 want = sharding.spec_for(path, gm.shape, m)
                 assert gm.sharding.spec == want and leaf(got_p, path).sharding.spec == want, (method, name, path)
@@ -259,6 +298,7 @@ def check_ties_at_the_global_threshold_break_the_same_on_every_layout():
         if sharding._path_name(path) not in PRUNABLE:
             return a
         return jnp.sign(a) * jnp.ceil(jnp.abs(a) / jnp.abs(a).max() * 4) / 4
+
     params = jax.tree_util.tree_map_with_path(few_levels, PARAMS)
     delta = np.where(np.arange(H) % 2, 2.0, 1.0)[None, :].repeat(L, 0)  # [L, H]
     scores = weight_scores(params, importance_from_scores(delta, (L, H)), "mean")
@@ -267,11 +307,11 @@ def check_ties_at_the_global_threshold_break_the_same_on_every_layout():
         thr = global_threshold(scores, sparsity)
         assert 0 < thr.n_prune - thr.n_below < thr.n_tied and thr.n_tied > 100, thr  # the threshold splits ties
         pruned = np.zeros(flat.size, bool)
-        pruned[np.argsort(flat, kind="stable")[:thr.n_prune]] = True
+        pruned[np.argsort(flat, kind="stable")[: thr.n_prune]] = True
         want, i = {}, 0
         for path in sorted(scores):  # jax.tree.leaves order of a dict: sorted keys
             size = scores[path].size
-            want[path] = ~pruned[i:i + size].reshape(scores[path].shape)
+            want[path] = ~pruned[i : i + size].reshape(scores[path].shape)
             i += size
         for name in (None, *MESHES):
             m = None if name is None else mesh(name)
@@ -289,8 +329,8 @@ def check_evaluation_batches_split_with_masked_padding():
     from capjax.evaluate.perplexity import continuation_logprobs, perplexity
 
     stream = np.random.default_rng(2).integers(0, V, 5 * 16).astype(np.int32)
-    requests = [(TOKENS[i, :4].tolist(), TOKENS[i, 4:4 + 1 + i % 5].tolist()) for i in range(5)]
-    prompts = [TOKENS[i, :3 + i % 4].tolist() for i in range(5)]
+    requests = [(TOKENS[i, :4].tolist(), TOKENS[i, 4 : 4 + 1 + i % 5].tolist()) for i in range(5)]
+    prompts = [TOKENS[i, : 3 + i % 4].tolist() for i in range(5)]
     ref_ppl = {b: perplexity(MODEL, PARAMS, stream, seq_len=16, batch_size=b) for b in (1, 3)}
     ref_ll = continuation_logprobs(MODEL, PARAMS, requests, batch_size=3)
     ref_gen = generate(MODEL, PARAMS, prompts, max_new_tokens=4, batch_size=3, eos_ids=())
@@ -327,15 +367,35 @@ def check_init_params_sharded():
 # Tiny GQA configs of the families beyond Llama / Mistral / Qwen2 (sliding and global layers,
 # soft-caps small enough to bind, qk-norms): hand-written transformers config dicts.
 # A 2-layer HF config in the worker's sizes; each family check adds its model_type and fields.
-TINY_HF = dict(vocab_size=V, hidden_size=E, intermediate_size=F, num_hidden_layers=2, num_attention_heads=H,
-               num_key_value_heads=K, max_position_embeddings=64)
+TINY_HF = dict(
+    vocab_size=V,
+    hidden_size=E,
+    intermediate_size=F,
+    num_hidden_layers=2,
+    num_attention_heads=H,
+    num_key_value_heads=K,
+    max_position_embeddings=64,
+)
 FAMILIES = {
     "qwen3": dict(model_type="qwen3", head_dim=8),
-    "gemma2": dict(model_type="gemma2", head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
-                   attn_logit_softcapping=0.1, final_logit_softcapping=0.1,
-                   layer_types=["sliding_attention", "full_attention"], hidden_activation="gelu_pytorch_tanh"),
-    "gemma3_text": dict(model_type="gemma3_text", head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
-                        layer_types=["sliding_attention", "full_attention"], hidden_activation="gelu_pytorch_tanh"),
+    "gemma2": dict(
+        model_type="gemma2",
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        attn_logit_softcapping=0.1,
+        final_logit_softcapping=0.1,
+        layer_types=["sliding_attention", "full_attention"],
+        hidden_activation="gelu_pytorch_tanh",
+    ),
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        hidden_activation="gelu_pytorch_tanh",
+    ),
     "phi3": dict(model_type="phi3", sliding_window=4),
 }
 
@@ -356,7 +416,8 @@ def check_families_sharded_logits():
         # 1 + noise, so a misplaced leaf changes the logits.
         shapes = jax.eval_shape(lambda config=config: init_params(config, seed=1))
         params = jax.tree_util.tree_map_with_path(
-            lambda p, a: jnp.asarray((_name(p).endswith("scale")) + rng.normal(0, 0.3, a.shape), a.dtype), shapes)
+            lambda p, a: jnp.asarray((_name(p).endswith("scale")) + rng.normal(0, 0.3, a.shape), a.dtype), shapes
+        )
         sharded = sharding.shard_params(params, m)
         q = leaf(sharded, "layers/self_attn/q_proj/kernel")
         assert q.sharding.spec == P(None, "data", "model"), (name, q.sharding.spec)
@@ -438,13 +499,11 @@ def check_params_fit_counts_one_devices_share():
     with pytest.raises(memory.InsufficientMemoryError, match="its params need 14.96 GiB"):
         memory.check_params_fit(llama8b, jnp.bfloat16, gpu, host_bytes=largest)
     with pytest.raises(memory.InsufficientMemoryError, match="its params sharded over 8 devices need"):
-        memory.check_params_fit(llama8b, jnp.bfloat16, FakeAccelerator(share + 1000, 1001), host_bytes=largest,
-                                mesh=m)
+        memory.check_params_fit(llama8b, jnp.bfloat16, FakeAccelerator(share + 1000, 1001), host_bytes=largest, mesh=m)
     # CPU: this process's 8 devices live in host RAM, plus the leaf being staged
     memory.check_params_fit(llama8b, jnp.bfloat16, m.devices.flat[0], host_bytes=8 * share + largest, mesh=m)
     with pytest.raises(memory.InsufficientMemoryError, match="host RAM"):
-        memory.check_params_fit(llama8b, jnp.bfloat16, m.devices.flat[0], host_bytes=8 * share + largest - 1,
-                                mesh=m)
+        memory.check_params_fit(llama8b, jnp.bfloat16, m.devices.flat[0], host_bytes=8 * share + largest - 1, mesh=m)
 
 
 def main() -> None:

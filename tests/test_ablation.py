@@ -11,8 +11,17 @@ import torch
 
 import capjax
 from capjax import estimators
-from capjax.ablation import (ablate, ablation_spec, gradient_deltas, logits_metric, pairs_spec, prepare_batch,
-                             resample_pairing, single_spec, units)
+from capjax.ablation import (
+    ablate,
+    ablation_spec,
+    gradient_deltas,
+    logits_metric,
+    pairs_spec,
+    prepare_batch,
+    resample_pairing,
+    single_spec,
+    units,
+)
 from conftest import make_hf_model
 
 ARCHS = {"llama_gqa": ("llama", {}), "qwen2_bias": ("qwen2", {}), "mistral_window": ("mistral", dict(sliding_window=4))}
@@ -34,6 +43,7 @@ def archs(tmp_path_factory):
             model, params = capjax.load_pretrained(folder)
             built[name] = (name, hf, model, params)
         return built[name]
+
     return get
 
 
@@ -70,8 +80,8 @@ def make_batch(which: str):
     am = np.zeros((B, T), np.int32)
     loss = np.zeros((B, T), np.float32)
     for b in range(B):
-        am[b, :lengths[b]] = 1
-        loss[b, starts[b]:lengths[b]] = 1
+        am[b, : lengths[b]] = 1
+        loss[b, starts[b] : lengths[b]] = 1
     return tokens, loss, am
 
 
@@ -81,8 +91,11 @@ def _capture(hf, tokens, am):
     out = {"heads": [], "attn": [], "mlp": []}
     handles = []
     for layer in hf.model.layers:
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda m, a: out["heads"].append(a[0].detach().reshape(*a[0].shape[:2], H, D).clone())))
+        handles.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a: out["heads"].append(a[0].detach().reshape(*a[0].shape[:2], H, D).clone())
+            )
+        )
         handles.append(layer.self_attn.register_forward_hook(lambda m, a, o: out["attn"].append(o[0].detach().clone())))
         handles.append(layer.mlp.register_forward_hook(lambda m, a, o: out["mlp"].append(o.detach().clone())))
     try:
@@ -150,8 +163,12 @@ def torch_values(hf, tokens, am, loss, specs, kind, metric="ce", seed=0):
 
             def mlp(m, a, o, l=l, k=km):
                 return k * o + (1 - k) * reps["mlp"][l]
-            handles += [layer.self_attn.o_proj.register_forward_pre_hook(pre),
-                        layer.self_attn.register_forward_hook(attn), layer.mlp.register_forward_hook(mlp)]
+
+            handles += [
+                layer.self_attn.o_proj.register_forward_pre_hook(pre),
+                layer.self_attn.register_forward_hook(attn),
+                layer.mlp.register_forward_hook(mlp),
+            ]
         try:
             with torch.no_grad():
                 logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.double()
@@ -214,8 +231,11 @@ def test_metrics_equal_torch(qwen2_bias, metric):
     tokens, loss, am = make_batch("prefix")
     batch = prepare_batch(model, tokens, loss, am)
     spec = mixed_spec(model.config, np.random.RandomState(2))
-    m = "kl" if metric == "kl" else logits_metric(
-        lambda z, y: jnp.take_along_axis(z, y[:, None], -1)[:, 0] - z.max(-1), "margin")
+    m = (
+        "kl"
+        if metric == "kl"
+        else logits_metric(lambda z, y: jnp.take_along_axis(z, y[:, None], -1)[:, 0] - z.max(-1), "margin")
+    )
     res = ablate(model, params, batch, spec, kind="mean", metric=m)
     want, intact = torch_values(hf, tokens, am, loss, spec, "mean", metric)
     np.testing.assert_allclose(res.values, want, atol=2e-4, rtol=1e-5)
@@ -230,28 +250,34 @@ def test_estimators_from_per_example_equal_score_heads(llama_gqa):
     batch = prepare_batch(model, tokens, loss, am)
     res = ablate(model, params, batch, single_spec(model.config, "heads"))
     for aggregate in ("median", "mean", "paired"):
-        scores = capjax.score_heads(model, params, tokens, loss, subsets=3, aggregate=aggregate, attention_mask=am,
-                                    progress=False)
+        scores = capjax.score_heads(
+            model, params, tokens, loss, subsets=3, aggregate=aggregate, attention_mask=am, progress=False
+        )
         got = estimators.estimate(aggregate, res.values, res.intact, res.count, subsets=3).reshape(L, H)
         np.testing.assert_allclose(got, scores.delta, atol=1e-5)
         masked, baseline = estimators.subset_losses(res.values, res.intact, res.count, 3)
         np.testing.assert_allclose(masked.reshape(3, L, H), scores.masked, atol=1e-5)
         np.testing.assert_allclose(baseline, scores.baseline, atol=1e-5)
     # head_ablation_losses keeps its per-example losses on request: the same [N, B].
-    per_ex = capjax.head_ablation_losses(model, params, tokens, loss, single_spec(model.config)["heads"], am,
-                                         per_example=True)
+    per_ex = capjax.head_ablation_losses(
+        model, params, tokens, loss, single_spec(model.config)["heads"], am, per_example=True
+    )
     np.testing.assert_allclose(per_ex, res.values, atol=1e-4)
     # score_heads takes any registered estimator as its aggregate.
-    boot_scores = capjax.score_heads(model, params, tokens, loss, subsets=3, aggregate="bootstrap",
-                                     attention_mask=am, progress=False)
-    np.testing.assert_allclose(boot_scores.delta.ravel(),
-                               estimators.estimate("bootstrap", res.values, res.intact, res.count), atol=1e-5)
+    boot_scores = capjax.score_heads(
+        model, params, tokens, loss, subsets=3, aggregate="bootstrap", attention_mask=am, progress=False
+    )
+    np.testing.assert_allclose(
+        boot_scores.delta.ravel(), estimators.estimate("bootstrap", res.values, res.intact, res.count), atol=1e-5
+    )
     # bootstrap against a plain loop over the draws
     boot = estimators.estimate("bootstrap", res.values, res.intact, res.count, resamples=7, seed=4)
     rng = np.random.default_rng(4)
     draws = [rng.integers(0, 5, 5) for _ in range(7)]
-    loop = np.mean([[(res.values[n, d].sum() - res.intact[d].sum()) / res.count[d].sum() for n in range(L * H)]
-                    for d in draws], axis=0)
+    loop = np.mean(
+        [[(res.values[n, d].sum() - res.intact[d].sum()) / res.count[d].sum() for n in range(L * H)] for d in draws],
+        axis=0,
+    )
     np.testing.assert_allclose(boot, loop, atol=1e-12)
     with pytest.raises(ValueError, match="registered: median, mean, paired, bootstrap"):
         estimators.estimate("trimmed", res.values, res.intact, res.count)
@@ -273,9 +299,13 @@ def test_pairs_interactions_and_gradient(mistral_window):
     handles = []
     for l, layer in enumerate(hf.model.layers):
         handles.append(layer.mlp.register_forward_hook(lambda m, a, o, l=l: keeps["mlp"][l] * o))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda m, a, l=l: ((a[0].reshape(*a[0].shape[:2], H, D) * keeps["heads"][l][:, None]
-                                ).reshape(a[0].shape),)))
+        handles.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, l=l: (
+                    (a[0].reshape(*a[0].shape[:2], H, D) * keeps["heads"][l][:, None]).reshape(a[0].shape),
+                )
+            )
+        )
     try:
         logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits.double()
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from conftest import fake_devices_worker
 
 WORKER = Path(__file__).with_name("ablation_mesh_worker.py")

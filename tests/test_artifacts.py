@@ -24,7 +24,10 @@ def test_fingerprints_are_sha256_of_what_they_say():
         h.update(x.tobytes())
     assert artifacts.array_digest(a, b) == h.hexdigest()[:20]
     assert artifacts.array_digest(a, b) != artifacts.array_digest(a.reshape(3, 2), b)  # the shape counts
-    assert artifacts.Digest().array(a.T, layout=False).hex(64) == hashlib.sha256(np.ascontiguousarray(a.T).tobytes()).hexdigest()
+    assert (
+        artifacts.Digest().array(a.T, layout=False).hex(64)
+        == hashlib.sha256(np.ascontiguousarray(a.T).tobytes()).hexdigest()
+    )
 
 
 def test_masks_file_round_trip_and_one_line_refusals(tmp_path):

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     for b in range(B):  # prompts of different lengths, answers to the end, some right padding
         length = T - (b % 3)
         attention_mask[b, length:] = 0
-        loss_mask[b, 4 + b % 4:length] = 1
+        loss_mask[b, 4 + b % 4 : length] = 1
     return hf, model, params, tokens, loss_mask, attention_mask
 
 
@@ -80,8 +80,7 @@ def test_vmapped_losses_equal_python_loop(tiny, which):
     masks = np.concatenate([single_head_masks(3, 4), rng.rand(5, 3, 4).astype(np.float32)])
     losses = head_ablation_losses(model, params, tokens, loss_mask, masks, am, chunk_size=4)
     for mask, loss in zip(masks, losses):
-        logits = np.asarray(model.apply({"params": params}, tokens, head_mask=mask, attention_mask=am),
-                            np.float64)
+        logits = np.asarray(model.apply({"params": params}, tokens, head_mask=mask, attention_mask=am), np.float64)
         logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
         nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
         expected = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
@@ -92,11 +91,13 @@ def test_vmapped_losses_equal_python_loop(tiny, which):
 def test_score_heads_equals_pytorch_reference(tiny, aggregate):
     hf, model, params, tokens, loss_mask, am = tiny
     K = 3
-    scores = score_heads(model, params, tokens, loss_mask, subsets=K, aggregate=aggregate, attention_mask=am,
-                         progress=False)
+    scores = score_heads(
+        model, params, tokens, loss_mask, subsets=K, aggregate=aggregate, attention_mask=am, progress=False
+    )
     baseline = torch_subset_losses(hf, tokens, loss_mask, am, K)
-    masked = np.stack([torch_subset_losses(hf, tokens, loss_mask, am, K, m)
-                       for m in single_head_masks(3, 4)], axis=1).reshape(K, 3, 4)
+    masked = np.stack(
+        [torch_subset_losses(hf, tokens, loss_mask, am, K, m) for m in single_head_masks(3, 4)], axis=1
+    ).reshape(K, 3, 4)
     np.testing.assert_allclose(scores.baseline, baseline, atol=1e-5)
     np.testing.assert_allclose(scores.masked, masked, atol=1e-5)
     if aggregate == "median":
@@ -134,13 +135,14 @@ def test_positions_after_the_last_answer_token_are_cut_exactly(tiny):
     tokens_x = np.concatenate([tokens, rng.randint(0, 101, (B, extra))], axis=1)
     am_x = np.concatenate([am, np.zeros((B, extra), np.int32)], axis=1)
     for b in range(B):
-        am_x[b, am[b].sum():am[b].sum() + 2] = 1
+        am_x[b, am[b].sum() : am[b].sum() + 2] = 1
     loss_x = np.concatenate([loss_mask, np.zeros((B, extra), np.float32)], axis=1)
     _, cut_tokens, _, _ = attribution._check_calibration(model, tokens_x, loss_x, am_x)
     assert cut_tokens.shape == (B, T)  # the last answer token is at T - 1
     scores = score_heads(model, params, tokens_x, loss_x, subsets=3, attention_mask=am_x, progress=False)
-    masked = np.stack([torch_subset_losses(hf, tokens_x, loss_x, am_x, 3, m)
-                       for m in single_head_masks(3, 4)], axis=1).reshape(3, 3, 4)
+    masked = np.stack(
+        [torch_subset_losses(hf, tokens_x, loss_x, am_x, 3, m) for m in single_head_masks(3, 4)], axis=1
+    ).reshape(3, 3, 4)
     np.testing.assert_allclose(scores.baseline, torch_subset_losses(hf, tokens_x, loss_x, am_x, 3), atol=1e-5)
     np.testing.assert_allclose(scores.masked, masked, atol=1e-5)
 
@@ -160,9 +162,12 @@ def test_gradient_method_equals_torch_autograd(tiny, which):
     scores = score_heads(model, params, tokens, loss_mask, subsets=K, method="gradient", attention_mask=am)
     D = hf.config.hidden_size // hf.config.num_attention_heads
     mask = torch.ones(3, 4, dtype=torch.float32, requires_grad=True)
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
-        lambda mod, args, l=l: (args[0] * mask[l].repeat_interleave(D),))
-        for l, layer in enumerate(hf.model.layers)]
+    handles = [
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda mod, args, l=l: (args[0] * mask[l].repeat_interleave(D),)
+        )
+        for l, layer in enumerate(hf.model.layers)
+    ]
     logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits
     for h in handles:
         h.remove()
@@ -188,19 +193,36 @@ def test_resume_after_interruption(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(attribution, "_single_head_nll", dies_on_second_group)
     with pytest.raises(KeyboardInterrupt):
-        score_heads(model, params, tokens, loss_mask, attention_mask=am, checkpoint_dir=tmp_path,
-                    layers_per_call=1, progress=False)
+        score_heads(
+            model,
+            params,
+            tokens,
+            loss_mask,
+            attention_mask=am,
+            checkpoint_dir=tmp_path,
+            layers_per_call=1,
+            progress=False,
+        )
     calls.clear()
     monkeypatch.setattr(attribution, "_single_head_nll", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
-    resumed = score_heads(model, params, tokens, loss_mask, attention_mask=am, checkpoint_dir=tmp_path,
-                          layers_per_call=1, progress=False)
+    resumed = score_heads(
+        model, params, tokens, loss_mask, attention_mask=am, checkpoint_dir=tmp_path, layers_per_call=1, progress=False
+    )
     assert calls == [1, 2]  # layer group 0 came from the checkpoint
     np.testing.assert_array_equal(resumed.masked, full.masked)
     np.testing.assert_array_equal(resumed.delta, full.delta)
     # Different calibration data must not reuse those checkpoints.
     calls.clear()
-    score_heads(model, params, tokens[::-1].copy(), loss_mask[::-1].copy(), attention_mask=am[::-1].copy(),
-                checkpoint_dir=tmp_path, layers_per_call=1, progress=False)
+    score_heads(
+        model,
+        params,
+        tokens[::-1].copy(),
+        loss_mask[::-1].copy(),
+        attention_mask=am[::-1].copy(),
+        checkpoint_dir=tmp_path,
+        layers_per_call=1,
+        progress=False,
+    )
     assert calls == [0, 1, 2]
 
 
@@ -242,7 +264,7 @@ def _short_examples(rng, B=7, T=24):
     for b in range(B):
         n = 6 + (b * 5) % 7
         am[b, :n] = 1
-        loss[b, 3:n - (b % 2)] = 1  # some examples end with a non-answer token
+        loss[b, 3 : n - (b % 2)] = 1  # some examples end with a non-answer token
     return tokens, loss, am
 
 
@@ -269,21 +291,28 @@ def test_pack_examples_keeps_every_answer_token_in_its_segment():
         assert len(np.unique(where[:, 0])) == 1  # one row, contiguous, in order
         r, cols = where[0, 0], where[:, 1]
         np.testing.assert_array_equal(cols, np.arange(cols[0], cols[0] + last + 1))
-        np.testing.assert_array_equal(packed.tokens[r, cols], tokens[b, :last + 1])
+        np.testing.assert_array_equal(packed.tokens[r, cols], tokens[b, : last + 1])
         np.testing.assert_array_equal(packed.positions[r, cols], np.arange(last + 1))
-        np.testing.assert_array_equal(packed.loss_mask[r, cols[1:]], loss[b, 1:last + 1])
+        np.testing.assert_array_equal(packed.loss_mask[r, cols[1:]], loss[b, 1 : last + 1])
     plain = attribution.answer_positions(tokens, loss, am)
-    packed_ans = attribution.answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
-                                              num_examples=len(tokens))
+    packed_ans = attribution.answer_positions(
+        packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids, num_examples=len(tokens)
+    )
     np.testing.assert_array_equal(packed_ans.count, plain.count)
     np.testing.assert_array_equal(np.sort(packed_ans.target), np.sort(plain.target))
 
 
-@pytest.mark.parametrize("model_type, overrides, pack, examples", [
-    ("llama", {}, True, _short_examples), ("llama", {}, False, _short_examples),
-    ("mistral", {"sliding_window": 4}, True, _short_examples),
-    ("llama", {}, True, _prefixed_examples), ("mistral", {"sliding_window": 4}, True, _prefixed_examples),
-    ("qwen2", {}, True, _prefixed_examples)])
+@pytest.mark.parametrize(
+    "model_type, overrides, pack, examples",
+    [
+        ("llama", {}, True, _short_examples),
+        ("llama", {}, False, _short_examples),
+        ("mistral", {"sliding_window": 4}, True, _short_examples),
+        ("llama", {}, True, _prefixed_examples),
+        ("mistral", {"sliding_window": 4}, True, _prefixed_examples),
+        ("qwen2", {}, True, _prefixed_examples),
+    ],
+)
 def test_packed_scoring_equals_pytorch_on_padded_rows(tmp_path, model_type, overrides, pack, examples):
     hf = make_hf_model(tmp_path, model_type, num_hidden_layers=2, **overrides)
     model, params = capjax.load_pretrained(tmp_path)
@@ -291,8 +320,9 @@ def test_packed_scoring_equals_pytorch_on_padded_rows(tmp_path, model_type, over
     if examples is _prefixed_examples:
         assert len(packing.pack_examples(tokens, loss, am).prefix) == 9  # window 4 < the prefix
     scores = score_heads(model, params, tokens, loss, subsets=3, attention_mask=am, progress=False, pack=pack)
-    masked = np.stack([torch_subset_losses(hf, tokens, loss, am, 3, m)
-                       for m in single_head_masks(2, 4)], axis=1).reshape(3, 2, 4)
+    masked = np.stack(
+        [torch_subset_losses(hf, tokens, loss, am, 3, m) for m in single_head_masks(2, 4)], axis=1
+    ).reshape(3, 2, 4)
     np.testing.assert_allclose(scores.masked, masked, atol=1e-5)
     np.testing.assert_allclose(scores.baseline, torch_subset_losses(hf, tokens, loss, am, 3), atol=1e-5)
 
@@ -311,8 +341,9 @@ def test_pack_examples_stores_the_shared_prefix_once():
         np.testing.assert_array_equal(np.concatenate([packed.prefix, packed.tokens[r, cols]]), tokens[b, kept[b]])
         np.testing.assert_array_equal(packed.positions[r, cols], 9 + np.arange(len(cols)))
     plain = attribution.answer_positions(tokens, loss, am)
-    packed_ans = attribution.answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
-                                              num_examples=len(tokens))
+    packed_ans = attribution.answer_positions(
+        packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids, num_examples=len(tokens)
+    )
     np.testing.assert_array_equal(packed_ans.count, plain.count)  # no answer token lost to the prefix
 
     early = loss.copy()
@@ -325,6 +356,7 @@ def test_pack_examples_stores_the_shared_prefix_once():
         ans[:, -5:] = 1
         assert packing.MIN_PREFIX_SAVING == 0.05
         assert len(packing.pack_examples(toks, ans).prefix) == shared
+
 
 def test_shared_prefix_scores_equal_unshared(tiny):
     _, model, params, *_ = tiny

@@ -36,15 +36,27 @@ def test_changelog_has_the_declared_version():
     assert changelog_problems((ROOT / "CHANGELOG.md").read_text(), version) == []
 
 
-@pytest.mark.parametrize("text, version, expected", [
-    ("## Unreleased\n## 0.2.0 - 2026-01-02\n## 0.1.0\n", "0.2.0", []),
-    ("## Unreleased\n## 0.1.0\n", "0.2.0",
-     ["CHANGELOG.md has no '## 0.2.0' heading for pyproject.toml's version: add one"]),
-    ("### 0.2.0\n## 0.1.0\n", "0.2.0",
-     ["CHANGELOG.md has no '## 0.2.0' heading for pyproject.toml's version: add one"]),
-    ("## 0.1.0\n## 0.2.0\n", "0.2.0", ["CHANGELOG.md: versions must go newest first, once each "
-                                       "(found ['0.1.0', '0.2.0'])"]),
-    ("## Next\n## 0.1.0\n", "0.1.0", ["CHANGELOG.md: heading '## Next' is neither '## Unreleased' nor '## X.Y.Z'"]),
-])
+@pytest.mark.parametrize(
+    "text, version, expected",
+    [
+        ("## Unreleased\n## 0.2.0 - 2026-01-02\n## 0.1.0\n", "0.2.0", []),
+        (
+            "## Unreleased\n## 0.1.0\n",
+            "0.2.0",
+            ["CHANGELOG.md has no '## 0.2.0' heading for pyproject.toml's version: add one"],
+        ),
+        (
+            "### 0.2.0\n## 0.1.0\n",
+            "0.2.0",
+            ["CHANGELOG.md has no '## 0.2.0' heading for pyproject.toml's version: add one"],
+        ),
+        (
+            "## 0.1.0\n## 0.2.0\n",
+            "0.2.0",
+            ["CHANGELOG.md: versions must go newest first, once each (found ['0.1.0', '0.2.0'])"],
+        ),
+        ("## Next\n## 0.1.0\n", "0.1.0", ["CHANGELOG.md: heading '## Next' is neither '## Unreleased' nor '## X.Y.Z'"]),
+    ],
+)
 def test_changelog_problems(text, version, expected):
     assert changelog_problems(text, version) == expected

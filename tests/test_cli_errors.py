@@ -56,8 +56,24 @@ def test_score_checks_its_output_before_scoring(tmp_path, tiny_folder, capsys):
 @needs_smollm2
 def test_score_out_without_suffix_says_the_real_path(tmp_path, tiny_with_tokenizer, capsys):
     out = tmp_path / "new" / "deeper" / "x"
-    assert main(["score", "--model", str(tiny_with_tokenizer), "--n", "3", "--seq-len", "96",
-                 "--out", str(out), "--bootstrap", "100"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(tiny_with_tokenizer),
+                "--n",
+                "3",
+                "--seq-len",
+                "96",
+                "--out",
+                str(out),
+                "--bootstrap",
+                "100",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"wrote {out}.npz" in printed and (tmp_path / "new" / "deeper" / "x.npz").exists()
     assert "heads have a 95% bootstrap interval that excludes zero" in printed
@@ -72,28 +88,90 @@ def test_prune_refuses_bad_inputs_in_one_line(tmp_path, tiny_folder, capsys, mon
     data = good.read_bytes()
     bad = tmp_path / "truncated.npz"
     bad.write_bytes(data[: len(data) // 2])
-    assert main(["prune", "--model", str(tiny_folder), "--method", "cap", "--scores", str(bad),
-                 "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_folder),
+                "--method",
+                "cap",
+                "--scores",
+                str(bad),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     one_error_line(capsys, str(bad), "not a readable .npz")
     other = tmp_path / "other_model.npz"
     np.savez(other, delta=np.zeros((3, 4)))
     with monkeypatch.context() as m:  # refused from config.json alone, before the weights load
         m.setattr(capjax, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
-        assert main(["prune", "--model", str(tiny_folder), "--method", "cap", "--scores", str(other),
-                     "--out", str(tmp_path / "p")]) == 2
+        assert (
+            main(
+                [
+                    "prune",
+                    "--model",
+                    str(tiny_folder),
+                    "--method",
+                    "cap",
+                    "--scores",
+                    str(other),
+                    "--out",
+                    str(tmp_path / "p"),
+                ]
+            )
+            == 2
+        )
     one_error_line(capsys, str(other), "'delta' is [3, 4]", "has [2, 4] heads")
-    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4", "--sparsity", "0.7",
-                 "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_folder),
+                "--method",
+                "magnitude",
+                "--nm",
+                "2:4",
+                "--sparsity",
+                "0.7",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     one_error_line(capsys, "--nm 2:4 fixes the sparsity at 0.5", "drop --sparsity 0.7")
-    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "4:2",
-                 "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            ["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "4:2", "--out", str(tmp_path / "p")]
+        )
+        == 2
+    )
     one_error_line(capsys, "--nm: need 0 < N < M")
     (tmp_path / "f").write_text("")
     assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "f")]) == 2
     one_error_line(capsys, "is a file")
     # 2:4 alone is fine, and the sparsity it reports is the achieved one
-    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4",
-                 "--out", str(tmp_path / "nm")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_folder),
+                "--method",
+                "magnitude",
+                "--nm",
+                "2:4",
+                "--out",
+                str(tmp_path / "nm"),
+            ]
+        )
+        == 0
+    )
     assert "50.00%" in capsys.readouterr().out
 
 
@@ -106,7 +184,6 @@ def test_damaged_weights_and_nonfinite_results(tmp_path, tiny_folder, capsys, mo
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert main(["eval", "--model", str(broken), "--tasks", "synthetic", "--out", str(tmp_path / "r.json")]) == 2
     one_error_line(capsys, str(broken / "model.safetensors"), "unreadable", "re-export")
-
 
 
 @needs_smollm2
@@ -125,8 +202,19 @@ def test_nan_weights_are_an_error_not_a_number(tmp_path, tiny_with_tokenizer, ca
     assert main(["score", "--model", str(nan), "--n", "3", "--seq-len", "96", "--out", str(tmp_path / "s")]) == 2
     one_error_line(capsys, "non-finite loss", "NaN weights?")
     out = tmp_path / "r.json"
-    argv = ["eval", "--model", str(nan), "--tasks", "synthetic", "--limit", "1", "--max-new-tokens", "2",
-            "--out", str(out)]
+    argv = [
+        "eval",
+        "--model",
+        str(nan),
+        "--tasks",
+        "synthetic",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     # found where the logits are made (generation), before any metric is computed from them
     one_error_line(capsys, f"{nan} on synthetic: generation: the model's logits are NaN/Inf")
@@ -169,15 +257,35 @@ def test_eval_checks_every_tasks_data_before_loading(tmp_path, tiny_folder, caps
     for module in (capjax, capjax.io):
         monkeypatch.setattr(module, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     out = str(tmp_path / "r.json")
-    assert main(["eval", "--model", str(tiny_folder), "--tasks", "wikitext2", "--data-dir", "/nonexistent",
-                 "--out", out]) == 2
-    one_error_line(capsys, "missing data in --data-dir /nonexistent", "wikitext2 needs wikitext2/wiki.test.raw",
-                    "pass --data-dir DIR")
+    assert (
+        main(["eval", "--model", str(tiny_folder), "--tasks", "wikitext2", "--data-dir", "/nonexistent", "--out", out])
+        == 2
+    )
+    one_error_line(
+        capsys,
+        "missing data in --data-dir /nonexistent",
+        "wikitext2 needs wikitext2/wiki.test.raw",
+        "pass --data-dir DIR",
+    )
     half = tmp_path / "data"
     (half / "gsm8k").mkdir(parents=True)
     (half / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
-    assert main(["eval", "--model", str(tiny_folder), "--tasks", "gsm8k,strategyqa,synthetic", "--data-dir",
-                 str(half), "--out", out]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_folder),
+                "--tasks",
+                "gsm8k,strategyqa,synthetic",
+                "--data-dir",
+                str(half),
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
     line = one_error_line(capsys, "strategyqa needs strategyqa/dev.json")
     assert "gsm8k needs" not in line
     assert not (tmp_path / "r.json").exists()
@@ -209,13 +317,20 @@ def test_ctrl_c_during_a_real_run_is_one_line(tmp_path):
     make_hf_model(model, "llama", max_position_embeddings=512)
     char_tokenizer().save_pretrained(model)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {model}\nout: {tmp_path / 'out'}\ncalibration: {{n: 4, subsets: 2, seq_len: 320, "
-                   "bootstrap: 0}\npruning: {methods: [cap], sparsities: [0.5]}\n"
-                   "evaluation: {tasks: [synthetic], limit: 2, max_new_tokens: 4, bootstrap: 0}\n")
+    cfg.write_text(
+        f"model: {model}\nout: {tmp_path / 'out'}\ncalibration: {{n: 4, subsets: 2, seq_len: 320, "
+        "bootstrap: 0}\npruning: {methods: [cap], sparsities: [0.5]}\n"
+        "evaluation: {tasks: [synthetic], limit: 2, max_new_tokens: 4, bootstrap: 0}\n"
+    )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "JAX_PLATFORMS": "cpu"}
-    p = subprocess.Popen([sys.executable, "-m", "capjax.cli", "run", str(cfg)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "capjax.cli", "run", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     for line in p.stdout:
         if line.startswith("scores:"):  # scoring has started
             time.sleep(1)
@@ -223,5 +338,6 @@ def test_ctrl_c_during_a_real_run_is_one_line(tmp_path):
             break
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert err.rstrip().endswith("capjax run: interrupted; rerun the same command to resume (finished steps are "
-                                 "reused)"), err[-1000:]
+    assert err.rstrip().endswith(
+        "capjax run: interrupted; rerun the same command to resume (finished steps are reused)"
+    ), err[-1000:]

@@ -16,8 +16,25 @@ from conftest import needs_smollm2
 @needs_smollm2
 def test_score_cli_matches_library(tmp_path, tiny_with_tokenizer, capsys):
     out = tmp_path / "scores.npz"
-    argv = ["score", "--model", str(tiny_with_tokenizer), "--calib", "synthetic", "--n", "6", "--seq-len", "128",
-            "--subsets", "3", "--aggregate", "paired", "--out", str(out), "--plot", str(tmp_path / "heat.png")]
+    argv = [
+        "score",
+        "--model",
+        str(tiny_with_tokenizer),
+        "--calib",
+        "synthetic",
+        "--n",
+        "6",
+        "--seq-len",
+        "128",
+        "--subsets",
+        "3",
+        "--aggregate",
+        "paired",
+        "--out",
+        str(out),
+        "--plot",
+        str(tmp_path / "heat.png"),
+    ]
     assert main(argv) == 0
     assert "scored 8 heads" in capsys.readouterr().out
     saved = np.load(out)
@@ -26,8 +43,9 @@ def test_score_cli_matches_library(tmp_path, tiny_with_tokenizer, capsys):
     assert settings["code"] == code_version() and (settings["kind"], settings["metric"]) == ("zero", "ce")
     model, params = capjax.load_pretrained(tiny_with_tokenizer)
     calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=6, seq_len=128, seed=0)
-    ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 3, "paired",
-                             attention_mask=calib.attention_mask, progress=False)
+    ref = capjax.score_heads(
+        model, params, calib.tokens, calib.loss_mask, 3, "paired", attention_mask=calib.attention_mask, progress=False
+    )
     np.testing.assert_allclose(saved["delta"], ref.delta, atol=1e-6)
     np.testing.assert_allclose(saved["masked"], ref.masked, atol=1e-6)
     assert (tmp_path / "heat.png").stat().st_size > 1000
@@ -52,13 +70,46 @@ def test_score_cli_too_little_memory(tmp_path, capsys, monkeypatch, tiny_with_to
 def test_score_cli_kind_and_metric(tmp_path, tiny_with_tokenizer):
     """--kind / --metric reach score_heads and are recorded in the file (HeadScores.load reads them)."""
     out = tmp_path / "scores.npz"
-    assert main(["score", "--model", str(tiny_with_tokenizer), "--calib", "synthetic", "--n", "4", "--seq-len", "128",
-                 "--subsets", "2", "--kind", "resample", "--metric", "kl", "--bootstrap", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(tiny_with_tokenizer),
+                "--calib",
+                "synthetic",
+                "--n",
+                "4",
+                "--seq-len",
+                "128",
+                "--subsets",
+                "2",
+                "--kind",
+                "resample",
+                "--metric",
+                "kl",
+                "--bootstrap",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = capjax.HeadScores.load(out)
     assert (saved.kind, saved.metric, saved.aggregate) == ("resample", "kl", "median")
     model, params = capjax.load_pretrained(tiny_with_tokenizer)
     calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=4, seq_len=128, seed=0)
-    ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
-                             progress=False, kind="resample", metric="kl")
+    ref = capjax.score_heads(
+        model,
+        params,
+        calib.tokens,
+        calib.loss_mask,
+        2,
+        attention_mask=calib.attention_mask,
+        progress=False,
+        kind="resample",
+        metric="kl",
+    )
     np.testing.assert_allclose(saved.delta, ref.delta, atol=1e-6)
     np.testing.assert_allclose(saved.example_masked, ref.example_masked, atol=1e-6)

@@ -17,7 +17,6 @@ import capjax  # noqa: E402
 from capjax.convert import iter_hf_tensors  # noqa: E402
 from capjax.integrations.compressed import SparsityFormatError, is_target, save_compressed  # noqa: E402
 from capjax.io import hf_masks  # noqa: E402
-
 from conftest import make_hf_model  # noqa: E402
 
 
@@ -88,12 +87,27 @@ def test_2to4_request_on_unstructured_weights_is_refused(tiny, tmp_path):
 
 
 def test_prune_cli_writes_compressed_folder_and_hf_masks(tmp_path):
-    from capjax import cli
     from compressed_tensors.compressors import ModelCompressor
 
+    from capjax import cli
+
     make_hf_model(tmp_path / "src", "llama", seed=4)
-    rc = cli.main(["prune", "--model", str(tmp_path / "src"), "--method", "magnitude", "--nm", "2:4",
-                   "--sparsity-format", "compressed-tensors", "--hf-masks", "--out", str(tmp_path / "out")])
+    rc = cli.main(
+        [
+            "prune",
+            "--model",
+            str(tmp_path / "src"),
+            "--method",
+            "magnitude",
+            "--nm",
+            "2:4",
+            "--sparsity-format",
+            "compressed-tensors",
+            "--hf-masks",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     out = tmp_path / "out"
     q = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -110,9 +124,8 @@ def test_transformers_5_refuses_the_folder_with_compressed_tensors_0_13(exported
     (transformers/utils/import_utils.py COMPRESSED_TENSORS_MIN_VERSION), and the installed release
     that has the sparsity compressors is older. When a release has both, this fails: then test the
     load (AutoModelForCausalLM on `comp`, same logits as `dense`) instead."""
-    from packaging.version import Version
-
     import compressed_tensors
+    from packaging.version import Version
 
     *_, comp = exported
     assert Version(compressed_tensors.__version__) < Version("0.15")

@@ -70,10 +70,12 @@ def public_callables(module=capjax):
 
 def public_fields(module=capjax):
     """(qualified name, field name, annotation, class docstring) of the exported dataclasses' fields."""
-    return [(f"{export}.{f.name}", f.name, f.type, inspect.getdoc(getattr(module, export)) or "")
-            for export in module.__all__
-            if dataclasses.is_dataclass(getattr(module, export))
-            for f in dataclasses.fields(getattr(module, export))]
+    return [
+        (f"{export}.{f.name}", f.name, f.type, inspect.getdoc(getattr(module, export)) or "")
+        for export in module.__all__
+        if dataclasses.is_dataclass(getattr(module, export))
+        for f in dataclasses.fields(getattr(module, export))
+    ]
 
 
 def missing_shapes(callables, fields) -> list[str]:
@@ -81,7 +83,9 @@ def missing_shapes(callables, fields) -> list[str]:
     for qualname, sig, doc in callables:
         for p in sig.parameters.values():
             if p.name != "self" and _is_array(p.name, p.annotation) and not names_shape(doc, p.name):
-                problems.append(f"{qualname}({p.name}): its docstring gives no shape ('{p.name} [...]', legend letters)")
+                problems.append(
+                    f"{qualname}({p.name}): its docstring gives no shape ('{p.name} [...]', legend letters)"
+                )
     for qualname, name, annotation, doc in fields:
         if _is_array(name, annotation) and not names_shape(doc, name):
             problems.append(f"{qualname}: the class docstring gives no shape ('{name}: [...]', legend letters)")
@@ -107,18 +111,35 @@ def test_the_check_finds_a_missing_or_foreign_shape():
     def shared(tokens, loss_mask, n: int):
         """tokens, `loss_mask` [B, T]; n ablations."""
 
-    found = missing_shapes([(f.__name__, inspect.signature(f), f.__doc__) for f in (score, undocumented,
-                                                                                   foreign, shared)], [])
-    assert found == ["score(loss_mask): its docstring gives no shape ('loss_mask [...]', legend letters)",
-                     "undocumented(x): its docstring gives no shape ('x [...]', legend letters)",
-                     "foreign(x): its docstring gives no shape ('x [...]', legend letters)"]
+    found = missing_shapes(
+        [(f.__name__, inspect.signature(f), f.__doc__) for f in (score, undocumented, foreign, shared)], []
+    )
+    assert found == [
+        "score(loss_mask): its docstring gives no shape ('loss_mask [...]', legend letters)",
+        "undocumented(x): its docstring gives no shape ('x [...]', legend letters)",
+        "foreign(x): its docstring gives no shape ('x [...]', legend letters)",
+    ]
 
 
-@pytest.mark.parametrize("doc, ok", [("masks [N, L, H]", True), ("`masks` [N, L, H]", True),
-                                     ("masks: [L * H, B]", True), ("masks [T=seq_len]", True),
-                                     ("masks [...,E]", True), ("masks []", True), ("masks [D/2]", True),
-                                     ("the masks [N, L, H]", True), ("submasks [N]", False),
-                                     ("x.masks [N]", False), ("masks (bool) [N]", False), ("masks [n_rows, L]", True),
-                                     ("masks [Q]", False), ("masks [b t]", False), ("masks [B, Tx]", False)])
+@pytest.mark.parametrize(
+    "doc, ok",
+    [
+        ("masks [N, L, H]", True),
+        ("`masks` [N, L, H]", True),
+        ("masks: [L * H, B]", True),
+        ("masks [T=seq_len]", True),
+        ("masks [...,E]", True),
+        ("masks []", True),
+        ("masks [D/2]", True),
+        ("the masks [N, L, H]", True),
+        ("submasks [N]", False),
+        ("x.masks [N]", False),
+        ("masks (bool) [N]", False),
+        ("masks [n_rows, L]", True),
+        ("masks [Q]", False),
+        ("masks [b t]", False),
+        ("masks [B, Tx]", False),
+    ],
+)
 def test_names_shape(doc, ok):
     assert names_shape(doc, "masks") is ok

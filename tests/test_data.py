@@ -80,8 +80,7 @@ def test_gsm8k_records():
     assert recs[0] == {
         "id": "gsm8k/train/0",
         "question": raw[0]["question"],
-        "reasoning": "Natalia sold 48/2 = 24 clips in May.\n"
-        "Natalia sold 48+24 = 72 clips altogether in April and May.",
+        "reasoning": "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.",
         "answer": "72",
     }
     for r in recs:
@@ -101,8 +100,10 @@ def test_arc_records_letter_and_numeric_labels(tok):
     assert train[0]["id"] == raw0["id"] == "Mercury_SC_415702"
     assert train[0]["question"] == raw0["question"]["stem"]
     assert train[0]["choices"] == [
-        ("A", "dry palms"), ("B", "wet palms"),
-        ("C", "palms covered with oil"), ("D", "palms covered with lotion"),
+        ("A", "dry palms"),
+        ("B", "wet palms"),
+        ("C", "palms covered with oil"),
+        ("D", "palms covered with lotion"),
     ]
     assert (train[0]["answer_label"], train[0]["answer"], train[0]["reasoning"]) == ("A", "dry palms", "")
     assert [len(load_records("arc_challenge", s, DATA)) for s in ("train", "dev", "test")] == [1119, 299, 1172]
@@ -193,18 +194,21 @@ def test_datasets_fallback(tmp_path, monkeypatch):
             return [{"question": "Q?", "answer": "2 + 3 = <<2+3=5>>5 and 1,000 more.\n#### 1,005"}]
         if args[0] == "wikitext":
             return {"text": ["", " = A = \n", "", " b c \n"]}
-        return [{"id": "x1", "question": "Pick.", "answerKey": "B",
-                 "choices": {"label": ["A", "B"], "text": ["no", "yes"]}}]
+        return [
+            {"id": "x1", "question": "Pick.", "answerKey": "B", "choices": {"label": ["A", "B"], "text": ["no", "yes"]}}
+        ]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     g = load_records("gsm8k", "train", data_dir=tmp_path)
-    assert g == [{"id": "gsm8k/train/0", "question": "Q?",
-                  "reasoning": "2 + 3 = 5 and 1,000 more.", "answer": "1005"}]
+    assert g == [{"id": "gsm8k/train/0", "question": "Q?", "reasoning": "2 + 3 = 5 and 1,000 more.", "answer": "1005"}]
     a = load_records("arc_challenge", "dev", data_dir=tmp_path)
     assert a[0]["choices"] == [("A", "no"), ("B", "yes")] and a[0]["answer"] == "yes"
     assert load_wikitext2_text(tmp_path) == " = A = \n\n b c "
-    assert calls == [("gsm8k", "main", "train"), ("ai2_arc", "ARC-Challenge", "validation"),
-                     ("wikitext", "wikitext-2-raw-v1", "test")]
+    assert calls == [
+        ("gsm8k", "main", "train"),
+        ("ai2_arc", "ARC-Challenge", "validation"),
+        ("wikitext", "wikitext-2-raw-v1", "test"),
+    ]
 
 
 # ---------------------------------------------------------------- synthetic
@@ -238,8 +242,7 @@ def _solve_question(q: str) -> int:
 
 @pytest.mark.parametrize("split", ["calib", "eval"])
 def test_synthetic_answers_are_correct(split):
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-           "/": lambda a, b: a / b}
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
     probs = synthetic_problems(300, seed=3, split=split)
     assert len(probs) == 300 and len({p["question"] for p in probs}) == 300
     n_ops = set()
@@ -288,7 +291,8 @@ def test_templates_chat_and_plain(tok, plain_tok):
     assert prompt.startswith("<|im_start|>system\n")
     assert prompt.endswith(
         "<|im_start|>user\nSolve the problem step by step and end with 'The answer is N.'\n\n"
-        + rec["question"] + "<|im_end|>\n<|im_start|>assistant\n"
+        + rec["question"]
+        + "<|im_end|>\n<|im_start|>assistant\n"
     )
     assert answer == rec["reasoning"] + "\nThe answer is " + rec["answer"] + "."
     assert build_prompt(rec, "synthetic", tok) == prompt
@@ -336,7 +340,7 @@ def test_calibration_batch_layout(tok, task, chat):
 def test_calibration_truncation(tok):
     full = build_calibration("synthetic", tok, n=12, seq_len=512, chat=True)
     lengths = full.attention_mask.sum(1)
-    prompt_lens = (full.loss_mask.argmax(1))
+    prompt_lens = full.loss_mask.argmax(1)
     seq_len = int(np.median(lengths))
     b = build_calibration("synthetic", tok, n=12, seq_len=seq_len, chat=True)
     assert b.n_truncated == int((lengths > seq_len).sum()) > 0
@@ -387,8 +391,9 @@ def test_calibration_seeded(tok):
 @pytest.mark.skipif(not DATA.is_dir(), reason="no reference data")
 @pytest.mark.parametrize("task", DATA_TASKS + ["synthetic"])
 def test_calibration_and_evaluation_disjoint(tok, task):
-    calib = load_records(task, CALIB_SPLITS[task], DATA) if task != "synthetic" else \
-        synthetic_problems(2000, 0, "calib")
+    calib = (
+        load_records(task, CALIB_SPLITS[task], DATA) if task != "synthetic" else synthetic_problems(2000, 0, "calib")
+    )
     evals = eval_records(task, data_dir=DATA)
     assert len(evals) > 200
     assert {r["id"] for r in calib}.isdisjoint(r["id"] for r in evals)

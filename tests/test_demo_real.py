@@ -17,9 +17,22 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_demo.yaml"
 @needs_smollm2
 def test_demo_config_on_real_model(tmp_path):
     out = tmp_path / "demo"
-    assert main(["run", str(CONFIG), f"out={out}", "calibration.n=3", "pruning.methods=[cap,wanda]",
-                 "pruning.sparsities=[0.5]", "evaluation.tasks=[synthetic]", "evaluation.limit=4",
-                 "evaluation.max_new_tokens=24"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(CONFIG),
+                f"out={out}",
+                "calibration.n=3",
+                "pruning.methods=[cap,wanda]",
+                "pruning.sparsities=[0.5]",
+                "evaluation.tasks=[synthetic]",
+                "evaluation.limit=4",
+                "evaluation.max_new_tokens=24",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     dense, cap, wanda = results["runs"]
     assert (cap["name"], wanda["name"]) == ("cap_synthetic_s0.50", "wanda_synthetic_s0.50")

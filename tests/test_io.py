@@ -18,9 +18,15 @@ from conftest import check_save_reload, make_hf_model, needs_smollm2
 from worker_common import FakeAccelerator
 
 
-@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
-                                                  ("qwen2", {"tie_word_embeddings": False}),
-                                                  ("mistral", {"sliding_window": 4})])
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("qwen2", {"tie_word_embeddings": False}),
+        ("mistral", {"sliding_window": 4}),
+    ],
+)
 def test_save_reload_roundtrip(tmp_path, model_type, overrides):
     hf = make_hf_model(tmp_path / "src", model_type, **overrides)
     model, params = capjax.load_pretrained(tmp_path / "src")
@@ -72,12 +78,15 @@ def test_unsupported_model_type(tmp_path):
         capjax.load_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("hidden_act", "gelu", "hidden_act='gelu'"),
-    ("mlp_bias", True, "mlp_bias=True"),
-    ("attention_bias", True, "attention_bias=True"),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_type='yarn'"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("hidden_act", "gelu", "hidden_act='gelu'"),
+        ("mlp_bias", True, "mlp_bias=True"),
+        ("attention_bias", True, "attention_bias=True"),
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_type='yarn'"),
+    ],
+)
 def test_unhandled_config_field(field, value, match):
     cfg = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, **{field: value})
     with pytest.raises(UnsupportedConfigError, match=match):
@@ -107,8 +116,10 @@ def test_smollm2_config_and_tokenizer(smollm2):
 
 
 # ---------------------------------------------------------------------------- too little memory
-@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
-                                                  ("qwen2", {"tie_word_embeddings": False})])
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {"tie_word_embeddings": False})],
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_params_bytes_match_the_loaded_tree(tmp_path, model_type, overrides, dtype):
     """The pre-flight estimate, from shapes alone, equals what loading really allocates."""

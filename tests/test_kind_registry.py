@@ -42,10 +42,12 @@ def torch_head_values(hf, tokens, am, loss, heads_rep):
     sel = (loss[:, 1:] > 0) & (am[:, 1:] > 0) & (am[:, :-1] > 0)
     out = []
     for l, h in np.ndindex(L, H):
+
         def pre(m, a, l=l, h=h):
             x = a[0].reshape(*a[0].shape[:2], H, D).clone()
             x[:, :, h] = torch.tensor(heads_rep[l, h], dtype=x.dtype)
             return (x.reshape(a[0].shape),) + tuple(a[1:])
+
         handle = hf.model.layers[l].self_attn.o_proj.register_forward_pre_hook(pre)
         try:
             with torch.no_grad():
@@ -69,8 +71,9 @@ def test_registered_kind_through_ablate_and_score_heads_equals_torch(tmp_path):
             register_kind("constant", fn)
         batch = prepare_batch(model, tokens, loss, am)
         res = ablate(model, params, batch, single_spec(model.config, "heads"), kind="constant", seed=3)
-        scores = capjax.score_heads(model, params, tokens, loss, subsets=1, aggregate="mean", attention_mask=am,
-                                    progress=False, kind="constant")
+        scores = capjax.score_heads(
+            model, params, tokens, loss, subsets=1, aggregate="mean", attention_mask=am, progress=False, kind="constant"
+        )
     finally:
         unregister_kind("constant")
     reps = fn(model, params, batch, 3)
@@ -94,23 +97,54 @@ def test_plugin_kind_reaches_score_cli_and_configs(tmp_path, monkeypatch, tiny_w
     monkeypatch.setenv("CAPJAX_PLUGINS", str(plugin))
     out = tmp_path / "scores.npz"
     try:
-        assert main(["score", "--model", str(tiny_with_tokenizer), "--calib", "synthetic", "--n", "4",
-                     "--seq-len", "128", "--subsets", "2", "--kind", "constant", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "score",
+                    "--model",
+                    str(tiny_with_tokenizer),
+                    "--calib",
+                    "synthetic",
+                    "--n",
+                    "4",
+                    "--seq-len",
+                    "128",
+                    "--subsets",
+                    "2",
+                    "--kind",
+                    "constant",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         saved = capjax.HeadScores.load(out)
         model, params = capjax.load_pretrained(tiny_with_tokenizer)
         calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=4, seq_len=128, seed=0)
-        ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
-                                 progress=False, kind="constant")
+        ref = capjax.score_heads(
+            model,
+            params,
+            calib.tokens,
+            calib.loss_mask,
+            2,
+            attention_mask=calib.attention_mask,
+            progress=False,
+            kind="constant",
+        )
         cfg = tmp_path / "run.yaml"
-        cfg.write_text(f"model: {tiny_with_tokenizer}\ncalibration: {{kind: constant, tasks: [synthetic]}}\n"
-                       "evaluation: {tasks: [synthetic]}\n")
+        cfg.write_text(
+            f"model: {tiny_with_tokenizer}\ncalibration: {{kind: constant, tasks: [synthetic]}}\n"
+            "evaluation: {tasks: [synthetic]}\n"
+        )
         assert load_run_config(cfg).calibration.kind == "constant"
     finally:
         unregister_kind("constant")
     assert saved.kind == "constant"
     np.testing.assert_allclose(saved.delta, ref.delta, atol=1e-6)
-    zero = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
-                              progress=False)
+    zero = capjax.score_heads(
+        model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask, progress=False
+    )
     assert np.abs(zero.delta - ref.delta).max() > 1e-3  # the kind was really used
 
 
@@ -136,8 +170,12 @@ def torch_patched_head_values(hf, tokens, am, loss):
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     D = cfg.hidden_size // H
     seen = {}
-    hooks = [hf.model.layers[l].self_attn.o_proj.register_forward_pre_hook(
-        lambda m, a, l=l: seen.__setitem__(l, a[0].detach().clone())) for l in range(L)]
+    hooks = [
+        hf.model.layers[l].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, l=l: seen.__setitem__(l, a[0].detach().clone())
+        )
+        for l in range(L)
+    ]
     try:
         with torch.no_grad():
             hf(torch.tensor((tokens + 1) % cfg.vocab_size), attention_mask=torch.tensor(am))
@@ -147,10 +185,12 @@ def torch_patched_head_values(hf, tokens, am, loss):
     sel = (loss[:, 1:] > 0) & (am[:, 1:] > 0) & (am[:, :-1] > 0)
     out = np.zeros((L, H, tokens.shape[0]))
     for l, h in np.ndindex(L, H):
+
         def pre(m, a, l=l, h=h):
             x = a[0].reshape(*a[0].shape[:2], H, D).clone()
             x[:, :, h] = seen[l].reshape(*a[0].shape[:2], H, D)[:, :, h]
             return (x.reshape(a[0].shape),) + tuple(a[1:])
+
         handle = hf.model.layers[l].self_attn.o_proj.register_forward_pre_hook(pre)
         try:
             with torch.no_grad():
@@ -164,8 +204,9 @@ def torch_patched_head_values(hf, tokens, am, loss):
 
 
 @needs_smollm2
-def test_user_corrupted_kind_from_a_plugin_file_through_ablate_score_and_run(tmp_path, monkeypatch,
-                                                                            tiny_with_tokenizer):
+def test_user_corrupted_kind_from_a_plugin_file_through_ablate_score_and_run(
+    tmp_path, monkeypatch, tiny_with_tokenizer
+):
     """A user's kind ("replace by the output on a corrupted batch") in their own file, loaded through
     CAPJAX_PLUGINS, works in `ablate`, `score_heads`, `capjax score --kind` and `capjax run`
     (calibration.kind), each equal to a transformers forward-hook loop."""
@@ -192,16 +233,53 @@ def test_user_corrupted_kind_from_a_plugin_file_through_ablate_score_and_run(tmp
         assert "corrupted" in names()  # registered by the plugin file alone
         batch = prepare_batch(model, calib.tokens, calib.loss_mask, calib.attention_mask)
         res = ablate(model, params, batch, single_spec(c, "heads"), kind="corrupted")
-        scores = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, U,
-                                    attention_mask=calib.attention_mask, progress=False, kind="corrupted")
-        assert main(["score", "--model", str(tiny_with_tokenizer), "--calib", "synthetic", "--n", str(n),
-                     "--seq-len", str(T), "--subsets", str(U), "--kind", "corrupted",
-                     "--out", str(tmp_path / "scores.npz")]) == 0
-        cfg = {"model": str(tiny_with_tokenizer), "out": str(out), "seed": 0,
-               "calibration": {"tasks": ["synthetic"], "n": n, "seq_len": T, "subsets": U, "kind": "corrupted",
-                               "bootstrap": 0},
-               "pruning": {"methods": ["cap"], "sparsities": [0.5]},
-               "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "bootstrap": 0}}
+        scores = capjax.score_heads(
+            model,
+            params,
+            calib.tokens,
+            calib.loss_mask,
+            U,
+            attention_mask=calib.attention_mask,
+            progress=False,
+            kind="corrupted",
+        )
+        assert (
+            main(
+                [
+                    "score",
+                    "--model",
+                    str(tiny_with_tokenizer),
+                    "--calib",
+                    "synthetic",
+                    "--n",
+                    str(n),
+                    "--seq-len",
+                    str(T),
+                    "--subsets",
+                    str(U),
+                    "--kind",
+                    "corrupted",
+                    "--out",
+                    str(tmp_path / "scores.npz"),
+                ]
+            )
+            == 0
+        )
+        cfg = {
+            "model": str(tiny_with_tokenizer),
+            "out": str(out),
+            "seed": 0,
+            "calibration": {
+                "tasks": ["synthetic"],
+                "n": n,
+                "seq_len": T,
+                "subsets": U,
+                "kind": "corrupted",
+                "bootstrap": 0,
+            },
+            "pruning": {"methods": ["cap"], "sparsities": [0.5]},
+            "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "bootstrap": 0},
+        }
         (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
         assert main(["run", str(tmp_path / "run.yaml")]) == 0
     finally:
@@ -215,6 +293,7 @@ def test_user_corrupted_kind_from_a_plugin_file_through_ablate_score_and_run(tmp
     ran = capjax.HeadScores.load(out / "artifacts" / "scores" / f"{results['scores']['synthetic']['fingerprint']}.npz")
     assert ran.kind == "corrupted"
     np.testing.assert_allclose(ran.example_masked, want, atol=2e-4, rtol=1e-5)
-    zero = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, U, attention_mask=calib.attention_mask,
-                              progress=False)
+    zero = capjax.score_heads(
+        model, params, calib.tokens, calib.loss_mask, U, attention_mask=calib.attention_mask, progress=False
+    )
     assert np.abs(zero.example_masked - want).max() > 1e-2  # the corrupted outputs were really used

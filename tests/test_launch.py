@@ -25,14 +25,21 @@ def _launch(n: int, code: str, *opts: str, timeout: float = 60) -> tuple[subproc
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPJAX_", "JAX_"))}
     env["PYTHON"] = sys.executable
     t = time.monotonic()
-    res = subprocess.run(["bash", str(LAUNCH_SH), str(n), *opts, "--", sys.executable, "-c", code], env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        ["bash", str(LAUNCH_SH), str(n), *opts, "--", sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return res, time.monotonic() - t
 
 
 def test_every_process_gets_its_settings_and_prefixed_output():
-    code = ("import os; print(os.environ['CAPJAX_PROCESS_ID'], os.environ['CAPJAX_NUM_PROCESSES'], "
-            "os.environ['CAPJAX_DISTRIBUTED'], os.environ['CAPJAX_COORDINATOR_ADDRESS'], os.environ['XLA_FLAGS'])")
+    code = (
+        "import os; print(os.environ['CAPJAX_PROCESS_ID'], os.environ['CAPJAX_NUM_PROCESSES'], "
+        "os.environ['CAPJAX_DISTRIBUTED'], os.environ['CAPJAX_COORDINATOR_ADDRESS'], os.environ['XLA_FLAGS'])"
+    )
     res, _ = _launch(3, code, "--devices", "4")
     assert res.returncode == 0, res.stderr
     lines = sorted(res.stdout.splitlines())
@@ -45,20 +52,27 @@ def test_a_killed_process_stops_the_job_with_one_line():
     """Process 1 kills itself with SIGKILL; process 0 would sleep 60 s (and ignores SIGTERM, so
     the launcher must escalate to SIGKILL after --grace): the job ends within seconds, with the
     launcher's line naming process 1 and the signal, and status 128 + 9."""
-    code = ("import os, signal, time; i = int(os.environ['CAPJAX_PROCESS_ID']); "
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(1.0); "
-            "os.kill(os.getpid(), 9) if i == 1 else time.sleep(60)")
+    code = (
+        "import os, signal, time; i = int(os.environ['CAPJAX_PROCESS_ID']); "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(1.0); "
+        "os.kill(os.getpid(), 9) if i == 1 else time.sleep(60)"
+    )
     res, took = _launch(2, code, "--grace", "1")
     assert res.returncode == 137, (res.returncode, res.stderr)
     lines = [l for l in res.stderr.splitlines() if "exited with" in l]
-    assert lines == ["capjax: process 1 exited with signal 9 (Killed); the job stopped; "
-                     "rerun the same command to resume from the last checkpoint"], res.stderr
+    assert lines == [
+        "capjax: process 1 exited with signal 9 (Killed); the job stopped; "
+        "rerun the same command to resume from the last checkpoint"
+    ], res.stderr
     assert took < 30, took
 
 
 def test_a_failing_process_status_is_the_jobs():
-    res, took = _launch(2, "import os, sys, time; time.sleep(0.5); "
-                           "sys.exit(3 if os.environ['CAPJAX_PROCESS_ID'] == '0' else time.sleep(60))")
+    res, took = _launch(
+        2,
+        "import os, sys, time; time.sleep(0.5); "
+        "sys.exit(3 if os.environ['CAPJAX_PROCESS_ID'] == '0' else time.sleep(60))",
+    )
     assert res.returncode == 3 and took < 30
     assert "capjax: process 0 exited with status 3; the job stopped" in res.stderr
 
@@ -70,7 +84,8 @@ def test_failure_line_names_the_runs_out_folder(tmp_path):
     assert launch.run_out_folder(cmd) == str(tmp_path / "second")
     assert launch.failure_line(1, -9, cmd) == (
         "capjax: process 1 exited with signal 9 (Killed); the job stopped; rerun the same command to resume from "
-        f"the last checkpoint in {tmp_path / 'second'}")
+        f"the last checkpoint in {tmp_path / 'second'}"
+    )
     assert launch.run_out_folder(["capjax", "run", str(tmp_path / "absent.yaml")]) is None
     assert launch.describe_exit(2) == "status 2"
 
@@ -86,8 +101,10 @@ def test_a_command_that_cannot_start_is_one_line(capsys):
     assert launch.main(["2", "--", "no_such_command_capjax"]) == 127
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines() == ["capjax: cannot start process 0: No such file or directory: "
-                                        "'no_such_command_capjax'; check the command after --"]
+    assert err.strip().splitlines() == [
+        "capjax: cannot start process 0: No such file or directory: "
+        "'no_such_command_capjax'; check the command after --"
+    ]
 
 
 def test_surviving_jax_processes_stop_at_once_not_after_the_grace():
@@ -95,8 +112,10 @@ def test_surviving_jax_processes_stop_at_once_not_after_the_grace():
     unless capjax turns it off); process 1 then fails, process 0 would sleep 120 s. The launcher's
     SIGTERM must stop process 0 at once: the job ends well before --grace 40 (before: always the
     full grace, then SIGKILL)."""
-    code = ("import os, time; from capjax.distributed import initialize; initialize(); print('up', flush=True); "
-            "time.sleep(2); os._exit(3) if os.environ['CAPJAX_PROCESS_ID'] == '1' else time.sleep(120)")
+    code = (
+        "import os, time; from capjax.distributed import initialize; initialize(); print('up', flush=True); "
+        "time.sleep(2); os._exit(3) if os.environ['CAPJAX_PROCESS_ID'] == '1' else time.sleep(120)"
+    )
     env_path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     os.environ["PYTHONPATH"], old = env_path, os.environ.get("PYTHONPATH")
     try:

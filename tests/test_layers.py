@@ -18,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "capjax"
-CONTRACTS = {c["id"]: c for c in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]}
+CONTRACTS = {
+    c["id"]: c for c in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+}
 TOP = {"capjax.cli", "capjax.commands", "capjax.experiment", "capjax.launch"}  # may import commands / experiment / root
 
 
@@ -45,7 +47,7 @@ def _imports(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                    base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
@@ -155,8 +157,12 @@ def test_every_import_points_down_the_floors(graph):
 
 
 def test_only_the_top_imports_commands_experiment_and_the_package_root(graph):
-    wrong = [f"{m} -> {t} (line {line})" for m, edges in graph.items() for t, line in edges.items()
-             if (t == "capjax" or _unit(t) in ("capjax.commands", "capjax.experiment")) and _unit(m) not in TOP]
+    wrong = [
+        f"{m} -> {t} (line {line})"
+        for m, edges in graph.items()
+        for t, line in edges.items()
+        if (t == "capjax" or _unit(t) in ("capjax.commands", "capjax.experiment")) and _unit(m) not in TOP
+    ]
     assert wrong == []
     # the package root sits between the pipelines it re-exports and the experiment floor
     floors = _floors()
@@ -173,8 +179,9 @@ def test_families_read_only_the_config_fields_they_declare():
     from capjax.config import ModelConfig
     from capjax.families import base
 
-    declared = {name: v.fget.__annotations__["return"] for name, v in vars(base.ModelConfig).items()
-                if isinstance(v, property)}
+    declared = {
+        name: v.fget.__annotations__["return"] for name, v in vars(base.ModelConfig).items() if isinstance(v, property)
+    }
     fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     assert {k: fields.get(k) for k in declared} == declared
     read = set()
@@ -182,10 +189,14 @@ def test_families_read_only_the_config_fields_they_declare():
         for fn in ast.walk(ast.parse(path.read_text())):
             if not isinstance(fn, ast.FunctionDef):
                 continue
-            configs = {a.arg for a in fn.args.args if a.annotation is not None
-                       and "ModelConfig" in ast.unparse(a.annotation)}
-            read |= {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)
-                     and isinstance(n.value, ast.Name) and n.value.id in configs}
+            configs = {
+                a.arg for a in fn.args.args if a.annotation is not None and "ModelConfig" in ast.unparse(a.annotation)
+            }
+            read |= {
+                n.attr
+                for n in ast.walk(fn)
+                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in configs
+            }
     assert read and read <= set(declared), sorted(read - set(declared))
 
 
@@ -198,12 +209,27 @@ def test_moved_names_still_import():
     from capjax.memory import InsufficientMemoryError
     from capjax.sharding import DATA, axis_size, batch_sharding, fit_spec
 
-    assert (one_line, expected_error, InsufficientMemoryError) == (errors.one_line, errors.expected_error,
-                                                                   errors.InsufficientMemoryError)
+    assert (one_line, expected_error, InsufficientMemoryError) == (
+        errors.one_line,
+        errors.expected_error,
+        errors.InsufficientMemoryError,
+    )
     assert (atomic_write, file_digest, fingerprint, read_npz, strict_json, write_texts) == (
-        artifacts.atomic_write, artifacts.file_digest, artifacts.fingerprint, artifacts.read_npz,
-        artifacts.strict_json, artifacts.write_texts)
-    assert (SparsityFormatError, is_target, save_compressed) == (compressed.SparsityFormatError, compressed.is_target,
-                                                                 compressed.save_compressed)
-    assert (DATA, axis_size, batch_sharding, fit_spec) == (mesh.DATA, mesh.axis_size, mesh.batch_sharding,
-                                                           mesh.fit_spec)
+        artifacts.atomic_write,
+        artifacts.file_digest,
+        artifacts.fingerprint,
+        artifacts.read_npz,
+        artifacts.strict_json,
+        artifacts.write_texts,
+    )
+    assert (SparsityFormatError, is_target, save_compressed) == (
+        compressed.SparsityFormatError,
+        compressed.is_target,
+        compressed.save_compressed,
+    )
+    assert (DATA, axis_size, batch_sharding, fit_spec) == (
+        mesh.DATA,
+        mesh.axis_size,
+        mesh.batch_sharding,
+        mesh.fit_spec,
+    )

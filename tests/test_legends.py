@@ -18,16 +18,21 @@ _FILLER = {"a", "an", "the", "of", "per", "its"}
 # symbol -> {canonical meaning: phrasings (normalised)}; one canonical meaning per symbol.
 SYNONYMS: dict[str, dict[str, set[str]]] = {
     "B": {"batch": {"batch", "examples", "calibration examples", "calibration sequences", "rows"}},
-    "T": {"time": {"time", "query time", "columns padded batch", "tokens sequence", "prompt time",
-                   "their padded length"}},
+    "T": {
+        "time": {"time", "query time", "columns padded batch", "tokens sequence", "prompt time", "their padded length"}
+    },
     # packed rows run without a cache, so their keys are their columns; with a cache the keys are
     # the cache slots: all three are the axis attention keys run over.
     "S": {"key time": {"key time", "packed columns", "= t + x cache slots"}},
     "N": {"ablations": {"ablations", "mask vectors", "batch ablation masks"}},
     "A": {"answer tokens": {"answer tokens", "answer tokens in batch"}},
     "U": {"subsets": {"subsets", "calibration subsets"}},
-    "L": {"layers": {"layers"}}, "K": {"kv heads": {"kv heads"}}, "D": {"head dim": {"head dim"}},
-    "E": {"hidden": {"hidden"}}, "F": {"mlp width": {"mlp width"}}, "V": {"vocab": {"vocab"}},
+    "L": {"layers": {"layers"}},
+    "K": {"kv heads": {"kv heads"}},
+    "D": {"head dim": {"head dim"}},
+    "E": {"hidden": {"hidden"}},
+    "F": {"mlp width": {"mlp width"}},
+    "V": {"vocab": {"vocab"}},
     "H": {"query heads": {"query heads", "heads"}},
     "G": {"query heads per kv head": {"= h // k", "= h // k query heads kv head"}},
 }
@@ -52,7 +57,7 @@ def _legend_text(src: str, start: int) -> str:
     i = start
     while i < len(src):
         ch = src[i]
-        if re.match(r'\n[ \t]*\n|"""', src[i:i + 12]):
+        if re.match(r'\n[ \t]*\n|"""', src[i : i + 12]):
             break
         depth += (ch == "(") - (ch == ")")
         if ch == "." and depth == 0 and (i + 1 == len(src) or src[i + 1].isspace()):
@@ -94,8 +99,11 @@ def clashes(found: dict[str, dict[str, str]]) -> list[str]:
         for symbol, meaning in entries.items():
             name = canonical.get((symbol, meaning), meaning)
             uses.setdefault(symbol, {}).setdefault(name, []).append(module)
-    return [f"{s}: " + "; ".join(f"{name!r} in {', '.join(mods)}" for name, mods in by.items())
-            for s, by in sorted(uses.items()) if len(by) > 1]
+    return [
+        f"{s}: " + "; ".join(f"{name!r} in {', '.join(mods)}" for name, mods in by.items())
+        for s, by in sorted(uses.items())
+        if len(by) > 1
+    ]
 
 
 def _canonical(symbol: str, meaning: str) -> str:
@@ -108,14 +116,18 @@ def _canonical(symbol: str, meaning: str) -> str:
 def test_parser_reads_legends_and_catches_a_clash(tmp_path):
     pkg = tmp_path / "capjax"
     pkg.mkdir()
-    (pkg / "a.py").write_text('"""Doc.\n\nLegend: B batch, S packed columns (the longest kept suffix, or Pf),\n'
-                              'G = H // K. Params: more text, X here is no entry.\n"""\n')
+    (pkg / "a.py").write_text(
+        '"""Doc.\n\nLegend: B batch, S packed columns (the longest kept suffix, or Pf),\n'
+        'G = H // K. Params: more text, X here is no entry.\n"""\n'
+    )
     (pkg / "b.py").write_text('"""Shape legend: B calibration sequences, K subsets.\n"""\n')
     (pkg / "c.py").write_text('"""Legend (see `a`): K kv heads, E hidden\n\nE is not the legend here.\n"""\n')
     found = legends(pkg)
-    assert found == {"capjax/a.py": {"B": "batch", "S": "packed columns", "G": "= h // k"},
-                     "capjax/b.py": {"B": "calibration sequences", "K": "subsets"},
-                     "capjax/c.py": {"K": "kv heads", "E": "hidden"}}
+    assert found == {
+        "capjax/a.py": {"B": "batch", "S": "packed columns", "G": "= h // k"},
+        "capjax/b.py": {"B": "calibration sequences", "K": "subsets"},
+        "capjax/c.py": {"K": "kv heads", "E": "hidden"},
+    }
     # B's two phrasings are synonyms; K's two meanings are a clash
     assert clashes(found) == ["K: 'subsets' in capjax/b.py; 'kv heads' in capjax/c.py"]
 
@@ -127,14 +139,29 @@ def test_every_module_uses_one_meaning_per_letter():
     assert not problems, "letters with two meanings across capjax legends:\n" + "\n".join(problems)
 
 
-PROJECT = {"B": "batch", "T": "time", "N": "ablations", "L": "layers", "H": "query heads", "K": "kv heads",
-           "D": "head dim", "E": "hidden", "F": "mlp width", "V": "vocab", "U": "subsets"}
+PROJECT = {
+    "B": "batch",
+    "T": "time",
+    "N": "ablations",
+    "L": "layers",
+    "H": "query heads",
+    "K": "kv heads",
+    "D": "head dim",
+    "E": "hidden",
+    "F": "mlp width",
+    "V": "vocab",
+    "U": "subsets",
+}
 
 
 def test_project_legend_letters():
     """Where a module uses a letter of the project's legend (B batch, T time, N ablations/masks,
     L layers, H query heads, K kv heads, D head dim, E hidden, F MLP width, V vocab, U subsets),
     it means that."""
-    wrong = [f"{module}: {s} {m!r}" for module, entries in legends().items() for s, m in entries.items()
-             if s in PROJECT and _canonical(s, m) != PROJECT[s]]
+    wrong = [
+        f"{module}: {s} {m!r}"
+        for module, entries in legends().items()
+        for s, m in entries.items()
+        if s in PROJECT and _canonical(s, m) != PROJECT[s]
+    ]
     assert not wrong, wrong

@@ -17,12 +17,12 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 lm_eval = pytest.importorskip("lm_eval")
 
-import capjax  # noqa: E402
-from capjax.integrations.lm_eval import CapjaxLM  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+import capjax  # noqa: E402
+from capjax.integrations.lm_eval import CapjaxLM  # noqa: E402
 from conftest import DATA_DIR, HAS_DATA, char_tokenizer, make_hf_model, needs_smollm2  # noqa: E402
 
 TASKS = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
@@ -68,10 +68,16 @@ def test_requests_match_hflm(tiny):
     np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], rtol=1e-5, atol=1e-4)
     assert [g for _, g in a] == [g for _, g in b]
     texts = [("some text to score, rolling " * 12,), ("short",)]  # 336 chars > max_length 128: 3 windows
-    np.testing.assert_allclose(ours.loglikelihood_rolling(reqs("loglikelihood_rolling", texts)),
-                               hf.loglikelihood_rolling(reqs("loglikelihood_rolling", texts)), rtol=1e-5, atol=1e-3)
-    gen = [("Q: 1+1\nA:", {"until": ["\n"], "max_gen_toks": 12, "do_sample": False}),
-           ("hello", {"until": ["o"], "max_gen_toks": 8})]
+    np.testing.assert_allclose(
+        ours.loglikelihood_rolling(reqs("loglikelihood_rolling", texts)),
+        hf.loglikelihood_rolling(reqs("loglikelihood_rolling", texts)),
+        rtol=1e-5,
+        atol=1e-3,
+    )
+    gen = [
+        ("Q: 1+1\nA:", {"until": ["\n"], "max_gen_toks": 12, "do_sample": False}),
+        ("hello", {"until": ["o"], "max_gen_toks": 8}),
+    ]
     assert ours.generate_until(reqs("generate_until", gen)) == hf.generate_until(reqs("generate_until", gen))
 
 
@@ -89,14 +95,23 @@ def test_masks_and_in_memory_params_agree(tiny):
 def test_simple_evaluate_on_a_local_task_matches_hf(tiny, tmp_path):
     _, out, model, _, pruned, tok = tiny
     rng = np.random.default_rng(0)
-    rows = [{"q": f"{a}+{b}", "choices": [str(a + b + d) for d in (0, 1, -1, 10)], "gold": int(rng.integers(4))}
-            for a, b in rng.integers(0, 50, (12, 2))]
+    rows = [
+        {"q": f"{a}+{b}", "choices": [str(a + b + d) for d in (0, 1, -1, 10)], "gold": int(rng.integers(4))}
+        for a, b in rng.integers(0, 50, (12, 2))
+    ]
     (tmp_path / "tiny_choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tm = TaskManager(include_path=str(task_dir(tmp_path, tmp_path, ["tiny_choice.yaml"])))
-    ours = lm_eval.simple_evaluate(model=CapjaxLM(model=model, params=pruned, tokenizer=tok), tasks=["tiny_choice"],
-                                   task_manager=tm)
-    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["tiny_choice"],
-                                 task_manager=tm, batch_size=4, device="cpu")
+    ours = lm_eval.simple_evaluate(
+        model=CapjaxLM(model=model, params=pruned, tokenizer=tok), tasks=["tiny_choice"], task_manager=tm
+    )
+    hf = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={out},dtype=float32",
+        tasks=["tiny_choice"],
+        task_manager=tm,
+        batch_size=4,
+        device="cpu",
+    )
     for metric in ("acc,none", "acc_norm,none"):
         assert abs(ours["results"]["tiny_choice"][metric] - hf["results"]["tiny_choice"][metric]) <= 1e-6
 
@@ -110,11 +125,27 @@ def test_harness_cli_runs_the_capjax_model(tiny, tmp_path):
     rows = [{"q": f"{a}*2", "choices": [str(2 * a), str(2 * a + 1)], "gold": 0} for a in range(6)]
     (tmp_path / "tiny_choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = task_dir(tmp_path, tmp_path, ["tiny_choice.yaml"])
-    main(["run", "--model", "capjax", "--model_args", f"pretrained={src},masks={out / 'masks.npz'}",
-          "--tasks", "tiny_choice", "--include_path", str(tasks), "--output_path", str(tmp_path / "res")])
+    main(
+        [
+            "run",
+            "--model",
+            "capjax",
+            "--model_args",
+            f"pretrained={src},masks={out / 'masks.npz'}",
+            "--tasks",
+            "tiny_choice",
+            "--include_path",
+            str(tasks),
+            "--output_path",
+            str(tmp_path / "res"),
+        ]
+    )
     written = json.loads(next((tmp_path / "res").rglob("results*.json")).read_text())["results"]["tiny_choice"]
-    direct = lm_eval.simple_evaluate(model=CapjaxLM(model=model, params=pruned, tokenizer=tok), tasks=["tiny_choice"],
-                                     task_manager=TaskManager(include_path=str(tasks)))["results"]["tiny_choice"]
+    direct = lm_eval.simple_evaluate(
+        model=CapjaxLM(model=model, params=pruned, tokenizer=tok),
+        tasks=["tiny_choice"],
+        task_manager=TaskManager(include_path=str(tasks)),
+    )["results"]["tiny_choice"]
     assert written["acc,none"] == direct["acc,none"] and written["acc_norm,none"] == direct["acc_norm,none"]
 
 
@@ -146,12 +177,24 @@ def test_unknown_model_args_are_refused(tiny, tmp_path, capsys):
         CapjaxLM(pretrained=str(tmp_path / "never-loaded"), mask=str(out / "masks.npz"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # the harness CLI: one line and status 2, no traceback
-        main(["run", "--model", "capjax", "--model_args", f"pretrained={src},mask={out / 'masks.npz'}",
-              "--tasks", "tiny_choice", "--include_path", str(TASKS)])
+        main(
+            [
+                "run",
+                "--model",
+                "capjax",
+                "--model_args",
+                f"pretrained={src},mask={out / 'masks.npz'}",
+                "--tasks",
+                "tiny_choice",
+                "--include_path",
+                str(TASKS),
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err and "unknown key(s) mask" in err
     assert [line for line in err.splitlines() if "error:" in line] == [
-        line for line in err.splitlines() if "unknown key(s) mask" in line], err
+        line for line in err.splitlines() if "unknown key(s) mask" in line
+    ], err
     lm = CapjaxLM(model=model, params=params, tokenizer=tok, device="cpu", max_batch_size=4)
     assert lm.batch_size == 8
 
@@ -170,11 +213,21 @@ def test_smollm2_arc_matches_hf_and_capjax(smollm2, tmp_path):
     limit = 24
     folder = capjax.save_pretrained(model, params, tmp_path / "smollm2", tok)
     tm = TaskManager(include_path=str(task_dir(tmp_path, DATA_DIR, ["arc_challenge_local.yaml"])))
-    ours = lm_eval.simple_evaluate(model=CapjaxLM(model=model, params=params, tokenizer=tok, batch_size=8),
-                                   tasks=["arc_challenge_local"], task_manager=tm, limit=limit)
-    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
-                                 tasks=["arc_challenge_local"], task_manager=tm, limit=limit, batch_size=8,
-                                 device="cpu")
+    ours = lm_eval.simple_evaluate(
+        model=CapjaxLM(model=model, params=params, tokenizer=tok, batch_size=8),
+        tasks=["arc_challenge_local"],
+        task_manager=tm,
+        limit=limit,
+    )
+    hf = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={folder},dtype=float32",
+        tasks=["arc_challenge_local"],
+        task_manager=tm,
+        limit=limit,
+        batch_size=8,
+        device="cpu",
+    )
     records = load_records("arc_challenge", "test", DATA_DIR)[:limit]
     own, _ = arc_loglikelihood(model, params, tok, records, batch_size=8)
     a, b = ours["results"]["arc_challenge_local"], hf["results"]["arc_challenge_local"]
@@ -196,8 +249,9 @@ def test_smollm2_gsm8k_generations_match_hf(smollm2, tmp_path):
     tm = TaskManager(include_path=str(task_dir(tmp_path, DATA_DIR, ["gsm8k_local.yaml"])))
     kw = dict(tasks=["gsm8k_local"], task_manager=tm, limit=4, log_samples=True)
     ours = lm_eval.simple_evaluate(model=CapjaxLM(model=model, params=params, tokenizer=tok, batch_size=4), **kw)
-    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", batch_size=4,
-                                 device="cpu", **kw)
+    hf = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={folder},dtype=float32", batch_size=4, device="cpu", **kw
+    )
     gen = [[s["resps"] for s in r["samples"]["gsm8k_local"]] for r in (ours, hf)]
     print(gen[0])
     assert gen[0] == gen[1]
@@ -213,7 +267,11 @@ def _console_script(name: str) -> list[str]:
     root = Path(__file__).resolve().parents[1]
     target = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"][name]
     module, func = target.split(":")
-    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; sys.exit({func}())"]
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; sys.exit({func}())",
+    ]
 
 
 def _cli_args(tiny, tmp_path) -> tuple[list[str], Path]:
@@ -221,8 +279,17 @@ def _cli_args(tiny, tmp_path) -> tuple[list[str], Path]:
     rows = [{"q": f"{a}*3", "choices": [str(3 * a), str(3 * a + 2), str(a)], "gold": a % 3} for a in range(6)]
     (tmp_path / "tiny_choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = task_dir(tmp_path, tmp_path, ["tiny_choice.yaml"])
-    return ["run", "--model", "capjax", "--model_args", f"pretrained={src},masks={out / 'masks.npz'}",
-            "--tasks", "tiny_choice", "--include_path", str(tasks)], tasks
+    return [
+        "run",
+        "--model",
+        "capjax",
+        "--model_args",
+        f"pretrained={src},masks={out / 'masks.npz'}",
+        "--tasks",
+        "tiny_choice",
+        "--include_path",
+        str(tasks),
+    ], tasks
 
 
 _ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -232,12 +299,19 @@ def test_capjax_lm_eval_console_script(tiny, tmp_path):
     """`capjax-lm-eval run --model capjax ...` in a subprocess writes the acc of the in-memory pruned tree."""
     _, _, model, _, pruned, tok = tiny
     args, tasks = _cli_args(tiny, tmp_path)
-    r = subprocess.run(_console_script("capjax-lm-eval") + args + ["--output_path", str(tmp_path / "res")],
-                       capture_output=True, text=True, env=_ENV)
+    r = subprocess.run(
+        _console_script("capjax-lm-eval") + args + ["--output_path", str(tmp_path / "res")],
+        capture_output=True,
+        text=True,
+        env=_ENV,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     written = json.loads(next((tmp_path / "res").rglob("results*.json")).read_text())["results"]["tiny_choice"]
-    direct = lm_eval.simple_evaluate(model=CapjaxLM(model=model, params=pruned, tokenizer=tok), tasks=["tiny_choice"],
-                                     task_manager=TaskManager(include_path=str(tasks)))["results"]["tiny_choice"]
+    direct = lm_eval.simple_evaluate(
+        model=CapjaxLM(model=model, params=pruned, tokenizer=tok),
+        tasks=["tiny_choice"],
+        task_manager=TaskManager(include_path=str(tasks)),
+    )["results"]["tiny_choice"]
     assert (written["acc,none"], written["acc_norm,none"]) == (direct["acc,none"], direct["acc_norm,none"])
 
 
@@ -260,11 +334,15 @@ def test_harness_cli_errors_are_one_line(tiny, tmp_path, capsys):
     with np.load(out / "masks.npz") as z:
         other = {p: z[p][:, :-1] if p == "layers/mlp/up_proj/kernel" else z[p] for p in PRUNABLE}
     np.savez(tmp_path / "other.npz", **other)
-    cases = [(f"pretrained={src},masks={tmp_path / 'other.npz'}", "mask layers/mlp/up_proj/kernel is [2, 31, 48] "
-              "but this model's kernel is [2, 32, 48]"),
-             (f"pretrained={src},dtype=float16", "dtype 'float16' not supported"),
-             (f"masks={out / 'masks.npz'}", "model_args needs pretrained="),
-             (f"pretrained={tmp_path / 'no-such-model'}", f"no such file or folder: '{tmp_path / 'no-such-model'}'")]
+    cases = [
+        (
+            f"pretrained={src},masks={tmp_path / 'other.npz'}",
+            "mask layers/mlp/up_proj/kernel is [2, 31, 48] but this model's kernel is [2, 32, 48]",
+        ),
+        (f"pretrained={src},dtype=float16", "dtype 'float16' not supported"),
+        (f"masks={out / 'masks.npz'}", "model_args needs pretrained="),
+        (f"pretrained={tmp_path / 'no-such-model'}", f"no such file or folder: '{tmp_path / 'no-such-model'}'"),
+    ]
     for model_args, message in cases:
         with pytest.raises(SystemExit) as e:
             main([*args[:4], model_args, *args[5:]])

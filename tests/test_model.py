@@ -12,8 +12,14 @@ import torch
 import capjax
 from conftest import hooked_logits, make_hf_model, needs_smollm2, padded_tokens
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
 
 CASES = {
     "llama_mha": ("llama", dict(num_key_value_heads=4)),
@@ -50,8 +56,10 @@ def test_sliding_window_changes_result(tmp_path):
     make_hf_model(tmp_path / "w", "mistral", sliding_window=4)
     make_hf_model(tmp_path / "f", "mistral", sliding_window=None)
     tokens, _ = padded_tokens()
-    outs = [np.asarray(m.apply({"params": p}, jnp.asarray(tokens)))
-            for m, p in (capjax.load_pretrained(tmp_path / k) for k in "wf")]
+    outs = [
+        np.asarray(m.apply({"params": p}, jnp.asarray(tokens)))
+        for m, p in (capjax.load_pretrained(tmp_path / k) for k in "wf")
+    ]
     assert np.abs(outs[0][:, 4:] - outs[1][:, 4:]).max() > 1e-3
     np.testing.assert_allclose(outs[0][:, :4], outs[1][:, :4], atol=1e-6)
 
@@ -64,15 +72,23 @@ def test_head_mask_matches_o_proj_hook(tmp_path, case):
     tokens, am = padded_tokens()
     L, H = model.config.num_layers, model.config.num_heads
     rng = np.random.RandomState(1)
-    masks = [np.eye(L * H)[3].reshape(L, H) * -1 + 1,  # one head of layer 0 zeroed
-             np.eye(L * H)[L * H - 1].reshape(L, H) * -1 + 1,  # last head of the last layer
-             (rng.rand(L, H) > 0.5).astype(np.float32),  # several zeros
-             rng.rand(L, H).astype(np.float32)]  # fractional
+    masks = [
+        np.eye(L * H)[3].reshape(L, H) * -1 + 1,  # one head of layer 0 zeroed
+        np.eye(L * H)[L * H - 1].reshape(L, H) * -1 + 1,  # last head of the last layer
+        (rng.rand(L, H) > 0.5).astype(np.float32),  # several zeros
+        rng.rand(L, H).astype(np.float32),
+    ]  # fractional
     apply = jax.jit(model.apply)
     for head_mask in masks:
         ref = hooked_logits(hf, head_mask, tokens, am)
-        out = np.asarray(apply({"params": params}, jnp.asarray(tokens), head_mask=jnp.asarray(head_mask),
-                               attention_mask=jnp.asarray(am)))
+        out = np.asarray(
+            apply(
+                {"params": params},
+                jnp.asarray(tokens),
+                head_mask=jnp.asarray(head_mask),
+                attention_mask=jnp.asarray(am),
+            )
+        )
         chex.assert_trees_all_close(_valid(out, am), _valid(ref, am), atol=1e-4, rtol=0)
 
 
@@ -116,8 +132,9 @@ def test_kv_cache_prefill_and_steps_match_full_forward(tmp_path):
     logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, :6]), attention_mask=valid, cache=cache)
     steps = [np.asarray(logits)]
     for t in range(6, 10):
-        logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, t:t + 1]), attention_mask=valid,
-                                    cache=cache)
+        logits, cache = model.apply(
+            {"params": params}, jnp.asarray(tokens[:, t : t + 1]), attention_mask=valid, cache=cache
+        )
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
     assert int(cache["index"]) == 10
@@ -133,8 +150,12 @@ def test_head_mask_wrong_shape_is_refused(tmp_path):
 @needs_smollm2
 def test_real_smollm2_matches_transformers(smollm2):
     model, params, tokenizer, hf = smollm2
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 plus 30?"}], tokenize=False,
-                                         add_generation_prompt=True) + "12 plus 30 is"
+    text = (
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is 12 plus 30?"}], tokenize=False, add_generation_prompt=True
+        )
+        + "12 plus 30 is"
+    )
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"])[None]
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
@@ -156,13 +177,16 @@ def test_token_nll_equals_transformers_cross_entropy(tmp_path, case, vocab_chunk
     tokens, am = padded_tokens()
     with torch.no_grad():
         logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(am)).logits
-        ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                torch.tensor(tokens[:, 1:]).reshape(-1), reduction="none")
-    hidden, _ = model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am),
-                            method=capjax.Decoder.hidden_states)
+        ref = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), torch.tensor(tokens[:, 1:]).reshape(-1), reduction="none"
+        )
+    hidden, _ = model.apply(
+        {"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am), method=capjax.Decoder.hidden_states
+    )
     E = hidden.shape[-1]
-    out = capjax.model.token_nll(model, params, hidden[:, :-1].reshape(-1, E), jnp.asarray(tokens[:, 1:]).reshape(-1),
-                                 vocab_chunk=vocab_chunk)
+    out = capjax.model.token_nll(
+        model, params, hidden[:, :-1].reshape(-1, E), jnp.asarray(tokens[:, 1:]).reshape(-1), vocab_chunk=vocab_chunk
+    )
     valid = am[:, 1:].reshape(-1).astype(bool)
     chex.assert_trees_all_close(np.asarray(out)[valid], ref.numpy()[valid], atol=1e-4, rtol=0)
 

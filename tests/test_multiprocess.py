@@ -35,9 +35,16 @@ def free_port() -> int:
 
 def process_env(i: int, n: int, port: int, devices: int = 2, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPJAX_", "JAX_", "SLURM_"))}
-    env.update(CAPJAX_DISTRIBUTED="1", CAPJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", CAPJAX_NUM_PROCESSES=str(n),
-               CAPJAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    env.update(
+        CAPJAX_DISTRIBUTED="1",
+        CAPJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        CAPJAX_NUM_PROCESSES=str(n),
+        CAPJAX_PROCESS_ID=str(i),
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        **extra,
+    )
     return env
 
 
@@ -46,8 +53,12 @@ def launch(argv: list[str], n: int = 2, timeout: float = 300, cwd: Path = ROOT, 
     killed when the timeout passes or when this function fails."""
     port = free_port()
     logs = [tempfile.TemporaryFile("w+") for _ in range(n)]  # noqa: SIM115 - closed below
-    procs = [subprocess.Popen(argv, env=process_env(i, n, port, **extra), cwd=cwd, stdout=logs[i],
-                              stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            argv, env=process_env(i, n, port, **extra), cwd=cwd, stdout=logs[i], stderr=subprocess.STDOUT, text=True
+        )
+        for i in range(n)
+    ]
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
@@ -99,11 +110,19 @@ def test_two_process_everything(tmp_path):
 
 # ---------------------------------------------------------------------------- settings (no processes)
 def test_settings_from_env_precedence_and_fallbacks():
-    s = distributed.settings_from_env({"CAPJAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_COORDINATOR_ADDRESS": "x:1",
-                                       "CAPJAX_NUM_PROCESSES": "4", "WORLD_SIZE": "9", "CAPJAX_PROCESS_ID": "3"})
+    s = distributed.settings_from_env(
+        {
+            "CAPJAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+            "JAX_COORDINATOR_ADDRESS": "x:1",
+            "CAPJAX_NUM_PROCESSES": "4",
+            "WORLD_SIZE": "9",
+            "CAPJAX_PROCESS_ID": "3",
+        }
+    )
     assert (s.coordinator_address, s.num_processes, s.process_id) == ("10.0.0.1:1234", 4, 3)
-    torchrun = distributed.settings_from_env({"MASTER_ADDR": "node7", "MASTER_PORT": "29500", "WORLD_SIZE": "2",
-                                              "RANK": "1"})
+    torchrun = distributed.settings_from_env(
+        {"MASTER_ADDR": "node7", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1"}
+    )
     assert (torchrun.coordinator_address, torchrun.num_processes, torchrun.process_id) == ("node7:29500", 2, 1)
     slurm = distributed.settings_from_env({"SLURM_NTASKS": "8", "SLURM_PROCID": "5"})
     assert (slurm.coordinator_address, slurm.num_processes, slurm.process_id) == (None, 8, 5)
@@ -112,13 +131,16 @@ def test_settings_from_env_precedence_and_fallbacks():
     assert t.kwargs()["heartbeat_timeout_seconds"] == 7 and t.kwargs()["initialization_timeout"] == 300
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"CAPJAX_NUM_PROCESSES": "two"}, "CAPJAX_NUM_PROCESSES='two'"),
-    ({"JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID='-1'"),
-    ({"CAPJAX_NUM_PROCESSES": "2", "CAPJAX_PROCESS_ID": "2"}, "must be below the process count 2"),
-    ({"CAPJAX_COORDINATOR_ADDRESS": "127.0.0.1"}, "expected HOST:PORT"),
-    ({"CAPJAX_HEARTBEAT_TIMEOUT": "0"}, "CAPJAX_HEARTBEAT_TIMEOUT='0'"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"CAPJAX_NUM_PROCESSES": "two"}, "CAPJAX_NUM_PROCESSES='two'"),
+        ({"JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID='-1'"),
+        ({"CAPJAX_NUM_PROCESSES": "2", "CAPJAX_PROCESS_ID": "2"}, "must be below the process count 2"),
+        ({"CAPJAX_COORDINATOR_ADDRESS": "127.0.0.1"}, "expected HOST:PORT"),
+        ({"CAPJAX_HEARTBEAT_TIMEOUT": "0"}, "CAPJAX_HEARTBEAT_TIMEOUT='0'"),
+    ],
+)
 def test_settings_errors_name_the_variable(env, needle):
     with pytest.raises(distributed.DistributedConfigError, match=needle.replace("(", r"\(")):
         distributed.settings_from_env(env)
@@ -149,15 +171,34 @@ def run_config(tmp_path_factory):
 
     tok = capjax.load_tokenizer("smollm2-135m-instruct")
     root = tmp_path_factory.mktemp("mp_run")
-    make_hf_model(root / "tiny", "llama", vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make_hf_model(
+        root / "tiny",
+        "llama",
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     tok.save_pretrained(root / "tiny")
-    cfg = {"model": str(root / "tiny"), "out": "OUT", "seed": 0, "mesh": {"data": -1},
-           "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 128, "subsets": 2},
-           "pruning": {"methods": ["cap", "wanda", "sparsegpt"], "sparsities": [0.5]},
-           "evaluation": {"tasks": ["synthetic", "wikitext2"], "limit": 2, "max_new_tokens": 4, "batch_size": 4,
-                          "ppl_seq_len": 64, "skip_missing_data": True},
-           "data_dir": str(DATA_DIR) if HAS_DATA else None}
+    cfg = {
+        "model": str(root / "tiny"),
+        "out": "OUT",
+        "seed": 0,
+        "mesh": {"data": -1},
+        "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 128, "subsets": 2},
+        "pruning": {"methods": ["cap", "wanda", "sparsegpt"], "sparsities": [0.5]},
+        "evaluation": {
+            "tasks": ["synthetic", "wikitext2"],
+            "limit": 2,
+            "max_new_tokens": 4,
+            "batch_size": 4,
+            "ppl_seq_len": 64,
+            "skip_missing_data": True,
+        },
+        "data_dir": str(DATA_DIR) if HAS_DATA else None,
+    }
 
     def write(out: Path) -> Path:
         path = out.with_suffix(".yaml")
@@ -170,9 +211,15 @@ def run_config(tmp_path_factory):
 def _launch_script(config: Path, timeout: float, **extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPJAX_", "JAX_", "SLURM_"))}
     env.update(PYTHON=sys.executable, PYTHONPATH=str(ROOT), **extra)
-    p = subprocess.Popen(["bash", str(LAUNCH), "2", "--", sys.executable, "-m", "capjax.cli", "run", str(config)],
-                         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        ["bash", str(LAUNCH), "2", "--", sys.executable, "-m", "capjax.cli", "run", str(config)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -236,8 +283,15 @@ def test_capjax_run_two_processes_kill_and_resume(run_config):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPJAX_", "JAX_", "SLURM_"))}
     env.update(PYTHON=sys.executable, PYTHONPATH=str(ROOT), CAPJAX_HEARTBEAT_TIMEOUT="10")
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
-    job = subprocess.Popen(["bash", str(LAUNCH), "2", "--", sys.executable, "-m", "capjax.cli", "run", str(config)],
-                           env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = subprocess.Popen(
+        ["bash", str(LAUNCH), "2", "--", sys.executable, "-m", "capjax.cli", "run", str(config)],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 900
         while not list((killed / "artifacts" / "masks").glob("*.npz")):
@@ -257,8 +311,10 @@ def test_capjax_run_two_processes_kill_and_resume(run_config):
         out = log.read()
         log.close()
     assert job.returncode == 128 + 9, (job.returncode, out[-3000:])
-    assert (f"capjax: process 1 exited with signal 9 (Killed); the job stopped; rerun the same command to resume "
-            f"from the last checkpoint in {killed}") in out.splitlines(), out[-3000:]
+    assert (
+        f"capjax: process 1 exited with signal 9 (Killed); the job stopped; rerun the same command to resume "
+        f"from the last checkpoint in {killed}"
+    ) in out.splitlines(), out[-3000:]
     assert waited < 30, waited  # the launcher's grace (10 s) bounds it, not JAX's heartbeat
     assert not (killed / "results.json").exists()
 

@@ -18,11 +18,13 @@ from capjax.organism.train import OrganismConfig, OrganismConfigError, train
 WEIGHTS = Path(__file__).resolve().parents[1] / "capjax" / "organism" / "weights"
 
 # ---------------------------------------------------------------------------- problems
-_CLAUSES = [(re.compile(r"(?:He|She|he|she) gets (\d+) more"), lambda x, m: x + m),
-            (re.compile(r"(?:He|She|he|she) finds (\d+)"), lambda x, m: x + m),
-            (re.compile(r"(?:He|She|he|she) gives away (\d+)"), lambda x, m: x - m),
-            (re.compile(r"(?:He|She|he|she) loses (\d+)"), lambda x, m: x - m),
-            (re.compile(r"(?:He|She|he|she) doubles"), lambda x, m: 2 * x)]
+_CLAUSES = [
+    (re.compile(r"(?:He|She|he|she) gets (\d+) more"), lambda x, m: x + m),
+    (re.compile(r"(?:He|She|he|she) finds (\d+)"), lambda x, m: x + m),
+    (re.compile(r"(?:He|She|he|she) gives away (\d+)"), lambda x, m: x - m),
+    (re.compile(r"(?:He|She|he|she) loses (\d+)"), lambda x, m: x - m),
+    (re.compile(r"(?:He|She|he|she) doubles"), lambda x, m: 2 * x),
+]
 
 
 def _solve(question: str) -> int:
@@ -96,13 +98,24 @@ def test_config_errors_name_the_field():
 
 # ---------------------------------------------------------------------------- training
 def _tiny(tmp_path=None, **train) -> OrganismConfig:
-    return OrganismConfig.from_dict({
-        "kind": "reasoning", "seed": 5,
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
-                  "intermediate_size": 64, "max_position_embeddings": 128},
-        "data": {"train_problems": 64, "seq_len": 80, "use_text": False},
-        "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": 3, **train},
-        "checkpoint_dir": None if tmp_path is None else str(tmp_path)})
+    return OrganismConfig.from_dict(
+        {
+            "kind": "reasoning",
+            "seed": 5,
+            "model": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "head_dim": 8,
+                "intermediate_size": 64,
+                "max_position_embeddings": 128,
+            },
+            "data": {"train_problems": 64, "seq_len": 80, "use_text": False},
+            "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": 3, **train},
+            "checkpoint_dir": None if tmp_path is None else str(tmp_path),
+        }
+    )
 
 
 def _leaves(params):
@@ -164,15 +177,26 @@ def test_attention_probs_equal_transformers_output_attentions(tmp_path):
     from capjax.model import Decoder, init_params
     from capjax.organism.train import model_config
 
-    cfg = OrganismConfig.from_dict({"kind": "induction", "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4,
-                                                                   "num_kv_heads": 2, "head_dim": 8,
-                                                                   "intermediate_size": 48}})
+    cfg = OrganismConfig.from_dict(
+        {
+            "kind": "induction",
+            "model": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "head_dim": 8,
+                "intermediate_size": 48,
+            },
+        }
+    )
     config = model_config(cfg, 40)
     model = Decoder(config)
     params = jax.tree.map(lambda a: a * 4.0, init_params(config, 1))  # sharper attention than at init
     save_pretrained(model, params, tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     tokens = np.random.default_rng(0).integers(0, 40, (3, 11)).astype(np.int32)
     probs = ind.attention_probs(model, params, tokens)  # [L, N, H, T, S]
     with torch.no_grad():
@@ -207,7 +231,7 @@ def test_induction_examples_repeat_their_segment():
     for toks, loss, am in zip(b["tokens"], b["loss_mask"], b["attention_mask"]):
         n = int(am.sum())
         k = int(loss.sum()) + 1  # segment length
-        assert np.array_equal(toks[n - k:n], toks[n - 2 * k:n - k]) and loss[n - k] == 0 and loss[n - 1] == 1
+        assert np.array_equal(toks[n - k : n], toks[n - 2 * k : n - k]) and loss[n - k] == 0 and loss[n - 1] == 1
 
 
 # ---------------------------------------------------------------------------- the shipped organisms
@@ -260,6 +284,7 @@ def _hook_head_patch(hf, target, source, layer, head, head_dim):
         z = a[0].clone()
         z[..., sl] = got["z"][..., sl]
         return (z,)
+
     h = o_proj.register_forward_pre_hook(swap)
     with torch.no_grad():
         logits = hf(torch.as_tensor(target, dtype=torch.long)).logits.numpy()
@@ -301,10 +326,15 @@ def test_induction_patching_scores_equal_a_transformers_hook_loop():
     denoising = np.zeros((c.num_layers, c.num_heads))
     for layer in range(c.num_layers):
         for head in range(c.num_heads):
-            noising[layer, head] = _np_repeat_loss(
-                _hook_head_patch(hf, batch["tokens"], corrupted["tokens"], layer, head, c.head_dim), batch) - clean
+            noising[layer, head] = (
+                _np_repeat_loss(
+                    _hook_head_patch(hf, batch["tokens"], corrupted["tokens"], layer, head, c.head_dim), batch
+                )
+                - clean
+            )
             denoising[layer, head] = bad - _np_repeat_loss(
-                _hook_head_patch(hf, corrupted["tokens"], batch["tokens"], layer, head, c.head_dim), batch)
+                _hook_head_patch(hf, corrupted["tokens"], batch["tokens"], layer, head, c.head_dim), batch
+            )
     np.testing.assert_allclose(got["noising"], noising, atol=2e-4)
     np.testing.assert_allclose(got["denoising"], denoising, atol=2e-4)
     assert np.abs(noising).max() > 0.5 and np.abs(denoising).max() > 0.5  # the patches move the loss
@@ -417,17 +447,27 @@ def test_study_merge_joins_parts_and_recomputes_the_paired_tests(tmp_path):
     def cell(p):
         correct = (rng.random(40) < p).astype(int).tolist()
         iv = stats.binomial_interval(sum(correct), 40)
-        return {"accuracy": sum(correct) / 40, "low": iv.low, "high": iv.high, "n": 40, "correct": correct,
-                "ppl": 20.0}
+        return {"accuracy": sum(correct) / 40, "low": iv.low, "high": iv.high, "n": 40, "correct": correct, "ppl": 20.0}
 
     sp = [0.1, 0.5]
     dense = cell(0.99)
-    parts = {"a": {"dense": dense, "wanda": {str(s): cell(0.8) for s in sp}, "cap": {"0.1": cell(0.9)}},
-             "b": {"cap": {str(s): cell(0.9) for s in sp}}}
+    parts = {
+        "a": {"dense": dense, "wanda": {str(s): cell(0.8) for s in sp}, "cap": {"0.1": cell(0.9)}},
+        "b": {"cap": {str(s): cell(0.9) for s in sp}},
+    }
     for name, results in parts.items():
         (tmp_path / name).mkdir()
-        (tmp_path / name / "reasoning.json").write_text(json.dumps(
-            {"sparsities": sp, "n": 40, "calibration": {"n": 64, "seq_len": 80}, "head_scores": {}, "results": results}))
+        (tmp_path / name / "reasoning.json").write_text(
+            json.dumps(
+                {
+                    "sparsities": sp,
+                    "n": 40,
+                    "calibration": {"n": 64, "seq_len": 80},
+                    "head_scores": {},
+                    "results": results,
+                }
+            )
+        )
     out = tmp_path / "out"
     out.mkdir()
     res = study.merge(out, [tmp_path / "a", tmp_path / "b"])

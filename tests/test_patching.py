@@ -44,6 +44,7 @@ def hook_patch(hf, target, source, am, site, positions, metric_np, read_at):
     out = np.zeros((L, *dims))
     for l in range(L):
         for idx in np.ndindex(*dims):
+
             def edit(name, layer, v, idx=idx, l=l):
                 if name != site or layer != l:
                     return None
@@ -52,6 +53,7 @@ def hook_patch(hf, target, source, am, site, positions, metric_np, read_at):
                 sel = (slice(None),) + ((idx[0],) if positions else (slice(None),)) + (idx[-1:] if n else ())
                 v[sel] = s[sel]
                 return v
+
             logits, _ = hf_run(hf, target, am, edit=edit, sites=())
             out[(l, *idx)] = metric_np(logits[np.arange(B), read_at])
     return out
@@ -62,14 +64,25 @@ def np_logit_diff(answer, wrong):
 
 
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
-@pytest.mark.parametrize("site,positions", [("attn.z", False), ("attn.z", True), ("mlp.out", False),
-                                            ("resid.pre", True)])
+@pytest.mark.parametrize(
+    "site,positions", [("attn.z", False), ("attn.z", True), ("mlp.out", False), ("resid.pre", True)]
+)
 def test_patching_equals_hook_loop(tiny, site, positions, direction):
     hf, model, params = tiny
     clean, corrupted, answer, wrong = prompts()
     read_at = np.full(3, 7)
-    res = patch(model, params, clean, corrupted, site, logit_diff(answer, wrong), positions=positions,
-                direction=direction, read_at=read_at, chunk_size=3)
+    res = patch(
+        model,
+        params,
+        clean,
+        corrupted,
+        site,
+        logit_diff(answer, wrong),
+        positions=positions,
+        direction=direction,
+        read_at=read_at,
+        chunk_size=3,
+    )
     target, source = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     want = hook_patch(hf, target, source, None, site, positions, np_logit_diff(answer, wrong), read_at)
     assert res.values.shape == want.shape
@@ -96,26 +109,39 @@ def test_kv_heads_padding_and_every_metric(tiny):
     def np_ce(z):
         logp = torch.log_softmax(torch.tensor(z), -1).numpy()
         return float(-np.mean(logp[np.arange(3), answer]))
-    np.testing.assert_allclose(ce.values, hook_patch(hf, clean, corrupted, am, "attn.v", False, np_ce, last),
-                               atol=1e-4, rtol=0)
+
+    np.testing.assert_allclose(
+        ce.values, hook_patch(hf, clean, corrupted, am, "attn.v", False, np_ce, last), atol=1e-4, rtol=0
+    )
     ld = patch(model, params, clean, corrupted, "attn.v", logit_diff(answer, wrong), read_at=last, attention_mask=am)
-    norm = patch(model, params, clean, corrupted, "attn.v",
-                 normalized_logit_diff(answer, wrong, ld.clean, ld.corrupted), read_at=last, attention_mask=am)
+    norm = patch(
+        model,
+        params,
+        clean,
+        corrupted,
+        "attn.v",
+        normalized_logit_diff(answer, wrong, ld.clean, ld.corrupted),
+        read_at=last,
+        attention_mask=am,
+    )
     np.testing.assert_allclose(norm.values, (ld.values - ld.corrupted) / (ld.clean - ld.corrupted), atol=1e-4)
     np.testing.assert_allclose(norm.values, ld.normalized(), atol=1e-4)
     assert abs(norm.clean - 1) < 1e-5 and abs(norm.corrupted) < 1e-5
 
     def mean_max(logits):  # [B, T, V]: the mean of the largest logit at every position
         return jnp.mean(jnp.max(logits, axis=-1))
+
     full = patch(model, params, clean, corrupted, "attn.out", mean_max, positions=True)
     src = [torch.tensor(a) for a in hf_run(hf, corrupted, sites=["attn.out"])[1]["attn.out"]]
     want = np.zeros((2, 8))
     for l, t in np.ndindex(2, 8):
+
         def edit(name, layer, v, l=l, t=t):
             if name == "attn.out" and layer == l:
                 v = v.clone()
                 v[:, t] = src[l][:, t].to(v.dtype)
                 return v
+
         want[l, t] = hf_run(hf, clean, edit=edit, sites=())[0].max(-1).mean()
     np.testing.assert_allclose(full.values, want, atol=1e-4, rtol=0)
 
@@ -124,8 +150,11 @@ def test_bad_input_is_one_line_before_compute(tiny):
     _, model, params = tiny
     clean, corrupted, answer, wrong = prompts()
     m = logit_diff(answer, wrong)
-    with pytest.raises(ValueError, match=r"^clean and corrupted tokens must both be \[B, T\] of one shape, got "
-                                         r"\[3, 8\] and \[3, 7\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"^clean and corrupted tokens must both be \[B, T\] of one shape, got "
+        r"\[3, 8\] and \[3, 7\]",
+    ):
         patch(model, params, clean, corrupted[:, :7], "attn.z", m)
     with pytest.raises(ValueError, match=r"^layer 2 is out of range: the model has L = 2 layers \(0 .. 1\)$"):
         patch(model, params, clean, corrupted, "attn.z", m, layers=[0, 2])
@@ -146,14 +175,25 @@ def test_attribution_patching_equals_finite_differences(tiny, site, positions):
     import copy
 
     from capjax.patching import attribution_patch
+
     hf, model, params = tiny
     hf64 = copy.deepcopy(hf).double()
     clean, corrupted, answer, wrong = prompts(seed=2)
     read_at = np.full(3, 7)
-    exact = patch(model, params, clean, corrupted, site, logit_diff(answer, wrong), positions=positions,
-                  read_at=read_at)
-    est = attribution_patch(model, params, clean, corrupted, site, logit_diff(answer, wrong), positions=positions,
-                            read_at=read_at, exact=exact)
+    exact = patch(
+        model, params, clean, corrupted, site, logit_diff(answer, wrong), positions=positions, read_at=read_at
+    )
+    est = attribution_patch(
+        model,
+        params,
+        clean,
+        corrupted,
+        site,
+        logit_diff(answer, wrong),
+        positions=positions,
+        read_at=read_at,
+        exact=exact,
+    )
     _, src = hf_run(hf64, corrupted, sites=[site])
     ld = np_logit_diff(answer, wrong)
     n = hf.config.num_attention_heads if site in HEADS else None
@@ -164,6 +204,7 @@ def test_attribution_patching_equals_finite_differences(tiny, site, positions):
         for idx in np.ndindex(*dims):
             vals = []
             for e in (eps, -eps):
+
                 def edit(name, layer, v, idx=idx, l=l, e=e):
                     if name != site or layer != l:
                         return None
@@ -172,6 +213,7 @@ def test_attribution_patching_equals_finite_differences(tiny, site, positions):
                     v = v.clone()
                     v[sel] = v[sel] + e * (s[sel] - v[sel])
                     return v
+
                 vals.append(ld(hf_run(hf64, clean, edit=edit, sites=())[0][:, 7]))
             fd[(l, *idx)] = (vals[0] - vals[1]) / (2 * eps)
     np.testing.assert_allclose(est["values"] - est["baseline"], fd, atol=2e-4, rtol=1e-3)
@@ -199,6 +241,7 @@ def hook_path_patch(hf, clean, corrupted, pair, receiver, metric_np, read_at):
         if name == "mlp.out":
             return torch.tensor(cl["mlp.out"][layer], dtype=v.dtype)
         return None
+
     _, got = hf_run(hf, clean, edit=freeze, sites=[receiver])
     new_in = got[receiver][lr]
 
@@ -208,6 +251,7 @@ def hook_path_patch(hf, clean, corrupted, pair, receiver, metric_np, read_at):
             v[:, :, hr] = torch.tensor(new_in[:, :, hr], dtype=v.dtype)
             return v
         return None
+
     logits, _ = hf_run(hf, clean, edit=patch_receiver, sites=())
     return metric_np(logits[np.arange(len(clean)), read_at])
 
@@ -215,6 +259,7 @@ def hook_path_patch(hf, clean, corrupted, pair, receiver, metric_np, read_at):
 @pytest.mark.parametrize("receiver", ["attn.q", "attn.k", "attn.v"])
 def test_path_patching_equals_hook_loop(tmp_path, receiver):
     from capjax.patching import path_patch
+
     folder = tmp_path / "m"
     hf = make_hf_model(folder, "llama", initializer_range=0.2, num_hidden_layers=3)
     model, params = capjax.load_pretrained(folder)
@@ -222,13 +267,26 @@ def test_path_patching_equals_hook_loop(tmp_path, receiver):
     n = 4 if receiver == "attn.q" else 2
     pairs = [(0, 1, 1, 0), (0, 3, 2, n - 1), (1, 2, 2, 1), (0, 0, 1, n - 1), (1, 0, 2, 0)]
     read_at = np.full(3, 7)
-    got = path_patch(model, params, clean, corrupted, pairs, logit_diff(answer, wrong), receiver=receiver,
-                     read_at=read_at, chunk_size=2)
-    want = np.array([hook_path_patch(hf, clean, corrupted, p, receiver, np_logit_diff(answer, wrong), read_at)
-                     for p in pairs])
+    got = path_patch(
+        model,
+        params,
+        clean,
+        corrupted,
+        pairs,
+        logit_diff(answer, wrong),
+        receiver=receiver,
+        read_at=read_at,
+        chunk_size=2,
+    )
+    want = np.array(
+        [hook_path_patch(hf, clean, corrupted, p, receiver, np_logit_diff(answer, wrong), read_at) for p in pairs]
+    )
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     plain = np_logit_diff(answer, wrong)(hf_run(hf, clean, sites=())[0][:, 7])
     assert np.abs(want - plain).max() > 1e-2  # the paths matter
-    with pytest.raises(ValueError, match=r"^pair 1 \(1, 0, 1, 0\) is out of range: layers 0 .. 2 with the receiver "
-                                         r"above the sender"):
+    with pytest.raises(
+        ValueError,
+        match=r"^pair 1 \(1, 0, 1, 0\) is out of range: layers 0 .. 2 with the receiver "
+        r"above the sender",
+    ):
         path_patch(model, params, clean, corrupted, [(0, 0, 1, 0), (1, 0, 1, 0)], logit_diff(answer, wrong))

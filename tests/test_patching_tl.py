@@ -55,7 +55,8 @@ def _whole(corrupted_activation, index, clean_activation):
 def _per_layer(name):
     """transformer-lens's generic sweep over layers only (it ships E-wide sweeps by position only)."""
     return lambda model, tokens, cache, metric: tlp.generic_activation_patch(
-        model, tokens, cache, metric, patch_setter=_whole, activation_name=name, index_axis_names=("layer",))
+        model, tokens, cache, metric, patch_setter=_whole, activation_name=name, index_axis_names=("layer",)
+    )
 
 
 # capjax site -> transformer-lens sweep, all positions / by position
@@ -70,9 +71,15 @@ TL_SWEEPS = {
     "mlp.out": (_per_layer("mlp_out"), tlp.get_act_patch_mlp_out),
 }
 
-FAMILY_KW = {"llama": {}, "llama_mha": {"num_key_value_heads": 4}, "qwen2": {}, "qwen3": {},
-             "gemma2": {"head_dim": 8}, "gemma3_text": {"head_dim": 8},
-             "phi3": {"pad_token_id": 0}}  # Phi-3's default pad id is >= V
+FAMILY_KW = {
+    "llama": {},
+    "llama_mha": {"num_key_value_heads": 4},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {"head_dim": 8},
+    "gemma3_text": {"head_dim": 8},
+    "phi3": {"pad_token_id": 0},
+}  # Phi-3's default pad id is >= V
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +93,12 @@ def loaded(tmp_path_factory):
             folder = tmp_path_factory.mktemp(family)
             hf = make_hf_model(folder, family.removesuffix("_mha"), initializer_range=0.2, **FAMILY_KW[family])
             # a fresh tokenizer per bridge: a second boot with one tokenizer object fails in 4.3 (KeyError)
-            bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=char_tokenizer(),
-                                                         device="cpu", dtype=torch.float32)
+            bridge = TransformerBridge.boot_transformers(
+                str(folder), hf_model=hf, tokenizer=char_tokenizer(), device="cpu", dtype=torch.float32
+            )
             out[family] = (bridge, *capjax.load_pretrained(folder))
         return out[family]
+
     return get
 
 
@@ -104,12 +113,19 @@ def tl_patch(bridge, site, positions, direction):
 SLOW = pytest.mark.slow  # kept out of the default run for time: each case compiles capjax's kernels (a new
 # family all of them, ~7 s of CPU) and transformer-lens runs one hooked forward per unit (~0.1 s of CPU each)
 CASES = [  # (family, site, positions): every unit type on Llama (GQA: H 4, K 2), a head site on each other family
-    ("llama", "attn.z", False), ("llama", "attn.z", True), ("llama", "attn.v", False), ("llama", "resid.pre", True),
-    ("llama", "attn.out", True), ("llama", "mlp.out", False),
-    pytest.param("llama", "attn.q", False, marks=SLOW), pytest.param("llama", "attn.k", False, marks=SLOW),
-    pytest.param("llama", "resid.mid", False, marks=SLOW), pytest.param("llama", "mlp.out", True, marks=SLOW),
+    ("llama", "attn.z", False),
+    ("llama", "attn.z", True),
+    ("llama", "attn.v", False),
+    ("llama", "resid.pre", True),
+    ("llama", "attn.out", True),
+    ("llama", "mlp.out", False),
+    pytest.param("llama", "attn.q", False, marks=SLOW),
+    pytest.param("llama", "attn.k", False, marks=SLOW),
+    pytest.param("llama", "resid.mid", False, marks=SLOW),
+    pytest.param("llama", "mlp.out", True, marks=SLOW),
     pytest.param("qwen2", "attn.k", False, marks=SLOW),  # q / k / v biases
-    pytest.param("qwen3", "attn.z", False, marks=SLOW), pytest.param("gemma2", "attn.z", False, marks=SLOW),
+    pytest.param("qwen3", "attn.z", False, marks=SLOW),
+    pytest.param("gemma2", "attn.z", False, marks=SLOW),
     pytest.param("gemma3_text", "attn.v", False, marks=SLOW),
     pytest.param("phi3", "attn.q", False, marks=SLOW),  # fused qkv
 ]
@@ -120,8 +136,18 @@ def test_patch_equals_transformer_lens(loaded, family, site, positions):
     bridge, model, params = loaded(family)
     for direction in ("noising", "denoising"):
         want = tl_patch(bridge, site, positions, direction)
-        got = patch(model, params, CLEAN, CORRUPTED, site, METRIC, positions=positions, direction=direction,
-                    read_at=np.full(3, READ), chunk_size=8)
+        got = patch(
+            model,
+            params,
+            CLEAN,
+            CORRUPTED,
+            site,
+            METRIC,
+            positions=positions,
+            direction=direction,
+            read_at=np.full(3, READ),
+            chunk_size=8,
+        )
         assert got.values.shape == want.shape, (direction, got.values.shape, want.shape)
         np.testing.assert_allclose(got.values, want, atol=1e-4, rtol=0, err_msg=direction)
         with torch.no_grad():
@@ -130,15 +156,21 @@ def test_patch_equals_transformer_lens(loaded, family, site, positions):
         assert np.abs(want - base).max() > 1e-2, "no unit moves the metric: the comparison would be vacuous"
 
 
-@pytest.mark.parametrize("family,receiver", [
-    ("llama", "attn.q"),
-    # transformer-lens refuses k / v paths on GQA ("per-query-head K/V semantics are undefined")
-    pytest.param("llama_mha", "attn.k", marks=SLOW), pytest.param("llama_mha", "attn.v", marks=SLOW)])
+@pytest.mark.parametrize(
+    "family,receiver",
+    [
+        ("llama", "attn.q"),
+        # transformer-lens refuses k / v paths on GQA ("per-query-head K/V semantics are undefined")
+        pytest.param("llama_mha", "attn.k", marks=SLOW),
+        pytest.param("llama_mha", "attn.v", marks=SLOW),
+    ],
+)
 def test_path_patch_equals_transformer_lens_direct_path(loaded, family, receiver):
     """capjax.patching.path_patch against transformer-lens's get_act_patch_direct_path (the IOI paper's
     construction: the sender head's write z @ W_O changed only in the receiver head's own copy of the
     residual stream), every head of layer 0 into every head of layer 1, both directions."""
     from capjax.patching import path_patch
+
     bridge, model, params = loaded(family)
     H = model.config.num_heads
     for direction in ("noising", "denoising"):
@@ -146,12 +178,35 @@ def test_path_patch_equals_transformer_lens_direct_path(loaded, family, receiver
         with torch.no_grad():
             _, src_cache = bridge.run_with_cache(torch.tensor(source))
             _, tgt_cache = bridge.run_with_cache(torch.tensor(target))
-            want = np.stack([tlp.get_act_patch_direct_path(bridge, torch.tensor(target), src_cache, tgt_cache,
-                                                           tl_metric, 0, h, component=receiver[-1],
-                                                           verbose=False)[1].numpy() for h in range(H)])
+            want = np.stack(
+                [
+                    tlp.get_act_patch_direct_path(
+                        bridge,
+                        torch.tensor(target),
+                        src_cache,
+                        tgt_cache,
+                        tl_metric,
+                        0,
+                        h,
+                        component=receiver[-1],
+                        verbose=False,
+                    )[1].numpy()
+                    for h in range(H)
+                ]
+            )
         pairs = [(0, hs, 1, hr) for hs in range(H) for hr in range(H)]
-        got = path_patch(model, params, CLEAN, CORRUPTED, pairs, METRIC, receiver=receiver, direction=direction,
-                         read_at=np.full(3, READ), chunk_size=8).reshape(H, H)
+        got = path_patch(
+            model,
+            params,
+            CLEAN,
+            CORRUPTED,
+            pairs,
+            METRIC,
+            receiver=receiver,
+            direction=direction,
+            read_at=np.full(3, READ),
+            chunk_size=8,
+        ).reshape(H, H)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=direction)
         with torch.no_grad():
             base = float(tl_metric(bridge(torch.tensor(target))))

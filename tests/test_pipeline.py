@@ -11,17 +11,26 @@ import pytest
 import yaml
 
 from capjax.cli import main
-from capjax.experiment.config import ConfigError, load_run_config as load_config
-from conftest import HAS_DATA, DATA_DIR, needs_smollm2
+from capjax.experiment.config import ConfigError
+from capjax.experiment.config import load_run_config as load_config
+from conftest import DATA_DIR, HAS_DATA, needs_smollm2
 
 
 def _config(tmp_path, model, **over):
     cfg = {
-        "model": str(model), "out": str(tmp_path / "out"), "seed": 0,
+        "model": str(model),
+        "out": str(tmp_path / "out"),
+        "seed": 0,
         "calibration": {"tasks": ["synthetic"], "n": 6, "seq_len": 128, "subsets": 3},
         "pruning": {"methods": ["cap", "wanda", "magnitude"], "sparsities": [0.2, 0.5]},
-        "evaluation": {"tasks": ["synthetic", "wikitext2"], "limit": 3, "max_new_tokens": 6, "batch_size": 4,
-                       "ppl_seq_len": 64, "skip_missing_data": True},
+        "evaluation": {
+            "tasks": ["synthetic", "wikitext2"],
+            "limit": 3,
+            "max_new_tokens": 6,
+            "batch_size": 4,
+            "ppl_seq_len": 64,
+            "skip_missing_data": True,
+        },
         "data_dir": str(DATA_DIR) if HAS_DATA else None,
     }
     for k, v in over.items():
@@ -38,8 +47,15 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path, tiny_with_tokenizer, capsys):
     out = tmp_path / "out"
     printed = capsys.readouterr().out
     assert f"report: {out}/report.md" in printed
-    for f in ["results.json", "results.csv", "report.md", "figures/head_scores_synthetic.png",
-              "figures/metrics_vs_sparsity.png", "figures/layer_sparsity_s0.20.png", "figures/layer_sparsity_s0.50.png"]:
+    for f in [
+        "results.json",
+        "results.csv",
+        "report.md",
+        "figures/head_scores_synthetic.png",
+        "figures/metrics_vs_sparsity.png",
+        "figures/layer_sparsity_s0.20.png",
+        "figures/layer_sparsity_s0.50.png",
+    ]:
         assert (out / f).exists(), f
     results = json.loads((out / "results.json").read_text())
     # 1 scores file, 6 pruned models' masks, 7 models x 1-2 tasks of evaluations, each under its fingerprint
@@ -47,8 +63,15 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path, tiny_with_tokenizer, capsys):
     assert len(list((out / "artifacts" / "masks").glob("*.npz"))) == 6
     assert (out / "artifacts" / "scores" / f"{results['scores']['synthetic']['fingerprint']}.npz").exists()
     names = [r["name"] for r in results["runs"]]
-    assert names == ["dense", "cap_synthetic_s0.20", "cap_synthetic_s0.50", "wanda_synthetic_s0.20",
-                     "wanda_synthetic_s0.50", "magnitude_s0.20", "magnitude_s0.50"]
+    assert names == [
+        "dense",
+        "cap_synthetic_s0.20",
+        "cap_synthetic_s0.50",
+        "wanda_synthetic_s0.20",
+        "wanda_synthetic_s0.50",
+        "magnitude_s0.20",
+        "magnitude_s0.50",
+    ]
     for r in results["runs"][1:]:
         # CAP's global threshold is exact; Wanda/magnitude prune int(in * s) per row/matrix of width 32..48.
         tol = 1e-4 if r["method"] == "cap" else 1 / 32
@@ -100,8 +123,17 @@ def test_scores_are_filed_by_ablation_kind_and_metric(tmp_path, tiny_with_tokeni
     assert fp1 != fp0 and e1.events == ["computed scores/synthetic"]
     assert (zero.kind, zero.metric, mean.kind, mean.metric) == ("zero", "ce", "mean", "kl")
     calib = e1.calibration("synthetic")
-    ref = capjax.score_heads(e1.model, e1.params, calib.tokens, calib.loss_mask, subsets=3,
-                             attention_mask=calib.attention_mask, progress=False, kind="mean", metric="kl")
+    ref = capjax.score_heads(
+        e1.model,
+        e1.params,
+        calib.tokens,
+        calib.loss_mask,
+        subsets=3,
+        attention_mask=calib.attention_mask,
+        progress=False,
+        kind="mean",
+        metric="kl",
+    )
     np.testing.assert_allclose(mean.delta, ref.delta, atol=1e-6)
     assert not np.allclose(mean.baseline, zero.baseline)  # KL of the intact model is 0, its CE is not
     for kind, metric, fp, first in [("mean", "kl", fp1, mean), ("zero", "ce", fp0, zero)]:
@@ -115,45 +147,54 @@ def test_scores_are_filed_by_ablation_kind_and_metric(tmp_path, tiny_with_tokeni
     assert exp.events == ["reused scores/synthetic"]
 
 
-@pytest.mark.parametrize("override,match", [
-    ({"calibraton": {}}, "unknown config key 'calibraton'"),
-    ({"pruning": {"methods": ["cap", "obs"]}}, r"unknown pruning.methods \['obs'\]"),
-    ({"evaluation": {"tasks": ["mmlu"]}}, r"unknown evaluation.tasks \['mmlu'\]"),
-    ({"pruning": {"sparsities": [0.2, 1.0]}}, r"pruning.sparsities must lie in \[0, 1\), got 1.0"),
-    ({"pruning": {"nm": "4:2"}}, "pruning.nm"),
-    ({"calibration": {"n": 2, "subsets": 3}}, "subsets=3 exceeds calibration.n=2"),
-    ({"evaluation": {"limit": 0}}, "evaluation.limit must be >= 1, got 0"),
-    ({"pruning": {"options": {"cap": {"kv_rule": "bogus"}}}}, "pruning.options.cap: cap option kv_rule='bogus'"),
-    ({"seed": "abc"}, "seed must be an integer, got 'abc'"),
-    ({"evaluation": {"ppl_seq_len": "abc"}}, "evaluation.ppl_seq_len must be an integer"),
-    ({"evaluation": {"batch_size": 0}}, "evaluation.batch_size must be >= 1"),
-    ({"evaluation": {"max_new_tokens": 1.5}}, "evaluation.max_new_tokens must be an integer"),
-    ({"calibration": {"chunk_size": 0}}, "calibration.chunk_size must be >= 1"),
-    ({"calibration": {"chat": "yes"}}, "calibration.chat must be true or false"),
-    ({"pruning": {"nm": 124}}, "base-60 number 124: quote it"),
-    ({"pruning": {"nm": "2:4", "sparsities": [0.3]}}, "pruning.nm=2:4 fixes the sparsity at 0.50"),
-    ({"pruning": {"sparsities": [0.2, 0.2]}}, "lists a value more than once"),
-    ({"pruning": {"options": {"wanda": {"batch_size": "8"}}}}, "wanda option batch_size='8': expected a positive int"),
-    ({"recovery": {"steps": 0}}, r"recovery.steps=0: need an integer >= 1"),
-    ({"recovery": {"stpes": 5}}, r"recovery: unknown key\(s\) stpes"),
-    ({"recovery": {"lr": "fast"}}, r"recovery"),
-    # every recovery field typed and ranged before anything loads (these once failed after pruning)
-    ({"recovery": {"rank": 2.5}}, r"recovery.rank=2.5: need an integer >= 1"),
-    ({"recovery": {"n": 8.0}}, r"recovery.n=8.0: need an integer >= 1"),
-    ({"recovery": {"seq_len": 64.0}}, r"recovery.seq_len=64.0: need an integer >= 2"),
-    ({"recovery": {"warmup_steps": 1.5}}, r"recovery.warmup_steps=1.5: need an integer >= 0"),
-    ({"recovery": {"steps": True}}, r"recovery.steps=True: need an integer >= 1"),
-    ({"recovery": {"alpha": float("nan")}}, r"recovery.alpha=nan: need a finite number > 0"),
-    ({"recovery": {"weight_decay": float("nan")}}, r"recovery.weight_decay=nan: need a finite number >= 0"),
-    ({"recovery": {"lr": "1e-4"}}, r"recovery.lr='1e-4': need a finite number > 0 \(YAML 1.1 reads 1e-4 as text"),
-    ({"recovery": {"remat": "yes"}}, r"recovery.remat='yes': need true or false"),
-    ({"recovery": {"data": "text:/no/such/file.txt"}}, r"recovery.data='text:/no/such/file.txt': text file "
-                                                       r"/no/such/file.txt not found"),
-    ({"data_dir": "/no/such/data", "evaluation": {"skip_missing_data": False}}, "needs wikitext2/wiki.test.raw"),
-    ({"calibration": {"tasks": ["mmlu"]}}, r"unknown calibration.tasks"),
-    ({"calibration": {"kind": "noise"}}, "calibration.kind must be one of zero, mean, resample, got 'noise'"),
-    ({"calibration": {"metric": "acc"}}, "calibration.metric must be one of ce, kl, got 'acc'"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"calibraton": {}}, "unknown config key 'calibraton'"),
+        ({"pruning": {"methods": ["cap", "obs"]}}, r"unknown pruning.methods \['obs'\]"),
+        ({"evaluation": {"tasks": ["mmlu"]}}, r"unknown evaluation.tasks \['mmlu'\]"),
+        ({"pruning": {"sparsities": [0.2, 1.0]}}, r"pruning.sparsities must lie in \[0, 1\), got 1.0"),
+        ({"pruning": {"nm": "4:2"}}, "pruning.nm"),
+        ({"calibration": {"n": 2, "subsets": 3}}, "subsets=3 exceeds calibration.n=2"),
+        ({"evaluation": {"limit": 0}}, "evaluation.limit must be >= 1, got 0"),
+        ({"pruning": {"options": {"cap": {"kv_rule": "bogus"}}}}, "pruning.options.cap: cap option kv_rule='bogus'"),
+        ({"seed": "abc"}, "seed must be an integer, got 'abc'"),
+        ({"evaluation": {"ppl_seq_len": "abc"}}, "evaluation.ppl_seq_len must be an integer"),
+        ({"evaluation": {"batch_size": 0}}, "evaluation.batch_size must be >= 1"),
+        ({"evaluation": {"max_new_tokens": 1.5}}, "evaluation.max_new_tokens must be an integer"),
+        ({"calibration": {"chunk_size": 0}}, "calibration.chunk_size must be >= 1"),
+        ({"calibration": {"chat": "yes"}}, "calibration.chat must be true or false"),
+        ({"pruning": {"nm": 124}}, "base-60 number 124: quote it"),
+        ({"pruning": {"nm": "2:4", "sparsities": [0.3]}}, "pruning.nm=2:4 fixes the sparsity at 0.50"),
+        ({"pruning": {"sparsities": [0.2, 0.2]}}, "lists a value more than once"),
+        (
+            {"pruning": {"options": {"wanda": {"batch_size": "8"}}}},
+            "wanda option batch_size='8': expected a positive int",
+        ),
+        ({"recovery": {"steps": 0}}, r"recovery.steps=0: need an integer >= 1"),
+        ({"recovery": {"stpes": 5}}, r"recovery: unknown key\(s\) stpes"),
+        ({"recovery": {"lr": "fast"}}, r"recovery"),
+        # every recovery field typed and ranged before anything loads (these once failed after pruning)
+        ({"recovery": {"rank": 2.5}}, r"recovery.rank=2.5: need an integer >= 1"),
+        ({"recovery": {"n": 8.0}}, r"recovery.n=8.0: need an integer >= 1"),
+        ({"recovery": {"seq_len": 64.0}}, r"recovery.seq_len=64.0: need an integer >= 2"),
+        ({"recovery": {"warmup_steps": 1.5}}, r"recovery.warmup_steps=1.5: need an integer >= 0"),
+        ({"recovery": {"steps": True}}, r"recovery.steps=True: need an integer >= 1"),
+        ({"recovery": {"alpha": float("nan")}}, r"recovery.alpha=nan: need a finite number > 0"),
+        ({"recovery": {"weight_decay": float("nan")}}, r"recovery.weight_decay=nan: need a finite number >= 0"),
+        ({"recovery": {"lr": "1e-4"}}, r"recovery.lr='1e-4': need a finite number > 0 \(YAML 1.1 reads 1e-4 as text"),
+        ({"recovery": {"remat": "yes"}}, r"recovery.remat='yes': need true or false"),
+        (
+            {"recovery": {"data": "text:/no/such/file.txt"}},
+            r"recovery.data='text:/no/such/file.txt': text file "
+            r"/no/such/file.txt not found",
+        ),
+        ({"data_dir": "/no/such/data", "evaluation": {"skip_missing_data": False}}, "needs wikitext2/wiki.test.raw"),
+        ({"calibration": {"tasks": ["mmlu"]}}, r"unknown calibration.tasks"),
+        ({"calibration": {"kind": "noise"}}, "calibration.kind must be one of zero, mean, resample, got 'noise'"),
+        ({"calibration": {"metric": "acc"}}, "calibration.metric must be one of ce, kl, got 'acc'"),
+    ],
+)
 def test_config_validation_before_compute(tmp_path, override, match, capsys):
     path = _config(tmp_path, tmp_path / "no-model-here", **override)
     with pytest.raises(ConfigError, match=match):
@@ -175,13 +216,21 @@ def test_overrides_and_missing_config(tmp_path):
     # nested overrides change one entry and keep the others
     cfg = load_config(path, {"evaluation": {"limit": {"synthetic": 2}}})
     assert cfg.evaluation.limit_for("synthetic") == 2 and cfg.evaluation.limit_for("wikitext2") == 3
-    nested = load_config(demo, ["evaluation.limit.wikitext2=2", "pruning.options.cap.kv_rule=max",
-                                "pruning.options.magnitude.scope=global", f"out={tmp_path}/d"])
+    nested = load_config(
+        demo,
+        [
+            "evaluation.limit.wikitext2=2",
+            "pruning.options.cap.kv_rule=max",
+            "pruning.options.magnitude.scope=global",
+            f"out={tmp_path}/d",
+        ],
+    )
     assert nested.evaluation.limit_for("wikitext2") == 2
     assert nested.evaluation.limit_for("arc_challenge") == 16 and nested.evaluation.limit_for("synthetic") == 16
     assert nested.pruning.options == {"cap": {"kv_rule": "max"}, "magnitude": {"scope": "global"}}
-    assert load_config(path, ["evaluation.limit=5", "evaluation.limit.synthetic=1"]).evaluation.limit_for(
-        "wikitext2") == 5
+    assert (
+        load_config(path, ["evaluation.limit=5", "evaluation.limit.synthetic=1"]).evaluation.limit_for("wikitext2") == 5
+    )
     # YAML 1.1 would read 2:4 as 124 (base 60); capjax's reader keeps it a ratio
     assert load_config(path, ["pruning.nm=2:4", "pruning.sparsities=null"]).pruning.targets() == (0.5,)
     with pytest.raises(ConfigError, match="must be a mapping"):
@@ -197,8 +246,10 @@ def test_shipped_configs_are_valid(name):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
-    assert path.read_text().startswith("#") and "capjax run configs/" in path.read_text().splitlines()[1] + \
-        path.read_text().splitlines()[2]
+    assert (
+        path.read_text().startswith("#")
+        and "capjax run configs/" in path.read_text().splitlines()[1] + path.read_text().splitlines()[2]
+    )
     load_config(path)
 
 
@@ -214,23 +265,31 @@ def test_config_vocabulary_matches_the_library():
 
     assert config.prune_method_names() == tuple(METHODS)
     assert config.ablation_kind_names() == KINDS and config.score_metric_names() == tuple(METRICS)
-    assert config.EVAL_TASKS == tuple(TASKS) == ("wikitext2", "gsm8k", "strategyqa", "arc_challenge",
-                                                 "arc_challenge_cot", "synthetic", "organism")
+    assert (
+        config.EVAL_TASKS
+        == tuple(TASKS)
+        == ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic", "organism")
+    )
     assert set(config.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic", "organism"} == set(CALIB_SPLITS)
 
 
 @needs_smollm2
-def test_reuse_across_code_versions_is_said_and_recompute_reuses_nothing(tmp_path, tiny_with_tokenizer, capsys,
-                                                                           monkeypatch):
+def test_reuse_across_code_versions_is_said_and_recompute_reuses_nothing(
+    tmp_path, tiny_with_tokenizer, capsys, monkeypatch
+):
     """Artifacts record the capjax code that computed them; a rerun under other code still reuses them
     (code is not in the fingerprint) but says so in the events, the log and report.md, and
     `--recompute` computes everything again."""
     from capjax.experiment import store
     from capjax.provenance import code_version
 
-    path = _config(tmp_path, tiny_with_tokenizer, calibration={"n": 3, "bootstrap": 0, "kind": "mean"},
-                   pruning={"methods": ["cap"], "sparsities": [0.5]},
-                   evaluation={"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "bootstrap": 0})
+    path = _config(
+        tmp_path,
+        tiny_with_tokenizer,
+        calibration={"n": 3, "bootstrap": 0, "kind": "mean"},
+        pruning={"methods": ["cap"], "sparsities": [0.5]},
+        evaluation={"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "bootstrap": 0},
+    )
     out = tmp_path / "out"
 
     def events():
@@ -240,8 +299,12 @@ def test_reuse_across_code_versions_is_said_and_recompute_reuses_nothing(tmp_pat
         m.setattr(store, "code_version", lambda: "0.0.1+gdeadbeef")
         assert main(["run", str(path)]) == 0
     first = events()
-    assert sorted(e.split()[1] for e in first) == ["evals/cap_synthetic_s0.50/synthetic", "evals/dense/synthetic",
-                                                  "masks/cap_synthetic_s0.50", "scores/synthetic"]
+    assert sorted(e.split()[1] for e in first) == [
+        "evals/cap_synthetic_s0.50/synthetic",
+        "evals/dense/synthetic",
+        "masks/cap_synthetic_s0.50",
+        "scores/synthetic",
+    ]
     assert all(e.startswith("computed") for e in first)
     capsys.readouterr()
 

@@ -144,8 +144,10 @@ def test_broken_entry_point_is_one_line(tmp_path, monkeypatch, capsys):
     finally:
         sys.modules.pop("capjax_broken_plugin", None)
     err = capsys.readouterr().err
-    assert err.strip() == ("capjax: error: entry point toy = 'capjax_broken_plugin' (group capjax.plugins, package "
-                           "capjax_broken_plugin): ZeroDivisionError: division by zero; fix or uninstall that package")
+    assert err.strip() == (
+        "capjax: error: entry point toy = 'capjax_broken_plugin' (group capjax.plugins, package "
+        "capjax_broken_plugin): ZeroDivisionError: division by zero; fix or uninstall that package"
+    )
 
 
 def torch_answer_loss(folder, prompts, answers):
@@ -162,7 +164,7 @@ def torch_answer_loss(folder, prompts, answers):
         ids = torch.tensor([pi + ai])
         with torch.no_grad():
             logp = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
-        total -= float(logp[torch.arange(len(pi) - 1, len(pi) + len(ai) - 1), ids[0, len(pi):]].sum())
+        total -= float(logp[torch.arange(len(pi) - 1, len(pi) + len(ai) - 1), ids[0, len(pi) :]].sum())
         count += len(ai)
     return total / count
 
@@ -173,32 +175,67 @@ def test_plugin_task_through_capjax_eval(plugin, tmp_path, tiny_with_tokenizer):
 
     assert "echo" in eval_task_names()  # from the entry point alone
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(tiny_with_tokenizer), "--tasks", "echo", "--limit", "3", "--no-chat",
-                 "--max-new-tokens", "3", "--bootstrap", "0", "--log-samples", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_with_tokenizer),
+                "--tasks",
+                "echo",
+                "--limit",
+                "3",
+                "--no-chat",
+                "--max-new-tokens",
+                "3",
+                "--bootstrap",
+                "0",
+                "--log-samples",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     metrics, samples = res["results"]["echo"], res["samples"]["echo"]
     numbers = [int(a) for a in np.random.default_rng([0, 1]).integers(10, 100, size=3)]  # echo_records by hand
     assert [s["target"] for s in samples] == [str(a) for a in numbers] and metrics["n"] == 3
     assert metrics["said"] == pytest.approx(np.mean([str(a) in s["output"] for a, s in zip(numbers, samples)]))
-    want = torch_answer_loss(tiny_with_tokenizer, [f"Question: Say {a}.\nAnswer:" for a in numbers],
-                             [f" The answer is {a}." for a in numbers])
+    want = torch_answer_loss(
+        tiny_with_tokenizer,
+        [f"Question: Say {a}.\nAnswer:" for a in numbers],
+        [f" The answer is {a}." for a in numbers],
+    )
     assert metrics["answer_loss"] == pytest.approx(want, rel=1e-4)
 
 
 @needs_smollm2
-def test_plugin_method_kind_and_task_through_capjax_run_and_weights_survive_reuse(plugin, tmp_path,
-                                                                                  tiny_with_tokenizer):
+def test_plugin_method_kind_and_task_through_capjax_run_and_weights_survive_reuse(
+    plugin, tmp_path, tiny_with_tokenizer
+):
     import capjax
     from capjax.data import build_calibration
     from capjax.experiment import Experiment, load_run_config, plan_runs
     from capjax.pruning import PRUNABLE
     from capjax.pruning.importance import get_path
 
-    cfg = {"model": str(tiny_with_tokenizer), "out": str(tmp_path / "out"), "seed": 0,
-           "calibration": {"tasks": ["echo"], "n": 4, "seq_len": 64, "subsets": 2, "kind": "tenth", "chat": False,
-                           "bootstrap": 0},
-           "pruning": {"methods": ["scale_and_mask"], "sparsities": [0.25]},
-           "evaluation": {"tasks": ["echo"], "limit": 2, "max_new_tokens": 2, "batch_size": 2, "bootstrap": 0}}
+    cfg = {
+        "model": str(tiny_with_tokenizer),
+        "out": str(tmp_path / "out"),
+        "seed": 0,
+        "calibration": {
+            "tasks": ["echo"],
+            "n": 4,
+            "seq_len": 64,
+            "subsets": 2,
+            "kind": "tenth",
+            "chat": False,
+            "bootstrap": 0,
+        },
+        "pruning": {"methods": ["scale_and_mask"], "sparsities": [0.25]},
+        "evaluation": {"tasks": ["echo"], "limit": 2, "max_new_tokens": 2, "batch_size": 2, "bootstrap": 0},
+    }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path)]) == 0
@@ -209,12 +246,20 @@ def test_plugin_method_kind_and_task_through_capjax_run_and_weights_survive_reus
 
     # the kind: the saved scores are score_heads' with the plugin's kind (and not zero ablation's)
     model, params = capjax.load_pretrained(tiny_with_tokenizer)
-    calib = build_calibration("echo", capjax.load_tokenizer(tiny_with_tokenizer), n=4, seq_len=64, seed=0,
-                              chat=False)
-    ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
-                             progress=False, kind="tenth")
-    zero = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask,
-                              progress=False)
+    calib = build_calibration("echo", capjax.load_tokenizer(tiny_with_tokenizer), n=4, seq_len=64, seed=0, chat=False)
+    ref = capjax.score_heads(
+        model,
+        params,
+        calib.tokens,
+        calib.loss_mask,
+        2,
+        attention_mask=calib.attention_mask,
+        progress=False,
+        kind="tenth",
+    )
+    zero = capjax.score_heads(
+        model, params, calib.tokens, calib.loss_mask, 2, attention_mask=calib.attention_mask, progress=False
+    )
     saved = np.asarray(results["scores"]["echo"]["delta"])
     np.testing.assert_allclose(saved, ref.delta, atol=1e-5)
     assert np.abs(zero.delta - ref.delta).max() > 1e-3

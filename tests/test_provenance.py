@@ -18,8 +18,9 @@ ROOT = Path(capjax.__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="capjax is not imported from a git checkout")
 def test_code_version_names_the_commit_and_local_changes():
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     changed = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "capjax"]).returncode == 1
     want = f"{importlib.metadata.version('capjax')}+g{head[:12]}" + (".modified" if changed else "")
     assert provenance.code_version() == want

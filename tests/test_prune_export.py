@@ -28,8 +28,15 @@ L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=F, num_hidden_layers=L,
-                                   num_attention_heads=H, num_key_value_heads=K, max_position_embeddings=512)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=E,
+        intermediate_size=F,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=K,
+        max_position_embeddings=512,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     model, params = capjax.load_pretrained(folder)
@@ -63,15 +70,18 @@ def reload_and_compare(tiny, pruned, out):
             assert int((w == 0).sum()) == rep.matrices[(l, ".".join(p.split("/")[1:3]))][0]
             want = np.asarray(rows_view(get(pruned, p)[l], p, stacked=False)).T
             np.testing.assert_array_equal(w, want)
-    np.testing.assert_array_equal(sd["model.embed_tokens.weight"].numpy(),
-                                  np.asarray(tiny.params["embed_tokens"]["embedding"]))
+    np.testing.assert_array_equal(
+        sd["model.embed_tokens.weight"].numpy(), np.asarray(tiny.params["embed_tokens"]["embedding"])
+    )
     return rep
 
 
 @pytest.mark.parametrize("method", ["cap", "sparsegpt"])
 def test_export_roundtrip(tiny, tmp_path, method):
-    calib = {"tokens": np.random.default_rng(2).integers(0, V, (4, 16)).astype(np.int32),
-             "attention_mask": np.ones((4, 16), np.int32)}
+    calib = {
+        "tokens": np.random.default_rng(2).integers(0, V, (4, 16)).astype(np.int32),
+        "attention_mask": np.ones((4, 16), np.int32),
+    }
     pruned, _ = prune(tiny.model, tiny.params, method, 0.4, head_scores=tiny.delta, calib=calib)
     capjax.save_pretrained(tiny.model, pruned, tmp_path / "out")
     rep = reload_and_compare(tiny, pruned, tmp_path / "out")
@@ -81,8 +91,21 @@ def test_export_roundtrip(tiny, tmp_path, method):
 def test_cli_cap_with_scores(tiny, tmp_path, capsys):
     np.savez(tmp_path / "scores.npz", delta=tiny.delta)
     out = tmp_path / "pruned"
-    rc = cli.main(["prune", "--model", str(tiny.folder), "--method", "cap", "--sparsity", "0.3",
-                   "--scores", str(tmp_path / "scores.npz"), "--out", str(out)])
+    rc = cli.main(
+        [
+            "prune",
+            "--model",
+            str(tiny.folder),
+            "--method",
+            "cap",
+            "--sparsity",
+            "0.3",
+            "--scores",
+            str(tmp_path / "scores.npz"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "total sparsity 30.0000%" in printed
@@ -101,8 +124,25 @@ def test_cli_cap_with_scores(tiny, tmp_path, capsys):
 
 def test_cli_wanda_synthetic_nm(tiny, tmp_path):
     out = tmp_path / "pruned"
-    rc = cli.main(["prune", "--model", str(tiny.folder), "--method", "wanda", "--nm", "2:4", "--calib", "synthetic",
-                   "--n", "4", "--seq-len", "320", "--out", str(out)])
+    rc = cli.main(
+        [
+            "prune",
+            "--model",
+            str(tiny.folder),
+            "--method",
+            "wanda",
+            "--nm",
+            "2:4",
+            "--calib",
+            "synthetic",
+            "--n",
+            "4",
+            "--seq-len",
+            "320",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     from capjax.data import build_calibration
 
@@ -120,13 +160,16 @@ def test_cli_wanda_synthetic_nm(tiny, tmp_path):
             assert nonzero.max() <= 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "cap"], "needs --scores"),
-    (["--method", "wanda"], "needs --calib"),
-    (["--method", "magnitude", "--nm", "4:4"], "N < M"),
-    (["--method", "magnitude", "--sparsity", "1.5"], "sparsity must be in"),
-    (["--method", "cap", "--scores", "BAD"], "delta"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "cap"], "needs --scores"),
+        (["--method", "wanda"], "needs --calib"),
+        (["--method", "magnitude", "--nm", "4:4"], "N < M"),
+        (["--method", "magnitude", "--sparsity", "1.5"], "sparsity must be in"),
+        (["--method", "cap", "--scores", "BAD"], "delta"),
+    ],
+)
 def test_cli_errors(tiny, tmp_path, capsys, argv, message):
     np.savez(tmp_path / "bad.npz", other=np.zeros(3))
     argv = [a.replace("BAD", str(tmp_path / "bad.npz")) for a in argv]

@@ -15,9 +15,20 @@ transformers = pytest.importorskip("transformers")
 
 import capjax  # noqa: E402
 from capjax.model import apply_layer, layer_context, layer_params  # noqa: E402
-from capjax.pruning import (METHODS, PRUNABLE, apply_masks, fasterprune, global_threshold,  # noqa: E402
-                            importance_from_scores, keep_above_kth, keep_all_but_lowest, keep_global, prune,
-                            sparsity_report, weight_scores)
+from capjax.pruning import (  # noqa: E402
+    METHODS,
+    PRUNABLE,
+    apply_masks,
+    fasterprune,
+    global_threshold,
+    importance_from_scores,
+    keep_above_kth,
+    keep_all_but_lowest,
+    keep_global,
+    prune,
+    sparsity_report,
+    weight_scores,
+)
 from capjax.pruning.importance import rows_view  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
@@ -29,9 +40,16 @@ NAMES = {p: p.split("/")[2] for p in PRUNABLE}
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=F, num_hidden_layers=L,
-                                   num_attention_heads=H, num_key_value_heads=K, max_position_embeddings=64,
-                                   attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=E,
+        intermediate_size=F,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=K,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(folder)
     model, params = capjax.load_pretrained(folder)
@@ -96,9 +114,9 @@ def test_weight_scores_every_weight(tiny, delta, kv_rule):
         expected = np.empty(W[p].shape)
         for idx in np.ndindex(*W[p].shape):
             l = idx[0]
-            if NAMES[p] == "q_proj":        # [L, E, H, D]
+            if NAMES[p] == "q_proj":  # [L, E, H, D]
                 f = I[l, idx[2]]
-            elif NAMES[p] == "o_proj":      # [L, H, D, E]
+            elif NAMES[p] == "o_proj":  # [L, H, D, E]
                 f = I[l, idx[1]]
             elif NAMES[p] in ("k_proj", "v_proj"):  # [L, E, K, D]: heads k*G .. k*G+G-1
                 kv = idx[2]
@@ -127,7 +145,7 @@ def _oracle_global(tree, sparsity):
     pruned[np.argsort(flat, kind="stable")[:k]] = True
     out, i = [], 0
     for x in leaves:
-        out.append(pruned[i:i + x.size].reshape(x.shape))
+        out.append(pruned[i : i + x.size].reshape(x.shape))
         i += x.size
     return jax.tree.unflatten(treedef, out)
 
@@ -164,12 +182,14 @@ def test_rowwise_rules_match_sort():
 # ---------------------------------------------------------------------------- CAP
 def _quantized(params, levels=8):
     """Kernels rounded away from zero onto a few values: many tied scores, no zeros."""
+
     def q(path, a):
         keys = "/".join(str(k.key) for k in path)
         if keys not in PRUNABLE:
             return a
         s = float(jnp.abs(a).max())
         return jnp.sign(a) * jnp.ceil(jnp.abs(a) / s * levels) * s / levels
+
     return jax.tree_util.tree_map_with_path(q, params)
 
 
@@ -182,12 +202,16 @@ def test_cap_global_sparsity_and_order(tiny, delta, sparsity, quantize):
     assert abs(rep.total - sparsity) <= 1e-4
     # the pruned weights are exactly the lowest |W| * I under the tie rule
     I = oracle_importance(delta)
-    f = {"q_proj": I[:, None, :, None], "o_proj": I[:, :, None, None],
-         "k_proj": I.reshape(L, K, G).mean(-1)[:, None, :, None],
-         "mlp": I.mean(-1)[:, None, None]}
+    f = {
+        "q_proj": I[:, None, :, None],
+        "o_proj": I[:, :, None, None],
+        "k_proj": I.reshape(L, K, G).mean(-1)[:, None, :, None],
+        "mlp": I.mean(-1)[:, None, None],
+    }
     f["v_proj"] = f["k_proj"]
-    scores = {p: jnp.asarray(np.abs(np.asarray(get(params, p))) * f.get(NAMES[p], f["mlp"]), jnp.float32)
-              for p in PRUNABLE}
+    scores = {
+        p: jnp.asarray(np.abs(np.asarray(get(params, p))) * f.get(NAMES[p], f["mlp"]), jnp.float32) for p in PRUNABLE
+    }
     want = _oracle_global(scores, sparsity)
     # the oracle's float64 factors may round a product differently: allow a couple of swaps
     mismatched = sum(int((~np.asarray(get(masks, p)) != want[p]).sum()) for p in PRUNABLE)
@@ -238,8 +262,10 @@ def torch_wanda(hf, tokens, am, sparsity, nm=None, factor=None):
         def hook(name, sq=sq):
             def f(_, args):
                 x = args[0].reshape(-1, args[0].shape[-1])[real].float()
-                sq[name] += (x ** 2).sum(0)
+                sq[name] += (x**2).sum(0)
+
             return f
+
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in lins.items()]
         with torch.no_grad():
             model(input_ids=tok, attention_mask=att)
@@ -253,10 +279,10 @@ def torch_wanda(hf, tokens, am, sparsity, nm=None, factor=None):
             mask = torch.zeros_like(W, dtype=torch.bool)
             if nm:
                 for c in range(0, W.shape[1], nm[1]):
-                    idx = torch.topk(metric[:, c:c + nm[1]], nm[0], dim=1, largest=False)[1]
+                    idx = torch.topk(metric[:, c : c + nm[1]], nm[0], dim=1, largest=False)[1]
                     mask.scatter_(1, c + idx, True)
             else:
-                idx = torch.sort(metric, dim=-1, stable=True)[1][:, :int(W.shape[1] * sparsity)]
+                idx = torch.sort(metric, dim=-1, stable=True)[1][:, : int(W.shape[1] * sparsity)]
                 mask.scatter_(1, idx, True)
             W[mask] = 0
             out[(i, n.split(".")[-1])] = mask.numpy()
@@ -266,8 +292,9 @@ def torch_wanda(hf, tokens, am, sparsity, nm=None, factor=None):
 def _compare_to_torch(masks, ref):
     for p in PRUNABLE:
         for l in range(L):
-            np.testing.assert_array_equal(hf_prune_mask(get(masks, p), p, l), ref[(l, NAMES[p])],
-                                          err_msg=f"layer {l} {p}")
+            np.testing.assert_array_equal(
+                hf_prune_mask(get(masks, p), p, l), ref[(l, NAMES[p])], err_msg=f"layer {l} {p}"
+            )
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
@@ -287,6 +314,7 @@ def test_cap_wanda_matches_torch(tiny, calib, delta):
         if name == "o_proj":
             return I[l].repeat_interleave(D)[None, :]
         return I[l].mean()
+
     _, masks = prune(tiny.model, tiny.params, "cap_wanda", 0.4, head_scores=delta, calib=calib)
     _compare_to_torch(masks, torch_wanda(tiny.hf, calib.tokens, calib.attention_mask, 0.4, factor=factor))
 
@@ -308,13 +336,13 @@ def torch_fasterprune(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
         Q1, E1 = torch.zeros_like(W1), torch.zeros_like(W1)
         d = torch.diag(Hb)
         if nm is None:
-            tmp = W1 ** 2 / d[None] ** 2
+            tmp = W1**2 / d[None] ** 2
             m1 = tmp <= torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
         else:
             m1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                tmp = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]][None] ** 2
+                tmp = W1[:, i : i + nm[1]] ** 2 / d[i : i + nm[1]][None] ** 2
                 m1.scatter_(1, i + torch.topk(tmp, nm[0], dim=1, largest=False)[1], True)
             q = torch.where(m1[:, i], 0.0, W1[:, i])
             err = (W1[:, i] - q) / d[i]
@@ -375,9 +403,19 @@ def test_sparsegpt_beats_magnitude_reconstruction(tiny, calib):
 
 
 # ---------------------------------------------------------------------------- N:M, structure, invariants
-@pytest.mark.parametrize("method, nm", [
-    ("cap", (2, 4)), ("cap", (4, 8)), ("magnitude", (2, 4)), ("random", (4, 8)), ("wanda", (4, 8)),
-    ("sparsegpt", (2, 4)), ("sparsegpt", (4, 8)), ("cap_wanda", (2, 4))])
+@pytest.mark.parametrize(
+    "method, nm",
+    [
+        ("cap", (2, 4)),
+        ("cap", (4, 8)),
+        ("magnitude", (2, 4)),
+        ("random", (4, 8)),
+        ("wanda", (4, 8)),
+        ("sparsegpt", (2, 4)),
+        ("sparsegpt", (4, 8)),
+        ("cap_wanda", (2, 4)),
+    ],
+)
 def test_nm_every_group(tiny, calib, delta, method, nm):
     for n, m in (nm,):
         pruned, masks = prune(tiny.model, tiny.params, method, 0.0, head_scores=delta, calib=calib, nm=(n, m))
@@ -414,13 +452,20 @@ def test_cap_heads_structure(tiny):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_masks_and_untouched_leaves(tiny, calib, delta, method):
     pruned, masks = prune(tiny.model, tiny.params, method, 0.3, head_scores=delta, calib=calib)
+
     def paths(t):
-        return ["/".join(str(k.key) for k in p)
-                for p, _ in jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: x is None)[0]]
+        return [
+            "/".join(str(k.key) for k in p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: x is None)[0]
+        ]
 
     assert paths(pruned) == paths(tiny.params) == paths(masks)
-    for path, p0, p1, m in zip(paths(tiny.params), jax.tree.leaves(tiny.params), jax.tree.leaves(pruned),
-                               jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+    for path, p0, p1, m in zip(
+        paths(tiny.params),
+        jax.tree.leaves(tiny.params),
+        jax.tree.leaves(pruned),
+        jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+    ):
         if path not in PRUNABLE:
             assert m is None
             assert p1.dtype == p0.dtype and np.array_equal(np.asarray(p1), np.asarray(p0)), path
@@ -432,7 +477,8 @@ def test_masks_and_untouched_leaves(tiny, calib, delta, method):
         else:
             np.testing.assert_array_equal(np.asarray(p1), np.asarray(p0) * np.asarray(m))
     np.testing.assert_array_equal(
-        np.asarray(jax.tree.leaves(apply_masks(pruned, masks))[3]), np.asarray(jax.tree.leaves(pruned)[3]))
+        np.asarray(jax.tree.leaves(apply_masks(pruned, masks))[3]), np.asarray(jax.tree.leaves(pruned)[3])
+    )
 
 
 def test_random_is_seeded(tiny):
@@ -511,16 +557,23 @@ def test_bad_inputs(tiny, calib, delta):
     with pytest.raises(ValueError, match="NaN or Inf weights in layers/mlp/up_proj/kernel"):
         prune(m, nan_params, "magnitude", 0.5)
     with pytest.raises(ValueError, match="divisible by 8"):
-        prune(m, jax.tree.map(lambda a: a, p) | {"layers": {**p["layers"], "mlp": {
-            **p["layers"]["mlp"], "down_proj": {"kernel": jnp.ones((L, 44, E))}}}}, "magnitude", 0.5, nm=(4, 8))
+        prune(
+            m,
+            jax.tree.map(lambda a: a, p)
+            | {"layers": {**p["layers"], "mlp": {**p["layers"]["mlp"], "down_proj": {"kernel": jnp.ones((L, 44, E))}}}},
+            "magnitude",
+            0.5,
+            nm=(4, 8),
+        )
 
 
 def test_nm_sparsity_mismatch_is_refused(tiny):
     with pytest.raises(ValueError, match="N:M 2:4 sets the sparsity to 0.5; pass sparsity=0"):
         prune(tiny.model, tiny.params, "magnitude", 0.3, nm=(2, 4))
     inf_params = jax.tree.map(lambda a: a, tiny.params)
-    inf_params["layers"]["self_attn"]["o_proj"]["kernel"] = \
+    inf_params["layers"]["self_attn"]["o_proj"]["kernel"] = (
         tiny.params["layers"]["self_attn"]["o_proj"]["kernel"].at[0, 0, 0, 0].set(jnp.inf)
+    )
     with pytest.raises(ValueError, match="NaN or Inf weights in layers/self_attn/o_proj/kernel"):
         prune(tiny.model, inf_params, "magnitude", 0.5)
     with pytest.raises(ValueError, match="option batch_size=0: expected a positive int"):

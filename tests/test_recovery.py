@@ -20,9 +20,19 @@ import transformers
 import capjax
 from capjax.convert import iter_hf_tensors
 from capjax.pruning.importance import PRUNABLE, get_path
-from capjax.recovery import (LoRARankError, MaskTreeError, RecoveryDataError, RecoveryDivergedError,
-                             RecoverySettings, RecoverySettingsError, batch_loss, init_lora, memory_bytes,
-                             merge_lora, recover)
+from capjax.recovery import (
+    LoRARankError,
+    MaskTreeError,
+    RecoveryDataError,
+    RecoveryDivergedError,
+    RecoverySettings,
+    RecoverySettingsError,
+    batch_loss,
+    init_lora,
+    memory_bytes,
+    merge_lora,
+    recover,
+)
 from capjax.recovery.lora import set_path
 from conftest import TINY, make_hf_model
 
@@ -42,7 +52,7 @@ def _data(n=6, T=16, V=TINY["vocab_size"], seed=0):
     """Every example fully real; the second half of each is the answer."""
     tokens = np.random.RandomState(seed).randint(0, V, (n, T)).astype(np.int32)
     loss_mask = np.zeros((n, T), np.float32)
-    loss_mask[:, T // 2:] = 1
+    loss_mask[:, T // 2 :] = 1
     return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": np.ones((n, T), np.int32)}
 
 
@@ -66,8 +76,11 @@ def _zeros_per_matrix(params, masks):
     for p in PRUNABLE:
         w, m = np.asarray(get_path(params, p)), np.asarray(get_path(masks, p))
         L = w.shape[0]
-        out[p] = ((w.reshape(L, -1) == 0).sum(1).tolist(), (~m).reshape(L, -1).sum(1).tolist(),
-                  bool(np.any(w[~m] != 0)))
+        out[p] = (
+            (w.reshape(L, -1) == 0).sum(1).tolist(),
+            (~m).reshape(L, -1).sum(1).tolist(),
+            bool(np.any(w[~m] != 0)),
+        )
     return out
 
 
@@ -116,8 +129,20 @@ def test_one_full_step_equals_torch_adamw(tiny, tmp_path):
     pruned, masks = capjax.prune(model, params, "magnitude", 0.5)
     data = _data()
     hp = dict(lr=1e-3, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.1)
-    out, history = recover(model, pruned, masks, data, steps=1, mode="full", batch_size=6, warmup_steps=0,
-                           grad_clip=None, remat=False, progress=False, **hp)
+    out, history = recover(
+        model,
+        pruned,
+        masks,
+        data,
+        steps=1,
+        mode="full",
+        batch_size=6,
+        warmup_steps=0,
+        grad_clip=None,
+        remat=False,
+        progress=False,
+        **hp,
+    )
     lr0 = capjax.recovery.lr_schedule(RecoverySettings(steps=1, warmup_steps=0, lr=hp["lr"]))(0)
     assert float(lr0) == pytest.approx(hp["lr"], rel=1e-7)  # step 0 of the schedule is the peak (float32)
 
@@ -126,8 +151,9 @@ def test_one_full_step_equals_torch_adamw(tiny, tmp_path):
     hf.train()  # no dropout in Llama; train() only to be explicit
     hf_masks = {k: torch.as_tensor(v) for k, v in _hf_masks(model.config, masks, pruned).items()}
     named = dict(hf.named_parameters())
-    opt = torch.optim.AdamW(named.values(), lr=float(lr0), betas=(hp["b1"], hp["b2"]), eps=hp["eps"],
-                            weight_decay=hp["weight_decay"])
+    opt = torch.optim.AdamW(
+        named.values(), lr=float(lr0), betas=(hp["b1"], hp["b2"]), eps=hp["eps"], weight_decay=hp["weight_decay"]
+    )
     loss = _torch_loss(hf, data)
     loss.backward()
     with torch.no_grad():
@@ -149,8 +175,9 @@ def test_lora_forward_equals_w_plus_ba_in_torch(tiny, tmp_path):
     rank, scale = 3, 2.0
     adapters = init_lora(pruned, rank, jax.random.PRNGKey(0))
     rs = np.random.RandomState(2)
-    adapters = {p: {"a": ab["a"], "b": jnp.asarray(rs.normal(0, 0.05, ab["b"].shape), np.float32)}
-                for p, ab in adapters.items()}
+    adapters = {
+        p: {"a": ab["a"], "b": jnp.asarray(rs.normal(0, 0.05, ab["b"].shape), np.float32)} for p, ab in adapters.items()
+    }
     data = _data()
     ours = batch_loss(model, pruned, data, adapters=adapters, masks=masks, scale=scale)
 
@@ -163,8 +190,8 @@ def test_lora_forward_equals_w_plus_ba_in_torch(tiny, tmp_path):
             for l in range(model.config.num_layers):
                 name = f"model.layers.{l}.{hf_name}.weight"
                 W = dict(hf.named_parameters())[name]
-                A = torch.as_tensor(np.array(ab["a"][l])).T   # [r, in]
-                B = torch.as_tensor(np.array(ab["b"][l])).T   # [out, r]
+                A = torch.as_tensor(np.array(ab["a"][l])).T  # [r, in]
+                B = torch.as_tensor(np.array(ab["b"][l])).T  # [out, r]
                 W.copy_(torch.as_tensor(hf_masks[name]) * (W + scale * B @ A))
         ref = float(_torch_loss(hf, data))
     assert ours == pytest.approx(ref, abs=1e-5)
@@ -222,8 +249,11 @@ def test_a_checkpoint_killed_before_its_commit_is_not_resumed(tiny, tmp_path, mo
         with pytest.raises(Killed):
             recover(model, pruned, masks, _data(), checkpoint_dir=tmp_path / "b", **kw)
     [run] = (tmp_path / "b").iterdir()
-    assert sorted(p.name for p in run.iterdir()) == ["step_0000001", "step_0000002",
-                                                     "step_0000003.orbax-checkpoint-tmp"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "step_0000001",
+        "step_0000002",
+        "step_0000003.orbax-checkpoint-tmp",
+    ]
     resumed, h_res = recover(model, pruned, masks, _data(), checkpoint_dir=tmp_path / "b", **kw)
     assert h_res["resumed_from"] == 2
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
@@ -251,8 +281,16 @@ def test_nan_update_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     pruned, masks = capjax.prune(model, params, "magnitude", 0.5)
     tx = optax.chain(optax.sgd(1e-2), _NaNAtStep(2))
     with pytest.raises(RecoveryDivergedError, match=r"step 3: .*last good checkpoint: .*step_0000002"):
-        recover(model, pruned, masks, _data(), optimizer=tx, checkpoint_dir=tmp_path, checkpoint_every=1,
-                **dict(FAST, steps=5, mode="full"))
+        recover(
+            model,
+            pruned,
+            masks,
+            _data(),
+            optimizer=tx,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=1,
+            **dict(FAST, steps=5, mode="full"),
+        )
 
 
 def test_bad_inputs_are_refused_before_compute(tiny):
@@ -297,10 +335,46 @@ def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenize
     from capjax.pruning.prune import masks_from_flat
 
     pruned_dir, out = tmp_path / "pruned", tmp_path / "recovered"
-    assert main(["prune", "--model", str(tiny_with_tokenizer), "--method", "magnitude", "--sparsity", "0.5",
-                 "--out", str(pruned_dir)]) == 0
-    assert main(["recover", "--model", str(pruned_dir), "--data", "synthetic", "--steps", "2", "--n", "8",
-                 "--seq-len", "128", "--batch-size", "2", "--mode", "full", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_with_tokenizer),
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(pruned_dir),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "recover",
+                "--model",
+                str(pruned_dir),
+                "--data",
+                "synthetic",
+                "--steps",
+                "2",
+                "--n",
+                "8",
+                "--seq-len",
+                "128",
+                "--batch-size",
+                "2",
+                "--mode",
+                "full",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     model, params = capjax.load_pretrained(out)
     before = capjax.load_pretrained(pruned_dir)[1]
     with np.load(out / "masks.npz") as z:
@@ -314,8 +388,20 @@ def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenize
     with monkeypatch.context() as m:  # a bad masks file is said before the model loads
         m.setattr(capjax, "load_pretrained", lambda *a, **k: pytest.fail("model loaded"))
         for bad, what in [("nope.npz", "masks file not found"), ("garbage.npz", "not a readable .npz")]:
-            assert main(["recover", "--model", str(pruned_dir), "--masks", str(tmp_path / bad),
-                         "--out", str(tmp_path / "x")]) == 2
+            assert (
+                main(
+                    [
+                        "recover",
+                        "--model",
+                        str(pruned_dir),
+                        "--masks",
+                        str(tmp_path / bad),
+                        "--out",
+                        str(tmp_path / "x"),
+                    ]
+                )
+                == 2
+            )
             err = capsys.readouterr().err.strip()
             assert bad in err and what in err and len(err.splitlines()) == 1, err
 
@@ -324,8 +410,13 @@ def test_recover_cli_keeps_masks_and_writes_history(tmp_path, tiny_with_tokenize
 def test_sharded_recovery_equals_single_device(tmp_path):
     worker = Path(__file__).with_name("recovery_sharding_worker.py")
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(worker), str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(worker.parents[1])})
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(worker.parents[1])},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["pruned_nonzero"] == 0
@@ -337,8 +428,13 @@ def test_sharded_recovery_equals_single_device(tmp_path):
 def test_sharded_lora_recovery_equals_single_device(tmp_path):
     worker = Path(__file__).with_name("recovery_sharding_worker.py")
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(worker), str(out), "lora"], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(worker.parents[1])})
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(out), "lora"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(worker.parents[1])},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["mode"] == "lora" and res["devices"] == 8, res  # merged params stay sharded over all 8
@@ -352,8 +448,15 @@ def test_bfloat16_params_train_in_float32_and_keep_dtype_and_zeros(tiny):
     pruned, masks = capjax.prune(model, params, "magnitude", 0.5)
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pruned)
     seen = []
-    out, _ = recover(model, bf16, masks, _data(), mode="full", callback=lambda s, t: seen.append(
-        {str(a.dtype) for a in jax.tree.leaves(t)}), **FAST)
+    out, _ = recover(
+        model,
+        bf16,
+        masks,
+        _data(),
+        mode="full",
+        callback=lambda s, t: seen.append({str(a.dtype) for a in jax.tree.leaves(t)}),
+        **FAST,
+    )
     assert seen and all(d == {"float32"} for d in seen)  # float32 master weights (and AdamW state) while training
     assert {str(a.dtype) for a in jax.tree.leaves(out)} == {"bfloat16"}
     assert _zeros_per_matrix(out, masks) == _zeros_per_matrix(bf16, masks)

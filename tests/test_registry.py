@@ -37,8 +37,9 @@ def expected_kept(shape, sparsity):
 
 @pytest.fixture
 def toy_method():
-    registry.register_method("first_fraction", first_fraction, options={"note": "x"}, needs_calib=True,
-                             description="test toy")
+    registry.register_method(
+        "first_fraction", first_fraction, options={"note": "x"}, needs_calib=True, description="test toy"
+    )
     CALLS.clear()
     yield
     registry.unregister_method("first_fraction")
@@ -56,8 +57,11 @@ def test_builtins_are_lazy_and_complete():
 
 
 def test_unknown_name_lists_registered(toy_method, tmp_path, capsys):
-    with pytest.raises(registry.UnknownMethodError, match="unknown pruning method 'nope'; known methods: cap, "
-                       r"cap_wanda, .*random, cap_structured, first_fraction"):
+    with pytest.raises(
+        registry.UnknownMethodError,
+        match="unknown pruning method 'nope'; known methods: cap, "
+        r"cap_wanda, .*random, cap_structured, first_fraction",
+    ):
         registry.spec("nope")
     from capjax.pruning import prune
 
@@ -82,8 +86,10 @@ def test_toy_method_through_capjax_prune(toy_method, tmp_path, capsys):
     assert "needs --calib" in capsys.readouterr().err
     registry.register_method("first_fraction", first_fraction, replace=True)  # no calibration needed
     out = tmp_path / "pruned"
-    assert main(["prune", "--model", str(folder), "--method", "first_fraction", "--sparsity", "0.25",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["prune", "--model", str(folder), "--method", "first_fraction", "--sparsity", "0.25", "--out", str(out)])
+        == 0
+    )
     assert CALLS == [{"has_calib": False, "options": {}}]
     model, params = capjax.load_pretrained(folder)
     _, reloaded = capjax.load_pretrained(out)
@@ -100,11 +106,18 @@ def test_toy_method_through_capjax_prune(toy_method, tmp_path, capsys):
 
 @needs_smollm2
 def test_toy_method_through_capjax_run(toy_method, tmp_path, tiny_with_tokenizer):
-    cfg = {"model": str(tiny_with_tokenizer), "out": str(tmp_path / "out"), "seed": 0,
-           "calibration": {"tasks": ["synthetic"], "n": 3, "seq_len": 128, "subsets": 1},
-           "pruning": {"methods": ["first_fraction", "magnitude"], "sparsities": [0.25],
-                       "options": {"first_fraction": {"note": "y"}}},
-           "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 2, "batch_size": 2}}
+    cfg = {
+        "model": str(tiny_with_tokenizer),
+        "out": str(tmp_path / "out"),
+        "seed": 0,
+        "calibration": {"tasks": ["synthetic"], "n": 3, "seq_len": 128, "subsets": 1},
+        "pruning": {
+            "methods": ["first_fraction", "magnitude"],
+            "sparsities": [0.25],
+            "options": {"first_fraction": {"note": "y"}},
+        },
+        "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 2, "batch_size": 2},
+    }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path)]) == 0
@@ -125,9 +138,11 @@ def test_toy_method_through_capjax_run(toy_method, tmp_path, tiny_with_tokenizer
 
 def test_plugin_file_from_the_environment(tmp_path, monkeypatch):
     plugin = tmp_path / "my_method.py"
-    plugin.write_text("from capjax.pruning.registry import register_method\n"
-                      "register_method('from_plugin_file', 'capjax.pruning.methods:magnitude', "
-                      "options={'scope': 'matrix'})\n")
+    plugin.write_text(
+        "from capjax.pruning.registry import register_method\n"
+        "register_method('from_plugin_file', 'capjax.pruning.methods:magnitude', "
+        "options={'scope': 'matrix'})\n"
+    )
     monkeypatch.setenv("CAPJAX_PLUGINS", str(plugin))
     try:
         assert "from_plugin_file" in registry.names()
@@ -143,11 +158,15 @@ def test_plugin_file_from_the_environment(tmp_path, monkeypatch):
 
 BROKEN_PLUGINS = {
     "syntax": ("def oops(:\n", r"syntax error at line 1: .*; fix the file"),
-    "import": ("import capjax\nimport no_such_module_for_capjax\n",
-               r"ModuleNotFoundError \(line 2\): No module named 'no_such_module_for_capjax'; fix the plugin"),
-    "duplicate": ("from capjax.pruning.registry import register_method\n"
-                  "register_method('magnitude', 'capjax.pruning.methods:magnitude')\n",
-                  r"ValueError \(line 2\): pruning method 'magnitude' is already registered"),
+    "import": (
+        "import capjax\nimport no_such_module_for_capjax\n",
+        r"ModuleNotFoundError \(line 2\): No module named 'no_such_module_for_capjax'; fix the plugin",
+    ),
+    "duplicate": (
+        "from capjax.pruning.registry import register_method\n"
+        "register_method('magnitude', 'capjax.pruning.methods:magnitude')\n",
+        r"ValueError \(line 2\): pruning method 'magnitude' is already registered",
+    ),
 }
 
 
@@ -183,11 +202,19 @@ def test_broken_plugin_through_python_m_has_no_traceback(tmp_path):
     root = Path(__file__).parents[1]
     env = dict(os.environ, CAPJAX_PLUGINS=str(plugin), PYTHONPATH=str(root))
     env.pop("CAPJAX_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "capjax.cli", "prune", "--method", "cap"], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "capjax.cli", "prune", "--method", "cap"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == (f"capjax: error: CAPJAX_PLUGINS: {plugin}: ZeroDivisionError (line 1): "
-                                   "division by zero; fix the plugin or remove it from CAPJAX_PLUGINS"), proc.stderr
+    assert proc.stderr.strip() == (
+        f"capjax: error: CAPJAX_PLUGINS: {plugin}: ZeroDivisionError (line 1): "
+        "division by zero; fix the plugin or remove it from CAPJAX_PLUGINS"
+    ), proc.stderr
 
 
 @needs_smollm2
@@ -206,27 +233,62 @@ def test_metric_and_estimator_plugins_reach_score_and_configs(tmp_path, monkeypa
         "from capjax import estimators\n"
         "from capjax.ablation import register_metric\n"
         "register_metric(lambda z, y: z.max(-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0], 'logit_gap')\n"
-        "estimators.register_estimator('worst', lambda v, i, c, subsets=3: (v - i).max(axis=1))\n")
+        "estimators.register_estimator('worst', lambda v, i, c, subsets=3: (v - i).max(axis=1))\n"
+    )
     monkeypatch.setenv("CAPJAX_PLUGINS", str(plugin))
     try:
         out = tmp_path / "scores.npz"
-        assert main(["score", "--model", str(tiny_with_tokenizer), "--n", "4", "--seq-len", "128", "--subsets", "2",
-                     "--metric", "logit_gap", "--aggregate", "worst", "--bootstrap", "0", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "score",
+                    "--model",
+                    str(tiny_with_tokenizer),
+                    "--n",
+                    "4",
+                    "--seq-len",
+                    "128",
+                    "--subsets",
+                    "2",
+                    "--metric",
+                    "logit_gap",
+                    "--aggregate",
+                    "worst",
+                    "--bootstrap",
+                    "0",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         saved = capjax.HeadScores.load(out)
         assert (saved.metric, saved.aggregate) == ("logit_gap", "worst")
         model, params = capjax.load_pretrained(tiny_with_tokenizer)
         calib = build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=4, seq_len=128, seed=0)
         import jax.numpy as jnp
 
-        ref = capjax.score_heads(model, params, calib.tokens, calib.loss_mask, 2, "mean",
-                                 attention_mask=calib.attention_mask, progress=False,
-                                 metric=logits_metric(lambda z, y: z.max(-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]))
+        ref = capjax.score_heads(
+            model,
+            params,
+            calib.tokens,
+            calib.loss_mask,
+            2,
+            "mean",
+            attention_mask=calib.attention_mask,
+            progress=False,
+            metric=logits_metric(lambda z, y: z.max(-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]),
+        )
         np.testing.assert_allclose(saved.example_masked, ref.example_masked, atol=1e-6)
-        np.testing.assert_allclose(saved.delta.ravel(), (ref.example_masked - ref.example_baseline).reshape(
-            -1, 4).max(axis=1), atol=1e-6)
+        np.testing.assert_allclose(
+            saved.delta.ravel(), (ref.example_masked - ref.example_baseline).reshape(-1, 4).max(axis=1), atol=1e-6
+        )
         assert np.abs(saved.example_masked - saved.example_baseline).min() > 1e-4  # every ablation moves it
-        cfg = load_run_config(None, {"model": "m", "out": str(tmp_path / "o"),
-                                     "calibration": {"metric": "logit_gap", "aggregate": "worst"}}, check_files=False)
+        cfg = load_run_config(
+            None,
+            {"model": "m", "out": str(tmp_path / "o"), "calibration": {"metric": "logit_gap", "aggregate": "worst"}},
+            check_files=False,
+        )
         assert cfg.calibration.metric == "logit_gap"
         with pytest.raises(ConfigError, match="calibration.metric must be one of ce, kl, logit_gap, got 'gap'"):
             load_run_config(None, {"model": "m", "calibration": {"metric": "gap"}}, check_files=False)

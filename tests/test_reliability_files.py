@@ -46,8 +46,11 @@ def _mode(path: Path) -> int:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _no_load(monkeypatch):
@@ -81,6 +84,7 @@ def _enospc_after_half(data: bytes):
     def write(f):
         f.write(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     return write
 
 
@@ -129,21 +133,37 @@ def test_a_full_disk_names_the_path_and_leaves_no_truncated_file(tmp_path, monke
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(OSError, match="report.md"):
         write_texts(files)
-    assert [(tmp_path / n).read_text() for n in ("results.json", "results.csv", "report.md")] == \
-        ['{"old": 1}', "old", "old"]
+    assert [(tmp_path / n).read_text() for n in ("results.json", "results.csv", "report.md")] == [
+        '{"old": 1}',
+        "old",
+        "old",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["report.md", "results.csv", "results.json"]
 
 
 def _minimal_results() -> dict:
     from capjax.experiment.config import RunConfig
 
-    row = {"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None, "achieved_sparsity": 0.0,
-           "fingerprint": "f", "eval": {"synthetic": {"metrics": {"accuracy_flexible": 0.5}, "status": "computed",
-                                                      "fingerprint": "e"}}}
+    row = {
+        "name": "dense",
+        "method": "dense",
+        "calib": None,
+        "sparsity": 0.0,
+        "nm": None,
+        "achieved_sparsity": 0.0,
+        "fingerprint": "f",
+        "eval": {"synthetic": {"metrics": {"accuracy_flexible": 0.5}, "status": "computed", "fingerprint": "e"}},
+    }
     from capjax.provenance import environment
 
-    return {"config": RunConfig(model="m").to_dict(), "environment": environment(), "runs": [row], "scores": {},
-            "seconds": 1.0, "events": []}
+    return {
+        "config": RunConfig(model="m").to_dict(),
+        "environment": environment(),
+        "runs": [row],
+        "scores": {},
+        "seconds": 1.0,
+        "events": [],
+    }
 
 
 def test_report_json_and_csv_are_replaced_together(tmp_path, monkeypatch):
@@ -164,8 +184,9 @@ def test_report_json_and_csv_are_replaced_together(tmp_path, monkeypatch):
         assert (tmp_path / name).read_text() == f"previous {name}"
     monkeypatch.undo()
     outputs.write_outputs(tmp_path, _minimal_results(), resamples=0)
-    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["metrics"] == \
-        {"synthetic/accuracy_flexible": 0.5}
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["metrics"] == {
+        "synthetic/accuracy_flexible": 0.5
+    }
     assert "accuracy_flexible" in (tmp_path / "results.csv").read_text()
     assert (tmp_path / "report.md").read_text().startswith("# capjax run: m")
 
@@ -181,13 +202,14 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(tmp_path,
             with results_lock(out):
                 pass
         cfg = tmp_path / "c.yaml"
-        cfg.write_text(f"model: {tiny_folder}\nout: {out}\ncalibration: {{n: 2, subsets: 1, seq_len: 32, bootstrap: 0}}\n"
-                       "pruning: {methods: [magnitude], sparsities: [0.5]}\n"
-                       "evaluation: {tasks: [synthetic], limit: 1, max_new_tokens: 2, bootstrap: 0}\n")
+        cfg.write_text(
+            f"model: {tiny_folder}\nout: {out}\ncalibration: {{n: 2, subsets: 1, seq_len: 32, bootstrap: 0}}\n"
+            "pruning: {methods: [magnitude], sparsities: [0.5]}\n"
+            "evaluation: {tasks: [synthetic], limit: 1, max_new_tokens: 2, bootstrap: 0}\n"
+        )
         _no_load(monkeypatch)
         assert main(["run", str(cfg)]) == 2
-        one_error_line(capsys, f"results folder {out} is in use by pid {os.getpid()}", "started",
-                        "choose another out=")
+        one_error_line(capsys, f"results folder {out} is in use by pid {os.getpid()}", "started", "choose another out=")
     with results_lock(out):  # released: free again, without a note
         pass
     assert "taking over" not in capsys.readouterr().err
@@ -207,8 +229,9 @@ def test_the_lock_holds_across_processes(tmp_path):
             sys.stdin.readline()
     """)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert p.stdout.readline().strip() == "held"
         with pytest.raises(FolderInUseError, match=f"in use by pid {p.pid} on host {socket.gethostname()}"):
@@ -243,8 +266,9 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys)
 
 # ---------------------------------------------------------------------------- exports
 def _prune(model: Path, out: Path, *extra: str) -> int:
-    return main(["prune", "--model", str(model), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out),
-                 *extra])
+    return main(
+        ["prune", "--model", str(model), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), *extra]
+    )
 
 
 def test_a_reexport_leaves_no_stale_file(tmp_path, tiny_folder, umask022):
@@ -271,16 +295,19 @@ def test_an_export_that_fails_midway_leaves_the_old_export(tmp_path, tiny_folder
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(np, "savez_compressed", zero_bytes_then_fail)
-    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.3",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.3", "--out", str(out)])
+        == 2
+    )
     line = one_error_line(capsys, "No space left on device")
     assert "masks.npz" in line
     assert _digests(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["p"]
 
 
-def test_a_full_disk_while_writing_the_weights_is_one_line_and_keeps_the_old_export(tmp_path, tiny_folder,
-                                                                                      monkeypatch, capsys):
+def test_a_full_disk_while_writing_the_weights_is_one_line_and_keeps_the_old_export(
+    tmp_path, tiny_folder, monkeypatch, capsys
+):
     """safetensors reports a full disk as its own SafetensorError (before: a traceback)."""
     import safetensors.flax
     from safetensors import SafetensorError
@@ -313,8 +340,7 @@ def test_a_killed_export_leaves_the_old_export_and_its_leftovers_are_removed(tmp
         main(["prune", "--model", {str(tiny_folder)!r}, "--method", "magnitude", "--sparsity", "0.3",
               "--hf-masks", "--out", {str(out)!r}])
     """)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "JAX_PLATFORMS": "cpu"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == -9, res.stderr[-2000:]
     assert _digests(out) == before  # the old export, whole
@@ -334,8 +360,12 @@ def test_prune_out_must_not_overwrite_the_model_or_other_files(tmp_path, tiny_fo
     _no_load(monkeypatch)
     link = tmp_path / "link"
     link.symlink_to(model)
-    for out, relation in [(model, "is the --model"), (link, "is the --model"), (model / "sub", "is inside"),
-                          (tmp_path, "holds")]:
+    for out, relation in [
+        (model, "is the --model"),
+        (link, "is the --model"),
+        (model / "sub", "is inside"),
+        (tmp_path, "holds"),
+    ]:
         assert _prune(model, out) == 2
         one_error_line(capsys, f"--out {out} {relation}", "choose another --out")
     mine = tmp_path / "mine"
@@ -349,11 +379,33 @@ def test_prune_out_must_not_overwrite_the_model_or_other_files(tmp_path, tiny_fo
 def test_prune_checks_sparsity_and_nm_before_loading_weights(tmp_path, tiny_folder, capsys, monkeypatch):
     _no_load(monkeypatch)
     for s in ("1.5", "-0.1", "1"):
-        assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", s,
-                     "--out", str(tmp_path / "p")]) == 2
+        assert (
+            main(
+                [
+                    "prune",
+                    "--model",
+                    str(tiny_folder),
+                    "--method",
+                    "magnitude",
+                    "--sparsity",
+                    s,
+                    "--out",
+                    str(tmp_path / "p"),
+                ]
+            )
+            == 2
+        )
         one_error_line(capsys, "--sparsity must be in [0, 1)", f"got {float(s):g}")
     # hidden 32, MLP 48: M=5 divides neither
-    assert main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "1:5",
-                 "--out", str(tmp_path / "p")]) == 2
-    one_error_line(capsys, "M=5 needs input widths divisible by 5", "layers/self_attn/q_proj/kernel (32)",
-                    "layers/mlp/down_proj/kernel (48)")
+    assert (
+        main(
+            ["prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "1:5", "--out", str(tmp_path / "p")]
+        )
+        == 2
+    )
+    one_error_line(
+        capsys,
+        "M=5 needs input widths divisible by 5",
+        "layers/self_attn/q_proj/kernel (32)",
+        "layers/mlp/down_proj/kernel (48)",
+    )

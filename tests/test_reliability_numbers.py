@@ -28,10 +28,24 @@ def tiny_char(tmp_path_factory):
 # ---------------------------------------------------------------------------- distinct sparsities
 def _row(name: str, sparsity: float, per_layer: list[float]) -> dict:
     ex = {"kind": "proportion", "num": [1.0, 0.0, 1.0], "den": [1.0] * 3, "transform": "identity"}
-    ev = {"synthetic": {"metrics": {"accuracy_flexible": 2 / 3}, "examples": {"accuracy_flexible": ex},
-                        "fingerprint": name, "status": "computed"}}
-    return {"name": name, "method": name.split("_")[0], "calib": None, "sparsity": sparsity, "nm": None,
-            "achieved_sparsity": sparsity, "per_layer_sparsity": per_layer, "eval": ev}
+    ev = {
+        "synthetic": {
+            "metrics": {"accuracy_flexible": 2 / 3},
+            "examples": {"accuracy_flexible": ex},
+            "fingerprint": name,
+            "status": "computed",
+        }
+    }
+    return {
+        "name": name,
+        "method": name.split("_")[0],
+        "calib": None,
+        "sparsity": sparsity,
+        "nm": None,
+        "achieved_sparsity": sparsity,
+        "per_layer_sparsity": per_layer,
+        "eval": ev,
+    }
 
 
 def test_close_sparsities_get_distinct_names_and_figures(tmp_path):
@@ -42,14 +56,18 @@ def test_close_sparsities_get_distinct_names_and_figures(tmp_path):
     from capjax.experiment.runner import plan_runs
     from capjax.provenance import environment
 
-    cfg = RunConfig(model="m", out=str(tmp_path), pruning=PruningConfig(methods=("magnitude",),
-                                                                        sparsities=(0.1, 0.104, 0.5)))
+    cfg = RunConfig(
+        model="m", out=str(tmp_path), pruning=PruningConfig(methods=("magnitude",), sparsities=(0.1, 0.104, 0.5))
+    )
     names = [r["name"] for r in plan_runs(cfg)]
     assert names == ["magnitude_s0.10", "magnitude_s0.104", "magnitude_s0.50"]  # 2 decimals where they are exact
     rows = [_row("dense", 0.0, [])] + [_row(n, s, [s, s]) for n, s in zip(names, (0.1, 0.104, 0.5))]
     (tmp_path / "figures").mkdir()
-    write_outputs(tmp_path, {"config": cfg.to_dict(), "environment": environment(), "runs": rows, "events": [],
-                             "seconds": 1.0}, resamples=0)
+    write_outputs(
+        tmp_path,
+        {"config": cfg.to_dict(), "environment": environment(), "runs": rows, "events": [], "seconds": 1.0},
+        resamples=0,
+    )
     figures = sorted(p.name for p in (tmp_path / "figures").glob("layer_sparsity_*.png"))
     assert figures == ["layer_sparsity_s0.10.png", "layer_sparsity_s0.104.png", "layer_sparsity_s0.50.png"]
     assert "magnitude_s0.104 0.104" in (tmp_path / "report.md").read_text()
@@ -70,10 +88,21 @@ def test_too_few_resamples_say_no_test_not_ns():
         assert d.significant is None and np.isnan(d.low), few
         assert np.isnan(stats.bootstrap_ratio(a["num"], a["den"], resamples=few).low)
     dense = {"method": "dense", "sparsity": 0.0, "metrics": {"t/m": 1.0}}
-    rows = [dense, {"method": "x", "sparsity": 0.5, "metrics": {"t/m": 2.0},
-                    "vs_dense": {"t/m": stats.paired_difference(a, b, resamples=1).to_dict()}},
-            {"method": "y", "sparsity": 0.5, "metrics": {"t/m": 1.01},
-             "vs_dense": {"t/m": stats.paired_difference(a, a, resamples=200).to_dict()}}]
+    rows = [
+        dense,
+        {
+            "method": "x",
+            "sparsity": 0.5,
+            "metrics": {"t/m": 2.0},
+            "vs_dense": {"t/m": stats.paired_difference(a, b, resamples=1).to_dict()},
+        },
+        {
+            "method": "y",
+            "sparsity": 0.5,
+            "metrics": {"t/m": 1.01},
+            "vs_dense": {"t/m": stats.paired_difference(a, a, resamples=200).to_dict()},
+        },
+    ]
     table = report.markdown_table(rows, relative_to=dense).splitlines()
     assert table[3].endswith("2.0000 (+100.0%, no test) |") and table[4].endswith("(+1.0%, n.s.) |")
 
@@ -87,8 +116,28 @@ def scored_once(tmp_path_factory, tiny_char):
     out = tmp_path_factory.mktemp("scored") / "one.npz"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["score", "--model", str(tiny_char), "--calib", "synthetic", "--n", "4", "--seq-len", "250",
-                     "--subsets", "2", "--bootstrap", "1", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "score",
+                    "--model",
+                    str(tiny_char),
+                    "--calib",
+                    "synthetic",
+                    "--n",
+                    "4",
+                    "--seq-len",
+                    "250",
+                    "--subsets",
+                    "2",
+                    "--bootstrap",
+                    "1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     return out, printed.getvalue()
 
 
@@ -118,8 +167,24 @@ def test_gradient_kl_is_refused_before_compute(tmp_path, capsys):
     with pytest.raises(ConfigError, match="calibration: method=gradient with metric=kl measures float noise"):
         load_run_config(cfg, ["calibration.method=gradient", "calibration.metric=kl"])
     assert load_run_config(cfg, ["calibration.method=ablation", "calibration.metric=kl"]).calibration.metric == "kl"
-    assert main(["score", "--model", str(tmp_path / "no-model"), "--calib", "synthetic", "--method", "gradient",
-                 "--metric", "kl", "--out", str(tmp_path / "s.npz")]) == 2
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--calib",
+                "synthetic",
+                "--method",
+                "gradient",
+                "--metric",
+                "kl",
+                "--out",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "method=gradient with metric=kl" in err[0]  # not "model not found": before loading
     make_hf_model(tmp_path / "m", "llama")
@@ -203,11 +268,14 @@ def test_scoring_checkpoints_are_stamped_with_the_code_and_resume_false_reads_no
 def _run_config(tmp_path: Path, model: Path, **sections) -> Path:
     import yaml
 
-    cfg = {"model": str(model), "out": str(tmp_path / "out"), "seed": 0,
-           "calibration": {"tasks": ["synthetic"], "n": 3, "seq_len": 250, "subsets": 1, "chat": False,
-                           "bootstrap": 0},
-           "pruning": {"methods": ["cap"], "sparsities": [0.5]},
-           "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 2, "batch_size": 2, "bootstrap": 0}}
+    cfg = {
+        "model": str(model),
+        "out": str(tmp_path / "out"),
+        "seed": 0,
+        "calibration": {"tasks": ["synthetic"], "n": 3, "seq_len": 250, "subsets": 1, "chat": False, "bootstrap": 0},
+        "pruning": {"methods": ["cap"], "sparsities": [0.5]},
+        "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 2, "batch_size": 2, "bootstrap": 0},
+    }
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     path = tmp_path / "exp.yaml"
@@ -238,8 +306,9 @@ def test_run_recompute_restores_no_scoring_checkpoint(tmp_path, tiny_char):
     np.testing.assert_allclose(again["scores"]["synthetic"]["delta"], first["delta"], rtol=1e-12)
 
 
-def test_run_refuses_old_layout_scoring_checkpoints_in_one_line_and_recompute_replaces_them(tmp_path, tiny_char,
-                                                                                          capsys):
+def test_run_refuses_old_layout_scoring_checkpoints_in_one_line_and_recompute_replaces_them(
+    tmp_path, tiny_char, capsys
+):
     """Layer groups written by capjax before orbax's CheckpointManager (PyTreeCheckpointer folders,
     `.code` stamps) are refused in one line naming the folder and the fix; `--recompute` replaces them."""
     import shutil
@@ -324,8 +393,8 @@ def test_code_digest_follows_the_user_code():
     import jax
 
     from capjax.ablation.metrics import CE, logits_metric
-    from capjax.pruning.methods import magnitude
     from capjax.provenance import code_digest
+    from capjax.pruning.methods import magnitude
 
     def mine(z, y):
         return z[..., 0] - y
@@ -341,10 +410,16 @@ def test_recovery_text_file_content_enters_the_fingerprint(tmp_path, tiny_char):
     """A recovery `text:` data file whose content changed had its recovery run reused."""
     text = tmp_path / "train.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    recovery = {"steps": 1, "data": f"text:{text}", "n": 2, "seq_len": 64, "batch_size": 2, "mode": "full",
-                "warmup_steps": 0}
-    path = _run_config(tmp_path, tiny_char, pruning={"methods": ["magnitude"], "sparsities": [0.5]},
-                       recovery=recovery)
+    recovery = {
+        "steps": 1,
+        "data": f"text:{text}",
+        "n": 2,
+        "seq_len": 64,
+        "batch_size": 2,
+        "mode": "full",
+        "warmup_steps": 0,
+    }
+    path = _run_config(tmp_path, tiny_char, pruning={"methods": ["magnitude"], "sparsities": [0.5]}, recovery=recovery)
     assert main(["run", str(path)]) == 0
     assert "computed recovery/magnitude_s0.50+recovery" in _events(tmp_path / "out")
     assert main(["run", str(path)]) == 0
@@ -365,20 +440,52 @@ def test_prune_refuses_scores_of_another_model(tmp_path, tiny_char, scored_once,
     char_tokenizer().save_pretrained(other)
     assert model_identity(other) != model_identity(tiny_char)
     capsys.readouterr()
-    assert main(["prune", "--model", str(other), "--method", "cap", "--scores", str(scores),
-                 "--out", str(tmp_path / "p2")]) == 2
+    assert (
+        main(
+            ["prune", "--model", str(other), "--method", "cap", "--scores", str(scores), "--out", str(tmp_path / "p2")]
+        )
+        == 2
+    )
     one_error_line(capsys, f"--scores {scores} scored {tiny_char}", f"not --model {other}", "score this model")
     assert not (tmp_path / "p2" / "config.json").exists()
-    assert main(["prune", "--model", str(tiny_char), "--method", "cap", "--scores", str(scores),
-                 "--out", str(tmp_path / "p1")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_char),
+                "--method",
+                "cap",
+                "--scores",
+                str(scores),
+                "--out",
+                str(tmp_path / "p1"),
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "p1" / "capjax_prune.json").read_text())
     assert record["model_id"] == model_identity(tiny_char)
     # a scores file that records no model cannot be checked: said in a warning line, not refused
     delta = np.load(scores)["delta"]
     np.savez(tmp_path / "bare.npz", delta=delta)
     capsys.readouterr()
-    assert main(["prune", "--model", str(other), "--method", "cap", "--scores", str(tmp_path / "bare.npz"),
-                 "--out", str(tmp_path / "p3")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(other),
+                "--method",
+                "cap",
+                "--scores",
+                str(tmp_path / "bare.npz"),
+                "--out",
+                str(tmp_path / "p3"),
+            ]
+        )
+        == 0
+    )
     assert "does not record the model it scored" in capsys.readouterr().err
 
 
@@ -388,14 +495,45 @@ def test_recover_refuses_masks_of_another_pruning(tmp_path, tiny_char, capsys):
     from capjax.pruning.prune import masks_digest, read_masks_npz
 
     for method in ("magnitude", "random"):
-        assert main(["prune", "--model", str(tiny_char), "--method", method, "--sparsity", "0.5",
-                     "--out", str(tmp_path / method)]) == 0
+        assert (
+            main(
+                [
+                    "prune",
+                    "--model",
+                    str(tiny_char),
+                    "--method",
+                    method,
+                    "--sparsity",
+                    "0.5",
+                    "--out",
+                    str(tmp_path / method),
+                ]
+            )
+            == 0
+        )
     mine, theirs = tmp_path / "magnitude", tmp_path / "random"
     recorded = json.loads((mine / "capjax_prune.json").read_text())["masks_digest"]
     ours, other = (masks_digest(read_masks_npz(d / "masks.npz")) for d in (mine, theirs))
     assert recorded == ours != other
-    args = ["recover", "--model", str(mine), "--data", "synthetic", "--steps", "1", "--n", "2", "--seq-len", "250",
-            "--batch-size", "2", "--mode", "full", "--warmup-steps", "0"]
+    args = [
+        "recover",
+        "--model",
+        str(mine),
+        "--data",
+        "synthetic",
+        "--steps",
+        "1",
+        "--n",
+        "2",
+        "--seq-len",
+        "250",
+        "--batch-size",
+        "2",
+        "--mode",
+        "full",
+        "--warmup-steps",
+        "0",
+    ]
     capsys.readouterr()
     assert main([*args, "--masks", str(theirs / "masks.npz"), "--out", str(tmp_path / "r1")]) == 2
     one_error_line(capsys, f"--masks {theirs / 'masks.npz'} are not the masks of this pruning", str(mine / "masks.npz"))
@@ -443,16 +581,32 @@ def test_nan_logits_are_an_error_in_every_task_mode(nan_folder):
     with pytest.raises(NonFiniteError, match="NaN/Inf"):
         arc_loglikelihood(model, params, tok, records)
     with pytest.raises(NonFiniteError, match="NaN/Inf"):
-        answer_loss(model, params, tok, [{"question": "1+1", "answer": "2", "reasoning": ""}], task="synthetic",
-                    chat=False)
+        answer_loss(
+            model, params, tok, [{"question": "1+1", "answer": "2", "reasoning": ""}], task="synthetic", chat=False
+        )
     with pytest.raises(NonFiniteError, match=r"^nan-model on synthetic: generation: the model's logits are NaN"):
-        evaluate(model, params, tok, ["synthetic"], limit=2, max_new_tokens=2, model_name="nan-model",
-                 progress=False)
+        evaluate(model, params, tok, ["synthetic"], limit=2, max_new_tokens=2, model_name="nan-model", progress=False)
 
 
 def test_capjax_eval_of_a_nan_model_is_one_line(nan_folder, tmp_path, capsys):
-    assert main(["eval", "--model", str(nan_folder), "--tasks", "synthetic", "--limit", "2", "--max-new-tokens", "2",
-                 "--out", str(tmp_path / "r.json")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(nan_folder),
+                "--tasks",
+                "synthetic",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 2
+    )
     one_error_line(capsys, f"{nan_folder} on synthetic: generation: the model's logits are NaN/Inf")
     assert not (tmp_path / "r.json").exists()
 
@@ -528,9 +682,11 @@ def test_plugin_kind_code_enters_the_scores_fingerprint(tmp_path):
 
     def fingerprint_with(scale: str) -> str:
         path = tmp_path / "kind_plugin.py"
-        path.write_text("from capjax.ablation.kinds import replacements\n\n"
-                        "def half(model, params, batch, seed):\n"
-                        f"    return {{k: {scale} * v for k, v in replacements(model, params, batch, 'mean', seed).items()}}\n")
+        path.write_text(
+            "from capjax.ablation.kinds import replacements\n\n"
+            "def half(model, params, batch, seed):\n"
+            f"    return {{k: {scale} * v for k, v in replacements(model, params, batch, 'mean', seed).items()}}\n"
+        )
         spec = importlib.util.spec_from_file_location("capjax_plugin_kind_plugin", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -550,10 +706,17 @@ def test_plugin_kind_code_enters_the_scores_fingerprint(tmp_path):
 def test_run_recompute_does_not_resume_recovery(tmp_path, tiny_char):
     """`--recompute` resumed a recovery run from its orbax checkpoints (a finished run's last step
     came back without training); the run's checkpoint folder is cleared and the steps are trained."""
-    recovery = {"steps": 2, "data": "synthetic", "n": 2, "seq_len": 250, "batch_size": 2, "mode": "full",
-                "warmup_steps": 0, "checkpoint_every": 1}
-    path = _run_config(tmp_path, tiny_char, pruning={"methods": ["magnitude"], "sparsities": [0.5]},
-                       recovery=recovery)
+    recovery = {
+        "steps": 2,
+        "data": "synthetic",
+        "n": 2,
+        "seq_len": 250,
+        "batch_size": 2,
+        "mode": "full",
+        "warmup_steps": 0,
+        "checkpoint_every": 1,
+    }
+    path = _run_config(tmp_path, tiny_char, pruning={"methods": ["magnitude"], "sparsities": [0.5]}, recovery=recovery)
     assert main(["run", str(path)]) == 0
     steps = sorted((tmp_path / "out" / "checkpoints" / "recovery").glob("*/*/step_*"))  # <run fp>/<state fp>/
     assert [p.name for p in steps] == ["step_0000001", "step_0000002"]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from conftest import fake_devices_worker
 
-from capjax.config import ModelConfig
 from capjax import memory
+from capjax.config import ModelConfig
 from capjax.memory import ablation_bytes, chunk_size_for_memory, is_oom, run_with_oom_fallback
+from conftest import fake_devices_worker
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
 CHECKS = re.findall(r"^def (check_\w+)\(", WORKER.read_text(), re.MULTILINE)
@@ -39,8 +39,11 @@ def test_sharded(worker_results, check):
 
 
 # ---------------------------------------------------------------------------- memory
-TINY = [ModelConfig("llama", 101, 32, 48, 2, 4, 2, 8), ModelConfig("llama", 1000, 64, 176, 3, 8, 2, 8),
-        ModelConfig("llama", 50, 16, 16, 1, 2, 1, 8)]
+TINY = [
+    ModelConfig("llama", 101, 32, 48, 2, 4, 2, 8),
+    ModelConfig("llama", 1000, 64, 176, 3, 8, 2, 8),
+    ModelConfig("llama", 50, 16, 16, 1, 2, 1, 8),
+]
 
 
 @pytest.mark.parametrize("config", TINY)
@@ -74,8 +77,13 @@ def test_ablation_bytes_formula():
     assert chunk_size_for_memory(c, B, T, jnp.bfloat16, 0.75 * (141e9 - params), B * T // 4, vocab_chunk=4096) == 12
 
 
-@pytest.mark.parametrize("vocab,seq_len,answer_from", [(20000, 32, 16),   # LM head term dominates
-                                                       (300, 128, 100)])  # layer term dominates
+@pytest.mark.parametrize(
+    "vocab,seq_len,answer_from",
+    [
+        (20000, 32, 16),  # LM head term dominates
+        (300, 128, 100),
+    ],
+)  # layer term dominates
 def test_formula_bounds_compiled_scoring_memory(vocab, seq_len, answer_from):
     """XLA's own buffer assignment for the fast scoring path (float32, CPU) is the oracle: its
     temporary bytes stay within chunk * ablation_bytes (+10% and a small fixed part), and each
@@ -98,8 +106,9 @@ def test_formula_bounds_compiled_scoring_memory(vocab, seq_len, answer_from):
     masks = jnp.ones((4, c.num_layers, c.num_heads))
 
     def temp_bytes(chunk):
-        lowered = attribution.masked_nll.lower(model, params, prep.rows, prep.packed_ans, prep.packed.num_examples,
-                                                masks, chunk)
+        lowered = attribution.masked_nll.lower(
+            model, params, prep.rows, prep.packed_ans, prep.packed.num_examples, masks, chunk
+        )
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     temp = {chunk: temp_bytes(chunk) for chunk in (1, 4)}
@@ -136,9 +145,11 @@ def test_oom_fallback_halves_until_it_fits():
     with pytest.warns(RuntimeWarning) as record:
         assert run_with_oom_fallback(fn, 16) == 20
     assert calls == [16, 8, 4, 2]
-    assert [str(w.message) for w in record] == ["out of memory at chunk=16; retrying with 8",
-                                               "out of memory at chunk=8; retrying with 4",
-                                               "out of memory at chunk=4; retrying with 2"]
+    assert [str(w.message) for w in record] == [
+        "out of memory at chunk=16; retrying with 8",
+        "out of memory at chunk=8; retrying with 4",
+        "out of memory at chunk=4; retrying with 2",
+    ]
 
 
 def test_oom_fallback_gives_up_at_one_and_passes_other_errors():
@@ -186,8 +197,7 @@ def test_oom_fallback_in_attribution(monkeypatch):
 
     monkeypatch.setattr(attribution, "_single_head_nll", ooms_above_one)
     with pytest.warns(RuntimeWarning, match="out of memory at chunk=4; retrying with 2"):
-        got = attribution.score_heads(model, params, tokens, loss_mask, progress=False, chunk_size=4,
-                                      layers_per_call=1)
+        got = attribution.score_heads(model, params, tokens, loss_mask, progress=False, chunk_size=4, layers_per_call=1)
     assert chunks == [4, 2, 1, 1]  # layer group 1 starts at the reduced chunk
     np.testing.assert_allclose(got.masked, ref.masked, atol=1e-6)
 
@@ -197,8 +207,14 @@ def test_bench_device_small_smoke():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     script = WORKER.parents[1] / "scripts" / "bench_device.py"
-    proc = subprocess.run([sys.executable, str(script), "--small", "--mesh", "data=4,model=2", "--batch", "4"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=WORKER.parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(script), "--small", "--mesh", "data=4,model=2", "--batch", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=WORKER.parents[1],
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for text in ("all heads, score_heads", "extrapolated by FLOPs", "prune wanda 2:4", "prune cap 2:4"):
         assert text in proc.stdout, proc.stdout

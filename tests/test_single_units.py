@@ -10,7 +10,7 @@ import pytest
 import capjax
 from capjax.ablation import ablate, prepare_batch, single_spec
 from conftest import make_hf_model
-from test_ablation import L, H, make_batch, torch_values
+from test_ablation import H, L, make_batch, torch_values
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,19 @@ def test_score_heads_kinds_and_metrics_equal_ablate_and_torch(tiny, kind, metric
     spec = single_spec(model.config, "heads")
     general = ablate(model, params, batch, spec, kind=kind, metric=metric, reuse_prefix=False)  # vmapped, no scan
     fast = ablate(model, params, batch, spec, kind=kind, metric=metric)  # the layer scan
-    scores = capjax.score_heads(model, params, tokens, loss, subsets=1, aggregate="mean", attention_mask=am,
-                                progress=False, kind=kind, metric=metric, chunk_size=3)
+    scores = capjax.score_heads(
+        model,
+        params,
+        tokens,
+        loss,
+        subsets=1,
+        aggregate="mean",
+        attention_mask=am,
+        progress=False,
+        kind=kind,
+        metric=metric,
+        chunk_size=3,
+    )
     want, intact = torch_values(hf, tokens, am, loss, spec, kind, metric)
     np.testing.assert_allclose(general.values, want, atol=2e-4, rtol=1e-5)
     np.testing.assert_allclose(fast.values, general.values, atol=1e-5, rtol=1e-5)
@@ -57,15 +68,18 @@ def test_zero_ce_default_is_unchanged_and_gradient_takes_kinds(tiny):
     _, model, params = tiny
     tokens, loss, am = make_batch("prefix")
     default = capjax.score_heads(model, params, tokens, loss, subsets=2, attention_mask=am, progress=False)
-    named = capjax.score_heads(model, params, tokens, loss, subsets=2, attention_mask=am, progress=False,
-                               kind="zero", metric="ce")
+    named = capjax.score_heads(
+        model, params, tokens, loss, subsets=2, attention_mask=am, progress=False, kind="zero", metric="ce"
+    )
     np.testing.assert_array_equal(named.example_masked, default.example_masked)
-    per_ex = capjax.head_ablation_losses(model, params, tokens, loss, single_spec(model.config)["heads"], am,
-                                         per_example=True)  # the general vmapped path
+    per_ex = capjax.head_ablation_losses(
+        model, params, tokens, loss, single_spec(model.config)["heads"], am, per_example=True
+    )  # the general vmapped path
     np.testing.assert_allclose(default.example_masked.reshape(L * H, -1), per_ex, atol=1e-5)
     # First-order scores under mean ablation against a finite difference of forward passes.
-    grad = capjax.score_heads(model, params, tokens, loss, subsets=1, aggregate="mean", method="gradient",
-                              attention_mask=am, kind="mean")
+    grad = capjax.score_heads(
+        model, params, tokens, loss, subsets=1, aggregate="mean", method="gradient", attention_mask=am, kind="mean"
+    )
     eps = 1e-2
     batch = prepare_batch(model, tokens, loss, am)
     near = ablate(model, params, batch, single_spec(model.config, "heads", 1 - eps), kind="mean", reuse_prefix=False)

@@ -62,11 +62,18 @@ def test_edits_equal_torch_hooks(tmp_path):
     keep_v = rng.rand(L, K).astype(np.float32)
     rep_pre = rng.randn(L, B, T, E).astype(np.float32)
     keep_pre = (rng.rand(L, B, T) > 0.7).astype(np.float32)
-    iv = Interventions({"attn.z": Edit(keep_z, rep_z), "mlp.hidden": Edit(add=add_mid), "attn.v": Edit(keep_v),
-                        "resid.pre": Edit(keep_pre, rep_pre)})
+    iv = Interventions(
+        {
+            "attn.z": Edit(keep_z, rep_z),
+            "mlp.hidden": Edit(add=add_mid),
+            "attn.v": Edit(keep_v),
+            "resid.pre": Edit(keep_pre, rep_pre),
+        }
+    )
 
     def edit(name, l, v):
         import torch
+
         t = lambda a: torch.tensor(a, dtype=v.dtype)  # noqa: E731
         if name == "attn.z":
             k = t(keep_z[l])[:, None]
@@ -79,10 +86,12 @@ def test_edits_equal_torch_hooks(tmp_path):
             k = t(keep_pre[l])[..., None]
             return k * v + (1 - k) * t(rep_pre[l])
         return None
+
     want, _ = hf_run(hf, tokens, am, edit=edit, sites=())
     plain, _ = hf_run(hf, tokens, am, sites=())
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am),
-                                  interventions=iv))
+    ours = np.asarray(
+        model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am), interventions=iv)
+    )
     valid = am.astype(bool)
     assert np.abs(want - plain)[valid].max() > 0.1  # the edits matter
     np.testing.assert_allclose(ours[valid], want[valid], atol=1e-4, rtol=0)
@@ -107,8 +116,10 @@ def test_pattern_edits_equal_torch_eager_attention(tmp_path, monkeypatch):
     allowed = np.tril(np.ones((T, T), bool))[None] & (am[:, None, :] > 0)  # [B, T, S]: keys a query may see
     rep = rng.rand(L, B, H, T, T).astype(np.float32) * allowed[None, :, None]
     rep /= np.maximum(rep.sum(-1, keepdims=True), 1e-9)  # another attention pattern on the same keys
-    cases = {"keep [H] + replace": (rng.rand(L, H).astype(np.float32), rep),
-             "keep [B, H]": ((rng.rand(L, B, H) > 0.5).astype(np.float32), None)}
+    cases = {
+        "keep [H] + replace": (rng.rand(L, H).astype(np.float32), rep),
+        "keep [B, H]": ((rng.rand(L, B, H) > 0.5).astype(np.float32), None),
+    }
     edit = {}
     eager = modeling_llama.eager_attention_forward
 
@@ -131,8 +142,9 @@ def test_pattern_edits_equal_torch_eager_attention(tmp_path, monkeypatch):
         edit.update(keep=keep, replace=replace)
         want, _ = hf_run(hf, tokens, am, sites=())
         iv = Interventions({"attn.pattern": Edit(keep, replace)})
-        ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am),
-                                      interventions=iv))
+        ours = np.asarray(
+            model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am), interventions=iv)
+        )
         np.testing.assert_allclose(ours[valid], want[valid], atol=1e-4, rtol=0, err_msg=name)
         monkeypatch.setattr(modeling_llama, "eager_attention_forward", eager)
         plain, _ = hf_run(hf, tokens, am, sites=())
@@ -156,13 +168,14 @@ def test_cache_of_packed_rows_equals_each_example_alone(tmp_path):
     assert packed.tokens.shape[0] < len(lengths)  # really packed: fewer rows than examples
     sites = sorted(SITES)
     hm = np.random.RandomState(3).rand(model.config.num_layers, model.config.num_heads).astype(np.float32)
-    logits, cache = run_with_cache(model, params, packed.tokens, sites, head_mask=hm,
-                                   segment_ids=packed.segment_ids, positions=packed.positions)
+    logits, cache = run_with_cache(
+        model, params, packed.tokens, sites, head_mask=hm, segment_ids=packed.segment_ids, positions=packed.positions
+    )
     for b, n in enumerate(lengths):
         r, cols = np.nonzero(packed.segment_ids == b + 1)
         assert len(cols) == n and len(set(r)) == 1
         r = r[0]
-        alone_logits, alone = run_with_cache(model, params, tokens[b:b + 1, :n], sites, head_mask=hm)
+        alone_logits, alone = run_with_cache(model, params, tokens[b : b + 1, :n], sites, head_mask=hm)
         np.testing.assert_allclose(np.asarray(logits)[r, cols], np.asarray(alone_logits)[0], atol=1e-5, rtol=0)
         for s in sites:
             got = np.asarray(cache[s])[:, r]
@@ -181,8 +194,11 @@ def test_cache_keeps_only_requested_sites_and_bad_input_is_one_line(tmp_path):
     tokens, am = padded_tokens()
     logits, cache = run_with_cache(model, params, tokens, sites=["attn.z"], attention_mask=am)
     assert set(cache) == {"attn.z"}
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply({"params": params}, jnp.asarray(tokens),
-                                                                          attention_mask=jnp.asarray(am))), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(logits),
+        np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am))),
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match=r"unknown site 'attn.zz': use one of resid.pre, attn.q.*resid.post$"):
         run_with_cache(model, params, tokens, sites=["attn.zz"])
     need = cache_bytes(model.config, ["attn.z"], *tokens.shape)

@@ -93,7 +93,7 @@ def test_head_scores_per_example_and_interval(tmp_path):
     tokens = rng.randint(0, 101, (N, T))
     loss_mask = np.zeros((N, T), np.float32)
     for b in range(N):
-        loss_mask[b, 3 + b % 3:] = 1
+        loss_mask[b, 3 + b % 3 :] = 1
     s = capjax.score_heads(model, params, tokens, loss_mask, subsets=1, progress=False, bootstrap=300)
     L, H = s.delta.shape
     for l, h in [(0, 1), (1, 3)]:

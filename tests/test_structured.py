@@ -4,8 +4,6 @@ same logits and back in capjax; impossible targets are refused in one line."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,11 +24,31 @@ CASES = {
     "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
     "qwen2_bias": ("qwen2", dict(num_key_value_heads=2)),
     "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
-    "gemma2": ("gemma2", dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
-                              attn_logit_softcapping=20.0, final_logit_softcapping=10.0, layer_types=GEMMA_TYPES)),
-    "gemma3": ("gemma3_text", dict(num_key_value_heads=2, head_dim=8, sliding_window=4, layer_types=GEMMA_TYPES,
-                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
-                                                    "full_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "gemma2": (
+        "gemma2",
+        dict(
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            attn_logit_softcapping=20.0,
+            final_logit_softcapping=10.0,
+            layer_types=GEMMA_TYPES,
+        ),
+    ),
+    "gemma3": (
+        "gemma3_text",
+        dict(
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=GEMMA_TYPES,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+    ),
     "phi3": ("phi3", dict(num_key_value_heads=2, sliding_window=4, pad_token_id=0, eos_token_id=1)),
 }
 
@@ -45,8 +63,13 @@ def _load(folder, case):
 def _random_plan(config, seed, **target):
     rng = np.random.default_rng(seed)
     shape = target_shape(config, **target)
-    return choose(config, shape, rng.normal(size=(config.num_layers, config.num_heads)),
-                  rng.normal(size=(config.num_layers, config.intermediate_size)), rng.normal(size=config.num_layers))
+    return choose(
+        config,
+        shape,
+        rng.normal(size=(config.num_layers, config.num_heads)),
+        rng.normal(size=(config.num_layers, config.intermediate_size)),
+        rng.normal(size=config.num_layers),
+    )
 
 
 def _targets(config):
@@ -77,7 +100,11 @@ def test_shrink_equals_mask_and_exports(tmp_path, case):
     assert type(loaded) is type(hf)
     cfg = loaded.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers, cfg.intermediate_size) == (
-        small.config.num_heads, small.config.num_kv_heads, small.config.num_layers, small.config.intermediate_size)
+        small.config.num_heads,
+        small.config.num_kv_heads,
+        small.config.num_layers,
+        small.config.intermediate_size,
+    )
     assert cfg.head_dim == c.head_dim
     if c.layer_types is not None:
         assert tuple(cfg.layer_types) == tuple(c.layer_types[l] for l in plan.layers)
@@ -114,17 +141,20 @@ def test_choose_keeps_highest_scores_per_kv_group():
 SMOL = capjax.ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_heads=7), "num_heads=7 does not keep GQA groups equal"),
-    (dict(heads=0.9), "heads=0.9 leaves a layer with no heads"),
-    (dict(heads=0.1), "heads=0.1 removes no head"),
-    (dict(heads=1.0), r"heads=1: the fraction removed must be in \[0, 1\)"),
-    (dict(mlp=-0.1), "mlp=-0.1"),
-    (dict(mlp=0.9999), "mlp=0.9999 leaves no MLP channel"),
-    (dict(layers=30), "layers=30 removes all 30 layers"),
-    (dict(layers=2.5), "must be an integer"),
-    (dict(heads=0.5, head_groups="query", num_heads=None), None),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_heads=7), "num_heads=7 does not keep GQA groups equal"),
+        (dict(heads=0.9), "heads=0.9 leaves a layer with no heads"),
+        (dict(heads=0.1), "heads=0.1 removes no head"),
+        (dict(heads=1.0), r"heads=1: the fraction removed must be in \[0, 1\)"),
+        (dict(mlp=-0.1), "mlp=-0.1"),
+        (dict(mlp=0.9999), "mlp=0.9999 leaves no MLP channel"),
+        (dict(layers=30), "layers=30 removes all 30 layers"),
+        (dict(layers=2.5), "must be an integer"),
+        (dict(heads=0.5, head_groups="query", num_heads=None), None),
+    ],
+)
 def test_impossible_targets_are_refused_in_one_line(kwargs, match):
     if match is None:
         assert target_shape(SMOL, **kwargs).num_heads == 3  # 9 heads, G=3: 1.5 of 3 per group rounds to 2 removed

@@ -24,9 +24,29 @@ def test_prune_cap_structured_writes_a_smaller_model(tmp_path, tiny_with_tokeniz
     delta = np.random.default_rng(0).normal(size=(config.num_layers, config.num_heads))
     np.savez(tmp_path / "scores.npz", delta=delta)
     out = tmp_path / "out"
-    argv = ["prune", "--model", str(tiny_with_tokenizer), "--method", "cap_structured", "--heads", "0.5",
-            "--mlp", "0.25", "--layers", "1", "--scores", str(tmp_path / "scores.npz"), "--calib", "synthetic",
-            "--n", "4", "--seq-len", "128", "--out", str(out)]
+    argv = [
+        "prune",
+        "--model",
+        str(tiny_with_tokenizer),
+        "--method",
+        "cap_structured",
+        "--heads",
+        "0.5",
+        "--mlp",
+        "0.25",
+        "--layers",
+        "1",
+        "--scores",
+        str(tmp_path / "scores.npz"),
+        "--calib",
+        "synthetic",
+        "--n",
+        "4",
+        "--seq-len",
+        "128",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.index("cap_structured: layers 2 -> 1, heads 4 -> 2 (kv 2 -> 2") < printed.index("wrote")
@@ -37,7 +57,7 @@ def test_prune_cap_structured_writes_a_smaller_model(tmp_path, tiny_with_tokeniz
     np.testing.assert_array_equal(plan.heads[0] // 2, [0, 1])  # one head per kv group, the higher delta
     layer = plan.layers[0]
     for k in range(2):
-        assert plan.heads[0, k] == 2 * k + int(np.argmax(delta[layer, 2 * k:2 * k + 2]))
+        assert plan.heads[0, k] == 2 * k + int(np.argmax(delta[layer, 2 * k : 2 * k + 2]))
     small, small_params = shrink(model, params, plan)
     _, loaded = capjax.load_pretrained(out)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(small_params)):
@@ -49,20 +69,34 @@ def test_prune_cap_structured_writes_a_smaller_model(tmp_path, tiny_with_tokeniz
     assert json.loads((out / "capjax_prune.json").read_text())["parameters"]["structured"] == small.config.num_params()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--heads", "0.9"], "heads=0.9 leaves a layer with no heads"),
-    (["--layers", "2"], "layers=2 removes all 2 layers"),
-    (["--heads", "0.5"], "removing heads needs --scores"),
-    (["--mlp", "0.5"], "removing MLP channels or layers needs --calib"),
-])
-def test_prune_cap_structured_refuses_before_compute(tmp_path, tiny_with_tokenizer, capsys, monkeypatch, flags,
-                                                    message):
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--heads", "0.9"], "heads=0.9 leaves a layer with no heads"),
+        (["--layers", "2"], "layers=2 removes all 2 layers"),
+        (["--heads", "0.5"], "removing heads needs --scores"),
+        (["--mlp", "0.5"], "removing MLP channels or layers needs --calib"),
+    ],
+)
+def test_prune_cap_structured_refuses_before_compute(
+    tmp_path, tiny_with_tokenizer, capsys, monkeypatch, flags, message
+):
     def no_load(*a, **k):
         raise AssertionError("loaded the weights before refusing")
 
     monkeypatch.setattr(capjax, "load_pretrained", no_load)
-    rc = main(["prune", "--model", str(tiny_with_tokenizer), "--method", "cap_structured", *flags,
-               "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_with_tokenizer),
+            "--method",
+            "cap_structured",
+            *flags,
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and "\n" not in err
     assert not (tmp_path / "out").exists()  # nothing written: the export is only swapped in at the end
@@ -71,13 +105,29 @@ def test_prune_cap_structured_refuses_before_compute(tmp_path, tiny_with_tokeniz
 def test_capjax_run_with_cap_structured(tmp_path, tiny_with_tokenizer):
     """A config's pruning section runs cap_structured (a parameter budget with one layer removed); its
     masked model equals the shrunken one, so the row's metrics are the smaller model's."""
-    cfg = {"model": str(tiny_with_tokenizer), "out": str(tmp_path / "run"), "seed": 0,
-           "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 128, "subsets": 2},
-           "pruning": {"methods": ["cap_structured"], "sparsities": [0.3],
-                       "options": {"cap_structured": {"layers": 1, "mlp_score": "activation"}}},
-           "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "batch_size": 2},
-           "recovery": {"steps": 2, "warmup_steps": 0, "data": "synthetic", "n": 4, "seq_len": 128, "batch_size": 2,
-                        "mode": "full", "distil": True, "distil_temperature": 2.0}}
+    cfg = {
+        "model": str(tiny_with_tokenizer),
+        "out": str(tmp_path / "run"),
+        "seed": 0,
+        "calibration": {"tasks": ["synthetic"], "n": 4, "seq_len": 128, "subsets": 2},
+        "pruning": {
+            "methods": ["cap_structured"],
+            "sparsities": [0.3],
+            "options": {"cap_structured": {"layers": 1, "mlp_score": "activation"}},
+        },
+        "evaluation": {"tasks": ["synthetic"], "limit": 2, "max_new_tokens": 4, "batch_size": 2},
+        "recovery": {
+            "steps": 2,
+            "warmup_steps": 0,
+            "data": "synthetic",
+            "n": 4,
+            "seq_len": 128,
+            "batch_size": 2,
+            "mode": "full",
+            "distil": True,
+            "distil_temperature": 2.0,
+        },
+    }
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["run", str(tmp_path / "exp.yaml")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -85,8 +135,12 @@ def test_capjax_run_with_cap_structured(tmp_path, tiny_with_tokenizer):
     # one of the two layers removed whole: at least half the prunable weights are zero
     assert row["achieved_sparsity"] >= 0.5
     names = [r["name"] for r in results["runs"]]
-    assert names == ["dense", "cap_structured_synthetic_s0.30", "cap_structured_synthetic_s0.30+recovery",
-                     "cap_structured_synthetic_s0.30+distil"]
+    assert names == [
+        "dense",
+        "cap_structured_synthetic_s0.30",
+        "cap_structured_synthetic_s0.30+recovery",
+        "cap_structured_synthetic_s0.30+distil",
+    ]
     ce, distil = results["runs"][2], results["runs"][3]
     assert ce["fingerprint"] != distil["fingerprint"] and distil["achieved_sparsity"] >= 0.5  # masks kept
     assert "+distil" in (tmp_path / "run" / "report.md").read_text()

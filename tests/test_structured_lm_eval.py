@@ -39,8 +39,13 @@ def exported(tmp_path_factory):
     model, params = capjax.load_pretrained(src)
     c = model.config
     rng = np.random.default_rng(3)
-    plan = choose(c, target_shape(c, heads=0.5, mlp=0.25, layers=1), rng.normal(size=(c.num_layers, c.num_heads)),
-                  rng.normal(size=(c.num_layers, c.intermediate_size)), rng.normal(size=c.num_layers))
+    plan = choose(
+        c,
+        target_shape(c, heads=0.5, mlp=0.25, layers=1),
+        rng.normal(size=(c.num_layers, c.num_heads)),
+        rng.normal(size=(c.num_layers, c.intermediate_size)),
+        rng.normal(size=c.num_layers),
+    )
     small, sp = shrink(model, params, plan)
     out = capjax.save_pretrained(small, sp, tmp_path_factory.mktemp("structured"), tok)
     return model, params, plan, tok, out
@@ -57,16 +62,21 @@ def test_hflm_loglikelihoods_equal_transformers_and_the_masked_model(exported):
     model, params, plan, tok, out = exported
     cfg = json.loads((out / "config.json").read_text())
     c2 = plan.config(model.config)
-    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"],
-            cfg["num_hidden_layers"]) == (c2.num_heads, c2.num_kv_heads, c2.intermediate_size, c2.num_layers)
+    assert (
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["intermediate_size"],
+        cfg["num_hidden_layers"],
+    ) == (c2.num_heads, c2.num_kv_heads, c2.intermediate_size, c2.num_layers)
     assert c2.num_params() < model.config.num_params()
     hflm = HFLM(pretrained=str(out), dtype="float32", batch_size=2, device="cpu")
-    got = hflm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i)
-                              for i, a in enumerate(LL)])
+    got = hflm.loglikelihood(
+        [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(LL)]
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for (ll, greedy), (context, continuation) in zip(got, LL):
         n = len(context) - len(context.rstrip())  # lm-eval moves the context's trailing spaces to the continuation
-        context, continuation = context[:len(context) - n], context[len(context) - n:] + continuation
+        context, continuation = context[: len(context) - n], context[len(context) - n :] + continuation
         ctx = tok(context, add_special_tokens=False)["input_ids"]
         cont = tok(continuation, add_special_tokens=False)["input_ids"]
         ids = np.asarray([ctx + cont])
@@ -81,12 +91,20 @@ def test_hflm_loglikelihoods_equal_transformers_and_the_masked_model(exported):
 def test_simple_evaluate_model_hf_on_the_export(exported, tmp_path):
     _, _, _, _, out = exported
     rng = np.random.default_rng(0)
-    rows = [{"q": f"{a}+{b}", "choices": [str(a + b + d) for d in (0, 1, -1, 10)], "gold": int(rng.integers(4))}
-            for a, b in rng.integers(0, 50, (12, 2))]
+    rows = [
+        {"q": f"{a}+{b}", "choices": [str(a + b + d) for d in (0, 1, -1, 10)], "gold": int(rng.integers(4))}
+        for a, b in rng.integers(0, 50, (12, 2))
+    ]
     (tmp_path / "tiny_choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tm = TaskManager(include_path=str(task_dir(tmp_path, tmp_path, ["tiny_choice.yaml"])))
-    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["tiny_choice"],
-                                 task_manager=tm, batch_size=4, device="cpu")
+    hf = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={out},dtype=float32",
+        tasks=["tiny_choice"],
+        task_manager=tm,
+        batch_size=4,
+        device="cpu",
+    )
     ours = lm_eval.simple_evaluate(model=CapjaxLM(pretrained=str(out)), tasks=["tiny_choice"], task_manager=tm)
     assert hf["results"]["tiny_choice"]["acc,none"] is not None
     for metric in ("acc,none", "acc_norm,none"):

@@ -12,9 +12,14 @@ import pytest
 import torch
 
 import capjax
-from capjax.structured import choose, masked_logits, shrink, target_shape
-from capjax.structured.scores import (answer_loss, channel_activation_scores, channel_gradient_scores,
-                                      layer_ablation_scores, layer_influence_scores)
+from capjax.structured import choose, shrink, target_shape
+from capjax.structured.scores import (
+    answer_loss,
+    channel_activation_scores,
+    channel_gradient_scores,
+    layer_ablation_scores,
+    layer_influence_scores,
+)
 from conftest import make_hf_model, padded_tokens
 
 
@@ -47,17 +52,20 @@ def test_channel_gradient_equals_finite_differences(tiny):
         for m in (1 - eps, 1 + eps):
             mask = np.ones((c.num_layers, c.intermediate_size), np.float64)
             mask[l, f] = m
-            from capjax.structured.mask import masked_hidden
             from capjax.model import unembed
+            from capjax.structured.mask import masked_hidden
 
             x = masked_hidden(model, params, tokens, am, channel_mask=mask.astype(np.float32))
             vals.append(_loss_from_logits(unembed(model, params, x), tokens, loss_mask))
         fd = (vals[1] - vals[0]) / (2 * eps)
         np.testing.assert_allclose(grad_scores[l, f], -fd, atol=2e-4, rtol=1e-2)
-    np.testing.assert_allclose(answer_loss(model, params, tokens, loss_mask, am),
-                               _loss_from_logits(model.apply({"params": params}, jnp.asarray(tokens),
-                                                             attention_mask=jnp.asarray(am)), tokens, loss_mask),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        answer_loss(model, params, tokens, loss_mask, am),
+        _loss_from_logits(
+            model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)), tokens, loss_mask
+        ),
+        rtol=1e-5,
+    )
 
 
 def _hf_layer_io(hf, tokens, am):
@@ -65,6 +73,7 @@ def _hf_layer_io(hf, tokens, am):
     io = {}
     handles = []
     for l, layer in enumerate(hf.model.layers):
+
         def pre(mod, args, kwargs, l=l):
             io.setdefault(l, {})["x"] = (args[0] if args else kwargs["hidden_states"]).detach().numpy()
 
@@ -74,9 +83,11 @@ def _hf_layer_io(hf, tokens, am):
         def down(mod, args, l=l):
             io.setdefault(l, {})["a"] = args[0].detach().numpy()
 
-        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True),
-                    layer.register_forward_hook(post, with_kwargs=True),
-                    layer.mlp.down_proj.register_forward_pre_hook(down)]
+        handles += [
+            layer.register_forward_pre_hook(pre, with_kwargs=True),
+            layer.register_forward_hook(post, with_kwargs=True),
+            layer.mlp.down_proj.register_forward_pre_hook(down),
+        ]
     try:
         with torch.no_grad():
             hf(torch.as_tensor(tokens), attention_mask=torch.as_tensor(am))
@@ -103,14 +114,16 @@ def test_block_ablation_equals_removing_the_layer(tiny):
     _, model, params, tokens, loss_mask, am = tiny
     c = model.config
     scores = layer_ablation_scores(model, params, tokens, loss_mask, am)
-    intact = _loss_from_logits(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)),
-                               tokens, loss_mask)
+    intact = _loss_from_logits(
+        model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)), tokens, loss_mask
+    )
     for l in range(c.num_layers):
         plan = choose(c, target_shape(c, layers=1), layer_scores=-np.eye(c.num_layers)[l])  # drops layer l
         assert l not in plan.layers
         small, sp = shrink(model, params, plan)
-        removed = _loss_from_logits(small.apply({"params": sp}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)),
-                                    tokens, loss_mask)
+        removed = _loss_from_logits(
+            small.apply({"params": sp}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)), tokens, loss_mask
+        )
         np.testing.assert_allclose(scores[l], removed - intact, atol=2e-5)
 
 
@@ -123,10 +136,10 @@ def test_registry_cap_structured_masks_equal_the_shrunken_model(tiny):
     c = model.config
     delta = np.random.default_rng(5).normal(size=(c.num_layers, c.num_heads))
     calib = {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": am}
-    pruned, masks = capjax.prune(model, params, "cap_structured", 0.5, head_scores=delta, calib=calib, heads=0.5,
-                                 mlp=0.25, layers=1)
-    plan = structured_plan(model, params, target_shape(c, heads=0.5, mlp=0.25, layers=1), delta, tokens, loss_mask,
-                           am)
+    pruned, masks = capjax.prune(
+        model, params, "cap_structured", 0.5, head_scores=delta, calib=calib, heads=0.5, mlp=0.25, layers=1
+    )
+    plan = structured_plan(model, params, target_shape(c, heads=0.5, mlp=0.25, layers=1), delta, tokens, loss_mask, am)
     small, sp = shrink(model, params, plan)
     ref = np.asarray(small.apply({"params": sp}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
     got = np.asarray(model.apply({"params": pruned}, jnp.asarray(tokens), attention_mask=jnp.asarray(am)))
@@ -155,22 +168,27 @@ def test_taylor_scores_and_plan_match_pytorch_attribution(tiny):
         args[0].retain_grad()
         acts[l] = args[0]
 
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args, l=l: keep(mod, args, l))
-               for l, layer in enumerate(hf.model.layers)]
+    handles = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args, l=l: keep(mod, args, l))
+        for l, layer in enumerate(hf.model.layers)
+    ]
     try:
         _hf_answer_loss(hf, tokens, am, loss_mask).backward()
     finally:
         for h in handles:
             h.remove()
         hf.zero_grad()
-    oracle = np.stack([-(acts[l] * acts[l].grad).detach().double().sum(dim=(0, 1)).numpy() for l in range(c.num_layers)])
+    oracle = np.stack(
+        [-(acts[l] * acts[l].grad).detach().double().sum(dim=(0, 1)).numpy() for l in range(c.num_layers)]
+    )
     grad = channel_gradient_scores(model, params, tokens, loss_mask, am, batch_size=3)
     np.testing.assert_allclose(grad, oracle, rtol=1e-3, atol=1e-6)
     shape = target_shape(c, mlp=0.5)
-    plan = structured_plan(model, params, shape, tokens=tokens, loss_mask=loss_mask, attention_mask=am,
-                           mlp_score="taylor", batch_size=3)
+    plan = structured_plan(
+        model, params, shape, tokens=tokens, loss_mask=loss_mask, attention_mask=am, mlp_score="taylor", batch_size=3
+    )
     for i, l in enumerate(plan.layers):
-        want = np.sort(np.argsort(-np.abs(oracle[l]), kind="stable")[:shape.intermediate_size])
+        want = np.sort(np.argsort(-np.abs(oracle[l]), kind="stable")[: shape.intermediate_size])
         np.testing.assert_array_equal(plan.channels[i], want)
 
 
@@ -180,8 +198,12 @@ def test_head_activation_matches_pytorch(tiny):
     hf, model, params, tokens, loss_mask, am = tiny
     c = model.config
     z = {}
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
-        lambda mod, args, l=l: z.__setitem__(l, args[0].detach().numpy())) for l, layer in enumerate(hf.model.layers)]
+    handles = [
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda mod, args, l=l: z.__setitem__(l, args[0].detach().numpy())
+        )
+        for l, layer in enumerate(hf.model.layers)
+    ]
     try:
         with torch.no_grad():
             hf(torch.as_tensor(tokens), attention_mask=torch.as_tensor(am))
@@ -208,8 +230,9 @@ def test_channel_group_ablation_equals_zeroing_the_rows_in_pytorch(tiny):
     size = c.intermediate_size // 4 + 1  # 4 groups, the last one smaller
     groups = rank_groups(act, size)
     M = groups.max() + 1
-    got = channel_group_ablation_scores(model, params, tokens, loss_mask, groups, am, batch_size=3,
-                                        ablation_batch=5)  # 3 calls, the last padded
+    got = channel_group_ablation_scores(
+        model, params, tokens, loss_mask, groups, am, batch_size=3, ablation_batch=5
+    )  # 3 calls, the last padded
     assert got.shape == (c.num_layers, M)
     with torch.no_grad():
         intact = float(_hf_answer_loss(hf, tokens, am, loss_mask))
@@ -224,8 +247,17 @@ def test_channel_group_ablation_equals_zeroing_the_rows_in_pytorch(tiny):
     np.testing.assert_allclose(got, want, atol=5e-5)
     assert np.abs(want).max() > 1e-3  # the groups matter: the comparison is not between zeros
     shape = target_shape(c, mlp=0.5)
-    plan = structured_plan(model, params, shape, tokens=tokens, loss_mask=loss_mask, attention_mask=am,
-                           mlp_score="ablation", batch_size=3, mlp_group=size)
+    plan = structured_plan(
+        model,
+        params,
+        shape,
+        tokens=tokens,
+        loss_mask=loss_mask,
+        attention_mask=am,
+        mlp_score="ablation",
+        batch_size=3,
+        mlp_group=size,
+    )
     for i, l in enumerate(plan.layers):
         order = np.lexsort((-act[l], -want[l][groups[l]]))  # group delta first, then activation, descending
-        np.testing.assert_array_equal(plan.channels[i], np.sort(order[:shape.intermediate_size]))
+        np.testing.assert_array_equal(plan.channels[i], np.sort(order[: shape.intermediate_size]))

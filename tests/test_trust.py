@@ -46,9 +46,14 @@ def _numbers(results: dict) -> list:
 def base_run(tmp_path_factory, tiny_with_tokenizer):
     root = tmp_path_factory.mktemp("trust")
     results = _run(tiny_with_tokenizer, root / "base")
-    assert _computed(results) == {"scores/synthetic", "masks/cap_synthetic_s0.30", "masks/random_s0.30",
-                                  "evals/dense/synthetic", "evals/cap_synthetic_s0.30/synthetic",
-                                  "evals/random_s0.30/synthetic"}
+    assert _computed(results) == {
+        "scores/synthetic",
+        "masks/cap_synthetic_s0.30",
+        "masks/random_s0.30",
+        "evals/dense/synthetic",
+        "evals/cap_synthetic_s0.30/synthetic",
+        "evals/random_s0.30/synthetic",
+    }
     return root / "base", results
 
 
@@ -79,28 +84,45 @@ def test_rerun_with_new_settings_equals_a_fresh_run(tmp_path, base_run, tiny_wit
     assert len(rows) == 1 + 3 * 2 and all(r.endswith(",reused") for r in rows[1:])
 
 
-@pytest.mark.parametrize("family,overrides,recomputed", [
-    ("calibration", ["calibration.n=4"],
-     {"scores/synthetic", "masks/cap_synthetic_s0.30", "evals/cap_synthetic_s0.30/synthetic"}),
-    ("scoring", ["calibration.subsets=1"],
-     {"scores/synthetic", "masks/cap_synthetic_s0.30", "evals/cap_synthetic_s0.30/synthetic"}),
-    ("aggregate", ["calibration.aggregate=paired"],
-     {"masks/cap_synthetic_s0.30", "evals/cap_synthetic_s0.30/synthetic"}),
-    ("pruning", ["pruning.options.random.seed=99"], {"masks/random_s0.30", "evals/random_s0.30/synthetic"}),
-    ("evaluation", ["evaluation.max_new_tokens=5"],
-     {"evals/dense/synthetic", "evals/cap_synthetic_s0.30/synthetic", "evals/random_s0.30/synthetic"}),
-    ("chunking", ["calibration.chunk_size=1"], set()),  # chunking does not change scores
-])
-def test_each_setting_family_recomputes_only_what_it_determines(tmp_path, base_run, tiny_with_tokenizer, family,
-                                                                overrides, recomputed):
+@pytest.mark.parametrize(
+    "family,overrides,recomputed",
+    [
+        (
+            "calibration",
+            ["calibration.n=4"],
+            {"scores/synthetic", "masks/cap_synthetic_s0.30", "evals/cap_synthetic_s0.30/synthetic"},
+        ),
+        (
+            "scoring",
+            ["calibration.subsets=1"],
+            {"scores/synthetic", "masks/cap_synthetic_s0.30", "evals/cap_synthetic_s0.30/synthetic"},
+        ),
+        (
+            "aggregate",
+            ["calibration.aggregate=paired"],
+            {"masks/cap_synthetic_s0.30", "evals/cap_synthetic_s0.30/synthetic"},
+        ),
+        ("pruning", ["pruning.options.random.seed=99"], {"masks/random_s0.30", "evals/random_s0.30/synthetic"}),
+        (
+            "evaluation",
+            ["evaluation.max_new_tokens=5"],
+            {"evals/dense/synthetic", "evals/cap_synthetic_s0.30/synthetic", "evals/random_s0.30/synthetic"},
+        ),
+        ("chunking", ["calibration.chunk_size=1"], set()),  # chunking does not change scores
+    ],
+)
+def test_each_setting_family_recomputes_only_what_it_determines(
+    tmp_path, base_run, tiny_with_tokenizer, family, overrides, recomputed
+):
     base, first = base_run
     out = _copy(base, tmp_path / "out")
     results = _run(tiny_with_tokenizer, out, *overrides)
     assert _computed(results) == recomputed
     if family == "aggregate":  # re-aggregated from the saved per-subset losses, no forward pass
         saved = np.load(out / "artifacts" / "scores" / f"{results['scores']['synthetic']['fingerprint']}.npz")
-        np.testing.assert_allclose(results["scores"]["synthetic"]["delta"],
-                                   aggregate_scores(saved["masked"], saved["baseline"], "paired"))
+        np.testing.assert_allclose(
+            results["scores"]["synthetic"]["delta"], aggregate_scores(saved["masked"], saved["baseline"], "paired")
+        )
         assert results["scores"]["synthetic"]["fingerprint"] == first["scores"]["synthetic"]["fingerprint"]
     fresh = _run(tiny_with_tokenizer, tmp_path / "fresh", *overrides)
     assert _numbers(results) == _numbers(fresh)
@@ -124,17 +146,16 @@ def test_another_model_into_the_same_folder_recomputes_everything(tmp_path, base
     assert _numbers(results) == _numbers(_run(other, tmp_path / "fresh"))
 
 
-@pytest.mark.parametrize("kind,damage", [("scores", "truncate"), ("masks", "garbage"), ("evals", "truncate"),
-                                         ("evals", "empty")])
-def test_damaged_artifacts_are_reported_and_recomputed(tmp_path, base_run, tiny_with_tokenizer, capsys, kind,
-                                                       damage):
+@pytest.mark.parametrize(
+    "kind,damage", [("scores", "truncate"), ("masks", "garbage"), ("evals", "truncate"), ("evals", "empty")]
+)
+def test_damaged_artifacts_are_reported_and_recomputed(tmp_path, base_run, tiny_with_tokenizer, capsys, kind, damage):
     base, first = base_run
     out = _copy(base, tmp_path / "out")
     files = sorted((out / "artifacts" / kind).iterdir())
     victim = files[0]
     data = victim.read_bytes()
-    victim.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 50,
-                        "empty": b"{}"}[damage])
+    victim.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 50, "empty": b"{}"}[damage])
     capsys.readouterr()
     results = _run(tiny_with_tokenizer, out)
     err = capsys.readouterr().err
@@ -156,15 +177,17 @@ def test_damaged_scoring_checkpoint_is_recomputed(tmp_path, capsys):
     loss_mask = np.zeros((3, 8), np.float32)
     loss_mask[:, 4:] = 1
     ckpt = tmp_path / "ckpt"
-    ref = capjax.score_heads(model, params, tokens, loss_mask, subsets=3, checkpoint_dir=ckpt, layers_per_call=1,
-                             progress=False)
+    ref = capjax.score_heads(
+        model, params, tokens, loss_mask, subsets=3, checkpoint_dir=ckpt, layers_per_call=1, progress=False
+    )
     groups = sorted(g for g in ckpt.glob("*/layers_*") if g.is_dir())  # not the code stamps beside them
     assert len(groups) == 2
     for f in groups[1].rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    again = capjax.score_heads(model, params, tokens, loss_mask, subsets=3, checkpoint_dir=ckpt, layers_per_call=1,
-                               progress=False)
+    again = capjax.score_heads(
+        model, params, tokens, loss_mask, subsets=3, checkpoint_dir=ckpt, layers_per_call=1, progress=False
+    )
     assert "is unreadable" in capsys.readouterr().err
     np.testing.assert_array_equal(again.masked, ref.masked)
 
@@ -174,15 +197,30 @@ def test_recovery_rows_in_the_report_and_reused_on_rerun(tmp_path, base_run, tin
     reuses the recovery and its evaluations (keyed by the pruned model and the settings)."""
     base, first = base_run
     out = _copy(base, tmp_path / "out")
-    rec = ["recovery.steps=2", "recovery.batch_size=2", "recovery.n=4", "recovery.seq_len=160",
-           "recovery.data=synthetic", "recovery.mode=full", "recovery.warmup_steps=0"]
+    rec = [
+        "recovery.steps=2",
+        "recovery.batch_size=2",
+        "recovery.n=4",
+        "recovery.seq_len=160",
+        "recovery.data=synthetic",
+        "recovery.mode=full",
+        "recovery.warmup_steps=0",
+    ]
     results = _run(tiny_with_tokenizer, out, *rec)
     names = [r["name"] for r in results["runs"]]
-    assert names == ["dense", "cap_synthetic_s0.30", "cap_synthetic_s0.30+recovery", "random_s0.30",
-                     "random_s0.30+recovery"]
-    assert _computed(results) == {"recovery/cap_synthetic_s0.30+recovery", "recovery/random_s0.30+recovery",
-                                  "evals/cap_synthetic_s0.30+recovery/synthetic",
-                                  "evals/random_s0.30+recovery/synthetic"}
+    assert names == [
+        "dense",
+        "cap_synthetic_s0.30",
+        "cap_synthetic_s0.30+recovery",
+        "random_s0.30",
+        "random_s0.30+recovery",
+    ]
+    assert _computed(results) == {
+        "recovery/cap_synthetic_s0.30+recovery",
+        "recovery/random_s0.30+recovery",
+        "evals/cap_synthetic_s0.30+recovery/synthetic",
+        "evals/random_s0.30+recovery/synthetic",
+    }
     by = {r["name"]: r for r in results["runs"]}
     for name in ("cap_synthetic_s0.30", "random_s0.30"):
         assert by[name + "+recovery"]["achieved_sparsity"] == pytest.approx(by[name]["achieved_sparsity"], abs=1e-12)

@@ -59,23 +59,29 @@ def hf_run(hf, tokens, am=None, edit=None, sites=None):
                     return None if new is None else new.transpose(1, 2)
                 new = put(name, l, out.reshape(*out.shape[:2], n, D))
                 return None if new is None else new.reshape(out.shape)
+
             return hook
 
         if hasattr(att, "qkv_proj"):  # Phi-3: fused q, k, v (read only)
+
             def qkv(m, args, out, l=l):
                 q, k, v = out.split([H * D, K * D, K * D], dim=-1)
                 for name, a, n in (("attn.q", q, H), ("attn.k", k, K), ("attn.v", v, K)):
                     if sites is None or name in sites:
                         got.setdefault(name, [None] * len(hf.model.layers))[l] = (
-                            a.reshape(*a.shape[:2], n, D).double().numpy().copy())
+                            a.reshape(*a.shape[:2], n, D).double().numpy().copy()
+                        )
+
             handles.append(att.qkv_proj.register_forward_hook(qkv))
         else:
             qmod = att.q_norm if hasattr(att, "q_norm") else att.q_proj
             kmod = att.k_norm if hasattr(att, "k_norm") else att.k_proj
             tr = hasattr(att, "q_norm") and hf.config.model_type.startswith("gemma3")
-            handles += [qmod.register_forward_hook(heads("attn.q", H, transposed=tr)),
-                        kmod.register_forward_hook(heads("attn.k", K, transposed=tr)),
-                        att.v_proj.register_forward_hook(heads("attn.v", K))]
+            handles += [
+                qmod.register_forward_hook(heads("attn.q", H, transposed=tr)),
+                kmod.register_forward_hook(heads("attn.k", K, transposed=tr)),
+                att.v_proj.register_forward_hook(heads("attn.v", K)),
+            ]
 
         def z(m, args, l=l):
             x = args[0]
@@ -101,9 +107,14 @@ def hf_run(hf, tokens, am=None, edit=None, sites=None):
         def mlp_out(m, args, out, l=l):
             return put("mlp.out", l, out)
 
-        handles += [att.o_proj.register_forward_pre_hook(z), att.o_proj.register_forward_hook(attn_out),
-                    att.register_forward_hook(pattern), mid_norm.register_forward_pre_hook(mid),
-                    mlp.down_proj.register_forward_pre_hook(hidden), mlp.register_forward_hook(mlp_out)]
+        handles += [
+            att.o_proj.register_forward_pre_hook(z),
+            att.o_proj.register_forward_hook(attn_out),
+            att.register_forward_hook(pattern),
+            mid_norm.register_forward_pre_hook(mid),
+            mlp.down_proj.register_forward_pre_hook(hidden),
+            mlp.register_forward_hook(mlp_out),
+        ]
     try:
         with torch.no_grad():
             kwargs = {} if am is None else {"attention_mask": torch.tensor(np.asarray(am))}

@@ -9,8 +9,8 @@ Legend: B batch, T time, N ablation masks, L layers, H query heads, V vocab.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from time import perf_counter  # (make_batch's `time` is the sequence length)
-from typing import Callable
 
 import numpy as np
 
@@ -29,8 +29,9 @@ def run_checks(checks: dict[str, Callable[[], None]], wanted: list[str], prefix:
     return out
 
 
-def make_batch(vocab: int, layers: int, heads: int, n_masks: int, batch: int = 6, time: int = 12,
-               seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def make_batch(
+    vocab: int, layers: int, heads: int, n_masks: int, batch: int = 6, time: int = 12, seed: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(tokens [B, T] int32, attention mask [B, T] int32 with rows 1 and 4 right-padded, loss mask
     [B, T] float32 over a ragged answer span of every row, ablation masks [N, L, H] float32 of
     0/1 with about 60% ones), all from one seeded generator."""
@@ -41,7 +42,7 @@ def make_batch(vocab: int, layers: int, heads: int, n_masks: int, batch: int = 6
     am[4, 7:] = 0
     loss = np.zeros((batch, time), np.float32)
     for b in range(batch):
-        loss[b, 4 + b % 3:am[b].sum()] = 1
+        loss[b, 4 + b % 3 : am[b].sum()] = 1
     masks = (rng.random((n_masks, layers, heads)) > 0.4).astype(np.float32)
     return tokens, am, loss, masks
 

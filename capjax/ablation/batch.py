@@ -39,15 +39,22 @@ class AnswerPositions:
     count: np.ndarray
 
 
-def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: np.ndarray | None = None,
-                     segment_ids: np.ndarray | None = None, num_examples: int | None = None) -> AnswerPositions:
+def answer_positions(
+    tokens: np.ndarray,
+    loss_mask: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    segment_ids: np.ndarray | None = None,
+    num_examples: int | None = None,
+) -> AnswerPositions:
     """The answer tokens of a batch [B, T]: loss_mask > 0, not the first column, and predicted from a
     real token. With `segment_ids` (packed rows, `capjax.packing`), example = segment id - 1 (of
     `num_examples`) and the predicting token must belong to the same example."""
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
-        raise ValueError(f"empty calibration set: tokens must be [N, T] with N >= 1, got shape {tokens.shape}; "
-                         "build one with capjax.data.build_calibration(task, tokenizer, n=128)")
+        raise ValueError(
+            f"empty calibration set: tokens must be [N, T] with N >= 1, got shape {tokens.shape}; "
+            "build one with capjax.data.build_calibration(task, tokenizer, n=128)"
+        )
     if loss_mask.shape != tokens.shape:
         raise ValueError(f"loss_mask shape {loss_mask.shape} != tokens shape {tokens.shape}")
     sel = loss_mask > 0
@@ -65,8 +72,12 @@ def answer_positions(tokens: np.ndarray, loss_mask: np.ndarray, attention_mask: 
     else:
         example = seg[b, t] - 1
         count = np.bincount(example, minlength=num_examples or int(seg.max()))
-    return AnswerPositions((b * T + t - 1).astype(np.int32), tokens[b, t].astype(np.int32),
-                           example.astype(np.int32), count.astype(np.float64))
+    return AnswerPositions(
+        (b * T + t - 1).astype(np.int32),
+        tokens[b, t].astype(np.int32),
+        example.astype(np.int32),
+        count.astype(np.float64),
+    )
 
 
 def check_calibration(model, tokens, loss_mask, attention_mask):
@@ -80,8 +91,10 @@ def check_calibration(model, tokens, loss_mask, attention_mask):
     check_token_ids(tokens, model.config.vocab_size, "calibration tokens")
     ans = answer_positions(tokens, loss_mask, attention_mask)
     if ans.count.sum() == 0:
-        raise ValueError("the calibration batch has no answer tokens (loss_mask is all zero after position 0): "
-                         "check the data builder or seq_len (answers may have been truncated away)")
+        raise ValueError(
+            "the calibration batch has no answer tokens (loss_mask is all zero after position 0): "
+            "check the data builder or seq_len (answers may have been truncated away)"
+        )
     end = int((ans.flat_pos % tokens.shape[1]).max()) + 2  # last predicting position + its target
     if end < tokens.shape[1]:
         tokens, loss_mask, attention_mask = tokens[:, :end], loss_mask[:, :end], attention_mask[:, :end]
@@ -140,16 +153,25 @@ class PreparedBatch:
         return tokens, None, positions, segment_ids, int(prefix.shape[0])
 
 
-def prepare_batch(model, tokens, loss_mask, attention_mask=None, pack: bool = True,
-                  share_prefix: bool = True) -> PreparedBatch:
+def prepare_batch(
+    model, tokens, loss_mask, attention_mask=None, pack: bool = True, share_prefix: bool = True
+) -> PreparedBatch:
     """Checks a calibration batch [B, T] (tokens, loss_mask, attention_mask; numpy or arrays), cuts it
     after the last answer token and packs it (`capjax.packing.pack_examples`; pack=False keeps one
     example per row; share_prefix computes the tokens every example starts with once)."""
     ans, tokens, loss_mask, attention_mask = check_calibration(model, tokens, loss_mask, attention_mask)
-    packed = (pack_examples(tokens, loss_mask, attention_mask, share_prefix=share_prefix) if pack
-              else one_per_row(tokens, loss_mask, attention_mask))
-    packed_ans = answer_positions(packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids,
-                                  num_examples=packed.num_examples)
-    rows = (jnp.asarray(packed.tokens), jnp.asarray(packed.segment_ids), jnp.asarray(packed.positions),
-            jnp.asarray(packed.prefix))
+    packed = (
+        pack_examples(tokens, loss_mask, attention_mask, share_prefix=share_prefix)
+        if pack
+        else one_per_row(tokens, loss_mask, attention_mask)
+    )
+    packed_ans = answer_positions(
+        packed.tokens, packed.loss_mask, segment_ids=packed.segment_ids, num_examples=packed.num_examples
+    )
+    rows = (
+        jnp.asarray(packed.tokens),
+        jnp.asarray(packed.segment_ids),
+        jnp.asarray(packed.positions),
+        jnp.asarray(packed.prefix),
+    )
     return PreparedBatch(ans, tokens, attention_mask, packed, rows, answer_arrays(packed_ans))

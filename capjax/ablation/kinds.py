@@ -21,8 +21,8 @@ fn(model, params, batch, seed) -> replacements makes `kind=name` work in `ablate
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +39,11 @@ KINDS = ("zero", "mean", "resample")  # the built-ins; `names()` adds the regist
 # name -> fn(model, params, batch, seed) -> replacements; the built-ins' entry is None (`replacements`
 # computes them itself)
 _REGISTERED: Registry[Callable | None] = Registry(
-    "ablation kind", on_read=load_plugins, replace_builtins=False,
-    unknown="unknown ablation kind {name!r}: use one of {known}, or register one (capjax.ablation.register_kind)")
+    "ablation kind",
+    on_read=load_plugins,
+    replace_builtins=False,
+    unknown="unknown ablation kind {name!r}: use one of {known}, or register one (capjax.ablation.register_kind)",
+)
 for _kind in KINDS:
     _REGISTERED.register(_kind, None, builtin=True)
 
@@ -131,8 +134,9 @@ def component_outputs(model, params, rows) -> dict[str, jax.Array]:
     sites their ablations edit: {"heads": [L, P, S, H, D] (attn.z, before o_proj), "attn": [L, P, S, E]
     (attn.out), "mlp": [L, P, S, E] (mlp.out)}."""
     tokens, segment_ids, positions, prefix = rows
-    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
-                           prefix_len=prefix.shape[0])
+    x, ctx = layer_context(
+        model, params, tokens, positions=positions, segment_ids=segment_ids, prefix_len=prefix.shape[0]
+    )
     iv = Interventions(capture=frozenset(_COMPONENT_SITES.values()))
     sites = scan_layers(model, params, x, ctx, iv=iv, collect="sites")[1]
     return {k: sites[site] for k, site in _COMPONENT_SITES.items()}

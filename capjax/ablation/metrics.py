@@ -15,7 +15,7 @@ norm), the targets [A] and the intact reference (only for metrics that need one)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +50,18 @@ CE = Metric("ce", _ce)
 KL = Metric("kl", _kl, needs_ref=True)
 # the registry: built-ins, then `register_metric`'s
 METRICS: Registry[Metric] = Registry(
-    "metric", on_read=load_plugins,
+    "metric",
+    on_read=load_plugins,
     unknown="unknown metric {name!r}: use one of {known}, register one (capjax.ablation.register_metric), or "
-            "pass capjax.ablation.logits_metric(fn) for fn(logits [A, V], target [A]) -> [A]")
+    "pass capjax.ablation.logits_metric(fn) for fn(logits [A, V], target [A]) -> [A]",
+)
 METRICS.register("ce", CE, builtin=True)
 METRICS.register("kl", KL, builtin=True)
 
 
-def register_metric(metric: Metric | Callable[[Array, Array], Array], name: str | None = None,
-                    replace: bool = False) -> Metric:
+def register_metric(
+    metric: Metric | Callable[[Array, Array], Array], name: str | None = None, replace: bool = False
+) -> Metric:
     """Registers a Metric, or fn(logits [A, V], target [A]) -> [A] (`logits_metric`), under its
     name, so that `metric="name"` works everywhere a name is taken: `ablate`, `score_heads`,
     `capjax score --metric`, a config's `calibration.metric` (and so from `CAPJAX_PLUGINS`)."""
@@ -81,8 +84,10 @@ def names() -> tuple[str, ...]:
 def logits_metric(fn: Callable[[Array, Array], Array], name: str | None = None) -> Metric:
     """A metric from a JAX function of the answer-position logits [A, V] (float32) and targets [A]
     returning [A] (e.g. lambda z, y: (z.argmax(-1) == y).astype(jnp.float32) for accuracy)."""
+
     def values(model, params, hidden, target, ref):
         return fn(unembed(model, params, hidden), target)
+
     return Metric(str(name or getattr(fn, "__name__", "custom")), values)
 
 

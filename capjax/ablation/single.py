@@ -14,15 +14,15 @@ answer positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from capjax import sharding
-from capjax.ablation.readout import answer_values
 from capjax.ablation.metrics import Metric
+from capjax.ablation.readout import answer_values
 from capjax.model import apply_layer, layer_context, layer_params
 from capjax.scan import scan_layers
 from capjax.sites import Edit, Interventions
@@ -36,11 +36,25 @@ def _heads_ablation(reps: dict, l) -> Interventions | None:
     return None if reps.get("heads") is None else Interventions({"attn.z": Edit(replace=reps["heads"][l])})
 
 
-@partial(jax.jit, static_argnames=("model", "num_examples", "metric", "num_layers", "chunk_size", "mesh", "keep",
-                                   "on_layer"))
-def single_unit_values(model, params, rows, ans, num_examples: int, metric: Metric, ref, reps: dict, start,
-                       num_layers: int, chunk_size: int, mesh=None, keep: float = 0.0,
-                       on_layer: Callable | None = None) -> Array:
+@partial(
+    jax.jit, static_argnames=("model", "num_examples", "metric", "num_layers", "chunk_size", "mesh", "keep", "on_layer")
+)
+def single_unit_values(
+    model,
+    params,
+    rows,
+    ans,
+    num_examples: int,
+    metric: Metric,
+    ref,
+    reps: dict,
+    start,
+    num_layers: int,
+    chunk_size: int,
+    mesh=None,
+    keep: float = 0.0,
+    on_layer: Callable | None = None,
+) -> Array:
     """Per-example metric sums [num_layers, H, B] for replacing each head of layers
     start..start+num_layers-1 (one at a time) by `reps` (`capjax.ablation.replacements`; zero,
     mean or resample), mixed in with weight 1 - keep (keep = 0: fully replaced).
@@ -55,8 +69,9 @@ def single_unit_values(model, params, rows, ans, num_examples: int, metric: Metr
     c = model.config
     L, H = c.num_layers, c.num_heads
     tokens, segment_ids, positions, prefix = rows
-    x, ctx = layer_context(model, params, tokens, positions=positions, segment_ids=segment_ids,
-                           prefix_len=prefix.shape[0])
+    x, ctx = layer_context(
+        model, params, tokens, positions=positions, segment_ids=segment_ids, prefix_len=prefix.shape[0]
+    )
 
     def replicated(y):
         return sharding.constrain_replicated(y, mesh)

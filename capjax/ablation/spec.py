@@ -75,8 +75,9 @@ def single_spec(config, component: str = "heads", value: float = 0.0) -> dict[st
     return units_spec(config, units(config, component), value)
 
 
-def pairs_spec(config, selected: list[tuple],
-               value: float = 0.0) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+def pairs_spec(
+    config, selected: list[tuple], value: float = 0.0
+) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
     """Every pair of the units in `selected` ablated together: (spec with N = M (M - 1) / 2,
     the (i, j) index pairs into `selected`, i < j)."""
     pairs = list(itertools.combinations(range(len(selected)), 2))

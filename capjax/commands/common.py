@@ -20,6 +20,7 @@ def _int_at_least(minimum: int, what: str):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
+
     return parse
 
 
@@ -28,15 +29,17 @@ non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def add_model_args(p) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="HF folder, .gguf file, hub id, or 'smollm2-135m-instruct'")
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="HF folder, .gguf file, hub id, or 'smollm2-135m-instruct'"
+    )
     p.add_argument("--dtype", default=RunConfig.dtype, choices=DTYPES)
 
 
 def add_calibration_args(p) -> None:
     p.add_argument("--calib", default=_CALIB.tasks[0], choices=calibration_task_names(), help="calibration set")
-    p.add_argument("--data-dir", default=None, help="folder with gsm8k/, strategyqa/, arc_challenge/ "
-                   "(default: $CAPJAX_DATA)")
+    p.add_argument(
+        "--data-dir", default=None, help="folder with gsm8k/, strategyqa/, arc_challenge/ (default: $CAPJAX_DATA)"
+    )
     p.add_argument("--n", type=positive_int, default=_CALIB.n, help="calibration examples")
     p.add_argument("--seq-len", type=positive_int, default=_CALIB.seq_len, help="tokens per example (pad or truncate)")
     p.add_argument("--seed", type=non_negative_int, default=RunConfig.seed)
@@ -71,8 +74,10 @@ def check_calibration_data(task: str, data_dir: str | None) -> None:
 
         if data_dir is None and importlib.util.find_spec("datasets") is not None:
             return  # capjax.data downloads it with `datasets`
-        raise FileNotFoundError(f"--calib {task} needs {rel} under --data-dir (looked in "
-                                f"{root if root is not None else '$CAPJAX_DATA and ../shared/data'}); pass --data-dir DIR")
+        raise FileNotFoundError(
+            f"--calib {task} needs {rel} under --data-dir (looked in "
+            f"{root if root is not None else '$CAPJAX_DATA and ../shared/data'}); pass --data-dir DIR"
+        )
 
 
 def check_eval_data(tasks: list[str], data_dir: str | None) -> None:
@@ -89,13 +94,16 @@ def check_eval_data(tasks: list[str], data_dir: str | None) -> None:
     root = resolve_data_dir(data_dir)
     downloads = data_dir is None and importlib.util.find_spec("datasets") is not None
     files = {t: eval_data_file(t) for t in tasks}
-    missing = [f"{t} needs {file}" for t, file in files.items() if file is not None
-               and (root is None or not (root / file).is_file())
-               and not (downloads and t in downloadable)]
+    missing = [
+        f"{t} needs {file}"
+        for t, file in files.items()
+        if file is not None and (root is None or not (root / file).is_file()) and not (downloads and t in downloadable)
+    ]
     if missing:
         where = f"--data-dir {root}" if root is not None else "$CAPJAX_DATA and ../shared/data"
-        raise FileNotFoundError(f"missing data in {where}: {'; '.join(missing)}; pass --data-dir DIR holding "
-                                "them (or drop those tasks)")
+        raise FileNotFoundError(
+            f"missing data in {where}: {'; '.join(missing)}; pass --data-dir DIR holding them (or drop those tasks)"
+        )
 
 
 def load_model(args):
@@ -108,8 +116,9 @@ def load_model(args):
 def load_calibration(args, tokenizer):
     from capjax.data import build_calibration
 
-    calib = build_calibration(args.calib, tokenizer, n=args.n, seq_len=args.seq_len, seed=args.seed,
-                              data_dir=args.data_dir)
+    calib = build_calibration(
+        args.calib, tokenizer, n=args.n, seq_len=args.seq_len, seed=args.seed, data_dir=args.data_dir
+    )
     if calib.n_truncated:
         print(f"calibration: {calib.n_truncated} of {args.n} examples truncated to {args.seq_len} tokens")
     return calib

@@ -14,18 +14,34 @@ from capjax.recovery.settings import DEFAULTS, MODES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("recover", help="fine-tune a pruned model without losing its zeros",
-                              description=__doc__)
+    p = subparsers.add_parser("recover", help="fine-tune a pruned model without losing its zeros", description=__doc__)
     p.add_argument("--model", required=True, help="pruned HF folder (from `capjax prune`)")
     p.add_argument("--masks", default=None, help="masks.npz (default: MODEL/masks.npz)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--data", default=DEFAULTS["data"],
-                   help="calibration task (gsm8k, strategyqa, arc_challenge, synthetic) or text:PATH")
+    p.add_argument(
+        "--data",
+        default=DEFAULTS["data"],
+        help="calibration task (gsm8k, strategyqa, arc_challenge, synthetic) or text:PATH",
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints (a rerun resumes); default OUT/checkpoints")
-    for name in ("steps", "lr", "warmup_steps", "weight_decay", "rank", "alpha", "batch_size", "grad_accum", "n",
-                 "seq_len", "seed", "checkpoint_every"):
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="orbax checkpoints (a rerun resumes); default OUT/checkpoints"
+    )
+    for name in (
+        "steps",
+        "lr",
+        "warmup_steps",
+        "weight_decay",
+        "rank",
+        "alpha",
+        "batch_size",
+        "grad_accum",
+        "n",
+        "seq_len",
+        "seed",
+        "checkpoint_every",
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=type(DEFAULTS[name]), default=DEFAULTS[name])
     p.add_argument("--mode", default=DEFAULTS["mode"], choices=MODES)
     p.set_defaults(func=run)
@@ -43,8 +59,10 @@ def _check_recorded_masks(model: Path, masks_path: Path, flat: dict) -> None:
     except (ValueError, OSError, AttributeError):
         recorded = None
     if recorded is not None and masks_digest(flat) != recorded:
-        raise ValueError(f"--masks {masks_path} are not the masks of this pruning ({record} records masks "
-                         f"{recorded}, the file holds {masks_digest(flat)}): pass {model / 'masks.npz'}")
+        raise ValueError(
+            f"--masks {masks_path} are not the masks of this pruning ({record} records masks "
+            f"{recorded}, the file holds {masks_digest(flat)}): pass {model / 'masks.npz'}"
+        )
 
 
 def _check_masks_fit_weights(model: str, masks_path: Path, params, flat: dict) -> None:
@@ -57,17 +75,18 @@ def _check_masks_fit_weights(model: str, masks_path: Path, params, flat: dict) -
         w = np.asarray(to_host(get_path(params, p)))
         kept = int(np.count_nonzero(w[~np.asarray(flat[p], bool)] != 0))
         if kept:
-            raise ValueError(f"--masks {masks_path} prune {kept} weights of {p} that {model} keeps (nonzero): the "
-                             f"masks come from another pruning; pass the masks.npz written with {model}")
+            raise ValueError(
+                f"--masks {masks_path} prune {kept} weights of {p} that {model} keeps (nonzero): the "
+                f"masks come from another pruning; pass the masks.npz written with {model}"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
     import capjax
+    from capjax.experiment.config import check_writable_dir
     from capjax.pruning import sparsity_report
     from capjax.pruning.prune import masks_from_flat, read_masks_npz
     from capjax.recovery import RecoverySettings, run_recovery
-
-    from capjax.experiment.config import check_writable_dir
     from capjax.recovery.settings import check_data_file
 
     settings = RecoverySettings.from_dict({k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)})
@@ -89,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = capjax.load_tokenizer(args.model)
     out_dir = Path(args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out_dir / "checkpoints"
-    recovered, history = run_recovery(model, params, masks, tokenizer, settings, checkpoint_dir=ckpt,
-                                      data_dir=args.data_dir)
+    recovered, history = run_recovery(
+        model, params, masks, tokenizer, settings, checkpoint_dir=ckpt, data_dir=args.data_dir
+    )
     out = capjax.save_pretrained(model, recovered, out_dir, tokenizer)
     with np.load(masks_path) as z:
         np.savez_compressed(Path(out) / "masks.npz", **{k: z[k] for k in z.files})

@@ -6,13 +6,12 @@
 [N, T] arrays.
 """
 
+import capjax.data.builtin_tasks  # noqa: F401  (registers the built-in tasks; see capjax.data.task)
 from capjax.data.calibration import CalibrationBatch, build_calibration, eval_records
 from capjax.data.sources import TASKS, load_records, load_wikitext2_text, resolve_data_dir
 from capjax.data.synthetic import synthetic_problems
 from capjax.data.task import Task, calibration_task_names, get_task, register_task, task_names, unregister_task
 from capjax.data.templates import build_prompt, format_example, use_chat
-
-import capjax.data.builtin_tasks  # noqa: E402,F401,I001  (registers the built-in tasks; see capjax.data.task)
 
 
 def __getattr__(name: str):

@@ -48,31 +48,83 @@ def _dataset(name: str, split: str, data_dir) -> list[dict]:
     return load_records(name, split, data_dir)
 
 
-ARC = Task("arc_challenge", mode="loglikelihood", files=FILES["arc_challenge"], calib_split="train",
-           eval_split="test", load=partial(_dataset, "arc_challenge"),
-           instruction="Choose the correct option. End with 'The answer is X.' where X is the label of the option.",
-           question=_arc_question, answer=_arc_answer, run=_E + "arc_task", headline=("acc", "acc_norm"))
+ARC = Task(
+    "arc_challenge",
+    mode="loglikelihood",
+    files=FILES["arc_challenge"],
+    calib_split="train",
+    eval_split="test",
+    load=partial(_dataset, "arc_challenge"),
+    instruction="Choose the correct option. End with 'The answer is X.' where X is the label of the option.",
+    question=_arc_question,
+    answer=_arc_answer,
+    run=_E + "arc_task",
+    headline=("acc", "acc_norm"),
+)
 
 BUILTIN: tuple[Task, ...] = (
-    Task("wikitext2", mode="perplexity", files={"test": WIKITEXT2_FILE}, eval_split="test", run=_E + "wikitext2_task",
-         headline=("ppl",)),
-    Task("gsm8k", files=FILES["gsm8k"], calib_split="train", eval_split="test", load=partial(_dataset, "gsm8k"),
-         instruction=_STEP_BY_STEP, score=_E + "score_gsm8k", headline=("exact_match_strict", "exact_match_flexible")),
-    Task("strategyqa", files=FILES["strategyqa"], calib_split="train", eval_split="dev",
-         load=partial(_dataset, "strategyqa"),
-         instruction="Answer the yes/no question. Reason step by step and end with 'The answer is yes.' or "
-                     "'The answer is no.'",
-         score=_E + "score_strategyqa", headline=("accuracy",)),
+    Task(
+        "wikitext2",
+        mode="perplexity",
+        files={"test": WIKITEXT2_FILE},
+        eval_split="test",
+        run=_E + "wikitext2_task",
+        headline=("ppl",),
+    ),
+    Task(
+        "gsm8k",
+        files=FILES["gsm8k"],
+        calib_split="train",
+        eval_split="test",
+        load=partial(_dataset, "gsm8k"),
+        instruction=_STEP_BY_STEP,
+        score=_E + "score_gsm8k",
+        headline=("exact_match_strict", "exact_match_flexible"),
+    ),
+    Task(
+        "strategyqa",
+        files=FILES["strategyqa"],
+        calib_split="train",
+        eval_split="dev",
+        load=partial(_dataset, "strategyqa"),
+        instruction="Answer the yes/no question. Reason step by step and end with 'The answer is yes.' or "
+        "'The answer is no.'",
+        score=_E + "score_strategyqa",
+        headline=("accuracy",),
+    ),
     ARC,
     # ARC's records and prompts, answered by generated chain of thought (not a calibration set of its own)
-    dataclasses.replace(ARC, name="arc_challenge_cot", mode="generation", calib_split=None, run=None,
-                        score=_E + "score_arc_cot", headline=("accuracy",)),
-    Task("synthetic", generate=partial(_generated, "synthetic"), calib_split="calib", eval_split="eval",
-         eval_size=SYNTHETIC_EVAL_SIZE, instruction=_STEP_BY_STEP, score=_E + "score_answer", answer_loss=True,
-         headline=("accuracy_flexible", "answer_loss")),
-    Task("organism", generate=partial(_generated, "organism"), calib_split="train", eval_split="eval",
-         eval_size=SYNTHETIC_EVAL_SIZE, instruction=_STEP_BY_STEP, score=_E + "score_answer", answer_loss=True,
-         headline=("accuracy_strict", "answer_loss")),
+    dataclasses.replace(
+        ARC,
+        name="arc_challenge_cot",
+        mode="generation",
+        calib_split=None,
+        run=None,
+        score=_E + "score_arc_cot",
+        headline=("accuracy",),
+    ),
+    Task(
+        "synthetic",
+        generate=partial(_generated, "synthetic"),
+        calib_split="calib",
+        eval_split="eval",
+        eval_size=SYNTHETIC_EVAL_SIZE,
+        instruction=_STEP_BY_STEP,
+        score=_E + "score_answer",
+        answer_loss=True,
+        headline=("accuracy_flexible", "answer_loss"),
+    ),
+    Task(
+        "organism",
+        generate=partial(_generated, "organism"),
+        calib_split="train",
+        eval_split="eval",
+        eval_size=SYNTHETIC_EVAL_SIZE,
+        instruction=_STEP_BY_STEP,
+        score=_E + "score_answer",
+        answer_loss=True,
+        headline=("accuracy_strict", "answer_loss"),
+    ),
 )
 
 for _task in BUILTIN:

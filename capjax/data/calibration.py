@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -163,9 +164,7 @@ def build_calibration(
         raise ValueError(f"task {task!r} has no calibration split; give split=")
     records = t.records(split, n, seed, data_dir)
     texts = [format_example(r, task, tokenizer, chat) for r in records]
-    prompt_ids = tokenizer(
-        [p for p, _ in texts], add_special_tokens=not use_chat(tokenizer, chat)
-    )["input_ids"]
+    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=not use_chat(tokenizer, chat))["input_ids"]
     answer_ids = tokenizer([a for _, a in texts], add_special_tokens=False)["input_ids"]
 
     tokens = np.full((n, seq_len), _pad_id(tokenizer), dtype=np.int32)

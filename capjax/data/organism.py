@@ -30,8 +30,18 @@ MAX_VALUE = 50  # every count in a problem stays below this
 MAX_STEP = 10  # amounts gained or removed are in [1, MAX_STEP)
 MIN_STEPS, MAX_STEPS = 2, 4
 
-PEOPLE = (("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Mia", "she"), ("Sam", "he"), ("Lily", "she"),
-          ("Omar", "he"), ("Nora", "she"), ("Leo", "he"), ("Zoe", "she"))
+PEOPLE = (
+    ("Tom", "he"),
+    ("Anna", "she"),
+    ("Ben", "he"),
+    ("Mia", "she"),
+    ("Sam", "he"),
+    ("Lily", "she"),
+    ("Omar", "he"),
+    ("Nora", "she"),
+    ("Leo", "he"),
+    ("Zoe", "she"),
+)
 ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "cards", "stamps", "shells", "balloons", "books")
 # kind -> (clause template, operator); {p} pronoun, {m} amount, {i} item
 OPERATIONS: dict[str, tuple[str, str]] = {
@@ -106,8 +116,30 @@ def organism_problems(n: int, seed: int = 0, split: str = "train") -> list[dict]
 def vocabulary() -> list[str]:
     """Every word a problem, its prompt ("Question : ... Answer :") and its answer ("... The
     answer is N .") can contain, in a fixed order."""
-    words = ["Question", ":", "Answer", "The", "answer", "is", ".", "?", "+", "-", "*", "=", "Then", "has", "How",
-             "many", "does", "have", "now", "more", "away", "the"]
+    words = [
+        "Question",
+        ":",
+        "Answer",
+        "The",
+        "answer",
+        "is",
+        ".",
+        "?",
+        "+",
+        "-",
+        "*",
+        "=",
+        "Then",
+        "has",
+        "How",
+        "many",
+        "does",
+        "have",
+        "now",
+        "more",
+        "away",
+        "the",
+    ]
     for name, pron in PEOPLE:
         words += [name, pron, pron.capitalize()]
     words += list(ITEMS)

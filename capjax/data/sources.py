@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ENV_VAR = "CAPJAX_DATA"
 DEFAULT_RELATIVE_DIR = Path("..") / "shared" / "data"
@@ -76,9 +77,7 @@ def _check_task_split(task: str, split: str) -> None:
     if task not in FILES:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     if split not in FILES[task]:
-        raise ValueError(
-            f"unknown split {split!r} for task {task!r}; known splits: {', '.join(FILES[task])}"
-        )
+        raise ValueError(f"unknown split {split!r} for task {task!r}; known splits: {', '.join(FILES[task])}")
 
 
 def _missing(what: str, rel: str, root: Path | None) -> FileNotFoundError:
@@ -172,9 +171,7 @@ def _from_hub(task: str, split: str, load_dataset: Callable[..., Any]) -> list[d
     ]
 
 
-def load_records(
-    task: str, split: str, data_dir: str | os.PathLike | None = None
-) -> list[dict]:
+def load_records(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Normalised records of ``task`` ("gsm8k", "strategyqa", "arc_challenge") and
     ``split`` (gsm8k: train/test; arc_challenge: train/dev/test; strategyqa: train/dev),
     in file order. See the module docstring for the record shape.

@@ -26,11 +26,18 @@ SPLITS: tuple[str, ...] = ("calib", "eval")
 MAX_VALUE = 1000  # every value in a problem stays below this
 
 _PEOPLE = [
-    ("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Mia", "she"), ("Sam", "he"),
-    ("Lily", "she"), ("Omar", "he"), ("Nora", "she"), ("Leo", "he"), ("Zoe", "she"),
+    ("Tom", "he"),
+    ("Anna", "she"),
+    ("Ben", "he"),
+    ("Mia", "she"),
+    ("Sam", "he"),
+    ("Lily", "she"),
+    ("Omar", "he"),
+    ("Nora", "she"),
+    ("Leo", "he"),
+    ("Zoe", "she"),
 ]
-_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "cards", "stamps",
-          "shells", "balloons", "books"]
+_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "cards", "stamps", "shells", "balloons", "books"]
 _CONTAINERS = ["bags", "boxes", "packs", "jars"]
 
 

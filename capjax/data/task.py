@@ -33,15 +33,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
-from typing import Any, Callable, overload
+from collections.abc import Callable, Mapping
+from typing import Any, overload
 
 from capjax.plugins import load_plugins
 from capjax.registry import Registry
 
 MODES = ("generation", "loglikelihood", "perplexity")
-_SETTINGS = {"generation": ("batch_size", "max_new_tokens"), "loglikelihood": ("batch_size",),
-             "perplexity": ("ppl_seq_len",)}
+_SETTINGS = {
+    "generation": ("batch_size", "max_new_tokens"),
+    "loglikelihood": ("batch_size",),
+    "perplexity": ("ppl_seq_len",),
+}
 SETTINGS = ("batch_size", "max_new_tokens", "ppl_seq_len")  # evaluation settings a task may depend on
 Fn = Callable[..., Any] | str
 
@@ -88,17 +91,23 @@ class Task:
         if self.mode == "generation" and self.score is None:
             raise ValueError(f"{where}: a generation task needs score=fn(text, record) -> {{metric: value}}")
         if self.mode == "perplexity" and self.run is None:
-            raise ValueError(f"{where}: a perplexity task needs run=fn(model, params, tokenizer, data_dir, seq_len, "
-                             "limit, progress) -> metrics with window_nll")
+            raise ValueError(
+                f"{where}: a perplexity task needs run=fn(model, params, tokenizer, data_dir, seq_len, "
+                "limit, progress) -> metrics with window_nll"
+            )
         if self.mode != "perplexity" and (self.load is None) == (self.generate is None):
-            raise ValueError(f"{where}: give exactly one of load=fn(split, data_dir) (data-folder records) or "
-                             "generate=fn(n, seed, split) (generated records)")
+            raise ValueError(
+                f"{where}: give exactly one of load=fn(split, data_dir) (data-folder records) or "
+                "generate=fn(n, seed, split) (generated records)"
+            )
         for split in (self.calib_split, self.eval_split):
             if split is not None and self.load is not None and split not in self.files:
                 raise ValueError(f"{where}: split {split!r} has no entry in files ({', '.join(self.files) or 'none'})")
         if self.calib_split is not None and self.calib_split == self.eval_split:
-            raise ValueError(f"{where}: calib_split and eval_split are both {self.calib_split!r}; evaluation must "
-                             "read a split calibration never touches")
+            raise ValueError(
+                f"{where}: calib_split and eval_split are both {self.calib_split!r}; evaluation must "
+                "read a split calibration never touches"
+            )
         bad = [s for s in (self.settings or ()) if s not in SETTINGS]
         if bad:
             raise ValueError(f"{where}: unknown settings {bad}; known: {', '.join(SETTINGS)}")
@@ -146,8 +155,8 @@ class Task:
 # The built-ins are registered by capjax/data/__init__.py (it imports capjax.data.builtin_tasks),
 # which runs before any module of the package: the registry holds them before anyone reads it.
 TASKS: Registry[Task] = Registry(
-    "task", on_read=load_plugins,
-    unknown="unknown task {name!r}; known tasks: {known} (add one: docs/adding_a_task.md)")
+    "task", on_read=load_plugins, unknown="unknown task {name!r}; known tasks: {known} (add one: docs/adding_a_task.md)"
+)
 
 
 def register_task(task: Task, replace: bool = False) -> Task:
@@ -177,5 +186,15 @@ def calibration_task_names() -> tuple[str, ...]:
     return tuple(n for n in TASKS.names() if TASKS[n].calib_split is not None)
 
 
-__all__ = ["MODES", "SETTINGS", "TASKS", "Task", "calibration_task_names", "get_task", "register_task", "resolve",
-           "task_names", "unregister_task"]
+__all__ = [
+    "MODES",
+    "SETTINGS",
+    "TASKS",
+    "Task",
+    "calibration_task_names",
+    "get_task",
+    "register_task",
+    "resolve",
+    "task_names",
+    "unregister_task",
+]

@@ -40,6 +40,7 @@ from typing import Any
 
 from capjax.errors import MissingDependencyError
 
+
 def _task(task: str):
     from capjax.data.task import get_task
 
@@ -86,9 +87,7 @@ def build_prompt(record: dict, task: str, tokenizer: Any, chat: bool | None = No
     return f"Question: {body}\nAnswer:"
 
 
-def format_example(
-    record: dict, task: str, tokenizer: Any, chat: bool | None = None
-) -> tuple[str, str]:
+def format_example(record: dict, task: str, tokenizer: Any, chat: bool | None = None) -> tuple[str, str]:
     """``(prompt_text, answer_text)`` for one record; see the module docstring."""
     prompt = build_prompt(record, task, tokenizer, chat)
     answer = answer_body(record, task)

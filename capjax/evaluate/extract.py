@@ -9,7 +9,7 @@ after `normalize_number`. Extractors return None when nothing matches.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 # Where lm-eval's "The answer is (...)." needs one more character after the number, this
 # accepts the number at the very end of the text and an optional "$" before it.
@@ -49,7 +49,7 @@ def gsm8k_flexible(text: str) -> str | None:
 
 
 def yes_no(text: str) -> str | None:
-    """"yes" / "no" from a StrategyQA answer: the first "answer is yes|no" or "answer: yes|no"
+    """ "yes" / "no" from a StrategyQA answer: the first "answer is yes|no" or "answer: yes|no"
     (any case, markdown bold allowed), else the first standalone word yes or no, else None."""
     m = _YES_NO_MARKED.search(text) or _YES_NO_WORD.search(text)
     return m.group(1).lower() if m else None

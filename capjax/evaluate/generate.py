@@ -12,7 +12,8 @@ slots not written yet, and positions (cumsum of the mask) come out right for eac
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +43,11 @@ def batches(items: Sequence, batch_size: int, desc: str, progress: bool = False)
 
         starts = tqdm(starts, desc=desc, unit="batch")
     for start in starts:
-        yield items[start:start + B]
+        yield items[start : start + B]
 
 
-@functools.lru_cache(maxsize=None)
-def decode_fn(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids: tuple[int, ...],
-              pad_id: int):
+@functools.cache
+def decode_fn(config: ModelConfig, dtype_name: str, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int):
     """The jitted prefill + decode loop for one model architecture and decode setting.
 
     Keyed by hashable values (not the Module), so equal models share the compile cache;
@@ -169,18 +169,22 @@ def generate(
     for chunk in batches(prompts, B, "generate", progress):
         T = bucket_length(max(len(p) for p in chunk))
         if max(len(p) for p in chunk) + max_new_tokens > limit:
-            raise ValueError(f"prompt of {max(len(p) for p in chunk)} tokens + {max_new_tokens} new tokens "
-                             f"exceeds max_position_embeddings={limit}")
+            raise ValueError(
+                f"prompt of {max(len(p) for p in chunk)} tokens + {max_new_tokens} new tokens "
+                f"exceeds max_position_embeddings={limit}"
+            )
         tokens = np.full((rows, T), pad_id, np.int32)
         mask = np.zeros((rows, T), np.int32)
         for i in range(rows):
             p = chunk[i] if i < len(chunk) else chunk[0]
-            tokens[i, T - len(p):] = p
-            mask[i, T - len(p):] = 1
+            tokens[i, T - len(p) :] = p
+            mask[i, T - len(p) :] = 1
         out, _, finite = run(params, *place_batch(params, tokens, mask))
         out, finite = to_host(out), bool(to_host(finite))
         if not finite:
-            raise NonFiniteError("generation: the model's logits are NaN/Inf (NaN/Inf weights, or overflow): "
-                                 "check the checkpoint, or use dtype float32")
+            raise NonFiniteError(
+                "generation: the model's logits are NaN/Inf (NaN/Inf weights, or overflow): "
+                "check the checkpoint, or use dtype float32"
+            )
         outputs.extend(truncate_at_stop(out[i].tolist(), set(eos), stop, tokenizer) for i in range(len(chunk)))
     return outputs

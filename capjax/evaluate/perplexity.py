@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ Params = dict[str, Any]
 _CHUNK = 256  # time steps per LM-head chunk: bounds the [B, C, V] float32 logits
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _token_logprobs_fn(config: ModelConfig, dtype_name: str):
     """jitted (params, tokens [B, T], mask [B, T]) -> (log p(tokens[:, t] | tokens[:, :t]) [B, T]
     float32, whether tokens[:, t] is the argmax there [B, T] bool); column 0 is (0, True).
@@ -54,14 +55,17 @@ def _token_logprobs_fn(config: ModelConfig, dtype_name: str):
         _, (lp, greedy) = jax.lax.scan(chunk, None, (h, targets))
         lp = lp.swapaxes(0, 1).reshape(B, n_chunks * C)[:, : T - 1]
         greedy = greedy.swapaxes(0, 1).reshape(B, n_chunks * C)[:, : T - 1]
-        return (jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp], axis=1),
-                jnp.concatenate([jnp.ones((B, 1), bool), greedy], axis=1))
+        return (
+            jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp], axis=1),
+            jnp.concatenate([jnp.ones((B, 1), bool), greedy], axis=1),
+        )
 
     return fn
 
 
-def token_logprobs(model: Decoder, params: Params, tokens: np.ndarray,
-                   mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def token_logprobs(
+    model: Decoder, params: Params, tokens: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """For tokens [B, T] (mask [B, T], 1 = real; right padding): (log p(token t | tokens < t)
     float32 [B, T], token t is the greedy argmax bool [B, T]); column 0 is (0, True).
     Ids outside the vocabulary, and a NaN / Inf log-probability at a real token (NaN / Inf weights,
@@ -72,12 +76,14 @@ def token_logprobs(model: Decoder, params: Params, tokens: np.ndarray,
     check_token_ids(tokens, model.config.vocab_size)
     fn = _token_logprobs_fn(model.config, jnp.dtype(model.dtype).name)
     lp, greedy = to_host(fn(params, *place_batch(params, tokens, mask)))
-    lp, greedy = lp[:len(tokens)], greedy[:len(tokens)]  # place_batch's masked padding rows dropped
+    lp, greedy = lp[: len(tokens)], greedy[: len(tokens)]  # place_batch's masked padding rows dropped
     real = lp[mask > 0]
     if not np.all(np.isfinite(real)):
-        raise NonFiniteError(f"log-likelihood: {int((~np.isfinite(real)).sum())} of {real.size} token "
-                             "log-probabilities are NaN/Inf (NaN/Inf weights, or overflow): check the checkpoint, "
-                             "or use dtype float32")
+        raise NonFiniteError(
+            f"log-likelihood: {int((~np.isfinite(real)).sum())} of {real.size} token "
+            "log-probabilities are NaN/Inf (NaN/Inf weights, or overflow): check the checkpoint, "
+            "or use dtype float32"
+        )
     return lp, greedy
 
 
@@ -104,8 +110,10 @@ def perplexity(
     if limit_windows is not None:
         n_windows = min(n_windows, int(limit_windows))
     if n_windows < 1 or T < 2:
-        raise ValueError(f"no perplexity windows: {len(ids)} tokens, seq_len={T}, "
-                         f"limit_windows={limit_windows} (need at least one full window of >= 2 tokens)")
+        raise ValueError(
+            f"no perplexity windows: {len(ids)} tokens, seq_len={T}, "
+            f"limit_windows={limit_windows} (need at least one full window of >= 2 tokens)"
+        )
     windows = ids[: n_windows * T].reshape(n_windows, T)
     B = max(1, min(batch_size, n_windows))
     window_nll: list[float] = []
@@ -115,7 +123,7 @@ def perplexity(
 
         starts = tqdm(starts, desc="perplexity", unit="batch")
     for start in starts:
-        batch = windows[start:start + B]
+        batch = windows[start : start + B]
         n = len(batch)
         if n < B:  # keep one compiled shape; the padding rows are dropped
             batch = np.concatenate([batch, np.repeat(batch[:1], B - n, axis=0)])
@@ -123,8 +131,14 @@ def perplexity(
         window_nll += (-lp[:n, 1:].astype(np.float64).sum(axis=1)).tolist()
     n_tokens = n_windows * (T - 1)
     nll = float(np.sum(window_nll)) / n_tokens
-    return {"ppl": math.exp(nll), "nll": nll, "n_tokens": n_tokens, "n_windows": n_windows, "seq_len": T,
-            "window_nll": window_nll}
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "n_tokens": n_tokens,
+        "n_windows": n_windows,
+        "seq_len": T,
+        "window_nll": window_nll,
+    }
 
 
 def wikitext2_perplexity(
@@ -146,8 +160,9 @@ def wikitext2_perplexity(
         # ~4 characters a token; tokenizing 1.3 MB for a couple of windows is wasted time.
         text = text[: max(1, int(limit_windows)) * min(seq_len, model.config.max_position_embeddings) * 8]
     ids = np.asarray(tokenizer(text)["input_ids"], np.int32)
-    return perplexity(model, params, ids, seq_len=seq_len, batch_size=batch_size,
-                      limit_windows=limit_windows, progress=progress)
+    return perplexity(
+        model, params, ids, seq_len=seq_len, batch_size=batch_size, limit_windows=limit_windows, progress=progress
+    )
 
 
 def continuation_logprobs(
@@ -183,6 +198,11 @@ def continuation_logprobs(
             mask[i, : len(s)] = 1
         lp, greedy = token_logprobs(model, params, tokens, mask)
         for i, (s, n_ctx) in enumerate(chunk):
-            out.append((float(lp[i, n_ctx:len(s)].astype(np.float64).sum()), len(s) - n_ctx,
-                        bool(greedy[i, n_ctx:len(s)].all())))
+            out.append(
+                (
+                    float(lp[i, n_ctx : len(s)].astype(np.float64).sum()),
+                    len(s) - n_ctx,
+                    bool(greedy[i, n_ctx : len(s)].all()),
+                )
+            )
     return out

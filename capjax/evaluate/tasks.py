@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -69,13 +70,22 @@ def _cut(text: str) -> str:
     return text[: min(ends)] if ends else text
 
 
-def _generate_texts(model, params, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                    batch_size: int, progress: bool) -> tuple[list[str], list[int]]:
+def _generate_texts(
+    model, params, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, progress: bool
+) -> tuple[list[str], list[int]]:
     """Decoded completions (cut before any stop string) and their token counts, in input
     order. Prompts are batched longest first so batches share a length bucket."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    new = generate(model, params, [prompts[i] for i in order], max_new_tokens, stop=list(STOP),
-                   tokenizer=tokenizer, batch_size=batch_size, progress=progress)
+    new = generate(
+        model,
+        params,
+        [prompts[i] for i in order],
+        max_new_tokens,
+        stop=list(STOP),
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        progress=progress,
+    )
     texts: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
     for i, toks in zip(order, new):
@@ -84,20 +94,34 @@ def _generate_texts(model, params, tokenizer, prompts: list[list[int]], max_new_
     return texts, counts
 
 
-def _generation_task(task: str, records, model, params, tokenizer, score: Callable[[str, dict], dict],
-                     max_new_tokens, batch_size, chat, progress):
+def _generation_task(
+    task: str,
+    records,
+    model,
+    params,
+    tokenizer,
+    score: Callable[[str, dict], dict],
+    max_new_tokens,
+    batch_size,
+    chat,
+    progress,
+):
     """Runs generation over records; score(text, record) -> per-example dict of floats."""
     prompts = _prompt_ids(records, task, tokenizer, chat)
     texts, counts = _generate_texts(model, params, tokenizer, prompts, max_new_tokens, batch_size, progress)
     rows = [score(t, r) for t, r in zip(texts, records)]
     # "n_*" flags are counted, the other per-example values averaged; "_*" are samples only.
-    metrics: dict[str, Any] = {k: int(sum(row[k] for row in rows)) if k.startswith("n_")
-                               else float(np.mean([row[k] for row in rows]))
-                               for k in rows[0] if not k.startswith("_")}
+    metrics: dict[str, Any] = {
+        k: int(sum(row[k] for row in rows)) if k.startswith("n_") else float(np.mean([row[k] for row in rows]))
+        for k in rows[0]
+        if not k.startswith("_")
+    }
     metrics["n"] = len(records)
     metrics["mean_new_tokens"] = float(np.mean(counts))
-    samples = [{"id": r.get("id"), "target": r.get("answer_label", r["answer"]), "output": t, **row}
-               for t, r, row in zip(texts, records, rows)]
+    samples = [
+        {"id": r.get("id"), "target": r.get("answer_label", r["answer"]), "output": t, **row}
+        for t, r, row in zip(texts, records, rows)
+    ]
     return metrics, samples
 
 
@@ -105,8 +129,12 @@ def score_gsm8k(text: str, record: dict) -> dict:
     """gsm8k's scorer: lm-eval's strict and flexible number extraction against the answer."""
     target = normalize_number(record["answer"])
     strict, flexible = gsm8k_strict(text), gsm8k_flexible(text)
-    return {"exact_match_strict": float(strict == target), "exact_match_flexible": float(flexible == target),
-            "_strict": strict, "_flexible": flexible}
+    return {
+        "exact_match_strict": float(strict == target),
+        "exact_match_flexible": float(flexible == target),
+        "_strict": strict,
+        "_flexible": flexible,
+    }
 
 
 def score_strategyqa(text: str, record: dict) -> dict:
@@ -125,12 +153,17 @@ def score_answer(text: str, record: dict) -> dict:
     """synthetic's and organism's scorer: strict and flexible number extraction."""
     target = normalize_number(record["answer"])
     strict, flexible = gsm8k_strict(text), gsm8k_flexible(text)
-    return {"accuracy_strict": float(strict == target), "accuracy_flexible": float(flexible == target),
-            "_strict": strict, "_flexible": flexible}
+    return {
+        "accuracy_strict": float(strict == target),
+        "accuracy_flexible": float(flexible == target),
+        "_strict": strict,
+        "_flexible": flexible,
+    }
 
 
-def arc_loglikelihood(model, params, tokenizer, records: list[dict], batch_size: int = 8,
-                      progress: bool = False) -> tuple[dict, list[dict]]:
+def arc_loglikelihood(
+    model, params, tokenizer, records: list[dict], batch_size: int = 8, progress: bool = False
+) -> tuple[dict, list[dict]]:
     """ARC multiple choice by log-likelihood, as lm-evaluation-harness' arc_challenge.
 
     Each choice is scored as the sum of log p(" {text}" | "Question: {stem}\\nAnswer:");
@@ -145,27 +178,43 @@ def arc_loglikelihood(model, params, tokenizer, records: list[dict], batch_size:
         ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
         for label, text in r["choices"]:
             whole = tokenizer(context + " " + text, add_special_tokens=False)["input_ids"]
-            requests.append((ctx, whole[len(ctx):]))
+            requests.append((ctx, whole[len(ctx) :]))
             owners.append((i, label, text))
     scores = continuation_logprobs(model, params, requests, batch_size=batch_size, progress=progress)
     acc, acc_norm, samples = [], [], []
     start = 0
     for r in records:
         k = len(r["choices"])
-        ll = np.array([s[0] for s in scores[start:start + k]])
+        ll = np.array([s[0] for s in scores[start : start + k]])
         lengths = np.array([float(len(text)) for _, text in r["choices"]])
         labels = [lab for lab, _ in r["choices"]]
         pred, pred_norm = labels[int(np.argmax(ll))], labels[int(np.argmax(ll / lengths))]
         acc.append(float(pred == r["answer_label"]))
         acc_norm.append(float(pred_norm == r["answer_label"]))
-        samples.append({"id": r.get("id"), "target": r["answer_label"], "loglikelihoods": ll.tolist(),
-                        "pred": pred, "pred_norm": pred_norm})
+        samples.append(
+            {
+                "id": r.get("id"),
+                "target": r["answer_label"],
+                "loglikelihoods": ll.tolist(),
+                "pred": pred,
+                "pred_norm": pred_norm,
+            }
+        )
         start += k
     return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(records)}, samples
 
 
-def answer_loss(model, params, tokenizer, records: list[dict], task: str = "synthetic", chat: bool | None = None,
-                batch_size: int = 8, progress: bool = False, per_example: bool = False):
+def answer_loss(
+    model,
+    params,
+    tokenizer,
+    records: list[dict],
+    task: str = "synthetic",
+    chat: bool | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    per_example: bool = False,
+):
     """Mean cross-entropy (nats per token) of the reference answers given their prompts,
     teacher-forced, with the calibration tokenization (`capjax.data.format_example`).
     With per_example, (loss, [(answer NLL, answer tokens) per record])."""
@@ -174,15 +223,18 @@ def answer_loss(model, params, tokenizer, records: list[dict], task: str = "synt
     pairs = [format_example(r, task, tokenizer, chat) for r in records]
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=not use_chat(tokenizer, chat))["input_ids"]
     answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
-    scores = continuation_logprobs(model, params, list(zip(prompts, answers)), batch_size=batch_size,
-                                   progress=progress)
+    scores = continuation_logprobs(model, params, list(zip(prompts, answers)), batch_size=batch_size, progress=progress)
     loss = -sum(s[0] for s in scores) / sum(s[1] for s in scores)
     return (loss, [(-float(s[0]), int(s[1])) for s in scores]) if per_example else loss
 
 
 def _proportion(values: Sequence[float]) -> dict:
-    return {"kind": "proportion", "num": [float(v) for v in values], "den": [1.0] * len(values),
-            "transform": "identity"}
+    return {
+        "kind": "proportion",
+        "num": [float(v) for v in values],
+        "den": [1.0] * len(values),
+        "transform": "identity",
+    }
 
 
 def _examples(metrics: dict, samples: list[dict]) -> dict[str, dict]:
@@ -192,52 +244,86 @@ def _examples(metrics: dict, samples: list[dict]) -> dict[str, dict]:
     return {k: _proportion([s[k] for s in samples]) for k in keys}
 
 
-def arc_task(model, params, tokenizer, records: list[dict], batch_size: int = 8,
-             progress: bool = False) -> tuple[dict, list[dict], dict]:
+def arc_task(
+    model, params, tokenizer, records: list[dict], batch_size: int = 8, progress: bool = False
+) -> tuple[dict, list[dict], dict]:
     """arc_challenge's `run` (loglikelihood mode): `arc_loglikelihood`'s (metrics, samples) and the
     per-example acc / acc_norm."""
     metrics, samples = arc_loglikelihood(model, params, tokenizer, records, batch_size, progress)
-    return metrics, samples, {"acc": _proportion([float(s["pred"] == s["target"]) for s in samples]),
-                              "acc_norm": _proportion([float(s["pred_norm"] == s["target"]) for s in samples])}
+    return (
+        metrics,
+        samples,
+        {
+            "acc": _proportion([float(s["pred"] == s["target"]) for s in samples]),
+            "acc_norm": _proportion([float(s["pred_norm"] == s["target"]) for s in samples]),
+        },
+    )
 
 
-def wikitext2_task(model, params, tokenizer, data_dir=None, seq_len: int = 2048, limit: int | None = None,
-                   progress: bool = False) -> tuple[dict, dict]:
+def wikitext2_task(
+    model, params, tokenizer, data_dir=None, seq_len: int = 2048, limit: int | None = None, progress: bool = False
+) -> tuple[dict, dict]:
     """wikitext2's `run` (perplexity mode): metrics and the per-window values of ppl and nll."""
-    metrics = wikitext2_perplexity(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
-                                   limit_windows=limit, progress=progress)
+    metrics = wikitext2_perplexity(
+        model, params, tokenizer, data_dir=data_dir, seq_len=seq_len, limit_windows=limit, progress=progress
+    )
     windows = cast(list[float], metrics.pop("window_nll"))
     tokens = [float(cast(int, metrics["seq_len"]) - 1)] * len(windows)
-    return metrics, {"ppl": {"kind": "ratio", "num": windows, "den": tokens, "transform": "exp"},
-                     "nll": {"kind": "ratio", "num": windows, "den": tokens, "transform": "identity"}}
+    return metrics, {
+        "ppl": {"kind": "ratio", "num": windows, "den": tokens, "transform": "exp"},
+        "nll": {"kind": "ratio", "num": windows, "den": tokens, "transform": "identity"},
+    }
 
 
-def _evaluate_task(task, model, params, tokenizer, data_dir, limit, seed, max_new_tokens, batch_size, chat,
-                   seq_len, progress, results: dict, samples: dict, examples: dict) -> None:
+def _evaluate_task(
+    task,
+    model,
+    params,
+    tokenizer,
+    data_dir,
+    limit,
+    seed,
+    max_new_tokens,
+    batch_size,
+    chat,
+    seq_len,
+    progress,
+    results: dict,
+    samples: dict,
+    examples: dict,
+) -> None:
     """One task of `evaluate`, by its mode: fills results[task], examples[task] (and samples[task])."""
     t = get_task(task)
     if t.mode == "perplexity":
         if t.run is None:
             raise ValueError(f"task {task!r}: a perplexity task needs run=")
-        results[task], examples[task] = resolve(t.run)(model, params, tokenizer, data_dir=data_dir, seq_len=seq_len,
-                                                       limit=limit, progress=progress)
+        results[task], examples[task] = resolve(t.run)(
+            model, params, tokenizer, data_dir=data_dir, seq_len=seq_len, limit=limit, progress=progress
+        )
         return
     records = _records(task, limit, seed, data_dir)
     if not records:
         raise ValueError(f"no {task} examples to evaluate (limit={limit})")
     if t.mode == "loglikelihood":
         results[task], samples[task], examples[task] = resolve(t.run or arc_task)(
-            model, params, tokenizer, records, batch_size=batch_size, progress=progress)
+            model, params, tokenizer, records, batch_size=batch_size, progress=progress
+        )
         return
     assert t.score is not None  # Task refuses a generation task without score=
-    results[task], samples[task] = _generation_task(task, records, model, params, tokenizer, resolve(t.score),
-                                                    max_new_tokens, batch_size, chat, progress)
+    results[task], samples[task] = _generation_task(
+        task, records, model, params, tokenizer, resolve(t.score), max_new_tokens, batch_size, chat, progress
+    )
     examples[task] = _examples(results[task], samples[task])
     if t.answer_loss:
-        results[task]["answer_loss"], pairs = answer_loss(model, params, tokenizer, records, task, chat,
-                                                          batch_size, progress, per_example=True)
-        examples[task]["answer_loss"] = {"kind": "ratio", "num": [a for a, _ in pairs],
-                                         "den": [float(b) for _, b in pairs], "transform": "identity"}
+        results[task]["answer_loss"], pairs = answer_loss(
+            model, params, tokenizer, records, task, chat, batch_size, progress, per_example=True
+        )
+        examples[task]["answer_loss"] = {
+            "kind": "ratio",
+            "num": [a for a, _ in pairs],
+            "den": [float(b) for _, b in pairs],
+            "transform": "identity",
+        }
 
 
 def evaluate(
@@ -281,8 +367,23 @@ def evaluate(
     examples: dict[str, dict] = {}
     for task in tasks:
         try:
-            _evaluate_task(task, model, params, tokenizer, data_dir, limit, seed, max_new_tokens, batch_size,
-                           chat, seq_len, progress, results, samples, examples)
+            _evaluate_task(
+                task,
+                model,
+                params,
+                tokenizer,
+                data_dir,
+                limit,
+                seed,
+                max_new_tokens,
+                batch_size,
+                chat,
+                seq_len,
+                progress,
+                results,
+                samples,
+                examples,
+            )
         except (NonFiniteError, TokenIdError) as e:  # every metric of the task would come from NaN
             raise type(e)(f"{model_name or model.config.model_type} on {task}: {e}") from None
     out = {
@@ -330,8 +431,9 @@ def format_table(results: dict) -> str:
             ci = f"[{iv['low']:.4f}, {iv['high']:.4f}]" if iv.get("low") is not None else ""
             rows.append((task, name, shown, str(n), ci))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     s = results.get("settings", {})
     head = ", ".join(f"{k}={s[k]}" for k in ("model", "limit", "seed", "max_new_tokens", "chat") if k in s)

@@ -7,11 +7,29 @@
 `runner` (Experiment) loads it when first used.
 """
 
-from capjax.experiment.config import (CalibrationConfig, ConfigError, EvaluationConfig, PruningConfig, RunConfig,
-                                      load_run_config, parse_overrides)
+from capjax.experiment.config import (
+    CalibrationConfig,
+    ConfigError,
+    EvaluationConfig,
+    PruningConfig,
+    RunConfig,
+    load_run_config,
+    parse_overrides,
+)
 
-__all__ = ["CALIB_TASKS", "EVAL_TASKS", "CalibrationConfig", "ConfigError", "EvaluationConfig", "Experiment",
-           "PruningConfig", "RunConfig", "load_run_config", "parse_overrides", "plan_runs"]
+__all__ = [
+    "CALIB_TASKS",
+    "EVAL_TASKS",
+    "CalibrationConfig",
+    "ConfigError",
+    "EvaluationConfig",
+    "Experiment",
+    "PruningConfig",
+    "RunConfig",
+    "load_run_config",
+    "parse_overrides",
+    "plan_runs",
+]
 
 
 def __getattr__(name: str):

@@ -130,11 +130,13 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:int",
     re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"))
+    list("-+0123456789"),
+)
 
 
 def yaml_value(text: str) -> Any:
@@ -184,8 +186,9 @@ def _merge(base: Any, update: Any, where: str) -> Any:
         if not isinstance(key, str):
             raise ConfigError(f"config key {where}{key!r} must be a string")
         if not _is_open(where.rstrip(".")) and key not in base:
-            raise ConfigError(f"unknown config key {where + key!r}; known keys at this level: "
-                              f"{', '.join(sorted(base))}")
+            raise ConfigError(
+                f"unknown config key {where + key!r}; known keys at this level: {', '.join(sorted(base))}"
+            )
         out[key] = _merge(base.get(key), value, f"{where}{key}.")
     return out
 
@@ -200,8 +203,9 @@ def _is_open(where: str) -> bool:
     return where in _OPEN_MAPPINGS or where.startswith("pruning.options.")
 
 
-def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
-                    check_files: bool = True) -> RunConfig:
+def load_run_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, check_files: bool = True
+) -> RunConfig:
     """Reads a YAML config (or none), merges overrides at every depth, fills defaults, validates.
     With check_files, also checks the data files the tasks need and that `out` is writable."""
     raw: dict = {}
@@ -276,7 +280,7 @@ def _names(v: Any, known: tuple[str, ...], where: str) -> tuple[str, ...]:
 
 
 def parse_nm_text(v: Any, where: str = "pruning.nm") -> str | None:
-    """"2:4", [2, 4] or (2, 4) -> "2:4" (N kept... N zeros of every M, as capjax.pruning.nm)."""
+    """ "2:4", [2, 4] or (2, 4) -> "2:4" (N kept... N zeros of every M, as capjax.pruning.nm)."""
     if v is None:
         return None
     if isinstance(v, (list, tuple)) and len(v) == 2:
@@ -284,11 +288,9 @@ def parse_nm_text(v: Any, where: str = "pruning.nm") -> str | None:
     elif isinstance(v, str) and re.fullmatch(r"\s*\d+\s*:\s*\d+\s*", v):
         n, m = (int(x) for x in v.split(":"))
     else:
-        hint = " (an unquoted 2:4 in plain YAML 1.1 is the base-60 number 124: quote it)" if isinstance(v, int) \
-            else ""
+        hint = " (an unquoted 2:4 in plain YAML 1.1 is the base-60 number 124: quote it)" if isinstance(v, int) else ""
         raise ConfigError(f"{where} must be 'N:M' such as '2:4' or a pair [2, 4], got {v!r}{hint}")
-    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int) \
-            or not 0 < n < m:
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int) or not 0 < n < m:
         raise ConfigError(f"{where}: need 0 < N < M, got {n}:{m}")
     return f"{n}:{m}"
 
@@ -299,16 +301,22 @@ def build(d: dict) -> RunConfig:
     if not d["model"] or not isinstance(d["model"], (str, os.PathLike)):
         raise ConfigError("config needs `model` (an HF folder, .gguf file, hub id or 'smollm2-135m-instruct')")
     mesh = d["mesh"]
-    if mesh is not None and (not isinstance(mesh, dict) or not mesh or not all(
+    if mesh is not None and (
+        not isinstance(mesh, dict)
+        or not mesh
+        or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1)
-            for k, v in mesh.items())):
+            for k, v in mesh.items()
+        )
+    ):
         raise ConfigError(f"mesh must map axis names to sizes (one may be -1), got {mesh!r}")
     for key in ("data_dir", "out"):
         if d[key] is not None and not isinstance(d[key], (str, os.PathLike)):
             raise ConfigError(f"{key} must be a path, got {d[key]!r}")
     calib = CalibrationConfig(
         tasks=_names(c["tasks"], calibration_task_names(), "calibration.tasks"),
-        n=_int(c["n"], "calibration.n"), seq_len=_int(c["seq_len"], "calibration.seq_len", 2),
+        n=_int(c["n"], "calibration.n"),
+        seq_len=_int(c["seq_len"], "calibration.seq_len", 2),
         subsets=_int(c["subsets"], "calibration.subsets"),
         aggregate=_choice(c["aggregate"], _aggregates(c["method"]), "calibration.aggregate"),
         method=_choice(c["method"], SCORING_METHODS, "calibration.method"),
@@ -316,7 +324,8 @@ def build(d: dict) -> RunConfig:
         metric=_choice(c["metric"], score_metric_names(), "calibration.metric"),
         chunk_size=_int(c["chunk_size"], "calibration.chunk_size", none=True),
         chat=_bool(c["chat"], "calibration.chat", none=True),
-        bootstrap=_int(c["bootstrap"], "calibration.bootstrap", 0))
+        bootstrap=_int(c["bootstrap"], "calibration.bootstrap", 0),
+    )
     if calib.subsets > calib.n:
         raise ConfigError(f"calibration.subsets={calib.subsets} exceeds calibration.n={calib.n}")
     if calib.method == "gradient":
@@ -342,30 +351,40 @@ def build(d: dict) -> RunConfig:
         if nm is not None:
             n, m = (int(x) for x in nm.split(":"))
             if sparsities != (n / m,):
-                raise ConfigError(f"pruning.nm={nm} fixes the sparsity at {n / m:.2f}; set pruning.sparsities=null "
-                                  f"(got {list(sparsities)}) or pruning.nm=null")
+                raise ConfigError(
+                    f"pruning.nm={nm} fixes the sparsity at {n / m:.2f}; set pruning.sparsities=null "
+                    f"(got {list(sparsities)}) or pruning.nm=null"
+                )
     options = p["options"] if p["options"] is not None else {}
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise ConfigError(f"pruning.options maps a method name to its options, e.g. {{cap: {{kv_rule: max}}}}, "
-                          f"got {options!r}")
-    prune = PruningConfig(methods=_names(p["methods"], prune_method_names(), "pruning.methods"),
-                          sparsities=sparsities, nm=nm, options=copy.deepcopy(options))
+        raise ConfigError(
+            f"pruning.options maps a method name to its options, e.g. {{cap: {{kv_rule: max}}}}, got {options!r}"
+        )
+    prune = PruningConfig(
+        methods=_names(p["methods"], prune_method_names(), "pruning.methods"),
+        sparsities=sparsities,
+        nm=nm,
+        options=copy.deepcopy(options),
+    )
     limit = e["limit"]
     if isinstance(limit, dict):
         unknown = [t for t in limit if t not in eval_task_names()]
         if unknown:
-            raise ConfigError(f"evaluation.limit names unknown task(s) {unknown}; known: "
-                              f"{', '.join(eval_task_names())}")
+            raise ConfigError(
+                f"evaluation.limit names unknown task(s) {unknown}; known: {', '.join(eval_task_names())}"
+            )
         limit = {t: _int(v, f"evaluation.limit.{t}", none=True) for t, v in limit.items()}
     else:
         limit = _int(limit, "evaluation.limit", none=True)
     ev = EvaluationConfig(
-        tasks=_names(e["tasks"], eval_task_names(), "evaluation.tasks"), limit=limit,
+        tasks=_names(e["tasks"], eval_task_names(), "evaluation.tasks"),
+        limit=limit,
         max_new_tokens=_int(e["max_new_tokens"], "evaluation.max_new_tokens"),
         batch_size=_int(e["batch_size"], "evaluation.batch_size"),
         ppl_seq_len=_int(e["ppl_seq_len"], "evaluation.ppl_seq_len", 2),
         skip_missing_data=_bool(e["skip_missing_data"], "evaluation.skip_missing_data"),
-        bootstrap=_int(e["bootstrap"], "evaluation.bootstrap", 0))
+        bootstrap=_int(e["bootstrap"], "evaluation.bootstrap", 0),
+    )
     recovery = None
     if d["recovery"] is not None:
         from capjax.recovery.settings import RecoverySettings
@@ -377,11 +396,18 @@ def build(d: dict) -> RunConfig:
         except (ValueError, TypeError) as err:
             msg = str(err)
             raise ConfigError(msg if msg.startswith("recovery") else f"recovery: {msg}") from err
-    return RunConfig(model=str(d["model"]), dtype=_choice(d["dtype"], DTYPES, "dtype"),
-                     data_dir=None if d["data_dir"] is None else str(d["data_dir"]),
-                     out=None if d["out"] is None else str(d["out"]),
-                     seed=_int(d["seed"], "seed", 0), mesh=mesh, calibration=calib, pruning=prune, evaluation=ev,
-                     recovery=recovery)
+    return RunConfig(
+        model=str(d["model"]),
+        dtype=_choice(d["dtype"], DTYPES, "dtype"),
+        data_dir=None if d["data_dir"] is None else str(d["data_dir"]),
+        out=None if d["out"] is None else str(d["out"]),
+        seed=_int(d["seed"], "seed", 0),
+        mesh=mesh,
+        calibration=calib,
+        pruning=prune,
+        evaluation=ev,
+        recovery=recovery,
+    )
 
 
 # ---------------------------------------------------------------------------- checks beyond types
@@ -484,9 +510,11 @@ def missing_eval_tasks(cfg: RunConfig) -> list[str]:
 
     root = resolve_data_dir(cfg.data_dir)
     files = data_files(cfg)
-    return [t for t in cfg.evaluation.tasks
-            if f"evaluation.tasks {t}" in files
-            and (root is None or not (root / files[f"evaluation.tasks {t}"]).is_file())]
+    return [
+        t
+        for t in cfg.evaluation.tasks
+        if f"evaluation.tasks {t}" in files and (root is None or not (root / files[f"evaluation.tasks {t}"]).is_file())
+    ]
 
 
 def validate_run_config(cfg: RunConfig, check_files: bool = True) -> None:
@@ -495,8 +523,9 @@ def validate_run_config(cfg: RunConfig, check_files: bool = True) -> None:
         method_options(cfg, method)
     unknown = sorted(set(cfg.pruning.options) - set(prune_method_names()))
     if unknown:
-        raise ConfigError(f"pruning.options names unknown method(s) {unknown}; known: "
-                          f"{', '.join(prune_method_names())}")
+        raise ConfigError(
+            f"pruning.options names unknown method(s) {unknown}; known: {', '.join(prune_method_names())}"
+        )
     if not check_files:
         return
     from capjax.data.sources import resolve_data_dir
@@ -504,15 +533,21 @@ def validate_run_config(cfg: RunConfig, check_files: bool = True) -> None:
     root = resolve_data_dir(cfg.data_dir)
     skipped = set(missing_eval_tasks(cfg)) if cfg.evaluation.skip_missing_data else set()
     if cfg.evaluation.skip_missing_data and not set(cfg.evaluation.tasks) - skipped:
-        raise ConfigError(f"every evaluation task needs data that is missing ({', '.join(cfg.evaluation.tasks)}): "
-                          "set data_dir (or CAPJAX_DATA) or add evaluation.tasks=[synthetic]")
+        raise ConfigError(
+            f"every evaluation task needs data that is missing ({', '.join(cfg.evaluation.tasks)}): "
+            "set data_dir (or CAPJAX_DATA) or add evaluation.tasks=[synthetic]"
+        )
     for what, rel in data_files(cfg).items():
         if what.startswith("evaluation") and what.split()[1] in skipped:
             continue
         if root is None or not (root / rel).is_file():
-            where = f"data_dir={root}" if root is not None else "no data folder (data_dir, $CAPJAX_DATA, ../shared/data)"
-            raise ConfigError(f"{what} needs {rel}, which is missing ({where}); set data_dir=DIR"
-                              + (" or evaluation.skip_missing_data=true" if what.startswith("evaluation") else ""))
+            where = (
+                f"data_dir={root}" if root is not None else "no data folder (data_dir, $CAPJAX_DATA, ../shared/data)"
+            )
+            raise ConfigError(
+                f"{what} needs {rel}, which is missing ({where}); set data_dir=DIR"
+                + (" or evaluation.skip_missing_data=true" if what.startswith("evaluation") else "")
+            )
     if cfg.recovery is not None:
         from capjax.recovery.settings import check_data_file
 
@@ -534,5 +569,4 @@ def check_writable_dir(path: Path, field: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{field}={path} is not a writable folder ({e.strerror or e}): choose another {field}") \
-            from e
+        raise ConfigError(f"{field}={path} is not a writable folder ({e.strerror or e}): choose another {field}") from e

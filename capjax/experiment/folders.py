@@ -23,8 +23,8 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from capjax.errors import FolderInUseError
 from capjax.experiment.store import file_mode, warn
@@ -55,13 +55,18 @@ def results_lock(out: str | os.PathLike) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(os.pread(fd, 1 << 16, 0).decode(errors="replace"))
-            raise FolderInUseError(f"results folder {out} is in use by {holder}: wait for that run to end, "
-                                   "or choose another out=") from None
+            raise FolderInUseError(
+                f"results folder {out} is in use by {holder}: wait for that run to end, or choose another out="
+            ) from None
         left = os.pread(fd, 1 << 16, 0).decode(errors="replace")
         if left.strip():  # its holder died without releasing it (the kernel released its flock)
             warn(f"taking over the lock {path} of {_holder(left)}, which is no longer running")
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": " ".join(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)
@@ -82,8 +87,10 @@ def check_replaceable(out: str | os.PathLike, marker: str, field: str = "--out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{field} {out} is a file, not a folder: choose another {field}")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise ValueError(f"{field} {out} holds files and is not an earlier export (no {marker}); an export "
-                         f"replaces its folder whole: choose a new or empty {field}")
+        raise ValueError(
+            f"{field} {out} holds files and is not an earlier export (no {marker}); an export "
+            f"replaces its folder whole: choose a new or empty {field}"
+        )
     return out
 
 

@@ -16,9 +16,26 @@ from capjax import report, stats
 from capjax.experiment.store import strict_json, write_texts
 from capjax.provenance import describe
 
-CSV_COLUMNS = ("name", "method", "calib", "target_sparsity", "achieved_sparsity", "metric", "value", "stderr",
-               "ci_low", "ci_high", "n", "interval", "diff_vs_dense", "diff_low", "diff_high", "within_noise",
-               "fingerprint", "status")
+CSV_COLUMNS = (
+    "name",
+    "method",
+    "calib",
+    "target_sparsity",
+    "achieved_sparsity",
+    "metric",
+    "value",
+    "stderr",
+    "ci_low",
+    "ci_high",
+    "n",
+    "interval",
+    "diff_vs_dense",
+    "diff_low",
+    "diff_high",
+    "within_noise",
+    "fingerprint",
+    "status",
+)
 
 
 def sparsity_label(s: float) -> str:
@@ -69,13 +86,28 @@ def csv_text(rows: list[dict]) -> str:
         for key, value in r["metrics"].items():
             iv, d = r["intervals"].get(key, {}), r["vs_dense"].get(key, {})
             task = key.split("/")[0]
-            w.writerow({"name": r["name"], "method": r["method"], "calib": r.get("calib") or "",
-                        "target_sparsity": r["sparsity"], "achieved_sparsity": r["achieved_sparsity"], "metric": key,
-                        "value": value, "stderr": iv.get("stderr"), "ci_low": iv.get("low"),
-                        "ci_high": iv.get("high"), "n": iv.get("n"), "interval": iv.get("method"),
-                        "diff_vs_dense": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high"),
-                        "within_noise": None if not d or d["significant"] is None else not d["significant"],
-                        "fingerprint": r["eval"][task].get("fingerprint"), "status": r["eval_status"][key]})
+            w.writerow(
+                {
+                    "name": r["name"],
+                    "method": r["method"],
+                    "calib": r.get("calib") or "",
+                    "target_sparsity": r["sparsity"],
+                    "achieved_sparsity": r["achieved_sparsity"],
+                    "metric": key,
+                    "value": value,
+                    "stderr": iv.get("stderr"),
+                    "ci_low": iv.get("low"),
+                    "ci_high": iv.get("high"),
+                    "n": iv.get("n"),
+                    "interval": iv.get("method"),
+                    "diff_vs_dense": d.get("diff"),
+                    "diff_low": d.get("low"),
+                    "diff_high": d.get("high"),
+                    "within_noise": None if not d or d["significant"] is None else not d["significant"],
+                    "fingerprint": r["eval"][task].get("fingerprint"),
+                    "status": r["eval_status"][key],
+                }
+            )
     return buf.getvalue()
 
 
@@ -88,12 +120,14 @@ def write_outputs(out: Path, results: dict, resamples: int = 1000, seed: int = 0
     if (out / "figures" / "recovery_loss.png").exists() and any("+recovery" in r["method"] for r in rows):
         figures.append("recovery_loss.png")
     for s in sorted({r["sparsity"] for r in rows if r["method"] != "dense"}):
-        per_layer = {r["name"]: r["per_layer_sparsity"] for r in rows
-                     if r["sparsity"] == s and r.get("per_layer_sparsity")}
+        per_layer = {
+            r["name"]: r["per_layer_sparsity"] for r in rows if r["sparsity"] == s and r.get("per_layer_sparsity")
+        }
         if per_layer:
             name = f"layer_sparsity_s{sparsity_label(s)}.png"
-            report.plot_layer_sparsity(per_layer, out / "figures" / name,
-                                       title=f"per-layer sparsity at {sparsity_label(s)}")
+            report.plot_layer_sparsity(
+                per_layer, out / "figures" / name, title=f"per-layer sparsity at {sparsity_label(s)}"
+            )
             figures.append(name)
     files[out / "report.md"] = report_markdown(results, figures)
     write_texts(files)  # one unit: all three complete on disk before the first replaces its old version
@@ -104,24 +138,39 @@ def report_markdown(results: dict, figures: list[str]) -> str:
     c, e = cfg["calibration"], cfg["evaluation"]
     reused = [r for r in rows if r["status"] != "computed"]
     other_code = [e.split(" ", 1)[1] for e in results["events"] if e.startswith("reused") and "(computed by" in e]
-    foreign = [f"Reused although other capjax code computed them (`capjax run --recompute` recomputes): "
-               f"{'; '.join(other_code)}."] if other_code else []
-    md = [f"# capjax run: {cfg['model']}", "",
-          f"Calibration: {', '.join(c['tasks'])} (N={c['n']}, T={c['seq_len']}, K={c['subsets']}, {c['aggregate']}, "
-          f"{c['method']}, {c['kind']} ablation, {c['metric']}); evaluation limit {e['limit']}; dtype {cfg['dtype']}; "
-          f"seed {cfg['seed']}.",
-          "Cells: value ± standard error (accuracies: binomial; perplexity and losses: bootstrap over windows or "
-          "examples), then the change against dense; \"n.s.\" marks a change whose 95% paired-bootstrap interval "
-          "contains zero (inside the noise), \"no test\" one that was not tested (evaluation.bootstrap below "
-          f"{stats.MIN_RESAMPLES} resamples, or one example). The sparsity column is the achieved sparsity of the "
-          "prunable weights.",
-          "", report.markdown_table(rows, relative_to=rows[0]), "",
-          "Reused from earlier runs (same fingerprints): " + (", ".join(
-              f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing") + ".", *foreign, "",
-          "Target sparsity: " + ", ".join(f"{r['name']} {sparsity_label(r['sparsity'])}" for r in rows
-                                          if r["method"] != "dense"),
-          "", *[f"![{f}](figures/{f})" for f in figures], "",
-          f"Total time {results['seconds']:.0f} s on {describe(results['environment'])}. Every number, its 95% "
-          "interval and its fingerprint are in results.json and results.csv."]
+    foreign = (
+        [
+            f"Reused although other capjax code computed them (`capjax run --recompute` recomputes): "
+            f"{'; '.join(other_code)}."
+        ]
+        if other_code
+        else []
+    )
+    md = [
+        f"# capjax run: {cfg['model']}",
+        "",
+        f"Calibration: {', '.join(c['tasks'])} (N={c['n']}, T={c['seq_len']}, K={c['subsets']}, {c['aggregate']}, "
+        f"{c['method']}, {c['kind']} ablation, {c['metric']}); evaluation limit {e['limit']}; dtype {cfg['dtype']}; "
+        f"seed {cfg['seed']}.",
+        "Cells: value ± standard error (accuracies: binomial; perplexity and losses: bootstrap over windows or "
+        'examples), then the change against dense; "n.s." marks a change whose 95% paired-bootstrap interval '
+        'contains zero (inside the noise), "no test" one that was not tested (evaluation.bootstrap below '
+        f"{stats.MIN_RESAMPLES} resamples, or one example). The sparsity column is the achieved sparsity of the "
+        "prunable weights.",
+        "",
+        report.markdown_table(rows, relative_to=rows[0]),
+        "",
+        "Reused from earlier runs (same fingerprints): "
+        + (", ".join(f"{r['name']} ({r['status']})" for r in reused) if reused else "nothing")
+        + ".",
+        *foreign,
+        "",
+        "Target sparsity: "
+        + ", ".join(f"{r['name']} {sparsity_label(r['sparsity'])}" for r in rows if r["method"] != "dense"),
+        "",
+        *[f"![{f}](figures/{f})" for f in figures],
+        "",
+        f"Total time {results['seconds']:.0f} s on {describe(results['environment'])}. Every number, its 95% "
+        "interval and its fingerprint are in results.json and results.csv.",
+    ]
     return "\n".join(md) + "\n"
-

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from capjax import estimators, report
-from capjax.artifacts import array_digest as _array_digest, fingerprint, warn
+from capjax.artifacts import array_digest as _array_digest
+from capjax.artifacts import fingerprint, warn
 from capjax.distributed import barrier, is_writer, to_host
 from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
@@ -136,8 +137,10 @@ class Experiment:
             else:
                 by = f"computed by capjax {code or 'of an unrecorded version'}"
                 note = f" ({by})"
-                _log(f"{what}: reusing {path}, {by} (this is {code_version()}; `capjax run --recompute` "
-                     "recomputes everything)")
+                _log(
+                    f"{what}: reusing {path}, {by} (this is {code_version()}; `capjax run --recompute` "
+                    "recomputes everything)"
+                )
         self.events.append(f"{status} {what}{note}")
 
     # ------------------------------------------------------------------ inputs
@@ -167,28 +170,46 @@ class Experiment:
 
         if task not in self.calibs:
             c = self.cfg.calibration
-            batch = build_calibration(task, self.tokenizer, n=c.n, seq_len=c.seq_len, seed=self.cfg.seed,
-                                      data_dir=self.cfg.data_dir, chat=c.chat)
+            batch = build_calibration(
+                task,
+                self.tokenizer,
+                n=c.n,
+                seq_len=c.seq_len,
+                seed=self.cfg.seed,
+                data_dir=self.cfg.data_dir,
+                chat=c.chat,
+            )
             if batch.n_truncated:
                 _log(f"calibration {task}: {batch.n_truncated} of {c.n} examples truncated to {c.seq_len} tokens")
             self.calibs[task] = batch
-            self.calib_fps[task] = fingerprint({
-                "task": task, "split": get_task(task).calib_split, "n": c.n, "seq_len": c.seq_len, "seed": self.cfg.seed,
-                "chat": c.chat, "data": self._data_digest(f"calibration.tasks {task}"),
-                "tokens": _array_digest(batch.tokens, batch.loss_mask, batch.attention_mask)})
+            self.calib_fps[task] = fingerprint(
+                {
+                    "task": task,
+                    "split": get_task(task).calib_split,
+                    "n": c.n,
+                    "seq_len": c.seq_len,
+                    "seed": self.cfg.seed,
+                    "chat": c.chat,
+                    "data": self._data_digest(f"calibration.tasks {task}"),
+                    "tokens": _array_digest(batch.tokens, batch.loss_mask, batch.attention_mask),
+                }
+            )
         return self.calibs[task]
 
     # ------------------------------------------------------------------ steps
     def scores_fingerprint(self, task: str) -> str:
         c = self.cfg.calibration
         self.calibration(task)
-        inputs: dict[str, Any] = {"model": self.model_fp, "calibration": self.calib_fps[task], "subsets": c.subsets,
-                                  "method": c.method}
+        inputs: dict[str, Any] = {
+            "model": self.model_fp,
+            "calibration": self.calib_fps[task],
+            "subsets": c.subsets,
+            "method": c.method,
+        }
         if (c.kind, c.metric) != ("zero", "ce"):  # so that zero / ce artifacts from before still match
             inputs["ablation"] = {"kind": c.kind, "metric": c.metric}
-        from capjax.ablation.metrics import get_metric
-
         from capjax.ablation.kinds import kind_function
+        from capjax.ablation.metrics import get_metric
 
         plugin = code_digest(get_metric(c.metric).fn)  # a plugin metric's code (None: capjax's own)
         if plugin is not None:
@@ -212,19 +233,42 @@ class Experiment:
         else:
             calib = self.calibs[task]
             L, H = self.model.config.num_layers, self.model.config.num_heads
-            _log(f"scores: {c.method} scoring of {L * H} heads on {task} (N={c.n}, T={c.seq_len}, "
-                 f"K={c.subsets}, {c.kind} ablation, {c.metric})")
+            _log(
+                f"scores: {c.method} scoring of {L * H} heads on {task} (N={c.n}, T={c.seq_len}, "
+                f"K={c.subsets}, {c.kind} ablation, {c.metric})"
+            )
             t0 = time.perf_counter()
-            s = score_heads(self.model, self.params, calib.tokens, calib.loss_mask, subsets=c.subsets,
-                            aggregate=c.aggregate, method=c.method, attention_mask=calib.attention_mask,
-                            chunk_size=c.chunk_size, checkpoint_dir=self.out / "checkpoints" / "scores",
-                            mesh=self.mesh, kind=c.kind, metric=c.metric, resume=self.store.read)
+            s = score_heads(
+                self.model,
+                self.params,
+                calib.tokens,
+                calib.loss_mask,
+                subsets=c.subsets,
+                aggregate=c.aggregate,
+                method=c.method,
+                attention_mask=calib.attention_mask,
+                chunk_size=c.chunk_size,
+                checkpoint_dir=self.out / "checkpoints" / "scores",
+                mesh=self.mesh,
+                kind=c.kind,
+                metric=c.metric,
+                resume=self.store.read,
+            )
             seconds = time.perf_counter() - t0
             from capjax.identity import model_identity
 
-            path = self.store.save_npz("scores", fp, {k: v for k, v in s.arrays().items() if k != "interval"},
-                                       {"calib": task, "seconds": seconds, **s.settings(), "model": self.cfg.model,
-                                        "model_id": model_identity(self.cfg.model)})  # for capjax prune --scores
+            path = self.store.save_npz(
+                "scores",
+                fp,
+                {k: v for k, v in s.arrays().items() if k != "interval"},
+                {
+                    "calib": task,
+                    "seconds": seconds,
+                    **s.settings(),
+                    "model": self.cfg.model,
+                    "model_id": model_identity(self.cfg.model),
+                },
+            )  # for capjax prune --scores
             self._event("computed", f"scores/{task}", path)
             _log(f"scores: done in {seconds:.1f} s -> {path}")
         s = s.with_aggregate(c.aggregate)
@@ -241,8 +285,13 @@ class Experiment:
 
         spec = METHODS[run["method"]]
         options = method_options(self.cfg, run["method"])
-        inputs: dict[str, Any] = {"model": self.model_fp, "method": run["method"],
-                                  "sparsity": run["sparsity"] if not run["nm"] else 0.0, "nm": run["nm"], "options": options}
+        inputs: dict[str, Any] = {
+            "model": self.model_fp,
+            "method": run["method"],
+            "sparsity": run["sparsity"] if not run["nm"] else 0.0,
+            "nm": run["nm"],
+            "options": options,
+        }
         plugin = code_digest(spec.fn)  # a plugin method's code (None: capjax's own, see code_version)
         if plugin is not None:
             inputs["code"] = plugin
@@ -267,9 +316,17 @@ class Experiment:
                 self._event("reused", f"masks/{run['name']}", self.store.path("masks", fp), saved)
                 return fp, apply_masks(params, masks), masks
         calib = self.calibs[run["calib"]] if spec.needs_calib else None
-        pruned, masks = prune(self.model, self.params, run["method"], 0.0 if run["nm"] else run["sparsity"],
-                              head_scores=scores[1] if spec.needs_scores and scores else None, calib=calib, nm=run["nm"],
-                              mesh=self.mesh, **options)
+        pruned, masks = prune(
+            self.model,
+            self.params,
+            run["method"],
+            0.0 if run["nm"] else run["sparsity"],
+            head_scores=scores[1] if spec.needs_scores and scores else None,
+            calib=calib,
+            nm=run["nm"],
+            mesh=self.mesh,
+            **options,
+        )
         summary = spec.summarize(self.model.config, to_host(masks)) if spec.summary is not None else None
         if summary:
             _log(f"{run['name']}: {summary}")
@@ -280,8 +337,9 @@ class Experiment:
         self._event("computed", f"masks/{run['name']}", path)
         return fp, pruned, masks
 
-    def recovered(self, run: dict, pruned_fp: str, pruned, masks, tasks: list[str],
-                  distil: bool = False) -> tuple[dict, dict]:
+    def recovered(
+        self, run: dict, pruned_fp: str, pruned, masks, tasks: list[str], distil: bool = False
+    ) -> tuple[dict, dict]:
         """(row, history) of a pruned model after recovery fine-tuning (cfg.recovery); with `distil`,
         the same recovery as logit distillation from the dense model (a "+distil" row). The loss
         history and each evaluation are artifacts keyed by the pruned model and the settings; the
@@ -292,12 +350,18 @@ class Experiment:
         from capjax.recovery.settings import DISTIL_FIELDS
 
         settings = self.cfg.recovery
-        text = settings.data[len("text:"):] if settings.data.startswith("text:") else None
+        text = settings.data[len("text:") :] if settings.data.startswith("text:") else None
         inputs = {k: v for k, v in dataclasses.asdict(settings).items() if distil or k not in DISTIL_FIELDS}
-        fp = fingerprint({"pruned": pruned_fp, "recovery": inputs,
-                          "data": self.store.digest(Path(text)) if text is not None
-                          else self._data_digest(f"recovery.data {settings.data}"),
-                          **({"teacher": self.model_fp} if distil else {})})
+        fp = fingerprint(
+            {
+                "pruned": pruned_fp,
+                "recovery": inputs,
+                "data": self.store.digest(Path(text))
+                if text is not None
+                else self._data_digest(f"recovery.data {settings.data}"),
+                **({"teacher": self.model_fp} if distil else {}),
+            }
+        )
         suffix = "distil" if distil else "recovery"
         name = f"{run['name']}+{suffix}"
         saved = self.store.load_json("recovery", fp, required=("history",))
@@ -313,14 +377,27 @@ class Experiment:
                     if is_writer():
                         shutil.rmtree(checkpoints, ignore_errors=True)
                     barrier(f"capjax recompute {fp}")
-                out, history = run_recovery(self.model, pruned, masks, self.tokenizer, settings,
-                                            checkpoint_dir=checkpoints,
-                                            mesh=self.mesh, data_dir=self.cfg.data_dir,
-                                            teacher=(self.model, self.params) if distil else None)
-                recovered.update(params=out, achieved_sparsity=sparsity_report(out).total,
-                                 history={k: np.asarray(v).tolist() for k, v in history.items() if k in ("loss", "lr")})
-                path = self.store.save_json("recovery", fp, {"history": recovered["history"],
-                                                             "achieved_sparsity": recovered["achieved_sparsity"]})
+                out, history = run_recovery(
+                    self.model,
+                    pruned,
+                    masks,
+                    self.tokenizer,
+                    settings,
+                    checkpoint_dir=checkpoints,
+                    mesh=self.mesh,
+                    data_dir=self.cfg.data_dir,
+                    teacher=(self.model, self.params) if distil else None,
+                )
+                recovered.update(
+                    params=out,
+                    achieved_sparsity=sparsity_report(out).total,
+                    history={k: np.asarray(v).tolist() for k, v in history.items() if k in ("loss", "lr")},
+                )
+                path = self.store.save_json(
+                    "recovery",
+                    fp,
+                    {"history": recovered["history"], "achieved_sparsity": recovered["achieved_sparsity"]},
+                )
                 self._event("computed", f"recovery/{name}", path)
             return recovered["params"]
 
@@ -331,9 +408,15 @@ class Experiment:
             assert saved is not None  # params() ran (and filled recovered) unless it was saved
             recovered.update(history=saved["history"], achieved_sparsity=saved.get("achieved_sparsity"))
             self._event("reused", f"recovery/{name}", self.store.path("recovery", fp), saved)
-        row = {**run, "name": name, "method": f"{run['method']}+{suffix}", "fingerprint": fp,
-               "masks_status": "computed" if "params" in recovered else "reused",
-               "achieved_sparsity": recovered["achieved_sparsity"], "eval": evals}
+        row = {
+            **run,
+            "name": name,
+            "method": f"{run['method']}+{suffix}",
+            "fingerprint": fp,
+            "masks_status": "computed" if "params" in recovered else "reused",
+            "achieved_sparsity": recovered["achieved_sparsity"],
+            "eval": evals,
+        }
         return row, recovered["history"]
 
     def eval_fingerprint(self, params_fp: str, task: str) -> str:
@@ -344,13 +427,24 @@ class Experiment:
 
         e = self.cfg.evaluation
         t = TASKS.lookup(task)
-        inputs: dict[str, Any] = {"model": params_fp, "task": task, "limit": e.limit_for(task), "seed": self.cfg.seed,
-                  "chat": self.cfg.calibration.chat, "data": self._data_digest(f"evaluation.tasks {task}")}
+        inputs: dict[str, Any] = {
+            "model": params_fp,
+            "task": task,
+            "limit": e.limit_for(task),
+            "seed": self.cfg.seed,
+            "chat": self.cfg.calibration.chat,
+            "data": self._data_digest(f"evaluation.tasks {task}"),
+        }
         inputs.update({k: getattr(e, k) for k in t.fingerprint_settings})
         if task not in TASKS.builtin_names():  # a registered task: its code and prompt text count too
-            inputs["code"] = {"instruction": t.instruction, "functions": [
-                code_digest(resolve(f)) for f in (t.load, t.generate, t.question, t.answer, t.score, t.run)
-                if f is not None]}
+            inputs["code"] = {
+                "instruction": t.instruction,
+                "functions": [
+                    code_digest(resolve(f))
+                    for f in (t.load, t.generate, t.question, t.answer, t.score, t.run)
+                    if f is not None
+                ],
+            }
         return fingerprint(inputs)
 
     def evaluate(self, name: str, params, params_fp: str, tasks: list[str]) -> dict[str, dict]:
@@ -369,17 +463,34 @@ class Experiment:
                 continue
             if callable(params):
                 params = params()
-            r = evaluate(self.model, params, self.tokenizer, [task], data_dir=self.cfg.data_dir,
-                         limit=e.limit_for(task), seed=self.cfg.seed, max_new_tokens=e.max_new_tokens,
-                         batch_size=e.batch_size, chat=self.cfg.calibration.chat, seq_len=e.ppl_seq_len,
-                         model_name=self.cfg.model)
+            r = evaluate(
+                self.model,
+                params,
+                self.tokenizer,
+                [task],
+                data_dir=self.cfg.data_dir,
+                limit=e.limit_for(task),
+                seed=self.cfg.seed,
+                max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size,
+                chat=self.cfg.calibration.chat,
+                seq_len=e.ppl_seq_len,
+                model_name=self.cfg.model,
+            )
             metrics = r["results"][task]
             bad = [k for k, v in metrics.items() if isinstance(v, float) and not np.isfinite(v)]
             if bad:
-                raise NonFiniteError(f"{name} on {task}: {', '.join(f'{k}={metrics[k]}' for k in bad)} "
-                                     "(NaN/Inf weights or overflow; try dtype=float32)")
-            data = {"model": name, "task": task, "metrics": metrics, "examples": r["examples"][task],
-                    "settings": r["settings"]}
+                raise NonFiniteError(
+                    f"{name} on {task}: {', '.join(f'{k}={metrics[k]}' for k in bad)} "
+                    "(NaN/Inf weights or overflow; try dtype=float32)"
+                )
+            data = {
+                "model": name,
+                "task": task,
+                "metrics": metrics,
+                "examples": r["examples"][task],
+                "settings": r["settings"],
+            }
             path = self.store.save_json("evals", fp, data)
             results[task] = {**data, "fingerprint": fp, "status": "computed"}
             self._event("computed", f"evals/{name}/{task}", path)
@@ -421,42 +532,71 @@ class Experiment:
             scores[task] = self.scores(task)
             s = scores[task][1]
             if is_writer():
-                report.plot_head_scores(s.delta, self.out / "figures" / f"head_scores_{task}.png",
-                                        title=f"CAP head scores: {cfg.model} on {task} ({s.describe()})",
-                                        interval=s.interval)
+                report.plot_head_scores(
+                    s.delta,
+                    self.out / "figures" / f"head_scores_{task}.png",
+                    title=f"CAP head scores: {cfg.model} on {task} ({s.describe()})",
+                    interval=s.interval,
+                )
         _log(f"[1/{len(runs) + 1}] dense model: evaluating {', '.join(tasks)}")
-        rows: list[dict[str, Any]] = [{"name": "dense", "method": "dense", "calib": None, "sparsity": 0.0, "nm": None,
-                 "fingerprint": self.model_fp, "achieved_sparsity": sparsity_report(self.params).total,
-                 "eval": self.evaluate("dense", self.params, self.model_fp, tasks)}]
+        rows: list[dict[str, Any]] = [
+            {
+                "name": "dense",
+                "method": "dense",
+                "calib": None,
+                "sparsity": 0.0,
+                "nm": None,
+                "fingerprint": self.model_fp,
+                "achieved_sparsity": sparsity_report(self.params).total,
+                "eval": self.evaluate("dense", self.params, self.model_fp, tasks),
+            }
+        ]
         histories: dict[str, dict] = {}
         for i, run in enumerate(runs, 2):
             _log(f"[{i}/{len(runs) + 1}] {run['name']}: pruning and evaluating")
             fp, pruned, masks = self.pruned(run, scores.get(run["calib"]))
             rep = sparsity_report(pruned)
-            rows.append({**run, "fingerprint": fp, "masks_status": self.events[-1].split()[0],
-                         "achieved_sparsity": rep.total,
-                         "per_layer_sparsity": [rep.layer(l) for l in range(rep.num_layers)],
-                         "eval": self.evaluate(run["name"], pruned, fp, tasks)})
+            rows.append(
+                {
+                    **run,
+                    "fingerprint": fp,
+                    "masks_status": self.events[-1].split()[0],
+                    "achieved_sparsity": rep.total,
+                    "per_layer_sparsity": [rep.layer(l) for l in range(rep.num_layers)],
+                    "eval": self.evaluate(run["name"], pruned, fp, tasks),
+                }
+            )
             if cfg.recovery is not None:
                 row, histories[run["name"]] = self.recovered(run, fp, pruned, masks, tasks)
                 rows.append(row)
                 if cfg.recovery.distil:  # the same steps as distillation from the dense model
-                    row, histories[f"{run['name']} (distil)"] = self.recovered(run, fp, pruned, masks, tasks,
-                                                                                distil=True)
+                    row, histories[f"{run['name']} (distil)"] = self.recovered(
+                        run, fp, pruned, masks, tasks, distil=True
+                    )
                     rows.append(row)
             del pruned, masks
         if histories and is_writer():
             from capjax.recovery import plot_loss_curves
 
-            plot_loss_curves(histories, self.out / "figures" / "recovery_loss.png",
-                             title=f"recovery loss: {cfg.model}")
-        results = {"config": cfg.to_dict(), "environment": environment(), "runs": rows,
-                   "scores": {t: {"fingerprint": fp, "file": str(self.store.path("scores", fp).relative_to(self.out)),
-                                  **s.settings(), "baseline": s.baseline.tolist(),
-                                  "delta": s.delta.tolist(),
-                                  "interval": None if s.interval is None else s.interval.tolist()}
-                              for t, (fp, s) in scores.items()},
-                   "seconds": time.perf_counter() - t_start, "events": self.events}
+            plot_loss_curves(histories, self.out / "figures" / "recovery_loss.png", title=f"recovery loss: {cfg.model}")
+        results = {
+            "config": cfg.to_dict(),
+            "environment": environment(),
+            "runs": rows,
+            "scores": {
+                t: {
+                    "fingerprint": fp,
+                    "file": str(self.store.path("scores", fp).relative_to(self.out)),
+                    **s.settings(),
+                    "baseline": s.baseline.tolist(),
+                    "delta": s.delta.tolist(),
+                    "interval": None if s.interval is None else s.interval.tolist(),
+                }
+                for t, (fp, s) in scores.items()
+            },
+            "seconds": time.perf_counter() - t_start,
+            "events": self.events,
+        }
         if is_writer():
             write_outputs(self.out, results, cfg.evaluation.bootstrap, cfg.seed)
         return results

@@ -25,8 +25,19 @@ from pathlib import Path
 import numpy as np
 
 # The file helpers live in `capjax.artifacts` (the floor below every layer); the names stay importable here.
-from capjax.artifacts import (_json_default, atomic_write, file_digest, file_mode, fingerprint,  # noqa: F401
-                              read_npz, strict_json, umask, warn, write_text, write_texts)
+from capjax.artifacts import (  # noqa: F401
+    _json_default,
+    atomic_write,
+    file_digest,
+    file_mode,
+    fingerprint,
+    read_npz,
+    strict_json,
+    umask,
+    warn,
+    write_text,
+    write_texts,
+)
 from capjax.errors import ArtifactError
 from capjax.provenance import code_version
 
@@ -42,8 +53,10 @@ def agreed(found: bool, what: Path) -> bool:
 
     decided = process0_says(found)
     if decided and not found:
-        raise ArtifactError(f"process {jax.process_index()} cannot read {what}, which process 0 reuses: "
-                            "the results folder must be on a filesystem every process shares")
+        raise ArtifactError(
+            f"process {jax.process_index()} cannot read {what}, which process 0 reuses: "
+            "the results folder must be on a filesystem every process shares"
+        )
     return decided
 
 
@@ -143,7 +156,11 @@ class Store:
     def save_npz(self, kind: str, fp: str, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
         path = self.path(kind, fp)
         if self.writer:
-            payload = {**arrays, "meta": np.asarray(json.dumps({**(meta or {}), "fingerprint": fp,
-                                                                "code": code_version()}, default=_json_default))}
+            payload = {
+                **arrays,
+                "meta": np.asarray(
+                    json.dumps({**(meta or {}), "fingerprint": fp, "code": code_version()}, default=_json_default)
+                ),
+            }
             atomic_write(path, lambda f: np.savez(f, **payload))  # type: ignore[arg-type]  # numpy's stub
         return path

@@ -11,9 +11,12 @@ from capjax.registry import Registry
 
 # transformers model_type -> Family
 FAMILIES: Registry[Family] = Registry(
-    "model_type", error=UnsupportedConfigError, on_read=load_plugins,
+    "model_type",
+    error=UnsupportedConfigError,
+    on_read=load_plugins,
     unknown="unsupported model_type {name!r}: capjax implements {known}. Convert the checkpoint to one of these "
-            "or add the family (docs/adding_a_family.md).")
+    "or add the family (docs/adding_a_family.md).",
+)
 # The params layout functions fall back to when given no config (every family shares its kernels).
 DEFAULT: Family = llama.FAMILY
 
@@ -22,8 +25,10 @@ def register_family(family: Family, replace: bool = False) -> Family:
     """Registers `family` under each of its `model_types` (a taken type: ValueError unless `replace`)."""
     for model_type in family.model_types:
         if model_type in FAMILIES.names(read=False) and not replace:
-            raise ValueError(f"model_type {model_type!r} is already registered (family "
-                             f"{FAMILIES[model_type].name}); pass replace=True to override it")
+            raise ValueError(
+                f"model_type {model_type!r} is already registered (family "
+                f"{FAMILIES[model_type].name}); pass replace=True to override it"
+            )
     for model_type in family.model_types:
         FAMILIES.register(model_type, family, replace=True)
     return family
@@ -56,5 +61,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DEFAULT", "FAMILIES", "Family", "Kernel", "Rule", "SUPPORTED_MODEL_TYPES", "family_for", "family_of",
-           "register_family", "unregister_family"]
+__all__ = [
+    "DEFAULT",
+    "FAMILIES",
+    "Family",
+    "Kernel",
+    "Rule",
+    "SUPPORTED_MODEL_TYPES",
+    "family_for",
+    "family_of",
+    "register_family",
+    "unregister_family",
+]

@@ -19,7 +19,8 @@ The block itself (norms, activation, qk-norm, ...) is switched by ModelConfig fi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 DATA, MODEL = "data", "model"
 
@@ -105,8 +106,8 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     read_config: Callable[[dict], dict]
-    write_config: Callable[["ModelConfig", dict], Any]
-    checkpoint: Callable[["ModelConfig"], list[Rule]]
+    write_config: Callable[[ModelConfig, dict], Any]
+    checkpoint: Callable[[ModelConfig], list[Rule]]
     kernels: tuple[Kernel, ...]
     sharding: tuple[tuple[str, tuple[str | None, ...]], ...]
     mlp_width_activations: int = 3

@@ -26,23 +26,23 @@ from capjax.families.base import DATA, MODEL, Family, Kernel, ModelConfig, Rule,
 
 KERNELS = (
     Kernel("layers/self_attn/q_proj/kernel", 1, "query", 2),  # [L, E, H, D]
-    Kernel("layers/self_attn/k_proj/kernel", 1, "kv", 2),     # [L, E, K, D]
-    Kernel("layers/self_attn/v_proj/kernel", 1, "kv", 2),     # [L, E, K, D]
+    Kernel("layers/self_attn/k_proj/kernel", 1, "kv", 2),  # [L, E, K, D]
+    Kernel("layers/self_attn/v_proj/kernel", 1, "kv", 2),  # [L, E, K, D]
     Kernel("layers/self_attn/o_proj/kernel", 2, "query", 1),  # [L, H, D, E]
-    Kernel("layers/mlp/gate_proj/kernel", 1),                 # [L, E, F]
-    Kernel("layers/mlp/up_proj/kernel", 1),                   # [L, E, F]
-    Kernel("layers/mlp/down_proj/kernel", 1),                 # [L, F, E]
+    Kernel("layers/mlp/gate_proj/kernel", 1),  # [L, E, F]
+    Kernel("layers/mlp/up_proj/kernel", 1),  # [L, E, F]
+    Kernel("layers/mlp/down_proj/kernel", 1),  # [L, F, E]
 )
 
 SHARDING = (
-    (r"embed_tokens/embedding$", (MODEL, DATA)),                       # [V, E]
-    (r"lm_head/kernel$", (DATA, MODEL)),                               # [E, V]
-    (r"self_attn/(q|k|v)_proj/kernel$", (None, DATA, MODEL, None)),    # [L, E, H|K, D]
-    (r"self_attn/(q|k|v)_proj/bias$", (None, MODEL, None)),            # [L, H|K, D]
-    (r"self_attn/o_proj/kernel$", (None, MODEL, None, DATA)),          # [L, H, D, E]
-    (r"mlp/(gate|up)_proj/kernel$", (None, DATA, MODEL)),              # [L, E, F]
-    (r"mlp/down_proj/kernel$", (None, MODEL, DATA)),                   # [L, F, E]
-    (r".*", ()),                                                       # norms: replicated
+    (r"embed_tokens/embedding$", (MODEL, DATA)),  # [V, E]
+    (r"lm_head/kernel$", (DATA, MODEL)),  # [E, V]
+    (r"self_attn/(q|k|v)_proj/kernel$", (None, DATA, MODEL, None)),  # [L, E, H|K, D]
+    (r"self_attn/(q|k|v)_proj/bias$", (None, MODEL, None)),  # [L, H|K, D]
+    (r"self_attn/o_proj/kernel$", (None, MODEL, None, DATA)),  # [L, H, D, E]
+    (r"mlp/(gate|up)_proj/kernel$", (None, DATA, MODEL)),  # [L, E, F]
+    (r"mlp/down_proj/kernel$", (None, MODEL, DATA)),  # [L, F, E]
+    (r".*", ()),  # norms: replicated
 )
 
 
@@ -83,7 +83,7 @@ def read_config(c: dict) -> dict:
     return dict(qkv_bias=qkv_bias, sliding_window=int(sliding_window) if sliding_window else None)
 
 
-def write_config(config: "ModelConfig", common: dict) -> Any:
+def write_config(config: ModelConfig, common: dict) -> Any:
     import transformers
 
     if config.model_type == "llama":
@@ -94,7 +94,7 @@ def write_config(config: "ModelConfig", common: dict) -> Any:
     return transformers.Qwen2Config(use_sliding_window=False, head_dim=config.head_dim, **common)  # type: ignore[call-arg]
 
 
-def checkpoint(c: "ModelConfig") -> list[Rule]:
+def checkpoint(c: ModelConfig) -> list[Rule]:
     """transformers state-dict names <-> param paths (HF Linear weights are [out, in])."""
     E, H, K, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     ident = (lambda w: w, lambda a: a)
@@ -102,27 +102,55 @@ def checkpoint(c: "ModelConfig") -> list[Rule]:
         ("model.embed_tokens.weight", ("embed_tokens", "embedding"), *ident),
         ("model.norm.weight", ("norm", "scale"), *ident),
         ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), *ident),
-        ("model.layers.{i}.post_attention_layernorm.weight",
-         ("layers", "post_attention_layernorm", "scale"), *ident),
-        ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj", "kernel"),
-         lambda w: w.T.reshape(E, H, D), lambda a: a.reshape(E, H * D).T),
-        ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj", "kernel"),
-         lambda w: w.T.reshape(E, K, D), lambda a: a.reshape(E, K * D).T),
-        ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj", "kernel"),
-         lambda w: w.T.reshape(E, K, D), lambda a: a.reshape(E, K * D).T),
-        ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"),
-         lambda w: w.T.reshape(H, D, E), lambda a: a.reshape(H * D, E).T),
-        ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"),
-         lambda w: w.T, lambda a: a.T),
-        ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"),
-         lambda w: w.T, lambda a: a.T),
-        ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"),
-         lambda w: w.T, lambda a: a.T),
+        ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale"), *ident),
+        (
+            "model.layers.{i}.self_attn.q_proj.weight",
+            ("layers", "self_attn", "q_proj", "kernel"),
+            lambda w: w.T.reshape(E, H, D),
+            lambda a: a.reshape(E, H * D).T,
+        ),
+        (
+            "model.layers.{i}.self_attn.k_proj.weight",
+            ("layers", "self_attn", "k_proj", "kernel"),
+            lambda w: w.T.reshape(E, K, D),
+            lambda a: a.reshape(E, K * D).T,
+        ),
+        (
+            "model.layers.{i}.self_attn.v_proj.weight",
+            ("layers", "self_attn", "v_proj", "kernel"),
+            lambda w: w.T.reshape(E, K, D),
+            lambda a: a.reshape(E, K * D).T,
+        ),
+        (
+            "model.layers.{i}.self_attn.o_proj.weight",
+            ("layers", "self_attn", "o_proj", "kernel"),
+            lambda w: w.T.reshape(H, D, E),
+            lambda a: a.reshape(H * D, E).T,
+        ),
+        (
+            "model.layers.{i}.mlp.gate_proj.weight",
+            ("layers", "mlp", "gate_proj", "kernel"),
+            lambda w: w.T,
+            lambda a: a.T,
+        ),
+        ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), lambda w: w.T, lambda a: a.T),
+        (
+            "model.layers.{i}.mlp.down_proj.weight",
+            ("layers", "mlp", "down_proj", "kernel"),
+            lambda w: w.T,
+            lambda a: a.T,
+        ),
     ]
     if c.qkv_bias:
         for name, n in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
-            rules.append((f"model.layers.{{i}}.self_attn.{name}.bias", ("layers", "self_attn", name, "bias"),
-                          lambda w, n=n: w.reshape(n, D), lambda a: a.reshape(-1)))
+            rules.append(
+                (
+                    f"model.layers.{{i}}.self_attn.{name}.bias",
+                    ("layers", "self_attn", name, "bias"),
+                    lambda w, n=n: w.reshape(n, D),
+                    lambda a: a.reshape(-1),
+                )
+            )
     if not c.tie_word_embeddings:
         rules.append(("lm_head.weight", ("lm_head", "kernel"), lambda w: w.T, lambda a: a.T))
     return rules

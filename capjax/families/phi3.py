@@ -28,14 +28,14 @@ def read_config(c: dict) -> dict:
     return dict(sliding_window=int(window) if window else None)
 
 
-def write_config(config: "ModelConfig", common: dict) -> Any:
+def write_config(config: ModelConfig, common: dict) -> Any:
     import transformers
 
     # transformers' Phi-3 reads an explicit head_dim (a model with heads removed keeps its head_dim).
     return transformers.Phi3Config(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)  # type: ignore[call-arg]
 
 
-def checkpoint(c: "ModelConfig") -> list[Rule]:
+def checkpoint(c: ModelConfig) -> list[Rule]:
     E, F, H, K, D = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     fused = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
     rules = [r for r in llama.checkpoint(c) if r[1][-2] not in fused]
@@ -53,11 +53,18 @@ def checkpoint(c: "ModelConfig") -> list[Rule]:
         return gate.T, up.T
 
     return rules + [
-        ("model.layers.{i}.self_attn.qkv_proj.weight",
-         tuple((*attn, n, "kernel") for n in ("q_proj", "k_proj", "v_proj")), split_qkv, fuse_qkv),
-        ("model.layers.{i}.mlp.gate_up_proj.weight",
-         (("layers", "mlp", "gate_proj", "kernel"), ("layers", "mlp", "up_proj", "kernel")),
-         split_gate_up, lambda gate, up: np.concatenate([gate.T, up.T])),
+        (
+            "model.layers.{i}.self_attn.qkv_proj.weight",
+            tuple((*attn, n, "kernel") for n in ("q_proj", "k_proj", "v_proj")),
+            split_qkv,
+            fuse_qkv,
+        ),
+        (
+            "model.layers.{i}.mlp.gate_up_proj.weight",
+            (("layers", "mlp", "gate_proj", "kernel"), ("layers", "mlp", "up_proj", "kernel")),
+            split_gate_up,
+            lambda gate, up: np.concatenate([gate.T, up.T]),
+        ),
     ]
 
 

@@ -27,17 +27,18 @@ def read_config(c: dict) -> dict:
     return dict(qk_norm=True, sliding_window=None)
 
 
-def write_config(config: "ModelConfig", common: dict) -> Any:
+def write_config(config: ModelConfig, common: dict) -> Any:
     import transformers
 
     return transformers.Qwen3Config(head_dim=config.head_dim, use_sliding_window=False, **common)
 
 
-def checkpoint(c: "ModelConfig") -> list[Rule]:
+def checkpoint(c: ModelConfig) -> list[Rule]:
     ident = (lambda w: w, lambda a: a)
     return llama.checkpoint(c) + [
         (f"model.layers.{{i}}.self_attn.{n}.weight", ("layers", "self_attn", n, "scale"), *ident)
-        for n in ("q_norm", "k_norm")]
+        for n in ("q_norm", "k_norm")
+    ]
 
 
 FAMILY = Family(

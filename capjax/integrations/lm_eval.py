@@ -61,24 +61,38 @@ class CapjaxLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, pretrained: str | None = None, masks: str | None = None, dtype: str = "float32",
-                 batch_size: Any = DEFAULT_BATCH, max_length: int | None = None, max_gen_toks: int = 256,
-                 add_bos_token: bool | str | None = None, model: Any = None, params: dict | None = None,
-                 tokenizer: Any = None, **harness_kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        masks: str | None = None,
+        dtype: str = "float32",
+        batch_size: Any = DEFAULT_BATCH,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool | str | None = None,
+        model: Any = None,
+        params: dict | None = None,
+        tokenizer: Any = None,
+        **harness_kwargs: Any,
+    ) -> None:
         super().__init__()
         unknown = sorted(set(harness_kwargs) - set(HARNESS_KEYS))
         if unknown:
             known = ("pretrained", "masks", "dtype", "batch_size", "max_length", "max_gen_toks", "add_bos_token")
-            raise ValueError(f"model_args: unknown key(s) {', '.join(unknown)}; the capjax model takes "
-                             f"{', '.join(known)} (from Python also model, params, tokenizer)")
+            raise ValueError(
+                f"model_args: unknown key(s) {', '.join(unknown)}; the capjax model takes "
+                f"{', '.join(known)} (from Python also model, params, tokenizer)"
+            )
         from capjax.io import load_pretrained, load_tokenizer
         from capjax.pruning.prune import apply_masks, masks_from_flat, read_masks_npz
 
         flat = read_masks_npz(masks) if masks else None  # a bad masks file is said before the model loads
         if model is None:
             if pretrained is None:
-                raise ValueError("model_args needs pretrained=<HF folder | .gguf | hub id | smollm2-135m-instruct> "
-                                 "(or, from Python, model=, params=, tokenizer=)")
+                raise ValueError(
+                    "model_args needs pretrained=<HF folder | .gguf | hub id | smollm2-135m-instruct> "
+                    "(or, from Python, model=, params=, tokenizer=)"
+                )
             model, params = load_pretrained(pretrained, dtype=dtype)
         elif params is None:
             raise ValueError("model= needs params= too (the capjax params tree)")
@@ -116,8 +130,9 @@ class CapjaxLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "capjax").replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs: Any) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs: Any
+    ) -> list[int]:
         if add_special_tokens is not None:
             special = {"add_special_tokens": add_special_tokens}
         elif self.add_bos_token is not None:
@@ -131,9 +146,12 @@ class CapjaxLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The tokenizer's chat template as text (for --apply_chat_template), as HFLM."""
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
 
     # ------------------------------------------------------------------ scoring
     def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
@@ -148,7 +166,7 @@ class CapjaxLM(TemplateLM):
         for ctx, cont in pairs:
             if not cont or len(cont) > self.max_length:
                 raise ValueError(f"a continuation of {len(cont)} tokens: need 1 to max_length={self.max_length}")
-            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
             rows.append((whole, len(whole) - len(cont)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
@@ -164,7 +182,7 @@ class CapjaxLM(TemplateLM):
             lp, greedy = token_logprobs(self.model, self.params, tokens, mask)
             for r, i in enumerate(chunk):
                 s, n_ctx = rows[i]
-                out[i] = (float(lp[r, n_ctx:len(s)].astype(np.float64).sum()), bool(greedy[r, n_ctx:len(s)].all()))
+                out[i] = (float(lp[r, n_ctx : len(s)].astype(np.float64).sum()), bool(greedy[r, n_ctx : len(s)].all()))
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
@@ -179,9 +197,15 @@ class CapjaxLM(TemplateLM):
 
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
-            for w in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for w in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append(w)
                 owner.append(i)
         scores = self._score(windows, disable_tqdm)
@@ -203,8 +227,10 @@ class CapjaxLM(TemplateLM):
         for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
             kw: dict[str, Any] = dict(gen_kwargs or {})
             if kw.get("do_sample") and float(kw.get("temperature", 1.0)) > 0:
-                raise ValueError(f"generation_kwargs do_sample=True, temperature={kw.get('temperature', 1.0)}: "
-                                 "capjax decodes greedily; set do_sample: false (or temperature: 0)")
+                raise ValueError(
+                    f"generation_kwargs do_sample=True, temperature={kw.get('temperature', 1.0)}: "
+                    "capjax decodes greedily; set do_sample: false (or temperature: 0)"
+                )
             until = tuple(handle_stop_sequences(kw.get("until"), eos=eos))
             n = int(kw.get("max_gen_toks", kw.get("max_new_tokens", self.max_gen_toks)))
             if n >= self.max_length:
@@ -215,11 +241,20 @@ class CapjaxLM(TemplateLM):
         out = [""] * len(requests)
         for (until, n), members in groups.items():
             members = sorted(members, key=lambda i: -len(settings[i][0]))
-            new = generate(self.model, self.params, [settings[i][0] for i in members], n, stop=list(until),
-                           tokenizer=self.tokenizer, batch_size=self.batch_size, progress=not disable_tqdm)
+            new = generate(
+                self.model,
+                self.params,
+                [settings[i][0] for i in members],
+                n,
+                stop=list(until),
+                tokenizer=self.tokenizer,
+                batch_size=self.batch_size,
+                progress=not disable_tqdm,
+            )
             for i, toks in zip(members, new):
-                text = postprocess_generated_text(self.tokenizer.decode(toks, skip_special_tokens=True),
-                                                  list(until), None)
+                text = postprocess_generated_text(
+                    self.tokenizer.decode(toks, skip_special_tokens=True), list(until), None
+                )
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out

@@ -47,8 +47,14 @@ def induction_tokenizer(vocab_size: int):
     vocab = {w: i for i, w in enumerate(list(SPECIAL) + [f"t{i}" for i in range(vocab_size)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def induction_examples(n: int, segment_len: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
@@ -65,8 +71,8 @@ def induction_examples(n: int, segment_len: int, vocab_size: int, seed: int) -> 
         p = int(rng.integers(segment_len // 2, segment_len + 1))
         seg = FIRST + rng.integers(0, vocab_size, p)
         row = np.concatenate([[SPECIAL.index("<s>")], FIRST + rng.integers(0, vocab_size, f), seg, seg])
-        tokens[i, :len(row)], am[i, :len(row)] = row, 1
-        loss_mask[i, 1 + f + p + 1:len(row)] = 1.0
+        tokens[i, : len(row)], am[i, : len(row)] = row, 1
+        loss_mask[i, 1 + f + p + 1 : len(row)] = 1.0
     return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": am}
 
 
@@ -77,7 +83,7 @@ def repeat_batch(n: int, segment_len: int, vocab_size: int, seed: int = 1) -> di
     seg = FIRST + rng.integers(0, vocab_size, (n, segment_len))
     tokens = np.concatenate([np.full((n, 1), SPECIAL.index("<s>")), seg, seg], axis=1).astype(np.int32)
     loss_mask = np.zeros(tokens.shape, np.float32)
-    loss_mask[:, segment_len + 2:] = 1.0
+    loss_mask[:, segment_len + 2 :] = 1.0
     return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": np.ones(tokens.shape, np.int32)}
 
 
@@ -85,8 +91,11 @@ def repeat_batch(n: int, segment_len: int, vocab_size: int, seed: int = 1) -> di
 def attention_probs(model: Decoder, params, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
     """Post-softmax attention probabilities [L, B, H, T, S] of tokens [B, T]: the attn.pattern site
     (`capjax.sites`) of every layer, captured on the one layer scan."""
-    return np.asarray(_attention_probs(model, params, jnp.asarray(tokens),
-                                       None if attention_mask is None else jnp.asarray(attention_mask)))
+    return np.asarray(
+        _attention_probs(
+            model, params, jnp.asarray(tokens), None if attention_mask is None else jnp.asarray(attention_mask)
+        )
+    )
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -116,8 +125,11 @@ def circuit(prefix: np.ndarray, previous: np.ndarray, threshold: float = 0.3) ->
     last induction head's). Heads as (layer, head)."""
     induction = [tuple(map(int, i)) for i in zip(*np.nonzero(prefix > threshold))]
     top = max((l for l, _ in induction), default=-1)
-    prev = [tuple(map(int, i)) for i in zip(*np.nonzero(previous > threshold)) if i[0] < top
-            and tuple(map(int, i)) not in induction]
+    prev = [
+        tuple(map(int, i))
+        for i in zip(*np.nonzero(previous > threshold))
+        if i[0] < top and tuple(map(int, i)) not in induction
+    ]
     return {"induction": induction, "previous": prev, "all": sorted(induction + prev)}
 
 
@@ -131,8 +143,9 @@ def precision_at_k(scores: np.ndarray, heads: list[tuple[int, int]], k: int | No
     return float(np.mean([(int(i) // H, int(i) % H) in set(heads) for i in order]))
 
 
-def group_ablations(model: Decoder, params, batch: dict[str, np.ndarray], groups: dict[str, list[tuple[int, int]]]
-                    ) -> dict[str, float]:
+def group_ablations(
+    model: Decoder, params, batch: dict[str, np.ndarray], groups: dict[str, list[tuple[int, int]]]
+) -> dict[str, float]:
     """Loss increase over the intact loss when each group of heads is zero-ablated together
     (`capjax.head_ablation_losses`), on batch (tokens, loss_mask [B, T])."""
     from capjax.attribution import head_ablation_losses
@@ -143,8 +156,9 @@ def group_ablations(model: Decoder, params, batch: dict[str, np.ndarray], groups
     for i, name in enumerate(names):
         for layer, head in groups[name]:
             masks[1 + i, layer, head] = 0.0
-    losses = head_ablation_losses(model, params, batch["tokens"], batch["loss_mask"], masks,
-                                  attention_mask=batch.get("attention_mask"))
+    losses = head_ablation_losses(
+        model, params, batch["tokens"], batch["loss_mask"], masks, attention_mask=batch.get("attention_mask")
+    )
     return {"intact": float(losses[0]), **{n: float(losses[1 + i] - losses[0]) for i, n in enumerate(names)}}
 
 
@@ -157,12 +171,18 @@ def redundancy(model: Decoder, params, batch, heads: list[tuple[int, int]]) -> d
     d = group_ablations(model, params, batch, groups)
     single = {str(h): d[str(h)] for h in heads}
     pairs = {f"{a}+{b}": d[f"{a}+{b}"] for a, b in itertools.combinations(heads, 2)}
-    return {"intact": d["intact"], "single": single, "pairs": pairs, "group": d["group"],
-            "sum_single": float(sum(single.values()))}
+    return {
+        "intact": d["intact"],
+        "single": single,
+        "pairs": pairs,
+        "group": d["group"],
+        "sum_single": float(sum(single.values())),
+    }
 
 
-def repeat_accuracy(model: Decoder, params, segment_len: int, vocab_size: int, n: int = 500, seed: int = 2
-                    ) -> dict[str, Any]:
+def repeat_accuracy(
+    model: Decoder, params, segment_len: int, vocab_size: int, n: int = 500, seed: int = 2
+) -> dict[str, Any]:
     """Teacher-forced greedy accuracy on the predictable second-copy tokens of n held-out <s> A A
     rows (a seed the training rows do not use), and the same on the first copy (chance level)."""
     from capjax.evaluate.perplexity import token_logprobs
@@ -170,19 +190,23 @@ def repeat_accuracy(model: Decoder, params, segment_len: int, vocab_size: int, n
     b = repeat_batch(n, segment_len, vocab_size, seed=seed + 1000)
     _, greedy = token_logprobs(model, params, b["tokens"])  # [B, T] bool
     J = segment_len
-    return {"repeat_accuracy": float(greedy[:, J + 2:].mean()), "first_copy_accuracy": float(greedy[:, 2:J + 1].mean()),
-            "n": n}
+    return {
+        "repeat_accuracy": float(greedy[:, J + 2 :].mean()),
+        "first_copy_accuracy": float(greedy[:, 2 : J + 1].mean()),
+        "n": n,
+    }
 
 
 # ---------------------------------------------------------------------------- activation patching
-def corrupt_first_copy(batch: dict[str, np.ndarray], segment_len: int, vocab_size: int, seed: int = 5
-                       ) -> dict[str, np.ndarray]:
+def corrupt_first_copy(
+    batch: dict[str, np.ndarray], segment_len: int, vocab_size: int, seed: int = 5
+) -> dict[str, np.ndarray]:
     """The <s> A A rows of `batch` (repeat_batch) as <s> A' A: the first copy resampled (A' : J new
     random tokens), the second kept, so the second copy no longer repeats anything."""
     rng = np.random.default_rng([seed, 17])
     tokens = np.array(batch["tokens"])  # [B, T]
     J = segment_len
-    tokens[:, 1:1 + J] = FIRST + rng.integers(0, vocab_size, (tokens.shape[0], J))
+    tokens[:, 1 : 1 + J] = FIRST + rng.integers(0, vocab_size, (tokens.shape[0], J))
     return {**batch, "tokens": tokens.astype(np.int32)}
 
 
@@ -200,8 +224,9 @@ def repeat_loss_metric(batch: dict[str, np.ndarray]):
     return metric
 
 
-def patching_scores(model: Decoder, params, batch: dict[str, np.ndarray], segment_len: int, vocab_size: int,
-                    seed: int = 5) -> dict[str, Any]:
+def patching_scores(
+    model: Decoder, params, batch: dict[str, np.ndarray], segment_len: int, vocab_size: int, seed: int = 5
+) -> dict[str, Any]:
     """Activation patching of every head (attn.z, all positions at once; `capjax.patching.patch`)
     between clean <s> A A rows (batch) and corrupted <s> A' A rows, metric the repeat's loss on the
     clean tokens. noising [L, H]: loss increase when the head's output on the clean rows is taken
@@ -212,9 +237,22 @@ def patching_scores(model: Decoder, params, batch: dict[str, np.ndarray], segmen
     corrupted = corrupt_first_copy(batch, segment_len, vocab_size, seed)
     metric = repeat_loss_metric(batch)
     mask = batch.get("attention_mask")
-    noise = patch(model, params, batch["tokens"], corrupted["tokens"], "attn.z", metric, direction="noising",
-                  attention_mask=mask)
-    denoise = patch(model, params, batch["tokens"], corrupted["tokens"], "attn.z", metric, direction="denoising",
-                    attention_mask=mask)
-    return {"clean_loss": noise.clean, "corrupted_loss": noise.corrupted,
-            "noising": noise.values - noise.clean, "denoising": denoise.corrupted - denoise.values}
+    noise = patch(
+        model, params, batch["tokens"], corrupted["tokens"], "attn.z", metric, direction="noising", attention_mask=mask
+    )
+    denoise = patch(
+        model,
+        params,
+        batch["tokens"],
+        corrupted["tokens"],
+        "attn.z",
+        metric,
+        direction="denoising",
+        attention_mask=mask,
+    )
+    return {
+        "clean_loss": noise.clean,
+        "corrupted_loss": noise.corrupted,
+        "noising": noise.values - noise.clean,
+        "denoising": denoise.corrupted - denoise.values,
+    }

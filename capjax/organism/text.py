@@ -31,6 +31,8 @@ def wikitext_parts(data_dir: str | os.PathLike | None = None, heldout_articles: 
         return None
     articles = _ARTICLE.split(load_wikitext2_text(data_dir))
     if not 0 < heldout_articles < len(articles):
-        raise ValueError(f"text.heldout_articles={heldout_articles}: need 1 .. {len(articles) - 1} "
-                         f"(WikiText-2 has {len(articles)} articles here)")
+        raise ValueError(
+            f"text.heldout_articles={heldout_articles}: need 1 .. {len(articles) - 1} "
+            f"(WikiText-2 has {len(articles)} articles here)"
+        )
     return "\n\n".join(articles[:-heldout_articles]), "\n\n".join(articles[-heldout_articles:])

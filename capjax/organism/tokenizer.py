@@ -44,5 +44,11 @@ def build_tokenizer(text: str | None = None, text_words: int = 2000):
 
     tok = Tokenizer(models.WordLevel(build_vocab(text, text_words), unk_token="<unk>"))
     tok.pre_tokenizer = _pre_tokenizer()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        clean_up_tokenization_spaces=False,
+    )

@@ -86,11 +86,14 @@ class OrganismConfig:
             raise OrganismConfigError(f"kind={self.kind!r}: use one of {', '.join(KINDS)}")
         m = self.model
         if m.num_heads % m.num_kv_heads:
-            raise OrganismConfigError(f"model.num_heads={m.num_heads} must be a multiple of "
-                                      f"model.num_kv_heads={m.num_kv_heads}")
+            raise OrganismConfigError(
+                f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}"
+            )
         if self.data.seq_len < 8 or self.data.seq_len > m.max_position_embeddings:
-            raise OrganismConfigError(f"data.seq_len={self.data.seq_len}: need 8 .. model.max_position_embeddings "
-                                      f"({m.max_position_embeddings})")
+            raise OrganismConfigError(
+                f"data.seq_len={self.data.seq_len}: need 8 .. model.max_position_embeddings "
+                f"({m.max_position_embeddings})"
+            )
         self.settings()  # RecoverySettings validates the train section
 
     def settings(self):
@@ -98,16 +101,26 @@ class OrganismConfig:
         a model from scratch starts at ln V)."""
         from capjax.recovery.settings import RecoverySettings, RecoverySettingsError
 
-        base = {"mode": "full", "remat": False, "max_loss_ratio": 10.0, "seed": self.seed, "lr": 3e-3,
-                "warmup_steps": 50, "final_lr_fraction": 0.05, "weight_decay": 0.01, "steps": 1000,
-                "batch_size": 32, "checkpoint_every": 200}
+        base = {
+            "mode": "full",
+            "remat": False,
+            "max_loss_ratio": 10.0,
+            "seed": self.seed,
+            "lr": 3e-3,
+            "warmup_steps": 50,
+            "final_lr_fraction": 0.05,
+            "weight_decay": 0.01,
+            "steps": 1000,
+            "batch_size": 32,
+            "checkpoint_every": 200,
+        }
         try:
             return RecoverySettings.from_dict({**base, **self.train})
         except (RecoverySettingsError, ValueError) as e:
             raise OrganismConfigError(str(e).replace("recovery", "train", 1)) from None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OrganismConfig":
+    def from_dict(cls, d: dict[str, Any]) -> OrganismConfig:
         d = dict(d or {})
         sections = {"model": ModelShape, "data": DataSettings, "eval": EvalSettings}
         _refuse_unknown("", d, {f.name for f in dataclasses.fields(cls)})
@@ -118,7 +131,7 @@ class OrganismConfig:
         return cls(**d)
 
     @classmethod
-    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "OrganismConfig":
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> OrganismConfig:
         import yaml
 
         p = Path(path)
@@ -140,22 +153,39 @@ class OrganismConfig:
 def _refuse_unknown(prefix: str, d: dict, known: set[str]) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
-        raise OrganismConfigError(f"{prefix}{unknown[0]}: unknown organism config key; known: "
-                                  f"{', '.join(sorted(known))}")
+        raise OrganismConfigError(
+            f"{prefix}{unknown[0]}: unknown organism config key; known: {', '.join(sorted(known))}"
+        )
 
 
 # ---------------------------------------------------------------------------- building blocks
-def model_config(cfg: OrganismConfig, vocab_size: int, eos_id: int | None = None, pad_id: int | None = None,
-                 bos_id: int | None = None):
+def model_config(
+    cfg: OrganismConfig,
+    vocab_size: int,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    bos_id: int | None = None,
+):
     """The Llama-layout ModelConfig (GQA, tied embeddings) of the organism."""
     from capjax.config import ModelConfig
 
     m = cfg.model
-    return ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=m.hidden_size,
-                       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rms_norm_eps=1e-5,
-                       tie_word_embeddings=True, max_position_embeddings=m.max_position_embeddings,
-                       bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=m.max_position_embeddings,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
 
 
 def dense_masks(params):
@@ -206,8 +236,10 @@ def reasoning_setup(cfg: OrganismConfig, log=print):
     d = cfg.data
     parts = wikitext_parts(d.data_dir, d.heldout_articles) if d.use_text else None
     if d.use_text and parts is None:
-        log("organism: WikiText-2 (wikitext2/wiki.test.raw) not found in the data folder (data.data_dir, "
-            "$CAPJAX_DATA, ../shared/data): training on word problems only, no perplexity")
+        log(
+            "organism: WikiText-2 (wikitext2/wiki.test.raw) not found in the data folder (data.data_dir, "
+            "$CAPJAX_DATA, ../shared/data): training on word problems only, no perplexity"
+        )
     train_text, heldout = parts if parts is not None else (None, None)
     tokenizer = build_tokenizer(train_text, d.text_words if train_text else 0)
     examples = [problem_examples(tokenizer, d.train_problems, d.seq_len, cfg.seed)]
@@ -217,8 +249,9 @@ def reasoning_setup(cfg: OrganismConfig, log=print):
 
 
 # ---------------------------------------------------------------------------- training
-def train(cfg: OrganismConfig, steps: int | None = None, progress: bool = True, log=print,
-          callback=None) -> dict[str, Any]:
+def train(
+    cfg: OrganismConfig, steps: int | None = None, progress: bool = True, log=print, callback=None
+) -> dict[str, Any]:
     """Trains the organism; returns {"model", "params", "tokenizer", "history", "heldout_text",
     "seconds"}. `steps` overrides train.steps (the schedule follows it)."""
     from capjax.model import Decoder, init_params
@@ -231,34 +264,63 @@ def train(cfg: OrganismConfig, steps: int | None = None, progress: bool = True, 
         from capjax.organism.induction import induction_examples, induction_tokenizer
 
         tokenizer = induction_tokenizer(cfg.data.vocab_size)
-        examples, heldout = induction_examples(cfg.data.train_sequences, cfg.data.segment_len,
-                                               cfg.data.vocab_size, cfg.seed), None
-    config = model_config(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                          tokenizer.bos_token_id)
+        examples, heldout = (
+            induction_examples(cfg.data.train_sequences, cfg.data.segment_len, cfg.data.vocab_size, cfg.seed),
+            None,
+        )
+    config = model_config(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
     model = Decoder(config)
     params = init_params(config, cfg.seed)
     settings = cfg.settings()
     if steps is not None:
         settings = settings.replace(steps=steps)
-    log(f"organism ({cfg.kind}): {config.num_params():,} parameters, V={config.vocab_size}, "
-        f"{len(examples['tokens'])} training examples, {settings.steps} steps of {settings.batch_size} rows")
-    params, history = recover(model, params, dense_masks(params), examples, settings=settings,
-                              checkpoint_dir=cfg.checkpoint_dir, progress=progress, callback=callback)
-    return {"model": model, "params": params, "tokenizer": tokenizer, "history": history, "heldout_text": heldout,
-            "seconds": time.perf_counter() - t0}
+    log(
+        f"organism ({cfg.kind}): {config.num_params():,} parameters, V={config.vocab_size}, "
+        f"{len(examples['tokens'])} training examples, {settings.steps} steps of {settings.batch_size} rows"
+    )
+    params, history = recover(
+        model,
+        params,
+        dense_masks(params),
+        examples,
+        settings=settings,
+        checkpoint_dir=cfg.checkpoint_dir,
+        progress=progress,
+        callback=callback,
+    )
+    return {
+        "model": model,
+        "params": params,
+        "tokenizer": tokenizer,
+        "history": history,
+        "heldout_text": heldout,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ---------------------------------------------------------------------------- evaluation
-def reasoning_accuracy(model, params, tokenizer, n: int = 500, batch_size: int = 100, max_new_tokens: int = 48,
-                       seed: int = 0) -> dict[str, Any]:
+def reasoning_accuracy(
+    model, params, tokenizer, n: int = 500, batch_size: int = 100, max_new_tokens: int = 48, seed: int = 0
+) -> dict[str, Any]:
     """Greedy exact match (strict: "The answer is N") on n held-out problems, through
     `capjax.evaluate` ("organism" task); also per step count. -> {"accuracy", "n", "by_steps",
     "answer_loss", "correct" [n] (0/1 per problem, for intervals and paired tests)}."""
     from capjax.data import eval_records
     from capjax.evaluate import evaluate
 
-    out = evaluate(model, params, tokenizer, ["organism"], limit=n, seed=seed, max_new_tokens=max_new_tokens,
-                   batch_size=batch_size, chat=False, log_samples=True, progress=False)
+    out = evaluate(
+        model,
+        params,
+        tokenizer,
+        ["organism"],
+        limit=n,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat=False,
+        log_samples=True,
+        progress=False,
+    )
     res, samples = out["results"]["organism"], out["samples"]["organism"]
     steps = {r["id"]: r["steps"] for r in eval_records("organism", n=n, seed=seed)}
     correct = [int(s["accuracy_strict"]) for s in samples]
@@ -266,8 +328,13 @@ def reasoning_accuracy(model, params, tokenizer, n: int = 500, batch_size: int =
     for k in sorted(set(steps.values())):
         hits = [c for s, c in zip(samples, correct) if steps[s["id"]] == k]
         by_steps[str(k)] = {"accuracy": float(np.mean(hits)), "n": len(hits)}
-    return {"accuracy": res["accuracy_strict"], "n": res["n"], "by_steps": by_steps,
-            "answer_loss": res["answer_loss"], "correct": correct}
+    return {
+        "accuracy": res["accuracy_strict"],
+        "n": res["n"],
+        "by_steps": by_steps,
+        "answer_loss": res["answer_loss"],
+        "correct": correct,
+    }
 
 
 def heldout_perplexity(model, params, tokenizer, text: str | None, seq_len: int = 80) -> dict[str, Any] | None:
@@ -287,8 +354,13 @@ def save(result: dict[str, Any], cfg: OrganismConfig, metrics: dict[str, Any], o
 
     folder = save_pretrained(result["model"], result["params"], out or cfg.out, tokenizer=result["tokenizer"])
     h = result["history"]
-    record = {"config": cfg.to_dict(), "metrics": metrics, "seconds": result["seconds"],
-              "loss": [round(x, 5) for x in h["loss"]], "train_seconds": h["seconds"]}
+    record = {
+        "config": cfg.to_dict(),
+        "metrics": metrics,
+        "seconds": result["seconds"],
+        "loss": [round(x, 5) for x in h["loss"]],
+        "train_seconds": h["seconds"],
+    }
     (folder / "organism.json").write_text(json.dumps(record, indent=1) + "\n")
     return folder
 
@@ -304,10 +376,18 @@ def compare_weights(a: str | Path, b: str | Path) -> dict[str, Any]:
             raise FileNotFoundError(f"{f}: no such file; give a folder written by capjax.save_pretrained")
     ta, tb = (load_file(str(f)) for f in files)
     shared = sorted(set(ta) & set(tb))
-    differing = {k: float(np.max(np.abs(ta[k].astype(np.float64) - tb[k].astype(np.float64))))
-                 if ta[k].shape == tb[k].shape else float("nan")
-                 for k in shared if ta[k].shape != tb[k].shape or ta[k].dtype != tb[k].dtype
-                 or ta[k].tobytes() != tb[k].tobytes()}
+    differing = {
+        k: float(np.max(np.abs(ta[k].astype(np.float64) - tb[k].astype(np.float64))))
+        if ta[k].shape == tb[k].shape
+        else float("nan")
+        for k in shared
+        if ta[k].shape != tb[k].shape or ta[k].dtype != tb[k].dtype or ta[k].tobytes() != tb[k].tobytes()
+    }
     only_a, only_b = sorted(set(ta) - set(tb)), sorted(set(tb) - set(ta))
-    return {"identical": not (differing or only_a or only_b), "tensors": len(shared), "differing": differing,
-            "only_in_a": only_a, "only_in_b": only_b}
+    return {
+        "identical": not (differing or only_a or only_b),
+        "tensors": len(shared),
+        "differing": differing,
+        "only_in_a": only_a,
+        "only_in_b": only_b,
+    }

@@ -47,7 +47,7 @@ def rows_view(kernel: Array, path: str, stacked: bool = True) -> Array:
     """A stacked kernel [L, in..., out...] as [L, in, out] (or one layer's [in..., out...] as
     [in, out] with stacked=False): the transpose of HF's [out, in] weight."""
     lead = kernel.shape[:1] if stacked else ()
-    ins = kernel.shape[len(lead):len(lead) + PRUNABLE[path]]
+    ins = kernel.shape[len(lead) : len(lead) + PRUNABLE[path]]
     return kernel.reshape(*lead, int(np.prod(ins)), -1)
 
 
@@ -86,10 +86,12 @@ def importance_from_scores(head_scores: Any, shape: tuple[int, int] | None = Non
     baseline = getattr(head_scores, "baseline", None)
     scale = max(1.0, float(np.abs(np.asarray(baseline, np.float64)).max())) if baseline is not None else 1.0
     if np.abs(d).max() <= SCORE_NOISE * scale:
-        raise ValueError(f"head scores are indistinguishable from zero (max |delta| = {np.abs(d).max():.3g}, "
-                         f"below {SCORE_NOISE:g} x the loss scale {scale:.3g}): CAP's min-max scaling would stretch "
-                         "float noise over importance 1-10; rescore with method=ablation (gradient scores of kl are "
-                         "always zero)")
+        raise ValueError(
+            f"head scores are indistinguishable from zero (max |delta| = {np.abs(d).max():.3g}, "
+            f"below {SCORE_NOISE:g} x the loss scale {scale:.3g}): CAP's min-max scaling would stretch "
+            "float noise over importance 1-10; rescore with method=ablation (gradient scores of kl are "
+            "always zero)"
+        )
     return jnp.asarray(1.0 + 9.0 * (d - lo) / (hi - lo), jnp.float32)
 
 
@@ -112,8 +114,13 @@ def head_factor(values: Array, ndim: int, head_axis: int | None) -> Array:
     return values.reshape(shape)
 
 
-def region_factors(importance: Array, num_kv_heads: int, kv_rule: str = "mean",
-                   family: Family = DEFAULT, ndims: dict[str, int] | None = None) -> dict[str, Array]:
+def region_factors(
+    importance: Array,
+    num_kv_heads: int,
+    kv_rule: str = "mean",
+    family: Family = DEFAULT,
+    ndims: dict[str, int] | None = None,
+) -> dict[str, Array]:
     """Per-kernel importance factors, each broadcastable to its stacked kernel [L, ...].
 
     ndims: path -> the stacked kernel's number of axes (default: 1 + n_in + 2 for head kernels,
@@ -124,8 +131,9 @@ def region_factors(importance: Array, num_kv_heads: int, kv_rule: str = "mean",
     out = {}
     for k in family.kernels:
         n = (ndims or {}).get(k.path, 4 if k.heads else 3)
-        out[k.path] = (head_factor(by_heads[k.heads], n, k.head_axis) if k.heads
-                       else layer.reshape((-1,) + (1,) * (n - 1)))
+        out[k.path] = (
+            head_factor(by_heads[k.heads], n, k.head_axis) if k.heads else layer.reshape((-1,) + (1,) * (n - 1))
+        )
     return out
 
 
@@ -134,8 +142,9 @@ def _scaled_abs(w: Array, f: Array) -> Array:
     return jnp.abs(w).astype(jnp.float32) * f
 
 
-def weight_scores(params: Params, importance: Array, kv_rule: str = "mean",
-                  family: Family = DEFAULT) -> dict[str, Array]:
+def weight_scores(
+    params: Params, importance: Array, kv_rule: str = "mean", family: Family = DEFAULT
+) -> dict[str, Array]:
     """S = |W| * I(region) for every prunable kernel (float32), keyed by path.
 
     importance: I [L, H] (see `importance_from_scores`); H and K are read from the kernels' head

@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,7 @@ import numpy as np
 
 from capjax.families import Family, family_of
 from capjax.model import apply_layer, layer_context, layer_params
-from capjax.pruning.importance import (PRUNABLE, get_path, head_factor, region_factors,
-                                       rows_view, weight_scores)
+from capjax.pruning.importance import PRUNABLE, get_path, head_factor, region_factors, rows_view, weight_scores
 from capjax.pruning.nm import keep_nm
 from capjax.pruning.registry import METHODS, MethodSpec
 from capjax.pruning.threshold import keep_above_kth, keep_all_but_lowest, keep_global, keep_per_matrix
@@ -92,6 +92,7 @@ def magnitude(job: Job) -> tuple[Kernels, Kernels]:
         rows = s.reshape(s.shape[0], -1)
         k = int(rows.shape[1] * job.sparsity) + 1 if job.sparsity > 0 else 0
         return keep_above_kth(rows, k).reshape(s.shape)
+
     return job.kernels, {p: per_matrix(s) for p, s in scores.items()}
 
 
@@ -237,8 +238,16 @@ def _sequential(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels, Ke
 
 
 @partial(jax.jit, static_argnames=("sparsity", "nm"))
-def _wanda_layer(kernels_l: Kernels, stats: dict[str, Array], n_tokens: Array, factors: Kernels,
-                 layer: Array, *, sparsity: float, nm: tuple[int, int] | None) -> Kernels:
+def _wanda_layer(
+    kernels_l: Kernels,
+    stats: dict[str, Array],
+    n_tokens: Array,
+    factors: Kernels,
+    layer: Array,
+    *,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+) -> Kernels:
     """Keep masks of one layer. Score |W_ij| * ||X_j|| * factor (factors [L, ...] broadcastable
     to the stacked kernels); per output row the int(n_in * sparsity) lowest dropped, or N:M."""
     masks = {}
@@ -259,8 +268,10 @@ def _wanda_like(job: Job, factors: Kernels | None) -> tuple[Kernels, Kernels]:
         factors = {p: jnp.ones((w.shape[0],) + (1,) * (w.ndim - 1), jnp.float32) for p, w in job.kernels.items()}
 
     def prune_layer(l, kernels_l, stats, n_tokens):
-        return kernels_l, _wanda_layer(kernels_l, stats, jnp.float32(n_tokens), factors, jnp.int32(l),
-                                       sparsity=job.sparsity, nm=job.nm)
+        return kernels_l, _wanda_layer(
+            kernels_l, stats, jnp.float32(n_tokens), factors, jnp.int32(l), sparsity=job.sparsity, nm=job.nm
+        )
+
     return _sequential(job, "norm", prune_layer)
 
 
@@ -290,8 +301,9 @@ def _keep_all_but_n_lowest(tmp: Array, n: int) -> Array:
 
 
 @partial(jax.jit, static_argnames=("ncols", "blocksize", "prune_n", "prune_m"))
-def _obs_prune(W: Array, U: Array, ks: Array, *, ncols: int, blocksize: int, prune_n: int,
-               prune_m: int) -> tuple[Array, Array]:
+def _obs_prune(
+    W: Array, U: Array, ks: Array, *, ncols: int, blocksize: int, prune_n: int, prune_m: int
+) -> tuple[Array, Array]:
     """SparseGPT's column sweep. W [out, n_pad] float32 (columns >= ncols are zero padding),
     U [n_pad, n_pad] upper Cholesky factor of H^-1 (identity on the padding), ks [n_blocks]
     the per-block sort index int(numel * sparsity). Returns (updated W, keep mask)."""
@@ -307,7 +319,7 @@ def _obs_prune(W: Array, U: Array, ks: Array, *, ncols: int, blocksize: int, pru
         d = jnp.diag(U1)
         if prune_n == 0:
             valid = (i1 + jnp.arange(bs)) < ncols
-            tmp = jnp.where(valid[None, :], W1 ** 2 / d[None, :] ** 2, jnp.inf)
+            tmp = jnp.where(valid[None, :], W1**2 / d[None, :] ** 2, jnp.inf)
             thresh = jnp.sort(tmp.reshape(-1))[ks[b]]
             keep1 = tmp > thresh  # SparseGPT prunes tmp <= thresh
         else:
@@ -337,8 +349,15 @@ def _obs_prune(W: Array, U: Array, ks: Array, *, ncols: int, blocksize: int, pru
     return jax.lax.fori_loop(0, n_pad // bs, block, (W, jnp.ones(W.shape, bool)))
 
 
-def fasterprune(W: Array, H: Array, sparsity: float, nm: tuple[int, int] | None = None,
-                blocksize: int = 128, percdamp: float = 0.01, max_retries: int = 8) -> tuple[Array, Array]:
+def fasterprune(
+    W: Array,
+    H: Array,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_retries: int = 8,
+) -> tuple[Array, Array]:
     """SparseGPT on one matrix: W [out, in] (HF layout), H [in, in] = 2 X X^T / n.
 
     Returns (updated W with pruned entries zero, keep mask [out, in], True = kept). Dead inputs (H_ii = 0)
@@ -358,8 +377,11 @@ def fasterprune(W: Array, H: Array, sparsity: float, nm: tuple[int, int] | None 
         U, ok = _inverse_cholesky_upper(H, jnp.float32(damp))
         if bool(ok):
             break
-        warnings.warn(f"SparseGPT: Cholesky failed with dampening {damp:.3g}; retrying with {damp * 10:.3g}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"SparseGPT: Cholesky failed with dampening {damp:.3g}; retrying with {damp * 10:.3g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         damp *= 10
     else:
         raise ValueError(f"SparseGPT: Cholesky failed even with dampening {damp:.3g}")
@@ -370,8 +392,9 @@ def fasterprune(W: Array, H: Array, sparsity: float, nm: tuple[int, int] | None 
     pad = n_blocks * blocksize - n_in
     Wp = jnp.pad(W, ((0, 0), (0, pad)))
     Up = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(U.dtype)
-    ks = jnp.asarray([int(n_out * (min(n_in, i + blocksize) - i) * sparsity)
-                      for i in range(0, n_in, blocksize)], jnp.int32)
+    ks = jnp.asarray(
+        [int(n_out * (min(n_in, i + blocksize) - i) * sparsity) for i in range(0, n_in, blocksize)], jnp.int32
+    )
     Wn, keep = _obs_prune(Wp, Up, ks, ncols=n_in, blocksize=blocksize, prune_n=prune_n, prune_m=prune_m)
     return Wn[:, :n_in], keep[:, :n_in]
 
@@ -383,11 +406,11 @@ def sparsegpt(job: Job) -> tuple[Kernels, Kernels]:
         new, masks = {}, {}
         for p, wk in kernels_l.items():
             Wt = rows_view(wk, p, stacked=False).T  # HF [out, in]
-            Wn, keep = fasterprune(Wt, 2.0 * stats[p] / n_tokens, job.sparsity, job.nm,
-                                   o["blocksize"], o["percdamp"])
+            Wn, keep = fasterprune(Wt, 2.0 * stats[p] / n_tokens, job.sparsity, job.nm, o["blocksize"], o["percdamp"])
             new[p] = Wn.T.reshape(wk.shape).astype(wk.dtype)
             masks[p] = keep.T.reshape(wk.shape)
         return new, masks
+
     return _sequential(job, "hessian", prune_layer)
 
 
@@ -404,5 +427,13 @@ def sequential_pass(job: Job, kind: str, prune_layer: Callable) -> tuple[Kernels
     return _sequential(job, kind, prune_layer)
 
 
-__all__ = ["METHODS", "Job", "Method", "fasterprune", "heads_to_remove", "layer_slice", "layer_stats",
-           "sequential_pass"]
+__all__ = [
+    "METHODS",
+    "Job",
+    "Method",
+    "fasterprune",
+    "heads_to_remove",
+    "layer_slice",
+    "layer_stats",
+    "sequential_pass",
+]

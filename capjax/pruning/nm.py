@@ -48,7 +48,7 @@ def keep_nm(rows: Array, n: int, m: int) -> Array:
     rank = jnp.zeros(g.shape, jnp.int32)
     pos = jnp.arange(m).reshape(m, 1)
     for j in range(m):
-        sj = g[..., j:j + 1, :]
+        sj = g[..., j : j + 1, :]
         before = (sj < g) | ((sj == g) & (j < pos))
         rank = rank + before.astype(jnp.int32)
     return (rank >= n).reshape(rows.shape)
@@ -58,5 +58,7 @@ def check_divisible(in_features: dict[str, int], m: int) -> None:
     """ValueError unless every matrix's input width is a multiple of M."""
     bad = {p: f for p, f in in_features.items() if f % m}
     if bad:
-        raise ValueError(f"N:M with M={m} needs input widths divisible by {m}; not: "
-                         + ", ".join(f"{p} ({f})" for p, f in bad.items()))
+        raise ValueError(
+            f"N:M with M={m} needs input widths divisible by {m}; not: "
+            + ", ".join(f"{p} ({f})" for p, f in bad.items())
+        )

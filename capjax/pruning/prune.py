@@ -18,12 +18,12 @@ import numpy as np
 from capjax import artifacts
 from capjax.distributed import to_host
 from capjax.errors import NonFiniteError
-from capjax.token_ids import check_token_ids
 from capjax.families import family_of
+from capjax.pruning import registry
 from capjax.pruning.importance import PRUNABLE, get_kernels, get_path, head_delta, importance_from_scores
 from capjax.pruning.methods import Job
-from capjax.pruning import registry
 from capjax.pruning.nm import check_divisible, parse_nm
+from capjax.token_ids import check_token_ids
 
 Params = dict[str, Any]
 
@@ -58,8 +58,11 @@ def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         value = merged[name]
         if isinstance(default, str):
             continue  # a choice, checked below
-        wrong_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(default, int) and not isinstance(value, int))
+        wrong_type = (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(default, int) and not isinstance(value, int))
+        )
         if wrong_type or value < 0 or (value == 0 and name != "seed" and default != 0):
             kind = "non-negative integer" if name == "seed" else f"positive {type(default).__name__}"
             raise ValueError(f"{method} option {name}={value!r}: expected a {kind}")
@@ -71,10 +74,12 @@ def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def _rebuild(params: Params, leaves: dict[str, Any], default: Any) -> Params:
     """A tree shaped like params: leaves[path] at the prunable paths, default(leaf) elsewhere."""
+
     def walk(node, prefix):
         if isinstance(node, dict):
             return {k: walk(v, f"{prefix}/{k}" if prefix else k) for k, v in node.items()}
         return leaves[prefix] if prefix in leaves else default(node)
+
     return walk(params, "")
 
 
@@ -101,8 +106,10 @@ def masks_from_flat(params: Params, flat: dict[str, Any]) -> Params:
     for p in PRUNABLE:
         want, got = tuple(get_path(params, p).shape), tuple(np.shape(flat[p]))
         if got != want:
-            raise ValueError(f"mask {p} is {list(got)} but this model's kernel is {list(want)}: the masks come "
-                             "from another model; use the masks.npz written when this model was pruned")
+            raise ValueError(
+                f"mask {p} is {list(got)} but this model's kernel is {list(want)}: the masks come "
+                "from another model; use the masks.npz written when this model was pruned"
+            )
     return _rebuild(params, {p: np.asarray(flat[p]).astype(bool) for p in PRUNABLE}, lambda _: None)
 
 
@@ -113,8 +120,12 @@ def replace_kernels(params: Params, kernels: dict[str, Any]) -> Params:
 
 def apply_masks(params: Params, masks: Params) -> Params:
     """params * masks leafwise; leaves whose mask is None are returned unchanged."""
-    return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
-                        masks, params, is_leaf=lambda x: x is None)
+    return jax.tree.map(
+        lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
+        masks,
+        params,
+        is_leaf=lambda x: x is None,
+    )
 
 
 def _placed(tree: Params, mesh: Any) -> Params:
@@ -138,8 +149,18 @@ def _finalize(kernels, new, keep):
     return out, keep
 
 
-def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scores: Any = None,
-          calib: Any = None, nm: Any = None, mesh: Any = None, **method_options: Any) -> tuple[Params, Params]:
+def prune(
+    model: Any,
+    params: Params,
+    method: str,
+    sparsity: float,
+    *,
+    head_scores: Any = None,
+    calib: Any = None,
+    nm: Any = None,
+    mesh: Any = None,
+    **method_options: Any,
+) -> tuple[Params, Params]:
     """Prunes the seven projection kernels of every layer. Returns (pruned_params, masks).
 
     method: a registered name (`capjax.pruning.registry.names()`: cap, cap_wanda, cap_heads, wanda,
@@ -168,15 +189,19 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
     kernels = get_kernels(params, family_of(config))
     bad = [p for p, n in _nonfinite_counts(kernels).items() if int(n)]
     if bad:
-        raise NonFiniteError(f"NaN or Inf weights in {', '.join(bad)}: cannot rank them for pruning; "
-                             "check the checkpoint (or load it in float32)")
+        raise NonFiniteError(
+            f"NaN or Inf weights in {', '.join(bad)}: cannot rank them for pruning; "
+            "check the checkpoint (or load it in float32)"
+        )
     if nm is not None:
         if method == "cap_heads":
             raise ValueError("cap_heads removes whole heads; N:M sparsity does not apply to it")
         check_divisible(_in_widths(kernels), nm[1])
         if sparsity and abs(sparsity - nm[0] / nm[1]) > 1e-9:
-            raise ValueError(f"N:M {nm[0]}:{nm[1]} sets the sparsity to {nm[0] / nm[1]:g}; pass sparsity=0 "
-                             f"(or {nm[0] / nm[1]:g}) instead of {sparsity:g}, or drop nm")
+            raise ValueError(
+                f"N:M {nm[0]}:{nm[1]} sets the sparsity to {nm[0] / nm[1]:g}; pass sparsity=0 "
+                f"(or {nm[0] / nm[1]:g}) instead of {sparsity:g}, or drop nm"
+            )
     importance = delta = None
     if spec.needs_scores:
         if head_scores is None:
@@ -193,8 +218,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
         masks = {p: jnp.ones(k.shape, bool) for p, k in kernels.items()}
         return params, _placed(_rebuild(params, masks, lambda _: None), mesh)
     loss_mask = calib.get("loss_mask") if isinstance(calib, dict) else getattr(calib, "loss_mask", None)
-    job = Job(model, params, kernels, sparsity, nm, importance, delta,
-              tokens, am, options, mesh, loss_mask)
+    job = Job(model, params, kernels, sparsity, nm, importance, delta, tokens, am, options, mesh, loss_mask)
     new, keep = spec.fn(job)
     out, keep = _finalize(kernels, new, keep)
     return _placed(_rebuild(params, out, lambda a: a), mesh), _placed(_rebuild(params, keep, lambda _: None), mesh)
@@ -202,7 +226,7 @@ def prune(model: Any, params: Params, method: str, sparsity: float, *, head_scor
 
 def _in_widths(kernels: dict[str, Any]) -> dict[str, int]:
     """{path: input width} of the prunable kernels [L, in..., out...]: what N:M groups run along."""
-    return {p: int(np.prod(k.shape[1:1 + PRUNABLE[p]])) for p, k in kernels.items()}
+    return {p: int(np.prod(k.shape[1 : 1 + PRUNABLE[p]])) for p, k in kernels.items()}
 
 
 def check_nm_fits(config: Any, nm: Any) -> None:
@@ -258,10 +282,14 @@ class SparsityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "total": self.total, "zeros": self.zeros, "numel": self.numel,
+            "total": self.total,
+            "zeros": self.zeros,
+            "numel": self.numel,
             "layers": {str(l): self.layer(l) for l in range(self.num_layers)},
-            "matrices": {f"layers.{l}.{n}": {"zeros": z, "numel": c, "sparsity": z / c}
-                         for (l, n), (z, c) in self.matrices.items()},
+            "matrices": {
+                f"layers.{l}.{n}": {"zeros": z, "numel": c, "sparsity": z / c}
+                for (l, n), (z, c) in self.matrices.items()
+            },
         }
 
     def table(self) -> str:

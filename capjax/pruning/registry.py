@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from capjax.plugins import PluginError, load_plugins  # noqa: F401  (PluginError: re-exported)
+from capjax.plugins import PluginError, load_plugins
 from capjax.registry import Registry
 
 # What a method's result holds, which the runner saves and reuses: "masks" (the kept weights are the
@@ -106,17 +106,30 @@ def _resolve(target: Callable[..., Any] | str) -> Callable[..., Any]:
 
 
 _REGISTRY: Registry[MethodSpec] = Registry(
-    "pruning method", error=UnknownMethodError, on_read=load_plugins,
+    "pruning method",
+    error=UnknownMethodError,
+    on_read=load_plugins,
     unknown="unknown pruning method {name!r}; known methods: {known} "
-            "(register your own with capjax.pruning.registry.register_method)")
+    "(register your own with capjax.pruning.registry.register_method)",
+)
 
 
-def register_method(name: str, fn: Callable[..., Any] | str, *, options: dict[str, Any] | None = None,
-                    choices: dict[str, tuple[Any, ...]] | None = None, needs_scores: bool = False,
-                    needs_calib: bool = False, sequential: bool = False, description: str = "",
-                    produces: str = "masks", plan: Callable[..., str] | str | None = None,
-                    summary: Callable[..., str] | str | None = None, replace: bool = False,
-                    _builtin: bool = False) -> MethodSpec:
+def register_method(
+    name: str,
+    fn: Callable[..., Any] | str,
+    *,
+    options: dict[str, Any] | None = None,
+    choices: dict[str, tuple[Any, ...]] | None = None,
+    needs_scores: bool = False,
+    needs_calib: bool = False,
+    sequential: bool = False,
+    description: str = "",
+    produces: str = "masks",
+    plan: Callable[..., str] | str | None = None,
+    summary: Callable[..., str] | str | None = None,
+    replace: bool = False,
+    _builtin: bool = False,
+) -> MethodSpec:
     """Registers a pruning method under `name` (see `MethodSpec` for the fields); returns its spec.
 
     Registering a taken name raises ValueError unless `replace=True`.
@@ -134,8 +147,9 @@ def register_method(name: str, fn: Callable[..., Any] | str, *, options: dict[st
     bad = [k for k in choices if k not in options]
     if bad:
         raise ValueError(f"method {name!r}: choices for {bad} have no default in options")
-    spec = MethodSpec(name, fn, options, choices, needs_scores, needs_calib, sequential, description, produces,
-                      plan, summary)
+    spec = MethodSpec(
+        name, fn, options, choices, needs_scores, needs_calib, sequential, description, produces, plan, summary
+    )
     return _REGISTRY.register(name, spec, replace=True, builtin=_builtin)
 
 
@@ -171,30 +185,96 @@ def needing_calibration() -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- built-ins
 _M = "capjax.pruning.methods:"
 _SEQ = {"batch_size": 8}
-register_method("cap", _M + "cap", options={"kv_rule": "mean", "scope": "global"},
-                choices={"kv_rule": ("mean", "max"), "scope": ("global", "layer")}, needs_scores=True,
-                description="|W| x head importance of its region, global threshold", _builtin=True)
-register_method("cap_wanda", _M + "cap_wanda", options={"kv_rule": "mean", **_SEQ},
-                choices={"kv_rule": ("mean", "max")}, needs_scores=True, needs_calib=True, sequential=True,
-                description="Wanda's score x head importance", _builtin=True)
-register_method("cap_heads", _M + "cap_heads", needs_scores=True, summary=_M + "heads_removed",
-                description="structured: whole heads, lowest delta first", _builtin=True)
-register_method("wanda", _M + "wanda", options=dict(_SEQ), needs_calib=True, sequential=True,
-                description="|W| x ||X_j||, per output row", _builtin=True)
-register_method("sparsegpt", _M + "sparsegpt", options={"blocksize": 128, "percdamp": 0.01, **_SEQ},
-                needs_calib=True, sequential=True, produces="masks+weights", description="SparseGPT OBS updates",
-                _builtin=True)
-register_method("magnitude", _M + "magnitude", options={"scope": "matrix"},
-                choices={"scope": ("matrix", "global")}, description="|W|", _builtin=True)
+register_method(
+    "cap",
+    _M + "cap",
+    options={"kv_rule": "mean", "scope": "global"},
+    choices={"kv_rule": ("mean", "max"), "scope": ("global", "layer")},
+    needs_scores=True,
+    description="|W| x head importance of its region, global threshold",
+    _builtin=True,
+)
+register_method(
+    "cap_wanda",
+    _M + "cap_wanda",
+    options={"kv_rule": "mean", **_SEQ},
+    choices={"kv_rule": ("mean", "max")},
+    needs_scores=True,
+    needs_calib=True,
+    sequential=True,
+    description="Wanda's score x head importance",
+    _builtin=True,
+)
+register_method(
+    "cap_heads",
+    _M + "cap_heads",
+    needs_scores=True,
+    summary=_M + "heads_removed",
+    description="structured: whole heads, lowest delta first",
+    _builtin=True,
+)
+register_method(
+    "wanda",
+    _M + "wanda",
+    options=dict(_SEQ),
+    needs_calib=True,
+    sequential=True,
+    description="|W| x ||X_j||, per output row",
+    _builtin=True,
+)
+register_method(
+    "sparsegpt",
+    _M + "sparsegpt",
+    options={"blocksize": 128, "percdamp": 0.01, **_SEQ},
+    needs_calib=True,
+    sequential=True,
+    produces="masks+weights",
+    description="SparseGPT OBS updates",
+    _builtin=True,
+)
+register_method(
+    "magnitude",
+    _M + "magnitude",
+    options={"scope": "matrix"},
+    choices={"scope": ("matrix", "global")},
+    description="|W|",
+    _builtin=True,
+)
 register_method("random", _M + "random", options={"seed": 0}, description="uniform random scores", _builtin=True)
-register_method("cap_structured", "capjax.structured.method:cap_structured",
-                options={"heads": 0.0, "mlp": 0.0, "layers": 0, "head_groups": "auto", "mlp_score": "activation",
-                         "layer_score": "ablation", "batch_size": 8},
-                choices={"head_groups": ("auto", "query", "kv"), "mlp_score": ("gradient", "taylor", "activation"),
-                         "layer_score": ("ablation", "influence")}, needs_scores=True, needs_calib=True,
-                plan="capjax.structured.method:describe_shape",
-                description="structured: heads, MLP channels, layers removed (a smaller model via capjax prune)",
-                _builtin=True)
+register_method(
+    "cap_structured",
+    "capjax.structured.method:cap_structured",
+    options={
+        "heads": 0.0,
+        "mlp": 0.0,
+        "layers": 0,
+        "head_groups": "auto",
+        "mlp_score": "activation",
+        "layer_score": "ablation",
+        "batch_size": 8,
+    },
+    choices={
+        "head_groups": ("auto", "query", "kv"),
+        "mlp_score": ("gradient", "taylor", "activation"),
+        "layer_score": ("ablation", "influence"),
+    },
+    needs_scores=True,
+    needs_calib=True,
+    plan="capjax.structured.method:describe_shape",
+    description="structured: heads, MLP channels, layers removed (a smaller model via capjax prune)",
+    _builtin=True,
+)
 
-__all__ = ["METHODS", "PRODUCES", "MethodSpec", "PluginError", "UnknownMethodError", "names", "needing_calibration",
-           "needing_scores", "register_method", "spec", "unregister_method"]
+__all__ = [
+    "METHODS",
+    "PRODUCES",
+    "MethodSpec",
+    "PluginError",
+    "UnknownMethodError",
+    "names",
+    "needing_calibration",
+    "needing_scores",
+    "register_method",
+    "spec",
+    "unregister_method",
+]

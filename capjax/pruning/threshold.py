@@ -131,8 +131,12 @@ def count_at_or_below(scores: Any, t: Array) -> list[Array]:
     """Per leaf, how many scores have order key <= t, counted per leading row ([rows] int32)."""
     # Reduces over the trailing axes in place (no reshape), so a sharded leaf is counted shard by
     # shard and only the [rows] partial counts are combined: no weight is gathered.
-    return [jnp.sum(order_key(s) <= t, axis=tuple(range(1, s.ndim)), dtype=jnp.int32) if s.ndim > 1
-            else jnp.sum(order_key(s) <= t, dtype=jnp.int32)[None] for s in jax.tree.leaves(scores)]
+    return [
+        jnp.sum(order_key(s) <= t, axis=tuple(range(1, s.ndim)), dtype=jnp.int32)
+        if s.ndim > 1
+        else jnp.sum(order_key(s) <= t, dtype=jnp.int32)[None]
+        for s in jax.tree.leaves(scores)
+    ]
 
 
 @jax.jit
@@ -180,7 +184,7 @@ def global_threshold(scores: Any, sparsity: float) -> Threshold:
     k = int(round(sparsity * n_total))
     if k == 0 or n_total == 0:
         zeros = tuple(0 for _ in leaves)
-        return Threshold(-(2 ** 31), float("-inf"), 0, 0, 0, n_total, zeros, zeros)
+        return Threshold(-(2**31), float("-inf"), 0, 0, 0, n_total, zeros, zeros)
     kmin, kmax = (int(v) for v in _key_range(scores))
     lo, hi = kmin - 1, kmax  # invariant: count(<= lo) < k <= count(<= hi)
     while hi - lo > 1:
@@ -245,7 +249,9 @@ def keep_global(scores: Any, sparsity: float) -> Any:
 def keep_per_matrix(scores: Any, sparsity: float) -> Any:
     """Per-matrix thresholds: keep masks that, in every leaf [L, ...], drop exactly
     round(sparsity * n) of each layer slice (n = its size; same tie rule, within the slice)."""
+
     def one(s):
         rows = _rows(s)
         return keep_all_but_lowest(rows, int(round(sparsity * rows.shape[1]))).reshape(s.shape)
+
     return jax.tree.map(one, scores)

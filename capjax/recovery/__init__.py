@@ -13,12 +13,36 @@ from capjax.recovery.lora import LoRARankError, init_lora, lora_kernel, merge_lo
 from capjax.recovery.plot import plot_loss_curves
 from capjax.recovery.runner import run_recovery
 from capjax.recovery.settings import DEFAULTS, RecoverySettings, RecoverySettingsError, memory_bytes
-from capjax.recovery.train import (MaskTreeError, RecoveryDivergedError, batch_loss, build_optimizer, check_masks,
-                                   lr_schedule, recover)
+from capjax.recovery.train import (
+    MaskTreeError,
+    RecoveryDivergedError,
+    batch_loss,
+    build_optimizer,
+    check_masks,
+    lr_schedule,
+    recover,
+)
 
 __all__ = [
-    "DEFAULTS", "LoRARankError", "MaskTreeError", "RecoveryData", "RecoveryDataError", "RecoveryDivergedError",
-    "RecoverySettings", "RecoverySettingsError", "batch_loss", "build_optimizer", "build_recovery_data",
-    "check_masks", "init_lora", "lora_kernel", "lr_schedule", "memory_bytes", "merge_lora", "pack_for_training",
-    "plot_loss_curves", "recover", "run_recovery",
+    "DEFAULTS",
+    "LoRARankError",
+    "MaskTreeError",
+    "RecoveryData",
+    "RecoveryDataError",
+    "RecoveryDivergedError",
+    "RecoverySettings",
+    "RecoverySettingsError",
+    "batch_loss",
+    "build_optimizer",
+    "build_recovery_data",
+    "check_masks",
+    "init_lora",
+    "lora_kernel",
+    "lr_schedule",
+    "memory_bytes",
+    "merge_lora",
+    "pack_for_training",
+    "plot_loss_curves",
+    "recover",
+    "run_recovery",
 ]

@@ -29,8 +29,13 @@ class RecoveryCheckpoints:
         from capjax.provenance import code_version
 
         self.dir = (Path(root) / fingerprint).absolute()
-        self.ckpt = Checkpoints(self.dir, "step", code=code_version(), keep=KEEP,
-                                fix="delete the folder (capjax run --recompute deletes it)")
+        self.ckpt = Checkpoints(
+            self.dir,
+            "step",
+            code=code_version(),
+            keep=KEEP,
+            fix="delete the folder (capjax run --recompute deletes it)",
+        )
 
     def _path(self, step: int) -> Path:
         return self.ckpt.path(step)
@@ -56,17 +61,22 @@ class RecoveryCheckpoints:
         if code != self.ckpt.code:
             from capjax.artifacts import warn
 
-            warn(f"{self._path(s[-1])} was written by capjax {code or 'of an unrecorded version'} (this is "
-                 f"{self.ckpt.code}); recovery starts over from step 0")
+            warn(
+                f"{self._path(s[-1])} was written by capjax {code or 'of an unrecorded version'} (this is "
+                f"{self.ckpt.code}); recovery starts over from step 0"
+            )
             self.ckpt.clear()
             return None
         flat = self.ckpt.restore(s[-1])
         leaves, treedef = jax.tree.flatten(template)
         if len(flat) != len(leaves):
-            raise ValueError(f"checkpoint {self._path(s[-1])} has {len(flat)} arrays, the run's state has "
-                             f"{len(leaves)}: delete the folder to start over")
-        out = [jax.device_put(np.asarray(flat[f"leaf_{i:05d}"]).astype(t.dtype), t.sharding)
-               for i, t in enumerate(leaves)]
+            raise ValueError(
+                f"checkpoint {self._path(s[-1])} has {len(flat)} arrays, the run's state has "
+                f"{len(leaves)}: delete the folder to start over"
+            )
+        out = [
+            jax.device_put(np.asarray(flat[f"leaf_{i:05d}"]).astype(t.dtype), t.sharding) for i, t in enumerate(leaves)
+        ]
         return s[-1], jax.tree.unflatten(treedef, out)
 
     def close(self) -> None:

@@ -60,16 +60,19 @@ def pack_for_training(batch: Any) -> RecoveryData:
         raise RecoveryDataError("recovery data needs tokens and loss_mask [B, T] (a CalibrationBatch or a dict)")
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise RecoveryDataError(f"empty recovery data: tokens must be [B, T] with B >= 1 and T >= 2, "
-                                f"got shape {list(tokens.shape)}")
+        raise RecoveryDataError(
+            f"empty recovery data: tokens must be [B, T] with B >= 1 and T >= 2, got shape {list(tokens.shape)}"
+        )
     if loss_mask.shape != tokens.shape:
         raise RecoveryDataError(f"loss_mask shape {list(loss_mask.shape)} != tokens shape {list(tokens.shape)}")
     am = _get(batch, "attention_mask")
     packed = pack_examples(tokens, loss_mask, am, share_prefix=False)
     data = RecoveryData(packed.tokens, packed.segment_ids, packed.positions, packed.loss_mask)
     if data.loss_tokens == 0:
-        raise RecoveryDataError("recovery data has no loss tokens (loss_mask is zero after each example's first "
-                                "token): check the data builder or seq_len")
+        raise RecoveryDataError(
+            "recovery data has no loss tokens (loss_mask is zero after each example's first "
+            "token): check the data builder or seq_len"
+        )
     return data
 
 
@@ -85,8 +88,9 @@ def text_examples(tokenizer: Any, text: str, seq_len: int, n: int) -> dict[str, 
     return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": np.ones(tokens.shape, np.int32)}
 
 
-def build_recovery_data(source: str, tokenizer: Any, n: int, seq_len: int, seed: int = 0,
-                        data_dir: str | os.PathLike | None = None) -> RecoveryData:
+def build_recovery_data(
+    source: str, tokenizer: Any, n: int, seq_len: int, seed: int = 0, data_dir: str | os.PathLike | None = None
+) -> RecoveryData:
     """`source`: a calibration task (its train split, `capjax.data.build_calibration`) or "text:PATH"."""
     if source.startswith("text:"):
         path = Path(source[5:])
@@ -95,8 +99,7 @@ def build_recovery_data(source: str, tokenizer: Any, n: int, seq_len: int, seed:
         return pack_for_training(text_examples(tokenizer, path.read_text(encoding="utf-8"), seq_len, n))
     from capjax.data import build_calibration
 
-    return pack_for_training(build_calibration(source, tokenizer, n=n, seq_len=seq_len, seed=seed,
-                                               data_dir=data_dir))
+    return pack_for_training(build_calibration(source, tokenizer, n=n, seq_len=seq_len, seed=seed, data_dir=data_dir))
 
 
 def step_rows(rng: jax.Array, step: int, num_rows: int, batch_size: int) -> np.ndarray:
@@ -121,10 +124,13 @@ def _permutation(rng: jax.Array, epoch: int, num_rows: int) -> np.ndarray:
     return _PERM_CACHE[key]
 
 
-def step_batch(data: RecoveryData, rng: jax.Array, step: int, batch_size: int, grad_accum: int
-               ) -> dict[str, np.ndarray]:
+def step_batch(
+    data: RecoveryData, rng: jax.Array, step: int, batch_size: int, grad_accum: int
+) -> dict[str, np.ndarray]:
     """The arrays of step `step`, each [M, b, S]."""
     rows = step_rows(rng, step, len(data), batch_size)
     b = batch_size // grad_accum
-    return {k: getattr(data, k)[rows].reshape(grad_accum, b, -1)
-            for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+    return {
+        k: getattr(data, k)[rows].reshape(grad_accum, b, -1)
+        for k in ("tokens", "segment_ids", "positions", "loss_mask")
+    }

@@ -36,7 +36,7 @@ def kernel_dims(shape: tuple[int, ...], path: str, stacked: bool = True) -> tupl
     """(I, O) of a kernel of `shape` at `path`."""
     lead = 1 if stacked else 0
     n_in = PRUNABLE[path]
-    return int(np.prod(shape[lead:lead + n_in])), int(np.prod(shape[lead + n_in:]))
+    return int(np.prod(shape[lead : lead + n_in])), int(np.prod(shape[lead + n_in :]))
 
 
 def check_rank(params: Params, rank: int) -> None:
@@ -44,8 +44,10 @@ def check_rank(params: Params, rank: int) -> None:
     for p in PRUNABLE:
         i, o = kernel_dims(get_path(params, p).shape, p)
         if rank > min(i, o):
-            raise LoRARankError(f"recovery.rank={rank} is larger than {p} allows ([{i}, {o}] per layer: "
-                                f"rank <= {min(i, o)}); choose a smaller rank")
+            raise LoRARankError(
+                f"recovery.rank={rank} is larger than {p} allows ([{i}, {o}] per layer: "
+                f"rank <= {min(i, o)}); choose a smaller rank"
+            )
 
 
 def init_lora(params: Params, rank: int, key: jax.Array) -> Adapters:

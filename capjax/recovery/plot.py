@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 
-def plot_loss_curves(histories: Mapping[str, Mapping[str, Any]], path: str | Path,
-                     title: str = "recovery loss", smooth: int = 1) -> Path:
+def plot_loss_curves(
+    histories: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "recovery loss", smooth: int = 1
+) -> Path:
     """One line per method: `history["loss"]` [steps] against the step (a running mean over `smooth`
     steps when > 1). Writes `path` (png / pdf / svg by suffix) and returns it."""
     import matplotlib

@@ -82,14 +82,14 @@ class RecoverySettings:
     def __post_init__(self) -> None:
         check_settings(self)
 
-    def replace(self, **changes: Any) -> "RecoverySettings":
+    def replace(self, **changes: Any) -> RecoverySettings:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "RecoverySettings":
+    def from_dict(cls, d: dict[str, Any] | None) -> RecoverySettings:
         """From a config's `recovery:` mapping; unknown keys are refused by name."""
         d = dict(d or {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -108,22 +108,41 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+    return (
+        isinstance(v, (int, float, np.integer, np.floating))
+        and not isinstance(v, (bool, np.bool_))
         and bool(np.isfinite(v))
+    )
 
 
 # field -> (kind, test, the range in words); checked in this order, each before any other use
-_INTS = {"steps": 1, "warmup_steps": 0, "rank": 1, "batch_size": 1, "grad_accum": 1, "n": 1, "seq_len": 2,
-         "seed": 0, "checkpoint_every": 1}
-_NUMBERS = {"lr": (lambda v: v > 0, "> 0"), "final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-            "weight_decay": (lambda v: v >= 0, ">= 0"), "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-            "b2": (lambda v: 0 <= v < 1, "in [0, 1)"), "eps": (lambda v: v > 0, "> 0"),
-            "alpha": (lambda v: v > 0, "> 0"), "max_loss_ratio": (lambda v: v > 1, "> 1")}
+_INTS = {
+    "steps": 1,
+    "warmup_steps": 0,
+    "rank": 1,
+    "batch_size": 1,
+    "grad_accum": 1,
+    "n": 1,
+    "seq_len": 2,
+    "seed": 0,
+    "checkpoint_every": 1,
+}
+_NUMBERS = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eps": (lambda v: v > 0, "> 0"),
+    "alpha": (lambda v: v > 0, "> 0"),
+    "max_loss_ratio": (lambda v: v > 1, "> 1"),
+}
 
 
 def check_settings(s: RecoverySettings) -> None:
     """Raises RecoverySettingsError naming the field and the fix: every field's type and range
     (an integer is an int, not 2.5 or true; a number is finite), before anything loads."""
+
     def bad(field: str, why: str) -> None:
         raise RecoverySettingsError(f"recovery.{field}={getattr(s, field)!r}: {why}")
 
@@ -164,8 +183,10 @@ DISTIL_FIELDS = ("distil", "distil_temperature", "distil_ce_weight")
 def check_data_file(s: RecoverySettings) -> None:
     """The file of data=text:PATH exists (checked before anything loads), or one line naming it."""
     if s.data.startswith("text:") and not Path(s.data[5:]).is_file():
-        raise RecoverySettingsError(f"recovery.data={s.data!r}: text file {s.data[5:]} not found; give an existing "
-                                    "plain text file (relative paths are from the current folder)")
+        raise RecoverySettingsError(
+            f"recovery.data={s.data!r}: text file {s.data[5:]} not found; give an existing "
+            "plain text file (relative paths are from the current folder)"
+        )
 
 
 # The declared defaults, read without validating (validation reads the task registry, which loads
@@ -182,7 +203,7 @@ def lora_params(config: Any, rank: int) -> int:
     total = 0
     for p, n_in in PRUNABLE.items():
         shape = get_path(shapes, p).shape
-        fan_in, fan_out = int(np.prod(shape[1:1 + n_in])), int(np.prod(shape[1 + n_in:]))
+        fan_in, fan_out = int(np.prod(shape[1 : 1 + n_in])), int(np.prod(shape[1 + n_in :]))
         total += shape[0] * rank * (fan_in + fan_out)
     return total
 

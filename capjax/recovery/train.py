@@ -24,9 +24,10 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +37,13 @@ import optax
 from capjax import sharding
 from capjax.artifacts import Digest
 from capjax.model import Decoder, layer_context, token_nll, unembed
-from capjax.scan import scan_layers
 from capjax.pruning.importance import PRUNABLE, get_path
 from capjax.pruning.prune import apply_masks
 from capjax.recovery.checkpoint import RecoveryCheckpoints
 from capjax.recovery.data import pack_for_training, step_batch
 from capjax.recovery.lora import check_rank, init_lora, merge_layer, merge_lora
 from capjax.recovery.settings import DISTIL_FIELDS, RecoverySettings, memory_bytes
+from capjax.scan import scan_layers
 
 Params = dict[str, Any]
 LOSS_ROWS = 512  # loss positions per LM-head chunk: bounds the float32 [LOSS_ROWS, V] logits
@@ -63,17 +64,23 @@ def check_masks(params: Params, masks: Params) -> None:
         try:
             m = get_path(masks, p)
         except (KeyError, TypeError):
-            raise MaskTreeError(f"masks have no entry {p}: pass the masks returned by capjax.prune for these "
-                                "params (or capjax.pruning.prune.masks_from_flat(params, masks.npz))") from None
+            raise MaskTreeError(
+                f"masks have no entry {p}: pass the masks returned by capjax.prune for these "
+                "params (or capjax.pruning.prune.masks_from_flat(params, masks.npz))"
+            ) from None
         w = get_path(params, p)
         if m is None or tuple(np.shape(m)) != tuple(w.shape):
-            raise MaskTreeError(f"mask {p} has shape {None if m is None else list(np.shape(m))}, the kernel has "
-                                f"{list(w.shape)}: masks must come from pruning these params")
+            raise MaskTreeError(
+                f"mask {p} has shape {None if m is None else list(np.shape(m))}, the kernel has "
+                f"{list(w.shape)}: masks must come from pruning these params"
+            )
     extra: Any = jax.tree_util.tree_structure(params, is_leaf=lambda x: x is None)
     got: Any = jax.tree_util.tree_structure(masks, is_leaf=lambda x: x is None)
     if extra.num_leaves != got.num_leaves:
-        raise MaskTreeError(f"masks have {got.num_leaves} leaves, the params {extra.num_leaves}: masks must have "
-                            "the params' tree (None at the unpruned leaves)")
+        raise MaskTreeError(
+            f"masks have {got.num_leaves} leaves, the params {extra.num_leaves}: masks must have "
+            "the params' tree (None at the unpruned leaves)"
+        )
 
 
 def resolve_mode(model: Decoder, params: Params, settings: RecoverySettings) -> str:
@@ -90,14 +97,15 @@ def build_optimizer(settings: RecoverySettings) -> optax.GradientTransformation:
     """Global-norm clipping (when set), then AdamW on the warmup-cosine schedule of `settings`."""
     return optax.chain(
         optax.clip_by_global_norm(settings.grad_clip) if settings.grad_clip else optax.identity(),
-        optax.adamw(lr_schedule(settings), settings.b1, settings.b2, settings.eps,
-                    weight_decay=settings.weight_decay))
+        optax.adamw(lr_schedule(settings), settings.b1, settings.b2, settings.eps, weight_decay=settings.weight_decay),
+    )
 
 
 def lr_schedule(settings: RecoverySettings) -> optax.Schedule:
     warmup = min(settings.warmup_steps, settings.steps - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, settings.steps,
-                                              settings.lr * settings.final_lr_fraction)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, settings.lr, warmup, settings.steps, settings.lr * settings.final_lr_fraction
+    )
 
 
 # ---------------------------------------------------------------------------- loss
@@ -114,14 +122,16 @@ class Distillation:
 
 def _hidden(model: Decoder, params: Params, batch: dict[str, jax.Array], layers: Any, layer_fn, remat: bool):
     """Final hidden states [b, S, E] of a micro-batch; layers: the scanned layer tree."""
-    x, ctx = layer_context(model, params, batch["tokens"], positions=batch["positions"],
-                           segment_ids=batch["segment_ids"])
+    x, ctx = layer_context(
+        model, params, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+    )
 
     return scan_layers(model, params, x, ctx, layers=(layers, layer_fn), remat=remat)
 
 
-def distil_position_loss(student_logits: jax.Array, teacher_logits: jax.Array, target: jax.Array,
-                         distil: Distillation) -> jax.Array:
+def distil_position_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, target: jax.Array, distil: Distillation
+) -> jax.Array:
     """Per position [Q]: T^2 KL(p_teacher^T || p_student^T) + ce_weight * NLL, from logits [Q, V]."""
     t = distil.temperature
     log_ps = jax.nn.log_softmax(student_logits / t, axis=-1)
@@ -133,8 +143,16 @@ def distil_position_loss(student_logits: jax.Array, teacher_logits: jax.Array, t
     return loss
 
 
-def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers: Any, layer_fn, remat: bool,
-             distil: Distillation | None = None, teacher: Params | None = None):
+def _nll_sum(
+    model: Decoder,
+    params: Params,
+    batch: dict[str, jax.Array],
+    layers: Any,
+    layer_fn,
+    remat: bool,
+    distil: Distillation | None = None,
+    teacher: Params | None = None,
+):
     """(summed loss, loss tokens) of one micro-batch [b, S]; layers: the scanned layer tree. The
     loss is the NLL, or with `distil` the distillation loss against the teacher's logits (computed
     here, on the fly, from `teacher` params that get no gradient)."""
@@ -148,6 +166,7 @@ def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers
     h, target, w = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(target, (0, pad)), jnp.pad(w, (0, pad))
     xs: tuple[jax.Array, ...] = (h.reshape(-1, C, h.shape[-1]), target.reshape(-1, C), w.reshape(-1, C))
     if distil is None:
+
         @jax.checkpoint
         def chunk(total, xs):
             hc, tc, wc = xs
@@ -169,20 +188,46 @@ def _nll_sum(model: Decoder, params: Params, batch: dict[str, jax.Array], layers
     return total, jnp.sum(w)
 
 
-def _micro_loss(model: Decoder, mode: str, scale: float, remat: bool, distil: Distillation | None, trainable, frozen,
-                masks, mb, teacher=None):
+def _micro_loss(
+    model: Decoder,
+    mode: str,
+    scale: float,
+    remat: bool,
+    distil: Distillation | None,
+    trainable,
+    frozen,
+    masks,
+    mb,
+    teacher=None,
+):
     """(summed loss, loss tokens) of micro-batch mb [b, S]; full: trainable are the params; lora:
     trainable are the adapters over the frozen params; distil: against the teacher's params."""
     if mode == "full":
         return _nll_sum(model, trainable, mb, trainable["layers"], lambda lp: lp, remat, distil, teacher)
     masks_l = {p: get_path(masks, p) for p in trainable}
-    return _nll_sum(model, frozen, mb, (frozen["layers"], trainable, masks_l),
-                    lambda t: merge_layer(t[0], t[1], t[2], scale), remat, distil, teacher)
+    return _nll_sum(
+        model,
+        frozen,
+        mb,
+        (frozen["layers"], trainable, masks_l),
+        lambda t: merge_layer(t[0], t[1], t[2], scale),
+        remat,
+        distil,
+        teacher,
+    )
 
 
-def batch_loss(model: Decoder, params: Params, data: Any, adapters: dict | None = None, masks: Params | None = None,
-               scale: float = 1.0, rows_per_call: int = 8, distil: Distillation | None = None,
-               teacher: Params | None = None) -> float:
+def batch_loss(
+    model: Decoder,
+    params: Params,
+    data: Any,
+    adapters: dict | None = None,
+    masks: Params | None = None,
+    scale: float = 1.0,
+    rows_per_call: int = 8,
+    distil: Distillation | None = None,
+    teacher: Params | None = None,
+) -> float:
     """Mean NLL over the loss tokens of `data` (as `recover` trains on it: packed, answer tokens or
     every text token), for params, or for params with LoRA adapters under masks (the training
     forward); with `distil` and the teacher's params, the distillation loss instead. Rows go
@@ -226,8 +271,14 @@ def _cached_step(model: Decoder, mode: str, scale: float, remat: bool, key: tupl
     return _step_fn(model, mode, scale, remat, _default_optimizer(key)[0], distil)
 
 
-def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: optax.GradientTransformation,
-             distil: Distillation | None = None):
+def _step_fn(
+    model: Decoder,
+    mode: str,
+    scale: float,
+    remat: bool,
+    optimizer: optax.GradientTransformation,
+    distil: Distillation | None = None,
+):
     # The gradient is taken with respect to the trainable tree only: the teacher is an input.
     grad_fn = jax.value_and_grad(partial(_micro_loss, model, mode, scale, remat, distil), has_aux=True)
 
@@ -240,8 +291,9 @@ def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: op
             return (s + total, c + count, jax.tree.map(jnp.add, gs, g)), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        (total, count, grads), _ = jax.lax.scan(acc, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
-                                                batch)
+        (total, count, grads), _ = jax.lax.scan(
+            acc, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros), batch
+        )
         count = jnp.maximum(count, 1.0)
         loss = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -253,19 +305,39 @@ def _step_fn(model: Decoder, mode: str, scale: float, remat: bool, optimizer: op
             new = apply_masks(new, masks)
         losses = state["losses"].at[state["step"]].set(loss)
         norms = jnp.stack([optax.tree.norm(grads), optax.tree.norm(updates)])
-        return {"trainable": new, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"],
-                "losses": losses}, loss, norms
+        return (
+            {
+                "trainable": new,
+                "opt_state": opt_state,
+                "step": state["step"] + 1,
+                "rng": state["rng"],
+                "losses": losses,
+            },
+            loss,
+            norms,
+        )
 
     return jax.jit(step, donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------- run
-def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: str, optimizer,
-                 distil: Distillation | None = None, teacher: Params | None = None) -> str:
-    kept = {k: v for k, v in settings.to_dict().items()
-            if k not in ("checkpoint_every", "max_loss_ratio", *DISTIL_FIELDS)}  # distillation: from `distil`
-    d = Digest().text(json.dumps([repr(model.config), str(model.dtype), mode, kept, optimizer is None],
-                                 sort_keys=True, default=str))
+def _fingerprint(
+    model,
+    params,
+    masks,
+    data,
+    settings: RecoverySettings,
+    mode: str,
+    optimizer,
+    distil: Distillation | None = None,
+    teacher: Params | None = None,
+) -> str:
+    kept = {
+        k: v for k, v in settings.to_dict().items() if k not in ("checkpoint_every", "max_loss_ratio", *DISTIL_FIELDS)
+    }  # distillation: from `distil`
+    d = Digest().text(
+        json.dumps([repr(model.config), str(model.dtype), mode, kept, optimizer is None], sort_keys=True, default=str)
+    )
     if distil is not None:
         d.text(repr((distil.teacher.config, distil.temperature, distil.ce_weight)))
     d.raw(Digest().raw(data.fingerprint()).digest())
@@ -275,11 +347,24 @@ def _fingerprint(model, params, masks, data, settings: RecoverySettings, mode: s
     return d.hex(16)
 
 
-def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int | None = None,
-            optimizer: optax.GradientTransformation | None = None, *, settings: RecoverySettings | None = None,
-            checkpoint_dir: str | Path | None = None, mesh: Any = None, progress: bool = True,
-            callback: Callable[[int, Any], None] | None = None, teacher: tuple[Decoder, Params] | None = None,
-            temperature: float = 1.0, ce_weight: float = 0.0, **overrides: Any) -> tuple[Params, dict[str, Any]]:
+def recover(
+    model: Decoder,
+    params: Params,
+    masks: Params,
+    data: Any,
+    steps: int | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    settings: RecoverySettings | None = None,
+    checkpoint_dir: str | Path | None = None,
+    mesh: Any = None,
+    progress: bool = True,
+    callback: Callable[[int, Any], None] | None = None,
+    teacher: tuple[Decoder, Params] | None = None,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    **overrides: Any,
+) -> tuple[Params, dict[str, Any]]:
     """Fine-tunes a pruned model; returns (params, history). Pruned entries are exactly zero in
     the result (and after every step of full fine-tuning).
 
@@ -325,8 +410,9 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     if mesh is not None:
         params, masks = sharding.shard_params(params, mesh), sharding.shard_params(masks, mesh)
         teacher_params = None if teacher_params is None else sharding.shard_params(teacher_params, mesh)
-    tx, tx_init = (optimizer, jax.jit(optimizer.init)) if optimizer is not None else _default_optimizer(
-        _optimizer_key(settings))
+    tx, tx_init = (
+        (optimizer, jax.jit(optimizer.init)) if optimizer is not None else _default_optimizer(_optimizer_key(settings))
+    )
     rng = jax.random.PRNGKey(settings.seed)
     if mode == "full":
         # A copy: the step donates its state, and astype of a float32 array would be the caller's buffer.
@@ -335,19 +421,28 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         trainable, frozen = init_lora(params, settings.rank, jax.random.fold_in(rng, 1)), params
         if mesh is not None:
             trainable = jax.device_put(trainable, sharding.replicated(mesh))
-    state = {"trainable": trainable, "opt_state": tx_init(trainable), "step": jnp.zeros((), jnp.int32),
-             "rng": rng, "losses": jnp.zeros((settings.steps,), jnp.float32)}
+    state = {
+        "trainable": trainable,
+        "opt_state": tx_init(trainable),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": rng,
+        "losses": jnp.zeros((settings.steps,), jnp.float32),
+    }
     store = None
     start = 0
     if checkpoint_dir is not None:
-        store = RecoveryCheckpoints(checkpoint_dir, _fingerprint(model, params, masks, data, settings, mode, optimizer,
-                                                                 distil, teacher_params))
+        store = RecoveryCheckpoints(
+            checkpoint_dir, _fingerprint(model, params, masks, data, settings, mode, optimizer, distil, teacher_params)
+        )
         restored = store.restore(state)
         if restored is not None:
             start, state = restored
     scale = settings.alpha / settings.rank
-    step_fn = (_cached_step(model, mode, scale, settings.remat, _optimizer_key(settings), distil) if optimizer is None
-               else _step_fn(model, mode, scale, settings.remat, tx, distil))
+    step_fn = (
+        _cached_step(model, mode, scale, settings.remat, _optimizer_key(settings), distil)
+        if optimizer is None
+        else _step_fn(model, mode, scale, settings.remat, tx, distil)
+    )
     put = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh, axis=1))
     bar = None
     if progress:
@@ -360,19 +455,24 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
         for s in range(start, settings.steps):
             batch = step_batch(data, state["rng"], s, settings.batch_size, settings.grad_accum)
             n_tok = int((batch["segment_ids"] > 0).sum())
-            new_state, loss, norms = step_fn(state, frozen, masks, put(jax.tree.map(jnp.asarray, batch)),
-                                             teacher_params)
+            new_state, loss, norms = step_fn(
+                state, frozen, masks, put(jax.tree.map(jnp.asarray, batch)), teacher_params
+            )
             loss, (gnorm, unorm) = float(loss), np.asarray(norms).tolist()
             first = loss if first is None else first
             finite = math.isfinite(loss) and math.isfinite(gnorm) and math.isfinite(unorm)
             if not finite or loss > settings.max_loss_ratio * first:
                 last = store.latest() if store else None
-                why = ("a NaN / infinite loss, gradient or update" if not finite
-                       else f"the loss exceeds {settings.max_loss_ratio:g} x the first step's {first:.4f}")
+                why = (
+                    "a NaN / infinite loss, gradient or update"
+                    if not finite
+                    else f"the loss exceeds {settings.max_loss_ratio:g} x the first step's {first:.4f}"
+                )
                 raise RecoveryDivergedError(
                     f"recovery stopped at step {s + 1}: loss {loss:.4g}, gradient norm {gnorm:.4g} ({why}); "
                     + (f"last good checkpoint: {last}" if last else "no checkpoint (pass checkpoint_dir)")
-                    + "; lower recovery.lr or raise warmup_steps")
+                    + "; lower recovery.lr or raise warmup_steps"
+                )
             state = new_state
             if t0 is None:  # the first step includes compilation
                 t0 = time.perf_counter()
@@ -401,8 +501,11 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     history = {
         "loss": np.asarray(state["losses"]).tolist(),
         "lr": [float(schedule(i)) for i in range(settings.steps)] if optimizer is None else None,
-        "mode": mode, "steps": settings.steps, "resumed_from": start,
-        "tokens_per_s": tokens_done / elapsed if tokens_done else None, "seconds": elapsed,
+        "mode": mode,
+        "steps": settings.steps,
+        "resumed_from": start,
+        "tokens_per_s": tokens_done / elapsed if tokens_done else None,
+        "seconds": elapsed,
         "checkpoint": str(store.latest()) if store and store.latest() else None,
         "settings": dataclasses.asdict(settings),
     }
@@ -411,8 +514,9 @@ def recover(model: Decoder, params: Params, masks: Params, data: Any, steps: int
     return out, history
 
 
-def _check_teacher(model: Decoder, teacher: Any, temperature: float,
-                   ce_weight: float) -> tuple[Distillation | None, Params | None]:
+def _check_teacher(
+    model: Decoder, teacher: Any, temperature: float, ce_weight: float
+) -> tuple[Distillation | None, Params | None]:
     """(Distillation, teacher params) from recover's teacher=(model, params), or one-line refusals."""
     if teacher is None:
         return None, None
@@ -420,8 +524,10 @@ def _check_teacher(model: Decoder, teacher: Any, temperature: float,
         raise ValueError("teacher must be a (model, params) pair as capjax.load_pretrained returns")
     t_model, t_params = teacher
     if t_model.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"teacher vocab_size {t_model.config.vocab_size} != student {model.config.vocab_size}: "
-                         "distillation compares logits over one vocabulary")
+        raise ValueError(
+            f"teacher vocab_size {t_model.config.vocab_size} != student {model.config.vocab_size}: "
+            "distillation compares logits over one vocabulary"
+        )
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r}: expected a positive number")
     if not (math.isfinite(ce_weight) and ce_weight >= 0):

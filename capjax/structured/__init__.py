@@ -11,5 +11,14 @@ from capjax.structured.mask import masked_logits
 from capjax.structured.plan import Plan, PlanError, Shape, budget_shape, choose, target_shape
 from capjax.structured.shrink import shrink, shrink_params
 
-__all__ = ["Plan", "PlanError", "Shape", "budget_shape", "choose", "masked_logits", "shrink", "shrink_params",
-           "target_shape"]
+__all__ = [
+    "Plan",
+    "PlanError",
+    "Shape",
+    "budget_shape",
+    "choose",
+    "masked_logits",
+    "shrink",
+    "shrink_params",
+    "target_shape",
+]

@@ -20,6 +20,7 @@ import numpy as np
 from capjax.structured import scores as S
 from capjax.structured.plan import Plan, PlanError, Shape, budget_shape, choose, target_shape
 
+
 def shape_for(config, sparsity: float | None, options: dict[str, Any]) -> Shape:
     """Explicit heads / mlp fractions (and layers) when either is set or `sparsity` is None; else a
     parameter budget: the fraction `sparsity` of the parameters removed, `layers` layers first, then
@@ -37,14 +38,26 @@ def describe_shape(config, sparsity: float | None, options: dict[str, Any]) -> s
     return shape_for(config, sparsity, options).describe(config)
 
 
-def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens=None, loss_mask=None,
-                    attention_mask=None, mlp_score: str = "activation", layer_score: str = "ablation",
-                    batch_size: int = 8, mlp_group: int = 64) -> Plan:
+def structured_plan(
+    model,
+    params,
+    shape: Shape,
+    head_scores: Any = None,
+    tokens=None,
+    loss_mask=None,
+    attention_mask=None,
+    mlp_score: str = "activation",
+    layer_score: str = "ablation",
+    batch_size: int = 8,
+    mlp_group: int = 64,
+) -> Plan:
     """The plan keeping the highest-scoring heads, channels and layers (scores only where removed)."""
     c = model.config
     if mlp_score not in S.CHANNEL_SCORES or layer_score not in S.LAYER_SCORES:
-        raise PlanError(f"mlp_score={mlp_score!r} / layer_score={layer_score!r}: use one of "
-                        f"{', '.join(S.CHANNEL_SCORES)} / {', '.join(S.LAYER_SCORES)}")
+        raise PlanError(
+            f"mlp_score={mlp_score!r} / layer_score={layer_score!r}: use one of "
+            f"{', '.join(S.CHANNEL_SCORES)} / {', '.join(S.LAYER_SCORES)}"
+        )
     cut_heads = shape.num_heads < c.num_heads
     cut_mlp = shape.intermediate_size < c.intermediate_size
     cut_layers = shape.num_layers < c.num_layers
@@ -64,16 +77,19 @@ def structured_plan(model, params, shape: Shape, head_scores: Any = None, tokens
             chan = S.channel_activation_scores(model, params, tokens, attention_mask, batch_size)
             if mlp_score == "ablation":
                 groups = S.rank_groups(chan, mlp_group)
-                delta_g = S.channel_group_ablation_scores(model, params, tokens, loss_mask, groups, attention_mask,
-                                                          batch_size)
+                delta_g = S.channel_group_ablation_scores(
+                    model, params, tokens, loss_mask, groups, attention_mask, batch_size
+                )
                 chan = S.group_scores_to_channels(delta_g, groups, chan)
         else:
             chan = S.channel_gradient_scores(model, params, tokens, loss_mask, attention_mask, batch_size)
             chan = np.abs(chan) if mlp_score == "taylor" else chan
     if cut_layers:
-        lay = (S.layer_ablation_scores(model, params, tokens, loss_mask, attention_mask)
-               if layer_score == "ablation" else S.layer_influence_scores(model, params, tokens, attention_mask,
-                                                                          batch_size))
+        lay = (
+            S.layer_ablation_scores(model, params, tokens, loss_mask, attention_mask)
+            if layer_score == "ablation"
+            else S.layer_influence_scores(model, params, tokens, attention_mask, batch_size)
+        )
     return choose(c, shape, np.asarray(delta) if cut_heads else None, chan, lay)
 
 
@@ -111,6 +127,16 @@ def cap_structured(job) -> tuple[dict, dict]:
     if loss_mask is None and job.attention_mask is not None:  # calibration without answers: every real token
         loss_mask = np.asarray(job.attention_mask, np.float32).copy()
         loss_mask[:, 0] = 0.0
-    plan = structured_plan(job.model, job.params, shape, job.delta, job.tokens, loss_mask,
-                           job.attention_mask, o["mlp_score"], o["layer_score"], o["batch_size"])
+    plan = structured_plan(
+        job.model,
+        job.params,
+        shape,
+        job.delta,
+        job.tokens,
+        loss_mask,
+        job.attention_mask,
+        o["mlp_score"],
+        o["layer_score"],
+        o["batch_size"],
+    )
     return job.kernels, plan_masks(c, job.kernels, plan, job.family)

@@ -48,19 +48,26 @@ class Shape:
     def config(self, config: ModelConfig, layer_types: tuple[str, ...] | None = None) -> ModelConfig:
         """The smaller ModelConfig (head_dim kept); layer_types: the kept layers' types (Gemma)."""
         if config.layer_types is not None and layer_types is None:
-            layer_types = config.layer_types[:self.num_layers]  # counts only (num_params); `Plan` passes the kept ones
-        return dataclasses.replace(config, num_layers=self.num_layers, num_heads=self.num_heads,
-                                   num_kv_heads=self.num_kv_heads, intermediate_size=self.intermediate_size,
-                                   layer_types=layer_types)
+            layer_types = config.layer_types[: self.num_layers]  # counts only (num_params); `Plan` passes the kept ones
+        return dataclasses.replace(
+            config,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size,
+            layer_types=layer_types,
+        )
 
     def describe(self, config: ModelConfig) -> str:
         """One line: old -> new counts and parameters."""
         small = self.config(config)
-        return (f"layers {config.num_layers} -> {self.num_layers}, heads {config.num_heads} -> {self.num_heads} "
-                f"(kv {config.num_kv_heads} -> {self.num_kv_heads}, head_dim {config.head_dim} kept), "
-                f"MLP {config.intermediate_size} -> {self.intermediate_size}, "
-                f"parameters {config.num_params():,} -> {small.num_params():,} "
-                f"({small.num_params() / config.num_params():.1%})")
+        return (
+            f"layers {config.num_layers} -> {self.num_layers}, heads {config.num_heads} -> {self.num_heads} "
+            f"(kv {config.num_kv_heads} -> {self.num_kv_heads}, head_dim {config.head_dim} kept), "
+            f"MLP {config.intermediate_size} -> {self.intermediate_size}, "
+            f"parameters {config.num_params():,} -> {small.num_params():,} "
+            f"({small.num_params() / config.num_params():.1%})"
+        )
 
 
 def _round(x: float) -> int:
@@ -88,21 +95,28 @@ def _kept_heads(config: ModelConfig, heads: float, num_heads: int | None, head_g
             return K, n // K
         if head_groups != "query" and n % G == 0:
             return n // G, G
-        raise PlanError(f"num_heads={n} does not keep GQA groups equal: with K={K} kv heads of G={G} query heads, "
-                        f"keep a multiple of K (query heads per group) or of G (whole kv groups)")
+        raise PlanError(
+            f"num_heads={n} does not keep GQA groups equal: with K={K} kv heads of G={G} query heads, "
+            f"keep a multiple of K (query heads per group) or of G (whole kv groups)"
+        )
     f = _fraction("heads", heads)
     mode = head_groups if head_groups != "auto" else ("kv" if G == 1 else "query")
     if mode == "query" and G == 1:
-        raise PlanError(f"heads={f:g} with head_groups='query': each kv head has one query head (G=1); "
-                        "use head_groups='kv' (whole kv groups)")
+        raise PlanError(
+            f"heads={f:g} with head_groups='query': each kv head has one query head (G=1); "
+            "use head_groups='kv' (whole kv groups)"
+        )
     unit, count = (G, "G") if mode == "query" else (K, "K")
     removed = _round(f * unit)
     if f > 0 and removed == 0:
-        raise PlanError(f"heads={f:g} removes no head: {'query heads per kv group' if mode == 'query' else 'kv groups'}"
-                        f" come in steps of 1/{count} = {1 / unit:.3g}; ask for at least {0.5 / unit:.3g}")
+        raise PlanError(
+            f"heads={f:g} removes no head: {'query heads per kv group' if mode == 'query' else 'kv groups'}"
+            f" come in steps of 1/{count} = {1 / unit:.3g}; ask for at least {0.5 / unit:.3g}"
+        )
     if removed >= unit:
-        raise PlanError(f"heads={f:g} leaves a layer with no heads ({count}={unit}); "
-                        f"ask for at most {(unit - 1) / unit:.3g}")
+        raise PlanError(
+            f"heads={f:g} leaves a layer with no heads ({count}={unit}); ask for at most {(unit - 1) / unit:.3g}"
+        )
     return (K, G - removed) if mode == "query" else (K - removed, G)
 
 
@@ -124,8 +138,15 @@ def _kept_layers(config: ModelConfig, layers: float) -> int:
     return L - removed
 
 
-def target_shape(config: ModelConfig, heads: float = 0.0, mlp: float = 0.0, layers: float = 0,
-                 num_heads: int | None = None, head_groups: str = "auto", check: bool = True) -> Shape:
+def target_shape(
+    config: ModelConfig,
+    heads: float = 0.0,
+    mlp: float = 0.0,
+    layers: float = 0,
+    num_heads: int | None = None,
+    head_groups: str = "auto",
+    check: bool = True,
+) -> Shape:
     """The kept counts for removed fractions (heads, mlp in [0, 1)) and layers (a count >= 1 or a
     fraction); num_heads: a kept count of query heads per layer instead of `heads`. Refuses (PlanError,
     one line) what the result cannot be, and checks that the family's config can express it."""
@@ -145,8 +166,11 @@ def target_shape(config: ModelConfig, heads: float = 0.0, mlp: float = 0.0, laye
 
 def layer_params(config: ModelConfig) -> int:
     """Parameters of the L decoder layers (everything but the embeddings, LM head and final norm)."""
-    return config.num_params() - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) \
+    return (
+        config.num_params()
+        - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
         - config.hidden_size
+    )
 
 
 def budget_shape(config: ModelConfig, budget: float, layers: float = 0, head_groups: str = "auto") -> Shape:
@@ -168,8 +192,10 @@ def budget_shape(config: ModelConfig, budget: float, layers: float = 0, head_gro
             best = shape
             break
     if best is None:
-        raise PlanError(f"budget={budget:g} ({target:,.0f} layer parameters of {total:,}) is below every shape that "
-                        "removes heads and MLP channels alike; remove layers too, or raise the budget")
+        raise PlanError(
+            f"budget={budget:g} ({target:,.0f} layer parameters of {total:,}) is below every shape that "
+            "removes heads and MLP channels alike; remove layers too, or raise the budget"
+        )
     check_expressible(config, best)
     return best
 
@@ -183,12 +209,16 @@ def check_expressible(config: ModelConfig, shape: Shape) -> None:
         back = ModelConfig.from_hf(small.to_hf().to_dict())
     except (UnsupportedConfigError, StrictDataclassError, ValueError) as e:
         why = str(getattr(e, "__cause__", None) or e).strip().splitlines()[-1].strip()
-        raise PlanError(f"{config.model_type}'s config cannot express {shape.num_heads} heads, "
-                        f"{shape.num_kv_heads} kv heads ({why}); choose another heads fraction or num_heads") from None
+        raise PlanError(
+            f"{config.model_type}'s config cannot express {shape.num_heads} heads, "
+            f"{shape.num_kv_heads} kv heads ({why}); choose another heads fraction or num_heads"
+        ) from None
     if back != small:
         diff = [f.name for f in dataclasses.fields(small) if getattr(back, f.name) != getattr(small, f.name)]
-        raise PlanError(f"{config.model_type}'s config does not keep {', '.join(diff)} of the smaller model; "
-                        "keep every head, or use a family with a free head_dim")
+        raise PlanError(
+            f"{config.model_type}'s config does not keep {', '.join(diff)} of the smaller model; "
+            "keep every head, or use a family with a free head_dim"
+        )
 
 
 # ---------------------------------------------------------------------------- which ones
@@ -220,11 +250,20 @@ class Plan:
 
     def validate(self, config: ModelConfig) -> None:
         """Indices in range, unique, ascending, and each kept query head in its kv group's block."""
-        L, H, K, F, G = (config.num_layers, config.num_heads, config.num_kv_heads, config.intermediate_size,
-                         config.group_size)
+        L, H, K, F, G = (
+            config.num_layers,
+            config.num_heads,
+            config.num_kv_heads,
+            config.intermediate_size,
+            config.group_size,
+        )
         L2 = len(self.layers)
-        for name, a, n, rows in (("layers", self.layers[None], L, 1), ("kv_heads", self.kv_heads, K, L2),
-                                 ("heads", self.heads, H, L2), ("channels", self.channels, F, L2)):
+        for name, a, n, rows in (
+            ("layers", self.layers[None], L, 1),
+            ("kv_heads", self.kv_heads, K, L2),
+            ("heads", self.heads, H, L2),
+            ("channels", self.channels, F, L2),
+        ):
             if a.ndim != 2 or a.shape[0] != rows or a.shape[1] == 0:
                 raise PlanError(f"plan.{name} has shape {list(a.shape)}: expected [{rows}, >0]")
             if a.min() < 0 or a.max() >= n or np.any(np.diff(a, axis=1) <= 0):
@@ -261,11 +300,12 @@ class Plan:
 
     # ------------------------------------------------------------------ files
     def to_json(self) -> str:
-        return json.dumps({k: np.asarray(getattr(self, k)).tolist() for k in ("layers", "kv_heads", "heads",
-                                                                              "channels")})
+        return json.dumps(
+            {k: np.asarray(getattr(self, k)).tolist() for k in ("layers", "kv_heads", "heads", "channels")}
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         d = json.loads(text)
         return cls(*(np.asarray(d[k], np.int64) for k in ("layers", "kv_heads", "heads", "channels")))
 
@@ -281,15 +321,21 @@ def _check_scores(name: str, scores: Any, shape: tuple[int, ...]) -> np.ndarray 
     return a
 
 
-def choose(config: ModelConfig, shape: Shape, head_scores: Any = None, channel_scores: Any = None,
-           layer_scores: Any = None) -> Plan:
+def choose(
+    config: ModelConfig, shape: Shape, head_scores: Any = None, channel_scores: Any = None, layer_scores: Any = None
+) -> Plan:
     """Keeps the highest-scoring units (higher = more important; None: keep the first ones).
 
     head_scores [L, H] (e.g. CAP's delta): per layer, the K' kv groups of highest total score, and in
     each the G' highest heads; channel_scores [L, F]: the F' highest channels per layer;
     layer_scores [L]: the L' highest layers."""
-    L, H, K, F, G = (config.num_layers, config.num_heads, config.num_kv_heads, config.intermediate_size,
-                     config.group_size)
+    L, H, K, F, G = (
+        config.num_layers,
+        config.num_heads,
+        config.num_kv_heads,
+        config.intermediate_size,
+        config.group_size,
+    )
     hs = _check_scores("head_scores", head_scores, (L, H))
     cs = _check_scores("channel_scores", channel_scores, (L, F))
     ls = _check_scores("layer_scores", layer_scores, (L,))
@@ -300,9 +346,14 @@ def choose(config: ModelConfig, shape: Shape, head_scores: Any = None, channel_s
         kv = _top(s.sum(axis=1), shape.num_kv_heads)
         kv_rows.append(kv)
         head_rows.append(np.concatenate([k * G + _top(s[k], shape.group_size) for k in kv]))
-        channel_rows.append(_top(cs[l], shape.intermediate_size) if cs is not None
-                            else np.arange(shape.intermediate_size))
-    plan = Plan(np.asarray(layers, np.int64), np.asarray(kv_rows, np.int64), np.asarray(head_rows, np.int64),
-                np.asarray(channel_rows, np.int64))
+        channel_rows.append(
+            _top(cs[l], shape.intermediate_size) if cs is not None else np.arange(shape.intermediate_size)
+        )
+    plan = Plan(
+        np.asarray(layers, np.int64),
+        np.asarray(kv_rows, np.int64),
+        np.asarray(head_rows, np.int64),
+        np.asarray(channel_rows, np.int64),
+    )
     plan.validate(config)
     return plan

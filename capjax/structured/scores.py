@@ -25,7 +25,6 @@ Heads use CAP's head scores (`capjax.score_heads`, delta [L, H]). Here:
 from __future__ import annotations
 
 from functools import partial
-
 from typing import Any
 
 import jax
@@ -79,8 +78,13 @@ def _per_chunk(model, params, tokens, loss_mask, attention_mask, batch_size, fn)
         b, t, target = answer_rows(loss_mask[s])
         if len(b) == 0:
             continue
-        args = (jnp.asarray(tokens[s]), jnp.asarray(am[s]), jnp.asarray(b), jnp.asarray(t),
-                jnp.asarray(tokens[s][b, target]))
+        args = (
+            jnp.asarray(tokens[s]),
+            jnp.asarray(am[s]),
+            jnp.asarray(b),
+            jnp.asarray(t),
+            jnp.asarray(tokens[s][b, target]),
+        )
         total = total + fn(*args)
         count += len(b)
     if count == 0:
@@ -88,24 +92,31 @@ def _per_chunk(model, params, tokens, loss_mask, attention_mask, batch_size, fn)
     return total, count
 
 
-def answer_loss(model: Decoder, params, tokens, loss_mask, attention_mask=None, channel_mask=None,
-                batch_size: int = 8) -> float:
+def answer_loss(
+    model: Decoder, params, tokens, loss_mask, attention_mask=None, channel_mask=None, batch_size: int = 8
+) -> float:
     """Token-level answer NLL (sum over answer tokens / their count), channels scaled by channel_mask."""
     c = model.config
-    m = jnp.ones((c.num_layers, c.intermediate_size), jnp.float32) if channel_mask is None else jnp.asarray(
-        channel_mask, jnp.float32)
-    total, count = _per_chunk(model, params, tokens, loss_mask, attention_mask, batch_size,
-                              lambda *a: answer_nll_sum(model, params, *a, m))
+    m = (
+        jnp.ones((c.num_layers, c.intermediate_size), jnp.float32)
+        if channel_mask is None
+        else jnp.asarray(channel_mask, jnp.float32)
+    )
+    total, count = _per_chunk(
+        model, params, tokens, loss_mask, attention_mask, batch_size, lambda *a: answer_nll_sum(model, params, *a, m)
+    )
     return float(total) / count
 
 
-def channel_gradient_scores(model: Decoder, params, tokens, loss_mask, attention_mask=None,
-                            batch_size: int = 8) -> np.ndarray:
+def channel_gradient_scores(
+    model: Decoder, params, tokens, loss_mask, attention_mask=None, batch_size: int = 8
+) -> np.ndarray:
     """[L, F] -d loss / d m at m = 1 (see the module docstring), float64."""
     c = model.config
     ones = jnp.ones((c.num_layers, c.intermediate_size), jnp.float32)
-    total, count = _per_chunk(model, params, tokens, loss_mask, attention_mask, batch_size,
-                              lambda *a: _nll_grad(model, params, *a, ones))
+    total, count = _per_chunk(
+        model, params, tokens, loss_mask, attention_mask, batch_size, lambda *a: _nll_grad(model, params, *a, ones)
+    )
     return _finite("channel gradient scores", -np.asarray(total, np.float64) / count)
 
 
@@ -121,8 +132,9 @@ def contiguous_groups(config, size: int) -> np.ndarray:
     """[L, F] group of each channel: blocks of `size` consecutive channels (the last may be smaller)."""
     if not 1 <= int(size) <= config.intermediate_size:
         raise ValueError(f"group size {size}: use 1 to {config.intermediate_size} (the MLP width)")
-    return np.broadcast_to(np.arange(config.intermediate_size) // int(size),
-                           (config.num_layers, config.intermediate_size)).copy()
+    return np.broadcast_to(
+        np.arange(config.intermediate_size) // int(size), (config.num_layers, config.intermediate_size)
+    ).copy()
 
 
 def rank_groups(scores, size: int) -> np.ndarray:
@@ -135,16 +147,19 @@ def rank_groups(scores, size: int) -> np.ndarray:
     return rank // int(size)
 
 
-def channel_group_ablation_scores(model: Decoder, params, tokens, loss_mask, groups, attention_mask=None,
-                                  batch_size: int = 8, ablation_batch: int = 8) -> np.ndarray:
+def channel_group_ablation_scores(
+    model: Decoder, params, tokens, loss_mask, groups, attention_mask=None, batch_size: int = 8, ablation_batch: int = 8
+) -> np.ndarray:
     """[L, Y] exact answer-loss increase (token-level, as `answer_loss`) when every channel of group m
     of layer l is zeroed (groups [L, F] ints in [0, Y)); `ablation_batch` masked models per vmapped
     call (padded to one compiled shape), float64."""
     c = model.config
     groups = np.asarray(groups)
     if groups.shape != (c.num_layers, c.intermediate_size) or groups.min() < 0:
-        raise ValueError(f"groups must be [L, F] = {[c.num_layers, c.intermediate_size]} non-negative group ids, "
-                         f"got shape {list(groups.shape)}")
+        raise ValueError(
+            f"groups must be [L, F] = {[c.num_layers, c.intermediate_size]} non-negative group ids, "
+            f"got shape {list(groups.shape)}"
+        )
     M = int(groups.max()) + 1
     masks = np.ones((c.num_layers * M, c.num_layers, c.intermediate_size), np.float32)  # [N, L, F], n = l Y + m
     for l in range(c.num_layers):
@@ -155,12 +170,19 @@ def channel_group_ablation_scores(model: Decoder, params, tokens, loss_mask, gro
     padded = np.concatenate([masks, np.ones((pad, *masks.shape[1:]), np.float32)])
     total = np.zeros(len(padded), np.float64)
     for i in range(0, len(padded), nb):
-        chunk = jnp.asarray(padded[i:i + nb])
-        s, count = _per_chunk(model, params, tokens, loss_mask, attention_mask, batch_size,
-                              lambda *a: answer_nll_sums(model, params, *a, chunk))
-        total[i:i + nb] = np.asarray(s, np.float64) / count
+        chunk = jnp.asarray(padded[i : i + nb])
+        s, count = _per_chunk(
+            model,
+            params,
+            tokens,
+            loss_mask,
+            attention_mask,
+            batch_size,
+            lambda *a, chunk=chunk: answer_nll_sums(model, params, *a, chunk),
+        )
+        total[i : i + nb] = np.asarray(s, np.float64) / count
     intact = answer_loss(model, params, tokens, loss_mask, attention_mask, batch_size=batch_size)
-    return _finite("channel group ablation scores", total[:len(masks)].reshape(c.num_layers, M) - intact)
+    return _finite("channel group ablation scores", total[: len(masks)].reshape(c.num_layers, M) - intact)
 
 
 def group_scores_to_channels(delta, groups, tiebreak) -> np.ndarray:
@@ -214,8 +236,7 @@ def _activation_pass(model, params, tokens, attention_mask, batch_size):
 
 def channel_activation_scores(model: Decoder, params, tokens, attention_mask=None, batch_size: int = 8) -> np.ndarray:
     """[L, F] Minitron's mean |activation| of each MLP channel over real tokens, float64."""
-    return _finite("channel activation scores", _activation_pass(model, params, tokens, attention_mask,
-                                                                 batch_size)[0])
+    return _finite("channel activation scores", _activation_pass(model, params, tokens, attention_mask, batch_size)[0])
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -234,8 +255,9 @@ def head_activation_scores(model: Decoder, params, tokens, attention_mask=None, 
     am = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
     total: Any = 0.0  # then [L, H]
     for s in _chunks(tokens.shape[0], batch_size):
-        total = total + np.asarray(_head_norm_sums(model, params, jnp.asarray(tokens[s]), jnp.asarray(am[s])),
-                                   np.float64)
+        total = total + np.asarray(
+            _head_norm_sums(model, params, jnp.asarray(tokens[s]), jnp.asarray(am[s])), np.float64
+        )
     if am.sum() == 0:
         raise ValueError("attention_mask marks no real tokens")
     return _finite("head activation scores", total / float(am.sum()))
@@ -243,8 +265,7 @@ def head_activation_scores(model: Decoder, params, tokens, attention_mask=None, 
 
 def layer_influence_scores(model: Decoder, params, tokens, attention_mask=None, batch_size: int = 8) -> np.ndarray:
     """[L] ShortGPT's block influence, mean over real tokens of 1 - cos(x_in, x_out), float64."""
-    return _finite("layer influence scores", _activation_pass(model, params, tokens, attention_mask,
-                                                              batch_size)[1])
+    return _finite("layer influence scores", _activation_pass(model, params, tokens, attention_mask, batch_size)[1])
 
 
 def layer_ablation_scores(model: Decoder, params, tokens, loss_mask, attention_mask=None) -> np.ndarray:
@@ -258,6 +279,17 @@ def layer_ablation_scores(model: Decoder, params, tokens, loss_mask, attention_m
     return _finite("layer ablation scores", ablate(model, params, batch, spec, kind="zero", metric="ce").delta())
 
 
-__all__ = ["CHANNEL_SCORES", "LAYER_SCORES", "answer_loss", "channel_activation_scores", "channel_gradient_scores",
-           "channel_group_ablation_scores", "contiguous_groups", "group_scores_to_channels", "head_activation_scores",
-           "rank_groups", "layer_ablation_scores", "layer_influence_scores"]
+__all__ = [
+    "CHANNEL_SCORES",
+    "LAYER_SCORES",
+    "answer_loss",
+    "channel_activation_scores",
+    "channel_gradient_scores",
+    "channel_group_ablation_scores",
+    "contiguous_groups",
+    "group_scores_to_channels",
+    "head_activation_scores",
+    "rank_groups",
+    "layer_ablation_scores",
+    "layer_influence_scores",
+]

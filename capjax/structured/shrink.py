@@ -31,8 +31,11 @@ Params = dict[str, Any]
 
 # Stacked [L, ...] leaves indexed by channels (F), beyond the head kernels the family lists: path -> axis.
 CHANNEL_AXES = {"layers/mlp/gate_proj/kernel": 2, "layers/mlp/up_proj/kernel": 2, "layers/mlp/down_proj/kernel": 1}
-BIAS_HEADS = {"layers/self_attn/q_proj/bias": "query", "layers/self_attn/k_proj/bias": "kv",
-              "layers/self_attn/v_proj/bias": "kv"}
+BIAS_HEADS = {
+    "layers/self_attn/q_proj/bias": "query",
+    "layers/self_attn/k_proj/bias": "kv",
+    "layers/self_attn/v_proj/bias": "kv",
+}
 
 
 def _take(a: jax.Array, idx, axis: int) -> jax.Array:
