@@ -18,6 +18,7 @@ def results(tmp_path_factory):
     return fake_devices_worker(WORKER, tmp_path_factory.mktemp("ablation_mesh") / "results.json")
 
 
+@pytest.mark.slow  # an 8-fake-device worker process (~35 s): in `make test-slow`, which CI runs too
 def test_sharded_ablate_equals_unsharded(results):
     assert len(results) == 6  # both specs (general vmapped path, single-head layer scan) on both meshes
     for key, r in results.items():

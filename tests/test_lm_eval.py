@@ -295,6 +295,7 @@ def _cli_args(tiny, tmp_path) -> tuple[list[str], Path]:
 _ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
+@pytest.mark.slow  # a subprocess that imports lm-eval and torch (~18 s): in `make test-slow` (CI)
 def test_capjax_lm_eval_console_script(tiny, tmp_path):
     """`capjax-lm-eval run --model capjax ...` in a subprocess writes the acc of the in-memory pruned tree."""
     _, _, model, _, pruned, tok = tiny

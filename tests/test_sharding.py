@@ -31,6 +31,7 @@ def worker_results(tmp_path_factory):
     return fake_devices_worker(WORKER, tmp_path_factory.mktemp("sharding") / "results.json")
 
 
+@pytest.mark.slow  # one 8-fake-device worker process (~80 s): in `make test-slow`, which CI runs too
 @pytest.mark.parametrize("check", CHECKS)
 def test_sharded(worker_results, check):
     assert check in worker_results, f"{check} did not run"
