@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from capjax import estimators, report
-from capjax.artifacts import array_digest as _array_digest
-from capjax.artifacts import fingerprint, warn
+from capjax.artifacts import array_digest, fingerprint, warn
 from capjax.distributed import barrier, is_writer, to_host
 from capjax.errors import NonFiniteError
 from capjax.experiment.config import RunConfig, data_files, method_options, missing_eval_tasks
@@ -191,7 +190,7 @@ class Experiment:
                     "seed": self.cfg.seed,
                     "chat": c.chat,
                     "data": self._data_digest(f"calibration.tasks {task}"),
-                    "tokens": _array_digest(batch.tokens, batch.loss_mask, batch.attention_mask),
+                    "tokens": array_digest(batch.tokens, batch.loss_mask, batch.attention_mask),
                 }
             )
         return self.calibs[task]
