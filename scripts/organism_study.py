@@ -565,7 +565,7 @@ def _table(out: Path, res: dict, labels) -> None:
             f"Recovery (+ce: NLL, +distil: KL from the dense model at temperature 1): capjax.recover, full "
             f"fine-tuning of the kept weights, {rc['steps']} steps of {rc['batch_size']} packed rows, peak lr "
             f"{rc['lr']:g} (warmup {rc['warmup_steps']}, cosine), on {rc['n']} train-split problems and {rc['n']} "
-            f"training-text chunks ({rc['rows']} rows of {rc['seq_len']} tokens):",
+            f"training-text chunks ({rc['rows']} examples of at most {rc['seq_len']} tokens, packed into rows):",
             "",
             *recovered,
         ]
@@ -606,7 +606,8 @@ def _figures(out: Path, res: dict, labels) -> None:
     sp = res["sparsities"]
     x = np.array(sp) * 100
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label in labels:
+    colors = plt.get_cmap("tab20").colors  # one colour per method (13 methods)
+    for i, label in enumerate(labels):
         xs = np.array([100 * s for s in sp if "accuracy" in res["results"][label][str(s)]])
         rs = [res["results"][label][str(s)] for s in sp if "accuracy" in res["results"][label][str(s)]]
         if not rs:  # no sparsity expressible (cap_heads past the attention's share)
@@ -614,6 +615,7 @@ def _figures(out: Path, res: dict, labels) -> None:
         acc = np.array([r["accuracy"] for r in rs])
         err = np.clip([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]], 0, None)
         style = {"structured": dict(ls="--"), "recovery": dict(ls="-.")}.get(label_kind(label), {})
+        style["color"] = colors[(2 * i) % 20 + (2 * i) // 20]  # the dark shades first, then the light ones
         axes[0].errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=label, **style)
         if rs[0]["ppl"] is not None:
             axes[1].plot(xs, [r["ppl"] for r in rs], marker="o", label=label, **style)
@@ -626,7 +628,7 @@ def _figures(out: Path, res: dict, labels) -> None:
         axes[1].axhline(d["ppl"], color="k", ls=":", label="dense")
         axes[1].set_yscale("log")
     axes[1].set(xlabel="sparsity (%)", ylabel="held-out WikiText-2 perplexity", title="perplexity")
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(out / "accuracy_ppl_vs_sparsity.png", dpi=110)
     plt.close(fig)
