@@ -581,8 +581,8 @@ def test_study_recovery_keeps_removed_weights_zero_and_lowers_its_loss():
 @pytest.mark.slow
 def test_study_reasoning_part_runs_the_structured_methods_at_a_tiny_n(tmp_path):
     """scripts/organism_study.py's reasoning part with cap_heads, cap_structured and
-    cap_structured+ce at 30% (n = 8, 3 recovery steps): the cap_heads cell's answers equal those of
-    the model with the chosen heads' q columns and o rows zeroed by hand (and k / v of emptied kv
+    cap_structured+ce at 30% (n = 8, 3 recovery steps): the cap_heads cell's answers and answer loss
+    equal those of the model with the chosen heads' q columns and o rows zeroed by hand (and k / v of emptied kv
     groups), the recovered cell keeps cap_structured's removed fraction, and the table states the
     recovery."""
     import json
@@ -613,7 +613,9 @@ def test_study_reasoning_part_runs_the_structured_methods_at_a_tiny_n(tmp_path):
     for layer, kv in zip(*np.nonzero(gone.reshape(c.num_layers, c.num_kv_heads, G).all(-1))):
         a["k_proj"]["kernel"][layer, :, kv, :] = 0
         a["v_proj"]["kernel"][layer, :, kv, :] = 0
-    assert cells["cap_heads"]["correct"] == reasoning_accuracy(model, by_hand, tok, n=8)["correct"]
+    want = reasoning_accuracy(model, by_hand, tok, n=8)
+    assert cells["cap_heads"]["correct"] == want["correct"]
+    assert cells["cap_heads"]["answer_loss"] == pytest.approx(want["answer_loss"], rel=1e-5)
     assert 0.3 <= cells["cap_heads"]["removed"] <= 0.3 + study.STRUCTURED_TOLERANCE
     plain, recovered = cells["cap_structured"], cells["cap_structured+ce"]
     assert recovered["removed"] == plain["removed"] and recovered["recovery"]["steps"] == 3
