@@ -1,7 +1,7 @@
 """The paper's experiment on the organisms (docs/organism.md):
 
-    python scripts/organism_study.py                      # both parts, into docs/organism/
-    python scripts/organism_study.py --part induction     # planted circuits only (~1 min)
+    python scripts/organism_study.py --part all --n 500   # everything, one process, into docs/organism/
+    python scripts/organism_study.py --part induction     # planted circuits only
     python scripts/organism_study.py --part reasoning --sparsities 0.1 0.3 0.5 0.7 --n 500
 
 induction: on the induction organism, the planted circuit (induction heads by prefix-matching
@@ -15,7 +15,9 @@ reasoning: on the reasoning organism, greedy exact match on n held-out problems 
 intervals) and held-out WikiText-2 perplexity against sparsity, for every method below, each
 also compared with Wanda at the same sparsity on the same problems (paired bootstrap of the
 accuracy difference, capjax.stats.paired_difference); and the 2 x 2: CAP calibrated on word
-problems vs on WikiText-2 text, measured on accuracy and on perplexity.
+problems vs on WikiText-2 text, measured on accuracy and on perplexity. The structured methods
+are matched to each sparsity by parameter count (`structured_options`, `head_options`); the
+"+ce" / "+distil" rows are cap_structured after a short `capjax.recover` run (RECOVERY).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "capjax" / "organism" / "weights"
 CALIB_N, CALIB_SEQ = 64, 80
+# the short recovery after cap_structured ("+ce": NLL; "+distil": KL from the dense model at
+# temperature 1): full fine-tuning of the kept weights on `n` train-split problems plus `n` chunks
+# of the training text (the organism's own training mix), rows of 80 tokens, at the organism's
+# training peak lr (configs/organism_train.yaml)
+RECOVERY = {"steps": 200, "lr": 3e-3, "warmup_steps": 10, "batch_size": 16, "n": 256}
 
 
 def _f(x, digits=3):
@@ -59,7 +67,9 @@ def induction_part(out: Path, folder: Path, log) -> dict:
             model, params, calib["tokens"], calib["loss_mask"], method="gradient", progress=False
         ).delta,
     }
+    log(f"{folder.name}: circuit and head scores done {_load()}")
     patching = ind.patching_scores(model, params, calib, P, V)  # clean <s> A A vs corrupted <s> A' A
+    log(f"{folder.name}: activation patching done {_load()}")
     scores["patching_noising"] = patching["noising"]
     scores["patching_denoising"] = patching["denoising"]
     N = c.num_layers * c.num_heads
@@ -129,7 +139,7 @@ def induction_part(out: Path, folder: Path, log) -> dict:
         rows.append(f"| {name} | " + " | ".join(f"{precision[name][k]:.3f}" for k in chance) + " |")
     rows.append("| chance (random order) | " + " | ".join(f"{v:.3f}" for v in chance.values()) + " |")
     (out / f"{folder.name}.md").write_text("\n".join(rows) + "\n")
-    log(f"{folder.name}: circuit {circ}, precision {precision}, intact loss {red['intact']:.4f}")
+    log(f"{folder.name}: circuit {circ}, precision {precision}, intact loss {red['intact']:.4f} {_load()}")
     return res
 
 
@@ -174,22 +184,30 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         return capjax.score_heads(model, params, t, lm, attention_mask=am, progress=False, **kw)
 
     reason_calib = {"tokens": calib["reasoning"].tokens, "attention_mask": calib["reasoning"].attention_mask}
-    # label -> (registered method, the head scores it ranks by, calibration); structured: CAP's head
-    # scores choose heads, Minitron activations MLP channels (cap_structured's defaults)
+    structured_calib = {**reason_calib, "loss_mask": calib["reasoning"].loss_mask}
+    # label -> (registered method, the head scores it ranks by, calibration, recovery); structured:
+    # CAP's head scores choose heads, Minitron activations MLP channels (cap_structured's defaults)
     specs = {
-        "cap": ("cap", "cap", None),
-        "cap_paired": ("cap", "cap_paired", None),
-        "gradient": ("cap", "gradient", None),
-        "cap_wanda": ("cap_wanda", "cap", reason_calib),
-        "wanda": ("wanda", None, reason_calib),
-        "sparsegpt": ("sparsegpt", None, reason_calib),
-        "magnitude": ("magnitude", None, None),
-        "random": ("random", None, None),
-        "cap_text": ("cap", "cap_text", None),
-        "cap_structured": ("cap_structured", "cap", {**reason_calib, "loss_mask": calib["reasoning"].loss_mask}),
+        "cap": ("cap", "cap", None, None),
+        "cap_paired": ("cap", "cap_paired", None, None),
+        "gradient": ("cap", "gradient", None, None),
+        "cap_wanda": ("cap_wanda", "cap", reason_calib, None),
+        "wanda": ("wanda", None, reason_calib, None),
+        "sparsegpt": ("sparsegpt", None, reason_calib, None),
+        "magnitude": ("magnitude", None, None, None),
+        "random": ("random", None, None, None),
+        "cap_text": ("cap", "cap_text", None, None),
+        "cap_heads": ("cap_heads", "cap", None, None),
+        "cap_structured": ("cap_structured", "cap", structured_calib, None),
+        "cap_structured+ce": ("cap_structured", "cap", structured_calib, "ce"),
+        "cap_structured+distil": ("cap_structured", "cap", structured_calib, "distil"),
     }
     if "text" not in calib:
         del specs["cap_text"]
+    if methods_wanted:
+        unknown = sorted(set(methods_wanted) - set(specs))
+        if unknown:
+            raise SystemExit(f"--methods: unknown label(s) {', '.join(unknown)}; known: {', '.join(specs)}")
     specs = {k: v for k, v in specs.items() if v[0] in registry.names() and (not methods_wanted or k in methods_wanted)}
     score_fns = {
         "cap": lambda: heads(calib["reasoning"]),
@@ -197,8 +215,17 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         "gradient": lambda: heads(calib["reasoning"], method="gradient"),
         "cap_text": lambda: heads(calib["text"]),
     }
-    scores = {k: score_fns[k]() for k in score_fns if any(v[1] == k for v in specs.values())}  # only those needed
-    plan = {k: (m, None if hs is None else scores[hs], cal) for k, (m, hs, cal) in specs.items()}
+    scores = {}
+    for k in score_fns:
+        if any(v[1] == k for v in specs.values()):  # only those needed
+            scores[k] = score_fns[k]()
+            log(f"head scores {k}: done")
+    plan = {k: (m, None if hs is None else scores[hs], cal, rec) for k, (m, hs, cal, rec) in specs.items()}
+    wants_heads = any(m == "cap_heads" for m, *_ in plan.values())
+    head_fractions = removed_by_head_count(model, params, scores["cap"]) if wants_heads else None
+    recovery_data = None
+    if any(rec for *_, rec in plan.values()):
+        recovery_data = _recovery_data(tok, train_text, RECOVERY["n"], CALIB_SEQ, seed=2)
 
     def measure(p):
         t0 = time.perf_counter()
@@ -225,33 +252,68 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
             "head_scores": {k: np.asarray(v.delta).tolist() for k, v in scores.items()},
             "results": results,
         }
+        if recovery_data is not None:
+            res["recovery"] = {**RECOVERY, "rows": len(recovery_data["tokens"]), "seq_len": CALIB_SEQ}
         (out / "reasoning.json").write_text(json.dumps(res, indent=1) + "\n")
         return res
 
     results = {}
+    cells, done = len(plan) * len(sparsities) + int(dense), 0
     if dense:
         results["dense"] = measure(params)
-        log(f"dense: accuracy {results['dense']['accuracy']:.3f}, ppl {_f(results['dense']['ppl'], 1)}")
-    for label, (method, hs, cal) in plan.items():
+        done += 1
+        log(
+            f"[{done}/{cells}] dense: accuracy {results['dense']['accuracy']:.3f}, "
+            f"ppl {_f(results['dense']['ppl'], 1)} {_load()}"
+        )
+    pruned_cache: dict = {}  # (method, head scores label, sparsity) -> (pruned, masks, options): +ce / +distil reuse
+    for label, (method, hs, cal, rec) in plan.items():
         results[label] = {}
         for s in sparsities:
-            options = {}
+            done += 1
+            options: dict = {}
+            amount = s
             if method == "cap_structured":
                 options, note = structured_options(model.config, s)
-                if options is None:
-                    results[label][str(s)] = {"expressible": False, "note": note}
-                    log(f"{label} {s:.0%}: not run: {note}")
-                    continue
-            pruned, masks = capjax.prune(model, params, method, s, head_scores=hs, calib=cal, **options)
+            elif method == "cap_heads":
+                amount, note = head_options(head_fractions, s)
+                options = None if amount is None else {"heads": round(amount * head_fractions["heads"])}
+            if options is None:
+                results[label][str(s)] = {"expressible": False, "note": note}
+                log(f"[{done}/{cells}] {label} {s:.0%}: not run: {note}")
+                continue
+            key = (method, specs[label][1], s)
+            if key not in pruned_cache:
+                prune_options = options if method == "cap_structured" else {}
+                pruned_cache[key] = capjax.prune(
+                    model, params, method, amount, head_scores=hs, calib=cal, **prune_options
+                )
+            pruned, masks = pruned_cache[key]
+            history = None
+            if rec is not None:
+                pruned, history = recover_structured(model, params, pruned, masks, recovery_data, rec)
             r = measure(pruned)
             r["removed"] = removed_fraction(masks)
             if options:
                 r["options"] = options
+            if history is not None:
+                r["recovery"] = {
+                    "loss": rec,
+                    "steps": history["steps"],
+                    "first_loss": history["loss"][0],
+                    "last_loss": float(np.mean(history["loss"][-10:])),
+                    "seconds": history["seconds"],
+                }
             results[label][str(s)] = r
             save()  # partial results survive an interrupted run
+            recovered = (
+                ""
+                if history is None
+                else f", recovery loss {history['loss'][0]:.3f} -> {r['recovery']['last_loss']:.3f}"
+            )
             log(
-                f"{label} {s:.0%}: accuracy {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
-                f"ppl {_f(r['ppl'], 1)} ({r['seconds']:.0f} s)"
+                f"[{done}/{cells}] {label} {s:.0%}: accuracy {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
+                f"ppl {_f(r['ppl'], 1)}{recovered} ({r['seconds']:.0f} s) {_load()}"
             )
     _paired_with_wanda(results, sparsities)
     res = save()
@@ -259,6 +321,44 @@ def reasoning_part(out: Path, folder: Path, sparsities, n: int, methods_wanted, 
         _table(out, res, list(plan))
         _figures(out, res, list(plan))
     return res
+
+
+def _load() -> str:
+    """The 1-minute load average, for progress lines (the study runs on shared cores)."""
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+def _recovery_data(tokenizer, train_text: str | None, n: int, seq_len: int, seed: int) -> dict:
+    """Recovery rows: n train-split problems (chain of thought, answer and </s> in the loss, as the
+    organism was trained) plus n chunks of the training text (every token in the loss); problems
+    only without the text."""
+    from capjax.organism.train import problem_examples
+
+    parts = [problem_examples(tokenizer, n, seq_len, seed)]
+    if train_text is not None:
+        parts.append(_text_calibration(tokenizer, train_text, n, seq_len, seed))
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("tokens", "loss_mask", "attention_mask")}
+
+
+def recover_structured(model, dense_params, pruned, masks, data: dict, loss: str):
+    """cap_structured's masked model after RECOVERY's short `capjax.recover` run: loss "ce" (NLL) or
+    "distil" (KL from the dense model). Removed heads / channels stay exactly zero."""
+    from capjax.recovery import recover
+
+    kw = {"teacher": (model, dense_params)} if loss == "distil" else {}
+    return recover(
+        model,
+        pruned,
+        masks,
+        data,
+        steps=RECOVERY["steps"],
+        lr=RECOVERY["lr"],
+        warmup_steps=RECOVERY["warmup_steps"],
+        batch_size=RECOVERY["batch_size"],
+        mode="full",
+        progress=False,
+        **kw,
+    )
 
 
 def _paired_with_wanda(results: dict, sparsities) -> None:
@@ -287,7 +387,10 @@ LABELS = (
     "magnitude",
     "random",
     "cap_text",
+    "cap_heads",
     "cap_structured",
+    "cap_structured+ce",
+    "cap_structured+distil",
 )
 
 
@@ -366,13 +469,54 @@ def structured_options(config, sparsity: float) -> tuple[dict | None, str]:
     return None, "; ".join(nearest)
 
 
+def removed_by_head_count(model, params, head_scores) -> dict:
+    """{"heads": L * H, "removed": [fraction of the prunable weights removed by cap_heads' masks with
+    the k lowest-scoring heads removed, k = 0 .. L * H - 1]}: removing a head takes its q and o weights,
+    and a kv head's k and v only when its whole group goes, so the fraction depends on which heads."""
+    import capjax
+
+    c = model.config
+    total = c.num_layers * c.num_heads
+    removed = [0.0]
+    for k in range(1, total):  # all heads: sparsity 1, which prune refuses
+        _, masks = capjax.prune(model, params, "cap_heads", k / total, head_scores=head_scores)
+        removed.append(removed_fraction(masks))
+    return {"heads": total, "removed": removed}
+
+
+def head_options(fractions: dict, sparsity: float) -> tuple[float | None, str]:
+    """cap_heads' head fraction at `sparsity`, matched by parameter count as cap_structured is: the
+    fewest heads (lowest CAP score first) whose removal takes at least `sparsity` of the prunable
+    weights, when that is within STRUCTURED_TOLERANCE of it; (None, why) otherwise. cap_heads leaves
+    the MLPs whole, so it cannot go past the attention's share of the weights."""
+    total, removed = fractions["heads"], fractions["removed"]
+    for k in range(1, len(removed)):
+        if removed[k] >= sparsity - 1e-12:
+            if removed[k] - sparsity <= STRUCTURED_TOLERANCE:
+                return k / total, f"{k} of {total} heads, {removed[k]:.1%} of the prunable weights"
+            return None, (
+                f"{k - 1} heads remove {removed[k - 1]:.1%}, {k} remove {removed[k]:.1%} of the prunable weights"
+            )
+    return None, (
+        f"removing {len(removed) - 1} of {total} heads removes only {removed[-1]:.1%} of the prunable weights "
+        "(the MLPs stay whole)"
+    )
+
+
+def label_kind(label: str) -> str:
+    """ "recovery" (structured, then recovered), "structured" (whole heads / channels) or "unstructured"."""
+    if "+" in label:
+        return "recovery"
+    return "structured" if label in ("cap_heads", "cap_structured") else "unstructured"
+
+
 def _table(out: Path, res: dict, labels) -> None:
     """reasoning.md: an accuracy table (Wilson 95% and the paired difference with Wanda), a
     perplexity table, and the structured shapes."""
     sp = res["sparsities"]
     d = res["results"]["dense"]
     head = ["| method | " + " | ".join(f"{s:.0%}" for s in sp) + " |", "|---|" + "---|" * len(sp)]
-    acc, ppl, shapes = list(head), list(head), []
+    acc, ppl, shapes, recovered = list(head), list(head), [], []
     for label in labels:
         a_cells, p_cells = [], []
         for s in sp:
@@ -380,13 +524,20 @@ def _table(out: Path, res: dict, labels) -> None:
             if "accuracy" not in r:
                 a_cells.append("n/a")
                 p_cells.append("n/a")
-                shapes.append(f"- {label} at {s:.0%}: not run: {r['note']}")
+                if "recovery" not in label_kind(label):
+                    shapes.append(f"- {label} at {s:.0%}: not run: {r['note']}")
                 continue
             vw = r.get("vs_wanda")
             mark = "" if vw is None or label == "wanda" else (f" ({vw['diff']:+.3f}{'*' if vw['significant'] else ''})")
             a_cells.append(f"{r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}]{mark}")
             p_cells.append(_f(r["ppl"], 1))
-            if "options" in r:
+            if "recovery" in r:
+                rc = r["recovery"]
+                recovered.append(
+                    f"- {label} at {s:.0%}: loss {rc['first_loss']:.3f} at step 1, {rc['last_loss']:.3f} over the "
+                    f"last 10 of {rc['steps']} steps ({rc['seconds']:.0f} s)"
+                )
+            elif "options" in r:
                 shapes.append(
                     f"- {label} at {s:.0%}: options {r['options']}, removes {r['removed']:.1%} of the prunable weights"
                 )
@@ -407,6 +558,17 @@ def _table(out: Path, res: dict, labels) -> None:
     ]
     if shapes:
         lines += ["", "Structured shapes:", "", *shapes]
+    if recovered:
+        rc = res["recovery"]
+        lines += [
+            "",
+            f"Recovery (+ce: NLL, +distil: KL from the dense model at temperature 1): capjax.recover, full "
+            f"fine-tuning of the kept weights, {rc['steps']} steps of {rc['batch_size']} packed rows, peak lr "
+            f"{rc['lr']:g} (warmup {rc['warmup_steps']}, cosine), on {rc['n']} train-split problems and {rc['n']} "
+            f"training-text chunks ({rc['rows']} examples of at most {rc['seq_len']} tokens, packed into rows):",
+            "",
+            *recovered,
+        ]
     if "cap" in labels and "cap_text" in labels:
         lines += ["", *_two_by_two(res)]
     (out / "reasoning.md").write_text("\n".join(lines) + "\n")
@@ -444,12 +606,16 @@ def _figures(out: Path, res: dict, labels) -> None:
     sp = res["sparsities"]
     x = np.array(sp) * 100
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label in labels:
+    colors = plt.get_cmap("tab20").colors  # one colour per method (13 methods)
+    for i, label in enumerate(labels):
         xs = np.array([100 * s for s in sp if "accuracy" in res["results"][label][str(s)]])
         rs = [res["results"][label][str(s)] for s in sp if "accuracy" in res["results"][label][str(s)]]
+        if not rs:  # no sparsity expressible (cap_heads past the attention's share)
+            continue
         acc = np.array([r["accuracy"] for r in rs])
         err = np.clip([[r["accuracy"] - r["low"] for r in rs], [r["high"] - r["accuracy"] for r in rs]], 0, None)
-        style = dict(ls="--") if label == "cap_structured" else {}
+        style = {"structured": dict(ls="--"), "recovery": dict(ls="-.")}.get(label_kind(label), {})
+        style["color"] = colors[(2 * i) % 20 + (2 * i) // 20]  # the dark shades first, then the light ones
         axes[0].errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=label, **style)
         if rs[0]["ppl"] is not None:
             axes[1].plot(xs, [r["ppl"] for r in rs], marker="o", label=label, **style)
@@ -462,7 +628,7 @@ def _figures(out: Path, res: dict, labels) -> None:
         axes[1].axhline(d["ppl"], color="k", ls=":", label="dense")
         axes[1].set_yscale("log")
     axes[1].set(xlabel="sparsity (%)", ylabel="held-out WikiText-2 perplexity", title="perplexity")
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(out / "accuracy_ppl_vs_sparsity.png", dpi=110)
     plt.close(fig)
@@ -484,7 +650,12 @@ def _figures(out: Path, res: dict, labels) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("induction", "reasoning", "both"), default="both")
+    ap.add_argument(
+        "--part",
+        choices=("all", "induction", "reasoning"),
+        default="all",
+        help="all: the induction part, then every reasoning method and the 2 x 2, in one process",
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "organism"))
     ap.add_argument("--reasoning", default=str(WEIGHTS / "reasoning"), help="the reasoning organism's folder")
     ap.add_argument(
@@ -496,6 +667,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     ap.add_argument("--n", type=int, default=500, help="held-out problems per evaluation")
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the method labels (default: all)")
+    ap.add_argument(
+        "--recovery-steps",
+        type=int,
+        default=RECOVERY["steps"],
+        help=f"optimizer steps of the +ce / +distil recovery (default {RECOVERY['steps']})",
+    )
     ap.add_argument(
         "--redraw", action="store_true", help="only redraw the reasoning table and figures from <out>/reasoning.json"
     )
@@ -528,16 +705,22 @@ def main(argv=None) -> int:
         _table(out, res, labels)
         _figures(out, res, labels)
         return 0
-    timing = {}
-    if args.part in ("induction", "both"):
+    if args.recovery_steps < 1:
+        raise SystemExit(f"--recovery-steps must be a positive step count, got {args.recovery_steps}")
+    RECOVERY["steps"] = args.recovery_steps
+    timing: dict = {"load_average_1min": {"start": os.getloadavg()[0]}}
+    log(f"start: --part {args.part}, n {args.n}, sparsities {args.sparsities} {_load()}")
+    if args.part in ("induction", "all"):
         t = time.perf_counter()
         for folder in args.induction:
             induction_part(out, Path(folder), log)
         timing["induction_seconds"] = time.perf_counter() - t
-    if args.part in ("reasoning", "both"):
+        timing["load_average_1min"]["after_induction"] = os.getloadavg()[0]
+    if args.part in ("reasoning", "all"):
         t = time.perf_counter()
         reasoning_part(out, Path(args.reasoning), args.sparsities, args.n, args.methods, log, dense=not args.no_dense)
         timing["reasoning_seconds"] = time.perf_counter() - t
+    timing["load_average_1min"]["end"] = os.getloadavg()[0]
     (out / f"timing_{args.part}.json").write_text(json.dumps({**timing, "argv": sys.argv[1:]}, indent=1) + "\n")
     log(f"done: {timing}")
     return 0

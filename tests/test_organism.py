@@ -490,3 +490,135 @@ def test_study_merge_joins_parts_and_recomputes_the_paired_tests(tmp_path):
     (tmp_path / "c" / "reasoning.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="c/reasoning.json: the dense model's answers differ"):
         study.merge(out, [tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+
+
+def _study():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "organism_study.py"
+    spec = importlib.util.spec_from_file_location("organism_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
+def test_study_matches_cap_heads_to_sparsity_by_a_hand_count_of_removed_weights():
+    """scripts/organism_study.py's cap_heads cells: the fraction of the prunable weights removed with
+    the k lowest-scoring heads removed equals a hand count (q and o per head, k and v per kv group
+    whose every head is gone), and the chosen head count is the fewest reaching the sparsity within
+    1 point, or the sparsity is refused with the nearest counts."""
+    from capjax.io import load_pretrained
+
+    study = _study()
+    model, params = load_pretrained(WEIGHTS / "reasoning")
+    c = model.config
+    L, H, K, E, D, F = c.num_layers, c.num_heads, c.num_kv_heads, c.hidden_size, c.head_dim, c.intermediate_size
+    delta = np.random.default_rng(3).permutation(L * H).reshape(L, H).astype(np.float32)  # no ties
+    got = study.removed_by_head_count(model, params, delta)
+    total = L * (E * D * (2 * H + 2 * K) + 3 * E * F)
+    order = np.argsort(delta.reshape(-1))
+    want = []
+    for k in range(L * H):
+        gone = np.zeros(L * H, bool)
+        gone[order[:k]] = True
+        gone = gone.reshape(L, K, H // K)
+        want.append((2 * E * D * gone.sum() + 2 * E * D * gone.all(-1).sum()) / total)
+    np.testing.assert_allclose(got["removed"], want, rtol=0, atol=1e-12)
+    for s in (0.05, 0.1, 0.2, 0.3):
+        amount, note = study.head_options(got, s)
+        first = next((k for k in range(1, L * H) if want[k] >= s), None)
+        if first is not None and want[first] - s <= study.STRUCTURED_TOLERANCE:
+            assert amount == first / (L * H), (s, note)
+        else:
+            assert amount is None, (s, note)
+    amount, note = study.head_options(got, 0.5)  # more than the attention holds
+    assert amount is None and f"only {want[-1]:.1%}" in note, note
+
+
+@pytest.mark.slow
+def test_study_recovery_keeps_removed_weights_zero_and_lowers_its_loss():
+    """scripts/organism_study.py's "+ce" / "+distil" cells: after recover_structured, every weight
+    cap_structured removed is exactly zero, and the objective recomputed with a plain forward pass
+    (the NLL of the loss tokens; the KL from the dense model's next-token distribution) is lower
+    than before recovery."""
+    import capjax
+    from capjax.io import load_pretrained, load_tokenizer
+
+    study = _study()
+    study.RECOVERY.update(steps=6, batch_size=8, n=32)
+    model, params = load_pretrained(WEIGHTS / "reasoning")
+    tok = load_tokenizer(WEIGHTS / "reasoning")
+    data = study._recovery_data(tok, None, 32, study.CALIB_SEQ, seed=2)  # problems only, no data folder needed
+    delta = np.arange(16, dtype=np.float32).reshape(4, 4)
+    options, _ = study.structured_options(model.config, 0.3)
+    pruned, masks = capjax.prune(model, params, "cap_structured", 0.3, head_scores=delta, calib=data, **options)
+
+    def log_probs(p):  # [B, T - 1, V] next-token log-probabilities
+        logits = model.apply({"params": p}, data["tokens"], attention_mask=data["attention_mask"])
+        return np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)[:, :-1], axis=-1))
+
+    target, w = data["tokens"][:, 1:], data["loss_mask"][:, 1:]
+    dense_lp = log_probs(params)
+
+    def objective(p, loss):
+        lp = log_probs(p)
+        if loss == "ce":
+            per = -np.take_along_axis(lp, target[..., None], axis=-1)[..., 0]
+        else:
+            per = np.sum(np.exp(dense_lp) * (dense_lp - lp), axis=-1)
+        return float(np.sum(per * w) / np.sum(w))
+
+    for loss in ("ce", "distil"):
+        out, history = study.recover_structured(model, params, pruned, masks, data, loss)
+        assert history["steps"] == 6
+        for path in ("layers/self_attn/q_proj/kernel", "layers/mlp/up_proj/kernel"):
+            kept = np.asarray(capjax.pruning.importance.get_path(masks, path))
+            w_out = np.asarray(capjax.pruning.importance.get_path(out, path))
+            assert (~kept).any() and np.all(w_out[~kept] == 0), path
+        assert objective(out, loss) < objective(pruned, loss), loss
+
+
+@pytest.mark.slow
+def test_study_reasoning_part_runs_the_structured_methods_at_a_tiny_n(tmp_path):
+    """scripts/organism_study.py's reasoning part with cap_heads, cap_structured and
+    cap_structured+ce at 30% (n = 8, 3 recovery steps): the cap_heads cell's answers and answer loss
+    equal those of the model with the chosen heads' q columns and o rows zeroed by hand (and k / v of emptied kv
+    groups), the recovered cell keeps cap_structured's removed fraction, and the table states the
+    recovery."""
+    import json
+
+    from capjax.io import load_pretrained, load_tokenizer
+    from capjax.organism.train import reasoning_accuracy
+
+    study = _study()
+    study.RECOVERY.update(steps=3, n=16)
+    folder = WEIGHTS / "reasoning"
+    methods = ["cap_heads", "cap_structured", "cap_structured+ce"]
+    res = study.reasoning_part(tmp_path, folder, [0.3], 8, methods, print)
+    cells = {k: res["results"][k]["0.3"] for k in methods}
+    heads = cells["cap_heads"]["options"]["heads"]
+    model, params = load_pretrained(folder)
+    tok = load_tokenizer(folder)
+    c = model.config
+    delta = np.asarray(res["head_scores"]["cap"]).reshape(-1)
+    gone = np.zeros(c.num_layers * c.num_heads, bool)
+    gone[np.argsort(delta, kind="stable")[:heads]] = True
+    gone = gone.reshape(c.num_layers, c.num_heads)
+    by_hand = jax.tree.map(np.array, params)
+    a = by_hand["layers"]["self_attn"]
+    for layer, head in zip(*np.nonzero(gone)):
+        a["q_proj"]["kernel"][layer, :, head, :] = 0
+        a["o_proj"]["kernel"][layer, head, :, :] = 0
+    G = c.num_heads // c.num_kv_heads
+    for layer, kv in zip(*np.nonzero(gone.reshape(c.num_layers, c.num_kv_heads, G).all(-1))):
+        a["k_proj"]["kernel"][layer, :, kv, :] = 0
+        a["v_proj"]["kernel"][layer, :, kv, :] = 0
+    want = reasoning_accuracy(model, by_hand, tok, n=8)
+    assert cells["cap_heads"]["correct"] == want["correct"]
+    assert cells["cap_heads"]["answer_loss"] == pytest.approx(want["answer_loss"], rel=1e-5)
+    assert 0.3 <= cells["cap_heads"]["removed"] <= 0.3 + study.STRUCTURED_TOLERANCE
+    plain, recovered = cells["cap_structured"], cells["cap_structured+ce"]
+    assert recovered["removed"] == plain["removed"] and recovered["recovery"]["steps"] == 3
+    table = (tmp_path / "reasoning.md").read_text()
+    assert "3 steps of 16 packed rows" in table and "cap_structured+ce at 30%: loss" in table
+    assert json.loads((tmp_path / "reasoning.json").read_text())["recovery"]["steps"] == 3
