@@ -1,0 +1,49 @@
+"""capjax's own tasks are one file each under capjax/data/tasks/, and produce what they produced when
+they were declared together in one module (main aca1c0a's capjax/data/builtin_tasks.py): the same
+records, prompts, calibration tokens and evaluation fingerprints (scripts/task_digests.py)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import pkgutil
+from pathlib import Path
+
+from conftest import DATA_DIR, HAS_DATA, HAS_SMOLLM2
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "fixtures" / "task_digests_aca1c0a.json"  # written by aca1c0a's code
+
+
+def _digests_script():
+    spec = importlib.util.spec_from_file_location("task_digests", ROOT / "scripts" / "task_digests.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_builtin_task_is_one_module_with_one_register_call():
+    import capjax.data.tasks as package
+    from capjax.data.task import TASKS
+
+    modules = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+    assert TASKS.builtin_names() == tuple(modules)
+    for name in modules:
+        module = importlib.import_module(f"capjax.data.tasks.{name}")
+        assert TASKS[name] is module.TASK and module.TASK.name == name
+
+
+def test_builtin_tasks_produce_what_they_did_in_one_module():
+    """Every digest computable here (the data-folder tasks need ../shared/data, prompts and tokens
+    SmolLM2's tokenizer) equals the one aca1c0a's code wrote."""
+    from capjax.data.task import TASKS
+
+    golden = json.loads(GOLDEN.read_text())
+    assert set(TASKS.builtin_names()) == set(golden)
+    tasks = list(golden) if HAS_DATA else ["synthetic", "organism"]  # generated: need no data
+    here = _digests_script().task_digests(str(DATA_DIR) if HAS_DATA else None, n=8, tasks=tasks)
+    for task, row in here.items():
+        expected = golden[task] if HAS_SMOLLM2 else {k: v for k, v in golden[task].items() if k in row}
+        assert row == expected, task  # without the tokenizer: no prompts and tokens
