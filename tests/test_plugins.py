@@ -109,6 +109,15 @@ def test_registry_shape():
         fixed.register("zero", 1, replace=True)
 
 
+def test_registry_items_load_plugins_once():
+    """items() (what the CLI's choice lists read) loads plugins once, not once per entry."""
+    reads = []
+    r = Registry("widget", on_read=lambda: reads.append(1))
+    for name, value in (("a", 1), ("b", 2), ("c", 3)):
+        r.register(name, value)
+    assert list(r.items()) == [("a", 1), ("b", 2), ("c", 3)] and len(reads) == 1
+
+
 def test_every_extension_point_reads_one_registry_and_lists_names_in_one_line():
     from capjax import estimators
     from capjax.ablation import kinds, metrics

@@ -184,7 +184,7 @@ def task_names() -> tuple[str, ...]:
 
 def calibration_task_names() -> tuple[str, ...]:
     """The tasks calibration (and recovery data) can draw from: those with a calib_split."""
-    return tuple(n for n in TASKS.names() if TASKS[n].calib_split is not None)
+    return tuple(n for n, t in TASKS.items() if t.calib_split is not None)
 
 
 __all__ = [
