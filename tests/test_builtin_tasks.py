@@ -10,6 +10,8 @@ import json
 import pkgutil
 from pathlib import Path
 
+import pytest
+
 from conftest import DATA_DIR, HAS_DATA, HAS_SMOLLM2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +49,18 @@ def test_builtin_tasks_produce_what_they_did_in_one_module():
     for task, row in here.items():
         expected = golden[task] if HAS_SMOLLM2 else {k: v for k, v in golden[task].items() if k in row}
         assert row == expected, task  # without the tokenizer: no prompts and tokens
+
+
+def test_missing_files_that_datasets_can_download_are_not_reported(tmp_path, monkeypatch):
+    """With `datasets` importable and no --data-dir, only a file the hub cannot stand in for
+    (StrategyQA's) is reported missing; GSM8K, ARC (both tasks on its files) and WikiText-2 pass."""
+    from capjax.commands import common
+
+    monkeypatch.setenv("CAPJAX_DATA", str(tmp_path))  # an empty data folder
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "datasets" else real(name))
+    tasks = ["gsm8k", "arc_challenge", "arc_challenge_cot", "wikitext2", "synthetic"]
+    common.check_eval_data(tasks, None)
+    with pytest.raises(FileNotFoundError) as e:
+        common.check_eval_data([*tasks, "strategyqa"], None)
+    assert str(e.value).count(" needs ") == 1 and "strategyqa needs strategyqa/dev.json" in str(e.value)

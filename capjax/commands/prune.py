@@ -20,9 +20,7 @@ _CALIB = CalibrationConfig()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prune", help="prune a model (CAP, Wanda, SparseGPT, magnitude, random, cap_structured)", description=__doc__
-    )
+    p = subparsers.add_parser("prune", help=f"prune a model ({', '.join(registry.names())})", description=__doc__)
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id or smollm2-135m-instruct")
     p.add_argument(
         "--method",
@@ -39,12 +37,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
     p.add_argument("--scores", default=None, help="scores.npz with key 'delta' [L, H] (cap methods)")
     p.add_argument(
-        "--calib", default=None, choices=calibration_task_names(), help="calibration task (wanda, sparsegpt, cap_wanda)"
+        "--calib",
+        default=None,
+        choices=calibration_task_names(),
+        help=f"calibration task ({', '.join(n for n, s in registry.METHODS.items() if s.needs_calib)})",
     )
     p.add_argument("--n", type=positive_int, default=_CALIB.n, help="calibration examples")
     p.add_argument("--seq-len", type=positive_int, default=_CALIB.seq_len)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=non_negative_int, default=0, help="calibration sampling (and random pruning) seed")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="calibration sampling (and seeded methods': random) seed"
+    )
     p.add_argument(
         "--kv-rule", default=None, choices=registry.spec("cap").choices["kv_rule"], help="cap / cap_wanda kv head rule"
     )
@@ -277,8 +280,7 @@ def run(args: argparse.Namespace) -> int:
         options["kv_rule"] = args.kv_rule
     if args.scope is not None:
         options["scope"] = args.scope
-    if args.method == "random":
-        options["seed"] = args.seed
+    options = registry.with_run_seed(args.method, options, args.seed)
     from capjax.pruning.prune import check_options
 
     check_options(args.method, options)
