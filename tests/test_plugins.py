@@ -295,7 +295,13 @@ def toy_names():
     from capjax.data import task
     from capjax.pruning import registry
 
-    registry.register_method("toy_m", "capjax.pruning.methods:magnitude", options={"seed": 0}, needs_calib=True)
+    registry.register_method(
+        "toy_m",
+        "capjax.pruning.methods:magnitude",
+        options={"seed": 0, "scope": "a"},
+        choices={"scope": ("a", "b")},
+        needs_calib=True,
+    )
     estimators.register_estimator("toy_e", lambda values, intact, count, subsets=3: values.mean(1))
     metrics.register_metric(lambda z, y: z[:, 0], name="toy_metric")
     kinds.register_kind("toy_k", lambda model, params, batch, seed: None)
@@ -328,6 +334,7 @@ def test_a_registered_name_is_in_the_cli_choices_and_config_validation(toy_names
         return action.choices, action.help
 
     assert "toy_m" in choices("prune", "method")[0] and "toy_m" in choices("prune", "calib")[1]
+    assert "toy_m: a | b" in choices("prune", "scope")[1]
     for command in ("score", "prune"):
         assert "toy_t" in choices(command, "calib")[0]
     assert "toy_e" in choices("score", "aggregate")[0]

@@ -48,10 +48,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=non_negative_int, default=0, help="calibration sampling (and seeded methods': random) seed"
     )
+    specs = registry.METHODS.items()
     p.add_argument(
-        "--kv-rule", default=None, choices=registry.spec("cap").choices["kv_rule"], help="cap / cap_wanda kv head rule"
+        "--kv-rule",
+        default=None,
+        choices=registry.spec("cap").choices["kv_rule"],
+        help=f"kv head rule of {', '.join(n for n, s in specs if 'kv_rule' in s.options)}",
     )
-    p.add_argument("--scope", default=None, help="cap: global | layer; magnitude: matrix | global")
+    scopes = [f"{n}: {' | '.join(s.choices.get('scope', ()))}" for n, s in specs if "scope" in s.options]
+    p.add_argument("--scope", default=None, help="; ".join(scopes))
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
