@@ -33,15 +33,16 @@ def _tokenizer():
     return "none", None
 
 
-def task_digests(data_dir=None, n: int = 8, tasks=None) -> dict[str, dict[str, str]]:
-    """{task: {what: digest}} for `tasks` (default: every registered task)."""
+def task_digests(data_dir=None, n: int = 8, tasks=None, tokenizer=None) -> dict[str, dict[str, str]]:
+    """{task: {what: digest}} for `tasks` (default: every registered task); `tokenizer`: SmolLM2's
+    (default: loaded here)."""
     from capjax.data import build_calibration
     from capjax.data.task import TASKS
     from capjax.data.templates import format_example
     from capjax.experiment.config import load_run_config
     from capjax.experiment.runner import Experiment
 
-    tok_name, tokenizer = _tokenizer()
+    tok_name, tokenizer = _tokenizer() if tokenizer is None else ("smollm2", tokenizer)
     out: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_run_config(

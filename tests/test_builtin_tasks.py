@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, HAS_DATA, HAS_SMOLLM2
+from conftest import DATA_DIR, HAS_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "fixtures" / "task_digests_aca1c0a.json"  # written by aca1c0a's code
@@ -37,18 +37,17 @@ def test_each_builtin_task_is_one_module_with_one_register_call():
         assert TASKS[name] is module.TASK and module.TASK.name == name
 
 
-def test_builtin_tasks_produce_what_they_did_in_one_module():
-    """Every digest computable here (the data-folder tasks need ../shared/data, prompts and tokens
-    SmolLM2's tokenizer) equals the one aca1c0a's code wrote."""
+def test_builtin_tasks_produce_what_they_did_in_one_module(smollm2):
+    """Every digest computable here (the data-folder tasks need ../shared/data) equals the one
+    aca1c0a's code wrote; prompts and calibration tokens with SmolLM2's tokenizer."""
     from capjax.data.task import TASKS
 
     golden = json.loads(GOLDEN.read_text())
     assert set(TASKS.builtin_names()) == set(golden)
     tasks = list(golden) if HAS_DATA else ["synthetic", "organism"]  # generated: need no data
-    here = _digests_script().task_digests(str(DATA_DIR) if HAS_DATA else None, n=8, tasks=tasks)
+    here = _digests_script().task_digests(str(DATA_DIR) if HAS_DATA else None, n=8, tasks=tasks, tokenizer=smollm2[2])
     for task, row in here.items():
-        expected = golden[task] if HAS_SMOLLM2 else {k: v for k, v in golden[task].items() if k in row}
-        assert row == expected, task  # without the tokenizer: no prompts and tokens
+        assert row == golden[task], task
 
 
 def test_missing_files_that_datasets_can_download_are_not_reported(tmp_path, monkeypatch):
