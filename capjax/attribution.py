@@ -60,7 +60,7 @@ from capjax.stats import MIN_RESAMPLES, head_interval
 
 Array = jax.Array
 AGGREGATES = estimators.SUBSET_AGGREGATES
-METHODS = ("ablation", "gradient")
+METHODS = estimators.SCORING_METHODS
 
 
 @dataclasses.dataclass(frozen=True)

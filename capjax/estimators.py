@@ -28,6 +28,9 @@ from capjax.plugins import load_plugins
 from capjax.registry import Registry
 
 Estimator = Callable[..., np.ndarray]
+# how head scores are computed (`capjax.score_heads(method=...)`, the config's calibration.method,
+# `capjax score --method`): exact ablation, or the gradient approximation
+SCORING_METHODS = ("ablation", "gradient")
 # the built-ins computed from per-subset losses alone (all gradient scoring has: no per-example values)
 SUBSET_AGGREGATES = ("median", "mean", "paired")
 _ESTIMATORS: Registry[Estimator] = Registry(

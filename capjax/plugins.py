@@ -16,12 +16,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 GROUP = "capjax.plugins"
 _LOADED: set[str] = set()
 _ENTRY_POINTS_LOADED: set[str] = set()
 _SCANNED_PATH: list[tuple[str, ...]] = []  # the sys.path entry points were last looked up on
+# (sys.path, CAPJAX_PLUGINS) when every plugin they name was last loaded: a registry is read dozens of
+# times per command (each CLI choice list), and nothing is left to load until one of them changes
+_DONE: list[tuple[tuple[str, ...], str]] = []
 
 
 class PluginError(ValueError):
@@ -31,8 +35,11 @@ class PluginError(ValueError):
 
 def load_plugins() -> None:
     """Loads every `capjax.plugins` entry point and imports every `CAPJAX_PLUGINS` entry not loaded yet."""
+    state = (tuple(sys.path), os.environ.get("CAPJAX_PLUGINS", ""))
+    if _DONE and _DONE[0] == state:
+        return
     _load_entry_points()
-    for entry in filter(None, (s.strip() for s in os.environ.get("CAPJAX_PLUGINS", "").split(","))):
+    for entry in filter(None, (s.strip() for s in state[1].split(","))):
         if entry in _LOADED:
             continue
         _LOADED.add(entry)
@@ -52,12 +59,12 @@ def load_plugins() -> None:
         # Whatever a user's plugin raises while it is imported is that file's problem: one line naming it.
         except Exception as e:
             raise PluginError(f"CAPJAX_PLUGINS: {entry}: {_plugin_failure(e, entry)}") from e
+    _DONE[:] = [state]
 
 
 def _load_entry_points() -> None:
     """Loads the group's entry points; looked up again only when sys.path changed (a registry is
     read often, and scanning every installed package each time would cost milliseconds)."""
-    import sys
     from importlib.metadata import entry_points
 
     if _SCANNED_PATH and _SCANNED_PATH[0] == tuple(sys.path):

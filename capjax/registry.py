@@ -16,7 +16,7 @@ nothing from capjax (floor one).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -98,6 +98,11 @@ class Registry(Mapping, Generic[T]):
             return self.unknown.format(name=name, known=", ".join(self._entries))
         hint = f" ({self.hint})" if self.hint else ""
         return f"unknown {self.what} {name!r}; known: {', '.join(self._entries) or 'none'}{hint}"
+
+    def items(self) -> ItemsView[str, T]:
+        """(name, entry) pairs in registration order, with plugins loaded once (not once per entry)."""
+        self._read()
+        return dict(self._entries).items()
 
     def __getitem__(self, name: str) -> T:
         self._read()

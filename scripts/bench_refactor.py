@@ -12,7 +12,9 @@ all L * H heads), gradient head scores (score_heads(method="gradient")), every s
 ablated by its mean with the KL metric (`capjax.ablation.ablate`), a full-logits forward over the
 calibration batch (evaluation's path), and greedy
 generation of 16 tokens for 4 prompts (the KV-cache path); `--only forward,generate` skips the
-scoring. The checksums (sum of |delta|) of the three scorings must agree.
+scoring. `build_parser` (one warm `capjax.cli.build_parser()`, the mean of 50) and `cli_help` (a
+fresh `python -m capjax.cli --help`, startup included) time the CLI; `--only build_parser,cli_help`
+loads no model. The checksums (sum of |delta|) of the three scorings must agree.
 
     PYTHONPATH=/some/tree python scripts/bench_refactor.py --measure
 
@@ -42,7 +44,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURES = ("score_heads", "gradient", "ablate", "forward", "generate")
+MEASURES = ("score_heads", "gradient", "ablate", "forward", "generate", "build_parser", "cli_help")
+CLI_MEASURES = ("build_parser", "cli_help")  # need no model: `--only build_parser,cli_help` loads none
 
 
 def _best(f, reps: int) -> float:
@@ -55,7 +58,26 @@ def _best(f, reps: int) -> float:
     return min(times)
 
 
+def measure_cli(reps: int, only: tuple[str, ...]) -> dict:
+    """build_parser: one warm `capjax.cli.build_parser()` (the mean of 50 calls, best of `reps`);
+    cli_help: the wall time of a fresh `python -m capjax.cli --help` (best of `reps`)."""
+    from capjax import cli
+
+    out = {}
+    if "build_parser" in only:
+        out["build_parser"] = _best(lambda: [cli.build_parser() for _ in range(50)], reps) / 50
+    if "cli_help" in only:
+        cmd = [sys.executable, "-m", "capjax.cli", "--help"]
+        out["cli_help"] = _best(lambda: subprocess.run(cmd, check=True, capture_output=True), reps)
+    return out
+
+
 def measure(n: int, seq_len: int, reps: int, only: tuple[str, ...] = MEASURES) -> dict:
+    cli_times = measure_cli(reps, only)
+    if all(k in CLI_MEASURES for k in only):
+        import capjax.cli
+
+        return {"capjax": capjax.cli.__file__, "checksums": {}, **cli_times}
     import jax
     import numpy as np
 
@@ -103,14 +125,14 @@ def measure(n: int, seq_len: int, reps: int, only: tuple[str, ...] = MEASURES) -
         generate(model, params, prompts, 16, batch_size=4, eos_ids=[])
 
     fns = {"score_heads": score, "gradient": gradient, "ablate": ablate_mlp, "forward": forward, "generate": gen}
-    times = {k: _best(fns[k], reps) for k in only}
+    times = {k: _best(fns[k], reps) for k in only if k in fns}
     sums = {
         "score_heads": ("s", lambda r: r.delta),
         "gradient": ("g", lambda r: r.delta),
         "ablate": ("a", lambda r: r.delta()),
     }
     checksums = {k: float(np.abs(get(out[key])).sum()) for k, (key, get) in sums.items() if key in out}
-    return {"capjax": capjax.__file__, "checksums": checksums, **times}
+    return {"capjax": capjax.__file__, "checksums": checksums, **times, **cli_times}
 
 
 def measure_cost() -> dict:
@@ -222,7 +244,7 @@ def side_by_side(args) -> None:
                 runs[name].append(m)
                 print(
                     f"round {r + 1} {name:8s} "
-                    + "  ".join(f"{k} {m[k]:7.3f} s" for k in args.only)
+                    + "  ".join(f"{k} {m[k]:9.5f} s" for k in args.only)
                     + "".join(f"  checksum {k} {v:.6f}" for k, v in m["checksums"].items()),
                     flush=True,
                 )
@@ -231,7 +253,7 @@ def side_by_side(args) -> None:
     for k in args.only:
         b = statistics.median(m[k] for m in runs["baseline"])
         c = statistics.median(m[k] for m in runs["current"])
-        print(f"{k:12s} {b:9.3f}s {c:9.3f}s {b / c:16.3f}x")
+        print(f"{k:12s} {b:9.5f}s {c:9.5f}s {b / c:16.3f}x")
     for k in ("score_heads", "gradient", "ablate"):
         sums = {m["checksums"][k] for ms in runs.values() for m in ms if k in m.get("checksums", {})}
         if sums:  # float32 sums of |delta|: summation order moves the last digits

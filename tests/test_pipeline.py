@@ -268,7 +268,7 @@ def test_config_vocabulary_matches_the_library():
     assert (
         config.EVAL_TASKS
         == tuple(TASKS)
-        == ("wikitext2", "gsm8k", "strategyqa", "arc_challenge", "arc_challenge_cot", "synthetic", "organism")
+        == ("arc_challenge", "arc_challenge_cot", "gsm8k", "organism", "strategyqa", "synthetic", "wikitext2")
     )
     assert set(config.CALIB_TASKS) == set(DATA_TASKS) | {"synthetic", "organism"} == set(CALIB_SPLITS)
 

@@ -109,6 +109,15 @@ def test_registry_shape():
         fixed.register("zero", 1, replace=True)
 
 
+def test_registry_items_load_plugins_once():
+    """items() (what the CLI's choice lists read) loads plugins once, not once per entry."""
+    reads = []
+    r = Registry("widget", on_read=lambda: reads.append(1))
+    for name, value in (("a", 1), ("b", 2), ("c", 3)):
+        r.register(name, value)
+    assert list(r.items()) == [("a", 1), ("b", 2), ("c", 3)] and len(reads) == 1
+
+
 def test_every_extension_point_reads_one_registry_and_lists_names_in_one_line():
     from capjax import estimators
     from capjax.ablation import kinds, metrics
@@ -275,3 +284,79 @@ def test_plugin_method_kind_and_task_through_capjax_run_and_weights_survive_reus
         n = int(np.prod(w.shape[1:]))
         kept = np.broadcast_to((np.arange(n) >= int(n * 0.25)).reshape(w.shape[1:]), w.shape)
         np.testing.assert_array_equal(np.asarray(get_path(pruned, p)), np.where(kept, w * np.float32(0.5), 0))
+
+
+@pytest.fixture
+def toy_names():
+    """A method with a seed option, an estimator, a metric, a kind and a calibration task, registered
+    in-process under names no capjax code spells."""
+    from capjax import estimators
+    from capjax.ablation import kinds, metrics
+    from capjax.data import task
+    from capjax.pruning import registry
+
+    registry.register_method(
+        "toy_m",
+        "capjax.pruning.methods:magnitude",
+        options={"seed": 0, "scope": "a"},
+        choices={"scope": ("a", "b")},
+        needs_calib=True,
+    )
+    estimators.register_estimator("toy_e", lambda values, intact, count, subsets=3: values.mean(1))
+    metrics.register_metric(lambda z, y: z[:, 0], name="toy_metric")
+    kinds.register_kind("toy_k", lambda model, params, batch, seed: None)
+    task.register_task(task.Task("toy_t", generate=echo_records, calib_split="c", eval_split="e", score=said))
+    yield
+    registry.unregister_method("toy_m")
+    estimators.unregister_estimator("toy_e")
+    metrics.unregister_metric("toy_metric")
+    kinds.unregister_kind("toy_k")
+    task.unregister_task("toy_t")
+
+
+def echo_records(n, seed, split):
+    return [{"id": f"{split}/{i}", "question": "q", "reasoning": "", "answer": "a"} for i in range(n)]
+
+
+def said(text, record):
+    return {"said": float(record["answer"] in text)}
+
+
+def test_a_registered_name_is_in_the_cli_choices_and_config_validation(toy_names, tmp_path):
+    """No list of names is written in the CLI or the config schema: each reads its registry."""
+    from capjax.cli import build_parser
+    from capjax.experiment.config import ConfigError, load_run_config, method_options
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+
+    def choices(command, dest):
+        (action,) = [a for a in commands[command]._actions if a.dest == dest]
+        return action.choices, action.help
+
+    assert "toy_m" in choices("prune", "method")[0] and "toy_m" in choices("prune", "calib")[1]
+    assert "toy_m: a | b" in choices("prune", "scope")[1]
+    for command in ("score", "prune"):
+        assert "toy_t" in choices(command, "calib")[0]
+    assert "toy_e" in choices("score", "aggregate")[0]
+    assert "toy_metric" in choices("score", "metric")[0] and "toy_k" in choices("score", "kind")[0]
+    assert "toy_t" in choices("eval", "tasks")[1] and "toy_t" in choices("recover", "data")[1]
+
+    cfg = load_run_config(
+        overrides={
+            "model": "smollm2-135m-instruct",
+            "out": str(tmp_path),
+            "seed": 7,
+            "calibration": {"tasks": ["toy_t"], "aggregate": "toy_e", "kind": "toy_k", "metric": "toy_metric"},
+            "pruning": {"methods": ["toy_m"]},
+            "evaluation": {"tasks": ["toy_t"], "limit": {"toy_t": 2}},
+        },
+        check_files=False,
+    )
+    assert cfg.calibration.tasks == ("toy_t",) and cfg.pruning.methods == ("toy_m",)
+    assert method_options(cfg, "toy_m")["seed"] == 7  # a method's seed option takes the run's seed
+    from capjax.pruning.registry import with_run_seed  # (capjax prune's --seed alike)
+
+    assert with_run_seed("toy_m", {"seed": 3}, 7) == {"seed": 3} and with_run_seed("magnitude", {}, 7) == {}
+    assert with_run_seed("random", {}, 7) == {"seed": 7}
+    with pytest.raises(ConfigError, match="toy_t"):  # the error lists the registered names
+        load_run_config(overrides={"model": "m", "out": str(tmp_path), "evaluation": {"tasks": ["toy_x"]}})

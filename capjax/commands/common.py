@@ -86,18 +86,16 @@ def check_eval_data(tasks: list[str], data_dir: str | None) -> None:
     may be missing when that package is installed."""
     import importlib.util
 
-    from capjax.data.sources import resolve_data_dir
-    from capjax.data.task import TASKS
+    from capjax.data.sources import HUB_FILES, resolve_data_dir
     from capjax.experiment.config import eval_data_file
 
-    downloadable = set(TASKS.builtin_names()) - {"strategyqa"}  # capjax.data's `datasets` fallback
     root = resolve_data_dir(data_dir)
     downloads = data_dir is None and importlib.util.find_spec("datasets") is not None
     files = {t: eval_data_file(t) for t in tasks}
     missing = [
         f"{t} needs {file}"
         for t, file in files.items()
-        if file is not None and (root is None or not (root / file).is_file()) and not (downloads and t in downloadable)
+        if file is not None and (root is None or not (root / file).is_file()) and not (downloads and file in HUB_FILES)
     ]
     if missing:
         where = f"--data-dir {root}" if root is not None else "$CAPJAX_DATA and ../shared/data"

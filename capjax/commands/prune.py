@@ -20,14 +20,13 @@ _CALIB = CalibrationConfig()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prune", help="prune a model (CAP, Wanda, SparseGPT, magnitude, random, cap_structured)", description=__doc__
-    )
+    specs = dict(registry.METHODS.items())  # name -> MethodSpec, read once (plugins loaded)
+    p = subparsers.add_parser("prune", help=f"prune a model ({', '.join(specs)})", description=__doc__)
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id or smollm2-135m-instruct")
     p.add_argument(
         "--method",
         default="cap",
-        choices=registry.names(),
+        choices=tuple(specs),
         help="a registered method (capjax.pruning.registry; plugins via CAPJAX_PLUGINS)",
     )
     p.add_argument(
@@ -39,16 +38,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
     p.add_argument("--scores", default=None, help="scores.npz with key 'delta' [L, H] (cap methods)")
     p.add_argument(
-        "--calib", default=None, choices=calibration_task_names(), help="calibration task (wanda, sparsegpt, cap_wanda)"
+        "--calib",
+        default=None,
+        choices=calibration_task_names(),
+        help=f"calibration task ({', '.join(n for n, s in specs.items() if s.needs_calib)})",
     )
     p.add_argument("--n", type=positive_int, default=_CALIB.n, help="calibration examples")
     p.add_argument("--seq-len", type=positive_int, default=_CALIB.seq_len)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=non_negative_int, default=0, help="calibration sampling (and random pruning) seed")
     p.add_argument(
-        "--kv-rule", default=None, choices=registry.spec("cap").choices["kv_rule"], help="cap / cap_wanda kv head rule"
+        "--seed", type=non_negative_int, default=0, help="calibration sampling (and seeded methods': random) seed"
     )
-    p.add_argument("--scope", default=None, help="cap: global | layer; magnitude: matrix | global")
+    p.add_argument(
+        "--kv-rule",
+        default=None,
+        choices=specs["cap"].choices["kv_rule"],
+        help=f"kv head rule of {', '.join(n for n, s in specs.items() if 'kv_rule' in s.options)}",
+    )
+    scopes = [f"{n}: {' | '.join(s.choices.get('scope', ()))}" for n, s in specs.items() if "scope" in s.options]
+    p.add_argument("--scope", default=None, help="; ".join(scopes))
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
@@ -66,7 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--heads", type=float, default=0.0, help="fraction of query heads removed per layer")
     s.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP channels removed per layer")
     s.add_argument("--layers", type=int, default=0, help="number of whole layers removed")
-    structured = registry.spec("cap_structured")  # its options' defaults and choices
+    structured = specs["cap_structured"]  # its options' defaults and choices
     s.add_argument(
         "--head-groups",
         default=structured.options["head_groups"],
@@ -277,8 +285,7 @@ def run(args: argparse.Namespace) -> int:
         options["kv_rule"] = args.kv_rule
     if args.scope is not None:
         options["scope"] = args.scope
-    if args.method == "random":
-        options["seed"] = args.seed
+    options = registry.with_run_seed(args.method, options, args.seed)
     from capjax.pruning.prune import check_options
 
     check_options(args.method, options)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capjax.experiment.config import DTYPES
+from capjax.experiment.config import DTYPES, calibration_task_names
 from capjax.recovery.settings import DEFAULTS, MODES
 
 
@@ -21,7 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default=DEFAULTS["data"],
-        help="calibration task (gsm8k, strategyqa, arc_challenge, synthetic) or text:PATH",
+        help=f"calibration task ({', '.join(calibration_task_names())}) or text:PATH (default: %(default)s)",
     )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="output folder")

@@ -1,12 +1,12 @@
 """Calibration and evaluation data for Causal Attribution Pruning.
 
-``task`` holds the task registry (one ``Task`` per task; the built-ins in ``builtin_tasks``),
+``task`` holds the task registry (one ``Task`` per task; the built-ins in ``tasks/``, one module each),
 ``sources`` reads raw benchmark records, ``synthetic`` generates arithmetic word problems,
 ``templates`` turns records into (prompt, answer) text, and ``calibration`` tokenizes them into
 [N, T] arrays.
 """
 
-import capjax.data.builtin_tasks  # noqa: F401  (registers the built-in tasks; see capjax.data.task)
+import capjax.data.tasks  # noqa: F401  (registers the built-in tasks, one module each; see capjax.data.task)
 from capjax.data.calibration import CalibrationBatch, build_calibration, eval_records
 from capjax.data.sources import TASKS, load_records, load_wikitext2_text, resolve_data_dir
 from capjax.data.synthetic import synthetic_problems

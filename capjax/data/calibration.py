@@ -1,7 +1,7 @@
 """Tokenized calibration batches for CAP and the evaluation records they never overlap.
 
 Calibration draws from each task's `calib_split` and evaluation from its held-out
-`eval_split` (`capjax.data.task.Task`; the built-ins' in `capjax.data.builtin_tasks`),
+`eval_split` (`capjax.data.task.Task`; the built-ins' in `capjax/data/tasks/`),
 so the two never share a problem:
 
     task            calibration   evaluation

@@ -25,24 +25,13 @@ import hashlib
 
 import numpy as np
 
+from capjax.data.synthetic import ITEMS, PEOPLE  # the same names and items as the synthetic task
+
 SPLITS: tuple[str, ...] = ("train", "eval")
 MAX_VALUE = 50  # every count in a problem stays below this
 MAX_STEP = 10  # amounts gained or removed are in [1, MAX_STEP)
 MIN_STEPS, MAX_STEPS = 2, 4
 
-PEOPLE = (
-    ("Tom", "he"),
-    ("Anna", "she"),
-    ("Ben", "he"),
-    ("Mia", "she"),
-    ("Sam", "he"),
-    ("Lily", "she"),
-    ("Omar", "he"),
-    ("Nora", "she"),
-    ("Leo", "he"),
-    ("Zoe", "she"),
-)
-ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "cards", "stamps", "shells", "balloons", "books")
 # kind -> (clause template, operator); {p} pronoun, {m} amount, {i} item
 OPERATIONS: dict[str, tuple[str, str]] = {
     "gets": ("{p} gets {m} more {i}", "+"),

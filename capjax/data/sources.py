@@ -46,6 +46,9 @@ FILES: dict[str, dict[str, str]] = {
 }
 WIKITEXT2_FILE = "wikitext2/wiki.test.raw"
 TASKS: tuple[str, ...] = tuple(FILES)
+HUB_TASKS = ("gsm8k", "arc_challenge")  # those `datasets.load_dataset` can stand in for (not StrategyQA)
+# the files a missing one of which `datasets` replaces (the hub tasks' and WikiText-2's)
+HUB_FILES = frozenset([WIKITEXT2_FILE, *(f for t in HUB_TASKS for f in FILES[t].values())])
 
 LAYOUT_HELP = (
     "Pass --data-dir DIR (data_dir=DIR) or set CAPJAX_DATA=DIR, where DIR holds:\n"
@@ -187,7 +190,7 @@ def load_records(task: str, split: str, data_dir: str | os.PathLike | None = Non
     if root is not None and (root / rel).is_file():
         return _from_files(task, split, root / rel)
     load_dataset = _load_dataset()
-    if load_dataset is not None and task != "strategyqa":
+    if load_dataset is not None and task in HUB_TASKS:
         return _from_hub(task, split, load_dataset)
     raise _missing(f"{task} {split} split", rel, root)
 

@@ -25,7 +25,8 @@ import numpy as np
 SPLITS: tuple[str, ...] = ("calib", "eval")
 MAX_VALUE = 1000  # every value in a problem stays below this
 
-_PEOPLE = [
+# the names (and pronouns) and items of the word problems (capjax.data.organism's too)
+PEOPLE = (
     ("Tom", "he"),
     ("Anna", "she"),
     ("Ben", "he"),
@@ -36,8 +37,9 @@ _PEOPLE = [
     ("Nora", "she"),
     ("Leo", "he"),
     ("Zoe", "she"),
-]
-_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "cards", "stamps", "shells", "balloons", "books"]
+)
+ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "cards", "stamps", "shells", "balloons", "books")
+
 _CONTAINERS = ["bags", "boxes", "packs", "jars"]
 
 
@@ -79,8 +81,8 @@ def _step(rng: np.random.Generator, x: int, item: str, pron: str) -> tuple[str, 
 
 
 def _problem(rng: np.random.Generator) -> dict | None:
-    name, pron = _PEOPLE[rng.integers(len(_PEOPLE))]
-    item = _ITEMS[rng.integers(len(_ITEMS))]
+    name, pron = PEOPLE[rng.integers(len(PEOPLE))]
+    item = ITEMS[rng.integers(len(ITEMS))]
     x = int(rng.integers(2, 31))
     sentences = [f"{name} has {x} {item}."]
     reasoning: list[str] = []

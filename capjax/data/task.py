@@ -152,18 +152,19 @@ class Task:
         return f"{record['reasoning']}\n{final}" if record["reasoning"] else final
 
 
-# The built-ins are registered by capjax/data/__init__.py (it imports capjax.data.builtin_tasks),
-# which runs before any module of the package: the registry holds them before anyone reads it.
+# The built-ins are registered by capjax/data/__init__.py (it imports capjax.data.tasks, one module
+# per task), which runs before any module of the package: the registry holds them before anyone reads it.
 TASKS: Registry[Task] = Registry(
     "task", on_read=load_plugins, unknown="unknown task {name!r}; known tasks: {known} (add one: docs/adding_a_task.md)"
 )
 
 
-def register_task(task: Task, replace: bool = False) -> Task:
-    """Files `task` under its name (a taken name: ValueError unless `replace`); returns it."""
+def register_task(task: Task, replace: bool = False, _builtin: bool = False) -> Task:
+    """Files `task` under its name (a taken name: ValueError unless `replace`); returns it.
+    (`_builtin`: capjax's own, in capjax/data/tasks/; they stay when unregistered.)"""
     if not isinstance(task, Task):
         raise ValueError(f"register_task takes a capjax.data.task.Task, got {type(task).__name__}")
-    return TASKS.register(task.name, task, replace=replace)
+    return TASKS.register(task.name, task, replace=replace, builtin=_builtin)
 
 
 def unregister_task(name: str) -> None:
@@ -183,7 +184,7 @@ def task_names() -> tuple[str, ...]:
 
 def calibration_task_names() -> tuple[str, ...]:
     """The tasks calibration (and recovery data) can draw from: those with a calib_split."""
-    return tuple(n for n in TASKS.names() if TASKS[n].calib_split is not None)
+    return tuple(n for n, t in TASKS.items() if t.calib_split is not None)
 
 
 __all__ = [

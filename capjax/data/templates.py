@@ -27,7 +27,7 @@ Prompt, plain mode (no chat template, or ``chat=False``)::
 
 Instructions (each task's ``instruction``, `capjax.data.task.Task`)::
 
-    gsm8k, synthetic : "Solve the problem step by step and end with 'The answer is N.'"
+    gsm8k, synthetic, organism : STEP_BY_STEP, "Solve the problem step by step and end with 'The answer is N.'"
     strategyqa       : "Answer the yes/no question. Reason step by step and end with
                         'The answer is yes.' or 'The answer is no.'"
     arc_challenge    : "Choose the correct option. End with 'The answer is X.' where X
@@ -39,6 +39,8 @@ from __future__ import annotations
 from typing import Any
 
 from capjax.errors import MissingDependencyError
+
+STEP_BY_STEP = "Solve the problem step by step and end with 'The answer is N.'"  # gsm8k, synthetic, organism
 
 
 def _task(task: str):

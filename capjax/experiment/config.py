@@ -33,8 +33,9 @@ from typing import Any, Literal, overload
 
 import yaml
 
+from capjax.estimators import SCORING_METHODS
+
 DTYPES = ("float32", "bfloat16")
-SCORING_METHODS = ("ablation", "gradient")
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.5)
 
 
@@ -467,14 +468,12 @@ def prune_method_names() -> tuple[str, ...]:
 
 def method_options(cfg: RunConfig, method: str) -> dict[str, Any]:
     """The options a method runs with: its defaults, the config's pruning.options, and the run seed
-    for random pruning (a ConfigError naming the option when one is wrong)."""
+    for a method with a `seed` option, e.g. random (a ConfigError naming the option when one is wrong)."""
     from capjax.pruning.prune import check_options
+    from capjax.pruning.registry import with_run_seed
 
-    opts = dict(cfg.pruning.options.get(method, {}))
-    if method == "random":
-        opts.setdefault("seed", cfg.seed)
     try:
-        return check_options(method, opts)
+        return check_options(method, with_run_seed(method, cfg.pruning.options.get(method, {}), cfg.seed))
     except ValueError as err:
         raise ConfigError(f"pruning.options.{method}: {err}") from err
 

@@ -172,6 +172,15 @@ def spec(name: str) -> MethodSpec:
     return _REGISTRY.lookup(name)
 
 
+def with_run_seed(name: str, options: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """`options`, with `seed` set to the run's seed when method `name` has a `seed` option and
+    `options` gives none (random pruning, and a registered method with a seed alike)."""
+    out = dict(options)
+    if "seed" in spec(name).options:
+        out.setdefault("seed", seed)
+    return out
+
+
 def needing_scores() -> tuple[str, ...]:
     """Names of the methods that read head scores."""
     return tuple(n for n in names() if _REGISTRY[n].needs_scores)
