@@ -51,7 +51,7 @@ def main() -> None:
             head_dim=16,
             tie_word_embeddings=True,
         )
-        model, tokenizer = transformers.LlamaForCausalLM(cfg).eval(), None
+        model, tokenizer = transformers.LlamaForCausalLM(cfg, attn_implementation="eager").eval(), None
         H, F = 4, 128
         heads, mlp = 3, 96
         adds = [0]
@@ -73,9 +73,14 @@ def main() -> None:
             path = smollm2_gguf_path()
         else:
             path = Path(args.gguf)
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
+            str(path.parent), gguf_file=path.name, attn_implementation="eager", **{dtype_kw: torch.float32}
         ).eval()
+        if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+            # transformers 4.45's GGUF reader does not tie SmolLM2's LM head (the file has no output tensor)
+            model.config.tie_word_embeddings = True
+            model.tie_weights()
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         H, F = model.config.num_attention_heads, model.config.intermediate_size
         heads, mlp = args.heads, args.mlp
@@ -96,17 +101,29 @@ def main() -> None:
         importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
         global_pruning=False,
         output_transform=lambda x: x.logits,
-        pruning_ratio=1 - mlp / F,
+        pruning_ratio=(F - mlp) / F,  # not 1 - mlp / F: in floats 1 - 6 / 9 > 3 / 9, and then no head goes
         ignored_layers=ignored,
         num_heads=num_heads,
         prune_num_heads=True,
         prune_head_dims=False,
-        head_pruning_ratio=1 - heads / H,
+        head_pruning_ratio=(H - heads) / H,
         round_to=1,
     )
     print(f"pruner built in {time.perf_counter() - t0:.0f} s", flush=True)
+    q_before = [layer.self_attn.q_proj.weight.detach().clone() for layer in model.model.layers]  # [H D, E]
     for g in pruner.step(interactive=True):
         g.prune()
+    # which query heads each layer kept (by matching rows), and how many in each kv group: the exported
+    # config assumes query head i reads kv head i // (H' / K'), which holds only with equal counts
+    D, G = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    kept_heads, uneven = [], 0
+    for layer, before in zip(model.model.layers, q_before):
+        after = layer.self_attn.q_proj.weight.detach()
+        rows = [after[i * D : (i + 1) * D] for i in range(after.shape[0] // D)]
+        kept = [h for h in range(before.shape[0] // D) if any(torch.equal(before[h * D : h * D + D], r) for r in rows)]
+        per_group = [sum(h // G == k for h in kept) for k in range(cfg.num_key_value_heads)]
+        uneven += len(set(per_group)) > 1
+        kept_heads.append(kept)
     a = model.model.layers[0]
     cfg.num_attention_heads = a.self_attn.q_proj.out_features // cfg.head_dim
     cfg.num_key_value_heads = a.self_attn.k_proj.out_features // cfg.head_dim
@@ -117,6 +134,8 @@ def main() -> None:
         "mlp": cfg.intermediate_size,
         "hidden": cfg.hidden_size,
         "params": sum(p.numel() for p in model.parameters()),
+        "layers_with_unequal_kv_groups": uneven,
+        "kept_query_heads": kept_heads,
         "seconds": time.perf_counter() - t0,
     }
     if args.out:
