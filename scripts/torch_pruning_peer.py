@@ -2,13 +2,30 @@
 `BasePruner` with `GroupMagnitudeImportance(p=2, group_reduction="mean")`, local pruning, heads pruned
 whole, head_dim kept) on SmolLM2-135M-Instruct, aimed at capjax's structured shapes: query heads
 9 -> --heads, MLP 1536 -> --mlp, hidden size kept (embeddings, LM head, o_proj and down_proj outputs
-ignored as roots). Writes a transformers folder to --out and a JSON line with the shapes.
+ignored as roots). Writes a transformers folder to --out and a JSON line with the shapes, the kept
+query heads per layer and how many layers kept unequal counts per kv group.
 
-    python scripts/torch_pruning_peer.py --heads 6 --mlp 1151 --out /tmp/tp25
+It needs its own environment: under transformers 5 (and 4.57) the pruner's construction
+(`DependencyGraph.get_all_groups`) never ends (VainF/Torch-Pruning#527; `--tiny` shows the walk
+growing). It runs with transformers 4.45.2 and torch 2.13.0 (CPU), in a venv beside capjax's:
+
+    python3.11 -m venv /tmp/tp-venv
+    /tmp/tp-venv/bin/pip install torch==2.13.0 transformers==4.45.2 torch-pruning==1.6.1 \
+        accelerate==1.0.1 gguf==0.19.0 sentencepiece==0.2.3 tokenizers==0.20.3 numpy==2.4.6
+    G=$(python -c "from capjax.io import smollm2_gguf_path; print(smollm2_gguf_path())")   # capjax's env
+    /tmp/tp-venv/bin/python scripts/torch_pruning_peer.py --heads 6 --mlp 1151 --gguf $G --out /tmp/tp25
+    python scripts/quality_structured.py --tp-python /tmp/tp-venv/bin/python ...   # evaluates it in capjax
+
+Two things beyond the recipe are needed there: the LM head tied again to the embeddings
+(transformers 4.45's GGUF reader leaves it untied and random), and head_pruning_ratio =
+(H - heads) / H (in floats 1 - 6 / 9 is above 3 / 9, torch-pruning rounds the heads to remove up to
+6, and then no head goes: see the next sentence). Attention runs eagerly (a 1-layer check pruned
+heads with SDPA too).
+torch-pruning 1.6.1 cannot reach one query head per kv group (H' = K', the 50% shape): after its
+update the query and kv head counts are equal, it stops treating the group as GQA, prunes k_proj /
+v_proj with the query indices and the group fails its check, so every head stays.
+
     python scripts/torch_pruning_peer.py --tiny      # a 1-layer, 64-wide Llama: does the graph build end?
-
-With transformers 5 the pruner's construction (`DependencyGraph.get_all_groups`) does not end: the
-dependency walk keeps adding entries to the first group (`--tiny` prints its size every 2,000 adds).
 """
 
 from __future__ import annotations
