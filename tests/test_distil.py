@@ -134,3 +134,15 @@ def test_micro_batches_average_over_the_whole_step(pair):
         progress=False,
     )
     np.testing.assert_allclose(history["loss"][0], want, rtol=1e-5)
+
+
+def test_unknown_distillation_positions_are_refused(pair):
+    from capjax.recovery.settings import RecoverySettings, RecoverySettingsError
+
+    with pytest.raises(RecoverySettingsError, match=r"recovery.distil_positions='answer': use all .* or loss"):
+        RecoverySettings(distil_positions="answer")
+    _, _, teacher, (s_model, s_params), data = pair
+    with pytest.raises(ValueError, match="distil_positions='answer': use one of all, loss"):
+        capjax.recover(
+            s_model, s_params, None, data, teacher=teacher, distil_positions="answer", steps=1, progress=False
+        )
