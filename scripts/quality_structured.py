@@ -4,19 +4,22 @@ parameter counts, before and after recovery, beside unstructured pruning and tor
 For each target (--fractions, default 25% and 50% of the decoder layers' parameters removed:
 `budget_shape(config, 1 - f)`, heads and MLP channels alike):
 
-    CAP heads + Minitron channels   CAP head scores (gradient estimate) + mean |activation| channels
+    CAP heads + Minitron channels   CAP head scores (--head-scores: the gradient estimate or exact
+                                    ablation) + mean |activation| channels
                                     (`cap_structured`'s default)
     CAP heads + Taylor channels     (--taylor) CAP head scores + |d answer loss / d channel| (causal,
                                     first order)
     Minitron (activation)           mean ||attn.z|| heads + mean |activation| channels
     random                          random heads and channels (seed 0)
-    torch-pruning (magnitude)       scripts/torch_pruning_peer.py in a subprocess (--tp-timeout s), at
-                                    the first fraction (where it does not finish, not again)
+    torch-pruning (magnitude)       scripts/torch_pruning_peer.py in a subprocess of --tp-python (an
+                                    environment with transformers 4.45: see that script), --tp-timeout
+                                    s; where it fails at the first fraction, not again
     unstructured CAP / Wanda        `capjax.prune` at the sparsity of the kernels that removes the same
                                     number of parameters (same count, dense shapes)
     + CE / + distil                 --recover rows: `capjax.recover` --steps steps on GSM8K train
                                     answers, CE only vs logit distillation from the dense model
-                                    (temperature 1, KL only), same steps, data, lr and batch
+                                    (temperature 1, KL only, at every real position of the
+                                    examples), same steps, data, lr and batch
 
 Scores from --n-calib GSM8K train examples. Quality, each with a 95% interval: WikiText-2 perplexity
 (--wiki-windows windows of --wiki-seq tokens, bootstrap over windows), GSM8K answer loss (NLL per
@@ -66,10 +69,14 @@ def evaluate(model, params, tok, args, recs) -> dict:
     }
 
 
-def torch_pruning_row(heads: int, mlp: int, timeout: float) -> tuple[str | None, str]:
-    """(folder of the pruned model or None, what happened in one line)."""
+def torch_pruning_row(heads: int, mlp: int, timeout: float, python: str) -> tuple[str | None, str]:
+    """(folder of the pruned model or None, what happened in one line); `python`: the interpreter of
+    the environment that has torch-pruning (scripts/torch_pruning_peer.py: transformers 4.45)."""
+    from capjax.io import smollm2_gguf_path
+
     out = tempfile.mkdtemp(prefix="tp_peer_")
-    cmd = [sys.executable, str(HERE / "torch_pruning_peer.py"), "--heads", str(heads), "--mlp", str(mlp), "--out", out]
+    cmd = [python, str(HERE / "torch_pruning_peer.py"), "--heads", str(heads), "--mlp", str(mlp), "--out", out]
+    cmd += ["--gguf", str(smollm2_gguf_path())]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -83,13 +90,15 @@ def torch_pruning_row(heads: int, mlp: int, timeout: float) -> tuple[str | None,
     if p.returncode != 0:
         return None, f"failed (exit {p.returncode}): {(p.stderr.strip().splitlines() or ['?'])[-1]}"
     shapes = json.loads(p.stdout.strip().splitlines()[-1])
+    shapes.pop("kept_query_heads", None)
     return out, f"pruned in {time.perf_counter() - t0:.0f} s: {shapes}"
 
 
 def print_table(rows: list[dict], args) -> None:
     """The markdown table of the rows (also from a saved --out JSON: --table FILE)."""
     print(
-        f"\nSmolLM2-135M-Instruct; scores from {args.n_calib} GSM8K train examples; WikiText-2 perplexity on "
+        f"\nSmolLM2-135M-Instruct; scores from {args.n_calib} GSM8K train examples (CAP heads: "
+        f"{getattr(args, 'head_scores', 'gradient')}); WikiText-2 perplexity on "
         f"{args.wiki_windows} windows of {args.wiki_seq} tokens; GSM8K answer loss on {args.n_eval} test examples; "
         f"ARC-Challenge accuracy (log-likelihood) on {args.n_arc} test questions; 95% intervals (bootstrap / "
         f"Wilson); recovery {args.steps} steps x {args.recover_batch} rows x {args.recover_seq} tokens of GSM8K "
@@ -128,7 +137,18 @@ def main() -> None:
     parser.add_argument("--recover-batch", type=int, default=4)
     parser.add_argument("--recover-seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--tp-timeout", type=float, default=120.0)
+    parser.add_argument("--tp-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--tp-python",
+        default=sys.executable,
+        help="python of an environment with torch-pruning 1.6.1 and transformers 4.45 (scripts/torch_pruning_peer.py)",
+    )
+    parser.add_argument(
+        "--head-scores",
+        default="gradient",
+        choices=("gradient", "ablation"),
+        help="CAP head scores: the gradient estimate or exact ablation",
+    )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None, help="JSON of every row (written after each row)")
     parser.add_argument("--table", default=None, help="only print the table of a saved --out JSON")
@@ -161,10 +181,11 @@ def main() -> None:
         cal.tokens,
         cal.loss_mask,
         attention_mask=cal.attention_mask,
-        method="gradient",
+        method=args.head_scores,
         subsets=1,
         progress=False,
     ).delta
+    log(t0, f"CAP head scores ({args.head_scores}) done")
     grad = (
         S.channel_gradient_scores(model, params, cal.tokens, cal.loss_mask, cal.attention_mask, batch_size=4)
         if args.taylor
@@ -238,7 +259,7 @@ def main() -> None:
                     )
                     add(name, frac, size, m, rp, stage=how, note=note)
         if tp_failed is None:
-            folder, what = torch_pruning_row(shape.num_heads, shape.intermediate_size, args.tp_timeout)
+            folder, what = torch_pruning_row(shape.num_heads, shape.intermediate_size, args.tp_timeout, args.tp_python)
             tp_failed = what if folder is None else None
         else:
             folder, what = None, f"not run again (at the first fraction it {tp_failed[:40]}...)"

@@ -69,9 +69,57 @@ def test_prune_cap_structured_writes_a_smaller_model(tmp_path, tiny_with_tokeniz
     assert json.loads((out / "capjax_prune.json").read_text())["parameters"]["structured"] == small.config.num_params()
 
 
+@pytest.mark.slow
+def test_prune_cap_structured_with_exact_channel_group_ablation(tmp_path, tiny_with_tokenizer, capsys):
+    """`--mlp-score ablation --mlp-group 16`: each layer keeps the channel groups whose zeroing (in
+    transformers' model, a plain loop) raises the calibration answer loss most, then the highest
+    activations; the folder records the group size."""
+    from capjax.structured.scores import channel_activation_scores, rank_groups
+
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(tiny_with_tokenizer), "--method", "cap_structured", "--mlp", "0.5"]
+    argv += ["--mlp-score", "ablation", "--mlp-group", "16", "--calib", "synthetic", "--n", "3", "--seq-len", "128"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "MLP 48 -> 24" in capsys.readouterr().out
+    plan = Plan.from_json((out / "structured_plan.json").read_text())
+    assert json.loads((out / "capjax_prune.json").read_text())["mlp_group"] == 16
+
+    model, params = capjax.load_pretrained(tiny_with_tokenizer)
+    cal = capjax.build_calibration("synthetic", capjax.load_tokenizer(tiny_with_tokenizer), n=3, seq_len=128, seed=0)
+    tokens, am, loss_mask = cal.tokens, cal.attention_mask, cal.loss_mask
+    act = channel_activation_scores(model, params, tokens, am)  # [L, F]
+    groups = rank_groups(act, 16)  # [L, F]: 3 groups per layer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32).eval()
+
+    def answer_loss():
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.as_tensor(tokens), attention_mask=torch.as_tensor(am)).logits.double(), -1)
+        b, t = np.nonzero(loss_mask[:, 1:] > 0)
+        return float(-lp[b, t, torch.as_tensor(tokens[b, t + 1])].mean())
+
+    intact = answer_loss()
+    for i, l in enumerate(plan.layers):
+        w = hf.model.layers[l].mlp.down_proj.weight  # [E, F]
+        delta = np.zeros(3)
+        for m in range(3):
+            saved = w.detach().clone()
+            with torch.no_grad():
+                w[:, torch.as_tensor(groups[l] == m)] = 0.0
+            delta[m] = answer_loss() - intact
+            with torch.no_grad():
+                w.copy_(saved)
+        assert len(set(np.round(delta, 6))) == 3  # distinct group scores: the order below is decided by them
+        order = np.lexsort((-act[l], -delta[groups[l]]))  # group loss increase first, then activation
+        np.testing.assert_array_equal(plan.channels[i], np.sort(order[:24]))
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
+        (
+            ["--mlp", "0.5", "--mlp-score", "ablation", "--mlp-group", "49", "--calib", "synthetic"],
+            "--mlp-group 49:",
+        ),
         (["--heads", "0.9"], "heads=0.9 leaves a layer with no heads"),
         (["--layers", "2"], "layers=2 removes all 2 layers"),
         (["--heads", "0.5"], "removing heads needs --scores"),

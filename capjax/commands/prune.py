@@ -85,7 +85,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--mlp-score",
         default=structured.options["mlp_score"],
         choices=structured.choices["mlp_score"],
-        help="MLP channel score (docs/structured.md: measured quality per score)",
+        help="MLP channel score (docs/structured.md: measured quality per score; ablation: exact ablation of "
+        "channel groups, L x F / --mlp-group forward passes)",
+    )
+    s.add_argument(
+        "--mlp-group",
+        type=positive_int,
+        default=structured.options["mlp_group"],
+        help="--mlp-score ablation: channels ablated together (neighbours in activation rank)",
     )
     s.add_argument(
         "--layer-score", default=structured.options["layer_score"], choices=structured.choices["layer_score"]
@@ -138,6 +145,11 @@ def run_structured(args: argparse.Namespace) -> int:
         )
     shape = shape_for(config, args.sparsity, options)
     print(f"cap_structured: {shape.describe(config)}", flush=True)  # before anything is computed or written
+    if args.mlp_score == "ablation" and args.mlp_group > config.intermediate_size:
+        raise ValueError(
+            f"--mlp-group {args.mlp_group}: {args.model} has {config.intermediate_size} MLP channels per layer; "
+            f"give at most {config.intermediate_size}"
+        )
     delta = None
     if shape.num_heads < config.num_heads:
         if args.scores is None:
@@ -168,7 +180,16 @@ def run_structured(args: argparse.Namespace) -> int:
         (calib.tokens, calib.loss_mask, calib.attention_mask) if calib is not None else (None, None, None)
     )
     plan = structured_plan(
-        model, params, shape, delta, tokens, loss_mask, am, mlp_score=args.mlp_score, layer_score=args.layer_score
+        model,
+        params,
+        shape,
+        delta,
+        tokens,
+        loss_mask,
+        am,
+        mlp_score=args.mlp_score,
+        layer_score=args.layer_score,
+        mlp_group=args.mlp_group,
     )
     small, small_params = shrink(model, params, plan)
     with replaced_folder(args.out, EXPORT_MARKER) as staging:  # written beside --out, then swapped in whole
@@ -182,6 +203,7 @@ def run_structured(args: argparse.Namespace) -> int:
                     "method": args.method,
                     "shape": {**options, "sparsity": args.sparsity},
                     "mlp_score": args.mlp_score,
+                    **({"mlp_group": args.mlp_group} if args.mlp_score == "ablation" else {}),
                     "layer_score": args.layer_score,
                     "dtype": args.dtype,
                     "parameters": {"dense": config.num_params(), "structured": small.config.num_params()},

@@ -261,10 +261,11 @@ register_method(
         "mlp_score": "activation",
         "layer_score": "ablation",
         "batch_size": 8,
+        "mlp_group": 64,
     },
     choices={
         "head_groups": ("auto", "query", "kv"),
-        "mlp_score": ("gradient", "taylor", "activation"),
+        "mlp_score": ("gradient", "taylor", "activation", "ablation"),
         "layer_score": ("ablation", "influence"),
     },
     needs_scores=True,

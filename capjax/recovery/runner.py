@@ -41,7 +41,8 @@ def run_recovery(
     """(recovered params, history) for one pruned model: builds `settings.data` (n examples of
     seq_len tokens, seed) with `tokenizer`, then runs `recover` with checkpoints under
     `checkpoint_dir` (a rerun resumes) and the params sharded over `mesh`; with a `teacher`
-    (model, params), as logit distillation (settings.distil_temperature, distil_ce_weight)."""
+    (model, params), as logit distillation (settings.distil_temperature, distil_ce_weight,
+    distil_positions)."""
     if not isinstance(settings, RecoverySettings):
         settings = RecoverySettings.from_dict(settings)
     data = build_recovery_data(settings.data, tokenizer, settings.n, settings.seq_len, settings.seed, data_dir)
@@ -58,4 +59,5 @@ def run_recovery(
         teacher=teacher,
         temperature=settings.distil_temperature,
         ce_weight=settings.distil_ce_weight,
+        distil_positions=settings.distil_positions,
     )

@@ -49,8 +49,9 @@ class RecoverySettings:
     remat: recompute each layer's activations in the backward pass (jax.checkpoint) and keep only
     the layer inputs: activation memory of one layer instead of the whole stack, ~1/3 more compute.
     distil: `capjax run` also runs the same recovery as logit distillation from the dense model (a
-    "+distil" row beside "+recovery"), with distil_temperature and distil_ce_weight (`recover`'s
-    temperature and ce_weight).
+    "+distil" row beside "+recovery"), with distil_temperature, distil_ce_weight and
+    distil_positions (`recover`'s temperature, ce_weight and distil_positions: "all" = KL at every
+    position that predicts a real token, "loss" = at the loss positions only).
     """
 
     steps: int = 100
@@ -78,6 +79,7 @@ class RecoverySettings:
     distil: bool = False
     distil_temperature: float = 1.0
     distil_ce_weight: float = 0.0
+    distil_positions: str = "all"
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -174,10 +176,12 @@ def check_settings(s: RecoverySettings) -> None:
         bad("distil_temperature", "need a finite temperature > 0")
     if not (np.isfinite(s.distil_ce_weight) and s.distil_ce_weight >= 0):
         bad("distil_ce_weight", "need a finite weight >= 0")
+    if s.distil_positions not in ("all", "loss"):
+        bad("distil_positions", "use all (every real position) or loss (the loss positions only)")
 
 
 # Settings only the "+distil" run reads: left out of the "+recovery" run's fingerprints.
-DISTIL_FIELDS = ("distil", "distil_temperature", "distil_ce_weight")
+DISTIL_FIELDS = ("distil", "distil_temperature", "distil_ce_weight", "distil_positions")
 
 
 def check_data_file(s: RecoverySettings) -> None:

@@ -109,15 +109,42 @@ def lr_schedule(settings: RecoverySettings) -> optax.Schedule:
 
 
 # ---------------------------------------------------------------------------- loss
+DISTIL_POSITIONS = ("all", "loss")
+
+
 @dataclasses.dataclass(frozen=True)
 class Distillation:
     """Logit distillation from a teacher (static part; its params travel as a step argument).
-    Per loss position: temperature^2 KL(softmax(teacher / temperature) || softmax(student / temperature))
-    + ce_weight * NLL of the target."""
+
+    loss = mean over the KL positions of temperature^2 KL(softmax(teacher / T) || softmax(student / T))
+         + ce_weight * mean over the loss positions of the target's NLL,
+    each mean over the whole step (all micro-batches). positions: "all" (default) = every position
+    that predicts a real token of its own example (the question as well as the answer; no padding,
+    no position across two packed examples); "loss" = the loss positions only (the answer tokens of
+    a calibration task; every token of text data)."""
 
     teacher: Decoder
     temperature: float = 1.0
     ce_weight: float = 0.0
+    positions: str = "all"
+
+
+def distil_mask(batch: dict[str, Any], distil: Distillation) -> Any:
+    """[..., S] float32: 1 where token s is a KL target (predicted from position s - 1), as loss_mask."""
+    if distil.positions == "loss":
+        return batch["loss_mask"]
+    seg = batch["segment_ids"]
+    same = (seg[..., 1:] == seg[..., :-1]) & (seg[..., 1:] > 0)
+    xp = jnp if isinstance(seg, jax.Array) else np
+    return xp.concatenate([xp.zeros_like(same[..., :1]), same], axis=-1).astype(xp.float32)
+
+
+def distil_norm(batch: dict[str, Any], distil: Distillation) -> tuple[Any, Any]:
+    """(KL positions, loss positions) of a whole step's batch: the two means' denominators (>= 1)."""
+    xp = jnp if isinstance(batch["tokens"], jax.Array) else np
+    k = xp.sum(batch.get("distil_mask", distil_mask(batch, distil))[..., 1:])
+    n = xp.sum(batch["loss_mask"][..., 1:])
+    return xp.maximum(k, 1.0), xp.maximum(n, 1.0)
 
 
 def _hidden(model: Decoder, params: Params, batch: dict[str, jax.Array], layers: Any, layer_fn, remat: bool):
@@ -131,16 +158,17 @@ def _hidden(model: Decoder, params: Params, batch: dict[str, jax.Array], layers:
 
 def distil_position_loss(
     student_logits: jax.Array, teacher_logits: jax.Array, target: jax.Array, distil: Distillation
-) -> jax.Array:
-    """Per position [Q]: T^2 KL(p_teacher^T || p_student^T) + ce_weight * NLL, from logits [Q, V]."""
+) -> tuple[jax.Array, jax.Array]:
+    """(T^2 KL(p_teacher^T || p_student^T), NLL of the target), each per position [Q], from logits [Q, V]
+    (the NLL is zeros when ce_weight is 0: not computed)."""
     t = distil.temperature
     log_ps = jax.nn.log_softmax(student_logits / t, axis=-1)
     log_pt = jax.nn.log_softmax(teacher_logits / t, axis=-1)
-    loss = (t * t) * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
-    if distil.ce_weight:
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(student_logits, axis=-1), target[:, None], axis=-1)[:, 0]
-        loss = loss + distil.ce_weight * nll
-    return loss
+    kl = (t * t) * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    if not distil.ce_weight:
+        return kl, jnp.zeros_like(kl)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(student_logits, axis=-1), target[:, None], axis=-1)[:, 0]
+    return kl, nll
 
 
 def _nll_sum(
@@ -152,10 +180,13 @@ def _nll_sum(
     remat: bool,
     distil: Distillation | None = None,
     teacher: Params | None = None,
+    norm: tuple[Any, Any] | None = None,
 ):
-    """(summed loss, loss tokens) of one micro-batch [b, S]; layers: the scanned layer tree. The
-    loss is the NLL, or with `distil` the distillation loss against the teacher's logits (computed
-    here, on the fly, from `teacher` params that get no gradient)."""
+    """(summed loss, count) of one micro-batch [b, S]; layers: the scanned layer tree. The loss is
+    the NLL summed over the loss tokens and the count their number; or with `distil` the
+    distillation loss against the teacher's logits (computed here, on the fly, from `teacher`
+    params that get no gradient), already divided by the step's `norm` = (KL positions, loss
+    positions), and the count this micro-batch's share of the KL positions (they add up to 1)."""
     tokens, loss_mask = batch["tokens"], batch["loss_mask"]
     x = _hidden(model, params, batch, layers, layer_fn, remat)
     h = x[:, :-1].reshape(-1, x.shape[-1])  # position s predicts token s + 1
@@ -171,21 +202,26 @@ def _nll_sum(
         def chunk(total, xs):
             hc, tc, wc = xs
             return total + jnp.sum(token_nll(model, params, hc, tc) * wc), None
-    else:
-        assert teacher is not None  # distil is set only with a teacher
-        tp = jax.lax.stop_gradient(teacher)
-        xt = _hidden(distil.teacher, tp, batch, tp["layers"], lambda lp: lp, remat)
-        ht = jnp.pad(xt[:, :-1].reshape(-1, xt.shape[-1]), ((0, pad), (0, 0)))
-        xs = (*xs, ht.reshape(-1, C, ht.shape[-1]))
 
-        @jax.checkpoint
-        def chunk(total, xs):
-            hc, tc, wc, htc = xs
-            zs, zt = unembed(model, params, hc), unembed(distil.teacher, tp, htc)  # [C, V] float32
-            return total + jnp.sum(distil_position_loss(zs, zt, tc, distil) * wc), None
+        total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32), xs)
+        return total, jnp.sum(w)
+    assert teacher is not None and norm is not None  # distil is set only with a teacher
+    n_kl, n_loss = norm
+    tp = jax.lax.stop_gradient(teacher)
+    xt = _hidden(distil.teacher, tp, batch, tp["layers"], lambda lp: lp, remat)
+    ht = jnp.pad(xt[:, :-1].reshape(-1, xt.shape[-1]), ((0, pad), (0, 0)))
+    wk = jnp.pad(batch.get("distil_mask", distil_mask(batch, distil))[:, 1:].reshape(-1), (0, pad))
+    xs = (*xs, ht.reshape(-1, C, ht.shape[-1]), wk.reshape(-1, C))
 
-    total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32), xs)
-    return total, jnp.sum(w)
+    @jax.checkpoint
+    def chunk_distil(total, xs):
+        hc, tc, wc, htc, wkc = xs
+        zs, zt = unembed(model, params, hc), unembed(distil.teacher, tp, htc)  # [C, V] float32
+        kl, nll = distil_position_loss(zs, zt, tc, distil)
+        return total + jnp.sum(kl * wkc) / n_kl + distil.ce_weight * jnp.sum(nll * wc) / n_loss, None
+
+    total, _ = jax.lax.scan(chunk_distil, jnp.zeros((), jnp.float32), xs)
+    return total, jnp.sum(wk) / n_kl
 
 
 def _micro_loss(
@@ -199,11 +235,12 @@ def _micro_loss(
     masks,
     mb,
     teacher=None,
+    norm=None,
 ):
-    """(summed loss, loss tokens) of micro-batch mb [b, S]; full: trainable are the params; lora:
-    trainable are the adapters over the frozen params; distil: against the teacher's params."""
+    """(summed loss, count) of micro-batch mb [b, S] (`_nll_sum`); full: trainable are the params;
+    lora: trainable are the adapters over the frozen params; distil: against the teacher's params."""
     if mode == "full":
-        return _nll_sum(model, trainable, mb, trainable["layers"], lambda lp: lp, remat, distil, teacher)
+        return _nll_sum(model, trainable, mb, trainable["layers"], lambda lp: lp, remat, distil, teacher, norm)
     masks_l = {p: get_path(masks, p) for p in trainable}
     return _nll_sum(
         model,
@@ -214,6 +251,7 @@ def _micro_loss(
         remat,
         distil,
         teacher,
+        norm,
     )
 
 
@@ -235,13 +273,17 @@ def batch_loss(
     data = pack_for_training(data)
     mode = "full" if adapters is None else "lora"
     fn = _loss_fn(model, mode, float(scale), distil)
+    keys = ("tokens", "segment_ids", "positions", "loss_mask")
+    norm = None if distil is None else distil_norm({k: getattr(data, k) for k in keys}, distil)
     total = count = 0.0
     for i in range(0, len(data), rows_per_call):
         idx = np.arange(i, i + rows_per_call) % len(data)  # fixed shape; repeats are weighted out
         w = (np.arange(i, i + rows_per_call) < len(data)).astype(np.float32)
-        mb = {k: jnp.asarray(getattr(data, k)[idx]) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+        mb = {k: jnp.asarray(getattr(data, k)[idx]) for k in keys}
+        if distil is not None:
+            mb["distil_mask"] = distil_mask(mb, distil) * jnp.asarray(w)[:, None]
         mb["loss_mask"] = mb["loss_mask"] * jnp.asarray(w)[:, None]
-        t, c = fn(params if mode == "full" else adapters, None if mode == "full" else params, masks, mb, teacher)
+        t, c = fn(params if mode == "full" else adapters, None if mode == "full" else params, masks, mb, teacher, norm)
         total, count = total + float(t), count + float(c)
     return total / count
 
@@ -284,9 +326,10 @@ def _step_fn(
 
     def step(state, frozen, masks, batch, teacher=None):
         trainable = state["trainable"]
+        norm = None if distil is None else distil_norm(batch, distil)  # the whole step's position counts
 
         def acc(carry, mb):
-            (total, count), g = grad_fn(trainable, frozen, masks, mb, teacher)
+            (total, count), g = grad_fn(trainable, frozen, masks, mb, teacher, norm)
             s, c, gs = carry
             return (s + total, c + count, jax.tree.map(jnp.add, gs, g)), None
 
@@ -339,7 +382,7 @@ def _fingerprint(
         json.dumps([repr(model.config), str(model.dtype), mode, kept, optimizer is None], sort_keys=True, default=str)
     )
     if distil is not None:
-        d.text(repr((distil.teacher.config, distil.temperature, distil.ce_weight)))
+        d.text(repr((distil.teacher.config, distil.temperature, distil.ce_weight, distil.positions)))
     d.raw(Digest().raw(data.fingerprint()).digest())
     for leaf in jax.tree.leaves(params) + [m for m in jax.tree.leaves(masks)] + jax.tree.leaves(teacher):
         f = jnp.asarray(leaf).astype(jnp.float32)
@@ -363,6 +406,7 @@ def recover(
     teacher: tuple[Decoder, Params] | None = None,
     temperature: float = 1.0,
     ce_weight: float = 0.0,
+    distil_positions: str = "all",
     **overrides: Any,
 ) -> tuple[Params, dict[str, Any]]:
     """Fine-tunes a pruned model; returns (params, history). Pruned entries are exactly zero in
@@ -384,15 +428,18 @@ def recover(
     callback(step, trainable): called after every step (before its checkpoint) with the step count and
         the trainable tree (full: the float32 params; lora: the adapters).
     teacher: (model, params) of a teacher with the same vocabulary (the dense model, for a structured
-        one): the loss becomes logit distillation at every loss position, temperature^2 KL(teacher ||
-        student) at `temperature`, plus ce_weight times the NLL; the teacher's logits are computed in
-        each step (never stored) and its params are an input of the step, never updated.
+        one): the loss becomes logit distillation, temperature^2 KL(teacher || student) at
+        `temperature` averaged over every real position (`distil_positions="all"`: each position
+        that predicts a real token of its own example, question and answer alike; "loss": the loss
+        positions only), plus ce_weight times the mean NLL over the loss positions; the teacher's
+        logits are computed in each step (never stored) and its params are an input of the step,
+        never updated.
     masks: None means nothing is pruned (a shrunken structured model: every weight trains).
     Raises RecoveryDivergedError (keeping the last good checkpoint) on a NaN / infinite loss,
     gradient or update, or a loss above settings.max_loss_ratio times the first one.
     """
     settings = (settings or RecoverySettings()).replace(**overrides, **({"steps": steps} if steps is not None else {}))
-    distil, teacher_params = _check_teacher(model, teacher, temperature, ce_weight)
+    distil, teacher_params = _check_teacher(model, teacher, temperature, ce_weight, distil_positions)
     if masks is None:
         from capjax.pruning.prune import masks_from_flat
 
@@ -510,12 +557,16 @@ def recover(
         "settings": dataclasses.asdict(settings),
     }
     if distil is not None:
-        history["distil"] = {"temperature": distil.temperature, "ce_weight": distil.ce_weight}
+        history["distil"] = {
+            "temperature": distil.temperature,
+            "ce_weight": distil.ce_weight,
+            "positions": distil.positions,
+        }
     return out, history
 
 
 def _check_teacher(
-    model: Decoder, teacher: Any, temperature: float, ce_weight: float
+    model: Decoder, teacher: Any, temperature: float, ce_weight: float, positions: str = "all"
 ) -> tuple[Distillation | None, Params | None]:
     """(Distillation, teacher params) from recover's teacher=(model, params), or one-line refusals."""
     if teacher is None:
@@ -532,4 +583,6 @@ def _check_teacher(
         raise ValueError(f"temperature={temperature!r}: expected a positive number")
     if not (math.isfinite(ce_weight) and ce_weight >= 0):
         raise ValueError(f"ce_weight={ce_weight!r}: expected a number >= 0")
-    return Distillation(t_model, float(temperature), float(ce_weight)), t_params
+    if positions not in DISTIL_POSITIONS:
+        raise ValueError(f"distil_positions={positions!r}: use one of {', '.join(DISTIL_POSITIONS)}")
+    return Distillation(t_model, float(temperature), float(ce_weight), positions), t_params

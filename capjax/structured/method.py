@@ -138,5 +138,6 @@ def cap_structured(job) -> tuple[dict, dict]:
         o["mlp_score"],
         o["layer_score"],
         o["batch_size"],
+        o["mlp_group"],
     )
     return job.kernels, plan_masks(c, job.kernels, plan, job.family)
