@@ -30,6 +30,7 @@ from capjax.pruning import (  # noqa: E402
     weight_scores,
 )
 from capjax.pruning.importance import rows_view  # noqa: E402
+from capjax.sites import PROJECTION_INPUT, Interventions  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
 G = H // K
@@ -384,12 +385,13 @@ def test_sparsegpt_beats_magnitude_reconstruction(tiny, calib):
     pruned, masks = prune(tiny.model, tiny.params, "sparsegpt", sparsity, calib=calib)
     x, ctx = layer_context(tiny.model, tiny.params, jnp.asarray(calib.tokens), jnp.asarray(calib.attention_mask))
     real = calib.attention_mask.reshape(-1).astype(bool)
-    run = jax.jit(apply_layer, static_argnums=0, static_argnames="capture")
+    run = jax.jit(apply_layer, static_argnums=0)
+    capture = Interventions(capture=frozenset(PROJECTION_INPUT.values()))
     for l in range(L):
-        _, inputs = run(tiny.model, layer_params(tiny.params, l), x, ctx, capture=True)
+        _, inputs = run(tiny.model, layer_params(tiny.params, l), x, ctx, iv=capture)
         for p in PRUNABLE:
             _, group, name, _ = p.split("/")
-            X = np.asarray(inputs[group][name]).reshape(real.size, -1)[real]  # [tokens, n_in]
+            X = np.asarray(inputs[PROJECTION_INPUT[f"{group}/{name}"]]).reshape(real.size, -1)[real]  # [tokens, n_in]
             W0 = np.asarray(rows_view(get(tiny.params, p)[l], p, stacked=False))
             Ws = np.asarray(rows_view(get(pruned, p)[l], p, stacked=False))
             k = int((~np.asarray(get(masks, p))[l]).sum())

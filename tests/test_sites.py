@@ -199,7 +199,7 @@ def test_cache_keeps_only_requested_sites_and_bad_input_is_one_line(tmp_path):
         np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am))),
         atol=1e-5,
     )
-    with pytest.raises(ValueError, match=r"unknown site 'attn.zz': use one of resid.pre, attn.q.*resid.post$"):
+    with pytest.raises(ValueError, match=r"unknown site 'attn.zz': use one of resid.pre, attn.in, attn.q.*resid.post$"):
         run_with_cache(model, params, tokens, sites=["attn.zz"])
     need = cache_bytes(model.config, ["attn.z"], *tokens.shape)
     assert need == model.config.num_layers * np.prod(tokens.shape) * model.config.num_heads * model.config.head_dim * 4
