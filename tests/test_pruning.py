@@ -304,6 +304,20 @@ def test_wanda_matches_torch(tiny, calib, nm):
     _compare_to_torch(masks, torch_wanda(tiny.hf, calib.tokens, calib.attention_mask, 0.4, nm))
 
 
+def test_wanda_matches_torch_with_alternating_sliding_layers(tmp_path, calib):
+    """Gemma 2 (layer 0 sliding, window 4 < T; layer 1 global): the sequential pass runs each layer
+    alone on the one layer scan with its own index, so each layer keeps its attention type."""
+    from conftest import make_hf_model
+    from test_families import CASES
+
+    model_type, overrides = CASES["gemma2_gqa"]
+    hf = make_hf_model(tmp_path, model_type, randomize_norms=True, **overrides)
+    model, params = capjax.load_pretrained(tmp_path)
+    assert model.config.mixed_layers and model.config.num_layers == L
+    _, masks = prune(model, params, "wanda", 0.4, calib=calib, batch_size=4)
+    _compare_to_torch(masks, torch_wanda(hf, calib.tokens, calib.attention_mask, 0.4))
+
+
 def test_cap_wanda_matches_torch(tiny, calib, delta):
     I = torch.as_tensor(oracle_importance(delta), dtype=torch.float32)
 
