@@ -450,24 +450,27 @@ def apply_layer(
     layer_p: Params,
     x: Array,
     ctx,
-    head_mask_l: Array | None = None,
+    iv: Interventions | None = None,
+    *,
     rows: Array | None = None,
     layer: int | Array | None = None,
-    iv: Interventions | None = None,
 ):
     """Runs one decoder layer: x [B, T, E] -> x [B, T, E].
 
+    iv: this layer's `capjax.sites.Interventions` (edits of any named site; a head mask [H] is
+    `capjax.sites.with_head_mask(iv, head_mask)`, an attn.z keep); None is the plain path.
     layer: the layer's index (int or traced int32); required by families whose sliding and global
     layers alternate (`ModelConfig.mixed_layers`), ignored otherwise.
-    head_mask_l [H]: the attn.z keep (None: untouched). iv: this layer's `capjax.sites.Interventions`
-    (edits of any named site; head_mask_l is multiplied into its attn.z keep); None, with no head
-    mask, is the plain path.
 
     With rows [R] (flat indices into B * T), only those positions' outputs -> [R, E] (the last
     layer, when the loss reads only some positions). When iv captures sites (and rows is not
     given), returns (x, {site: value}); every projection's input is a site
     (`capjax.sites.PROJECTION_INPUT`)."""
-    iv = with_head_mask(iv, None if head_mask_l is None else jnp.asarray(head_mask_l, model.dtype))
+    if iv is not None and not isinstance(iv, Interventions):
+        raise TypeError(
+            f"apply_layer's iv must be capjax.sites.Interventions, got {type(iv).__name__}: a head mask [H] "
+            "goes in as iv=capjax.sites.with_head_mask(None, head_mask)"
+        )
     module, args = DecoderLayer(model.config, model.dtype), (x, iv, ctx)
     if rows is not None:
         return module.apply({"params": layer_p}, *args, layer=layer, rows=rows)[0][0]

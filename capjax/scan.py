@@ -8,8 +8,6 @@ Legend: B batch, T time, E hidden, L layers, n = stop - start layers run.
     x, inputs = scan_layers(model, params, x, ctx, collect="inputs")        # inputs [L, B, T, E]
     x, sites = scan_layers(model, params, x, ctx, iv=Interventions(capture={"attn.z"}), collect="sites")
     x, sums = scan_layers(model, params, x, ctx, iv=..., collect=lambda x_in, x_out, sites: ...)  # [L, ...]
-    one = (jax.tree.map(lambda a: a[None], lp), lambda t: t)  # layer l alone, with params lp
-    x = scan_layers(model, None, x, ctx, l, layers=one)
 
 Interventions enter only through `iv`: a `capjax.sites.Interventions` stacked over the L layers
 (every leaf [L, ...]; layer l runs `iv.at(l)`), e.g. a head mask [L, H] is
@@ -52,16 +50,15 @@ def scan_layers(
     """Layers start .. stop - 1 (default all L) on x [B, T, E] -> x [B, T, E]; with `collect`,
     (x, ys) where ys is stacked over the n layers run.
 
-    start / stop: ints, or traced int32 (then the loop is a while loop; `collect` and `remat` need
-    a static n = stop - start, or `layers`). iv: stacked interventions (module docstring) or None.
+    start / stop: ints, or traced int32 (then the loop is a while loop; `collect`, `layers` and
+    `remat` need the static full range). iv: stacked interventions (module docstring) or None.
     collect: "inputs": ys = every layer's input [n, B, T, E]; "sites": ys = the sites iv captures,
     {site: [n, ...]}; a function f(x_in, x_out, sites) -> pytree: its per-layer result (a
     reduction of the captured sites, say, so that nothing [n, B, T, ...] is kept), stacked.
     layers: (tree, fn) scans over the leading axis of a stacked tree with fn(slice) as each
-    layer's params (recovery's trainable / masked layers, a pruned layer) instead of
-    params["layers"]; its leading axis is n, and start (then possibly traced) is the first layer's
-    index (stop is ignored). remat: recompute each layer in the backward pass (`jax.checkpoint`).
-    constrain: applied to every layer's output (a sharding constraint)."""
+    layer's params (recovery's trainable / masked layers) instead of params["layers"].
+    remat: recompute each layer in the backward pass (`jax.checkpoint`). constrain: applied to
+    every layer's output (a sharding constraint)."""
     if not (collect in COLLECT or callable(collect)):
         raise ValueError(f"collect must be one of {COLLECT} or a function, got {collect!r}")
     if collect == "sites" and not (iv is not None and iv.capture):
@@ -83,12 +80,8 @@ def scan_layers(
             return y, collect(x, y, sites)
         return y, {"inputs": x, "sites": sites}.get(collect)
 
-    if layers is None:
-        tree, index = None, jnp.arange(start, stop)
-    else:
-        tree = layers[0]
-        index = start + jnp.arange(jax.tree.leaves(tree)[0].shape[0])
-    x, ys = jax.lax.scan(jax.checkpoint(body) if remat else body, x, (index, tree))
+    tree = None if layers is None else layers[0]
+    x, ys = jax.lax.scan(jax.checkpoint(body) if remat else body, x, (jnp.arange(start, stop), tree))
     return x if collect is None else (x, ys)
 
 

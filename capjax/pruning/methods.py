@@ -21,8 +21,9 @@ Sequential methods (wanda, cap_wanda, sparsegpt) follow Wanda's prune_wanda / pr
 for each layer, the inputs of all its projections (their input sites, `capjax.sites.PROJECTION_INPUT`)
 are collected in one pass of the (already pruned) previous layers' outputs through the unpruned
 layer, the layer is pruned, and it is run again to give the next layer its inputs. Both passes run
-the one layer scan (`capjax.scan.scan_layers`) on that layer alone; the per-layer loop stays in
-Python because pruning a layer is host-side work (SparseGPT's Cholesky retries).
+the one layer scan's layer function (`apply_layer`, with the sites captured through
+`capjax.sites.Interventions`); the per-layer loop stays in Python because pruning a layer is
+host-side work (SparseGPT's Cholesky retries).
 """
 
 from __future__ import annotations
@@ -39,12 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.families import Family, family_of
-from capjax.model import layer_context, layer_params
+from capjax.model import apply_layer, layer_context, layer_params
 from capjax.pruning.importance import PRUNABLE, get_path, head_factor, region_factors, rows_view, weight_scores
 from capjax.pruning.nm import keep_nm
 from capjax.pruning.registry import METHODS, MethodSpec
 from capjax.pruning.threshold import keep_above_kth, keep_all_but_lowest, keep_global, keep_per_matrix
-from capjax.scan import scan_layers
 from capjax.sites import PROJECTION_INPUT, Interventions
 
 Array = jax.Array
@@ -168,28 +168,19 @@ def heads_removed(config, masks) -> str:
 _STAT_SITES = frozenset(PROJECTION_INPUT.values())  # attn.in, attn.z, mlp.in, mlp.hidden
 
 
-def _one_layer(lp: dict) -> tuple[dict, Callable]:
-    """`scan_layers`' `layers` argument that runs the single layer whose params are lp."""
-    return jax.tree.map(lambda a: a[None], lp), lambda tree: tree
-
-
 def _input_stats(model, kind: str, lp: dict, layer: Array, x: Array, ctx, w: Array) -> dict[str, Array]:
     """Statistics of every projection's input over real tokens (w [B, T] = attention mask), read
-    from its input site (`capjax.sites.PROJECTION_INPUT`) by the one layer scan run on layer
-    `layer` alone: kind "norm": sum of x_j^2 [n_in]; kind "hessian": sum of x x^T [n_in, n_in]."""
-
-    def reduce(x_in, x_out, sites):
-        per_site = {}
-        for site in _STAT_SITES:
-            a = sites[site]
-            B, T = a.shape[:2]
-            a = a.astype(jnp.float32).reshape(B * T, -1) * w.reshape(B * T, 1)
-            per_site[site] = jnp.sum(a * a, axis=0) if kind == "norm" else jnp.matmul(a.T, a, precision=_HIGHEST)
-        return {f"layers/{proj}/kernel": per_site[site] for proj, site in PROJECTION_INPUT.items()}
-
-    iv = Interventions(capture=_STAT_SITES)
-    stats = scan_layers(model, None, x, ctx, layer, iv=iv, collect=reduce, layers=_one_layer(lp))[1]
-    return jax.tree.map(lambda a: a[0], stats)
+    from its input site (`capjax.sites.PROJECTION_INPUT`), captured by the layer function the one
+    layer scan runs (`apply_layer`): kind "norm": sum of x_j^2 [n_in]; "hessian": sum of x x^T
+    [n_in, n_in]. Each site is reduced once (q, k and v share attn.in; gate and up mlp.in)."""
+    _, sites = apply_layer(model, lp, x, ctx, Interventions(capture=_STAT_SITES), layer=layer)
+    per_site = {}
+    for site in _STAT_SITES:
+        a = sites[site]
+        B, T = a.shape[:2]
+        a = a.astype(jnp.float32).reshape(B * T, -1) * w.reshape(B * T, 1)
+        per_site[site] = jnp.sum(a * a, axis=0) if kind == "norm" else jnp.matmul(a.T, a, precision=_HIGHEST)
+    return {f"layers/{proj}/kernel": per_site[site] for proj, site in PROJECTION_INPUT.items()}
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -214,10 +205,10 @@ def _set_kernels(lp: dict, kernels: Kernels) -> dict:
 
 @partial(jax.jit, static_argnums=0)
 def _layer_forward(model, lp: dict, layer: Array, new: Kernels, keep: Kernels, xs: Array, ctxs) -> Array:
-    """The pruned layer (kernels `new`, zero where not `keep`) applied to every chunk of xs by the
-    one layer scan."""
+    """The pruned layer (kernels `new`, zero where not `keep`) applied to every chunk of xs (by
+    `apply_layer`, the layer function of the one layer scan)."""
     lp = _set_kernels(lp, {p: jnp.where(keep[p], v, jnp.zeros((), v.dtype)) for p, v in new.items()})
-    return jax.lax.map(lambda c: scan_layers(model, None, c[0], c[1], layer, layers=_one_layer(lp)), (xs, ctxs))
+    return jax.lax.map(lambda c: apply_layer(model, lp, c[0], c[1], layer=layer), (xs, ctxs))
 
 
 layer_slice = jax.jit(layer_params)
