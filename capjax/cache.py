@@ -43,6 +43,7 @@ def site_shape(config, site: str, batch: int, seq_len: int) -> tuple[int, ...]:
     )
     shapes = {
         "resid.pre": (B, T, E),
+        "attn.in": (B, T, E),
         "attn.q": (B, T, H, D),
         "attn.k": (B, T, K, D),
         "attn.v": (B, T, K, D),
@@ -50,6 +51,7 @@ def site_shape(config, site: str, batch: int, seq_len: int) -> tuple[int, ...]:
         "attn.z": (B, T, H, D),
         "attn.out": (B, T, E),
         "resid.mid": (B, T, E),
+        "mlp.in": (B, T, E),
         "mlp.hidden": (B, T, F),
         "mlp.out": (B, T, E),
         "resid.post": (B, T, E),

@@ -154,8 +154,8 @@ def attention_context(
 
 
 class Proj(nn.Module):
-    """A head-structured linear map: y = einsum(eq, x, kernel) (+ bias). Sows its input when
-    the "intermediates" collection is mutable (Wanda / SparseGPT statistics)."""
+    """A head-structured linear map: y = einsum(eq, x, kernel) (+ bias). Its input is a named site
+    (`capjax.sites.PROJECTION_INPUT`): capture that site to read it (Wanda / SparseGPT statistics)."""
 
     kernel_shape: tuple[int, ...]
     eq: str
@@ -164,7 +164,6 @@ class Proj(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        self.sow("intermediates", "input", x)
         kernel = self.param("kernel", _INIT, self.kernel_shape)
         y = jnp.einsum(self.eq, x, kernel.astype(self.dtype))
         if self.bias_shape is not None:
@@ -273,18 +272,19 @@ class DecoderLayer(nn.Module):
             cos, sin, mask = (jnp.where(sliding, a_local, a) for a, a_local in zip(ctx[:3], ctx[3:]))
         eps, off = c.rms_norm_eps, c.norm_offset
         x = at_site(self, iv, "resid.pre", x)
-        h, cache = Attention(c, self.dtype, name="self_attn")(
-            RMSNorm(eps, off, name="input_layernorm")(x), cos, sin, mask, cache, cache_index, rows, iv
-        )
+        normed = at_site(self, iv, "attn.in", RMSNorm(eps, off, name="input_layernorm")(x))
+        h, cache = Attention(c, self.dtype, name="self_attn")(normed, cos, sin, mask, cache, cache_index, rows, iv)
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows][None]
         if c.sandwich_norms:
             x = at_site(self, iv, "resid.mid", x + RMSNorm(eps, off, name="post_attention_layernorm")(h), rows)
-            h = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="pre_feedforward_layernorm")(x), rows, iv)
+            normed = at_site(self, iv, "mlp.in", RMSNorm(eps, off, name="pre_feedforward_layernorm")(x), rows)
+            h = MLP(c, self.dtype, name="mlp")(normed, rows, iv)
             m = RMSNorm(eps, off, name="post_feedforward_layernorm")(h)
         else:
             x = at_site(self, iv, "resid.mid", x + h, rows)
-            m = MLP(c, self.dtype, name="mlp")(RMSNorm(eps, off, name="post_attention_layernorm")(x), rows, iv)
+            normed = at_site(self, iv, "mlp.in", RMSNorm(eps, off, name="post_attention_layernorm")(x), rows)
+            m = MLP(c, self.dtype, name="mlp")(normed, rows, iv)
         return at_site(self, iv, "resid.post", x + m, rows), cache
 
 
@@ -309,7 +309,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT)
         self.layers = nn.scan(
             DecoderLayer,
-            variable_axes={"params": 0, "intermediates": 0, "sites": 0},
+            variable_axes={"params": 0, "sites": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, 0, nn.broadcast, 0),
             length=c.num_layers,
@@ -450,39 +450,34 @@ def apply_layer(
     layer_p: Params,
     x: Array,
     ctx,
-    head_mask_l: Array | None = None,
-    capture: bool = False,
+    iv: Interventions | None = None,
+    *,
     rows: Array | None = None,
     layer: int | Array | None = None,
-    iv: Interventions | None = None,
 ):
     """Runs one decoder layer: x [B, T, E] -> x [B, T, E].
 
+    iv: this layer's `capjax.sites.Interventions` (edits of any named site; a head mask [H] is
+    `capjax.sites.with_head_mask(iv, head_mask)`, an attn.z keep); None is the plain path.
     layer: the layer's index (int or traced int32); required by families whose sliding and global
     layers alternate (`ModelConfig.mixed_layers`), ignored otherwise.
-    head_mask_l [H]: the attn.z keep (None: untouched). iv: this layer's `capjax.sites.Interventions`
-    (edits of any named site; head_mask_l is multiplied into its attn.z keep); None, with no head
-    mask, is the plain path.
 
     With rows [R] (flat indices into B * T), only those positions' outputs -> [R, E] (the last
-    layer, when the loss reads only some positions). With capture, also returns the input of every
-    projection: {"self_attn": {"q_proj": [B, T, E], ..., "o_proj": [B, T, H, D]},
-    "mlp": {"gate_proj": [B, T, E], "up_proj": [B, T, E], "down_proj": [B, T, F]}}. When iv
-    captures sites (and neither rows nor capture is given), returns (x, {site: value})."""
-    iv = with_head_mask(iv, None if head_mask_l is None else jnp.asarray(head_mask_l, model.dtype))
+    layer, when the loss reads only some positions). When iv captures sites (and rows is not
+    given), returns (x, {site: value}); every projection's input is a site
+    (`capjax.sites.PROJECTION_INPUT`)."""
+    if iv is not None and not isinstance(iv, Interventions):
+        raise TypeError(
+            f"apply_layer's iv must be capjax.sites.Interventions, got {type(iv).__name__}: a head mask [H] "
+            "goes in as iv=capjax.sites.with_head_mask(None, head_mask)"
+        )
     module, args = DecoderLayer(model.config, model.dtype), (x, iv, ctx)
     if rows is not None:
         return module.apply({"params": layer_p}, *args, layer=layer, rows=rows)[0][0]
-    if iv is not None and iv.capture and not capture:
+    if iv is not None and iv.capture:
         (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["sites"])
         return x, collect_sites(state["sites"])
-    if not capture:
-        return module.apply({"params": layer_p}, *args, layer=layer)[0]
-    (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["intermediates"])
-    inputs = {
-        group: {name: v["input"][0] for name, v in mods.items()} for group, mods in state["intermediates"].items()
-    }
-    return x, inputs
+    return module.apply({"params": layer_p}, *args, layer=layer)[0]
 
 
 VOCAB_CHUNK = 4096  # token_nll's vocabulary chunk; capjax.memory counts [A, VOCAB_CHUNK] logits

@@ -7,6 +7,7 @@ Legend: B batch, T time, E hidden, L layers, n = stop - start layers run.
     x = scan_layers(model, params, x, ctx, start, L - 1, iv)                # some, with interventions
     x, inputs = scan_layers(model, params, x, ctx, collect="inputs")        # inputs [L, B, T, E]
     x, sites = scan_layers(model, params, x, ctx, iv=Interventions(capture={"attn.z"}), collect="sites")
+    x, sums = scan_layers(model, params, x, ctx, iv=..., collect=lambda x_in, x_out, sites: ...)  # [L, ...]
 
 Interventions enter only through `iv`: a `capjax.sites.Interventions` stacked over the L layers
 (every leaf [L, ...]; layer l runs `iv.at(l)`), e.g. a head mask [L, H] is
@@ -41,7 +42,7 @@ def scan_layers(
     stop: int | Array | None = None,
     iv: Interventions | None = None,
     *,
-    collect: str | None = None,
+    collect: str | Callable | None = None,
     layers: tuple[Any, Callable] | None = None,
     remat: bool = False,
     constrain: Callable[[Array], Array] | None = None,
@@ -52,12 +53,14 @@ def scan_layers(
     start / stop: ints, or traced int32 (then the loop is a while loop; `collect`, `layers` and
     `remat` need the static full range). iv: stacked interventions (module docstring) or None.
     collect: "inputs": ys = every layer's input [n, B, T, E]; "sites": ys = the sites iv captures,
-    {site: [n, ...]}. layers: (tree, fn) scans over the leading axis of a stacked tree with fn(slice)
-    as each layer's params (recovery's trainable / masked layers) instead of params["layers"].
+    {site: [n, ...]}; a function f(x_in, x_out, sites) -> pytree: its per-layer result (a
+    reduction of the captured sites, say, so that nothing [n, B, T, ...] is kept), stacked.
+    layers: (tree, fn) scans over the leading axis of a stacked tree with fn(slice) as each
+    layer's params (recovery's trainable / masked layers) instead of params["layers"].
     remat: recompute each layer in the backward pass (`jax.checkpoint`). constrain: applied to
     every layer's output (a sharding constraint)."""
-    if collect not in COLLECT:
-        raise ValueError(f"collect must be one of {COLLECT}, got {collect!r}")
+    if not (collect in COLLECT or callable(collect)):
+        raise ValueError(f"collect must be one of {COLLECT} or a function, got {collect!r}")
     if collect == "sites" and not (iv is not None and iv.capture):
         raise ValueError("collect='sites' needs interventions that capture sites (Interventions(capture={...}))")
     stop = model.config.num_layers if stop is None else stop
@@ -73,6 +76,8 @@ def scan_layers(
     def body(x, item):
         l, tree = item
         y, sites = layer(x, l, layer_params(params, l) if layers is None else layers[1](tree))
+        if callable(collect):
+            return y, collect(x, y, sites)
         return y, {"inputs": x, "sites": sites}.get(collect)
 
     tree = None if layers is None else layers[0]

@@ -6,6 +6,8 @@ E hidden, F MLP width.
 Every layer exposes these sites (value shapes; T new tokens, S keys):
 
     resid.pre     [B, T, E]     the layer's input (the residual stream before attention)
+    attn.in       [B, T, E]     the normed input of attention (input_layernorm's output: what
+                                q_proj, k_proj and v_proj read)
     attn.q        [B, T, H, D]  queries (after the family's q_norm, before RoPE)
     attn.k        [B, T, K, D]  keys of the T new tokens (after k_norm, before RoPE)
     attn.v        [B, T, K, D]  values of the T new tokens
@@ -13,6 +15,7 @@ Every layer exposes these sites (value shapes; T new tokens, S keys):
     attn.z        [B, T, H, D]  each head's output before o_proj (where CAP ablates a head)
     attn.out      [B, T, E]     o_proj's output (before a sandwich family's post-attention norm)
     resid.mid     [B, T, E]     the residual stream after attention
+    mlp.in        [B, T, E]     the normed input of the MLP (what gate_proj and up_proj read)
     mlp.hidden    [B, T, F]     act(gate) * up, the input of down_proj
     mlp.out       [B, T, E]     the MLP's output (before a sandwich family's post-feedforward norm)
     resid.post    [B, T, E]     the layer's output
@@ -42,6 +45,7 @@ Array = jax.Array
 
 SITES = {
     "resid.pre": "[B, T, E]",
+    "attn.in": "[B, T, E]",
     "attn.q": "[B, T, H, D]",
     "attn.k": "[B, T, K, D]",
     "attn.v": "[B, T, K, D]",
@@ -49,6 +53,7 @@ SITES = {
     "attn.z": "[B, T, H, D]",
     "attn.out": "[B, T, E]",
     "resid.mid": "[B, T, E]",
+    "mlp.in": "[B, T, E]",
     "mlp.hidden": "[B, T, F]",
     "mlp.out": "[B, T, E]",
     "resid.post": "[B, T, E]",
@@ -56,6 +61,7 @@ SITES = {
 # Trailing axes of a site's value that a keep mask does not cover (D of a head; E; T, S of a pattern).
 KEEP_EVENT_NDIM = {
     "resid.pre": 1,
+    "attn.in": 1,
     "attn.q": 1,
     "attn.k": 1,
     "attn.v": 1,
@@ -63,9 +69,22 @@ KEEP_EVENT_NDIM = {
     "attn.z": 1,
     "attn.out": 1,
     "resid.mid": 1,
+    "mlp.in": 1,
     "mlp.hidden": 0,
     "mlp.out": 1,
     "resid.post": 1,
+}
+
+# The site each projection of a layer reads (its input), keyed by the params path below the layer:
+# what Wanda's and SparseGPT's statistics are computed from.
+PROJECTION_INPUT = {
+    "self_attn/q_proj": "attn.in",
+    "self_attn/k_proj": "attn.in",
+    "self_attn/v_proj": "attn.in",
+    "self_attn/o_proj": "attn.z",
+    "mlp/gate_proj": "mlp.in",
+    "mlp/up_proj": "mlp.in",
+    "mlp/down_proj": "mlp.hidden",
 }
 
 
@@ -187,6 +206,7 @@ __all__ = [
     "Edit",
     "Interventions",
     "KEEP_EVENT_NDIM",
+    "PROJECTION_INPUT",
     "SITES",
     "at_site",
     "check_sites",

@@ -14,7 +14,11 @@ calibration batch (evaluation's path), and greedy
 generation of 16 tokens for 4 prompts (the KV-cache path); `--only forward,generate` skips the
 scoring. `build_parser` (one warm `capjax.cli.build_parser()`, the mean of 50) and `cli_help` (a
 fresh `python -m capjax.cli --help`, startup included) time the CLI; `--only build_parser,cli_help`
-loads no model. The checksums (sum of |delta|) of the three scorings must agree.
+loads no model. The checksums (sum of |delta|) of the three scorings must agree. Named in --only (not run
+by default): wanda (prune 50%, its sequential layer pass), sparsegpt_pass (SparseGPT's sequential
+pass of Hessian statistics and layer forwards, nothing pruned: everything but its OBS sweep),
+head_activation and channel_activation (the structured scores' activation passes; their checksums
+and wanda's kept-weight count must agree too).
 
     PYTHONPATH=/some/tree python scripts/bench_refactor.py --measure
 
@@ -44,8 +48,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURES = ("score_heads", "gradient", "ablate", "forward", "generate", "build_parser", "cli_help")
+MEASURES = (
+    "score_heads",
+    "gradient",
+    "ablate",
+    "forward",
+    "generate",
+    "build_parser",
+    "cli_help",
+    "wanda",
+    "sparsegpt_pass",
+    "head_activation",
+    "channel_activation",
+)
 CLI_MEASURES = ("build_parser", "cli_help")  # need no model: `--only build_parser,cli_help` loads none
+DEFAULT = MEASURES[:7]  # the pruning / structured rows run only when named in --only
 
 
 def _best(f, reps: int) -> float:
@@ -79,6 +96,7 @@ def measure(n: int, seq_len: int, reps: int, only: tuple[str, ...] = MEASURES) -
 
         return {"capjax": capjax.cli.__file__, "checksums": {}, **cli_times}
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     import capjax
@@ -124,12 +142,52 @@ def measure(n: int, seq_len: int, reps: int, only: tuple[str, ...] = MEASURES) -
     def gen():
         generate(model, params, prompts, 16, batch_size=4, eos_ids=[])
 
-    fns = {"score_heads": score, "gradient": gradient, "ablate": ablate_mlp, "forward": forward, "generate": gen}
+    def wanda():
+        from capjax.pruning import prune
+
+        out["w"] = prune(model, params, "wanda", 0.5, calib=calib, batch_size=4)[1]
+        jax.block_until_ready(out["w"])
+
+    def sparsegpt_pass():
+        # SparseGPT's sequential pass (Hessian statistics of every layer's projection inputs, then the
+        # layer's forward) with nothing pruned: the part of sparsegpt that is not its OBS sweep.
+        from capjax.pruning.importance import get_kernels
+        from capjax.pruning.methods import Job, sequential_pass
+
+        am = calib.attention_mask
+        job = Job(model, params, get_kernels(params), 0.5, None, None, None, calib.tokens, am, {"batch_size": 4})
+        keep = lambda l, k, stats, n: (k, {p: jnp.ones(w.shape, bool) for p, w in k.items()})  # noqa: E731
+        jax.block_until_ready(sequential_pass(job, "hessian", keep))
+
+    def head_activation():
+        from capjax.structured.scores import head_activation_scores
+
+        out["h"] = head_activation_scores(model, params, calib.tokens, calib.attention_mask, batch_size=4)
+
+    def channel_activation():
+        from capjax.structured.scores import channel_activation_scores
+
+        out["c"] = channel_activation_scores(model, params, calib.tokens, calib.attention_mask, batch_size=4)
+
+    fns = {
+        "score_heads": score,
+        "gradient": gradient,
+        "ablate": ablate_mlp,
+        "forward": forward,
+        "generate": gen,
+        "wanda": wanda,
+        "sparsegpt_pass": sparsegpt_pass,
+        "head_activation": head_activation,
+        "channel_activation": channel_activation,
+    }
     times = {k: _best(fns[k], reps) for k in only if k in fns}
     sums = {
         "score_heads": ("s", lambda r: r.delta),
         "gradient": ("g", lambda r: r.delta),
         "ablate": ("a", lambda r: r.delta()),
+        "wanda": ("w", lambda m: np.asarray([np.asarray(a).sum() for a in jax.tree.leaves(m)])),
+        "head_activation": ("h", lambda r: r),
+        "channel_activation": ("c", lambda r: r),
     }
     checksums = {k: float(np.abs(get(out[key])).sum()) for k, (key, get) in sums.items() if key in out}
     return {"capjax": capjax.__file__, "checksums": checksums, **times, **cli_times}
@@ -254,7 +312,7 @@ def side_by_side(args) -> None:
         b = statistics.median(m[k] for m in runs["baseline"])
         c = statistics.median(m[k] for m in runs["current"])
         print(f"{k:12s} {b:9.5f}s {c:9.5f}s {b / c:16.3f}x")
-    for k in ("score_heads", "gradient", "ablate"):
+    for k in ("score_heads", "gradient", "ablate", "wanda", "head_activation", "channel_activation"):
         sums = {m["checksums"][k] for ms in runs.values() for m in ms if k in m.get("checksums", {})}
         if sums:  # float32 sums of |delta|: summation order moves the last digits
             same = max(sums) - min(sums) <= 1e-5 * max(sums)
@@ -271,7 +329,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--cost", action="store_true", help="compare XLA cost analysis (flops, bytes), not time")
     p.add_argument("--measure-cost", action="store_true", help="cost analysis of the capjax on PYTHONPATH (JSON)")
-    p.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}")
+    p.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated subset of {','.join(MEASURES)}")
     args = p.parse_args()
     args.only = tuple(args.only.split(","))
     if not args.only or any(k not in MEASURES for k in args.only):

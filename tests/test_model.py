@@ -199,6 +199,9 @@ def test_layer_rows_equal_full_layer_gathered(tmp_path):
     lp = capjax.model.layer_params(params, 1)
     head_mask = jnp.asarray([1.0, 0.0, 0.5, 1.0])
     rows = jnp.asarray([0, 5, 13, 14, 30], jnp.int32)  # flat indices into B * T, across examples
-    full = capjax.model.apply_layer(model, lp, x, ctx, head_mask)
-    part = capjax.model.apply_layer(model, lp, x, ctx, head_mask, rows=rows)
+    iv = capjax.sites.with_head_mask(None, head_mask)
+    full = capjax.model.apply_layer(model, lp, x, ctx, iv)
+    part = capjax.model.apply_layer(model, lp, x, ctx, iv, rows=rows)
+    with pytest.raises(TypeError, match=r"^apply_layer's iv must be capjax.sites.Interventions, got ArrayImpl"):
+        capjax.model.apply_layer(model, lp, x, ctx, head_mask)  # the old positional head mask
     chex.assert_trees_all_close(part, full.reshape(-1, full.shape[-1])[rows], atol=1e-6, rtol=0)

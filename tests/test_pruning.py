@@ -30,6 +30,7 @@ from capjax.pruning import (  # noqa: E402
     weight_scores,
 )
 from capjax.pruning.importance import rows_view  # noqa: E402
+from capjax.sites import PROJECTION_INPUT, Interventions  # noqa: E402
 
 L, E, F, H, K, D, V = 2, 32, 48, 4, 2, 8, 101
 G = H // K
@@ -303,6 +304,20 @@ def test_wanda_matches_torch(tiny, calib, nm):
     _compare_to_torch(masks, torch_wanda(tiny.hf, calib.tokens, calib.attention_mask, 0.4, nm))
 
 
+def test_wanda_matches_torch_with_alternating_sliding_layers(tmp_path, calib):
+    """Gemma 2 (layer 0 sliding, window 4 < T; layer 1 global): the sequential pass runs each layer
+    alone on the one layer scan with its own index, so each layer keeps its attention type."""
+    from conftest import make_hf_model
+    from test_families import CASES
+
+    model_type, overrides = CASES["gemma2_gqa"]
+    hf = make_hf_model(tmp_path, model_type, randomize_norms=True, **overrides)
+    model, params = capjax.load_pretrained(tmp_path)
+    assert model.config.mixed_layers and model.config.num_layers == L
+    _, masks = prune(model, params, "wanda", 0.4, calib=calib, batch_size=4)
+    _compare_to_torch(masks, torch_wanda(hf, calib.tokens, calib.attention_mask, 0.4))
+
+
 def test_cap_wanda_matches_torch(tiny, calib, delta):
     I = torch.as_tensor(oracle_importance(delta), dtype=torch.float32)
 
@@ -384,12 +399,13 @@ def test_sparsegpt_beats_magnitude_reconstruction(tiny, calib):
     pruned, masks = prune(tiny.model, tiny.params, "sparsegpt", sparsity, calib=calib)
     x, ctx = layer_context(tiny.model, tiny.params, jnp.asarray(calib.tokens), jnp.asarray(calib.attention_mask))
     real = calib.attention_mask.reshape(-1).astype(bool)
-    run = jax.jit(apply_layer, static_argnums=0, static_argnames="capture")
+    run = jax.jit(apply_layer, static_argnums=0)
+    capture = Interventions(capture=frozenset(PROJECTION_INPUT.values()))
     for l in range(L):
-        _, inputs = run(tiny.model, layer_params(tiny.params, l), x, ctx, capture=True)
+        _, inputs = run(tiny.model, layer_params(tiny.params, l), x, ctx, iv=capture)
         for p in PRUNABLE:
             _, group, name, _ = p.split("/")
-            X = np.asarray(inputs[group][name]).reshape(real.size, -1)[real]  # [tokens, n_in]
+            X = np.asarray(inputs[PROJECTION_INPUT[f"{group}/{name}"]]).reshape(real.size, -1)[real]  # [tokens, n_in]
             W0 = np.asarray(rows_view(get(tiny.params, p)[l], p, stacked=False))
             Ws = np.asarray(rows_view(get(pruned, p)[l], p, stacked=False))
             k = int((~np.asarray(get(masks, p))[l]).sum())

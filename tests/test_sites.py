@@ -199,7 +199,7 @@ def test_cache_keeps_only_requested_sites_and_bad_input_is_one_line(tmp_path):
         np.asarray(model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(am))),
         atol=1e-5,
     )
-    with pytest.raises(ValueError, match=r"unknown site 'attn.zz': use one of resid.pre, attn.q.*resid.post$"):
+    with pytest.raises(ValueError, match=r"unknown site 'attn.zz': use one of resid.pre, attn.in, attn.q.*resid.post$"):
         run_with_cache(model, params, tokens, sites=["attn.zz"])
     need = cache_bytes(model.config, ["attn.z"], *tokens.shape)
     assert need == model.config.num_layers * np.prod(tokens.shape) * model.config.num_heads * model.config.head_dim * 4
@@ -207,3 +207,56 @@ def test_cache_keeps_only_requested_sites_and_bad_input_is_one_line(tmp_path):
         run_with_cache(model, params, tokens, sites=["attn.z"], budget_bytes=need)
     with pytest.raises(ValueError, match="unknown site 'mlp'"):
         Interventions({"mlp": Edit(1.0)})
+
+
+@pytest.mark.slow  # ~10-20 s on the loaded 2-core machine (every site, one more compile)
+def test_sites_of_shared_prefix_rows_equal_torch_hooks(tmp_path):
+    """Shared-prefix packed rows (capjax.packing, prefix_len > 0: the prefix stored once in row 0,
+    every example's keys are that prefix then its own tokens), every site captured by the one layer
+    scan, equal transformers' model with hooks on each example's whole sequence (prefix + own
+    tokens); the pattern's prefix keys and own keys land in the example's columns."""
+    from capjax.model import layer_context
+    from capjax.packing import pack_examples
+    from capjax.scan import scan_layers
+
+    hf, model, params = _load(tmp_path, "llama_gqa")
+    rng = np.random.RandomState(4)
+    Pf, lengths = 6, [3, 2, 4]
+    prefix = rng.randint(1, model.config.vocab_size, Pf)
+    T = Pf + max(lengths)
+    tokens = np.zeros((len(lengths), T), np.int32)
+    am = np.zeros_like(tokens)
+    for b, n in enumerate(lengths):
+        tokens[b, : Pf + n] = np.concatenate([prefix, rng.randint(1, model.config.vocab_size, n)])
+        am[b, : Pf + n] = 1
+    loss = np.zeros(tokens.shape, np.float32)
+    loss[np.arange(len(lengths)), Pf + np.asarray(lengths) - 1] = 1  # the last token: every token kept
+    packed = pack_examples(tokens, loss, am, share_prefix=True)
+    assert packed.prefix_len == Pf  # shared
+    assert any(len(set(row[row > 0])) > 1 for row in packed.segment_ids)  # and packed: two examples in a row
+    x, ctx = layer_context(
+        model, params, jnp.asarray(packed.tokens), None, packed.positions, packed.segment_ids, packed.prefix_len
+    )
+    sites = sorted(SITES)
+    _, got = scan_layers(model, params, x, ctx, iv=Interventions(capture=frozenset(sites)), collect="sites")
+    _, want = hf_run(hf, tokens, am)
+    for b, n in enumerate(lengths):
+        r, cols = np.nonzero(packed.segment_ids == b + 1)
+        assert len(cols) == n and len(set(r)) == 1
+        r = r[0]
+        for s in sites:
+            ref = np.stack(want[s])[:, b]  # [L, ...] of example b's whole sequence
+            ours = np.asarray(got[s])[:, r]
+            if s == "attn.pattern":  # ours [L, H, S, Pf + S], ref [L, H, T, T]: keys prefix, then own
+                ours = np.concatenate([ours[..., :Pf], ours[..., Pf + cols]], axis=-1)[:, :, cols]
+                ref = ref[:, :, Pf : Pf + n, : Pf + n]
+                assert np.abs(np.asarray(got[s])[:, r][:, :, cols].sum(-1) - 1).max() < 1e-5  # no other keys
+            else:
+                ours, ref = ours[:, cols], ref[:, Pf : Pf + n]
+            scale = max(1.0, np.abs(ref).max())
+            np.testing.assert_allclose(ours, ref, atol=1e-4 * scale, rtol=0, err_msg=f"example {b} {s}")
+    for s in sites:  # the prefix itself: row 0's first Pf tokens
+        if s != "attn.pattern":
+            ref = np.stack(want[s])[:, 0, :Pf]
+            scale = max(1.0, np.abs(ref).max())
+            np.testing.assert_allclose(np.asarray(got[s])[:, 0, :Pf], ref, atol=1e-4 * scale, rtol=0, err_msg=s)

@@ -5,7 +5,8 @@ where transformers computes the value as a module's input or output, replace) ea
     logits, _ = hf_run(hf, tokens, am, edit=lambda name, l, v: ...)   # v: torch, capjax's layout
 
 Editable sites: resid.pre, attn.q / k / v (not Phi-3's fused qkv), attn.z, attn.out, mlp.hidden,
-mlp.out, resid.post. attn.pattern (eager attention's weights) and resid.mid are read only.
+mlp.out, resid.post. attn.pattern (eager attention's weights), resid.mid, attn.in (q_proj's input) and
+mlp.in (the MLP's input) are read only.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ def hf_run(hf, tokens, am=None, edit=None, sites=None):
         def mid(m, args, l=l):
             put("resid.mid", l, args[0])
 
+        def attn_in(m, args, l=l):
+            put("attn.in", l, args[0])
+
+        def mlp_in(m, args, l=l):
+            put("mlp.in", l, args[0])
+
         def hidden(m, args, l=l):
             new = put("mlp.hidden", l, args[0])
             return None if new is None else (new,) + tuple(args[1:])
@@ -112,6 +119,8 @@ def hf_run(hf, tokens, am=None, edit=None, sites=None):
             att.o_proj.register_forward_hook(attn_out),
             att.register_forward_hook(pattern),
             mid_norm.register_forward_pre_hook(mid),
+            (att.qkv_proj if hasattr(att, "qkv_proj") else att.q_proj).register_forward_pre_hook(attn_in),
+            mlp.register_forward_pre_hook(mlp_in),
             mlp.down_proj.register_forward_pre_hook(hidden),
             mlp.register_forward_hook(mlp_out),
         ]

@@ -23,15 +23,14 @@ def answer_values(
     num_examples: int,
     metric: Metric,
     ref=None,
-    head_mask_l: Array | None = None,
     ablation: Interventions | None = None,
 ) -> Array:
     """The metric summed per example [B] from the last layer's input x [P, S, E]: the last layer's
     o_proj and MLP, and the metric, run only at the A answer positions ans = (flat_pos, target,
-    example) [A]."""
+    example) [A]; ablation: the last layer's interventions (a head mask is an attn.z keep)."""
     L = model.config.num_layers
     flat_pos, target, example = ans
-    h = apply_layer(model, layer_params(params, L - 1), x, ctx, head_mask_l, rows=flat_pos, layer=L - 1, iv=ablation)
+    h = apply_layer(model, layer_params(params, L - 1), x, ctx, ablation, rows=flat_pos, layer=L - 1)
     return jax.ops.segment_sum(metric.fn(model, params, h, target, ref), example, num_segments=num_examples)
 
 

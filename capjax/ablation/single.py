@@ -25,7 +25,7 @@ from capjax.ablation.metrics import Metric
 from capjax.ablation.readout import answer_values
 from capjax.model import apply_layer, layer_context, layer_params
 from capjax.scan import scan_layers
-from capjax.sites import Edit, Interventions
+from capjax.sites import Edit, Interventions, with_head_mask
 
 Array = jax.Array
 
@@ -76,8 +76,8 @@ def single_unit_values(
     def replicated(y):
         return sharding.constrain_replicated(y, mesh)
 
-    def last_layer(y, head_mask_l=None, ablation=None):
-        return answer_values(model, params, y, ctx, ans, num_examples, metric, ref, head_mask_l, ablation)
+    def last_layer(y, ablation=None):
+        return answer_values(model, params, y, ctx, ans, num_examples, metric, ref, ablation)
 
     x = scan_layers(model, params, x, ctx, 0, start, constrain=replicated)
 
@@ -86,11 +86,11 @@ def single_unit_values(
         ablation = _heads_ablation(reps, l)
 
         def below_last(head_mask_l):
-            y = apply_layer(model, lp, x, ctx, head_mask_l, layer=l, iv=ablation)
+            y = apply_layer(model, lp, x, ctx, with_head_mask(ablation, head_mask_l), layer=l)
             return last_layer(scan_layers(model, params, y, ctx, l + 1, L - 1, constrain=replicated))
 
         def at_last(head_mask_l):
-            return last_layer(x, head_mask_l, ablation)
+            return last_layer(x, with_head_mask(ablation, head_mask_l))
 
         def one(head_mask_l):
             return jax.lax.cond(l < L - 1, below_last, at_last, head_mask_l)

@@ -18,9 +18,12 @@ n_in / n_out a matrix's input / output width (HF's [out, in] weight is `rows_vie
                 mask `w^2 / d^2 <= sort(...)[int(numel * s)]`); layers in order.
 
 Sequential methods (wanda, cap_wanda, sparsegpt) follow Wanda's prune_wanda / prune_sparsegpt:
-for each layer, the inputs of all its projections are collected in one pass of the (already
-pruned) previous layers' outputs through the unpruned layer, the layer is pruned, and it is run
-again to give the next layer its inputs.
+for each layer, the inputs of all its projections (their input sites, `capjax.sites.PROJECTION_INPUT`)
+are collected in one pass of the (already pruned) previous layers' outputs through the unpruned
+layer, the layer is pruned, and it is run again to give the next layer its inputs. Both passes run
+the one layer scan's layer function (`apply_layer`, with the sites captured through
+`capjax.sites.Interventions`); the per-layer loop stays in Python because pruning a layer is
+host-side work (SparseGPT's Cholesky retries).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from capjax.pruning.importance import PRUNABLE, get_path, head_factor, region_fa
 from capjax.pruning.nm import keep_nm
 from capjax.pruning.registry import METHODS, MethodSpec
 from capjax.pruning.threshold import keep_above_kth, keep_all_but_lowest, keep_global, keep_per_matrix
+from capjax.sites import PROJECTION_INPUT, Interventions
 
 Array = jax.Array
 Kernels = dict[str, Array]
@@ -161,23 +165,29 @@ def heads_removed(config, masks) -> str:
     return f"removed {removed} of {config.num_layers * config.num_heads} heads"
 
 
-def _input_stats(model, kind: str, lp: dict, layer: Array | None, x: Array, ctx, w: Array) -> dict[str, Array]:
-    """Statistics of every projection's input over real tokens (w [B, T] = attention mask):
-    kind "norm": sum of x_j^2 [n_in]; kind "hessian": sum of x x^T [n_in, n_in]."""
-    _, inputs = apply_layer(model, lp, x, ctx, capture=True, layer=layer)
-    stats = {}
-    for group, mods in inputs.items():
-        for name, a in mods.items():
-            B, T = a.shape[:2]
-            a = a.astype(jnp.float32).reshape(B * T, -1) * w.reshape(B * T, 1)
-            path = f"layers/{group}/{name}/kernel"
-            stats[path] = jnp.sum(a * a, axis=0) if kind == "norm" else jnp.matmul(a.T, a, precision=_HIGHEST)
-    return stats
+_STAT_SITES = frozenset(PROJECTION_INPUT.values())  # attn.in, attn.z, mlp.in, mlp.hidden
+
+
+def _input_stats(model, kind: str, lp: dict, layer: Array, x: Array, ctx, w: Array) -> dict[str, Array]:
+    """Statistics of every projection's input over real tokens (w [B, T] = attention mask), read
+    from its input site (`capjax.sites.PROJECTION_INPUT`), captured by the layer function the one
+    layer scan runs (`apply_layer`): kind "norm": sum of x_j^2 [n_in]; "hessian": sum of x x^T
+    [n_in, n_in]. Each site is reduced once (q, k and v share attn.in; gate and up mlp.in)."""
+    _, sites = apply_layer(model, lp, x, ctx, Interventions(capture=_STAT_SITES), layer=layer)
+    per_site = {}
+    for site in _STAT_SITES:
+        a = sites[site]
+        B, T = a.shape[:2]
+        a = a.astype(jnp.float32).reshape(B * T, -1) * w.reshape(B * T, 1)
+        per_site[site] = jnp.sum(a * a, axis=0) if kind == "norm" else jnp.matmul(a.T, a, precision=_HIGHEST)
+    return {f"layers/{proj}/kernel": per_site[site] for proj, site in PROJECTION_INPUT.items()}
 
 
 @partial(jax.jit, static_argnums=(0, 1))
 def layer_stats(model, kind: str, lp: dict, xs: Array, ctxs, ws: Array, layer: Array | None = None) -> dict[str, Array]:
-    """Input statistics summed over chunks: xs [C, B, T, E], ctxs / ws chunked alike."""
+    """Input statistics summed over chunks: xs [C, B, T, E], ctxs / ws chunked alike; layer: lp's
+    index (default 0; it matters only where sliding and global layers alternate)."""
+    layer = jnp.int32(0) if layer is None else layer
     f = partial(_input_stats, model, kind, lp, layer)
     first = jax.tree.map(lambda a: a[0], (xs, ctxs, ws))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(f, *first))
@@ -195,7 +205,8 @@ def _set_kernels(lp: dict, kernels: Kernels) -> dict:
 
 @partial(jax.jit, static_argnums=0)
 def _layer_forward(model, lp: dict, layer: Array, new: Kernels, keep: Kernels, xs: Array, ctxs) -> Array:
-    """The pruned layer (kernels `new`, zero where not `keep`) applied to every chunk of xs."""
+    """The pruned layer (kernels `new`, zero where not `keep`) applied to every chunk of xs (by
+    `apply_layer`, the layer function of the one layer scan)."""
     lp = _set_kernels(lp, {p: jnp.where(keep[p], v, jnp.zeros((), v.dtype)) for p, v in new.items()})
     return jax.lax.map(lambda c: apply_layer(model, lp, c[0], c[1], layer=layer), (xs, ctxs))
 

@@ -2,21 +2,27 @@
 
 Legend: B batch, T time, L layers, H query heads, F MLP width, E hidden, V vocab.
 
-Removed heads are zeroed before o_proj by the decoder's own `head_mask`; removed MLP channels by
-multiplying down_proj's rows (the channel's activation times zero); removed layers are skipped
-(the residual stream passes them unchanged). Layers keep their index, so Gemma's sliding and
-global layers keep their attention type.
+Removed heads are zeroed before o_proj by the head mask (an attn.z keep, `capjax.sites`); removed
+MLP channels by multiplying down_proj's rows (the channel's activation times zero); removed layers
+are skipped: their attention and MLP outputs are zeroed (attn.out, mlp.out keeps), so the residual
+stream passes them unchanged, bit for bit (a sandwich family's post-norms of zero are zero). All
+of it runs on the one layer scan (`capjax.scan.scan_layers`). Layers keep their index, so Gemma's
+sliding and global layers keep their attention type.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from capjax.model import Decoder, apply_layer, layer_context, layer_params, unembed
+from capjax.model import Decoder, layer_context, unembed
+from capjax.scan import scan_layers
+from capjax.sites import Edit, Interventions
 from capjax.structured.plan import Plan
+from capjax.token_ids import check_token_ids
 
 Params = dict[str, Any]
 
@@ -42,13 +48,21 @@ def masked_hidden(
     hm = (
         jnp.ones((c.num_layers, c.num_heads), model.dtype) if head_mask is None else jnp.asarray(head_mask, model.dtype)
     )
-    x, ctx = layer_context(
-        model, params, jnp.asarray(tokens), None if attention_mask is None else jnp.asarray(attention_mask)
-    )
-    for l in range(c.num_layers):
-        if layer_kept is None or layer_kept[l]:
-            x = apply_layer(model, layer_params(params, l), x, ctx, hm[l], layer=l)
-    return x
+    tokens = jnp.asarray(tokens)
+    check_token_ids(tokens, c.vocab_size)  # concrete here: refused before the jitted run
+    am = None if attention_mask is None else jnp.asarray(attention_mask)
+    kept = jnp.ones(c.num_layers, model.dtype) if layer_kept is None else jnp.asarray(layer_kept, model.dtype)
+    return _masked_hidden(model, params, tokens, am, hm, kept)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _masked_hidden(model: Decoder, params: Params, tokens, attention_mask, head_mask, kept) -> jax.Array:
+    """The one layer scan with head_mask [L, H] as attn.z's keep and layer l's attention and MLP
+    outputs kept by kept[l] (0: both zero, the layer's output is its input exactly)."""
+    x, ctx = layer_context(model, params, tokens, attention_mask)
+    skip = Edit(keep=kept)  # [L]: a scalar keep per layer
+    iv = Interventions({"attn.z": Edit(keep=head_mask), "attn.out": skip, "mlp.out": skip})
+    return scan_layers(model, params, x, ctx, iv=iv)
 
 
 def masked_logits(model: Decoder, params: Params, plan: Plan, tokens, attention_mask=None) -> jax.Array:

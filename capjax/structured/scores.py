@@ -34,7 +34,9 @@ import numpy as np
 from capjax.ablation import ablate, prepare_batch
 from capjax.ablation.spec import ablation_spec
 from capjax.errors import NonFiniteError
-from capjax.model import Decoder, apply_layer, layer_context, layer_params, token_nll
+from capjax.model import Decoder, layer_context, token_nll
+from capjax.scan import scan_layers
+from capjax.sites import Interventions
 from capjax.structured.mask import channel_masked_params
 
 CHANNEL_SCORES = ("gradient", "taylor", "activation", "ablation")
@@ -195,30 +197,21 @@ def group_scores_to_channels(delta, groups, tiebreak) -> np.ndarray:
     return np.take_along_axis(group_rank, groups, axis=1).astype(np.float64) * F + inner
 
 
-def _layer_walk(model: Decoder, params, tokens, attention_mask, per_layer):
-    """Runs the layers on one chunk, calling per_layer(l, x_in, x_out, captured inputs) for each."""
-    x, ctx = layer_context(model, params, tokens, attention_mask)
-    for l in range(model.config.num_layers):
-        y, inputs = apply_layer(model, layer_params(params, l), x, ctx, capture=True, layer=l)
-        per_layer(l, x, y, inputs)
-        x = y
-
-
 @partial(jax.jit, static_argnames=("model",))
 def _activation_sums(model, params, tokens, attention_mask):
-    """sum over real tokens of |down_proj input| [L, F]; 1 - cos(input, output) summed [L]."""
+    """sum over real tokens of |down_proj input| (mlp.hidden) [L, F]; 1 - cos(input, output) summed
+    [L]; reduced layer by layer inside the one layer scan (nothing [L, B, T, F] is kept)."""
     real = attention_mask.astype(jnp.float32)  # [B, T]
-    act, bi = [], []
 
-    def per_layer(l, x, y, inputs):
-        a = jnp.abs(inputs["mlp"]["down_proj"].astype(jnp.float32))  # [B, T, F]
-        act.append(jnp.einsum("ntf,nt->f", a, real))
+    def per_layer(x, y, sites):
+        a = jnp.abs(sites["mlp.hidden"].astype(jnp.float32))  # [B, T, F]
         xf, yf = x.astype(jnp.float32), y.astype(jnp.float32)
         cos = (xf * yf).sum(-1) / (jnp.linalg.norm(xf, axis=-1) * jnp.linalg.norm(yf, axis=-1))
-        bi.append(((1.0 - cos) * real).sum())
+        return jnp.einsum("ntf,nt->f", a, real), ((1.0 - cos) * real).sum()
 
-    _layer_walk(model, params, tokens, attention_mask, per_layer)
-    return jnp.stack(act), jnp.stack(bi)
+    x, ctx = layer_context(model, params, tokens, attention_mask)
+    iv = Interventions(capture=frozenset({"mlp.hidden"}))
+    return scan_layers(model, params, x, ctx, iv=iv, collect=per_layer)[1]
 
 
 def _activation_pass(model, params, tokens, attention_mask, batch_size):
