@@ -176,10 +176,12 @@ def check_settings(s: RecoverySettings) -> None:
         bad("distil_temperature", "need a finite temperature > 0")
     if not (np.isfinite(s.distil_ce_weight) and s.distil_ce_weight >= 0):
         bad("distil_ce_weight", "need a finite weight >= 0")
-    if s.distil_positions not in ("all", "loss"):
+    if s.distil_positions not in DISTIL_POSITIONS:
         bad("distil_positions", "use all (every real position) or loss (the loss positions only)")
 
 
+# Where distillation puts its KL: every position predicting a real token, or the loss positions only.
+DISTIL_POSITIONS = ("all", "loss")
 # Settings only the "+distil" run reads: left out of the "+recovery" run's fingerprints.
 DISTIL_FIELDS = ("distil", "distil_temperature", "distil_ce_weight", "distil_positions")
 

@@ -42,7 +42,7 @@ from capjax.pruning.prune import apply_masks
 from capjax.recovery.checkpoint import RecoveryCheckpoints
 from capjax.recovery.data import pack_for_training, step_batch
 from capjax.recovery.lora import check_rank, init_lora, merge_layer, merge_lora
-from capjax.recovery.settings import DISTIL_FIELDS, RecoverySettings, memory_bytes
+from capjax.recovery.settings import DISTIL_FIELDS, DISTIL_POSITIONS, RecoverySettings, memory_bytes
 from capjax.scan import scan_layers
 
 Params = dict[str, Any]
@@ -109,9 +109,6 @@ def lr_schedule(settings: RecoverySettings) -> optax.Schedule:
 
 
 # ---------------------------------------------------------------------------- loss
-DISTIL_POSITIONS = ("all", "loss")
-
-
 @dataclasses.dataclass(frozen=True)
 class Distillation:
     """Logit distillation from a teacher (static part; its params travel as a step argument).
