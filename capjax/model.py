@@ -372,13 +372,13 @@ class Decoder(nn.Module):
             cache_len=None if cache is None else cache["k"].shape[2],
         )
         x = self.embed(tokens)
-        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        kv: Any = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         if self.is_initializing():
             x, kv = self.layers(x, iv, ctx, kv, index, jnp.arange(c.num_layers))
         else:
             # The stacked layer params are the scan's xs (as nn.scan had them): autodiff through the
             # stack stacks their cotangents per layer.
-            params = self.variables["params"]
+            params: Any = self.variables["params"]
             capture = iv is not None and bool(iv.capture)
             out = scan_layers(
                 self,
