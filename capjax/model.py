@@ -11,11 +11,13 @@ Query head h reads kv head h // G (transformers' repeat_kv order); K/V are never
 queries are viewed as [B, T, K, G, D]. The head mask multiplies each head's attention output
 after attention and before o_proj, exactly where CAP ablates a head.
 
-One forward path: `DecoderLayer` is the only per-layer function and `attention_context` the only
-place positions, RoPE tables and attention masks are built. `Decoder` scans `DecoderLayer` over
-the stacked params; `layer_context` / `apply_layer` (scoring, Wanda / SparseGPT statistics) apply
-the same `DecoderLayer` to one layer's slice, so evaluation, scoring, pruning statistics and
-generation cannot diverge.
+One forward path: `DecoderLayer` is the only per-layer function, `attention_context` the only
+place positions, RoPE tables and attention masks are built, and `scan_layers` (documented in
+`capjax.scan`) the only layer scan. `Decoder` runs `scan_layers` over the stacked params (its KV
+cache scanned in and out one layer's slice at a time); `layer_context` / `apply_layer` / `scan_layers`
+(scoring, patching, Wanda / SparseGPT statistics, recovery) apply the same `DecoderLayer`, so
+evaluation, scoring, pruning statistics and generation cannot diverge. Only `init` builds the
+params with flax's `nn.scan` (its per-layer random keys, so `init_params` is unchanged).
 """
 
 from __future__ import annotations
@@ -289,7 +291,8 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Causal LM: `apply({"params": p}, tokens, head_mask=None, attention_mask=None) -> logits [B, T, V]`.
+    """Causal LM: `apply({"params": p}, tokens, head_mask=None, attention_mask=None) -> logits [B, T, V]`;
+    its layers run through `scan_layers`, the one layer scan.
 
     tokens [B, T] int; head_mask [L, H] float (None = no mask: the o_proj input is not touched), an
     intervention on the attn.z site; interventions: a `capjax.sites.Interventions` stacked over
@@ -307,6 +310,9 @@ class Decoder(nn.Module):
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT)
+        # Only `init` runs this nn.scan: it creates params["layers"] (stacked [L, ...]) with the same
+        # per-layer random keys as ever, so init_params(config, seed) stays bit for bit. Every forward
+        # (apply) runs `scan_layers` on those params.
         self.layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0, "sites": 0},
@@ -366,8 +372,31 @@ class Decoder(nn.Module):
             cache_len=None if cache is None else cache["k"].shape[2],
         )
         x = self.embed(tokens)
-        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        x, kv = self.layers(x, iv, ctx, kv, index, jnp.arange(c.num_layers))
+        kv: Any = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        if self.is_initializing():
+            x, kv = self.layers(x, iv, ctx, kv, index, jnp.arange(c.num_layers))
+        else:
+            # The stacked layer params are the scan's xs (as nn.scan had them): autodiff through the
+            # stack stacks their cotangents per layer.
+            params: Any = self.variables["params"]
+            capture = iv is not None and bool(iv.capture)
+            out = scan_layers(
+                self,
+                params,
+                x,
+                ctx,
+                iv=iv,
+                collect="sites" if capture else None,
+                layers=(params["layers"], _same),
+                kv=kv,
+                cache_index=index,
+            )
+            if kv is not None:
+                x, sites, kv = out
+            else:
+                x, sites = out if capture else (out, None)
+            for site, value in (sites or {}).items():  # [L, ...]: run_with_cache reads them back
+                self.sow("sites", site, value)
         new_cache = None if cache is None else {**kv, "index": index + T}
         return x, new_cache
 
@@ -471,13 +500,96 @@ def apply_layer(
             f"apply_layer's iv must be capjax.sites.Interventions, got {type(iv).__name__}: a head mask [H] "
             "goes in as iv=capjax.sites.with_head_mask(None, head_mask)"
         )
-    module, args = DecoderLayer(model.config, model.dtype), (x, iv, ctx)
     if rows is not None:
-        return module.apply({"params": layer_p}, *args, layer=layer, rows=rows)[0][0]
+        module = DecoderLayer(model.config, model.dtype, parent=None)
+        return module.apply({"params": layer_p}, x, iv, ctx, layer=layer, rows=rows)[0][0]
+    x, _, sites = _layer(model, layer_p, x, ctx, iv, layer)
+    return x if sites is None else (x, sites)
+
+
+def _layer(model: Decoder, layer_p: Params, x: Array, ctx, iv, layer, kv=None, cache_index=None):
+    """One layer -> (x [B, T, E], kv, {site: value} or None when iv captures nothing). kv: this
+    layer's {"k", "v": [B, S, K, D]} cache (the T new keys written at slot cache_index) or None.
+    The module is unbound (parent=None), so a bound `Decoder` may call this in its own forward."""
+    module, args = DecoderLayer(model.config, model.dtype, parent=None), (x, iv, ctx, kv, cache_index)
     if iv is not None and iv.capture:
-        (x, _), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["sites"])
-        return x, collect_sites(state["sites"])
-    return module.apply({"params": layer_p}, *args, layer=layer)[0]
+        (x, kv), state = module.apply({"params": layer_p}, *args, layer=layer, mutable=["sites"])
+        return x, kv, collect_sites(state["sites"])
+    x, kv = module.apply({"params": layer_p}, *args, layer=layer)
+    return x, kv, None
+
+
+def _same(tree):
+    return tree
+
+
+COLLECT = (None, "inputs", "sites")
+
+
+def scan_layers(
+    model: Decoder,
+    params: Params,
+    x: Array,
+    ctx,
+    start: int | Array = 0,
+    stop: int | Array | None = None,
+    iv: Interventions | None = None,
+    *,
+    collect: str | Callable | None = None,
+    layers: tuple[Any, Callable] | None = None,
+    remat: bool = False,
+    constrain: Callable[[Array], Array] | None = None,
+    kv: dict[str, Array] | None = None,
+    cache_index: Array | int = 0,
+):
+    """The one layer scan (documented with examples in `capjax.scan`, its public home): layers
+    start .. stop - 1 (default all L) on x [B, T, E] -> x [B, T, E]; with `collect`, (x, ys) where
+    ys is stacked over the n = stop - start layers run; with `kv`, (x, ys, kv) (ys None without
+    `collect`).
+
+    start / stop: ints, or traced int32 (then the loop is a while loop; `collect`, `layers`,
+    `remat` and `kv` need static bounds). iv: interventions stacked over the L layers (every leaf
+    [L, ...]; layer l runs iv.at(l)) or None (the plain path, bit for bit).
+    collect: "inputs": ys = every layer's input [n, B, T, E]; "sites": ys = the sites iv captures,
+    {site: [n, ...]}; a function f(x_in, x_out, sites) -> pytree: its per-layer result (a
+    reduction of the captured sites, say, so that nothing [n, B, T, ...] is kept), stacked.
+    layers: (tree, fn) scans over the leading axis [n] of a stacked tree with fn(slice) as each
+    layer's params (recovery's trainable / masked layers; `Decoder` passes params["layers"]
+    itself, so that they are the scan's xs) instead of indexing params["layers"].
+    remat: recompute each layer in the backward pass (`jax.checkpoint`). constrain: applied to
+    every layer's output (a sharding constraint).
+    kv: the KV cache of the layers run, {"k", "v": [n, B, S, K, D]}, scanned one layer's slice at a
+    time (the T new keys and values written at slot cache_index of each) and returned updated."""
+    if not (collect in COLLECT or callable(collect)):
+        raise ValueError(f"collect must be one of {COLLECT} or a function, got {collect!r}")
+    if collect == "sites" and not (iv is not None and iv.capture):
+        raise ValueError("collect='sites' needs interventions that capture sites (Interventions(capture={...}))")
+    stop = model.config.num_layers if stop is None else stop
+
+    def layer(x, l, lp, iv_l, kv_l):
+        y, kv_l, sites = _layer(model, lp, x, ctx, iv_l, l, kv_l, cache_index)
+        return (y if constrain is None else constrain(y)), kv_l, sites
+
+    if collect is None and layers is None and not remat and kv is None:
+        at = (lambda l: None) if iv is None else iv.at
+        return jax.lax.fori_loop(start, stop, lambda l, x: layer(x, l, layer_params(params, l), at(l), None)[0], x)
+
+    def body(x, item):
+        l, tree, iv_l, kv_l = item
+        lp = layer_params(params, l) if layers is None else layers[1](tree)
+        y, kv_l, sites = layer(x, l, lp, iv_l, kv_l)
+        if callable(collect):
+            return y, (collect(x, y, sites), kv_l)
+        return y, ({"inputs": x, "sites": sites}.get(collect), kv_l)
+
+    tree = None if layers is None else layers[0]
+    # iv's per-layer slices are the scan's xs (autodiff then stacks their cotangents per layer).
+    ivs = None if iv is None else jax.tree.map(lambda a: a[start:stop], iv)
+    xs = (jnp.arange(start, stop), tree, ivs, kv)
+    x, (ys, kv) = jax.lax.scan(jax.checkpoint(body) if remat else body, x, xs)
+    if kv is not None:
+        return x, ys, kv
+    return x if collect is None else (x, ys)
 
 
 VOCAB_CHUNK = 4096  # token_nll's vocabulary chunk; capjax.memory counts [A, VOCAB_CHUNK] logits

@@ -188,7 +188,8 @@ def at_site(module, iv: Interventions | None, site: str, value: Array, rows: Arr
 
 
 def collect_sites(tree) -> dict[str, Array]:
-    """{site: value} from the "sites" collection (sown once per layer under nn.scan: [L, ...])."""
+    """{site: value} from the "sites" collection: one layer's values from a `DecoderLayer`, or
+    [L, ...] from `Decoder` (which sows the values `scan_layers` stacked over layers)."""
     out = {}
 
     def walk(node):

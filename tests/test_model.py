@@ -140,6 +140,38 @@ def test_kv_cache_prefill_and_steps_match_full_forward(tmp_path):
     assert int(cache["index"]) == 10
 
 
+def test_sites_captured_with_the_kv_cache_equal_the_full_forward(tmp_path):
+    """Captures and edits on cached calls (prefill, then one token per step: the layer scan carries
+    the cache and stacks the sites at once) equal the uncached forward's at the same positions."""
+    from capjax.sites import Edit, Interventions, collect_sites
+
+    make_hf_model(tmp_path)
+    model, params = capjax.load_pretrained(tmp_path)
+    c = model.config
+    tokens = jnp.asarray(padded_tokens(B=2, T=8)[0])
+    keep = jnp.asarray(np.random.RandomState(0).rand(c.num_layers, c.num_heads), jnp.float32)
+    iv = Interventions({"attn.z": Edit(keep=keep)}, {"attn.z", "resid.post"})
+
+    @jax.jit
+    def run(tokens, cache=None):
+        valid = None if cache is None else jnp.ones((2, 8), jnp.int32)
+        out, state = model.apply(
+            {"params": params}, tokens, attention_mask=valid, cache=cache, interventions=iv, mutable=["sites"]
+        )
+        return out, collect_sites(state["sites"])
+
+    full, want = run(tokens)
+    (logits, cache), sites = run(tokens[:, :5], capjax.init_cache(c, 2, 8))
+    got = [(logits, sites)]
+    for t in range(5, 8):
+        (logits, cache), sites = run(tokens[:, t : t + 1], cache)
+        got.append((logits, sites))
+    np.testing.assert_allclose(np.concatenate([g[0] for g in got], axis=1), full, atol=1e-5, rtol=0)
+    for site in ("attn.z", "resid.post"):
+        ours = np.concatenate([g[1][site] for g in got], axis=2)  # [L, B, T, ...]
+        np.testing.assert_allclose(ours, want[site], atol=1e-5, rtol=0, err_msg=site)
+
+
 def test_head_mask_wrong_shape_is_refused(tmp_path):
     make_hf_model(tmp_path)
     model, params = capjax.load_pretrained(tmp_path)

@@ -209,17 +209,11 @@ def test_cache_keeps_only_requested_sites_and_bad_input_is_one_line(tmp_path):
         Interventions({"mlp": Edit(1.0)})
 
 
-@pytest.mark.slow  # ~10-20 s on the loaded 2-core machine (every site, one more compile)
-def test_sites_of_shared_prefix_rows_equal_torch_hooks(tmp_path):
-    """Shared-prefix packed rows (capjax.packing, prefix_len > 0: the prefix stored once in row 0,
-    every example's keys are that prefix then its own tokens), every site captured by the one layer
-    scan, equal transformers' model with hooks on each example's whole sequence (prefix + own
-    tokens); the pattern's prefix keys and own keys land in the example's columns."""
-    from capjax.model import layer_context
+def _shared_prefix_rows(model):
+    """Three examples that start with the same Pf = 6 tokens, packed with the prefix stored once
+    (capjax.packing): (tokens [3, T], attention mask [3, T], lengths of their own tokens, Pf, packed)."""
     from capjax.packing import pack_examples
-    from capjax.scan import scan_layers
 
-    hf, model, params = _load(tmp_path, "llama_gqa")
     rng = np.random.RandomState(4)
     Pf, lengths = 6, [3, 2, 4]
     prefix = rng.randint(1, model.config.vocab_size, Pf)
@@ -234,12 +228,13 @@ def test_sites_of_shared_prefix_rows_equal_torch_hooks(tmp_path):
     packed = pack_examples(tokens, loss, am, share_prefix=True)
     assert packed.prefix_len == Pf  # shared
     assert any(len(set(row[row > 0])) > 1 for row in packed.segment_ids)  # and packed: two examples in a row
-    x, ctx = layer_context(
-        model, params, jnp.asarray(packed.tokens), None, packed.positions, packed.segment_ids, packed.prefix_len
-    )
-    sites = sorted(SITES)
-    _, got = scan_layers(model, params, x, ctx, iv=Interventions(capture=frozenset(sites)), collect="sites")
-    _, want = hf_run(hf, tokens, am)
+    return tokens, am, lengths, Pf, packed
+
+
+def _assert_sites_of_whole_sequences(got, want, packed, lengths, Pf, sites):
+    """got {site: [L, P, ...]} of shared-prefix packed rows equal want {site: [per layer [B, ...]]}
+    (hooks on each example's whole sequence) at the example's columns; the pattern's prefix keys and
+    own keys land in the example's columns, and the prefix's own values at row 0's first Pf."""
     for b, n in enumerate(lengths):
         r, cols = np.nonzero(packed.segment_ids == b + 1)
         assert len(cols) == n and len(set(r)) == 1
@@ -260,3 +255,50 @@ def test_sites_of_shared_prefix_rows_equal_torch_hooks(tmp_path):
             ref = np.stack(want[s])[:, 0, :Pf]
             scale = max(1.0, np.abs(ref).max())
             np.testing.assert_allclose(np.asarray(got[s])[:, 0, :Pf], ref, atol=1e-4 * scale, rtol=0, err_msg=s)
+
+
+@pytest.mark.slow  # ~10-20 s on the loaded 2-core machine (every site, one more compile)
+def test_sites_of_shared_prefix_rows_equal_torch_hooks(tmp_path):
+    """Shared-prefix packed rows (capjax.packing, prefix_len > 0: the prefix stored once in row 0,
+    every example's keys are that prefix then its own tokens), every site captured by the one layer
+    scan, equal transformers' model with hooks on each example's whole sequence (prefix + own
+    tokens); the pattern's prefix keys and own keys land in the example's columns."""
+    from capjax.model import layer_context
+    from capjax.scan import scan_layers
+
+    hf, model, params = _load(tmp_path, "llama_gqa")
+    tokens, am, lengths, Pf, packed = _shared_prefix_rows(model)
+    x, ctx = layer_context(
+        model, params, jnp.asarray(packed.tokens), None, packed.positions, packed.segment_ids, packed.prefix_len
+    )
+    sites = sorted(SITES)
+    _, got = scan_layers(model, params, x, ctx, iv=Interventions(capture=frozenset(sites)), collect="sites")
+    _, want = hf_run(hf, tokens, am)
+    _assert_sites_of_whole_sequences(got, want, packed, lengths, Pf, sites)
+
+
+def test_cache_of_shared_prefix_rows_equals_torch_hooks(tmp_path):
+    """run_with_cache(prefix_len=Pf) on shared-prefix packed rows: the logits and the cached sites at
+    each example's columns equal transformers' hooks on that example's whole sequence (prefix + own
+    tokens); the pattern's key axis is Pf + T. Bad prefix_len: one line each, before compute."""
+    hf, model, params = _load(tmp_path, "llama_gqa")
+    tokens, am, lengths, Pf, packed = _shared_prefix_rows(model)
+    sites = ["attn.pattern", "attn.z", "mlp.hidden", "resid.post"]
+    logits, got = run_with_cache(
+        model, params, packed.tokens, sites, segment_ids=packed.segment_ids, positions=packed.positions, prefix_len=Pf
+    )
+    want_logits, want = hf_run(hf, tokens, am, sites=sites)
+    c, (P, S) = model.config, packed.tokens.shape
+    assert got["attn.pattern"].shape == (c.num_layers, P, c.num_heads, S, Pf + S)
+    _assert_sites_of_whole_sequences(got, want, packed, lengths, Pf, sites)
+    for b, n in enumerate(lengths):
+        r, cols = np.nonzero(packed.segment_ids == b + 1)
+        np.testing.assert_allclose(np.asarray(logits)[r[0], cols], want_logits[b, Pf : Pf + n], atol=1e-4, rtol=0)
+    seg, pos = packed.segment_ids, packed.positions
+    for kwargs, message in (
+        (dict(prefix_len=Pf), r"^run_with_cache: prefix_len \(a shared prefix\) needs segment_ids and positions"),
+        (dict(prefix_len=-1, segment_ids=seg, positions=pos), r"^run_with_cache: prefix_len must be an int >= 0"),
+        (dict(prefix_len=S + 1, segment_ids=seg, positions=pos), rf"^run_with_cache: prefix_len {S + 1} is longer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_with_cache(model, params, packed.tokens, sites, **kwargs)
