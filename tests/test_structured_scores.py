@@ -232,7 +232,7 @@ def test_channel_group_ablation_equals_zeroing_the_rows_in_pytorch(tiny):
     M = groups.max() + 1
     got = channel_group_ablation_scores(
         model, params, tokens, loss_mask, groups, am, ablation_batch=5
-    )  # 12 ablations in steps of 5, the last one shorter; each from its layer's intact input
+    )  # 12 ablations in steps of 4 (at most 5, one layer per step), each from its layer's intact input
     assert got.shape == (c.num_layers, M)
     with torch.no_grad():
         intact = float(_hf_answer_loss(hf, tokens, am, loss_mask))

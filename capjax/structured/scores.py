@@ -167,7 +167,8 @@ def channel_group_ablation_scores(
     of layer l is zeroed (groups [L, F] ints in [0, Y)), float64. N = L Y ablations on the calibration
     examples packed into rows (`capjax.ablation.prepare_batch`); each starts from the intact input of
     its layer (the layers below are computed once), the last layer and the LM head run only at the
-    answer positions; `ablation_batch` ablations per vmapped step."""
+    answer positions; at most `ablation_batch` ablations per vmapped step (the largest count that
+    divides Y, so a step never mixes layers)."""
     c = model.config
     groups = np.asarray(groups)
     if groups.shape != (c.num_layers, c.intermediate_size) or groups.min() < 0:
@@ -191,8 +192,8 @@ def channel_group_ablation_scores(
         jnp.asarray(groups, jnp.int32),
         jnp.asarray(layer),
         jnp.asarray(group),
-        max(1, min(int(ablation_batch), len(layer))),
-    )  # [N, B]
+        max(d for d in range(1, max(1, min(int(ablation_batch), M)) + 1) if M % d == 0),
+    )  # [N, B]; each step's ablations are of one layer (the step size divides Y)
     intact = np.asarray(intact_values(model, params, batch.rows, batch.packed_ans, B, ce), np.float64)  # [B]
     count = float(batch.count.sum())
     delta = (np.asarray(values, np.float64).sum(axis=1) - intact.sum()) / count
