@@ -266,6 +266,9 @@ def main() -> None:
     sc = compute_scores(model, params, cal, args.head_scores, args.head_subsets, args.mlp_group, args.taylor)
     delta = sc["heads"].delta
     log(t0, f"scores done, seconds: {sc['seconds']}")
+    saved = {"head_delta": np.round(delta, 6).tolist()}  # [L, H], written with the rows
+    if "group_delta" in sc:
+        saved["group_delta"] = np.round(sc["group_delta"], 6).tolist()  # [L, Y]
     kernels = sum(
         int(np.prod(v["kernel"].shape))
         for block in ("self_attn", "mlp")
@@ -284,7 +287,7 @@ def main() -> None:
         )
         if args.out:
             Path(args.out).write_text(
-                json.dumps({"args": vars(args), "score_seconds": sc["seconds"], "rows": rows}, indent=1)
+                json.dumps({"args": vars(args), "score_seconds": sc["seconds"], "scores": saved, "rows": rows}, indent=1)
             )
 
     add("dense", 0.0, c.num_params(), model, params)
