@@ -286,9 +286,8 @@ def main() -> None:
             f"ARC {q['arc']['value']:.3f}",
         )
         if args.out:
-            Path(args.out).write_text(
-                json.dumps({"args": vars(args), "score_seconds": sc["seconds"], "scores": saved, "rows": rows}, indent=1)
-            )
+            run = {"args": vars(args), "score_seconds": sc["seconds"], "scores": saved, "rows": rows}
+            Path(args.out).write_text(json.dumps(run, indent=1))
 
     add("dense", 0.0, c.num_params(), model, params)
     recover_fracs = {float(f) for f in args.recover.split(",") if f}
