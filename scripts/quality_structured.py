@@ -4,9 +4,14 @@ parameter counts, before and after recovery, beside unstructured pruning and tor
 For each target (--fractions, default 25% and 50% of the decoder layers' parameters removed:
 `budget_shape(config, 1 - f)`, heads and MLP channels alike):
 
-    CAP heads + Minitron channels   CAP head scores (--head-scores: the gradient estimate or exact
-                                    ablation) + mean |activation| channels
-                                    (`cap_structured`'s default)
+    CAP heads + Minitron channels   CAP head scores + mean |activation| channels (`cap_structured`'s
+                                    default). CAP head scores (--head-scores): exact ablation of
+                                    every head, `capjax.score_heads(method="ablation")`, the median
+                                    over --head-subsets calibration subsets (CAP's score; default),
+                                    or the gradient estimate
+    CAP heads + CAP channel groups  (--mlp-group N) CAP head scores + exact ablation of groups of N
+                                    channels of neighbouring activation rank (`cap_structured`'s
+                                    mlp_score="ablation", mlp_group=N)
     CAP heads + Taylor channels     (--taylor) CAP head scores + |d answer loss / d channel| (causal,
                                     first order)
     Minitron (activation)           mean ||attn.z|| heads + mean |activation| channels
@@ -96,9 +101,12 @@ def torch_pruning_row(heads: int, mlp: int, timeout: float, python: str) -> tupl
 
 def print_table(rows: list[dict], args) -> None:
     """The markdown table of the rows (also from a saved --out JSON: --table FILE)."""
+    heads = "exact ablation" if getattr(args, "head_scores", "gradient") == "ablation" else "gradient estimate"
+    heads += f", median over {args.head_subsets} subsets" if hasattr(args, "head_subsets") else ""
+    groups = f"; CAP channel groups of {args.mlp_group}" if getattr(args, "mlp_group", 0) else ""
     print(
         f"\nSmolLM2-135M-Instruct; scores from {args.n_calib} GSM8K train examples (CAP heads: "
-        f"{getattr(args, 'head_scores', 'gradient')}); WikiText-2 perplexity on "
+        f"{heads}{groups}); WikiText-2 perplexity on "
         f"{args.wiki_windows} windows of {args.wiki_seq} tokens; GSM8K answer loss on {args.n_eval} test examples; "
         f"ARC-Challenge accuracy (log-likelihood) on {args.n_arc} test questions; 95% intervals (bootstrap / "
         f"Wilson); recovery {args.steps} steps x {args.recover_batch} rows x {args.recover_seq} tokens of GSM8K "
@@ -120,6 +128,76 @@ def print_table(rows: list[dict], args) -> None:
             f"| {r['fraction']:.0%} | {r['model']} | {r['stage']} | {size} | {cell(r['ppl'], '.1f')} | "
             f"{cell(r['answer_loss'], '.3f')} | {cell(r['arc'], '.3f')} | {r['note']} |"
         )
+
+
+def compute_scores(
+    model, params, cal, head_scores: str = "ablation", subsets: int = 3, mlp_group: int = 0, taylor: bool = False
+) -> dict:
+    """Every score the rows need, from the calibration batch cal (tokens, loss_mask, attention_mask
+    [B, T]), and the seconds each took: {"heads": HeadScores (delta [L, H]), "act" [L, F], "head_act"
+    [L, H], "grad" [L, F] (taylor), "groups" [L, F] and "group_delta" [L, Y] (mlp_group), "seconds"}."""
+    import capjax
+    from capjax.structured import scores as S
+
+    out: dict = {"seconds": {}}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out[name] = fn()
+        out["seconds"][name] = round(time.perf_counter() - t, 1)
+
+    timed(
+        "heads",
+        lambda: capjax.score_heads(
+            model,
+            params,
+            cal.tokens,
+            cal.loss_mask,
+            attention_mask=cal.attention_mask,
+            method=head_scores,
+            subsets=subsets,
+            aggregate="median",
+            progress=False,
+        ),
+    )
+    timed("act", lambda: S.channel_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4))
+    timed("head_act", lambda: S.head_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4))
+    if taylor:
+        timed(
+            "grad",
+            lambda: S.channel_gradient_scores(
+                model, params, cal.tokens, cal.loss_mask, cal.attention_mask, batch_size=4
+            ),
+        )
+    if mlp_group:
+        out["groups"] = S.rank_groups(out["act"], mlp_group)
+        timed(
+            "group_delta",
+            lambda: S.channel_group_ablation_scores(
+                model, params, cal.tokens, cal.loss_mask, out["groups"], cal.attention_mask
+            ),
+        )
+    return out
+
+
+def row_plans(config, shape, sc: dict, seed: int = 0) -> dict:
+    """{row name: `capjax.structured.Plan`} of the structured rows at one shape, from `compute_scores`'
+    scores; random: heads and channels by random scores (seed)."""
+    from capjax.structured import choose
+    from capjax.structured import scores as S
+
+    c, delta = config, sc["heads"].delta
+    rng = np.random.default_rng(seed)
+    rand_h, rand_c = rng.normal(size=(c.num_layers, c.num_heads)), rng.normal(size=(c.num_layers, c.intermediate_size))
+    plans = {"CAP heads + Minitron channels": choose(c, shape, delta, sc["act"])}
+    if "group_delta" in sc:
+        chan = S.group_scores_to_channels(sc["group_delta"], sc["groups"], sc["act"])
+        plans["CAP heads + CAP channel groups"] = choose(c, shape, delta, chan)
+    if "grad" in sc:
+        plans["CAP heads + Taylor channels"] = choose(c, shape, delta, np.abs(sc["grad"]))
+    plans["Minitron (activation heads + channels)"] = choose(c, shape, sc["head_act"], sc["act"])
+    plans["random"] = choose(c, shape, rand_h, rand_c)
+    return plans
 
 
 def main() -> None:
@@ -145,9 +223,18 @@ def main() -> None:
     )
     parser.add_argument(
         "--head-scores",
-        default="gradient",
-        choices=("gradient", "ablation"),
-        help="CAP head scores: the gradient estimate or exact ablation",
+        default="ablation",
+        choices=("ablation", "gradient"),
+        help="CAP head scores: exact ablation of every head (CAP's score) or the gradient estimate",
+    )
+    parser.add_argument(
+        "--head-subsets", type=int, default=3, help="calibration subsets of the CAP head scores (median over them)"
+    )
+    parser.add_argument(
+        "--mlp-group",
+        type=int,
+        default=0,
+        help="also CAP heads + CAP channel groups: exact ablation of groups of this many channels (0: no such row)",
     )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None, help="JSON of every row (written after each row)")
@@ -162,40 +249,26 @@ def main() -> None:
 
     import capjax
     from capjax.data import eval_records
-    from capjax.structured import budget_shape, choose, shrink
-    from capjax.structured import scores as S
+    from capjax.structured import budget_shape, shrink
     from capjax.structured.plan import layer_params
 
     t0 = time.perf_counter()
     model, params = capjax.load_pretrained("smollm2-135m-instruct")
     tok = capjax.load_tokenizer("smollm2-135m-instruct")
     c = model.config
+    if args.mlp_group and not 1 <= args.mlp_group <= c.intermediate_size:
+        parser.error(f"--mlp-group {args.mlp_group}: channels per group must be 1 to {c.intermediate_size}")
     cal = capjax.build_calibration("gsm8k", tok, n=args.n_calib, seq_len=args.seq_len, seed=0, data_dir=args.data_dir)
     recs = {
         "gsm8k": eval_records("gsm8k", n=args.n_eval, seed=1, data_dir=args.data_dir),
         "arc": eval_records("arc_challenge", n=args.n_arc, seed=1, data_dir=args.data_dir),
     }
-    delta = capjax.score_heads(
-        model,
-        params,
-        cal.tokens,
-        cal.loss_mask,
-        attention_mask=cal.attention_mask,
-        method=args.head_scores,
-        subsets=1,
-        progress=False,
-    ).delta
-    log(t0, f"CAP head scores ({args.head_scores}) done")
-    grad = (
-        S.channel_gradient_scores(model, params, cal.tokens, cal.loss_mask, cal.attention_mask, batch_size=4)
-        if args.taylor
-        else None
-    )
-    act = S.channel_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4)
-    head_act = S.head_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4)
-    log(t0, "scores done")
-    rng = np.random.default_rng(0)
-    rand_h, rand_c = rng.normal(size=(c.num_layers, c.num_heads)), rng.normal(size=(c.num_layers, c.intermediate_size))
+    sc = compute_scores(model, params, cal, args.head_scores, args.head_subsets, args.mlp_group, args.taylor)
+    delta = sc["heads"].delta
+    log(t0, f"scores done, seconds: {sc['seconds']}")
+    saved = {"head_delta": np.round(delta, 6).tolist()}  # [L, H], written with the rows
+    if "group_delta" in sc:
+        saved["group_delta"] = np.round(sc["group_delta"], 6).tolist()  # [L, Y]
     kernels = sum(
         int(np.prod(v["kernel"].shape))
         for block in ("self_attn", "mlp")
@@ -213,7 +286,8 @@ def main() -> None:
             f"ARC {q['arc']['value']:.3f}",
         )
         if args.out:
-            Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+            run = {"args": vars(args), "score_seconds": sc["seconds"], "scores": saved, "rows": rows}
+            Path(args.out).write_text(json.dumps(run, indent=1))
 
     add("dense", 0.0, c.num_params(), model, params)
     recover_fracs = {float(f) for f in args.recover.split(",") if f}
@@ -226,13 +300,7 @@ def main() -> None:
         small_cfg = shape.config(c)
         size = small_cfg.num_params()
         log(t0, f"{frac:.0%}: {shape.describe(c)}")
-        plans = {
-            "CAP heads + Minitron channels": choose(c, shape, delta, act),
-            **({"CAP heads + Taylor channels": choose(c, shape, delta, np.abs(grad))} if args.taylor else {}),
-            "Minitron (activation heads + channels)": choose(c, shape, head_act, act),
-            "random": choose(c, shape, rand_h, rand_c),
-        }
-        for name, plan in plans.items():
+        for name, plan in row_plans(c, shape, sc).items():
             m, p = shrink(model, params, plan)
             add(name, frac, size, m, p)
             if name == "CAP heads + Minitron channels" and frac in recover_fracs:

@@ -218,7 +218,7 @@ def test_head_activation_matches_pytorch(tiny):
 
 
 def test_channel_group_ablation_equals_zeroing_the_rows_in_pytorch(tiny):
-    """Exact group ablation (vmapped, chunked, padded) against a plain loop over transformers' model
+    """Exact group ablation (packed rows, prefix reuse, vmapped in steps) against a plain loop over transformers' model
     with the group's down_proj columns zeroed; the 'ablation' plan keeps the groups of highest loss
     increase, then the highest activations."""
     from capjax.structured.method import structured_plan
@@ -231,8 +231,8 @@ def test_channel_group_ablation_equals_zeroing_the_rows_in_pytorch(tiny):
     groups = rank_groups(act, size)
     M = groups.max() + 1
     got = channel_group_ablation_scores(
-        model, params, tokens, loss_mask, groups, am, batch_size=3, ablation_batch=5
-    )  # 3 calls, the last padded
+        model, params, tokens, loss_mask, groups, am, ablation_batch=5
+    )  # 12 ablations in steps of 4 (at most 5, one layer per step), each from its layer's intact input
     assert got.shape == (c.num_layers, M)
     with torch.no_grad():
         intact = float(_hf_answer_loss(hf, tokens, am, loss_mask))

@@ -86,7 +86,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=structured.options["mlp_score"],
         choices=structured.choices["mlp_score"],
         help="MLP channel score (docs/structured.md: measured quality per score; ablation: exact ablation of "
-        "channel groups, L x F / --mlp-group forward passes)",
+        "channel groups, L x F / --mlp-group ablations, each from its layer's intact input)",
     )
     s.add_argument(
         "--mlp-group",

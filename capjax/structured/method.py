@@ -77,9 +77,7 @@ def structured_plan(
             chan = S.channel_activation_scores(model, params, tokens, attention_mask, batch_size)
             if mlp_score == "ablation":
                 groups = S.rank_groups(chan, mlp_group)
-                delta_g = S.channel_group_ablation_scores(
-                    model, params, tokens, loss_mask, groups, attention_mask, batch_size
-                )
+                delta_g = S.channel_group_ablation_scores(model, params, tokens, loss_mask, groups, attention_mask)
                 chan = S.group_scores_to_channels(delta_g, groups, chan)
         else:
             chan = S.channel_gradient_scores(model, params, tokens, loss_mask, attention_mask, batch_size)

@@ -10,8 +10,9 @@ Heads use CAP's head scores (`capjax.score_heads`, delta [L, H]). Here:
                                        activation (down_proj's input); loss = answer NLL per answer token
                                ("taylor": its absolute value, Molchanov et al.'s first-order Taylor importance)
     channel_group_ablation_scores [L, Y]  exact: answer loss with the channels of group m of layer l zeroed
-                                       together, minus the intact loss (N = L M masked forward passes,
-                                       vmapped); groups [L, F] from `contiguous_groups` or `rank_groups`
+                                       together, minus the intact loss (N = L Y ablations, vmapped, each
+                                       from its layer's intact input); groups [L, F] from
+                                       `contiguous_groups` or `rank_groups`
     channel_activation_scores  [L, F]  Minitron's activation magnitude: mean |act(gate) * up| over real
                                        tokens (baseline)
     head_activation_scores     [L, H]  Minitron's head activation: mean over real tokens of the L2 norm of
@@ -32,11 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax.ablation import ablate, prepare_batch
+from capjax.ablation.core import intact_inputs, intact_values, intervened_values
+from capjax.ablation.metrics import get_metric
 from capjax.ablation.spec import ablation_spec
 from capjax.errors import NonFiniteError
 from capjax.model import Decoder, layer_context, token_nll
 from capjax.scan import scan_layers
-from capjax.sites import Interventions
+from capjax.sites import Edit, Interventions
 from capjax.structured.mask import channel_masked_params
 
 CHANNEL_SCORES = ("gradient", "taylor", "activation", "ablation")
@@ -122,14 +125,6 @@ def channel_gradient_scores(
     return _finite("channel gradient scores", -np.asarray(total, np.float64) / count)
 
 
-def _nll_sums(model, params, tokens, attention_mask, rows_b, rows_t, targets, masks):
-    """[N] summed answer NLL of a chunk under each channel mask of masks [N, L, F]."""
-    return jax.vmap(lambda m: _nll_sum(model, params, tokens, attention_mask, rows_b, rows_t, targets, m))(masks)
-
-
-answer_nll_sums = jax.jit(_nll_sums, static_argnames=("model",))
-
-
 def contiguous_groups(config, size: int) -> np.ndarray:
     """[L, F] group of each channel: blocks of `size` consecutive channels (the last may be smaller)."""
     if not 1 <= int(size) <= config.intermediate_size:
@@ -149,12 +144,31 @@ def rank_groups(scores, size: int) -> np.ndarray:
     return rank // int(size)
 
 
+@partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size"))
+def _group_values(model, params, rows, ans, num_examples, metric, inputs, groups, layer, group, chunk_size):
+    """[N, B] the metric summed per example with the channels of group group[n] of layer layer[n]
+    zeroed at mlp.hidden (groups [L, F]; layer, group [N]); each ablation starts from its layer's
+    intact input (inputs [L, P, S, E]: prefix reuse)."""
+    L = model.config.num_layers
+
+    def one(item):
+        l, m = item
+        keep = jnp.where((jnp.arange(L)[:, None] == l) & (groups == m), 0.0, 1.0).astype(model.dtype)  # [L, F]
+        iv = Interventions({"mlp.hidden": Edit(keep=keep)})
+        return intervened_values(model, params, rows, ans, num_examples, metric, None, iv, l, inputs)
+
+    return jax.lax.map(one, (layer, group), batch_size=chunk_size)
+
+
 def channel_group_ablation_scores(
-    model: Decoder, params, tokens, loss_mask, groups, attention_mask=None, batch_size: int = 8, ablation_batch: int = 8
+    model: Decoder, params, tokens, loss_mask, groups, attention_mask=None, ablation_batch: int = 8
 ) -> np.ndarray:
     """[L, Y] exact answer-loss increase (token-level, as `answer_loss`) when every channel of group m
-    of layer l is zeroed (groups [L, F] ints in [0, Y)); `ablation_batch` masked models per vmapped
-    call (padded to one compiled shape), float64."""
+    of layer l is zeroed (groups [L, F] ints in [0, Y)), float64. N = L Y ablations on the calibration
+    examples packed into rows (`capjax.ablation.prepare_batch`); each starts from the intact input of
+    its layer (the layers below are computed once), the last layer and the LM head run only at the
+    answer positions; at most `ablation_batch` ablations per vmapped step (the largest count that
+    divides Y, so a step never mixes layers)."""
     c = model.config
     groups = np.asarray(groups)
     if groups.shape != (c.num_layers, c.intermediate_size) or groups.min() < 0:
@@ -163,28 +177,27 @@ def channel_group_ablation_scores(
             f"got shape {list(groups.shape)}"
         )
     M = int(groups.max()) + 1
-    masks = np.ones((c.num_layers * M, c.num_layers, c.intermediate_size), np.float32)  # [N, L, F], n = l Y + m
-    for l in range(c.num_layers):
-        for m in range(M):
-            masks[l * M + m, l, groups[l] == m] = 0.0
-    nb = max(1, min(int(ablation_batch), len(masks)))
-    pad = -len(masks) % nb
-    padded = np.concatenate([masks, np.ones((pad, *masks.shape[1:]), np.float32)])
-    total = np.zeros(len(padded), np.float64)
-    for i in range(0, len(padded), nb):
-        chunk = jnp.asarray(padded[i : i + nb])
-        s, count = _per_chunk(
-            model,
-            params,
-            tokens,
-            loss_mask,
-            attention_mask,
-            batch_size,
-            lambda *a, chunk=chunk: answer_nll_sums(model, params, *a, chunk),
-        )
-        total[i : i + nb] = np.asarray(s, np.float64) / count
-    intact = answer_loss(model, params, tokens, loss_mask, attention_mask, batch_size=batch_size)
-    return _finite("channel group ablation scores", total[: len(masks)].reshape(c.num_layers, M) - intact)
+    batch = prepare_batch(model, tokens, loss_mask, attention_mask)
+    ce, B = get_metric("ce"), batch.num_examples
+    inputs = intact_inputs(model, params, batch.rows)  # [L, P, S, E]
+    layer, group = np.divmod(np.arange(c.num_layers * M, dtype=np.int32), M)  # ablation n = l Y + m
+    values = _group_values(
+        model,
+        params,
+        batch.rows,
+        batch.packed_ans,
+        B,
+        ce,
+        inputs,
+        jnp.asarray(groups, jnp.int32),
+        jnp.asarray(layer),
+        jnp.asarray(group),
+        max(d for d in range(1, max(1, min(int(ablation_batch), M)) + 1) if M % d == 0),
+    )  # [N, B]; each step's ablations are of one layer (the step size divides Y)
+    intact = np.asarray(intact_values(model, params, batch.rows, batch.packed_ans, B, ce), np.float64)  # [B]
+    count = float(batch.count.sum())
+    delta = (np.asarray(values, np.float64).sum(axis=1) - intact.sum()) / count
+    return _finite("channel group ablation scores", delta.reshape(c.num_layers, M))
 
 
 def group_scores_to_channels(delta, groups, tiebreak) -> np.ndarray:

@@ -1,0 +1,90 @@
+"""scripts/quality_structured.py's scores and rows: its CAP head scores are `capjax.score_heads`'
+exact ablation scores (median over subsets), which equal a plain loop over transformers' model with
+each head's o_proj input zeroed; its CAP rows keep what `cap_structured` keeps (`structured_plan`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import capjax
+from capjax.structured import target_shape
+from capjax.structured.method import structured_plan
+from conftest import make_hf_model, o_proj_mask_hooks, padded_tokens
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quality_structured.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_structured", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _hf_example_nll(hf, tokens, am, loss_mask, head_mask):
+    """Summed answer NLL per example [B] and answer tokens per example [B] with transformers' model,
+    head h of layer l scaled by head_mask[l, h] at o_proj's input (float64)."""
+    handles = o_proj_mask_hooks(hf, head_mask)
+    try:
+        with torch.no_grad():
+            logits = hf(torch.as_tensor(tokens), attention_mask=torch.as_tensor(am)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    lp = torch.log_softmax(logits.double(), dim=-1).numpy()
+    sel = loss_mask[:, 1:] > 0  # token t + 1 predicted from position t
+    nll = -np.take_along_axis(lp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T - 1]
+    return (nll * sel).sum(axis=1), sel.sum(axis=1).astype(np.float64)
+
+
+@pytest.mark.slow  # about 25 s: compiles every score of the script for a tiny model
+def test_script_scores_are_exact_cap_scores_and_rows_match_cap_structured(quality, tmp_path):
+    folder = tmp_path / "tiny"
+    hf = make_hf_model(folder, "llama", randomize_norms=True, num_hidden_layers=3, initializer_range=0.1)
+    model, params = capjax.load_pretrained(folder)
+    c = model.config
+    tokens, am = padded_tokens(B=6, T=16)  # rows 2-5: 9 real tokens
+    loss_mask = np.zeros(tokens.shape, np.float32)
+    loss_mask[:, 5:] = am[:, 5:]
+    cal = types.SimpleNamespace(tokens=tokens, loss_mask=loss_mask, attention_mask=am)
+    size = c.intermediate_size // 4 + 1  # 4 groups (13, 13, 13, 9): keeping 24 channels splits a group
+    sc = quality.compute_scores(model, params, cal, "ablation", subsets=3, mlp_group=size)
+
+    # the scores are capjax.score_heads' (a direct call) ...
+    direct = capjax.score_heads(
+        model, params, tokens, loss_mask, attention_mask=am, method="ablation", subsets=3, progress=False
+    )
+    np.testing.assert_array_equal(sc["heads"].delta, direct.delta)
+    # ... and CAP's exact score: per subset token-level loss with one head zeroed, median over the 3
+    # subsets, minus the mean intact subset loss (a plain loop over transformers' model)
+    subsets = np.array_split(np.arange(len(tokens)), 3)
+    ones = np.ones((c.num_layers, c.num_heads))
+    nll, count = _hf_example_nll(hf, tokens, am, loss_mask, ones)
+    baseline = np.mean([nll[s].sum() / count[s].sum() for s in subsets])
+    want = np.zeros((c.num_layers, c.num_heads))
+    for l in range(c.num_layers):
+        for h in range(c.num_heads):
+            mask = ones.copy()
+            mask[l, h] = 0.0
+            nll, _ = _hf_example_nll(hf, tokens, am, loss_mask, mask)
+            want[l, h] = np.median([nll[s].sum() / count[s].sum() for s in subsets]) - baseline
+    np.testing.assert_allclose(sc["heads"].delta, want, atol=5e-5)
+    assert np.abs(want).max() > 1e-3  # heads matter: the comparison is not between zeros
+
+    # the CAP rows keep what cap_structured keeps with the same head scores
+    shape = target_shape(c, heads=0.5, mlp=0.5)
+    plans = quality.row_plans(c, shape, sc)
+    rows = (("CAP heads + Minitron channels", "activation"), ("CAP heads + CAP channel groups", "ablation"))
+    for name, mlp_score in rows:
+        ref = structured_plan(
+            model, params, shape, sc["heads"], tokens, loss_mask, am, mlp_score=mlp_score, mlp_group=size
+        )
+        assert plans[name].to_json() == ref.to_json(), name
+    assert plans["CAP heads + CAP channel groups"].to_json() != plans["CAP heads + Minitron channels"].to_json()
