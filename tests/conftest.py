@@ -131,6 +131,22 @@ def o_proj_mask_hooks(hf_model, head_mask: np.ndarray):
     return handles
 
 
+def torch_subset_losses(hf, tokens, loss_mask, attention_mask, subsets, head_mask=None):
+    """Token-level CE per subset with the transformers model (optionally with a head mask via hooks)."""
+    import torch
+
+    handles = o_proj_mask_hooks(hf, head_mask) if head_mask is not None else []
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(attention_mask)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    logp = torch.log_softmax(logits[:, :-1].double(), -1).numpy()
+    nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0] * loss_mask[:, 1:]
+    return np.array([nll[g].sum() / loss_mask[g, 1:].sum() for g in np.array_split(np.arange(len(tokens)), subsets)])
+
+
 def hooked_logits(hf_model, head_mask: np.ndarray, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     """transformers' logits [B, T, V] with head h of layer l scaled by head_mask[l, h] at o_proj's input."""
     handles = o_proj_mask_hooks(hf_model, head_mask)

@@ -9,7 +9,7 @@ import torch
 import capjax
 from capjax import attribution, packing
 from capjax.attribution import aggregate_scores, head_ablation_losses, score_heads
-from conftest import make_hf_model, o_proj_mask_hooks
+from conftest import make_hf_model, torch_subset_losses
 
 B, T = 7, 12
 
@@ -28,20 +28,6 @@ def tiny(tmp_path_factory):
         attention_mask[b, length:] = 0
         loss_mask[b, 4 + b % 4 : length] = 1
     return hf, model, params, tokens, loss_mask, attention_mask
-
-
-def torch_subset_losses(hf, tokens, loss_mask, attention_mask, subsets, head_mask=None):
-    """Token-level CE per subset with the transformers model (optionally with a head mask via hooks)."""
-    handles = o_proj_mask_hooks(hf, head_mask) if head_mask is not None else []
-    try:
-        with torch.no_grad():
-            logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(attention_mask)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    logp = torch.log_softmax(logits[:, :-1].double(), -1).numpy()
-    nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0] * loss_mask[:, 1:]
-    return np.array([nll[g].sum() / loss_mask[g, 1:].sum() for g in np.array_split(np.arange(len(tokens)), subsets)])
 
 
 def single_head_masks(L, H):

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import capjax
 from capjax.structured import target_shape
 from capjax.structured.method import structured_plan
-from conftest import make_hf_model, o_proj_mask_hooks, padded_tokens
+from conftest import make_hf_model, padded_tokens, torch_subset_losses
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quality_structured.py"
 
@@ -26,22 +25,6 @@ def quality():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _hf_example_nll(hf, tokens, am, loss_mask, head_mask):
-    """Summed answer NLL per example [B] and answer tokens per example [B] with transformers' model,
-    head h of layer l scaled by head_mask[l, h] at o_proj's input (float64)."""
-    handles = o_proj_mask_hooks(hf, head_mask)
-    try:
-        with torch.no_grad():
-            logits = hf(torch.as_tensor(tokens), attention_mask=torch.as_tensor(am)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    lp = torch.log_softmax(logits.double(), dim=-1).numpy()
-    sel = loss_mask[:, 1:] > 0  # token t + 1 predicted from position t
-    nll = -np.take_along_axis(lp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T - 1]
-    return (nll * sel).sum(axis=1), sel.sum(axis=1).astype(np.float64)
 
 
 @pytest.mark.slow  # about 25 s: compiles every score of the script for a tiny model
@@ -64,17 +47,14 @@ def test_script_scores_are_exact_cap_scores_and_rows_match_cap_structured(qualit
     np.testing.assert_array_equal(sc["heads"].delta, direct.delta)
     # ... and CAP's exact score: per subset token-level loss with one head zeroed, median over the 3
     # subsets, minus the mean intact subset loss (a plain loop over transformers' model)
-    subsets = np.array_split(np.arange(len(tokens)), 3)
     ones = np.ones((c.num_layers, c.num_heads))
-    nll, count = _hf_example_nll(hf, tokens, am, loss_mask, ones)
-    baseline = np.mean([nll[s].sum() / count[s].sum() for s in subsets])
+    baseline = torch_subset_losses(hf, tokens, loss_mask, am, 3).mean()
     want = np.zeros((c.num_layers, c.num_heads))
     for l in range(c.num_layers):
         for h in range(c.num_heads):
             mask = ones.copy()
             mask[l, h] = 0.0
-            nll, _ = _hf_example_nll(hf, tokens, am, loss_mask, mask)
-            want[l, h] = np.median([nll[s].sum() / count[s].sum() for s in subsets]) - baseline
+            want[l, h] = np.median(torch_subset_losses(hf, tokens, loss_mask, am, 3, mask)) - baseline
     np.testing.assert_allclose(sc["heads"].delta, want, atol=5e-5)
     assert np.abs(want).max() > 1e-3  # heads matter: the comparison is not between zeros
 
