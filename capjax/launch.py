@@ -93,8 +93,11 @@ def failure_line(i: int, returncode: int, command: Sequence[str]) -> str:
 
 
 def _pump(src: IO[str], dst: IO[str], prefix: str) -> None:
+    """Copies src to dst line by line with `prefix`. A line cut off by the process's end (a
+    progress bar killed mid-update) gets its newline here, so the next line (another process's,
+    or the launcher's failure line) starts on a line of its own."""
     for line in src:
-        dst.write(prefix + line)
+        dst.write(prefix + line if line.endswith("\n") else prefix + line + "\n")
         dst.flush()
 
 

@@ -67,6 +67,24 @@ def test_a_killed_process_stops_the_job_with_one_line():
     assert took < 30, took
 
 
+def test_a_line_cut_off_by_a_kill_ends_before_the_launchers_line():
+    """Process 1 writes a progress bar without a newline to stderr, then is killed: its partial
+    line and the launcher's failure line are two lines (the failure line was glued to the bar)."""
+    code = (
+        "import os, sys, time; i = int(os.environ['CAPJAX_PROCESS_ID']); "
+        "sys.stderr.write(f'bar {i}: 0%'); sys.stderr.flush(); time.sleep(1.0); "
+        "os.kill(os.getpid(), 9) if i == 1 else time.sleep(60)"
+    )
+    res, _ = _launch(2, code, "--grace", "1")
+    assert res.returncode == 137, (res.returncode, res.stderr)
+    lines = res.stderr.splitlines()
+    assert "[1] bar 1: 0%" in lines and "[0] bar 0: 0%" in lines, res.stderr
+    assert lines[-1] == (
+        "capjax: process 1 exited with signal 9 (Killed); the job stopped; "
+        "rerun the same command to resume from the last checkpoint"
+    ), res.stderr
+
+
 def test_a_failing_process_status_is_the_jobs():
     res, took = _launch(
         2,
