@@ -157,7 +157,7 @@ def compute_scores(
             method=head_scores,
             subsets=subsets,
             aggregate="median",
-            progress=False,
+            progress=True,
         ),
     )
     timed("act", lambda: S.channel_activation_scores(model, params, cal.tokens, cal.attention_mask, batch_size=4))
@@ -174,7 +174,7 @@ def compute_scores(
         timed(
             "group_delta",
             lambda: S.channel_group_ablation_scores(
-                model, params, cal.tokens, cal.loss_mask, out["groups"], cal.attention_mask
+                model, params, cal.tokens, cal.loss_mask, out["groups"], cal.attention_mask, progress=True
             ),
         )
     return out

@@ -190,6 +190,7 @@ def run_structured(args: argparse.Namespace) -> int:
         mlp_score=args.mlp_score,
         layer_score=args.layer_score,
         mlp_group=args.mlp_group,
+        progress=True,
     )
     small, small_params = shrink(model, params, plan)
     with replaced_folder(args.out, EXPORT_MARKER) as staging:  # written beside --out, then swapped in whole

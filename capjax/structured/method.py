@@ -50,8 +50,10 @@ def structured_plan(
     layer_score: str = "ablation",
     batch_size: int = 8,
     mlp_group: int = 64,
+    progress: bool = False,
 ) -> Plan:
-    """The plan keeping the highest-scoring heads, channels and layers (scores only where removed)."""
+    """The plan keeping the highest-scoring heads, channels and layers (scores only where removed);
+    `progress`: a bar over the layers of the channel-group ablation (mlp_score="ablation")."""
     c = model.config
     if mlp_score not in S.CHANNEL_SCORES or layer_score not in S.LAYER_SCORES:
         raise PlanError(
@@ -77,7 +79,9 @@ def structured_plan(
             chan = S.channel_activation_scores(model, params, tokens, attention_mask, batch_size)
             if mlp_score == "ablation":
                 groups = S.rank_groups(chan, mlp_group)
-                delta_g = S.channel_group_ablation_scores(model, params, tokens, loss_mask, groups, attention_mask)
+                delta_g = S.channel_group_ablation_scores(
+                    model, params, tokens, loss_mask, groups, attention_mask, progress=progress
+                )
                 chan = S.group_scores_to_channels(delta_g, groups, chan)
         else:
             chan = S.channel_gradient_scores(model, params, tokens, loss_mask, attention_mask, batch_size)
@@ -137,5 +141,6 @@ def cap_structured(job) -> tuple[dict, dict]:
         o["layer_score"],
         o["batch_size"],
         o["mlp_group"],
+        progress=True,
     )
     return job.kernels, plan_masks(c, job.kernels, plan, job.family)

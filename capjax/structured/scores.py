@@ -161,14 +161,22 @@ def _group_values(model, params, rows, ans, num_examples, metric, inputs, groups
 
 
 def channel_group_ablation_scores(
-    model: Decoder, params, tokens, loss_mask, groups, attention_mask=None, ablation_batch: int = 8
+    model: Decoder,
+    params,
+    tokens,
+    loss_mask,
+    groups,
+    attention_mask=None,
+    ablation_batch: int = 8,
+    progress: bool = False,
 ) -> np.ndarray:
     """[L, Y] exact answer-loss increase (token-level, as `answer_loss`) when every channel of group m
     of layer l is zeroed (groups [L, F] ints in [0, Y)), float64. N = L Y ablations on the calibration
     examples packed into rows (`capjax.ablation.prepare_batch`); each starts from the intact input of
     its layer (the layers below are computed once), the last layer and the LM head run only at the
     answer positions; at most `ablation_batch` ablations per vmapped step (the largest count that
-    divides Y, so a step never mixes layers)."""
+    divides Y, so a step never mixes layers). One compiled call per layer (the same program for
+    every layer); `progress` shows a bar over the layers."""
     c = model.config
     groups = np.asarray(groups)
     if groups.shape != (c.num_layers, c.intermediate_size) or groups.min() < 0:
@@ -180,23 +188,26 @@ def channel_group_ablation_scores(
     batch = prepare_batch(model, tokens, loss_mask, attention_mask)
     ce, B = get_metric("ce"), batch.num_examples
     inputs = intact_inputs(model, params, batch.rows)  # [L, P, S, E]
-    layer, group = np.divmod(np.arange(c.num_layers * M, dtype=np.int32), M)  # ablation n = l Y + m
-    values = _group_values(
-        model,
-        params,
-        batch.rows,
-        batch.packed_ans,
-        B,
-        ce,
-        inputs,
-        jnp.asarray(groups, jnp.int32),
-        jnp.asarray(layer),
-        jnp.asarray(group),
-        max(d for d in range(1, max(1, min(int(ablation_batch), M)) + 1) if M % d == 0),
-    )  # [N, B]; each step's ablations are of one layer (the step size divides Y)
+    from tqdm.auto import tqdm
+
+    step = max(d for d in range(1, max(1, min(int(ablation_batch), M)) + 1) if M % d == 0)
+    group_ids, each = jnp.asarray(groups, jnp.int32), jnp.arange(M, dtype=jnp.int32)
+    bar = tqdm(
+        total=c.num_layers, desc=f"ablating {c.num_layers * M} channel groups", unit="layer", disable=not progress
+    )
+    values = []  # [L] of [Y, B]: ablation n = l Y + m
+    for l in range(c.num_layers):
+        layer = jnp.full((M,), l, jnp.int32)
+        values.append(
+            np.asarray(
+                _group_values(model, params, batch.rows, batch.packed_ans, B, ce, inputs, group_ids, layer, each, step)
+            )
+        )
+        bar.update(1)
+    bar.close()
     intact = np.asarray(intact_values(model, params, batch.rows, batch.packed_ans, B, ce), np.float64)  # [B]
     count = float(batch.count.sum())
-    delta = (np.asarray(values, np.float64).sum(axis=1) - intact.sum()) / count
+    delta = (np.concatenate(values).astype(np.float64).sum(axis=1) - intact.sum()) / count
     return _finite("channel group ablation scores", delta.reshape(c.num_layers, M))
 
 
