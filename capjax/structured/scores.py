@@ -144,18 +144,32 @@ def rank_groups(scores, size: int) -> np.ndarray:
     return rank // int(size)
 
 
-@partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size"))
-def _group_values(model, params, rows, ans, num_examples, metric, inputs, groups, layer, group, chunk_size):
+_BAR: dict[str, Any] = {}  # the progress bar `_tick` updates (host callback from the compiled scan)
+
+
+def _tick(layer) -> None:
+    bar = _BAR.get("bar")
+    if bar is not None:
+        bar.update(1)
+
+
+@partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size", "on_ablation"))
+def _group_values(
+    model, params, rows, ans, num_examples, metric, inputs, groups, layer, group, chunk_size, on_ablation=None
+):
     """[N, B] the metric summed per example with the channels of group group[n] of layer layer[n]
     zeroed at mlp.hidden (groups [L, F]; layer, group [N]); each ablation starts from its layer's
-    intact input (inputs [L, P, S, E]: prefix reuse)."""
+    intact input (inputs [L, P, S, E]: prefix reuse); on_ablation(l): a host callback per ablation."""
     L = model.config.num_layers
 
     def one(item):
         l, m = item
         keep = jnp.where((jnp.arange(L)[:, None] == l) & (groups == m), 0.0, 1.0).astype(model.dtype)  # [L, F]
         iv = Interventions({"mlp.hidden": Edit(keep=keep)})
-        return intervened_values(model, params, rows, ans, num_examples, metric, None, iv, l, inputs)
+        values = intervened_values(model, params, rows, ans, num_examples, metric, None, iv, l, inputs)
+        if on_ablation is not None:
+            jax.debug.callback(on_ablation, l)  # once per ablation, as it finishes
+        return values
 
     return jax.lax.map(one, (layer, group), batch_size=chunk_size)
 
@@ -175,8 +189,7 @@ def channel_group_ablation_scores(
     examples packed into rows (`capjax.ablation.prepare_batch`); each starts from the intact input of
     its layer (the layers below are computed once), the last layer and the LM head run only at the
     answer positions; at most `ablation_batch` ablations per vmapped step (the largest count that
-    divides Y, so a step never mixes layers). One compiled call per layer (the same program for
-    every layer); `progress` shows a bar over the layers."""
+    divides Y, so a step never mixes layers). `progress`: a bar over the N ablations."""
     c = model.config
     groups = np.asarray(groups)
     if groups.shape != (c.num_layers, c.intermediate_size) or groups.min() < 0:
@@ -188,26 +201,32 @@ def channel_group_ablation_scores(
     batch = prepare_batch(model, tokens, loss_mask, attention_mask)
     ce, B = get_metric("ce"), batch.num_examples
     inputs = intact_inputs(model, params, batch.rows)  # [L, P, S, E]
+    layer, group = np.divmod(np.arange(c.num_layers * M, dtype=np.int32), M)  # ablation n = l Y + m
     from tqdm.auto import tqdm
 
-    step = max(d for d in range(1, max(1, min(int(ablation_batch), M)) + 1) if M % d == 0)
-    group_ids, each = jnp.asarray(groups, jnp.int32), jnp.arange(M, dtype=jnp.int32)
-    bar = tqdm(
-        total=c.num_layers, desc=f"ablating {c.num_layers * M} channel groups", unit="layer", disable=not progress
-    )
-    values = []  # [L] of [Y, B]: ablation n = l Y + m
-    for l in range(c.num_layers):
-        layer = jnp.full((M,), l, jnp.int32)
-        values.append(
-            np.asarray(
-                _group_values(model, params, batch.rows, batch.packed_ans, B, ce, inputs, group_ids, layer, each, step)
-            )
-        )
-        bar.update(1)
-    bar.close()
+    _BAR["bar"] = tqdm(total=layer.size, desc="ablating channel groups", unit="ablation", disable=not progress)
+    try:
+        values = _group_values(
+            model,
+            params,
+            batch.rows,
+            batch.packed_ans,
+            B,
+            ce,
+            inputs,
+            jnp.asarray(groups, jnp.int32),
+            jnp.asarray(layer),
+            jnp.asarray(group),
+            max(d for d in range(1, max(1, min(int(ablation_batch), M)) + 1) if M % d == 0),
+            _tick if progress else None,
+        )  # [N, B]; each step's ablations are of one layer (the step size divides Y)
+        values = np.asarray(values)
+        jax.effects_barrier()  # every tick has reached the bar
+    finally:
+        _BAR.pop("bar").close()
     intact = np.asarray(intact_values(model, params, batch.rows, batch.packed_ans, B, ce), np.float64)  # [B]
     count = float(batch.count.sum())
-    delta = (np.concatenate(values).astype(np.float64).sum(axis=1) - intact.sum()) / count
+    delta = (np.asarray(values, np.float64).sum(axis=1) - intact.sum()) / count
     return _finite("channel group ablation scores", delta.reshape(c.num_layers, M))
 
 
