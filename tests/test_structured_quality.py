@@ -68,3 +68,19 @@ def test_script_scores_are_exact_cap_scores_and_rows_match_cap_structured(qualit
         )
         assert plans[name].to_json() == ref.to_json(), name
     assert plans["CAP heads + CAP channel groups"].to_json() != plans["CAP heads + Minitron channels"].to_json()
+
+
+def test_docs_quality_table_is_the_saved_runs_table(quality, capsys):
+    """docs/structured.md's quality table is what `--table docs/structured_quality.json` prints from
+    the run's JSON (one run behind every cell; an edited cell or a stale JSON fails)."""
+    import argparse
+    import json
+
+    root = SCRIPT.parents[1]
+    saved = json.loads((root / "docs" / "structured_quality.json").read_text())
+    quality.print_table(saved["rows"], argparse.Namespace(**saved["args"]))
+    printed = capsys.readouterr().out.strip()
+    doc = (root / "docs" / "structured.md").read_text()
+    block = doc.split("<!-- quality table -->", 1)[1].split("<!-- /quality table -->", 1)[0].strip()
+    assert block == printed
+    assert len([l for l in block.splitlines() if l.startswith("| ")]) == len(saved["rows"]) + 1  # header + rows
