@@ -53,7 +53,7 @@ def structured_plan(
     progress: bool = False,
 ) -> Plan:
     """The plan keeping the highest-scoring heads, channels and layers (scores only where removed);
-    `progress`: a bar over the layers of the channel-group ablation (mlp_score="ablation")."""
+    `progress`: a bar over the ablations of the channel-group score (mlp_score="ablation")."""
     c = model.config
     if mlp_score not in S.CHANNEL_SCORES or layer_score not in S.LAYER_SCORES:
         raise PlanError(

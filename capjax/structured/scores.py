@@ -144,7 +144,7 @@ def rank_groups(scores, size: int) -> np.ndarray:
     return rank // int(size)
 
 
-_BAR: dict[str, Any] = {}  # the progress bar `_tick` updates (host callback from the compiled scan)
+_BAR: dict[str, Any] = {}  # the progress bar `_tick` updates (host callback from the compiled map)
 
 
 def _tick(layer) -> None:
@@ -168,7 +168,7 @@ def _group_values(
         iv = Interventions({"mlp.hidden": Edit(keep=keep)})
         values = intervened_values(model, params, rows, ans, num_examples, metric, None, iv, l, inputs)
         if on_ablation is not None:
-            jax.debug.callback(on_ablation, l)  # once per ablation, as it finishes
+            jax.debug.callback(on_ablation, l)  # once per ablation, in its vmapped step
         return values
 
     return jax.lax.map(one, (layer, group), batch_size=chunk_size)
