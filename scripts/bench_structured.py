@@ -133,6 +133,29 @@ def _run_worker(framework: str, folder: Path, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def table_lines(rows: list[dict]) -> list[str]:
+    """The markdown table (header, separator, a row per model and framework) of the measured rows
+    (also those saved in bench_structured.json); the first row is the dense model."""
+    dense = rows[0]
+    head = (
+        "| model | L, H, K, F | params (layers) | file MB | framework | forward ms | x | greedy tok/s | x | "
+        "peak RSS MB | x |"
+    )
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        for fw in ("torch", "capjax"):
+            m, d = r[fw], dense[fw]
+            lines.append(
+                f"| {r['model']} | {', '.join(map(str, r['shape']))} | {r['params'] / 1e6:.1f}M "
+                f"({r['layer_params'] / 1e6:.1f}M, {r['layer_params'] / dense['layer_params']:.0%}) | "
+                f"{r['file_mb']:.0f} ({r['file_mb'] / dense['file_mb']:.0%}) | {fw} | {m['forward_ms']:.0f} | "
+                f"{d['forward_ms'] / m['forward_ms']:.2f}x | {m['greedy_tok_s']:.1f} | "
+                f"{m['greedy_tok_s'] / d['greedy_tok_s']:.2f}x | {m['peak_rss_mb']:.0f} | "
+                f"{m['peak_rss_mb'] / d['peak_rss_mb']:.0%} |"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
@@ -187,29 +210,12 @@ def main() -> None:
                 "greedy_tok_s": max(x["greedy_tok_s"] for x in runs),
                 "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
             }
-    dense = rows[0]
     print(
         f"\nSmolLM2-135M-Instruct, float32, CPU, one thread per framework ({os.cpu_count()} cores shared), "
         f"forward [{B}, {T}] (median of {args.reps}), greedy batch 1 ({args.new_tokens} new tokens), best of "
         f"{args.rounds} rounds; x = speed-up over dense in the same framework, % = of dense\n"
     )
-    head = (
-        "| model | L, H, K, F | params (layers) | file MB | framework | forward ms | x | greedy tok/s | x | "
-        "peak RSS MB | x |"
-    )
-    print(head)
-    print("|---" * (head.count("|") - 1) + "|")
-    for r in rows:
-        for fw in ("torch", "capjax"):
-            m, d = r[fw], dense[fw]
-            print(
-                f"| {r['model']} | {', '.join(map(str, r['shape']))} | {r['params'] / 1e6:.1f}M "
-                f"({r['layer_params'] / 1e6:.1f}M, {r['layer_params'] / dense['layer_params']:.0%}) | "
-                f"{r['file_mb']:.0f} ({r['file_mb'] / dense['file_mb']:.0%}) | {fw} | {m['forward_ms']:.0f} | "
-                f"{d['forward_ms'] / m['forward_ms']:.2f}x | {m['greedy_tok_s']:.1f} | "
-                f"{m['greedy_tok_s'] / d['greedy_tok_s']:.2f}x | {m['peak_rss_mb']:.0f} | "
-                f"{m['peak_rss_mb'] / d['peak_rss_mb']:.0%} |"
-            )
+    print("\n".join(table_lines(rows)))
     (root / "bench_structured.json").write_text(json.dumps(rows, indent=2))
     print(f"\nraw numbers: {root / 'bench_structured.json'}")
 

@@ -1,6 +1,7 @@
 """scripts/quality_structured.py's scores and rows: its CAP head scores are `capjax.score_heads`'
 exact ablation scores (median over subsets), which equal a plain loop over transformers' model with
-each head's o_proj input zeroed; its CAP rows keep what `cap_structured` keeps (`structured_plan`)."""
+each head's o_proj input zeroed; its CAP rows keep what `cap_structured` keeps (`structured_plan`).
+README's and docs/structured.md's quality and speed tables are the saved runs' tables."""
 
 from __future__ import annotations
 
@@ -70,9 +71,17 @@ def test_script_scores_are_exact_cap_scores_and_rows_match_cap_structured(qualit
     assert plans["CAP heads + CAP channel groups"].to_json() != plans["CAP heads + Minitron channels"].to_json()
 
 
-def test_docs_quality_table_is_the_saved_runs_table(quality, capsys):
-    """docs/structured.md's quality table is what `--table docs/structured_quality.json` prints from
-    the run's JSON (one run behind every cell; an edited cell or a stale JSON fails)."""
+def _block(path, name: str) -> str:
+    text = path.read_text()
+    assert f"<!-- {name} -->" in text, f"{path.name} has no {name}"
+    return text.split(f"<!-- {name} -->", 1)[1].split(f"<!-- /{name} -->", 1)[0].strip()
+
+
+def test_docs_tables_are_the_saved_runs_tables(quality, capsys):
+    """README's and docs/structured.md's quality table is what `quality_structured.py --table
+    docs/structured_quality.json` prints from the run's JSON, and their speed table's rows are what
+    bench_structured.py prints from docs/structured_speed.json (one run behind every cell; an edited
+    cell or a stale JSON fails)."""
     import argparse
     import json
 
@@ -80,7 +89,11 @@ def test_docs_quality_table_is_the_saved_runs_table(quality, capsys):
     saved = json.loads((root / "docs" / "structured_quality.json").read_text())
     quality.print_table(saved["rows"], argparse.Namespace(**saved["args"]))
     printed = capsys.readouterr().out.strip()
-    doc = (root / "docs" / "structured.md").read_text()
-    block = doc.split("<!-- quality table -->", 1)[1].split("<!-- /quality table -->", 1)[0].strip()
-    assert block == printed
-    assert len([l for l in block.splitlines() if l.startswith("| ")]) == len(saved["rows"]) + 1  # header + rows
+    assert len([l for l in printed.splitlines() if l.startswith("| ")]) == len(saved["rows"]) + 1  # header + rows
+    spec = importlib.util.spec_from_file_location("bench_structured", root / "scripts" / "bench_structured.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    speed = bench.table_lines(json.loads((root / "docs" / "structured_speed.json").read_text()))
+    for doc in (root / "README.md", root / "docs" / "structured.md"):
+        assert _block(doc, "quality table") == printed, doc.name
+        assert [l for l in _block(doc, "speed table").splitlines() if l.startswith("|")] == speed, doc.name
