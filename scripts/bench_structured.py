@@ -211,7 +211,7 @@ def main() -> None:
                 "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
             }
     print(
-        f"\nSmolLM2-135M-Instruct, float32, CPU, one thread per framework ({os.cpu_count()} cores shared), "
+        f"\nSmolLM2-135M-Instruct, float32, CPU, one thread per framework ({os.cpu_count()} cores on the machine), "
         f"forward [{B}, {T}] (median of {args.reps}), greedy batch 1 ({args.new_tokens} new tokens), best of "
         f"{args.rounds} rounds; x = speed-up over dense in the same framework, % = of dense\n"
     )
