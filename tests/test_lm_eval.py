@@ -116,6 +116,7 @@ def test_simple_evaluate_on_a_local_task_matches_hf(tiny, tmp_path):
         assert abs(ours["results"]["tiny_choice"][metric] - hf["results"]["tiny_choice"][metric]) <= 1e-6
 
 
+@pytest.mark.slow  # ~13 s (the harness' CLI end to end): in `make test-slow` (CI), keeping `make test` under 15 min
 def test_harness_cli_runs_the_capjax_model(tiny, tmp_path):
     """`python -m capjax.integrations.lm_eval run --model capjax --model_args pretrained=...,masks=...`:
     the harness' own CLI, in-process; its acc equals simple_evaluate with the in-memory pruned tree."""
@@ -325,6 +326,7 @@ def test_plain_lm_eval_cli_does_not_know_capjax(tiny, tmp_path):
     assert plain.returncode != 0 and "no model for this name found" in plain.stderr + plain.stdout
 
 
+@pytest.mark.slow  # ~22 s (five harness runs): in `make test-slow` (CI), keeping `make test` under 15 min
 def test_harness_cli_errors_are_one_line(tiny, tmp_path, capsys):
     """Bad model_args through the harness' CLI (which lets exceptions through): one line, status 2."""
     from capjax.integrations.lm_eval import main
