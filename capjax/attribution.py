@@ -50,6 +50,7 @@ from capjax.ablation.batch import (  # noqa: F401
 from capjax.ablation.core import gradient_deltas, intact_log_probs, intact_values, values_batch
 from capjax.ablation.kinds import check_kind, replacements
 from capjax.ablation.metrics import CE, Metric, get_metric
+from capjax.ablation.progress import showing, tick
 from capjax.ablation.single import single_unit_values
 from capjax.artifacts import Digest, read_scores_npz, scores_settings, write_scores_npz
 from capjax.distributed import checksum, to_host
@@ -344,20 +345,11 @@ def single_head_nll(
         num_layers,
         chunk_size,
         mesh=mesh,
-        on_layer=_progress_tick if progress else None,
+        on_layer=tick if progress else None,
     )
 
 
 _single_head_nll = single_head_nll  # score_heads calls it by this name (tests wrap it to count calls)
-
-
-_PROGRESS: dict[str, Any] = {}
-
-
-def _progress_tick(layer) -> None:
-    bar = _PROGRESS.get("bar")
-    if bar is not None:
-        bar.update(1)
 
 
 @partial(jax.jit, static_argnames=("model", "num_examples"))
@@ -606,8 +598,7 @@ def _ablation_nll(
         bar = tqdm(total=L, desc=f"scoring {L * H} heads", unit="layer")
     out = np.zeros((L, H, B), np.float64)
     state = {"chunk": chunk}
-    try:
-        _PROGRESS["bar"] = bar
+    with showing(bar):
         for start, size in groups:
             done = store.load(start) if store else None
             if done is not None and (done.shape != (size, H, B) or not np.all(np.isfinite(done))):
@@ -642,10 +633,6 @@ def _ablation_nll(
             elif bar is not None:
                 bar.update(size)
             out[start : start + size] = done
-    finally:
-        _PROGRESS.pop("bar", None)
-        if bar is not None:
-            bar.close()
     return out
 
 

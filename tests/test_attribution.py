@@ -141,6 +141,19 @@ def test_chunk_size_does_not_change_scores(tiny, chunk_size):
     np.testing.assert_allclose(got.masked, ref.masked, atol=1e-6)
 
 
+def test_progress_bar_reaches_every_layer_and_changes_no_score(tiny, capsys):
+    """score_heads(progress=True): the bar, ticked from inside the compiled layer scan, reaches L of L
+    layers; the scores equal those without it."""
+    _, model, params, tokens, loss_mask, am = tiny
+    L, H = model.config.num_layers, model.config.num_heads
+    ref = score_heads(model, params, tokens, loss_mask, attention_mask=am, progress=False)
+    assert "scoring" not in capsys.readouterr().err
+    got = score_heads(model, params, tokens, loss_mask, attention_mask=am, progress=True)
+    np.testing.assert_array_equal(got.masked, ref.masked)
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert f"scoring {L * H} heads: 100%" in bar and f"{L}/{L}" in bar, bar
+
+
 @pytest.mark.parametrize("which", ["fixture", "packed", "prefix"])
 def test_gradient_method_equals_torch_autograd(tiny, which):
     hf, model, params, tokens, loss_mask, am = _data(tiny, which)

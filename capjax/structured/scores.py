@@ -35,6 +35,7 @@ import numpy as np
 from capjax.ablation import ablate, prepare_batch
 from capjax.ablation.core import intact_inputs, intact_values, intervened_values
 from capjax.ablation.metrics import get_metric
+from capjax.ablation.progress import showing, tick
 from capjax.ablation.spec import ablation_spec
 from capjax.errors import NonFiniteError
 from capjax.model import Decoder, layer_context, token_nll
@@ -144,15 +145,6 @@ def rank_groups(scores, size: int) -> np.ndarray:
     return rank // int(size)
 
 
-_BAR: dict[str, Any] = {}  # the progress bar `_tick` updates (host callback from the compiled map)
-
-
-def _tick(layer) -> None:
-    bar = _BAR.get("bar")
-    if bar is not None:
-        bar.update(1)
-
-
 @partial(jax.jit, static_argnames=("model", "num_examples", "metric", "chunk_size", "on_ablation"))
 def _group_values(
     model, params, rows, ans, num_examples, metric, inputs, groups, layer, group, chunk_size, on_ablation=None
@@ -204,8 +196,7 @@ def channel_group_ablation_scores(
     layer, group = np.divmod(np.arange(c.num_layers * M, dtype=np.int32), M)  # ablation n = l Y + m
     from tqdm.auto import tqdm
 
-    _BAR["bar"] = tqdm(total=layer.size, desc="ablating channel groups", unit="ablation", disable=not progress)
-    try:
+    with showing(tqdm(total=layer.size, desc="ablating channel groups", unit="ablation", disable=not progress)):
         values = _group_values(
             model,
             params,
@@ -218,12 +209,10 @@ def channel_group_ablation_scores(
             jnp.asarray(layer),
             jnp.asarray(group),
             max(d for d in range(1, max(1, min(int(ablation_batch), M)) + 1) if M % d == 0),
-            _tick if progress else None,
+            tick if progress else None,
         )  # [N, B]; each step's ablations are of one layer (the step size divides Y)
         values = np.asarray(values)
         jax.effects_barrier()  # every tick has reached the bar
-    finally:
-        _BAR.pop("bar").close()
     intact = np.asarray(intact_values(model, params, batch.rows, batch.packed_ans, B, ce), np.float64)  # [B]
     count = float(batch.count.sum())
     delta = (np.asarray(values, np.float64).sum(axis=1) - intact.sum()) / count
